@@ -1,0 +1,147 @@
+//! Fixed window: at most `limit` units in each window `[k * period, (k + 1) * period)`
+//! of the limiter's clock. State: the window index (high 64 bits) and the units
+//! admitted in it (low 64 bits).
+
+use super::{Decision, State};
+use crate::error::Result;
+use crate::rate::Rate;
+
+#[derive(Clone, Debug)]
+pub struct FixedWindow {
+    pub limit: u64,
+    pub period_ns: u64,
+}
+
+#[inline]
+fn unpack(state: State) -> (u64, u64) {
+    ((state >> 64) as u64, state as u64)
+}
+
+#[inline]
+fn pack(window: u64, count: u64) -> State {
+    ((window as u128) << 64) | count as u128
+}
+
+impl FixedWindow {
+    pub fn new(rate: Rate) -> Result<FixedWindow> {
+        Ok(FixedWindow { limit: rate.count, period_ns: rate.period_ns })
+    }
+
+    /// Units already admitted in the window that contains `now`.
+    #[inline]
+    fn used(&self, state: State, window: u64) -> u64 {
+        let (w, count) = unpack(state);
+        if w == window {
+            count
+        } else {
+            0
+        }
+    }
+
+    #[inline]
+    pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
+        let window = now / self.period_ns;
+        let rest = self.period_ns - (now - window * self.period_ns);
+        let used = self.used(state, window);
+        let free = self.limit.saturating_sub(used);
+        let reset_if = |n: u64| if n > 0 { rest } else { 0 };
+        if cost > self.limit {
+            return (state, Decision::never(self.limit, free, reset_if(used)));
+        }
+        if cost <= free {
+            let now_used = used + cost;
+            let decision = Decision {
+                allowed: true,
+                limit: self.limit,
+                remaining: self.limit - now_used,
+                reset_after: reset_if(now_used),
+                retry_after: Some(0),
+                delay: 0,
+            };
+            (pack(window, now_used), decision)
+        } else {
+            let decision = Decision {
+                allowed: false,
+                limit: self.limit,
+                remaining: free,
+                reset_after: reset_if(used),
+                retry_after: Some(rest),
+                delay: 0,
+            };
+            (state, decision)
+        }
+    }
+
+    #[inline]
+    pub fn is_fresh(&self, state: State, now: u64) -> bool {
+        self.used(state, now / self.period_ns) == 0
+    }
+
+    pub fn time_to_fresh(&self) -> u64 {
+        self.period_ns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::NANOS;
+
+    fn fw(rate: &str) -> FixedWindow {
+        FixedWindow::new(Rate::parse(rate).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn counts_per_aligned_window() {
+        let w = fw("3/10s");
+        let mut s = 0;
+        let now = 7 * NANOS; // window [0, 10)
+        for left in [2, 1, 0] {
+            let (n, d) = w.step(s, now, 1);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, left);
+            assert_eq!(d.reset_after, 3 * NANOS);
+            s = n;
+        }
+        let (n, d) = w.step(s, now, 1);
+        assert!(!d.allowed);
+        assert_eq!(n, s);
+        assert_eq!(d.retry_after, Some(3 * NANOS));
+        // The boundary: one ns before it still the old window, at it a new one.
+        assert!(!w.step(s, 10 * NANOS - 1, 1).1.allowed);
+        let (_, d) = w.step(s, 10 * NANOS, 3);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+        assert_eq!(d.reset_after, 10 * NANOS);
+    }
+
+    #[test]
+    fn cost_above_limit_is_never_admitted() {
+        let w = fw("3/s");
+        let (s, d) = w.step(0, 0, 4);
+        assert_eq!(s, 0);
+        assert_eq!(d.retry_after, None);
+        assert_eq!(d.remaining, 3);
+        assert_eq!(d.reset_after, 0);
+    }
+
+    #[test]
+    fn partial_cost_does_not_fit() {
+        let w = fw("5/s");
+        let (s, _) = w.step(0, 0, 4);
+        let (s2, d) = w.step(s, 0, 2);
+        assert!(!d.allowed);
+        assert_eq!(s2, s);
+        assert_eq!(d.remaining, 1);
+        assert!(w.step(s, 0, 1).1.allowed);
+    }
+
+    #[test]
+    fn freshness() {
+        let w = fw("5/s");
+        let (s, _) = w.step(0, NANOS / 2, 1);
+        assert!(!w.is_fresh(s, NANOS - 1));
+        assert!(w.is_fresh(s, NANOS));
+        assert!(w.is_fresh(0, 0));
+    }
+}

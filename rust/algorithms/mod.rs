@@ -1,0 +1,117 @@
+//! Rate-limiting algorithms as pure step functions.
+//!
+//! Every algorithm keeps a key's state in one `u128` (16 bytes) whose all-zero value
+//! is the fresh state, so a store can hand out zeroed slots for new keys, and decides
+//! with `step(state, now, cost) -> (state', Decision)`: no clock, no store, no locks.
+//! A denied step returns the state unchanged (a denied call never consumes quota).
+//! The Redis Lua scripts mirror these functions.
+
+pub mod fixed_window;
+pub mod gcra;
+pub mod sliding_window;
+
+pub use fixed_window::FixedWindow;
+pub use gcra::Gcra;
+pub use sliding_window::SlidingWindow;
+
+/// A key's state. Zero is the fresh state for every algorithm.
+pub type State = u128;
+pub const FRESH: State = 0;
+
+/// The outcome of one step. Times are in nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The capacity: burst, window limit or queue size.
+    pub limit: u64,
+    /// Whole units still available after this call.
+    pub remaining: u64,
+    /// Time until the key is back to its fresh state.
+    pub reset_after: u64,
+    /// Time until `cost` would be admitted: 0 when allowed, `None` when it never can be
+    /// (the cost is above the capacity).
+    pub retry_after: Option<u64>,
+    /// How long an admitted call should wait before proceeding (leaky bucket only).
+    pub delay: u64,
+}
+
+impl Decision {
+    pub fn never(limit: u64, remaining: u64, reset_after: u64) -> Decision {
+        Decision { allowed: false, limit, remaining, reset_after, retry_after: None, delay: 0 }
+    }
+}
+
+/// One of the window or bucket algorithms with its quota.
+#[derive(Clone, Debug)]
+pub enum Algorithm {
+    TokenBucket(Gcra),
+    LeakyBucket(Gcra),
+    FixedWindow(FixedWindow),
+    SlidingWindow(SlidingWindow),
+}
+
+impl Algorithm {
+    /// Decides a call of `cost` units at `now`.
+    #[inline]
+    pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
+        match self {
+            Algorithm::TokenBucket(g) => g.step(state, now, cost, false),
+            Algorithm::LeakyBucket(g) => g.step(state, now, cost, true),
+            Algorithm::FixedWindow(w) => w.step(state, now, cost),
+            Algorithm::SlidingWindow(w) => w.step(state, now, cost),
+        }
+    }
+
+    /// True when `state` decides every future call exactly like a fresh key would.
+    #[inline]
+    pub fn is_fresh(&self, state: State, now: u64) -> bool {
+        match self {
+            Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.is_fresh(state, now),
+            Algorithm::FixedWindow(w) => w.is_fresh(state, now),
+            Algorithm::SlidingWindow(w) => w.is_fresh(state, now),
+        }
+    }
+
+    /// The longest time a key can need, after its last admitted call, to be fresh again.
+    pub fn time_to_fresh(&self) -> u64 {
+        match self {
+            Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.time_to_fresh(),
+            Algorithm::FixedWindow(w) => w.time_to_fresh(),
+            Algorithm::SlidingWindow(w) => w.time_to_fresh(),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        match self {
+            Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.burst,
+            Algorithm::FixedWindow(w) => w.limit,
+            Algorithm::SlidingWindow(w) => w.limit,
+        }
+    }
+}
+
+/// `ceil(a / b)` for the scaled arithmetic of the step functions.
+#[inline]
+pub(crate) fn div_ceil(a: u128, b: u128) -> u128 {
+    a.div_ceil(b)
+}
+
+/// `a / b`, on the cheap 64-bit path when `a` fits (the usual case).
+#[inline]
+pub(crate) fn div_floor(a: u128, b: u64) -> u128 {
+    if a >> 64 == 0 {
+        ((a as u64) / b) as u128
+    } else {
+        a / b as u128
+    }
+}
+
+/// Saturating conversion of a nanosecond count to `u64`.
+#[inline]
+pub(crate) fn clamp_ns(ns: u128) -> u64 {
+    if ns > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        ns as u64
+    }
+}

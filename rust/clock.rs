@@ -1,0 +1,143 @@
+//! Clocks. Time inside the core is a `u64` count of nanoseconds.
+//!
+//! The default clock is the system's `CLOCK_MONOTONIC`: it never jumps when the
+//! wall clock is changed, and on Linux every process on the host reads the same
+//! value, which a store shared between processes relies on. A [`ManualClock`]
+//! only moves when told to, for deterministic tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Nanoseconds per second.
+pub const NANOS: u64 = 1_000_000_000;
+
+/// A clock the limiters read. Cloning shares the underlying manual time.
+#[derive(Clone, Debug)]
+pub enum Clock {
+    Monotonic,
+    Manual(ManualClock),
+}
+
+impl Clock {
+    #[inline]
+    pub fn now(&self) -> u64 {
+        match self {
+            Clock::Monotonic => monotonic_ns(),
+            Clock::Manual(m) => m.now(),
+        }
+    }
+
+    pub fn is_manual(&self) -> bool {
+        matches!(self, Clock::Manual(_))
+    }
+}
+
+/// Reads `CLOCK_MONOTONIC` in nanoseconds.
+#[inline]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on
+    // the platforms we build for, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * NANOS + ts.tv_nsec as u64
+}
+
+/// A clock that only moves forward when advanced.
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(start_ns: u64) -> Self {
+        ManualClock(Arc::new(AtomicU64::new(start_ns)))
+    }
+
+    #[inline]
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Moves the clock forward by `ns`, saturating at `u64::MAX`. Returns the new time.
+    pub fn advance(&self, ns: u64) -> u64 {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let next = cur.saturating_add(ns);
+            match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return next,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Sets the clock to `ns` if that is not earlier than now (time never goes back).
+    /// Returns `false`, leaving the clock alone, when `ns` is in the past.
+    pub fn set(&self, ns: u64) -> bool {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            if ns < cur {
+                return false;
+            }
+            match self.0.compare_exchange_weak(cur, ns, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// True when both handles share one time.
+    pub fn same(&self, other: &ManualClock) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Seconds (finite, non-negative) to nanoseconds, rounded to the nearest and saturating.
+pub fn secs_to_ns(secs: f64) -> u64 {
+    let ns = (secs * NANOS as f64).round();
+    if ns >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        ns as u64
+    }
+}
+
+/// Nanoseconds to seconds.
+#[inline]
+pub fn ns_to_secs(ns: u64) -> f64 {
+    ns as f64 / NANOS as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_moves_forward() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(b >= a);
+        assert!(a > 0);
+    }
+
+    #[test]
+    fn manual_clock_advances_and_never_goes_back() {
+        let c = ManualClock::new(5);
+        assert_eq!(c.now(), 5);
+        assert_eq!(c.advance(10), 15);
+        assert!(!c.set(3));
+        assert_eq!(c.now(), 15);
+        assert!(c.set(20));
+        assert_eq!(c.now(), 20);
+        let shared = c.clone();
+        shared.advance(1);
+        assert_eq!(c.now(), 21);
+        assert!(c.same(&shared));
+        assert_eq!(c.advance(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn seconds_round_trip() {
+        for ns in [0u64, 1, 999, 1_500_000_000, 123_456_789_012_345] {
+            assert_eq!(secs_to_ns(ns_to_secs(ns)), ns);
+        }
+        assert_eq!(secs_to_ns(1e30), u64::MAX);
+    }
+}

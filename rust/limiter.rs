@@ -1,0 +1,477 @@
+//! Limiters: an algorithm bound to a store and a clock, composites of them, and
+//! concurrency leases.
+
+use crate::algorithms::{Algorithm, Decision, State};
+use crate::clock::{Clock, NANOS};
+use crate::error::{Error, Result};
+use crate::key::{Fingerprint, FingerprintMap};
+use crate::store::{second_of, Store};
+use crossbeam_utils::CachePadded;
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Checks a ttl in seconds and raises it to the time a key needs to become fresh again,
+/// so that evicting an idle key can never change a decision.
+pub fn effective_ttl(ttl_secs: f64, time_to_fresh_ns: u64) -> Result<u64> {
+    if !ttl_secs.is_finite() || ttl_secs <= 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "ttl must be a finite number of seconds above 0, got {ttl_secs}"
+        )));
+    }
+    let ns = crate::clock::secs_to_ns(ttl_secs).max(1);
+    Ok(ns.max(time_to_fresh_ns))
+}
+
+/// A window or bucket algorithm over a sharded store.
+pub struct Limiter {
+    pub algo: Algorithm,
+    pub store: Store,
+    pub clock: Clock,
+    ttl_ns: u64,
+}
+
+impl Limiter {
+    pub fn new(algo: Algorithm, clock: Clock, ttl_secs: f64, max_keys: Option<usize>) -> Result<Limiter> {
+        if max_keys == Some(0) {
+            return Err(Error::InvalidArgument("max_keys must be at least 1, got 0".into()));
+        }
+        let ttl_ns = effective_ttl(ttl_secs, algo.time_to_fresh())?;
+        Ok(Limiter { store: Store::new(ttl_ns, max_keys), algo, clock, ttl_ns })
+    }
+
+    /// The ttl in force (nanoseconds), after raising it to the time to fresh.
+    pub fn ttl_ns(&self) -> u64 {
+        self.ttl_ns
+    }
+
+    /// The decision given to a new key that finds the store full.
+    fn full(&self) -> Decision {
+        Decision {
+            allowed: false,
+            limit: self.algo.limit(),
+            remaining: 0,
+            reset_after: 0,
+            retry_after: Some(self.algo.time_to_fresh()),
+            delay: 0,
+        }
+    }
+
+    /// Decides and, if admitted, charges `cost` for the key.
+    #[inline]
+    pub fn hit(&self, fp: &Fingerprint, cost: u64) -> Decision {
+        let now = self.clock.now();
+        let mut g = self.store.lock(fp);
+        if let Some(slot) = g.slot(fp) {
+            let (state, d) = self.algo.step(slot.state, now, cost);
+            if d.allowed {
+                slot.state = state;
+                slot.seen = second_of(now);
+            }
+            return d;
+        }
+        let (state, d) = self.algo.step(0, now, cost);
+        if d.allowed {
+            if !g.reserve(now, &|s| self.algo.is_fresh(s, now)) {
+                return self.full();
+            }
+            g.insert_reserved(fp, state, now);
+        }
+        d
+    }
+
+    /// The decision `hit` would give, charging nothing.
+    pub fn peek(&self, fp: &Fingerprint, cost: u64) -> Decision {
+        let now = self.clock.now();
+        let state = self.store.lock(fp).state(fp);
+        self.algo.step(state, now, cost).1
+    }
+
+    pub fn reset(&self, fp: &Fingerprint) {
+        self.store.remove(fp);
+    }
+
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        self.store.sweep(now, &|s| self.algo.is_fresh(s, now))
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+}
+
+/// Combines the decisions of a composite's parts: admitted only if every part admits;
+/// `limit` and `remaining` from the part with the least remaining; the longest
+/// `retry_after`, `reset_after` and `delay`.
+pub fn combine(decisions: &[Decision]) -> Decision {
+    let mut out = decisions[0];
+    for d in &decisions[1..] {
+        out.allowed &= d.allowed;
+        if d.remaining < out.remaining {
+            out.limit = d.limit;
+            out.remaining = d.remaining;
+        }
+        out.reset_after = out.reset_after.max(d.reset_after);
+        out.delay = out.delay.max(d.delay);
+        out.retry_after = match (out.retry_after, d.retry_after) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+    if !out.allowed {
+        out.delay = 0;
+    }
+    out
+}
+
+/// All-or-nothing check of several limiters for one key: every part's shard is locked
+/// (in store-id order, so composites sharing parts cannot deadlock), every part decides,
+/// and only if all admit is every part charged. `order` lists part indexes by store id.
+pub fn composite_hit(parts: &[&Limiter], order: &[usize], fp: &Fingerprint, costs: &[u64], charge: bool) -> Decision {
+    let n = parts.len();
+    let mut guards = Vec::with_capacity(n);
+    for &i in order {
+        guards.push((i, parts[i].store.lock(fp)));
+    }
+    guards.sort_unstable_by_key(|(i, _)| *i);
+    let nows: Vec<u64> = parts.iter().map(|p| p.clock.now()).collect();
+    let mut states: Vec<(Option<State>, State)> = Vec::with_capacity(n);
+    let mut decisions = Vec::with_capacity(n);
+    for (i, (_, g)) in guards.iter_mut().enumerate() {
+        let current = g.slot(fp).map(|s| s.state);
+        let (next, d) = parts[i].algo.step(current.unwrap_or(0), nows[i], costs[i]);
+        states.push((current, next));
+        decisions.push(d);
+    }
+    let decision = combine(&decisions);
+    if !decision.allowed || !charge {
+        return decision;
+    }
+    // Room for the parts that do not track the key yet; all or none.
+    let mut reserved: Vec<usize> = Vec::with_capacity(n);
+    for (i, (_, g)) in guards.iter_mut().enumerate() {
+        if states[i].0.is_none() {
+            let (algo, now) = (&parts[i].algo, nows[i]);
+            if !g.reserve(now, &|s| algo.is_fresh(s, now)) {
+                for &j in &reserved {
+                    parts[j].store.unreserve();
+                }
+                let mut full = parts[i].full();
+                full.limit = decision.limit;
+                return full;
+            }
+            reserved.push(i);
+        }
+    }
+    for (i, (_, g)) in guards.iter_mut().enumerate() {
+        let next = states[i].1;
+        match g.slot(fp) {
+            Some(slot) => {
+                slot.state = next;
+                slot.seen = second_of(nows[i]);
+            }
+            None => g.insert_reserved(fp, next, nows[i]),
+        }
+    }
+    decision
+}
+
+/// At most `max` leases held at once per key. A lease ends when released or when its
+/// `lease_ttl` runs out, so a holder that crashed cannot leak capacity. A key exists in
+/// the map only while it holds leases.
+pub struct Concurrency {
+    pub max: u64,
+    pub lease_ttl_ns: u64,
+    pub clock: Clock,
+    shards: Box<[CachePadded<Mutex<FingerprintMap<Vec<(u64, u64)>>>>]>,
+    next_id: AtomicU64,
+    /// Bumped on every release; blocking acquirers wait on it.
+    released: Mutex<u64>,
+    wake: Condvar,
+}
+
+impl Concurrency {
+    pub fn new(max: u64, lease_ttl_secs: f64, clock: Clock) -> Result<Concurrency> {
+        if max == 0 {
+            return Err(Error::InvalidArgument("the concurrency limit must be at least 1, got 0".into()));
+        }
+        if !lease_ttl_secs.is_finite() || lease_ttl_secs <= 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "lease_ttl must be a finite number of seconds above 0, got {lease_ttl_secs}"
+            )));
+        }
+        let shards = (0..crate::store::SHARDS).map(|_| CachePadded::new(Mutex::new(FingerprintMap::default()))).collect();
+        Ok(Concurrency {
+            max,
+            lease_ttl_ns: crate::clock::secs_to_ns(lease_ttl_secs).max(1),
+            clock,
+            shards,
+            next_id: AtomicU64::new(1),
+            released: Mutex::new(0),
+            wake: Condvar::new(),
+        })
+    }
+
+    fn shard(&self, fp: &Fingerprint) -> &Mutex<FingerprintMap<Vec<(u64, u64)>>> {
+        &self.shards[fp.shard(self.shards.len())]
+    }
+
+    fn decide(&self, leases: &[(u64, u64)], now: u64, adding: bool) -> Decision {
+        let held = leases.len() as u64 + adding as u64;
+        let allowed = held <= self.max;
+        let last = leases.iter().map(|l| l.1).max().unwrap_or(now);
+        let first = leases.iter().map(|l| l.1).min().unwrap_or(now);
+        Decision {
+            allowed,
+            limit: self.max,
+            remaining: self.max.saturating_sub(if allowed { held } else { leases.len() as u64 }),
+            reset_after: if allowed && adding { self.lease_ttl_ns } else { last.saturating_sub(now) },
+            retry_after: Some(if allowed { 0 } else { first.saturating_sub(now) }),
+            delay: 0,
+        }
+    }
+
+    /// Takes a lease if fewer than `max` are held; returns its id with the decision.
+    pub fn acquire(&self, fp: &Fingerprint) -> (Option<u64>, Decision) {
+        let now = self.clock.now();
+        let mut map = self.shard(fp).lock();
+        let leases = map.entry(*fp).or_default();
+        leases.retain(|l| l.1 > now);
+        let d = self.decide(leases, now, true);
+        let id = if d.allowed {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            leases.push((id, now.saturating_add(self.lease_ttl_ns)));
+            Some(id)
+        } else {
+            None
+        };
+        if leases.is_empty() {
+            map.remove(fp);
+        }
+        (id, d)
+    }
+
+    /// What `acquire` would decide, taking nothing.
+    pub fn peek(&self, fp: &Fingerprint) -> Decision {
+        let now = self.clock.now();
+        let map = self.shard(fp).lock();
+        let live: Vec<(u64, u64)> =
+            map.get(fp).map(|v| v.iter().copied().filter(|l| l.1 > now).collect()).unwrap_or_default();
+        self.decide(&live, now, true)
+    }
+
+    /// Ends a lease. False when it had already ended (released, expired or reset).
+    pub fn release(&self, fp: &Fingerprint, id: u64) -> bool {
+        let now = self.clock.now();
+        let found = {
+            let mut map = self.shard(fp).lock();
+            let Some(leases) = map.get_mut(fp) else { return false };
+            let before = leases.len();
+            leases.retain(|l| l.0 != id);
+            let found = leases.len() < before;
+            let live = leases.iter().any(|l| l.1 > now);
+            if !live {
+                map.remove(fp);
+            }
+            found
+        };
+        if found {
+            *self.released.lock() += 1;
+            self.wake.notify_all();
+        }
+        found
+    }
+
+    /// Ends every lease of the key.
+    pub fn reset(&self, fp: &Fingerprint) {
+        self.shard(fp).lock().remove(fp);
+        *self.released.lock() += 1;
+        self.wake.notify_all();
+    }
+
+    /// Keys currently holding leases (including leases expired but not yet swept).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops expired leases and the keys left without any; returns the keys dropped.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|_, leases| {
+                leases.retain(|l| l.1 > now);
+                !leases.is_empty()
+            });
+            dropped += before - map.len();
+        }
+        dropped
+    }
+
+    /// Waits until some lease is released or `timeout_ns` passes (real time).
+    pub fn wait_for_release(&self, timeout_ns: u64) {
+        let mut seen = self.released.lock();
+        let start = *seen;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_nanos(timeout_ns);
+        while *seen == start {
+            if self.wake.wait_until(&mut seen, deadline).timed_out() {
+                break;
+            }
+        }
+    }
+}
+
+/// Seconds in a nanosecond count, for messages.
+pub fn secs(ns: u64) -> f64 {
+    ns as f64 / NANOS as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithms::{FixedWindow, Gcra};
+    use crate::clock::ManualClock;
+    use crate::key::{fingerprint, KeyKind};
+    use crate::rate::Rate;
+    use std::sync::Arc;
+
+    fn fp(s: &str) -> Fingerprint {
+        fingerprint(KeyKind::Str, s.as_bytes())
+    }
+
+    fn token_bucket(rate: &str, burst: u64, clock: &ManualClock) -> Limiter {
+        let algo = Algorithm::TokenBucket(Gcra::new(Rate::parse(rate).unwrap(), burst).unwrap());
+        Limiter::new(algo, Clock::Manual(clock.clone()), 3600.0, None).unwrap()
+    }
+
+    #[test]
+    fn keys_are_isolated_and_denials_do_not_charge() {
+        let clock = ManualClock::new(0);
+        let tb = token_bucket("2/s", 2, &clock);
+        assert!(tb.hit(&fp("a"), 2).allowed);
+        assert!(!tb.hit(&fp("a"), 1).allowed);
+        assert!(tb.hit(&fp("b"), 2).allowed);
+        assert_eq!(tb.len(), 2);
+        clock.advance(NANOS / 2);
+        assert!(tb.hit(&fp("a"), 1).allowed);
+        assert!(!tb.peek(&fp("a"), 1).allowed);
+        tb.reset(&fp("a"));
+        assert_eq!(tb.peek(&fp("a"), 1).remaining, 1);
+        assert_eq!(tb.len(), 1);
+    }
+
+    #[test]
+    fn ttl_is_raised_to_time_to_fresh() {
+        let clock = ManualClock::new(0);
+        let algo = Algorithm::FixedWindow(FixedWindow::new(Rate::parse("5/day").unwrap()).unwrap());
+        let l = Limiter::new(algo, Clock::Manual(clock), 60.0, None).unwrap();
+        assert_eq!(l.ttl_ns(), 86_400 * NANOS);
+        assert!(effective_ttl(0.0, 1).is_err());
+        assert!(effective_ttl(f64::NAN, 1).is_err());
+        assert!(effective_ttl(-1.0, 1).is_err());
+    }
+
+    #[test]
+    fn sweep_never_changes_a_decision() {
+        let clock = ManualClock::new(0);
+        let tb = token_bucket("1/s", 10, &clock);
+        tb.hit(&fp("busy"), 10);
+        tb.hit(&fp("idle"), 1);
+        clock.advance(3601 * NANOS);
+        assert_eq!(tb.sweep(), 2);
+        assert_eq!(tb.len(), 0);
+    }
+
+    #[test]
+    fn max_keys_denies_new_keys_only() {
+        let clock = ManualClock::new(0);
+        let algo = Algorithm::TokenBucket(Gcra::new(Rate::parse("1/minute").unwrap(), 5).unwrap());
+        let l = Limiter::new(algo, Clock::Manual(clock.clone()), 3600.0, Some(3)).unwrap();
+        for k in ["a", "b", "c"] {
+            assert!(l.hit(&fp(k), 5).allowed);
+        }
+        let d = l.hit(&fp("d"), 1);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Some(300 * NANOS));
+        // Denied and peeked calls of new keys take no room.
+        assert!(!l.hit(&fp("e"), 6).allowed);
+        assert_eq!(l.len(), 3);
+        // Once the tracked keys are fresh again they make room.
+        clock.advance(300 * NANOS);
+        assert!(l.hit(&fp("d"), 1).allowed);
+        assert!(l.len() <= 3);
+    }
+
+    #[test]
+    fn composite_is_all_or_nothing() {
+        let clock = ManualClock::new(0);
+        let a = token_bucket("10/s", 10, &clock);
+        let b = Limiter::new(
+            Algorithm::FixedWindow(FixedWindow::new(Rate::parse("3/minute").unwrap()).unwrap()),
+            Clock::Manual(clock.clone()),
+            3600.0,
+            None,
+        )
+        .unwrap();
+        let parts = [&a, &b];
+        let k = fp("k");
+        for _ in 0..3 {
+            assert!(composite_hit(&parts, &[0, 1], &k, &[1, 1], true).allowed);
+        }
+        let d = composite_hit(&parts, &[0, 1], &k, &[1, 1], true);
+        assert!(!d.allowed);
+        assert_eq!(d.limit, 3);
+        assert_eq!(d.retry_after, Some(60 * NANOS));
+        // The token bucket was not charged by the denied composite call.
+        assert_eq!(a.peek(&k, 1).remaining, 6);
+    }
+
+    #[test]
+    fn concurrency_leases() {
+        let clock = ManualClock::new(0);
+        let c = Concurrency::new(2, 10.0, Clock::Manual(clock.clone())).unwrap();
+        let k = fp("k");
+        let (a, d) = c.acquire(&k);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 1);
+        let (b, _) = c.acquire(&k);
+        let (none, d) = c.acquire(&k);
+        assert!(none.is_none());
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Some(10 * NANOS));
+        assert!(c.release(&k, a.unwrap()));
+        assert!(!c.release(&k, a.unwrap()));
+        assert!(c.acquire(&k).0.is_some());
+        // Expired leases free their places.
+        clock.advance(10 * NANOS);
+        assert!(c.peek(&k).allowed);
+        assert_eq!(c.peek(&k).remaining, 1);
+        assert_eq!(c.sweep(), 1);
+        assert!(!c.release(&k, b.unwrap()), "an expired lease is already gone");
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn threads_admit_exactly_the_quota() {
+        let clock = ManualClock::new(0);
+        let tb = Arc::new(token_bucket("1000/hour", 1000, &clock));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let tb = Arc::clone(&tb);
+                std::thread::spawn(move || (0..1000).filter(|_| tb.hit(&fp("hot"), 1).allowed).count())
+            })
+            .collect();
+        let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(admitted, 1000);
+    }
+}
