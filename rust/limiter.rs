@@ -131,7 +131,7 @@ pub fn combine(decisions: &[Decision]) -> Decision {
 /// All-or-nothing check of several limiters for one key: every part's shard is locked
 /// (in store-id order, so composites sharing parts cannot deadlock), every part decides,
 /// and only if all admit is every part charged. `order` lists part indexes by store id.
-pub fn composite_hit(parts: &[&Limiter], order: &[usize], fp: &Fingerprint, costs: &[u64], charge: bool) -> Decision {
+pub fn composite_hit(parts: &[std::sync::Arc<Limiter>], order: &[usize], fp: &Fingerprint, costs: &[u64], charge: bool) -> Decision {
     let n = parts.len();
     let mut guards = Vec::with_capacity(n);
     for &i in order {
@@ -180,6 +180,9 @@ pub fn composite_hit(parts: &[&Limiter], order: &[usize], fp: &Fingerprint, cost
     decision
 }
 
+/// One shard of lease lists: key -> [(lease id, expiry)].
+type LeaseShard = CachePadded<Mutex<FingerprintMap<Vec<(u64, u64)>>>>;
+
 /// At most `max` leases held at once per key. A lease ends when released or when its
 /// `lease_ttl` runs out, so a holder that crashed cannot leak capacity. A key exists in
 /// the map only while it holds leases.
@@ -187,7 +190,7 @@ pub struct Concurrency {
     pub max: u64,
     pub lease_ttl_ns: u64,
     pub clock: Clock,
-    shards: Box<[CachePadded<Mutex<FingerprintMap<Vec<(u64, u64)>>>>]>,
+    shards: Box<[LeaseShard]>,
     next_id: AtomicU64,
     /// Bumped on every release; blocking acquirers wait on it.
     released: Mutex<u64>,
@@ -423,7 +426,8 @@ mod tests {
             None,
         )
         .unwrap();
-        let parts = [&a, &b];
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        let parts = [Arc::clone(&a), Arc::clone(&b)];
         let k = fp("k");
         for _ in 0..3 {
             assert!(composite_hit(&parts, &[0, 1], &k, &[1, 1], true).allowed);

@@ -102,7 +102,7 @@ impl Rate {
         } else {
             mult_text.parse().map_err(|_| bad("the period multiplier is not a number"))?
         };
-        if !(multiplier > 0.0) || !multiplier.is_finite() {
+        if multiplier.is_nan() || multiplier <= 0.0 || !multiplier.is_finite() {
             return Err(bad("the period multiplier must be above 0"));
         }
         let unit_ns = UNITS

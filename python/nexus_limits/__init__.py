@@ -1,0 +1,34 @@
+"""nexus-limits: rate limiting and traffic control with a Rust core.
+
+>>> import nexus_limits as nl
+>>> tb = nl.TokenBucket("100/minute", burst=20)
+>>> tb.try_acquire("api-key")
+True
+>>> d = tb.hit("api-key", cost=5)
+>>> d.allowed, d.remaining
+(True, 14)
+"""
+
+from ._core import Decision, Lease, ManualClock, Rate
+from ._core import __version__ as __version__
+from .base import RateLimiter
+from .errors import BackendUnavailable, NexusLimitsError, RateLimitExceeded
+from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
+
+__all__ = [
+    "Rate",
+    "Decision",
+    "ManualClock",
+    "RateLimiter",
+    "TokenBucket",
+    "SlidingWindow",
+    "FixedWindow",
+    "LeakyBucket",
+    "Concurrency",
+    "Lease",
+    "Composite",
+    "NexusLimitsError",
+    "RateLimitExceeded",
+    "BackendUnavailable",
+    "__version__",
+]

@@ -1,0 +1,58 @@
+"""The :class:`RateLimiter` interface every limiter satisfies."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Optional, Tuple, Union
+
+Key = Union[str, bytes, int]
+
+__all__ = ["RateLimiter", "Key"]
+
+
+class RateLimiter(abc.ABC):
+    """What every limiter offers, whatever its algorithm or store.
+
+    A limiter keeps a separate state per key (an API key, a user id, a client IP...).
+    Keys are ``str``, ``bytes`` or ``int``; ``"5"``, ``b"5"`` and ``5`` are different
+    keys. A denied call is a return value (a falsy :class:`~nexus_limits.Decision`);
+    exceptions are only for misuse, and for ``acquire`` giving up.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def hit(self, key: Key, cost: int = 1) -> Any:
+        """Decide a call of ``cost`` units for ``key``; charge it only if admitted."""
+
+    @abc.abstractmethod
+    def try_acquire(self, key: Key, cost: int = 1) -> Any:
+        """The hot path: like ``hit`` but answers only whether the call was admitted."""
+
+    @abc.abstractmethod
+    def peek(self, key: Key, cost: int = 1) -> Any:
+        """The Decision ``hit`` would give now, consuming nothing."""
+
+    @abc.abstractmethod
+    def get_limit(self, key: Key) -> Tuple[bool, int]:
+        """``(allowed, remaining)`` for one unit now, consuming nothing."""
+
+    @abc.abstractmethod
+    def reset(self, key: Key) -> None:
+        """Put ``key`` back to its fresh state."""
+
+    @abc.abstractmethod
+    def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Any:
+        """Block until admitted; raise RateLimitExceeded when it cannot be in time."""
+
+    @abc.abstractmethod
+    async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Any:
+        """``acquire`` without blocking the event loop."""
+
+    @abc.abstractmethod
+    def sweep(self) -> int:
+        """Evict idle keys now; return how many were evicted."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Keys currently tracked."""

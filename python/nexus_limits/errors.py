@@ -1,0 +1,51 @@
+"""Exceptions of nexus-limits.
+
+Bad arguments raise the built-in ``ValueError`` or ``TypeError`` with a message that
+names the argument; a denied call is a :class:`~nexus_limits.Decision`, never an
+exception. The classes here are for waiting that cannot succeed and for backends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+__all__ = ["NexusLimitsError", "RateLimitExceeded", "BackendUnavailable"]
+
+
+class NexusLimitsError(Exception):
+    """Base class of the exceptions raised by nexus-limits."""
+
+
+class RateLimitExceeded(NexusLimitsError):
+    """``acquire`` could not be admitted in time.
+
+    Raised at once, without sleeping, when the wait is known to exceed ``timeout`` or
+    when the cost can never be admitted (it is above the limiter's capacity).
+
+    Attributes:
+        key: the key that was limited.
+        decision: the last :class:`~nexus_limits.Decision` (``retry_after`` says how long
+            the wait would have been; ``math.inf`` when never).
+        timeout: the timeout that was given, or None.
+    """
+
+    def __init__(self, key: Any, decision: Any, timeout: Optional[float]) -> None:
+        self.key = key
+        self.decision = decision
+        self.timeout = timeout
+        retry = getattr(decision, "retry_after", math.inf)
+        if math.isinf(retry):
+            why = "the cost is above the limit, so it can never be admitted"
+        else:
+            why = f"admission needs {retry:.6g} s more, past timeout={timeout!r}"
+        super().__init__(f"rate limit exceeded for key {key!r}: {why}")
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the call could be admitted (``math.inf`` when never)."""
+        return float(getattr(self.decision, "retry_after", math.inf))
+
+
+class BackendUnavailable(NexusLimitsError):
+    """A shared store (Redis/Valkey) could not be reached; ``__cause__`` is the error."""

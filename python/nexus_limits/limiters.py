@@ -1,0 +1,264 @@
+"""The public limiter classes.
+
+Each is a thin Python subclass of a native class from ``nexus_limits._core``: the
+checks (``hit``, ``try_acquire``, ``peek``...) are the native methods themselves, with
+no Python frame in between. Python adds only what waits: ``acquire`` and
+``acquire_async`` (written once here, sync and async side by side), and the lease
+context managers of :class:`Concurrency`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from types import TracebackType
+from typing import Any, Optional, Type
+
+from . import _core
+from ._core import Decision, Lease, ManualClock
+from .base import Key, RateLimiter
+from .errors import RateLimitExceeded
+
+__all__ = [
+    "TokenBucket",
+    "SlidingWindow",
+    "FixedWindow",
+    "LeakyBucket",
+    "Composite",
+    "Concurrency",
+]
+
+# Longest single wait for a lease to be released, in seconds. A release wakes a
+# blocked `Concurrency.acquire` at once; this cap only bounds the rare race where the
+# release happens between the failed attempt and the wait.
+_LEASE_POLL = 0.05
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be None or a number of seconds, got {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be None or a non-negative number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+class _Deadline:
+    """Time spent waiting, on the limiter's clock (a ManualClock is advanced, not slept on)."""
+
+    __slots__ = ("clock", "timeout", "start")
+
+    def __init__(self, clock: Optional[ManualClock], timeout: Optional[float]) -> None:
+        self.clock = clock
+        self.timeout = _check_timeout(timeout)
+        self.start = self.now()
+
+    def now(self) -> float:
+        return self.clock.now if self.clock is not None else time.monotonic()
+
+    def left(self) -> float:
+        if self.timeout is None:
+            return math.inf
+        return self.timeout - (self.now() - self.start)
+
+    def wait_for(self, key: Key, decision: Decision) -> float:
+        """How long to wait before retrying; raises when that cannot end in time."""
+        wait = decision.retry_after
+        if math.isinf(wait) or wait > self.left():
+            raise RateLimitExceeded(key, decision, self.timeout)
+        return wait
+
+    def sleep(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.advance(seconds)
+        else:
+            time.sleep(seconds)
+
+    async def sleep_async(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.advance(seconds)
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(seconds)
+
+
+class _WaitsForQuota:
+    """``acquire``/``acquire_async`` for the rate limiters: retry after ``retry_after``."""
+
+    __slots__ = ()
+
+    def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        """Block until ``cost`` is admitted for ``key`` and return the admitting Decision.
+
+        Sleeps exactly ``retry_after`` between attempts. Raises
+        :class:`~nexus_limits.RateLimitExceeded` at once, without sleeping, when the wait
+        would pass ``timeout`` or when ``cost`` is above the capacity.
+        """
+        deadline = _Deadline(self.clock, timeout)  # type: ignore[attr-defined]
+        while True:
+            decision: Decision = self.hit(key, cost)  # type: ignore[attr-defined]
+            if decision.allowed:
+                return decision
+            deadline.sleep(deadline.wait_for(key, decision))
+
+    async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        """``acquire`` for asyncio: waits with ``asyncio.sleep``, never blocking the loop."""
+        deadline = _Deadline(self.clock, timeout)  # type: ignore[attr-defined]
+        while True:
+            decision: Decision = self.hit(key, cost)  # type: ignore[attr-defined]
+            if decision.allowed:
+                return decision
+            await deadline.sleep_async(deadline.wait_for(key, decision))
+
+
+class TokenBucket(_WaitsForQuota, _core.TokenBucket, RateLimiter):
+    """Token bucket: ``burst`` tokens (default: the rate's count), refilled continuously.
+
+    A new key starts full. A call of ``cost`` is admitted when ``cost`` tokens are in the
+    bucket, and takes them; refill is exact to the nanosecond (no fraction is lost).
+
+    >>> tb = TokenBucket("10/second", burst=20)
+    >>> tb.try_acquire("api-key")
+    True
+    """
+
+    __slots__ = ()
+
+
+class SlidingWindow(_WaitsForQuota, _core.SlidingWindow, RateLimiter):
+    """Sliding window counter: ``previous * (1 - elapsed/period) + current <= limit``.
+
+    >>> sw = SlidingWindow("100/minute")
+    >>> sw.hit("api-key").remaining
+    99
+    """
+
+    __slots__ = ()
+
+
+class FixedWindow(_WaitsForQuota, _core.FixedWindow, RateLimiter):
+    """Fixed window: at most the rate's count per window, windows aligned to the period.
+
+    >>> fw = FixedWindow("1000/day")
+    >>> fw.hit("api-key", cost=10).remaining
+    990
+    """
+
+    __slots__ = ()
+
+
+class LeakyBucket(_WaitsForQuota, _core.LeakyBucket, RateLimiter):
+    """Leaky bucket as a queue (traffic shaping).
+
+    Admits while the bucket has room for ``cost`` units (``capacity``, default the
+    rate's count); each admitted call gets ``Decision.delay``, the seconds to wait
+    before proceeding so that admitted work leaves at the rate.
+
+    >>> lb = LeakyBucket("10/second", capacity=50)
+    >>> [lb.hit("job").delay for _ in range(3)]
+    [0.0, 0.1, 0.2]
+    """
+
+    __slots__ = ()
+
+
+class Composite(_WaitsForQuota, _core.Composite, RateLimiter):
+    """Several limiters on one key, all or nothing.
+
+    A call is admitted only if every part admits it; then every part is charged, as one
+    atomic step even under threads. The Decision reports the most restrictive part
+    (``limit`` and ``remaining`` of the part with the least remaining; the longest
+    ``retry_after``, ``reset_after`` and ``delay``). All parts must share one clock.
+
+    >>> both = Composite([TokenBucket("10/second"), FixedWindow("1000/day")])
+    >>> both.hit("api-key").remaining
+    9
+    """
+
+    __slots__ = ()
+
+
+class _AsyncLease:
+    """``async with concurrency.lease_async(key):`` — acquires on enter, releases on exit."""
+
+    __slots__ = ("_limiter", "_key", "_timeout", "_lease")
+
+    def __init__(self, limiter: "Concurrency", key: Key, timeout: Optional[float]) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._timeout = _check_timeout(timeout)
+        self._lease: Optional[Lease] = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._limiter.acquire_async(self._key, timeout=self._timeout)
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if self._lease is not None:
+            self._lease.release()
+
+
+class Concurrency(_core.Concurrency, RateLimiter):
+    """At most ``limit`` leases held at once per key (in-flight requests, streams...).
+
+    A lease ends when released (or its ``with`` block exits) or, if its holder never
+    releases it, after ``lease_ttl`` seconds, so a crashed holder cannot leak capacity.
+
+    >>> c = Concurrency(2)
+    >>> with c.lease("api-key"):
+    ...     c.get_limit("api-key")
+    (True, 1)
+    """
+
+    __slots__ = ()
+
+    def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
+        """Block until a lease is free and return it.
+
+        Wakes as soon as a lease of this limiter is released. Raises
+        :class:`~nexus_limits.RateLimitExceeded` when ``timeout`` passes first.
+        """
+        deadline = _Deadline(self.clock, timeout)
+        while True:
+            decision = self.hit(key, cost)
+            if decision.lease is not None:
+                return decision.lease  # type: ignore[no-any-return]
+            wait = min(decision.retry_after, deadline.left())
+            if wait <= 0:
+                raise RateLimitExceeded(key, decision, deadline.timeout)
+            if deadline.clock is not None:
+                deadline.clock.advance(wait)
+            else:
+                self._wait_for_release(min(wait, _LEASE_POLL))
+
+    async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
+        """``acquire`` for asyncio: polls with ``asyncio.sleep`` (1 ms, doubling to 50 ms)."""
+        deadline = _Deadline(self.clock, timeout)
+        poll = 0.001
+        while True:
+            decision = self.hit(key, cost)
+            if decision.lease is not None:
+                return decision.lease  # type: ignore[no-any-return]
+            wait = min(decision.retry_after, deadline.left())
+            if wait <= 0:
+                raise RateLimitExceeded(key, decision, deadline.timeout)
+            if deadline.clock is not None:
+                await deadline.sleep_async(wait)
+            else:
+                await asyncio.sleep(min(wait, poll))
+                poll = min(poll * 2, _LEASE_POLL)
+
+    def lease(self, key: Key, timeout: Optional[float] = None) -> Lease:
+        """``with c.lease(key): ...`` — blocks like ``acquire``, releases on exit."""
+        return self.acquire(key, timeout=timeout)
+
+    def lease_async(self, key: Key, timeout: Optional[float] = None) -> Any:
+        """``async with c.lease_async(key): ...`` — waits like ``acquire_async``."""
+        return _AsyncLease(self, key, timeout)

@@ -1,0 +1,95 @@
+//! Argument conversion: keys, costs, rates, clocks, seconds.
+
+use super::errors::{bad_value, wrong_type};
+use super::types::{ManualClock, Rate};
+use crate::clock::Clock;
+use crate::key::{fingerprint, Fingerprint, KeyKind};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
+
+/// Fingerprints a key: `str`, `bytes` or `int` (not `bool`).
+#[inline]
+pub fn key_fp(key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
+    if let Ok(s) = key.cast::<PyString>() {
+        return Ok(fingerprint(KeyKind::Str, s.to_str()?.as_bytes()));
+    }
+    if let Ok(b) = key.cast::<PyBytes>() {
+        return Ok(fingerprint(KeyKind::Bytes, b.as_bytes()));
+    }
+    if key.is_instance_of::<PyInt>() && !key.is_instance_of::<PyBool>() {
+        let v: i128 = key.extract().map_err(|_| bad_value("int keys must fit in 128 bits"))?;
+        return Ok(fingerprint(KeyKind::Int, &v.to_le_bytes()));
+    }
+    Err(wrong_type("key", "str, bytes or int", key))
+}
+
+/// A cost: a non-negative `int` (not `bool`).
+#[inline]
+pub fn cost(value: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
+    let Some(v) = value else { return Ok(1) };
+    if let Ok(n) = v.extract::<u64>() {
+        if !v.is_instance_of::<PyBool>() {
+            return Ok(n);
+        }
+    }
+    cost_error(v)
+}
+
+#[cold]
+fn cost_error(v: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>() {
+        return Err(bad_value(format!("cost must be a non-negative integer, got {v}")));
+    }
+    Err(wrong_type("cost", "a non-negative int", v))
+}
+
+/// A positive whole count (burst, capacity, limit).
+pub fn count(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(wrong_type(name, "an int", value));
+    }
+    match value.extract::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(bad_value(format!("{name} must be at least 1, got {value}"))),
+    }
+}
+
+/// Seconds as a float (ints accepted), checked by the caller.
+pub fn seconds(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if value.is_instance_of::<PyBool>() || !(value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>()) {
+        return Err(wrong_type(name, "a number of seconds", value));
+    }
+    value.extract::<f64>()
+}
+
+/// A rate given as a string or a `Rate`.
+pub fn rate(value: &Bound<'_, PyAny>) -> PyResult<crate::rate::Rate> {
+    if let Ok(s) = value.cast::<PyString>() {
+        return Ok(crate::rate::Rate::parse(s.to_str()?)?);
+    }
+    if let Ok(r) = value.cast::<Rate>() {
+        return Ok(r.get().0);
+    }
+    Err(wrong_type("rate", "a str such as \"100/minute\" or a Rate", value))
+}
+
+/// `None` (the monotonic clock) or a `ManualClock`.
+pub fn clock(value: Option<&Bound<'_, PyAny>>) -> PyResult<(Clock, Option<Py<ManualClock>>)> {
+    match value {
+        None => Ok((Clock::Monotonic, None)),
+        Some(v) if v.is_none() => Ok((Clock::Monotonic, None)),
+        Some(v) => match v.cast::<ManualClock>() {
+            Ok(m) => Ok((Clock::Manual(m.get().0.clone()), Some(m.clone().unbind()))),
+            Err(_) => Err(wrong_type("clock", "None or a ManualClock", v)),
+        },
+    }
+}
+
+/// `None` or a positive int.
+pub fn max_keys(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_none() => Ok(None),
+        Some(v) => Ok(Some(count("max_keys", v)? as usize)),
+    }
+}
