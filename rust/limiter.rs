@@ -273,9 +273,8 @@ impl Concurrency {
         let found = {
             let mut map = self.shard(fp).lock();
             let Some(leases) = map.get_mut(fp) else { return false };
-            let before = leases.len();
+            let found = leases.iter().any(|l| l.0 == id && l.1 > now);
             leases.retain(|l| l.0 != id);
-            let found = leases.len() < before;
             let live = leases.iter().any(|l| l.1 > now);
             if !live {
                 map.remove(fp);

@@ -156,7 +156,8 @@ class LeakyBucket(_WaitsForQuota, _core.LeakyBucket, RateLimiter):
     rate's count); each admitted call gets ``Decision.delay``, the seconds to wait
     before proceeding so that admitted work leaves at the rate.
 
-    >>> lb = LeakyBucket("10/second", capacity=50)
+    >>> from nexus_limits import ManualClock
+    >>> lb = LeakyBucket("10/second", capacity=50, clock=ManualClock())
     >>> [lb.hit("job").delay for _ in range(3)]
     [0.0, 0.1, 0.2]
     """

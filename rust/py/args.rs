@@ -50,6 +50,7 @@ pub fn count(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
     }
     match value.extract::<u64>() {
         Ok(n) if n >= 1 => Ok(n),
+        Err(_) if value.gt(0)? => Err(bad_value(format!("{name} {value} is too large"))),
         _ => Err(bad_value(format!("{name} must be at least 1, got {value}"))),
     }
 }

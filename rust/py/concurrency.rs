@@ -68,7 +68,9 @@ impl Concurrency {
     }
 
     /// A Lease if fewer than `limit` are held for `key`, else None.
-    fn try_acquire(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<Lease>> {
+    #[pyo3(signature = (key, cost=None))]
+    fn try_acquire(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Lease>> {
+        only_unit_cost(cost)?;
         Ok(self.take(key)?.0)
     }
 

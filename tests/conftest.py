@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import nexus_limits as nl  # noqa: E402
+
+NS = 1_000_000_000
+
+
+def as_tuple(d: nl.Decision) -> tuple:
+    """A Decision in the reference's units: times in integer ns, None for never."""
+    to_ns = lambda s: round(s * NS)  # noqa: E731
+    retry = None if d.retry_after == float("inf") else to_ns(d.retry_after)
+    return (d.allowed, d.limit, d.remaining, to_ns(d.reset_after), retry, to_ns(d.delay))
+
+
+@pytest.fixture
+def clock() -> nl.ManualClock:
+    return nl.ManualClock(0.0)
