@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import nexus_limits as nl  # noqa: E402
+import nexus_limits as nl
 
 NS = 1_000_000_000
 

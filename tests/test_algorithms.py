@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import NS, as_tuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import FixedWindowRef, SlidingWindowRef, TokenBucketRef
 
 import nexus_limits as nl
+from conftest import NS, as_tuple
+from reference import FixedWindowRef, SlidingWindowRef, TokenBucketRef
 
 PERIODS_NS = [1_000_000, 1 * NS, 7 * NS, 60 * NS, 3_600 * NS, 86_400 * NS]
 

@@ -116,7 +116,7 @@ def test_bad_keys_elsewhere(lim):
             call(3.5)
 
 
-@pytest.mark.parametrize("lim", LIMITERS + [nl.Concurrency(2)], ids=lambda lim: type(lim).__name__)
+@pytest.mark.parametrize("lim", [*LIMITERS, nl.Concurrency(2)], ids=lambda lim: type(lim).__name__)
 def test_bad_timeouts(lim):
     for timeout, exc in ((-1, ValueError), (float("nan"), ValueError), ("1", TypeError), (True, TypeError)):
         with pytest.raises(exc, match="timeout must be None or a"):

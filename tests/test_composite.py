@@ -23,7 +23,8 @@ def test_all_or_nothing(clock):
 
 
 def test_reports_the_most_restrictive_part(clock):
-    both = nl.Composite([nl.SlidingWindow("100/minute", clock=clock), nl.LeakyBucket("1/s", capacity=5, clock=clock)])
+    sliding = nl.SlidingWindow("100/minute", clock=clock)
+    both = nl.Composite([sliding, nl.LeakyBucket("1/s", capacity=5, clock=clock)])
     d = both.hit("k", 3)
     assert (d.limit, d.remaining) == (5, 2)
     assert d.reset_after == pytest.approx(120.0)  # the sliding window's, the longest
@@ -46,7 +47,11 @@ def test_peek_get_limit_reset_sweep_len(clock):
 
 
 def test_nested_composites_flatten_and_keep_parts(clock):
-    a, b, c = (nl.TokenBucket("5/s", clock=clock), nl.FixedWindow("4/s", clock=clock), nl.SlidingWindow("3/s", clock=clock))
+    a, b, c = (
+        nl.TokenBucket("5/s", clock=clock),
+        nl.FixedWindow("4/s", clock=clock),
+        nl.SlidingWindow("3/s", clock=clock),
+    )
     inner = nl.Composite([a, b])
     outer = nl.Composite([inner, c])
     assert outer.parts == (inner, c)

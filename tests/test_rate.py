@@ -38,7 +38,7 @@ def test_parse(text, count, period):
         ("-1/minute", "whole number"),
         ("0/minute", "at least 1"),
         ("2.5/minute", "whole number"),
-        ('10/fortnight', 'unknown period unit "fortnight"'),
+        ("10/fortnight", 'unknown period unit "fortnight"'),
         ("10/month", "no fixed length"),
         ("10/year", "no fixed length"),
         ("10/0s", "above 0"),

@@ -32,7 +32,7 @@ def test_threads_admit_exactly_the_quota(clock):
         nl.FixedWindow("1000/hour", clock=clock),
         nl.LeakyBucket("1000/hour", clock=clock),
     ):
-        admitted = hammer(lambda: lim.try_acquire("hot"), 500)
+        admitted = hammer(lambda lim=lim: lim.try_acquire("hot"), 500)
         assert sum(admitted) == 1000, type(lim).__name__
 
 

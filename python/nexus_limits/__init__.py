@@ -16,19 +16,19 @@ from .errors import BackendUnavailable, NexusLimitsError, RateLimitExceeded
 from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
 
 __all__ = [
-    "Rate",
+    "BackendUnavailable",
+    "Composite",
+    "Concurrency",
     "Decision",
-    "ManualClock",
-    "RateLimiter",
-    "TokenBucket",
-    "SlidingWindow",
     "FixedWindow",
     "LeakyBucket",
-    "Concurrency",
     "Lease",
-    "Composite",
+    "ManualClock",
     "NexusLimitsError",
+    "Rate",
     "RateLimitExceeded",
-    "BackendUnavailable",
+    "RateLimiter",
+    "SlidingWindow",
+    "TokenBucket",
     "__version__",
 ]

@@ -6,7 +6,6 @@ from typing_extensions import Self, disjoint_base
 
 __version__: str
 __all__ = [
-    "__version__",
     "Composite",
     "Concurrency",
     "Decision",
@@ -17,6 +16,7 @@ __all__ = [
     "Rate",
     "SlidingWindow",
     "TokenBucket",
+    "__version__",
 ]
 
 _Key = Union[str, bytes, int]

@@ -7,7 +7,7 @@ from typing import Any, Optional, Tuple, Union
 
 Key = Union[str, bytes, int]
 
-__all__ = ["RateLimiter", "Key"]
+__all__ = ["Key", "RateLimiter"]
 
 
 class RateLimiter(abc.ABC):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-__all__ = ["NexusLimitsError", "RateLimitExceeded", "BackendUnavailable"]
+__all__ = ["BackendUnavailable", "NexusLimitsError", "RateLimitExceeded"]
 
 
 class NexusLimitsError(Exception):

@@ -21,12 +21,12 @@ from .base import Key, RateLimiter
 from .errors import RateLimitExceeded
 
 __all__ = [
-    "TokenBucket",
-    "SlidingWindow",
-    "FixedWindow",
-    "LeakyBucket",
     "Composite",
     "Concurrency",
+    "FixedWindow",
+    "LeakyBucket",
+    "SlidingWindow",
+    "TokenBucket",
 ]
 
 # Longest single wait for a lease to be released, in seconds. A release wakes a
@@ -48,7 +48,7 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
 class _Deadline:
     """Time spent waiting, on the limiter's clock (a ManualClock is advanced, not slept on)."""
 
-    __slots__ = ("clock", "timeout", "start")
+    __slots__ = ("clock", "start", "timeout")
 
     def __init__(self, clock: Optional[ManualClock], timeout: Optional[float]) -> None:
         self.clock = clock
@@ -184,9 +184,9 @@ class Composite(_WaitsForQuota, _core.Composite, RateLimiter):
 class _AsyncLease:
     """``async with concurrency.lease_async(key):`` — acquires on enter, releases on exit."""
 
-    __slots__ = ("_limiter", "_key", "_timeout", "_lease")
+    __slots__ = ("_key", "_lease", "_limiter", "_timeout")
 
-    def __init__(self, limiter: "Concurrency", key: Key, timeout: Optional[float]) -> None:
+    def __init__(self, limiter: Concurrency, key: Key, timeout: Optional[float]) -> None:
         self._limiter = limiter
         self._key = key
         self._timeout = _check_timeout(timeout)

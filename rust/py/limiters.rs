@@ -247,10 +247,12 @@ rate_limiter_class!(SlidingWindow, |_| String::new(), {
     }
 });
 
-/// The shared part of any rate limiter object (or the parts of a Composite).
-fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(Arc<Limiter>, Option<Py<ManualClock>>)>> {
+/// A limiter object's core limiters (one, or a Composite's parts) and its clock object.
+type Parts = (Vec<Arc<Limiter>>, Option<Py<ManualClock>>);
+
+fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Parts> {
     let py = obj.py();
-    let one = |s: &Shared| vec![(Arc::clone(&s.inner), s.clock(py))];
+    let one = |s: &Shared| (vec![Arc::clone(&s.inner)], s.clock(py));
     if let Ok(x) = obj.cast::<TokenBucket>() {
         return Ok(one(&x.get().0));
     }
@@ -265,7 +267,7 @@ fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(Arc<Limiter>, Option<Py<Man
     }
     if let Ok(x) = obj.cast::<Composite>() {
         let c = x.get();
-        return Ok(c.parts.iter().map(|p| (Arc::clone(p), c.clock.as_ref().map(|k| k.clone_ref(py)))).collect());
+        return Ok((c.parts.clone(), c.clock.as_ref().map(|k| k.clone_ref(py))));
     }
     Err(wrong_type(
         "each Composite part",
@@ -301,18 +303,19 @@ impl Composite {
     fn new(limiters: &Bound<'_, PyAny>) -> PyResult<Self> {
         let py = limiters.py();
         let mut parts: Vec<Arc<Limiter>> = Vec::new();
-        let mut clocks: Vec<Option<Py<ManualClock>>> = Vec::new();
+        let mut clock: Option<Py<ManualClock>> = None;
         let mut objects = Vec::new();
         let iter = limiters.try_iter().map_err(|_| wrong_type("limiters", "an iterable of limiters", limiters))?;
         for item in iter {
             let item = item?;
-            for (part, clock) in parts_of(&item)? {
+            let (more, more_clock) = parts_of(&item)?;
+            for part in more {
                 if parts.iter().any(|p| p.store.id() == part.store.id()) {
                     return Err(bad_value("the same limiter appears twice in Composite"));
                 }
                 parts.push(part);
-                clocks.push(clock);
             }
+            clock = clock.or(more_clock);
             objects.push(item);
         }
         if parts.is_empty() {
@@ -332,7 +335,6 @@ impl Composite {
         }
         let mut order: Vec<usize> = (0..parts.len()).collect();
         order.sort_by_key(|&i| parts[i].store.id());
-        let clock = clocks.into_iter().next().flatten();
         Ok(Composite { parts, order, objects: PyTuple::new(py, objects)?.unbind(), clock })
     }
 
