@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the test run needs beyond the machine's Rust, Python, pip and maturin:
-# clippy for the lint step. Safe to run again; it only installs what is missing.
+# Debian's redis-server (the Redis tests start their own servers) and clippy.
+# Safe to run again; it only installs what is missing.
 set -euo pipefail
+
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+# Debian starts a system-wide server on 6379 after installing; the tests do not use it.
 
 if ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add clippy

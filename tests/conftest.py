@@ -22,3 +22,40 @@ def as_tuple(d: nl.Decision) -> tuple:
 @pytest.fixture
 def clock() -> nl.ManualClock:
     return nl.ManualClock(0.0)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One Redis server for the session (tests that stop servers start their own)."""
+    from servers import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    import redis
+
+    client = redis.Redis(port=redis_server.port, socket_timeout=5)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def async_redis_client(redis_server):
+    import redis.asyncio
+
+    redis.Redis(port=redis_server.port).flushall()
+    return lambda: redis.asyncio.Redis(port=redis_server.port, socket_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    from servers import RedisCluster
+
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.close()

@@ -11,11 +11,12 @@ True
 
 from ._core import Decision, Lease, ManualClock, Rate
 from ._core import __version__ as __version__
-from .base import RateLimiter
+from .base import AsyncRateLimiter, RateLimiter
 from .errors import BackendUnavailable, NexusLimitsError, RateLimitExceeded
 from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
 
 __all__ = [
+    "AsyncRateLimiter",
     "BackendUnavailable",
     "Composite",
     "Concurrency",

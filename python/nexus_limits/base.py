@@ -49,10 +49,36 @@ class RateLimiter(abc.ABC):
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Any:
         """``acquire`` without blocking the event loop."""
 
-    @abc.abstractmethod
-    def sweep(self) -> int:
-        """Evict idle keys now; return how many were evicted."""
+
+class AsyncRateLimiter(abc.ABC):
+    """The asyncio mirror of :class:`RateLimiter`: the same methods, as coroutines."""
+
+    __slots__ = ()
 
     @abc.abstractmethod
-    def __len__(self) -> int:
-        """Keys currently tracked."""
+    async def hit(self, key: Key, cost: int = 1) -> Any:
+        """Decide a call of ``cost`` units for ``key``; charge it only if admitted."""
+
+    @abc.abstractmethod
+    async def try_acquire(self, key: Key, cost: int = 1) -> Any:
+        """Like ``hit`` but answers only whether the call was admitted."""
+
+    @abc.abstractmethod
+    async def peek(self, key: Key, cost: int = 1) -> Any:
+        """The Decision ``hit`` would give now, consuming nothing."""
+
+    @abc.abstractmethod
+    async def get_limit(self, key: Key) -> Tuple[bool, int]:
+        """``(allowed, remaining)`` for one unit now, consuming nothing."""
+
+    @abc.abstractmethod
+    async def reset(self, key: Key) -> None:
+        """Put ``key`` back to its fresh state."""
+
+    @abc.abstractmethod
+    async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Any:
+        """Wait until admitted; raise RateLimitExceeded when it cannot be in time."""
+
+    @abc.abstractmethod
+    async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Any:
+        """The same as ``acquire`` (both names exist so sync and async code read alike)."""

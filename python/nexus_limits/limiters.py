@@ -10,13 +10,11 @@ context managers of :class:`Concurrency`.
 from __future__ import annotations
 
 import asyncio
-import math
-import time
 from types import TracebackType
 from typing import Any, Optional, Type
 
-from . import _core
-from ._core import Decision, Lease, ManualClock
+from . import _core, _wait
+from ._core import Decision, Lease
 from .base import Key, RateLimiter
 from .errors import RateLimitExceeded
 
@@ -35,55 +33,6 @@ __all__ = [
 _LEASE_POLL = 0.05
 
 
-def _check_timeout(timeout: Optional[float]) -> Optional[float]:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be None or a number of seconds, got {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be None or a non-negative number of seconds, got {timeout!r}")
-    return float(timeout)
-
-
-class _Deadline:
-    """Time spent waiting, on the limiter's clock (a ManualClock is advanced, not slept on)."""
-
-    __slots__ = ("clock", "start", "timeout")
-
-    def __init__(self, clock: Optional[ManualClock], timeout: Optional[float]) -> None:
-        self.clock = clock
-        self.timeout = _check_timeout(timeout)
-        self.start = self.now()
-
-    def now(self) -> float:
-        return self.clock.now if self.clock is not None else time.monotonic()
-
-    def left(self) -> float:
-        if self.timeout is None:
-            return math.inf
-        return self.timeout - (self.now() - self.start)
-
-    def wait_for(self, key: Key, decision: Decision) -> float:
-        """How long to wait before retrying; raises when that cannot end in time."""
-        wait = decision.retry_after
-        if math.isinf(wait) or wait > self.left():
-            raise RateLimitExceeded(key, decision, self.timeout)
-        return wait
-
-    def sleep(self, seconds: float) -> None:
-        if self.clock is not None:
-            self.clock.advance(seconds)
-        else:
-            time.sleep(seconds)
-
-    async def sleep_async(self, seconds: float) -> None:
-        if self.clock is not None:
-            self.clock.advance(seconds)
-            await asyncio.sleep(0)
-        else:
-            await asyncio.sleep(seconds)
-
-
 class _WaitsForQuota:
     """``acquire``/``acquire_async`` for the rate limiters: retry after ``retry_after``."""
 
@@ -96,21 +45,11 @@ class _WaitsForQuota:
         :class:`~nexus_limits.RateLimitExceeded` at once, without sleeping, when the wait
         would pass ``timeout`` or when ``cost`` is above the capacity.
         """
-        deadline = _Deadline(self.clock, timeout)  # type: ignore[attr-defined]
-        while True:
-            decision: Decision = self.hit(key, cost)  # type: ignore[attr-defined]
-            if decision.allowed:
-                return decision
-            deadline.sleep(deadline.wait_for(key, decision))
+        return _wait.acquire(self.hit, self.clock, key, cost, timeout)  # type: ignore[attr-defined]
 
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """``acquire`` for asyncio: waits with ``asyncio.sleep``, never blocking the loop."""
-        deadline = _Deadline(self.clock, timeout)  # type: ignore[attr-defined]
-        while True:
-            decision: Decision = self.hit(key, cost)  # type: ignore[attr-defined]
-            if decision.allowed:
-                return decision
-            await deadline.sleep_async(deadline.wait_for(key, decision))
+        return await _wait.acquire_async(self.hit, self.clock, key, cost, timeout)  # type: ignore[attr-defined]
 
 
 class TokenBucket(_WaitsForQuota, _core.TokenBucket, RateLimiter):
@@ -186,10 +125,10 @@ class _AsyncLease:
 
     __slots__ = ("_key", "_lease", "_limiter", "_timeout")
 
-    def __init__(self, limiter: Concurrency, key: Key, timeout: Optional[float]) -> None:
+    def __init__(self, limiter: Any, key: Key, timeout: Optional[float]) -> None:
         self._limiter = limiter
         self._key = key
-        self._timeout = _check_timeout(timeout)
+        self._timeout = _wait.check_timeout(timeout)
         self._lease: Optional[Lease] = None
 
     async def __aenter__(self) -> Lease:
@@ -226,7 +165,7 @@ class Concurrency(_core.Concurrency, RateLimiter):
         Wakes as soon as a lease of this limiter is released. Raises
         :class:`~nexus_limits.RateLimitExceeded` when ``timeout`` passes first.
         """
-        deadline = _Deadline(self.clock, timeout)
+        deadline = _wait.Deadline(self.clock, timeout)
         while True:
             decision = self.hit(key, cost)
             if decision.lease is not None:
@@ -241,7 +180,7 @@ class Concurrency(_core.Concurrency, RateLimiter):
 
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
         """``acquire`` for asyncio: polls with ``asyncio.sleep`` (1 ms, doubling to 50 ms)."""
-        deadline = _Deadline(self.clock, timeout)
+        deadline = _wait.Deadline(self.clock, timeout)
         poll = 0.001
         while True:
             decision = self.hit(key, cost)

@@ -79,6 +79,10 @@ pub struct Decision {
     pub delay: f64,
     #[pyo3(get)]
     pub lease: Option<Py<PyAny>>,
+    /// True when a shared store could not be reached and this answer is the
+    /// limiter's `on_error` policy, not a decision of the store.
+    #[pyo3(get)]
+    pub fallback: bool,
 }
 
 impl Decision {
@@ -92,6 +96,7 @@ impl Decision {
             retry_after: d.retry_after.map_or(f64::INFINITY, ns_to_secs),
             delay: ns_to_secs(d.delay),
             lease: None,
+            fallback: false,
         }
     }
 }
@@ -107,7 +112,8 @@ fn non_negative(name: &str, v: f64, allow_inf: bool) -> PyResult<f64> {
 impl Decision {
     /// Builds a decision by hand (backends that decide elsewhere use this).
     #[new]
-    #[pyo3(signature = (allowed, limit, remaining, reset_after, retry_after, delay=0.0, lease=None))]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (allowed, limit, remaining, reset_after, retry_after, delay=0.0, lease=None, fallback=false))]
     fn new(
         allowed: bool,
         limit: u64,
@@ -116,6 +122,7 @@ impl Decision {
         retry_after: f64,
         delay: f64,
         lease: Option<Py<PyAny>>,
+        fallback: bool,
     ) -> PyResult<Self> {
         Ok(Decision {
             allowed,
@@ -125,6 +132,7 @@ impl Decision {
             retry_after: non_negative("retry_after", retry_after, true)?,
             delay: non_negative("delay", delay, false)?,
             lease,
+            fallback,
         })
     }
 
@@ -134,13 +142,14 @@ impl Decision {
 
     fn __repr__(&self) -> String {
         format!(
-            "Decision(allowed={}, limit={}, remaining={}, reset_after={:?}, retry_after={}, delay={:?})",
+            "Decision(allowed={}, limit={}, remaining={}, reset_after={:?}, retry_after={}, delay={:?}{})",
             if self.allowed { "True" } else { "False" },
             self.limit,
             self.remaining,
             self.reset_after,
             if self.retry_after.is_infinite() { "inf".to_string() } else { format!("{:?}", self.retry_after) },
             self.delay,
+            if self.fallback { ", fallback=True" } else { "" },
         )
     }
 }

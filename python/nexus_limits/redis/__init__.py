@@ -1,0 +1,472 @@
+"""Limiters shared by every process and host, through Redis or Valkey.
+
+The classes mirror the in-process ones — ``TokenBucket``, ``SlidingWindow``,
+``FixedWindow``, ``LeakyBucket``, ``Concurrency``, ``Composite`` — and take a client
+first::
+
+    import redis
+    from nexus_limits.redis import TokenBucket
+
+    limiter = TokenBucket(redis.Redis(), "100/minute", burst=20, prefix="nl")
+    limiter.hit("api-key")
+
+Each check is one round trip: a Lua script (the twin of the Rust step function) run
+with EVALSHA, reading the server's clock (``TIME``), so client clock skew never
+matters; keys expire by themselves once they are back at their fresh state. Keys of
+one user key share a hash tag, so composites work on Redis Cluster.
+
+When the server cannot be reached, ``on_error`` decides: ``"raise"`` (the default)
+raises :class:`~nexus_limits.BackendUnavailable` with the cause, ``"allow"`` fails open
+and ``"deny"`` fails closed; either way the Decision has ``fallback=True``.
+
+The asyncio mirror, with the same names, is :mod:`nexus_limits.redis.asyncio`.
+"""
+
+from __future__ import annotations
+
+import asyncio as _asyncio  # not "asyncio": the submodule nexus_limits.redis.asyncio takes that name
+from types import TracebackType
+from typing import Any, List, Optional, Sequence, Tuple, Type
+
+import nexus_limits as nl
+
+from .. import _wait
+from .._core import Decision, ManualClock
+from ..base import Key, RateLimiter
+from ..errors import RateLimitExceeded
+from ._common import (
+    BACKEND_ERRORS,
+    CONCURRENCY_LUA,
+    LIMITER_LUA,
+    Fallback,
+    RateSpec,
+    check_client,
+    check_clock,
+    check_cost,
+    check_name,
+    check_on_error,
+    check_prefix,
+    concurrency_model,
+    encode_key,
+    flatten,
+    new_lease_id,
+    now_arg,
+    to_decision,
+)
+
+__all__ = [
+    "Composite",
+    "Concurrency",
+    "FixedWindow",
+    "LeakyBucket",
+    "Lease",
+    "SlidingWindow",
+    "TokenBucket",
+]
+
+_LEASE_POLL = 0.05
+
+
+def script_arguments(
+    parts: Sequence[Any], key: Key, cost: Any, mode: str, clock: Optional[ManualClock]
+) -> Tuple[List[str], List[str]]:
+    """KEYS and ARGV of limiter.lua for `parts` (one limiter, or a composite's parts)."""
+    c = str(check_cost(cost))
+    keys = [p._spec.key(key) for p in parts]
+    args = [now_arg(clock), mode]
+    for p in parts:
+        args.extend(p._spec.args)
+        args.append(c)
+    return keys, args
+
+
+class _RedisRateLimiter(RateLimiter):
+    """The methods every Redis rate limiter shares."""
+
+    __slots__ = ("_client", "_parts", "_script", "_spec")
+    _algorithm = ""
+
+    def __init__(
+        self, client: Any, model: Any, prefix: str, name: Optional[str], on_error: str, clock: Optional[ManualClock]
+    ) -> None:
+        self._client = check_client(client, want_async=False)
+        self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
+        self._script = client.register_script(LIMITER_LUA)
+        self._parts = (self,)
+
+    def _check(self, key: Key, cost: Any, mode: str) -> Decision:
+        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        try:
+            reply = self._script(keys=keys, args=args)
+        except BACKEND_ERRORS as error:
+            return self._spec.fallback.decision(error, self.limit)
+        return to_decision(reply)
+
+    def hit(self, key: Key, cost: int = 1) -> Decision:
+        """Decide a call of ``cost`` units for ``key`` and charge it if admitted (one round trip)."""
+        return self._check(key, cost, "hit")
+
+    def try_acquire(self, key: Key, cost: int = 1) -> bool:
+        return self._check(key, cost, "hit").allowed
+
+    def peek(self, key: Key, cost: int = 1) -> Decision:
+        return self._check(key, cost, "peek")
+
+    def get_limit(self, key: Key) -> Tuple[bool, int]:
+        d = self._check(key, 0, "peek")
+        return d.remaining >= 1, d.remaining
+
+    def reset(self, key: Key) -> None:
+        keys = [p._spec.key(key) for p in self._parts]
+        try:
+            self._client.delete(*keys)
+        except BACKEND_ERRORS as error:
+            if self._spec.fallback.on_error == "raise":
+                self._spec.fallback.decision(error, self.limit)
+
+    def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        """Block until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at once
+        when the wait would pass ``timeout``."""
+        return _wait.acquire(self.hit, self._spec.clock, key, cost, timeout)
+
+    async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        """``acquire`` for asyncio code holding a synchronous client: each round trip runs in a
+        worker thread so the event loop is never blocked."""
+
+        async def hit(k: Key, c: int) -> Decision:
+            return await _asyncio.to_thread(self.hit, k, c)
+
+        return await _wait.acquire_async(hit, self._spec.clock, key, cost, timeout)
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def rate(self) -> nl.Rate:
+        return self._spec.model.rate  # type: ignore[no-any-return]
+
+    @property
+    def limit(self) -> int:
+        return self._spec.model.limit  # type: ignore[no-any-return]
+
+    @property
+    def prefix(self) -> str:
+        return self._spec.prefix
+
+    @property
+    def on_error(self) -> str:
+        return self._spec.fallback.on_error
+
+    @property
+    def clock(self) -> Optional[ManualClock]:
+        return self._spec.clock
+
+    def redis_key(self, key: Key) -> str:
+        """The Redis key holding ``key``'s state."""
+        return self._spec.key(key)
+
+    def __repr__(self) -> str:
+        client = type(self._client).__name__
+        return f"{type(self).__name__}(<{client}>, '{self.rate}', limit={self.limit}, prefix={self.prefix!r})"
+
+
+class TokenBucket(_RedisRateLimiter):
+    """:class:`nexus_limits.TokenBucket` on Redis: ``burst`` tokens refilled continuously."""
+
+    __slots__ = ()
+    _algorithm = "gcra"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        burst: Optional[int] = None,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock)
+
+
+class LeakyBucket(_RedisRateLimiter):
+    """:class:`nexus_limits.LeakyBucket` on Redis: a queue of ``capacity`` units draining at the rate."""
+
+    __slots__ = ()
+    _algorithm = "leaky"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        capacity: Optional[int] = None,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock)
+
+
+class FixedWindow(_RedisRateLimiter):
+    """:class:`nexus_limits.FixedWindow` on Redis; windows aligned on the server's clock."""
+
+    __slots__ = ()
+    _algorithm = "fixed"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock)
+
+
+class SlidingWindow(_RedisRateLimiter):
+    """:class:`nexus_limits.SlidingWindow` on Redis; windows aligned on the server's clock."""
+
+    __slots__ = ()
+    _algorithm = "sliding"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock)
+
+
+_RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
+
+
+class Composite(_RedisRateLimiter):
+    """Several Redis limiters on one key, all or nothing, in one atomic script."""
+
+    __slots__ = ("_composite_fallback",)
+
+    def __init__(self, limiters: Any, *, on_error: str = "raise") -> None:
+        parts = flatten(limiters, _RATE_KINDS, Composite)
+        first = parts[0]
+        self._client = first._client
+        self._script = first._script
+        self._parts = tuple(parts)
+        self._spec = first._spec
+        self._composite_fallback = Fallback(check_on_error(on_error), "Composite on Redis")
+
+    def _check(self, key: Key, cost: Any, mode: str) -> Decision:
+        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        try:
+            reply = self._script(keys=keys, args=args)
+        except BACKEND_ERRORS as error:
+            return self._composite_fallback.decision(error, self.limit)
+        return to_decision(reply)
+
+    def reset(self, key: Key) -> None:
+        keys = [p._spec.key(key) for p in self._parts]
+        try:
+            self._client.delete(*keys)
+        except BACKEND_ERRORS as error:
+            if self._composite_fallback.on_error == "raise":
+                self._composite_fallback.decision(error, self.limit)
+
+    @property
+    def limit(self) -> int:
+        return min(int(p.limit) for p in self._parts)
+
+    @property
+    def on_error(self) -> str:
+        return self._composite_fallback.on_error
+
+    @property
+    def parts(self) -> Tuple[Any, ...]:
+        return self._parts
+
+    def __repr__(self) -> str:
+        return f"Composite([{', '.join(repr(p) for p in self._parts)}])"
+
+
+class Lease:
+    """A place held in a Redis :class:`Concurrency` limit; release it or use it in ``with``."""
+
+    __slots__ = ("_done", "_limiter", "fallback", "id", "key")
+
+    def __init__(self, limiter: Concurrency, key: Key, lease_id: str, fallback: bool = False) -> None:
+        self._limiter = limiter
+        self.key = key
+        self.id = lease_id
+        self.fallback = fallback
+        self._done = False
+
+    def release(self) -> bool:
+        """End the lease. True if this call ended it (False: already released, expired,
+        reset, or a fail-open lease that was never stored)."""
+        if self._done:
+            return False
+        self._done = True
+        if self.fallback:
+            return False
+        return self._limiter._release(self.key, self.id)
+
+    @property
+    def released(self) -> bool:
+        return self._done
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Lease(key={self.key!r}, released={self._done})"
+
+
+class Concurrency(RateLimiter):
+    """:class:`nexus_limits.Concurrency` on Redis: at most ``limit`` leases per key across every
+    process; each lease expires after ``lease_ttl`` seconds if never released."""
+
+    __slots__ = ("_client", "_fallback", "_model", "_script", "_suffix", "clock", "prefix")
+
+    def __init__(
+        self,
+        client: Any,
+        limit: int,
+        lease_ttl: float = 300.0,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        self._client = check_client(client, want_async=False)
+        self._model = concurrency_model(limit, lease_ttl)
+        self.prefix = check_prefix(prefix)
+        self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
+        self._fallback = Fallback(check_on_error(on_error), "Concurrency on Redis")
+        self.clock = check_clock(clock)
+        self._script = client.register_script(CONCURRENCY_LUA)
+
+    @property
+    def limit(self) -> int:
+        return self._model.limit  # type: ignore[no-any-return]
+
+    @property
+    def lease_ttl(self) -> float:
+        return self._model.lease_ttl  # type: ignore[no-any-return]
+
+    @property
+    def on_error(self) -> str:
+        return self._fallback.on_error
+
+    def redis_key(self, key: Key) -> str:
+        return f"{self.prefix}:{{{encode_key(key)}}}{self._suffix}"
+
+    def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
+        args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
+        return self._script(keys=[self.redis_key(key)], args=args)
+
+    def _release(self, key: Key, lease_id: str) -> bool:
+        try:
+            return bool(self._run(key, "release", lease_id))
+        except BACKEND_ERRORS as error:
+            if self._fallback.on_error == "raise":
+                self._fallback.decision(error, self.limit)
+            return False
+
+    def hit(self, key: Key, cost: int = 1) -> Decision:
+        """Take a lease if one is free; the Decision carries it in ``.lease``."""
+        _unit_cost(cost)
+        lease_id = new_lease_id()
+        try:
+            reply = self._run(key, "acquire", lease_id)
+        except BACKEND_ERRORS as error:
+            d = self._fallback.decision(error, self.limit)
+            if not d.allowed:
+                return d
+            return Decision(True, d.limit, 0, 0.0, 0.0, lease=Lease(self, key, lease_id, fallback=True), fallback=True)
+        lease = Lease(self, key, lease_id) if reply[0] else None
+        return to_decision(reply, lease)
+
+    def try_acquire(self, key: Key, cost: int = 1) -> Optional[Lease]:
+        lease: Optional[Lease] = self.hit(key, cost).lease
+        return lease
+
+    def peek(self, key: Key, cost: int = 1) -> Decision:
+        _unit_cost(cost)
+        try:
+            return to_decision(self._run(key, "peek"))
+        except BACKEND_ERRORS as error:
+            return self._fallback.decision(error, self.limit)
+
+    def get_limit(self, key: Key) -> Tuple[bool, int]:
+        d = self.peek(key)
+        return d.allowed, (d.remaining + 1 if d.allowed else 0)
+
+    def reset(self, key: Key) -> None:
+        try:
+            self._client.delete(self.redis_key(key))
+        except BACKEND_ERRORS as error:
+            if self._fallback.on_error == "raise":
+                self._fallback.decision(error, self.limit)
+
+    def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
+        """Block until a lease is free (polling 1 ms, doubling to 50 ms) and return it."""
+        deadline = _wait.Deadline(self.clock, timeout)
+        poll = 0.001
+        while True:
+            d = self.hit(key, cost)
+            if d.lease is not None:
+                return d.lease  # type: ignore[no-any-return]
+            wait = min(d.retry_after, deadline.left())
+            if wait <= 0:
+                raise RateLimitExceeded(key, d, deadline.timeout)
+            deadline.sleep(wait if self.clock is not None else min(wait, poll))
+            poll = min(poll * 2, _LEASE_POLL)
+
+    async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
+        """``acquire`` for asyncio code holding a synchronous client (round trips run in a thread)."""
+        deadline = _wait.Deadline(self.clock, timeout)
+        poll = 0.001
+        while True:
+            d = await _asyncio.to_thread(self.hit, key, cost)
+            if d.lease is not None:
+                return d.lease  # type: ignore[no-any-return]
+            wait = min(d.retry_after, deadline.left())
+            if wait <= 0:
+                raise RateLimitExceeded(key, d, deadline.timeout)
+            await deadline.sleep_async(wait if self.clock is not None else min(wait, poll))
+            poll = min(poll * 2, _LEASE_POLL)
+
+    def lease(self, key: Key, timeout: Optional[float] = None) -> Lease:
+        """``with limiter.lease(key): ...``"""
+        return self.acquire(key, timeout=timeout)
+
+    def lease_async(self, key: Key, timeout: Optional[float] = None) -> Any:
+        """``async with limiter.lease_async(key): ...``"""
+        from ..limiters import _AsyncLease
+
+        return _AsyncLease(self, key, timeout)
+
+    def __repr__(self) -> str:
+        client = type(self._client).__name__
+        return f"Concurrency(<{client}>, {self.limit}, lease_ttl={self.lease_ttl}, prefix={self.prefix!r})"
+
+
+def _unit_cost(cost: Any) -> None:
+    if check_cost(cost) != 1:
+        raise ValueError(f"Concurrency counts leases one at a time; cost must be 1, got {cost}")

@@ -1,0 +1,151 @@
+"""Real Redis servers for the tests: each started on a free loopback port, in its own
+temporary directory, with no persistence, and stopped afterwards."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import List, Optional
+
+import pytest
+
+INSTALL_HINT = (
+    "redis-server is not installed; the Redis tests need a real server. "
+    "Install it with: apt-get update && apt-get install -y redis-server"
+)
+
+
+def redis_binary(name: str = "redis-server") -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            INSTALL_HINT if name == "redis-server" else f"{name} is not installed (apt-get install redis-tools)"
+        )
+    return path
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(cluster: bool = False) -> int:
+    """A free loopback port; for a cluster node also its bus port (port + 10000)."""
+    if not cluster:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(1000):
+        port = random.randint(20000, 50000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")  # pragma: no cover
+
+
+class RedisServer:
+    """One redis-server process; `stop()` and `start()` again keep the port (an outage)."""
+
+    def __init__(self, port: Optional[int] = None, cluster: bool = False) -> None:
+        self.port = port or free_port(cluster)
+        self.cluster = cluster
+        self.dir = tempfile.mkdtemp(prefix=f"nl-redis-{self.port}-")
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [
+            redis_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dir,
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.ping():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING within 10 s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A 3-node Redis Cluster on loopback, no replicas."""
+
+    def __init__(self) -> None:
+        self.nodes: List[RedisServer] = [RedisServer(cluster=True) for _ in range(3)]
+
+    def start(self) -> RedisCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        cli = redis_binary("redis-cli")
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [cli, "-p", str(self.nodes[0].port), "cluster", "info"], capture_output=True, text=True
+            ).stdout
+            if "cluster_state:ok" in out:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the Redis cluster did not reach cluster_state:ok within 20 s")
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
