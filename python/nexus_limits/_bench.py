@@ -189,3 +189,64 @@ def machine() -> Dict[str, Any]:
 
 if __name__ == "__main__":
     print(json.dumps(one_limiter_many_keys(sys.argv[1], int(sys.argv[2]))))
+
+
+def redis_round_trips(url: str, calls: int = 2_000, repeats: int = 15) -> Dict[str, Any]:
+    """µs per call on one client: a bare INCR next to each Redis limiter's try_acquire.
+
+    The targets take turns, batch by batch, so that drift in the machine's speed (a
+    loopback round trip varies a lot on a shared VM) falls on all of them alike; each
+    figure is the median of its batches."""
+    import redis
+
+    from . import redis as nlr
+
+    client = redis.Redis.from_url(url)
+    client.ping()
+    targets: List[Any] = [("INCR (bare round trip)", lambda k: client.incr(k), "nl-bench-incr")]
+    for name in ALGORITHMS:
+        lim = getattr(nlr, name)(client, ALWAYS, prefix="nl-bench")
+        targets.append((f"{name}.try_acquire", lim.try_acquire, "hot-key"))
+    samples: Dict[str, List[float]] = {name: [] for name, _, _ in targets}
+    for _ in range(repeats):
+        for name, fn, arg in targets:
+            samples[name].append(ns_per_call(fn, arg, calls, 1) / 1e3)
+    base = statistics.median(samples[targets[0][0]])
+    rows = [
+        {"call": name, "us": statistics.median(samples[name]), "vs_incr": statistics.median(samples[name]) / base}
+        for name, _, _ in targets
+    ]
+    client.delete("nl-bench-incr")
+    client.close()
+    return {"url": url, "rows": rows}
+
+
+def _redis_worker(url: str, seconds: float, queue: Any) -> None:
+    import redis
+
+    from . import redis as nlr
+
+    client = redis.Redis.from_url(url)
+    lim = nlr.TokenBucket(client, ALWAYS, prefix="nl-bench")
+    n = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(100):
+            lim.try_acquire("shared-key")
+        n += 100
+    queue.put(n)
+
+
+def redis_throughput(url: str, processes: int, seconds: float = 3.0) -> Dict[str, Any]:
+    """Checks per second on one shared key from `processes` OS processes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_redis_worker, args=(url, seconds, queue)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    total = sum(queue.get(timeout=seconds + 60) for _ in procs)
+    for p in procs:
+        p.join(10)
+    return {"processes": processes, "checks_per_second": total / seconds}

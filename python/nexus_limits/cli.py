@@ -28,7 +28,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def bench(quick: bool, keys: Optional[int], json_path: Optional[str]) -> Dict[str, Any]:
+def bench(
+    quick: bool, keys: Optional[int], json_path: Optional[str], redis_url: Optional[str] = None
+) -> Dict[str, Any]:
     n = keys if keys is not None else (50_000 if quick else 1_000_000)
     calls = 50_000 if quick else 300_000
     out: Dict[str, Any] = {"machine": _bench.machine()}
@@ -66,11 +68,28 @@ def bench(quick: bool, keys: Optional[int], json_path: Optional[str]) -> Dict[st
         f"slowest {_fmt(sw['check_max_us'], '.1f')} us, p99.9 {_fmt(sw['check_p999_us'], '.1f')} us"
     )
     out["sweep"] = sw
+    if redis_url:
+        bench_redis(redis_url, quick, out)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=2)
         print(f"\nwrote {json_path}")
     return out
+
+
+def bench_redis(url: str, quick: bool, out: Dict[str, Any]) -> None:
+    calls, repeats = (500, 5) if quick else (2_000, 15)
+    print(f"\nRedis at {url}: one round trip per check, same client (median of {repeats} turns of {calls:,} calls)")
+    rt = _bench.redis_round_trips(url, calls=calls, repeats=repeats)
+    rows = [[r["call"], f"{r['us']:.1f}", f"{r['vs_incr']:.2f}x"] for r in rt["rows"]]
+    print(_table(["call", "us/call", "vs INCR"], rows))
+    seconds = 1.0 if quick else 3.0
+    tp = [_bench.redis_throughput(url, n, seconds) for n in (1, 4)]
+    print(
+        "TokenBucket.try_acquire on one shared key: "
+        + ", ".join(f"{t['checks_per_second']:,.0f} checks/s from {t['processes']} process(es)" for t in tp)
+    )
+    out["redis"] = {"round_trips": rt, "throughput": tp}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -80,10 +99,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--quick", action="store_true", help="a short run (50k keys, fewer calls)")
     b.add_argument("--keys", type=int, default=None, help="distinct keys for the many-keys and sweep runs (1,000,000)")
     b.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results as JSON")
+    b.add_argument(
+        "--redis", dest="redis_url", default=None, metavar="URL", help="also measure the Redis backend there"
+    )
     args = parser.parse_args(argv)
     if args.keys is not None and args.keys < 1:
         parser.error("--keys must be at least 1")
-    bench(args.quick, args.keys, args.json_path)
+    bench(args.quick, args.keys, args.json_path, args.redis_url)
     return 0
 
 

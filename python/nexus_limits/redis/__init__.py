@@ -36,8 +36,6 @@ from ..base import Key, RateLimiter
 from ..errors import RateLimitExceeded
 from ._common import (
     BACKEND_ERRORS,
-    CONCURRENCY_LUA,
-    LIMITER_LUA,
     Fallback,
     RateSpec,
     check_client,
@@ -49,10 +47,12 @@ from ._common import (
     concurrency_model,
     encode_key,
     flatten,
+    is_noscript,
     new_lease_id,
     now_arg,
     to_decision,
 )
+from ._scripts import COMPOSITE, CONCURRENCY, Script
 
 __all__ = [
     "Composite",
@@ -65,6 +65,17 @@ __all__ = [
 ]
 
 _LEASE_POLL = 0.05
+
+
+def evalsha(client: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    """One EVALSHA round trip; on NOSCRIPT the script is loaded and run again."""
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except BACKEND_ERRORS as error:
+        if not is_noscript(error):
+            raise
+        client.script_load(script.source)
+        return client.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def script_arguments(
@@ -91,13 +102,16 @@ class _RedisRateLimiter(RateLimiter):
     ) -> None:
         self._client = check_client(client, want_async=False)
         self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
-        self._script = client.register_script(LIMITER_LUA)
+        self._script = self._spec.script
         self._parts = (self,)
 
     def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        if len(self._parts) == 1:
+            keys, args = [self._spec.key(key)], self._spec.argv(mode, cost)
+        else:
+            keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
-            reply = self._script(keys=keys, args=args)
+            reply = evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
             return self._spec.fallback.decision(error, self.limit)
         return to_decision(reply)
@@ -107,6 +121,7 @@ class _RedisRateLimiter(RateLimiter):
         return self._check(key, cost, "hit")
 
     def try_acquire(self, key: Key, cost: int = 1) -> bool:
+        """``hit(key, cost).allowed``."""
         return self._check(key, cost, "hit").allowed
 
     def peek(self, key: Key, cost: int = 1) -> Decision:
@@ -261,15 +276,18 @@ class Composite(_RedisRateLimiter):
         parts = flatten(limiters, _RATE_KINDS, Composite)
         first = parts[0]
         self._client = first._client
-        self._script = first._script
+        self._script = COMPOSITE
         self._parts = tuple(parts)
         self._spec = first._spec
         self._composite_fallback = Fallback(check_on_error(on_error), "Composite on Redis")
 
     def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        if len(self._parts) == 1:
+            keys, args = [self._spec.key(key)], self._spec.argv(mode, cost)
+        else:
+            keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
-            reply = self._script(keys=keys, args=args)
+            reply = evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
             return self._composite_fallback.decision(error, self.limit)
         return to_decision(reply)
@@ -340,7 +358,7 @@ class Concurrency(RateLimiter):
     """:class:`nexus_limits.Concurrency` on Redis: at most ``limit`` leases per key across every
     process; each lease expires after ``lease_ttl`` seconds if never released."""
 
-    __slots__ = ("_client", "_fallback", "_model", "_script", "_suffix", "clock", "prefix")
+    __slots__ = ("_client", "_fallback", "_model", "_suffix", "clock", "prefix")
 
     def __init__(
         self,
@@ -359,7 +377,6 @@ class Concurrency(RateLimiter):
         self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
         self._fallback = Fallback(check_on_error(on_error), "Concurrency on Redis")
         self.clock = check_clock(clock)
-        self._script = client.register_script(CONCURRENCY_LUA)
 
     @property
     def limit(self) -> int:
@@ -378,7 +395,7 @@ class Concurrency(RateLimiter):
 
     def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
         args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
-        return self._script(keys=[self.redis_key(key)], args=args)
+        return evalsha(self._client, CONCURRENCY, [self.redis_key(key)], args)
 
     def _release(self, key: Key, lease_id: str) -> bool:
         try:

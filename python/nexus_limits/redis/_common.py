@@ -7,7 +7,6 @@ import inspect
 import math
 import re
 import uuid
-from importlib import resources
 from typing import Any, List, Optional, Sequence, Tuple, Type
 from urllib.parse import quote_from_bytes
 
@@ -15,9 +14,7 @@ import nexus_limits as nl
 
 from .._core import Decision, ManualClock
 from ..errors import BackendUnavailable
-
-LIMITER_LUA = resources.files(__package__).joinpath("limiter.lua").read_text()
-CONCURRENCY_LUA = resources.files(__package__).joinpath("concurrency.lua").read_text()
+from ._scripts import SINGLE
 
 ON_ERROR = ("allow", "deny", "raise")
 # Seconds a fail-closed ("deny") answer asks the caller to wait.
@@ -48,7 +45,7 @@ BACKEND_ERRORS = _error_types()
 
 
 def check_client(client: Any, want_async: bool) -> Any:
-    if not (hasattr(client, "register_script") and hasattr(client, "execute_command")):
+    if not (hasattr(client, "evalsha") and hasattr(client, "script_load") and hasattr(client, "execute_command")):
         raise TypeError(
             f"client must be a redis.Redis, redis.cluster.RedisCluster or Valkey client, got {type(client).__name__}"
         )
@@ -103,6 +100,9 @@ def check_cost(cost: Any) -> int:
     raise ValueError(f"cost must be a non-negative integer, got {cost}")
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~\-]*")
+
+
 def encode_key(key: Any) -> str:
     """A user key as text safe inside a Redis key and a hash tag.
 
@@ -111,6 +111,8 @@ def encode_key(key: Any) -> str:
     injective, so no two keys share an encoding and none can reach another prefix.
     """
     if isinstance(key, str):
+        if len(key) <= MAX_KEY_BYTES and _PLAIN.fullmatch(key):
+            return "s" + key  # nothing to escape: the common case, kept cheap
         raw = key.encode("utf-8", "surrogatepass")
         tag = "s"
     elif isinstance(key, bytes):
@@ -130,6 +132,18 @@ def now_arg(clock: Optional[ManualClock]) -> str:
     return "" if clock is None else repr(clock.now * 1e6)
 
 
+def is_outage(error: BaseException) -> bool:
+    """False for errors that say the request was wrong, not that the store is away:
+    a key holding another type (WRONGTYPE) or a failing script. Those always raise."""
+    text = str(error)
+    return not (text.startswith("WRONGTYPE") or "user_script" in text)
+
+
+def is_noscript(error: BaseException) -> bool:
+    """The server lost its script cache (restart, SCRIPT FLUSH, failover)."""
+    return type(error).__name__ == "NoScriptError" or str(error).startswith("NOSCRIPT")
+
+
 def to_decision(reply: Sequence[Any], lease: Any = None) -> Decision:
     allowed, limit, remaining, reset_us, retry_us, delay_us = (int(x) for x in reply)
     retry = math.inf if retry_us < 0 else retry_us / 1e6
@@ -146,6 +160,8 @@ class Fallback:
         self.what = what
 
     def decision(self, error: BaseException, limit: int) -> Decision:
+        if not is_outage(error):
+            raise error
         if self.on_error == "raise":
             raise BackendUnavailable(f"{self.what}: the store could not be reached: {error}") from error
         allowed = self.on_error == "allow"
@@ -155,7 +171,7 @@ class Fallback:
 class RateSpec:
     """One Redis-backed rate limiter's fixed part: its model, key suffix and script arguments."""
 
-    __slots__ = ("args", "clock", "fallback", "model", "prefix", "suffix")
+    __slots__ = ("args", "clock", "fallback", "model", "prefix", "script", "suffix", "unit")
 
     def __init__(
         self,
@@ -180,10 +196,19 @@ class RateSpec:
             default_id = f"{'fw' if algorithm == 'fixed' else 'sw'}-{rate.count}-{period_us!r}"
         self.suffix = ":" + (check_name(name) or default_id)
         self.args = [algorithm, repr(a), str(limit), "0"]
+        self.script = SINGLE[algorithm]
+        # ARGV of the commonest calls (server clock, cost 1), built once.
+        self.unit = {mode: ["", mode, *self.args, "1"] for mode in ("hit", "peek")}
         self.fallback = Fallback(check_on_error(on_error), f"{type(model).__name__} on Redis")
 
     def key(self, key: Any) -> str:
         return f"{self.prefix}:{{{encode_key(key)}}}{self.suffix}"
+
+    def argv(self, mode: str, cost: Any) -> List[str]:
+        """ARGV for this limiter alone."""
+        if cost == 1 and self.clock is None and type(cost) is int:
+            return self.unit[mode]
+        return [now_arg(self.clock), mode, *self.args, str(check_cost(cost))]
 
 
 def flatten(limiters: Any, kinds: Tuple[type, ...], composite: Any) -> List[Any]:

@@ -12,7 +12,7 @@ client). Every method is a coroutine; nothing blocks the event loop::
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Optional, Tuple, Type
+from typing import Any, Optional, Sequence, Tuple, Type
 
 import nexus_limits as nl
 
@@ -23,8 +23,6 @@ from ..errors import RateLimitExceeded
 from . import _LEASE_POLL, _unit_cost, script_arguments
 from ._common import (
     BACKEND_ERRORS,
-    CONCURRENCY_LUA,
-    LIMITER_LUA,
     Fallback,
     RateSpec,
     check_client,
@@ -35,10 +33,12 @@ from ._common import (
     concurrency_model,
     encode_key,
     flatten,
+    is_noscript,
     new_lease_id,
     now_arg,
     to_decision,
 )
+from ._scripts import COMPOSITE, CONCURRENCY, Script
 
 __all__ = [
     "Composite",
@@ -51,6 +51,17 @@ __all__ = [
 ]
 
 
+async def evalsha(client: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    """One EVALSHA round trip; on NOSCRIPT the script is loaded and run again."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except BACKEND_ERRORS as error:
+        if not is_noscript(error):
+            raise
+        await client.script_load(script.source)
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+
 class _RedisRateLimiter(AsyncRateLimiter):
     __slots__ = ("_client", "_fallback", "_parts", "_script", "_spec")
     _algorithm = ""
@@ -60,14 +71,17 @@ class _RedisRateLimiter(AsyncRateLimiter):
     ) -> None:
         self._client = check_client(client, want_async=True)
         self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
+        self._script = self._spec.script
         self._fallback = self._spec.fallback
-        self._script = client.register_script(LIMITER_LUA)
         self._parts: Tuple[Any, ...] = (self,)
 
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        if len(self._parts) == 1:
+            keys, args = [self._spec.key(key)], self._spec.argv(mode, cost)
+        else:
+            keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
-            reply = await self._script(keys=keys, args=args)
+            reply = await evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit)
         return to_decision(reply)
@@ -214,7 +228,7 @@ class Composite(_RedisRateLimiter):
         parts = flatten(limiters, _RATE_KINDS, Composite)
         first = parts[0]
         self._client = first._client
-        self._script = first._script
+        self._script = COMPOSITE
         self._parts = tuple(parts)
         self._spec = first._spec
         self._fallback = Fallback(check_on_error(on_error), "Composite on Redis")
@@ -290,7 +304,7 @@ class _AsyncLeaseContext:
 class Concurrency(AsyncRateLimiter):
     """:class:`nexus_limits.Concurrency` on Redis, for asyncio."""
 
-    __slots__ = ("_client", "_fallback", "_model", "_script", "_suffix", "clock", "prefix")
+    __slots__ = ("_client", "_fallback", "_model", "_suffix", "clock", "prefix")
 
     def __init__(
         self,
@@ -309,7 +323,6 @@ class Concurrency(AsyncRateLimiter):
         self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
         self._fallback = Fallback(check_on_error(on_error), "Concurrency on Redis")
         self.clock = check_clock(clock)
-        self._script = client.register_script(CONCURRENCY_LUA)
 
     @property
     def limit(self) -> int:
@@ -328,7 +341,7 @@ class Concurrency(AsyncRateLimiter):
 
     async def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
         args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
-        return await self._script(keys=[self.redis_key(key)], args=args)
+        return await evalsha(self._client, CONCURRENCY, [self.redis_key(key)], args)
 
     async def _release(self, key: Key, lease_id: str) -> bool:
         try:
