@@ -13,11 +13,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import redis  # noqa: E402
-from servers import RedisServer  # noqa: E402
+import redis
+from servers import RedisServer
 
-import nexus_limits.redis as nlr  # noqa: E402
-from nexus_limits import _bench  # noqa: E402
+import nexus_limits.redis as nlr
+from nexus_limits import _bench
 
 
 @pytest.fixture(scope="module")
