@@ -9,6 +9,7 @@ use crate::store::{second_of, Store};
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Checks a ttl in seconds and raises it to the time a key needs to become fresh again,
 /// so that evicting an idle key can never change a decision.
@@ -131,7 +132,18 @@ pub fn combine(decisions: &[Decision]) -> Decision {
 /// All-or-nothing check of several limiters for one key: every part's shard is locked
 /// (in store-id order, so composites sharing parts cannot deadlock), every part decides,
 /// and only if all admit is every part charged. `order` lists part indexes by store id.
-pub fn composite_hit(parts: &[std::sync::Arc<Limiter>], order: &[usize], fp: &Fingerprint, costs: &[u64], charge: bool) -> Decision {
+pub fn composite_hit(parts: &[Arc<Limiter>], order: &[usize], fp: &Fingerprint, costs: &[u64], charge: bool) -> Decision {
+    composite_check(parts, order, fp, costs, charge).0
+}
+
+/// [`composite_hit`] that also returns each part's own Decision.
+pub fn composite_check(
+    parts: &[Arc<Limiter>],
+    order: &[usize],
+    fp: &Fingerprint,
+    costs: &[u64],
+    charge: bool,
+) -> (Decision, Vec<Decision>) {
     let n = parts.len();
     let mut guards = Vec::with_capacity(n);
     for &i in order {
@@ -149,7 +161,7 @@ pub fn composite_hit(parts: &[std::sync::Arc<Limiter>], order: &[usize], fp: &Fi
     }
     let decision = combine(&decisions);
     if !decision.allowed || !charge {
-        return decision;
+        return (decision, decisions);
     }
     // Room for the parts that do not track the key yet; all or none.
     let mut reserved: Vec<usize> = Vec::with_capacity(n);
@@ -162,7 +174,7 @@ pub fn composite_hit(parts: &[std::sync::Arc<Limiter>], order: &[usize], fp: &Fi
                 }
                 let mut full = parts[i].full();
                 full.limit = decision.limit;
-                return full;
+                return (full, decisions);
             }
             reserved.push(i);
         }
@@ -177,7 +189,40 @@ pub fn composite_hit(parts: &[std::sync::Arc<Limiter>], order: &[usize], fp: &Fi
             None => g.insert_reserved(fp, next, nows[i]),
         }
     }
-    decision
+    (decision, decisions)
+}
+
+/// Settles earlier charges of one key on several limiters at once: part `i` is charged
+/// `deltas[i]` more units (or refunded, when negative) for a call made at `charged_at[i]`.
+/// A charge is never lost: a key the store has no room for is tracked anyway.
+pub fn composite_adjust(parts: &[Arc<Limiter>], order: &[usize], fp: &Fingerprint, deltas: &[i64], charged_at: &[u64]) {
+    let mut guards = Vec::with_capacity(parts.len());
+    for &i in order {
+        guards.push((i, parts[i].store.lock(fp)));
+    }
+    guards.sort_unstable_by_key(|(i, _)| *i);
+    for (i, (_, g)) in guards.iter_mut().enumerate() {
+        if deltas[i] == 0 {
+            continue;
+        }
+        let part = &parts[i];
+        let now = part.clock.now();
+        match g.slot(fp) {
+            Some(slot) => {
+                slot.state = part.algo.adjust(slot.state, now, deltas[i], charged_at[i]);
+                slot.seen = second_of(now);
+            }
+            None => {
+                let next = part.algo.adjust(0, now, deltas[i], charged_at[i]);
+                if !part.algo.is_fresh(next, now) {
+                    if !g.reserve(now, &|s| part.algo.is_fresh(s, now)) {
+                        g.force_reserve();
+                    }
+                    g.insert_reserved(fp, next, now);
+                }
+            }
+        }
+    }
 }
 
 /// One shard of lease lists: key -> [(lease id, expiry)].
@@ -256,6 +301,32 @@ impl Concurrency {
             map.remove(fp);
         }
         (id, d)
+    }
+
+    /// Takes a lease only if one is free *and* `also` agrees, both under this key's lock:
+    /// `also` runs (and may charge other limiters) only when a lease is free, and the
+    /// lease is taken only if it returns true. Returns the lease id, the concurrency
+    /// decision and what `also` returned (None if it did not run).
+    pub fn acquire_if<R>(&self, fp: &Fingerprint, also: impl FnOnce() -> (bool, R)) -> (Option<u64>, Decision, Option<R>) {
+        let now = self.clock.now();
+        let mut map = self.shard(fp).lock();
+        let leases = map.entry(*fp).or_default();
+        leases.retain(|l| l.1 > now);
+        let d = self.decide(leases, now, true);
+        let mut out = (None, d, None);
+        if d.allowed {
+            let (ok, r) = also();
+            out.2 = Some(r);
+            if ok {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                leases.push((id, now.saturating_add(self.lease_ttl_ns)));
+                out.0 = Some(id);
+            }
+        }
+        if leases.is_empty() {
+            map.remove(fp);
+        }
+        out
     }
 
     /// What `acquire` would decide, taking nothing.
@@ -345,7 +416,6 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::key::{fingerprint, KeyKind};
     use crate::rate::Rate;
-    use std::sync::Arc;
 
     fn fp(s: &str) -> Fingerprint {
         fingerprint(KeyKind::Str, s.as_bytes())
@@ -437,6 +507,48 @@ mod tests {
         assert_eq!(d.retry_after, Some(60 * NANOS));
         // The token bucket was not charged by the denied composite call.
         assert_eq!(a.peek(&k, 1).remaining, 6);
+    }
+
+    #[test]
+    fn composite_adjust_settles_every_part() {
+        let clock = ManualClock::new(0);
+        let tokens = Arc::new(token_bucket("100/minute", 100, &clock));
+        let daily = Arc::new(
+            Limiter::new(
+                Algorithm::FixedWindow(FixedWindow::new(Rate::parse("1000/day").unwrap()).unwrap()),
+                Clock::Manual(clock.clone()),
+                3600.0,
+                None,
+            )
+            .unwrap(),
+        );
+        let parts = [Arc::clone(&tokens), Arc::clone(&daily)];
+        let k = fp("k");
+        let (d, each) = composite_check(&parts, &[0, 1], &k, &[60, 60], true);
+        assert!(d.allowed && each.len() == 2);
+        composite_adjust(&parts, &[0, 1], &k, &[-50, -50], &[0, 0]);
+        assert_eq!(tokens.peek(&k, 0).remaining, 90);
+        assert_eq!(daily.peek(&k, 0).remaining, 990);
+        composite_adjust(&parts, &[0, 1], &k, &[200, 200], &[0, 0]);
+        assert!(!tokens.peek(&k, 1).allowed, "an actual cost above the estimate puts the key in debt");
+        assert_eq!(daily.peek(&k, 0).remaining, 790);
+        // A charge for a key nobody tracks yet is kept.
+        composite_adjust(&parts, &[0, 1], &fp("new"), &[0, 5], &[0, 0]);
+        assert_eq!(daily.peek(&fp("new"), 0).remaining, 995);
+    }
+
+    #[test]
+    fn acquire_if_is_all_or_nothing() {
+        let clock = ManualClock::new(0);
+        let c = Concurrency::new(1, 10.0, Clock::Manual(clock)).unwrap();
+        let k = fp("k");
+        let (id, d, ran) = c.acquire_if(&k, || (false, 7));
+        assert!(id.is_none() && d.allowed && ran == Some(7));
+        assert!(c.is_empty(), "refused by the other limits: no lease taken");
+        let (id, _, _) = c.acquire_if(&k, || (true, ()));
+        assert!(id.is_some());
+        let (id, d, ran) = c.acquire_if(&k, || (true, ()));
+        assert!(id.is_none() && !d.allowed && ran.is_none());
     }
 
     #[test]

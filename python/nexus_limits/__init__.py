@@ -12,6 +12,7 @@ True
 from ._core import Decision, Lease, ManualClock, Rate
 from ._core import __version__ as __version__
 from .base import AsyncRateLimiter, RateLimiter
+from .budget import Reservation, TokenLimiter
 from .errors import BackendUnavailable, NexusLimitsError, RateLimitExceeded
 from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
 
@@ -19,6 +20,8 @@ __all__ = [
     "AsyncRateLimiter",
     "BackendUnavailable",
     "Composite",
+    "TokenLimiter",
+    "Reservation",
     "Concurrency",
     "Decision",
     "FixedWindow",

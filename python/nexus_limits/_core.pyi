@@ -16,6 +16,7 @@ __all__ = [
     "Rate",
     "SlidingWindow",
     "TokenBucket",
+    "TokenLimiter",
     "__version__",
 ]
 
@@ -177,6 +178,49 @@ class Concurrency:
     def __len__(self) -> int: ...
     @property
     def limit(self) -> int: ...
+    @property
+    def lease_ttl(self) -> float: ...
+    @property
+    def clock(self) -> Optional[ManualClock]: ...
+
+@disjoint_base
+class TokenLimiter:
+    def __new__(
+        cls,
+        requests: Optional[_RateLike] = None,
+        tokens: Optional[_RateLike] = None,
+        daily_tokens: Optional[Union[_RateLike, int]] = None,
+        concurrency: Optional[int] = None,
+        clock: Optional[ManualClock] = None,
+        lease_ttl: Optional[float] = None,
+        ttl: Optional[float] = None,
+        max_keys: Optional[int] = None,
+    ) -> Self: ...
+    def _reserve(
+        self, key: _Key, tokens: int
+    ) -> Tuple[
+        bool,
+        Decision,
+        Optional[Decision],
+        Optional[Decision],
+        Optional[Decision],
+        Optional[Decision],
+        Optional[int],
+        int,
+    ]: ...
+    def _adjust(self, key: _Key, delta: int, charged_at: int, requests: int = 0) -> None: ...
+    def _release(self, key: _Key, lease: int) -> bool: ...
+    def _now(self) -> int: ...
+    def reset(self, key: _Key) -> None: ...
+    def sweep(self) -> int: ...
+    @property
+    def requests(self) -> Optional[Rate]: ...
+    @property
+    def tokens(self) -> Optional[Rate]: ...
+    @property
+    def daily_tokens(self) -> Optional[Rate]: ...
+    @property
+    def concurrency(self) -> Optional[int]: ...
     @property
     def lease_ttl(self) -> float: ...
     @property

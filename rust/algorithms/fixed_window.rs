@@ -53,7 +53,7 @@ impl FixedWindow {
             let decision = Decision {
                 allowed: true,
                 limit: self.limit,
-                remaining: self.limit - now_used,
+                remaining: self.limit.saturating_sub(now_used),
                 reset_after: reset_if(now_used),
                 retry_after: Some(0),
                 delay: 0,
@@ -70,6 +70,21 @@ impl FixedWindow {
             };
             (state, decision)
         }
+    }
+
+    /// Charges (`delta > 0`) or refunds (`delta < 0`) units of a call made at
+    /// `charged_at`: a refund only reaches the window it was charged in.
+    pub fn adjust(&self, state: State, now: u64, delta: i64, charged_at: u64) -> State {
+        let window = now / self.period_ns;
+        let (w, count) = unpack(state);
+        let count = if w == window { count } else { 0 };
+        if delta >= 0 {
+            return pack(window, count.saturating_add(delta as u64));
+        }
+        if charged_at / self.period_ns != window || w != window {
+            return state;
+        }
+        pack(window, count.saturating_sub(delta.unsigned_abs()))
     }
 
     #[inline]
@@ -134,6 +149,21 @@ mod tests {
         assert_eq!(s2, s);
         assert_eq!(d.remaining, 1);
         assert!(w.step(s, 0, 1).1.allowed);
+    }
+
+    #[test]
+    fn adjust_stays_in_the_charged_window() {
+        let w = fw("10/s");
+        let (s, _) = w.step(0, 0, 8);
+        let s2 = w.adjust(s, NANOS / 2, -5, 0);
+        assert_eq!(w.step(s2, NANOS / 2, 7).1.remaining, 0);
+        // A refund for a call charged in an earlier window is dropped.
+        let (s3, _) = w.step(s, NANOS, 2);
+        assert_eq!(w.adjust(s3, NANOS, -2, 0), s3);
+        // Extra charges can pass the limit.
+        let over = w.adjust(s, 0, 5, 0);
+        assert_eq!(w.step(over, 0, 0).1.remaining, 0);
+        assert!(!w.step(over, 0, 1).1.allowed);
     }
 
     #[test]

@@ -91,6 +91,21 @@ impl Gcra {
         }
     }
 
+    /// Charges `delta` more units (delta > 0, even past the burst: the key goes into
+    /// debt and is denied until it has paid it back) or refunds `-delta` units (never
+    /// past a full bucket). Used to settle a reservation with the actual cost.
+    pub fn adjust(&self, tat: State, now: u64, delta: i64) -> State {
+        let now_t = self.ticks(now);
+        let units = delta.unsigned_abs() as u128 * self.period_ns as u128;
+        if delta >= 0 {
+            tat.max(now_t).saturating_add(units)
+        } else if tat <= now_t {
+            tat
+        } else {
+            tat.saturating_sub(units).max(now_t)
+        }
+    }
+
     #[inline]
     pub fn is_fresh(&self, tat: State, now: u64) -> bool {
         tat <= self.ticks(now)
@@ -213,6 +228,20 @@ mod tests {
         assert!(g.is_fresh(s, 12 * NANOS));
         assert!(g.is_fresh(0, 0));
         assert_eq!(g.time_to_fresh(), 2 * NANOS);
+    }
+
+    #[test]
+    fn adjust_charges_into_debt_and_refunds_up_to_full() {
+        let g = bucket("10/s", 10);
+        let (s, _) = g.step(0, 0, 4, false);
+        let refunded = g.adjust(s, 0, -3);
+        assert_eq!(g.step(refunded, 0, 9, false).1.remaining, 0);
+        assert!(g.is_fresh(g.adjust(s, 0, -100), 0), "a refund never overfills");
+        let debt = g.adjust(s, 0, 20);
+        let d = g.step(debt, 0, 1, false).1;
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Some(1_500_000_000), "24 units charged: 14 over, then 1 more");
+        assert_eq!(g.adjust(0, 5 * NANOS, -3), 0, "nothing to refund on a full bucket");
     }
 
     #[test]

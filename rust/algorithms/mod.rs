@@ -14,6 +14,8 @@ pub use fixed_window::FixedWindow;
 pub use gcra::Gcra;
 pub use sliding_window::SlidingWindow;
 
+pub use crate::limiter::combine;
+
 /// A key's state. Zero is the fresh state for every algorithm.
 pub type State = u128;
 pub const FRESH: State = 0;
@@ -69,6 +71,17 @@ impl Algorithm {
             Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.is_fresh(state, now),
             Algorithm::FixedWindow(w) => w.is_fresh(state, now),
             Algorithm::SlidingWindow(w) => w.is_fresh(state, now),
+        }
+    }
+
+    /// Charges (`delta > 0`) or refunds (`delta < 0`) units of a call made at
+    /// `charged_at`, to settle an estimate with the actual cost. Charges may pass the
+    /// limit (the key is then denied until it has paid back); refunds never overfill.
+    pub fn adjust(&self, state: State, now: u64, delta: i64, charged_at: u64) -> State {
+        match self {
+            Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.adjust(state, now, delta),
+            Algorithm::FixedWindow(w) => w.adjust(state, now, delta, charged_at),
+            Algorithm::SlidingWindow(w) => w.adjust(state, now, delta, charged_at),
         }
     }
 

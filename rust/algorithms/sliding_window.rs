@@ -116,6 +116,26 @@ impl SlidingWindow {
         }
     }
 
+    /// Charges (`delta > 0`, into the current window, saturating at the largest count)
+    /// or refunds (`delta < 0`) units of a call made at `charged_at`: from the current
+    /// window if it was charged there, from the previous one if it was charged there.
+    pub fn adjust(&self, state: State, now: u64, delta: i64, charged_at: u64) -> State {
+        let window = now / self.period_ns;
+        let (prev, cur) = self.counts(state, window);
+        let amount = delta.unsigned_abs();
+        if delta >= 0 {
+            return pack(window, prev, cur.saturating_add(amount).min(MAX_LIMIT));
+        }
+        let charged = charged_at / self.period_ns;
+        if charged == window {
+            pack(window, prev, cur.saturating_sub(amount))
+        } else if charged + 1 == window {
+            pack(window, prev.saturating_sub(amount), cur)
+        } else {
+            state
+        }
+    }
+
     #[inline]
     pub fn is_fresh(&self, state: State, now: u64) -> bool {
         self.counts(state, now / self.period_ns) == (0, 0)
@@ -195,6 +215,21 @@ mod tests {
             }
             now += 123_456_789 * (i % 5);
         }
+    }
+
+    #[test]
+    fn adjust_refunds_where_it_was_charged() {
+        let w = sw("10/s");
+        let (s, _) = w.step(0, 0, 6);
+        assert_eq!(w.step(w.adjust(s, 0, -4, 0), 0, 8).1.remaining, 0);
+        // In the next window the charge sits in `previous`: the refund goes there.
+        let later = NANOS + NANOS / 2;
+        let refunded = w.adjust(s, later, -6, 0);
+        assert!(w.is_fresh(refunded, later));
+        // Two windows later there is nothing left to refund.
+        assert_eq!(w.adjust(s, 3 * NANOS, -6, 0), s);
+        let over = w.adjust(s, 0, 10, 0);
+        assert!(!w.step(over, 0, 1).1.allowed);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod args;
 mod concurrency;
 mod errors;
 mod limiters;
+mod tokens;
 mod types;
 
 use pyo3::prelude::*;
@@ -24,5 +25,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<limiters::Composite>()?;
     m.add_class::<concurrency::Concurrency>()?;
     m.add_class::<concurrency::Lease>()?;
+    m.add_class::<tokens::TokenLimiter>()?;
     Ok(())
 }

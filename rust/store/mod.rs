@@ -222,6 +222,11 @@ impl ShardGuard<'_> {
         freed
     }
 
+    /// Takes room for a new key even past `max_keys`: for charges that must not be lost.
+    pub fn force_reserve(&mut self) {
+        self.store.len.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Inserts a new key into room taken with [`reserve`](Self::reserve).
     #[inline]
     pub fn insert_reserved(&mut self, fp: &Fingerprint, state: State, now: u64) {

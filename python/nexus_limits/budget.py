@@ -1,0 +1,178 @@
+"""Token budgets for LLM traffic: reserve before the call, settle from the response.
+
+>>> import nexus_limits as nl
+>>> tl = nl.TokenLimiter(requests="500/minute", tokens="30000/minute", concurrency=4)
+>>> res = tl.reserve("api-key", tokens=1200)        # the request's estimate
+>>> res.allowed
+True
+>>> res.settle(950)                                  # the actual usage: 250 refunded
+True
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Dict, Optional
+
+from . import _core
+from ._core import Decision
+from .base import Key
+
+__all__ = ["Reservation", "TokenLimiter", "go_duration"]
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as a Go-style duration, the format of OpenAI's reset headers: ``"20ms"``,
+    ``"1s"``, ``"6m0s"``, ``"1h2m3.5s"``."""
+    if math.isinf(seconds):
+        return "inf"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    seconds = math.ceil(seconds * 1000) / 1000
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = ""
+    if hours:
+        out += f"{int(hours)}h"
+    if hours or minutes:
+        out += f"{int(minutes)}m"
+    return out + f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+class Reservation:
+    """The outcome of :meth:`TokenLimiter.reserve`.
+
+    When ``allowed``, one request and ``estimate`` tokens were charged to every limit,
+    and a concurrency lease is held. Finish it exactly once:
+
+    - ``settle(actual_tokens)``: charges the difference between the actual and the
+      estimated tokens (a refund when the estimate was high, an extra charge when it was
+      low — the key may then go into debt and wait for it) and ends the lease;
+    - ``cancel()``: refunds the request and every estimated token (upstream error,
+      client gone) and ends the lease.
+
+    A reservation neither settled nor cancelled within the limiter's ``lease_ttl``
+    settles at its estimate: the charge already stands, the lease expires, and a late
+    ``settle``/``cancel`` changes nothing (it returns False).
+    """
+
+    __slots__ = (
+        "_charged_at",
+        "_deadline",
+        "_done",
+        "_lease",
+        "_limiter",
+        "_lock",
+        "concurrency",
+        "daily_tokens",
+        "decision",
+        "estimate",
+        "key",
+        "requests",
+        "tokens",
+    )
+
+    def __init__(self, limiter: "TokenLimiter", key: Key, estimate: int, reply: Any) -> None:
+        allowed, combined, requests, tokens, daily, concurrency, lease, charged_at = reply
+        self._limiter = limiter
+        self.key = key
+        self.estimate = estimate
+        self.decision: Decision = combined
+        self.requests: Optional[Decision] = requests
+        self.tokens: Optional[Decision] = tokens
+        self.daily_tokens: Optional[Decision] = daily
+        self.concurrency: Optional[Decision] = concurrency
+        self._lease: Optional[int] = lease
+        self._charged_at: int = charged_at
+        self._deadline: int = charged_at + round(limiter.lease_ttl * 1e9)
+        self._done = not allowed
+        self._lock = threading.Lock()
+
+    @property
+    def allowed(self) -> bool:
+        return bool(self.decision.allowed)
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the same reservation could be admitted (``math.inf``: never, the
+        estimate is above a limit's capacity)."""
+        return float(self.decision.retry_after)
+
+    @property
+    def done(self) -> bool:
+        """Settled, cancelled, expired, or never admitted."""
+        return self._done or self._limiter._now() > self._deadline
+
+    def _finish(self, tokens_delta: int, requests_delta: int) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        if self._limiter._now() > self._deadline:
+            return False
+        self._limiter._adjust(self.key, tokens_delta, self._charged_at, requests_delta)
+        if self._lease is not None:
+            self._limiter._release(self.key, self._lease)
+        return True
+
+    def settle(self, actual_tokens: int) -> bool:
+        """Charge the actual token count instead of the estimate. True if applied."""
+        if isinstance(actual_tokens, bool) or not isinstance(actual_tokens, int):
+            raise TypeError(f"actual_tokens must be an int, got {type(actual_tokens).__name__}")
+        if actual_tokens < 0:
+            raise ValueError(f"actual_tokens must be non-negative, got {actual_tokens}")
+        return self._finish(actual_tokens - self.estimate, 0)
+
+    def cancel(self) -> bool:
+        """Refund the request and all its estimated tokens. True if applied."""
+        return self._finish(-self.estimate, -1)
+
+    def headers(self) -> Dict[str, str]:
+        """OpenAI-style rate-limit headers for this reservation's key, as the limits stand
+        after it (``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``), with
+        ``retry-after`` (whole seconds, rounded up) when denied."""
+        out: Dict[str, str] = {}
+        for name, d in (("requests", self.requests), ("tokens", self.tokens)):
+            if d is not None:
+                out[f"x-ratelimit-limit-{name}"] = str(d.limit)
+                out[f"x-ratelimit-remaining-{name}"] = str(d.remaining)
+                out[f"x-ratelimit-reset-{name}"] = go_duration(d.reset_after)
+        if not self.allowed and not math.isinf(self.retry_after):
+            out["retry-after"] = str(max(1, math.ceil(self.retry_after)))
+        return out
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "open"
+        return f"Reservation(key={self.key!r}, allowed={self.allowed}, estimate={self.estimate}, {state})"
+
+
+class TokenLimiter(_core.TokenLimiter):
+    """Per-key request, token and concurrency limits for LLM calls, reserved together.
+
+    ``requests`` and ``tokens`` are rates (``"500/minute"``, ``"30000/minute"``);
+    ``daily_tokens`` a rate or an int (tokens per day); ``concurrency`` the number of
+    calls in flight per key. Each rate is a token bucket whose burst is its count (so
+    ``"30000/minute"`` allows 30,000 tokens at once, refilled continuously, like the
+    providers' own limits). ``reserve`` admits a call only if every limit admits it,
+    charging all of them in one atomic step.
+    """
+
+    __slots__ = ()
+
+    def reserve(self, key: Key, tokens: int) -> Reservation:
+        """Reserve one request and ``tokens`` tokens for ``key``; see :class:`Reservation`."""
+        return Reservation(self, key, tokens, self._reserve(key, tokens))
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{name}='{rate}'"
+            for name, rate in (("requests", self.requests), ("tokens", self.tokens), ("daily_tokens", self.daily_tokens))
+            if rate is not None
+        ]
+        if self.concurrency is not None:
+            parts.append(f"concurrency={self.concurrency}")
+        return f"TokenLimiter({', '.join(parts)}, lease_ttl={self.lease_ttl})"
