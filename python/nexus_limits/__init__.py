@@ -20,8 +20,6 @@ __all__ = [
     "AsyncRateLimiter",
     "BackendUnavailable",
     "Composite",
-    "TokenLimiter",
-    "Reservation",
     "Concurrency",
     "Decision",
     "FixedWindow",
@@ -32,7 +30,9 @@ __all__ = [
     "Rate",
     "RateLimitExceeded",
     "RateLimiter",
+    "Reservation",
     "SlidingWindow",
     "TokenBucket",
+    "TokenLimiter",
     "__version__",
 ]

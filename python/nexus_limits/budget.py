@@ -73,7 +73,7 @@ class Reservation:
         "tokens",
     )
 
-    def __init__(self, limiter: "TokenLimiter", key: Key, estimate: int, reply: Any) -> None:
+    def __init__(self, limiter: TokenLimiter, key: Key, estimate: int, reply: Any) -> None:
         allowed, combined, requests, tokens, daily, concurrency, lease, charged_at = reply
         self._limiter = limiter
         self.key = key
@@ -170,7 +170,11 @@ class TokenLimiter(_core.TokenLimiter):
     def __repr__(self) -> str:
         parts = [
             f"{name}='{rate}'"
-            for name, rate in (("requests", self.requests), ("tokens", self.tokens), ("daily_tokens", self.daily_tokens))
+            for name, rate in (
+                ("requests", self.requests),
+                ("tokens", self.tokens),
+                ("daily_tokens", self.daily_tokens),
+            )
             if rate is not None
         ]
         if self.concurrency is not None:

@@ -1,0 +1,35 @@
+"""LLM token accounting: exact OpenAI counts with tiktoken (fully offline), Anthropic
+estimates calibrated from real usage, usage read from responses and SSE streams, and
+upstream rate-limit headers.
+
+>>> from nexus_limits.tokens import count_tokens, count_request_tokens
+>>> count_tokens("hello world", model="gpt-4o")
+2
+>>> count_request_tokens({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}).tokens
+8
+"""
+
+from ._count import AnthropicEstimator, TokenCount, anthropic_estimator, count_request_tokens, count_tokens
+from ._encodings import EncodingFileError, encoding_for_model, get_encoding
+from ._headers import UpstreamLimit, UpstreamLimits, parse_go_duration, parse_rate_limit_headers
+from ._usage import Usage, UsageError, UsageStream, detect_provider, extract_usage
+
+__all__ = [
+    "AnthropicEstimator",
+    "EncodingFileError",
+    "TokenCount",
+    "UpstreamLimit",
+    "UpstreamLimits",
+    "Usage",
+    "UsageError",
+    "UsageStream",
+    "anthropic_estimator",
+    "count_request_tokens",
+    "count_tokens",
+    "detect_provider",
+    "encoding_for_model",
+    "extract_usage",
+    "get_encoding",
+    "parse_go_duration",
+    "parse_rate_limit_headers",
+]
