@@ -46,3 +46,15 @@ def test_reference_gcra_limits():
     ref = _bench.ReferenceGCRA(2, 60.0)
     assert ref.try_acquire("k") and ref.try_acquire("k")
     assert not ref.try_acquire("k")
+
+
+def test_bench_with_redis(redis_server, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    assert cli.main(["bench", "--quick", "--keys", "500", "--redis", url, "--json", str(out)]) == 0
+    assert "vs INCR" in capsys.readouterr().out
+    data = json.loads(out.read_text())["redis"]
+    assert [r["call"] for r in data["round_trips"]["rows"]][0] == "INCR (bare round trip)"
+    assert all(r["us"] > 0 and r["vs_incr"] > 0 for r in data["round_trips"]["rows"])
+    assert [t["processes"] for t in data["throughput"]] == [1, 4]
+    assert all(t["checks_per_second"] > 0 for t in data["throughput"])

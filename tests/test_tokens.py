@@ -372,7 +372,7 @@ def test_streams_fed_byte_by_byte(provider, stream, expected):
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_streams_in_random_splits(data):
-    provider, stream, expected = data.draw(st.sampled_from(STREAMS))
+    _provider, stream, expected = data.draw(st.sampled_from(STREAMS))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
     s = nt.UsageStream()
     last = 0

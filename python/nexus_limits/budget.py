@@ -19,7 +19,7 @@ from . import _core
 from ._core import Decision
 from .base import Key
 
-__all__ = ["Reservation", "TokenLimiter", "go_duration"]
+__all__ = ["AsyncReservation", "Reservation", "TokenLimiter", "go_duration"]
 
 
 def go_duration(seconds: float) -> str:
@@ -55,14 +55,16 @@ class Reservation:
     A reservation neither settled nor cancelled within the limiter's ``lease_ttl``
     settles at its estimate: the charge already stands, the lease expires, and a late
     ``settle``/``cancel`` changes nothing (it returns False).
+
+    ``requests``, ``tokens``, ``daily_tokens`` and ``concurrency`` are each limit's own
+    Decision (None for a limit that is not set); ``decision`` combines them.
     """
 
     __slots__ = (
+        "_backend",
         "_charged_at",
-        "_deadline",
         "_done",
         "_lease",
-        "_limiter",
         "_lock",
         "concurrency",
         "daily_tokens",
@@ -73,9 +75,9 @@ class Reservation:
         "tokens",
     )
 
-    def __init__(self, limiter: TokenLimiter, key: Key, estimate: int, reply: Any) -> None:
+    def __init__(self, backend: Any, key: Key, estimate: int, reply: Any) -> None:
         allowed, combined, requests, tokens, daily, concurrency, lease, charged_at = reply
-        self._limiter = limiter
+        self._backend = backend
         self.key = key
         self.estimate = estimate
         self.decision: Decision = combined
@@ -83,9 +85,8 @@ class Reservation:
         self.tokens: Optional[Decision] = tokens
         self.daily_tokens: Optional[Decision] = daily
         self.concurrency: Optional[Decision] = concurrency
-        self._lease: Optional[int] = lease
-        self._charged_at: int = charged_at
-        self._deadline: int = charged_at + round(limiter.lease_ttl * 1e9)
+        self._lease: Any = lease
+        self._charged_at: Any = charged_at
         self._done = not allowed
         self._lock = threading.Lock()
 
@@ -105,31 +106,35 @@ class Reservation:
     @property
     def done(self) -> bool:
         """Settled, cancelled, expired, or never admitted."""
-        return self._done or self._limiter._now() > self._deadline
+        return self._done or self._backend._expired(self._charged_at)
 
-    def _finish(self, tokens_delta: int, requests_delta: int) -> bool:
+    def _take(self) -> bool:
         with self._lock:
             if self._done:
                 return False
             self._done = True
-        if self._limiter._now() > self._deadline:
-            return False
-        self._limiter._adjust(self.key, tokens_delta, self._charged_at, requests_delta)
-        if self._lease is not None:
-            self._limiter._release(self.key, self._lease)
-        return True
+            return True
 
-    def settle(self, actual_tokens: int) -> bool:
-        """Charge the actual token count instead of the estimate. True if applied."""
+    @staticmethod
+    def _check_actual(actual_tokens: Any) -> int:
         if isinstance(actual_tokens, bool) or not isinstance(actual_tokens, int):
             raise TypeError(f"actual_tokens must be an int, got {type(actual_tokens).__name__}")
         if actual_tokens < 0:
             raise ValueError(f"actual_tokens must be non-negative, got {actual_tokens}")
-        return self._finish(actual_tokens - self.estimate, 0)
+        return actual_tokens
+
+    def settle(self, actual_tokens: int) -> bool:
+        """Charge the actual token count instead of the estimate. True if applied."""
+        delta = self._check_actual(actual_tokens) - self.estimate
+        if not self._take():
+            return False
+        return bool(self._backend._settle(self.key, delta, 0, self._charged_at, self._lease))
 
     def cancel(self) -> bool:
         """Refund the request and all its estimated tokens. True if applied."""
-        return self._finish(-self.estimate, -1)
+        if not self._take():
+            return False
+        return bool(self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
 
     def headers(self) -> Dict[str, str]:
         """OpenAI-style rate-limit headers for this reservation's key, as the limits stand
@@ -150,6 +155,23 @@ class Reservation:
         return f"Reservation(key={self.key!r}, allowed={self.allowed}, estimate={self.estimate}, {state})"
 
 
+class AsyncReservation(Reservation):
+    """A :class:`Reservation` of an asyncio backend: ``settle`` and ``cancel`` are coroutines."""
+
+    __slots__ = ()
+
+    async def settle(self, actual_tokens: int) -> bool:  # type: ignore[override]
+        delta = self._check_actual(actual_tokens) - self.estimate
+        if not self._take():
+            return False
+        return bool(await self._backend._settle(self.key, delta, 0, self._charged_at, self._lease))
+
+    async def cancel(self) -> bool:  # type: ignore[override]
+        if not self._take():
+            return False
+        return bool(await self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+
+
 class TokenLimiter(_core.TokenLimiter):
     """Per-key request, token and concurrency limits for LLM calls, reserved together.
 
@@ -166,6 +188,17 @@ class TokenLimiter(_core.TokenLimiter):
     def reserve(self, key: Key, tokens: int) -> Reservation:
         """Reserve one request and ``tokens`` tokens for ``key``; see :class:`Reservation`."""
         return Reservation(self, key, tokens, self._reserve(key, tokens))
+
+    def _expired(self, charged_at: int) -> bool:
+        return bool(self._now() > charged_at + round(self.lease_ttl * 1e9))
+
+    def _settle(self, key: Key, tokens_delta: int, requests_delta: int, charged_at: int, lease: Optional[int]) -> bool:
+        if self._expired(charged_at):
+            return False
+        self._adjust(key, tokens_delta, charged_at, requests_delta)
+        if lease is not None:
+            self._release(key, lease)
+        return True
 
     def __repr__(self) -> str:
         parts = [

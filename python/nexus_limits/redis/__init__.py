@@ -62,6 +62,7 @@ __all__ = [
     "Lease",
     "SlidingWindow",
     "TokenBucket",
+    "TokenLimiter",
 ]
 
 _LEASE_POLL = 0.05
@@ -487,3 +488,6 @@ class Concurrency(RateLimiter):
 def _unit_cost(cost: Any) -> None:
     if check_cost(cost) != 1:
         raise ValueError(f"Concurrency counts leases one at a time; cost must be 1, got {cost}")
+
+
+from ._budget import TokenLimiter  # noqa: E402  (it uses evalsha above)

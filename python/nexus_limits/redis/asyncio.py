@@ -48,6 +48,7 @@ __all__ = [
     "Lease",
     "SlidingWindow",
     "TokenBucket",
+    "TokenLimiter",
 ]
 
 
@@ -411,3 +412,6 @@ class Concurrency(AsyncRateLimiter):
     def __repr__(self) -> str:
         client = type(self._client).__name__
         return f"Concurrency(<{client}>, {self.limit}, lease_ttl={self.lease_ttl}, prefix={self.prefix!r})"
+
+
+from ._budget import AsyncTokenLimiter as TokenLimiter  # noqa: E402

@@ -1,0 +1,79 @@
+-- TokenLimiter.reserve: one request and `tokens` tokens on every bucket, and a lease,
+-- all or nothing.
+-- KEYS: the buckets' keys, then the lease set when there is a concurrency limit.
+-- ARGV[3] tokens, ARGV[4] bucket count n, ARGV[5] concurrency limit (0: none),
+-- ARGV[6] lease ttl (us), ARGV[7] lease id, then per bucket: kind ("requests" or
+-- "tokens"), us per unit, burst.
+-- Returns the combined decision, each bucket's, the lease's (if any), then `now`.
+local tokens = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local climit = tonumber(ARGV[5])
+local lttl = tonumber(ARGV[6])
+local out
+local function merge(d)
+    if out == nil then
+        out = {d[1], d[2], d[3], d[4], d[5], d[6]}
+        return
+    end
+    out[1] = math.min(out[1], d[1])
+    if d[3] < out[3] then
+        out[2] = d[2]
+        out[3] = d[3]
+    end
+    out[4] = math.max(out[4], d[4])
+    if out[5] < 0 or d[5] < 0 then out[5] = -1 else out[5] = math.max(out[5], d[5]) end
+    out[6] = math.max(out[6], d[6])
+end
+
+local decisions, writes = {}, {}
+for i = 1, n do
+    local at = 7 + (i - 1) * 3
+    local cost = tokens
+    if ARGV[at + 1] == "requests" then cost = 1 end
+    local new, ttl, d = gcra(redis.call("GET", KEYS[i]) or nil, now, tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), cost, false)
+    decisions[i] = d
+    writes[i] = {new, ttl}
+    merge(d)
+end
+local lease
+if climit > 0 then
+    local key = KEYS[n + 1]
+    redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
+    local held = redis.call("ZCARD", key)
+    if held < climit then
+        lease = {1, climit, climit - held - 1, lttl, 0, 0}
+    else
+        local first = redis.call("ZRANGE", key, 0, 0, "WITHSCORES")
+        local last = redis.call("ZRANGE", key, -1, -1, "WITHSCORES")
+        lease = {0, climit, 0, tonumber(last[2]) - now, tonumber(first[2]) - now, 0}
+    end
+    merge(lease)
+end
+if out[1] == 1 then
+    for i = 1, n do
+        local new, ttl = writes[i][1], writes[i][2]
+        if new then redis.call("SET", KEYS[i], new, "PX", math.max(math.ceil(ttl / 1000), 1)) end
+    end
+    if climit > 0 then
+        redis.call("ZADD", KEYS[n + 1], now + lttl, ARGV[7])
+        local last = redis.call("ZRANGE", KEYS[n + 1], -1, -1, "WITHSCORES")
+        redis.call("PEXPIRE", KEYS[n + 1], math.max(math.ceil((tonumber(last[2]) - now) / 1000), 1))
+    end
+else
+    out[6] = 0
+end
+
+local reply = {}
+local function push(d)
+    reply[#reply + 1] = d[1]
+    reply[#reply + 1] = d[2]
+    reply[#reply + 1] = d[3]
+    reply[#reply + 1] = math.ceil(d[4] - EPS)
+    if d[5] < 0 then reply[#reply + 1] = -1 else reply[#reply + 1] = math.ceil(d[5] - EPS) end
+    reply[#reply + 1] = math.ceil(d[6] - EPS)
+end
+push(out)
+for i = 1, n do push(decisions[i]) end
+if lease then push(lease) end
+reply[#reply + 1] = math.floor(now)
+return reply
