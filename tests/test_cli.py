@@ -54,7 +54,7 @@ def test_bench_with_redis(redis_server, tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--keys", "500", "--redis", url, "--json", str(out)]) == 0
     assert "vs INCR" in capsys.readouterr().out
     data = json.loads(out.read_text())["redis"]
-    assert [r["call"] for r in data["round_trips"]["rows"]][0] == "INCR (bare round trip)"
+    assert data["round_trips"]["rows"][0]["call"] == "INCR (bare round trip)"
     assert all(r["us"] > 0 and r["vs_incr"] > 0 for r in data["round_trips"]["rows"])
     assert [t["processes"] for t in data["throughput"]] == [1, 4]
     assert all(t["checks_per_second"] > 0 for t in data["throughput"])
