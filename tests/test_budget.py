@@ -141,7 +141,10 @@ def test_reset_sweep_repr(clock):
     assert tl.reserve("k", 1000).allowed
     clock.advance(100_000)
     assert tl.sweep() >= 3
-    assert repr(tl) == "TokenLimiter(requests='10/minute', tokens='1000/minute', daily_tokens='1000/day', concurrency=3, lease_ttl=600.0)"
+    assert (
+        repr(tl)
+        == "TokenLimiter(requests='10/minute', tokens='1000/minute', daily_tokens='1000/day', concurrency=3, lease_ttl=600.0)"
+    )
     assert tl.clock is clock and tl.requests == nl.Rate(10, 60)
 
 

@@ -69,7 +69,13 @@ def test_reserve_settle_cancel_expiry(redis_client):
     assert len(keys) == 3 and all(k.startswith("nl:{sk}:tl-") for k in keys)
     tl.reset("k")
     assert tl.reserve("k", 1000).allowed
-    assert (tl.requests, tl.tokens, tl.daily_tokens, tl.concurrency, tl.lease_ttl) == (nl.Rate(2, 60), nl.Rate(1000, 60), None, 1, 30.0)
+    assert (tl.requests, tl.tokens, tl.daily_tokens, tl.concurrency, tl.lease_ttl) == (
+        nl.Rate(2, 60),
+        nl.Rate(1000, 60),
+        None,
+        1,
+        30.0,
+    )
 
 
 def test_threads_share_one_budget(redis_client):
@@ -137,7 +143,9 @@ def test_asyncio_mirror(async_redis_client):
     async def main() -> None:
         client = async_redis_client()
         clock = nl.ManualClock(1_700_000_000.0)
-        tl = nla.TokenLimiter(client, requests="5/minute", tokens="1000/minute", concurrency=1, clock=clock, lease_ttl=20)
+        tl = nla.TokenLimiter(
+            client, requests="5/minute", tokens="1000/minute", concurrency=1, clock=clock, lease_ttl=20
+        )
         res = await tl.reserve("k", 700)
         assert res.allowed and not (await tl.reserve("k", 1)).allowed
         assert await res.settle(200) and not await res.settle(200)
@@ -151,7 +159,11 @@ def test_asyncio_mirror(async_redis_client):
         assert late.done and await late.settle(1) is False
         await tl.reset("k")
         assert tl.lease_ttl == 20.0 and len(tl.redis_keys("k")) == 3
-        down = nla.TokenLimiter(redis.asyncio.Redis(port=1, socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0)), tokens="1/s", on_error="allow")
+        down = nla.TokenLimiter(
+            redis.asyncio.Redis(port=1, socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0)),
+            tokens="1/s",
+            on_error="allow",
+        )
         r = await down.reserve("k", 1)
         assert r.allowed and r.decision.fallback and await r.cancel() is False
         await client.aclose()

@@ -16,12 +16,26 @@ from nexus_limits import tokens as nt
 from nexus_limits.tokens import _encodings
 
 COOKBOOK_MESSAGES = [
-    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English.",
+    },
     {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
     {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
-    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
-    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client deliverable.",
+    },
 ]
 
 
@@ -58,7 +72,9 @@ TRICKY = [
 
 
 @pytest.mark.parametrize("text", TRICKY, ids=range(len(TRICKY)))
-@pytest.mark.parametrize(("model", "encoding"), [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base"), ("gpt-5-mini", "o200k_base")])
+@pytest.mark.parametrize(
+    ("model", "encoding"), [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base"), ("gpt-5-mini", "o200k_base")]
+)
 def test_counts_equal_tiktoken_on_tricky_text(text, model, encoding):
     enc = nt.get_encoding(encoding)
     assert nt.count_tokens(text, model=model) == len(enc.encode(text, disallowed_special=()))
@@ -129,7 +145,21 @@ def test_tools_follow_the_cookbook_formula():
     with_tools = nt.count_request_tokens({"model": "gpt-4o", "messages": msgs, "tools": tools})
     enc = nt.get_encoding("o200k_base")
     n = lambda s: len(enc.encode(s))  # noqa: E731
-    expected = 7 + n("get_weather:Get the weather") + 3 + 3 + n("city:string:The city") + 3 - 3 + 3 + n("c") + 3 + n("f") + n("unit:string:Unit") + 12
+    expected = (
+        7
+        + n("get_weather:Get the weather")
+        + 3
+        + 3
+        + n("city:string:The city")
+        + 3
+        - 3
+        + 3
+        + n("c")
+        + 3
+        + n("f")
+        + n("unit:string:Unit")
+        + 12
+    )
     assert with_tools.tokens - base == expected and with_tools.exact
     legacy = nt.count_request_tokens({"model": "gpt-4", "messages": msgs, "functions": [tools[0]["function"]]})
     assert legacy.tokens > nt.count_request_tokens({"model": "gpt-4", "messages": msgs}).tokens
@@ -170,8 +200,12 @@ def test_openai_image_tile_rule():
     assert rule((100, 100), "high") == (255, True)
     assert rule(None, "auto") == (765, False)
     image = {"type": "image_url", "image_url": {"url": data_url(png(1024, 1024), "png"), "detail": "high"}}
-    with_image = nt.count_request_tokens({"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]})
-    text_only = nt.count_request_tokens({"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}]}]})
+    with_image = nt.count_request_tokens(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]}
+    )
+    text_only = nt.count_request_tokens(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}]}]}
+    )
     assert with_image.tokens - text_only.tokens == 765 and with_image.exact
     remote = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
     assert not nt.count_request_tokens({"model": "gpt-4o", "messages": [{"role": "user", "content": [remote]}]}).exact
@@ -204,8 +238,27 @@ def test_anthropic_estimate_and_calibration():
         "system": "You are terse.",
         "messages": [
             {"role": "user", "content": "x" * 350},
-            {"role": "assistant", "content": [{"type": "text", "text": "y" * 35}, {"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png(750, 100)).decode()}}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "y" * 35},
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t", "content": "ok"},
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/png",
+                            "data": base64.b64encode(png(750, 100)).decode(),
+                        },
+                    },
+                ],
+            },
         ],
     }
     base = est.base(body)
@@ -239,8 +292,16 @@ def test_anthropic_estimate_and_calibration():
         (lambda: nt.count_request_tokens({}, provider="google"), ValueError, "provider must be"),
         (lambda: nt.count_request_tokens({"model": 5, "messages": []}), TypeError, "model must be a str"),
         (lambda: nt.count_request_tokens({"model": "gpt-4"}), ValueError, "needs 'messages', 'input' or 'prompt'"),
-        (lambda: nt.count_request_tokens({"model": "gpt-4", "messages": "hi"}), ValueError, "'messages' must be a list"),
-        (lambda: nt.count_request_tokens({"model": "gpt-4", "messages": ["hi"]}), ValueError, "every message must be an object"),
+        (
+            lambda: nt.count_request_tokens({"model": "gpt-4", "messages": "hi"}),
+            ValueError,
+            "'messages' must be a list",
+        ),
+        (
+            lambda: nt.count_request_tokens({"model": "gpt-4", "messages": ["hi"]}),
+            ValueError,
+            "every message must be an object",
+        ),
         (lambda: nt.count_request_tokens({"model": "gpt-4.1", "input": 5}), ValueError, "'input' must be"),
         (lambda: nt.get_encoding("gpt5_base"), ValueError, "unknown encoding"),
     ],
@@ -276,7 +337,12 @@ OPENAI_JSON = {
 }
 RESPONSES_JSON = {
     "object": "response",
-    "usage": {"input_tokens": 50, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 10}, "output_tokens_details": {"reasoning_tokens": 3}},
+    "usage": {
+        "input_tokens": 50,
+        "output_tokens": 7,
+        "input_tokens_details": {"cached_tokens": 10},
+        "output_tokens_details": {"reasoning_tokens": 3},
+    },
 }
 ANTHROPIC_JSON = {
     "type": "message",
@@ -344,7 +410,17 @@ RESPONSES_STREAM = sse(
 )
 ANTHROPIC_STREAM = sse(
     [
-        {"type": "message_start", "message": {"usage": {"input_tokens": 30, "output_tokens": 1, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5}}},
+        {
+            "type": "message_start",
+            "message": {
+                "usage": {
+                    "input_tokens": 30,
+                    "output_tokens": 1,
+                    "cache_read_input_tokens": 100,
+                    "cache_creation_input_tokens": 5,
+                }
+            },
+        },
         {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Bonjour 🇫🇷"}},
         {"type": "message_delta", "usage": {"output_tokens": 5}},
         {"type": "message_delta", "usage": {"output_tokens": 9}},
@@ -401,8 +477,8 @@ def test_stream_without_usage_falls_back_to_counting():
 
 def test_malformed_streams_are_counted_not_raised():
     s = nt.UsageStream()
-    s.feed(b"data: {broken json\n\n: a comment\n\nevent: ping\n\ndata: [1,2]\n\ndata: {\"foo\": 1}\n\n")
-    s.feed(b"data: {\"object\": \"chat.completion.chunk\", \"usage\": {\"prompt_tokens\": -5}}\n\n")
+    s.feed(b'data: {broken json\n\n: a comment\n\nevent: ping\n\ndata: [1,2]\n\ndata: {"foo": 1}\n\n')
+    s.feed(b'data: {"object": "chat.completion.chunk", "usage": {"prompt_tokens": -5}}\n\n')
     assert s.errors == 3 and s.usage is None
     s.feed(b"data: [DONE]\n\n")
     assert s.done and s.finish() == nt.Usage(0, 0, exact=False)
@@ -453,7 +529,10 @@ def test_anthropic_headers():
     assert limits.retry_after == 10.0 and limits.tokens is None
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("1s", 1.0), ("6m0s", 360.0), ("1h2m3.5s", 3723.5), ("20ms", 0.02), ("5us", 5e-6), ("7ns", 7e-9)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("1h2m3.5s", 3723.5), ("20ms", 0.02), ("5us", 5e-6), ("7ns", 7e-9)],
+)
 def test_go_durations(text, seconds):
     assert nt.parse_go_duration(text) == pytest.approx(seconds)
 
@@ -465,6 +544,26 @@ def test_bad_go_durations(text):
 
 
 def test_bad_header_values_become_none():
-    limits = nt.parse_rate_limit_headers({"x-ratelimit-limit-tokens": "lots", "x-ratelimit-reset-tokens": "soon", "retry-after": "never"})
+    limits = nt.parse_rate_limit_headers(
+        {"x-ratelimit-limit-tokens": "lots", "x-ratelimit-reset-tokens": "soon", "retry-after": "never"}
+    )
     assert limits.tokens == nt.UpstreamLimit(None, None, None) and limits.retry_after is None
     assert nt.parse_rate_limit_headers({"retry-after": "-3"}).retry_after is None
+
+
+def test_output_estimate():
+    est = nt.OutputEstimate(default=1024, per_model={"gpt-4o": 4096, "gpt-4o-mini": 512})
+    assert est({"model": "gpt-4o-mini-2024-07-18"}) == 512, "the longest prefix wins"
+    assert est({"model": "gpt-4o"}) == 4096
+    assert est({"model": "claude-x"}) == 1024
+    assert est({"model": "gpt-4o", "max_tokens": 50}) == 50
+    assert est({"max_completion_tokens": 70, "max_tokens": 50}) == 70
+    assert est({"max_output_tokens": 0}) == 0
+    with pytest.raises(ValueError, match="max_tokens must be a non-negative integer"):
+        est({"max_tokens": -1})
+    with pytest.raises(ValueError, match="default must be"):
+        nt.OutputEstimate(default=-5)
+    with pytest.raises(ValueError, match="per_model"):
+        nt.OutputEstimate(per_model={"x": 1.5})
+    with pytest.raises(TypeError, match="body must be a dict"):
+        est([])

@@ -9,7 +9,14 @@ upstream rate-limit headers.
 8
 """
 
-from ._count import AnthropicEstimator, TokenCount, anthropic_estimator, count_request_tokens, count_tokens
+from ._count import (
+    AnthropicEstimator,
+    OutputEstimate,
+    TokenCount,
+    anthropic_estimator,
+    count_request_tokens,
+    count_tokens,
+)
 from ._encodings import EncodingFileError, encoding_for_model, get_encoding
 from ._headers import UpstreamLimit, UpstreamLimits, parse_go_duration, parse_rate_limit_headers
 from ._usage import Usage, UsageError, UsageStream, detect_provider, extract_usage
@@ -17,6 +24,7 @@ from ._usage import Usage, UsageError, UsageStream, detect_provider, extract_usa
 __all__ = [
     "AnthropicEstimator",
     "EncodingFileError",
+    "OutputEstimate",
     "TokenCount",
     "UpstreamLimit",
     "UpstreamLimits",

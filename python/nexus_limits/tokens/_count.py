@@ -13,6 +13,7 @@ from ._images import anthropic_image_tokens, image_size, openai_image_tokens
 
 __all__ = [
     "AnthropicEstimator",
+    "OutputEstimate",
     "TokenCount",
     "anthropic_estimator",
     "count_request_tokens",
@@ -336,3 +337,42 @@ def count_request_tokens(body: Any, provider: str = "openai", model: Optional[st
     if provider == "anthropic":
         return TokenCount(anthropic_estimator.estimate(body, model), False, "anthropic", model)
     raise ValueError(f"provider must be 'openai' or 'anthropic', got {provider!r}")
+
+
+class OutputEstimate:
+    """How many output tokens to reserve for a request before it runs.
+
+    The request's own cap when it has one (``max_completion_tokens``, ``max_tokens``,
+    ``max_output_tokens``); otherwise the default for its model — the longest matching
+    prefix in ``per_model`` — or ``default``.
+
+    >>> est = OutputEstimate(default=1024, per_model={"gpt-4o-mini": 512})
+    >>> est({"model": "gpt-4o-mini-2024-07-18", "messages": []})
+    512
+    >>> est({"model": "gpt-4o", "max_tokens": 50})
+    50
+    """
+
+    CAPS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+
+    def __init__(self, default: int = 1024, per_model: Optional[Dict[str, int]] = None) -> None:
+        for name, value in [("default", default), *((f"per_model[{k!r}]", v) for k, v in (per_model or {}).items())]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        self.default = default
+        self.per_model = dict(sorted((per_model or {}).items(), key=lambda kv: -len(kv[0])))
+
+    def __call__(self, body: Dict[str, Any]) -> int:
+        if not isinstance(body, dict):
+            raise TypeError(f"body must be a dict, got {type(body).__name__}")
+        for cap in self.CAPS:
+            value = body.get(cap)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{cap} must be a non-negative integer, got {value!r}")
+                return value
+        model = str(body.get("model") or "").lower()
+        for prefix, value in self.per_model.items():
+            if model.startswith(prefix.lower()):
+                return value
+        return self.default
