@@ -149,3 +149,71 @@ class RedisCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+class ASGIServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        # proxy_headers=False: uvicorn would otherwise rewrite the peer from X-Forwarded-For itself.
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", proxy_headers=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ASGIServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class WSGIServer:
+    """A WSGI app served by wsgiref's threaded server on a free loopback port."""
+
+    def __init__(self, app) -> None:
+        import socketserver
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+        from wsgiref.simple_server import WSGIServer as Base
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        class Threaded(socketserver.ThreadingMixIn, Base):
+            daemon_threads = True
+
+        self.httpd = make_server("127.0.0.1", 0, app, server_class=Threaded, handler_class=Quiet)
+        self.port = self.httpd.server_port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> WSGIServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)

@@ -11,6 +11,7 @@ True
 
 from ._core import Decision, Lease, ManualClock, Rate
 from ._core import __version__ as __version__
+from .adapters.decorators import limit
 from .base import AsyncRateLimiter, RateLimiter
 from .budget import Reservation, TokenLimiter
 from .errors import BackendUnavailable, NexusLimitsError, RateLimitExceeded
@@ -35,4 +36,5 @@ __all__ = [
     "TokenBucket",
     "TokenLimiter",
     "__version__",
+    "limit",
 ]

@@ -1,0 +1,20 @@
+"""Framework adapters: ASGI and WSGI middleware, Django, and the ``@limit`` decorator.
+
+Frameworks are imported lazily: ``nexus_limits.adapters.asgi`` needs no framework at
+all, ``nexus_limits.adapters.django`` imports Django only when used.
+"""
+
+from ._common import Request, client_ip, parse_key_spec
+from .decorators import limit
+from .headers import HeaderOptions, Policy, policy_of, rate_limit_headers
+
+__all__ = [
+    "HeaderOptions",
+    "Policy",
+    "Request",
+    "client_ip",
+    "limit",
+    "parse_key_spec",
+    "policy_of",
+    "rate_limit_headers",
+]
