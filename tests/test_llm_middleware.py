@@ -1,0 +1,150 @@
+"""The LLM middleware end to end: uvicorn serving it in front of a fake provider."""
+
+from __future__ import annotations
+
+import time
+
+import fake_llm
+import httpx
+import pytest
+from servers import ASGIServer
+
+import nexus_limits as nl
+from nexus_limits.adapters.llm import LLMLimitMiddleware
+from nexus_limits.tokens import OutputEstimate, anthropic_estimator, count_request_tokens
+
+AUTH = {"authorization": "Bearer key-1"}
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}
+
+
+def budget(**kw):
+    args = {"requests": "100/minute", "tokens": "10000/hour", "concurrency": 2}
+    args.update(kw)
+    return nl.TokenLimiter(**args)
+
+
+def remaining(tl, key="key-1"):
+    probe = tl.reserve(key, 0)
+    left = probe.tokens.remaining
+    probe.cancel()
+    return left
+
+
+def test_json_response_settles_at_the_real_usage():
+    tl = budget()
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 50
+        estimate = count_request_tokens(CHAT).tokens + 100
+        assert r.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert r.headers["x-ratelimit-remaining-tokens"] == str(10000 - estimate), "headers as reserved"
+        assert fake_llm.SEEN[-1] == CHAT, "the body reached the upstream intact"
+    assert remaining(tl) == 10000 - 50, "settled at the 50 tokens used"
+
+
+def test_stream_settles_from_sse_and_gets_usage_injected():
+    tl = budget()
+    body = {**CHAT, "stream": True}
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
+            text = b"".join(r.iter_raw())
+        assert b"Hello" in text and b"[DONE]" in text and b'"total_tokens": 50' in text
+        assert fake_llm.SEEN[-1]["stream_options"] == {"include_usage": True}
+    assert remaining(tl) == 10000 - 50
+
+
+def test_stream_without_injection_counts_the_text():
+    tl = budget()
+    app = LLMLimitMiddleware(fake_llm.app, limiter=tl, include_usage=False)
+    with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+        http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+        assert "stream_options" not in fake_llm.SEEN[-1]
+    input_tokens = count_request_tokens(CHAT).tokens
+    assert remaining(tl) == 10000 - (input_tokens + 2), "estimated from 'Hello there' (2 tokens)"
+
+
+def test_budget_exhausted_is_a_429_with_openai_headers():
+    tl = budget(tokens="300/hour")
+    app = LLMLimitMiddleware(fake_llm.app, limiter=tl, output=OutputEstimate(default=200))
+    with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+        assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+        r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 429
+        assert (
+            r.headers["content-type"] == "application/problem+json" and r.json()["detail"] == "token budget exhausted"
+        )
+        assert r.headers["x-ratelimit-limit-tokens"] == "300" and int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-reset-tokens"].endswith("s")
+
+
+def test_upstream_error_refunds_everything():
+    tl = budget()
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/chat/completions", json={**CHAT, "model": "broken"}, headers=AUTH)
+        assert r.status_code == 500
+    assert remaining(tl) == 10000
+
+
+def test_client_disconnect_mid_stream_releases_the_reservation_and_lease():
+    tl = budget(concurrency=1)
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server:
+        with httpx.Client(base_url=server.url) as http:
+            with http.stream(
+                "POST", "/v1/chat/completions", json={**CHAT, "model": "slow", "stream": True}, headers=AUTH
+            ) as r:
+                next(r.iter_raw())
+                assert not tl.reserve("key-1", 0).allowed, "the lease is held while streaming"
+            # the client closed the connection mid-stream
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = tl.reserve("key-1", 0)
+            if probe.allowed:
+                probe.cancel()
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the lease was not released after the client went away")
+    assert remaining(tl) > 10000 - 200, "settled at what was streamed, not the estimate"
+
+
+def test_anthropic_stream_and_calibration():
+    tl = budget()
+    body = {
+        "model": "claude-test-1",
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x" * 70}],
+    }
+    before = anthropic_estimator.samples("claude-test-1")
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
+        http.post("/v1/messages", json=body, headers=AUTH)
+        http.post("/v1/messages", json={**body, "stream": False}, headers=AUTH)
+    assert remaining(tl) == 10000 - 2 * (50 + 12)
+    assert anthropic_estimator.samples("claude-test-1") == before + 2, "real counts calibrate the estimator"
+
+
+def test_bad_requests_and_pass_through():
+    tl = budget()
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/chat/completions", content=b"{not json", headers=AUTH)
+        assert r.status_code == 400 and "invalid request body" in r.json()["detail"]
+        assert http.post("/v1/chat/completions", json=[1], headers=AUTH).status_code == 400
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 401
+        assert http.post("/v1/other", json=CHAT, headers=AUTH).status_code == 200, "other paths pass through"
+    assert remaining(tl) == 10000
+    with pytest.raises(TypeError, match="limiter must be a TokenLimiter"):
+        LLMLimitMiddleware(fake_llm.app, limiter=nl.TokenBucket("1/s"))
+
+
+def test_redis_budget_behind_the_middleware(redis_server):
+    import redis
+
+    import nexus_limits.redis as nlr
+
+    tl = nlr.TokenLimiter(redis.Redis(port=redis_server.port), tokens="10000/hour", concurrency=2, prefix="llm")
+    with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
+        assert http.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+    probe = tl.reserve("key-1", 0)
+    assert probe.tokens.remaining == 10000 - 50
