@@ -73,7 +73,7 @@ async def app(scope, receive, send):
                 {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
             )
             await send({"type": "http.response.body", "body": frames[0], "more_body": True})
-            for _ in range(500):  # the client goes away meanwhile
+            for _ in range(200):  # the client goes away meanwhile
                 await asyncio.sleep(0.01)
                 await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
             return

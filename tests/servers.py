@@ -154,7 +154,7 @@ class RedisCluster:
 class ASGIServer:
     """An ASGI app served by uvicorn on a free loopback port, in a thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, lifespan: str = "off") -> None:
         import threading
 
         import uvicorn
@@ -162,7 +162,7 @@ class ASGIServer:
         self.port = free_port()
         # proxy_headers=False: uvicorn would otherwise rewrite the peer from X-Forwarded-For itself.
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", proxy_headers=False
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan, proxy_headers=False
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

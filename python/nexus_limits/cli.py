@@ -102,7 +102,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument(
         "--redis", dest="redis_url", default=None, metavar="URL", help="also measure the Redis backend there"
     )
+    g = sub.add_parser("gateway", help="run the reference LLM gateway")
+    g.add_argument("--config", required=True, metavar="FILE", help="the gateway's TOML config")
+    g.add_argument("--host", default=None, help="override [server] host")
+    g.add_argument("--port", type=int, default=None, help="override [server] port")
+    g.add_argument("--check", action="store_true", help="only check the config and exit")
     args = parser.parse_args(argv)
+    if args.command == "gateway":
+        from .gateway import ConfigError, load_config, run
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as error:
+            print(f"nexus-limits gateway: {error}", file=sys.stderr)
+            return 2
+        if args.check:
+            print(f"{args.config}: ok ({len(cfg.tiers)} tiers, {len(cfg.keys)} keys, upstream {cfg.upstream_url})")
+            return 0
+        run(args.config, args.host, args.port)  # pragma: no cover
+        return 0  # pragma: no cover
     if args.keys is not None and args.keys < 1:
         parser.error("--keys must be at least 1")
     bench(args.quick, args.keys, args.json_path, args.redis_url)
