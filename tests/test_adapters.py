@@ -351,3 +351,31 @@ def test_lifespan_and_other_scopes_pass_through():
     asyncio.run(ASGILimit(app, limiter=nl.TokenBucket("1/s"))({"type": "lifespan"}, None, None))
     assert seen == ["lifespan"]
     assert json.loads(b'{"a": 1}') == {"a": 1}
+
+
+def test_composite_lists_every_policy(redis_server):
+    import redis
+
+    import nexus_limits.redis as nlr
+
+    local = nl.Composite([nl.TokenBucket("10/second"), nl.Composite([nl.FixedWindow("3/minute")])])
+    client = redis.Redis(port=redis_server.port)
+    shared = nlr.Composite(
+        [nlr.TokenBucket(client, "10/second", prefix="pol"), nlr.FixedWindow(client, "3/minute", prefix="pol")]
+    )
+    for limiter in (local, shared):
+        app = ASGILimit(hello, limiter=limiter, key="header:x-api-key")
+        with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+            responses = [http.get("/", headers={"x-api-key": "k"}) for _ in range(4)]
+            assert [r.status_code for r in responses] == [200, 200, 200, 429]
+            assert parse_sf(responses[0].headers["ratelimit-policy"]) == {
+                "10/second": {"q": 10, "w": 1},
+                "3/minute": {"q": 3, "w": 60},
+            }
+            state = parse_sf(responses[0].headers["ratelimit"])
+            assert state["10/second"]["r"] == 9 and state["3/minute"]["r"] == 2
+            assert parse_sf(responses[3].headers["ratelimit"])["3/minute"]["r"] == 0
+            assert responses[0].headers["x-ratelimit-limit"] == "3", "legacy headers: the most restrictive policy"
+    d, each = local.hit_each("other")
+    assert d.allowed and [x.limit for x in each] == [10, 3]
+    client.close()

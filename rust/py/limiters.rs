@@ -8,7 +8,7 @@ use super::errors::{bad_value, wrong_type};
 use super::types::{Decision, ManualClock, Rate};
 use crate::algorithms::{Algorithm, FixedWindow as Fixed, Gcra, SlidingWindow as Sliding};
 use crate::clock::{ns_to_secs, Clock};
-use crate::limiter::{composite_hit, Limiter};
+use crate::limiter::{composite_check, composite_hit, Limiter};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::sync::Arc;
@@ -346,6 +346,17 @@ impl Composite {
     #[pyo3(signature = (key, cost=None))]
     fn try_acquire(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
         Ok(self.check(key, cost, true)?.allowed)
+    }
+
+    /// `hit`, also returning each part's own Decision (in the order of `parts`,
+    /// flattened): for listing every policy in response headers.
+    #[pyo3(signature = (key, cost=None))]
+    fn hit_each(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<(Decision, Vec<Decision>)> {
+        let fp = args::key_fp(key)?;
+        let cost = args::cost(cost)?;
+        let costs = [cost; 64];
+        let (d, each) = composite_check(&self.parts, &self.order, &fp, &costs[..self.parts.len()], true);
+        Ok((Decision::from_core(d), each.into_iter().map(Decision::from_core).collect()))
     }
 
     #[pyo3(signature = (key, cost=None))]

@@ -213,8 +213,34 @@ def problem(status: int, title: str, detail: str, extra: Optional[Dict[str, Any]
 PROBLEM_TYPE = ("Content-Type", "application/problem+json")
 
 
-def answer(limits: Limits, limiter: Any, decision: Decision, name: str) -> Check:
-    entries = [(policy_of(limiter, name) if limiter is not None else Policy(name, decision.limit, 0), decision)]
+def flat_parts(limiter: Any) -> List[Any]:
+    """A composite's limiters, nested composites expanded (the order of ``hit_each``)."""
+    out: List[Any] = []
+    for part in limiter.parts:
+        out.extend(flat_parts(part) if hasattr(part, "hit_each") else [part])
+    return out
+
+
+def entries_of(
+    limiter: Any, decision: Decision, name: str, each: Optional[List[Decision]]
+) -> List[Tuple[Policy, Decision]]:
+    """(policy, decision) per policy: one for a limiter, one per part for a composite
+    (named after the part's rate), so that every policy is listed in the headers."""
+    if each is None:
+        return [(policy_of(limiter, name), decision)]
+    out: List[Tuple[Policy, Decision]] = []
+    seen = set()
+    for part, d in zip(flat_parts(limiter), each):
+        label = str(part.rate)
+        if label in seen:
+            label = f"{label}#{len(out) + 1}"
+        seen.add(label)
+        out.append((policy_of(part, label), d))
+    return out
+
+
+def answer(limits: Limits, limiter: Any, decision: Decision, name: str, each: Optional[List[Decision]] = None) -> Check:
+    entries = entries_of(limiter, decision, name, each)
     if decision.allowed:
         return Check(True, 200, rate_limit_headers(entries, limits.header_options), b"", decision)
     headers = rate_limit_headers(entries, limits.header_options, denied_by=decision)
@@ -245,6 +271,9 @@ def check_sync(limits: Limits, request: Request) -> Optional[Check]:
     limiter, cost, name = limits.select(request, key)
     if limiter is None:
         return None
+    if hasattr(limiter, "hit_each"):
+        decision, each = limiter.hit_each(key, cost)
+        return answer(limits, limiter, decision, name, list(each))
     return answer(limits, limiter, limiter.hit(key, cost), name)
 
 
@@ -259,13 +288,16 @@ async def check_async(limits: Limits, request: Request) -> Optional[Check]:
     limiter, cost, name = limits.select(request, key)
     if limiter is None:
         return None
+    method = limiter.hit_each if hasattr(limiter, "hit_each") else limiter.hit
     if isinstance(limiter, AsyncRateLimiter):
-        decision = await limiter.hit(key, cost)
+        result = await method(key, cost)
     elif type(limiter).__module__.startswith("nexus_limits.redis"):
-        decision = await asyncio.to_thread(limiter.hit, key, cost)
+        result = await asyncio.to_thread(method, key, cost)
     else:
-        decision = limiter.hit(key, cost)
-    return answer(limits, limiter, decision, name)
+        result = method(key, cost)
+    if isinstance(result, tuple):
+        return answer(limits, limiter, result[0], name, list(result[1]))
+    return answer(limits, limiter, result, name)
 
 
 def release(decision: Optional[Decision]) -> Any:

@@ -51,6 +51,7 @@ from ._common import (
     new_lease_id,
     now_arg,
     to_decision,
+    to_decisions,
 )
 from ._scripts import COMPOSITE, CONCURRENCY, Script
 
@@ -308,6 +309,17 @@ class Composite(_RedisRateLimiter):
     @property
     def on_error(self) -> str:
         return self._composite_fallback.on_error
+
+    def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
+        """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
+        keys, args = script_arguments(self._parts, key, cost, "hit", self._spec.clock)
+        try:
+            reply = evalsha(self._client, self._script, keys, args)
+        except BACKEND_ERRORS as error:
+            d = self._composite_fallback.decision(error, self.limit)
+            return d, [d for _ in self._parts]
+        combined, *each = to_decisions(reply)
+        return combined, each
 
     @property
     def parts(self) -> Tuple[Any, ...]:

@@ -145,9 +145,14 @@ def is_noscript(error: BaseException) -> bool:
 
 
 def to_decision(reply: Sequence[Any], lease: Any = None) -> Decision:
-    allowed, limit, remaining, reset_us, retry_us, delay_us = (int(x) for x in reply)
+    allowed, limit, remaining, reset_us, retry_us, delay_us = (int(x) for x in reply[:6])
     retry = math.inf if retry_us < 0 else retry_us / 1e6
     return Decision(bool(allowed), limit, remaining, reset_us / 1e6, retry, delay_us / 1e6, lease)
+
+
+def to_decisions(reply: Sequence[Any]) -> List[Decision]:
+    """Consecutive decisions of 6 values each (a composite's combined one, then its parts')."""
+    return [to_decision(reply[i : i + 6]) for i in range(0, len(reply), 6)]
 
 
 class Fallback:

@@ -12,7 +12,7 @@ client). Every method is a coroutine; nothing blocks the event loop::
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Optional, Sequence, Tuple, Type
+from typing import Any, List, Optional, Sequence, Tuple, Type
 
 import nexus_limits as nl
 
@@ -37,6 +37,7 @@ from ._common import (
     new_lease_id,
     now_arg,
     to_decision,
+    to_decisions,
 )
 from ._scripts import COMPOSITE, CONCURRENCY, Script
 
@@ -237,6 +238,17 @@ class Composite(_RedisRateLimiter):
     @property
     def limit(self) -> int:
         return min(int(p.limit) for p in self._parts)
+
+    async def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
+        """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
+        keys, args = script_arguments(self._parts, key, cost, "hit", self._spec.clock)
+        try:
+            reply = await evalsha(self._client, self._script, keys, args)
+        except BACKEND_ERRORS as error:
+            d = self._fallback.decision(error, self.limit)
+            return d, [d for _ in self._parts]
+        combined, *each = to_decisions(reply)
+        return combined, each
 
     @property
     def parts(self) -> Tuple[Any, ...]:

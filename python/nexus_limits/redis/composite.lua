@@ -29,10 +29,11 @@ local out
 -- a composite: decide every part, then write all or nothing. Combined as
 -- rust/limiter.rs `combine`: all must admit; limit/remaining of the part with the
 -- least remaining; the longest times; never if any part says never.
-local writes = {}
+local writes, decisions = {}, {}
 for i = 1, #KEYS do
     local new, ttl, d = step(i)
     writes[i] = {new, ttl}
+    decisions[i] = {d[1], d[2], d[3], d[4], d[5], d[6]}
     if out == nil then
         out = d
     else
@@ -52,6 +53,16 @@ elseif charge then
     for i = 1, #KEYS do write(KEYS[i], writes[i][1], writes[i][2]) end
 end
 
-local retry = -1
-if out[5] >= 0 then retry = math.ceil(out[5] - EPS) end
-return {out[1], out[2], out[3], math.ceil(out[4] - EPS), retry, math.ceil(out[6] - EPS)}
+-- The combined decision, then each part's (6 values each), times rounded up to us.
+local reply = {}
+local function push(d)
+    reply[#reply + 1] = d[1]
+    reply[#reply + 1] = d[2]
+    reply[#reply + 1] = d[3]
+    reply[#reply + 1] = math.ceil(d[4] - EPS)
+    if d[5] < 0 then reply[#reply + 1] = -1 else reply[#reply + 1] = math.ceil(d[5] - EPS) end
+    reply[#reply + 1] = math.ceil(d[6] - EPS)
+end
+push(out)
+for i = 1, #KEYS do push(decisions[i]) end
+return reply
