@@ -191,3 +191,26 @@ def test_upstream_api_key_replaces_the_clients(tmp_path, upstream, monkeypatch):
         assert (
             http.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-pro"}).status_code == 200
         )
+
+
+def test_gateway_on_redis(tmp_path, upstream, redis_server):
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        CONFIG.format(url=upstream.url, default="")
+        + f'\n[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\nprefix = "gwtest"\non_error = "deny"\n'
+    )
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url) as http:
+        free = {"authorization": "Bearer sk-free"}
+        assert [http.post("/v1/chat/completions", json=CHAT, headers=free).status_code for _ in range(4)] == [
+            200,
+            200,
+            200,
+            429,
+        ]
+    import redis
+
+    client = redis.Redis(port=redis_server.port)
+    keys = client.keys("gwtest:*")
+    client.close()
+    assert keys and all(b"{ssk-free}" in k for k in keys), "the budget lives in Redis"

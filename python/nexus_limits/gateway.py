@@ -332,6 +332,7 @@ class Gateway:
             import redis.asyncio
 
             redis_client = redis.asyncio.Redis.from_url(str(cfg.redis_url))
+        self.redis = redis_client
         self.tiers: Dict[str, Any] = {}
         for name, tier in cfg.tiers.items():
             limiter = _limiter(cfg, tier, redis_client)
@@ -355,6 +356,8 @@ class Gateway:
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await self.proxy.client.aclose()
+                    if self.redis is not None:
+                        await self.redis.aclose()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
