@@ -62,6 +62,7 @@ __all__ = [
     "LeakyBucket",
     "Lease",
     "SlidingWindow",
+    "SpendLimiter",
     "TokenBucket",
     "TokenLimiter",
 ]
@@ -503,3 +504,4 @@ def _unit_cost(cost: Any) -> None:
 
 
 from ._budget import TokenLimiter  # noqa: E402  (it uses evalsha above)
+from ._spend import SpendLimiter  # noqa: E402
