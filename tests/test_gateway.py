@@ -214,3 +214,48 @@ def test_gateway_on_redis(tmp_path, upstream, redis_server):
     keys = client.keys("gwtest:*")
     client.close()
     assert keys and all(b"{ssk-free}" in k for k in keys), "the budget lives in Redis"
+
+
+def test_gateway_spend_and_prices(tmp_path, upstream):
+    path = tmp_path / "gw.toml"
+    text = CONFIG.format(url=upstream.url, default="").replace(
+        '[gateway]\nkey = "bearer"', '[gateway]\nkey = "bearer"\nlearn_output = true'
+    )
+    text = text.replace(
+        '[tiers.pro]\nrequests = "100/minute"', '[tiers.pro]\nspend = "0.01/day"\nrequests = "100/minute"'
+    )
+    text += '\n[prices."gpt-4o"]\ninput = "5"\noutput = "20"\n'
+    path.write_text(text)
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url) as http:
+        r = http.post(
+            "/v1/chat/completions", json={**CHAT, "max_tokens": 10}, headers={"authorization": "Bearer sk-pro"}
+        )
+        assert r.status_code == 200 and r.headers["x-budget-limit"] == "0.01"
+    spend = app.tiers["pro"].spend
+
+    def left():
+        probe = spend.reserve("sk-pro", "gpt-4o", 0, 0)
+        probe.cancel()
+        return probe.decision.remaining
+
+    deadline = time.monotonic() + 5
+    while left() != 10_000 - (30 * 5 + 20 * 20) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert left() == 10_000 - (30 * 5 + 20 * 20), "priced with the config's override"
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ('[tiers.z]\nspend = "lots"\n', "tiers.z.spend: invalid budget"),
+        ('[prices."m"]\ninput = "1"\n', "prices.m: price of 'm' must have 'input' and 'output'"),
+        ('[prices."m"]\ninput = "1"\noutput = "2"\nextra = 1\n', "prices.m.extra: unknown field"),
+        ("[prices]\nm = 5\n", "prices.m: must be a table"),
+    ],
+)
+def test_spend_config_errors(tmp_path, extra, where):
+    path = tmp_path / "bad.toml"
+    path.write_text("[upstream]\nurl = 'http://x'\n[tiers.a]\ntokens = '1/s'\n" + extra)
+    with pytest.raises(ConfigError, match=where.replace("(", "\\(").replace(".", "\\.")):
+        load_config(str(path))

@@ -23,6 +23,20 @@ def budget(**kw):
     return nl.TokenLimiter(**args)
 
 
+def spend_left(spend, key="key-1"):
+    probe = spend.reserve(key, "gpt-4o", 0, 0)
+    probe.cancel()
+    return probe.decision.remaining
+
+
+def eventually(fn, expected, seconds=5.0):
+    """Settlement runs right after the last byte is sent: wait for it."""
+    deadline = time.monotonic() + seconds
+    while fn() != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return fn()
+
+
 def remaining(tl, key="key-1"):
     probe = tl.reserve(key, 0)
     left = probe.tokens.remaining
@@ -148,3 +162,57 @@ def test_redis_budget_behind_the_middleware(redis_server):
         assert http.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
     probe = tl.reserve("key-1", 0)
     assert probe.tokens.remaining == 10000 - 50
+
+
+def test_spend_budget_behind_the_middleware():
+    from nexus_limits.spend import LearnedOutputEstimate, SpendLimiter
+
+    spend = SpendLimiter("0.01/day")  # 10,000 micro-dollars
+    learned = LearnedOutputEstimate(default=100, min_samples=2)
+    app = LLMLimitMiddleware(fake_llm.app, spend=spend, output=learned)
+    with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}
+        r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-budget-limit"] == "0.01"
+        # Settled at the real usage: 30 input x $2.50/M + 20 output x $10/M = 275 micro-dollars.
+        assert eventually(lambda: spend_left(spend), 10_000 - 275) == 10_000 - 275
+        big = {**body, "max_tokens": 980}  # 9,820 micro-dollars: more than the 9,725 left
+        r = http.post("/v1/chat/completions", json=big, headers=AUTH)
+        assert (
+            r.status_code == 429
+            and "spend budget 0.01/day exhausted" in r.json()["detail"]
+            and r.json()["budget"] == "spend"
+        )
+        assert r.headers["x-budget-remaining"] == "0.009725" and "retry-after" in r.headers
+        huge = {**body, "max_tokens": 2000}
+        assert "above the whole budget" in http.post("/v1/chat/completions", json=huge, headers=AUTH).json()["detail"]
+        r = http.post("/v1/chat/completions", json={**body, "model": "no-such-model"}, headers=AUTH)
+        assert r.status_code == 400 and "no price for model" in r.json()["detail"]
+        http.post("/v1/chat/completions", json={k: v for k, v in body.items() if k != "max_tokens"}, headers=AUTH)
+    assert eventually(lambda: learned.learned("key-1", "gpt-4o"), 20) == 20, "the learned estimate follows real outputs"
+    with pytest.raises(ValueError, match="give a TokenLimiter"):
+        LLMLimitMiddleware(fake_llm.app)
+    with pytest.raises(TypeError, match="spend must be a SpendLimiter"):
+        LLMLimitMiddleware(fake_llm.app, spend=nl.TokenBucket("1/s"))
+
+
+def test_token_refusal_does_not_charge_spend():
+    from nexus_limits.spend import SpendLimiter
+
+    tl = budget(requests="1/hour")
+    spend = SpendLimiter("1.00/30d")  # refills slowly enough to compare exactly
+    app = LLMLimitMiddleware(fake_llm.app, limiter=tl, spend=spend)
+    with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+        assert http.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+        assert http.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 429
+    assert eventually(lambda: spend_left(spend), 1_000_000 - 275) == 1_000_000 - 275
+
+
+def test_spend_refusal_refunds_the_token_reservation():
+    from nexus_limits.spend import SpendLimiter
+
+    tl = budget()
+    app = LLMLimitMiddleware(fake_llm.app, limiter=tl, spend=SpendLimiter("0.001/day"))
+    with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+        assert http.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 429
+    assert remaining(tl) == 10000, "the tokens reserved before the spend check were refunded"

@@ -48,6 +48,7 @@ class Tier:
     daily_tokens: Optional[Any] = None
     concurrency: Optional[int] = None
     default_output_tokens: int = 1024
+    spend: Optional[str] = None
 
 
 @dataclass
@@ -67,6 +68,8 @@ class GatewayConfig:
     redis_prefix: str = "nlgw"
     on_error: str = "raise"
     lease_ttl: float = 600.0
+    learn_output: bool = False
+    prices: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 class _Locator:
@@ -145,7 +148,7 @@ def load_config(path: str) -> GatewayConfig:
         if key not in value:
             return None
         v = value[key]
-        if isinstance(v, bool) or not isinstance(v, kind):
+        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
             raise loc.error(name, key, f"must be {what}, got {v!r}")
         return v
 
@@ -176,7 +179,9 @@ def load_config(path: str) -> GatewayConfig:
         cfg.port = port
 
     gateway = table("gateway")
-    known("gateway", gateway, ("key", "default_tier", "lease_ttl"))
+    known("gateway", gateway, ("key", "default_tier", "lease_ttl", "learn_output"))
+    learn = typed("gateway", gateway, "learn_output", bool, "true or false")
+    cfg.learn_output = bool(learn)
     cfg.key = typed("gateway", gateway, "key", str, "'bearer' or 'header:<name>'") or cfg.key
     if cfg.key != "bearer" and not cfg.key.startswith("header:"):
         raise loc.error("gateway", "key", f"must be 'bearer' or 'header:<name>', got {cfg.key!r}")
@@ -207,7 +212,7 @@ def load_config(path: str) -> GatewayConfig:
         where = f"tiers.{name}"
         if not isinstance(spec, dict):
             raise loc.error("tiers", name, "must be a table")
-        known(where, spec, ("requests", "tokens", "daily_tokens", "concurrency", "default_output_tokens"))
+        known(where, spec, ("requests", "tokens", "daily_tokens", "concurrency", "default_output_tokens", "spend"))
         tier = Tier(name)
         for key in ("requests", "tokens"):
             rate = typed(where, spec, key, str, 'a rate such as "100/minute"')
@@ -235,11 +240,33 @@ def load_config(path: str) -> GatewayConfig:
             if out < 0:
                 raise loc.error(where, "default_output_tokens", f"must be non-negative, got {out}")
             tier.default_output_tokens = out
-        if not (tier.requests or tier.tokens or tier.daily_tokens or tier.concurrency):
-            raise loc.error("tiers", name, "set at least one of requests, tokens, daily_tokens, concurrency")
+        spend = typed(where, spec, "spend", str, 'dollars per period, such as "25.00/day"')
+        if spend is not None:
+            from .spend import parse_budget
+
+            try:
+                parse_budget(spend)
+            except ValueError as error:
+                raise loc.error(where, "spend", str(error)) from None
+            tier.spend = spend
+        if not (tier.requests or tier.tokens or tier.daily_tokens or tier.concurrency or tier.spend):
+            raise loc.error("tiers", name, "set at least one of requests, tokens, daily_tokens, concurrency, spend")
         cfg.tiers[name] = tier
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
         raise loc.error("gateway", "default_tier", f"{cfg.default_tier!r} is not a tier")
+
+    prices = table("prices")
+    from .spend import PriceTable
+
+    for model, price in prices.items():
+        if not isinstance(price, dict):
+            raise loc.error("prices", model, "must be a table with input and output (dollars per 1M tokens)")
+        known(f"prices.{model}", price, ("input", "output", "cached_input", "cache_write"))
+        try:
+            PriceTable({model: price})
+        except (ValueError, TypeError) as error:
+            raise loc.error(f"prices.{model}", None, str(error)) from None
+        cfg.prices[model] = price
 
     keys = table("keys")
     for api_key, tier_name in keys.items():
@@ -321,6 +348,32 @@ def _limiter(cfg: GatewayConfig, tier: Tier, redis_client: Any) -> Any:
     )
 
 
+def _spend(cfg: GatewayConfig, tier: Tier) -> Any:
+    if tier.spend is None:
+        return None
+    from .spend import SpendLimiter, default_prices
+
+    prices = default_prices()
+    for model, price in cfg.prices.items():
+        prices.set(model, price)
+    if cfg.backend == "redis":
+        import redis
+
+        from .redis import SpendLimiter as RedisSpend
+
+        client = redis.Redis.from_url(str(cfg.redis_url))
+        return RedisSpend(
+            client,
+            tier.spend,
+            prices=prices,
+            prefix=cfg.redis_prefix,
+            name=f"spend-{tier.name}",
+            on_error=cfg.on_error,
+            lease_ttl=cfg.lease_ttl,
+        )
+    return SpendLimiter(tier.spend, prices=prices, lease_ttl=cfg.lease_ttl)
+
+
 class Gateway:
     """Routes each request to its key's tier and that tier's limits, then the upstream."""
 
@@ -335,9 +388,20 @@ class Gateway:
         self.redis = redis_client
         self.tiers: Dict[str, Any] = {}
         for name, tier in cfg.tiers.items():
-            limiter = _limiter(cfg, tier, redis_client)
+            limiter = (
+                _limiter(cfg, tier, redis_client)
+                if (tier.requests or tier.tokens or tier.daily_tokens or tier.concurrency)
+                else None
+            )
+            output: OutputEstimate
+            if cfg.learn_output:
+                from .spend import LearnedOutputEstimate
+
+                output = LearnedOutputEstimate(default=tier.default_output_tokens)
+            else:
+                output = OutputEstimate(default=tier.default_output_tokens)
             self.tiers[name] = LLMLimitMiddleware(
-                self.proxy, limiter=limiter, key=cfg.key, output=OutputEstimate(default=tier.default_output_tokens)
+                self.proxy, limiter=limiter, spend=_spend(cfg, tier), key=cfg.key, output=output
             )
         self.key_header = cfg.key.split(":", 1)[1].lower() if cfg.key.startswith("header:") else None
 

@@ -68,21 +68,27 @@ class LLMLimitMiddleware:
     def __init__(
         self,
         app: Any,
-        limiter: Any,
+        limiter: Any = None,
         key: Any = "bearer",
         *,
+        spend: Any = None,
         output: Optional[OutputEstimate] = None,
         include_usage: bool = True,
         openai_paths: Sequence[str] = OPENAI_PATHS,
         anthropic_paths: Sequence[str] = ANTHROPIC_PATHS,
         trusted_proxies: Sequence[str] = (),
     ) -> None:
-        if not callable(getattr(limiter, "reserve", None)):
+        if limiter is None and spend is None:
+            raise ValueError("give a TokenLimiter (limiter=), a SpendLimiter (spend=) or both")
+        if limiter is not None and not callable(getattr(limiter, "reserve", None)):
             raise TypeError(f"limiter must be a TokenLimiter, got {type(limiter).__name__}")
+        if spend is not None and not callable(getattr(spend, "estimate", None)):
+            raise TypeError(f"spend must be a SpendLimiter, got {type(spend).__name__}")
         self.app = app
         self.limiter = limiter
+        self.spend = spend
         self.key_func: KeyFunc = parse_key_spec(key, trusted_proxies)
-        self.output = output or OutputEstimate()
+        self.output = output if output is not None else OutputEstimate()
         self.include_usage = include_usage
         self.paths = {p: "openai" for p in openai_paths}
         self.paths.update({p: "anthropic" for p in anthropic_paths})
@@ -110,18 +116,36 @@ class LLMLimitMiddleware:
             if not isinstance(options, dict) or not options.get("include_usage"):
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 raw = json.dumps(body).encode()
-        estimate = count.tokens + self.output(body)
-        reservation: Reservation = await _call(self.limiter, self.limiter.reserve, key, estimate)
-        if not reservation.allowed:
-            detail = (
-                "token budget exhausted"
-                if reservation.tokens is not None and not reservation.tokens.allowed
-                else "rate limit exceeded"
-            )
-            headers = [PROBLEM_TYPE, *reservation.headers().items()]
-            await _reply(send, 429, headers, problem(429, "Too Many Requests", detail, {"estimate": estimate}))
-            return
-        await self._forward(scope, receive, send, raw, provider, body, count.tokens, reservation)
+        output = self.output.for_key(body, key) if hasattr(self.output, "for_key") else self.output(body)
+        estimate = count.tokens + output
+        reservation: Optional[Reservation] = None
+        if self.limiter is not None:
+            reservation = await _call(self.limiter, self.limiter.reserve, key, estimate)
+            if not reservation.allowed:
+                tokens = reservation.tokens
+                detail = (
+                    "token budget exhausted" if tokens is not None and not tokens.allowed else "rate limit exceeded"
+                )
+                headers = [PROBLEM_TYPE, *reservation.headers().items()]
+                await _reply(send, 429, headers, problem(429, "Too Many Requests", detail, {"estimate": estimate}))
+                return
+        spent = None
+        if self.spend is not None:
+            try:
+                spent = await _call(self.spend, self.spend.reserve, key, body.get("model"), count.tokens, output)
+            except KeyError as error:  # UnknownModel: no price and no default
+                if reservation is not None:
+                    await _call(self.limiter, reservation.cancel)
+                await _reply(send, 400, [PROBLEM_TYPE], problem(400, "Bad Request", str(error)))
+                return
+            if not spent.allowed:
+                if reservation is not None:
+                    await _call(self.limiter, reservation.cancel)
+                headers = [PROBLEM_TYPE, *spent.headers().items()]
+                await _reply(send, 429, headers, problem(429, "Too Many Requests", spent.detail(), {"budget": "spend"}))
+                return
+        both = _Both(reservation, spent, key, self)
+        await self._forward(scope, receive, send, raw, provider, body, count.tokens, both)
 
     async def _forward(
         self,
@@ -132,7 +156,7 @@ class LLMLimitMiddleware:
         provider: str,
         body: Dict[str, Any],
         input_estimate: int,
-        reservation: Reservation,
+        reservation: _Both,
     ) -> None:
         replayed = False
 
@@ -171,13 +195,13 @@ class LLMLimitMiddleware:
             await self._finish(reservation, provider, body, state, stream, client_gone=True)
             raise
         except BaseException:
-            await _call(self.limiter, reservation.cancel)
+            await reservation.cancel()
             raise
         await self._finish(reservation, provider, body, state, stream, client_gone=not state["done"])
 
     async def _finish(
         self,
-        reservation: Reservation,
+        reservation: _Both,
         provider: str,
         body: Dict[str, Any],
         state: Dict[str, Any],
@@ -185,7 +209,7 @@ class LLMLimitMiddleware:
         client_gone: bool,
     ) -> None:
         if state["status"] >= 400:
-            await _call(self.limiter, reservation.cancel)
+            await reservation.cancel()
             return
         try:
             if state["sse"] or client_gone:
@@ -194,10 +218,42 @@ class LLMLimitMiddleware:
                 usage = extract_usage(b"".join(state["chunks"]), None)
         except UsageError:
             return  # nothing readable: the reservation settles at its estimate
-        await _call(self.limiter, reservation.settle, usage.total_tokens)
+        await reservation.settle(usage, body.get("model"))
         if provider == "anthropic" and usage.exact:
             base = anthropic_estimator.base(body)
             anthropic_estimator.observe(body.get("model"), base, usage.input_tokens)
+
+
+class _Both:
+    """The token reservation and the spend reservation of one call, settled together."""
+
+    def __init__(self, tokens: Optional[Reservation], spend: Any, key: Any, owner: LLMLimitMiddleware) -> None:
+        self.tokens = tokens
+        self.spend = spend
+        self.key = key
+        self.owner = owner
+
+    def headers(self) -> Dict[str, str]:
+        out: Dict[str, str] = {}
+        if self.tokens is not None:
+            out.update(self.tokens.headers())
+        if self.spend is not None:
+            out.update(self.spend.headers())
+        return out
+
+    async def cancel(self) -> None:
+        if self.tokens is not None:
+            await _call(self.owner.limiter, self.tokens.cancel)
+        if self.spend is not None:
+            await _call(self.owner.spend, self.spend.cancel)
+
+    async def settle(self, usage: Any, model: Optional[str]) -> None:
+        if self.tokens is not None:
+            await _call(self.owner.limiter, self.tokens.settle, usage.total_tokens)
+        if self.spend is not None:
+            await _call(self.owner.spend, self.spend.settle, usage)
+        if usage.exact and hasattr(self.owner.output, "observe"):
+            self.owner.output.observe(self.key, model, usage.output_tokens)
 
 
 async def _read_body(receive: Receive) -> bytes:
