@@ -11,11 +11,11 @@ help:
 	@echo "make clean        remove build products"
 
 install:
-	$(PIP) install --quiet --disable-pip-version-check .
+	$(PIP) install --quiet --disable-pip-version-check '.[bench]'
 
 install-test:
 	bash scripts/setup-test.sh
-	$(PIP) install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) install --quiet --disable-pip-version-check -e '.[test,bench]'
 
 bench: install
 	nexus-limits bench

@@ -9,24 +9,63 @@ import sys
 import pytest
 
 from nexus_limits import _bench, cli
+from nexus_limits._peers import contenders
 
 
-def test_bench_quick_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--keys", "2000", "--json", str(out)]) == 0
+def test_bench_quick_json(redis_server, tmp_path, capsys):
+    """The harness in --quick mode: every contender, every workload, every field."""
+    out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    args = [
+        "bench",
+        "--quick",
+        "--keys",
+        "2000",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+        "--markdown",
+        str(md),
+        "--redis",
+        url,
+    ]
+    assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    for heading in ("Hot key", "Many keys", "Sweep", "reference (pure-Python GCRA)", "TokenBucket"):
+    assert "vs INCR" in printed and "each library's own Redis backend" in printed
+    for heading in ("Hot key", "Many keys", "Threads", "Accuracy", "Sweep", "reference (pure-Python GCRA)"):
         assert heading in printed
     data = json.loads(out.read_text())
-    assert set(data) == {"machine", "hot_key", "many_keys", "sweep"}
-    assert {r["limiter"] for r in data["hot_key"]} == {_bench.REFERENCE, *_bench.ALGORITHMS}
-    for row in data["hot_key"]:
-        assert row["try_acquire_ns"] > 0
-    for row in data["many_keys"]:
-        assert row["keys"] == 2000 and row["insert_ns"] > 0 and row["existing_ns"] > 0
-        assert "bytes_per_key" in row
-    assert data["sweep"]["evicted"] >= 1 and data["sweep"]["sweep_ms"] >= 0
-    assert data["machine"]["cpus"] >= 1
+    assert {"machine", "plan", "key_counts", "skipped", "contenders", "sweep"} <= set(data)
+    assert data["key_counts"] == [1000, 2000]
+    names = set(data["contenders"])
+    assert {
+        "nexus-limits TokenBucket",
+        "nexus-limits SlidingWindow",
+        "nexus-limits FixedWindow",
+        _bench.REFERENCE,
+    } <= names
+    assert names | set(data["skipped"]) == {c.name for c in contenders()}, "every peer ran or says it was skipped"
+    for name, r in data["contenders"].items():
+        assert r["hot"]["allowed_ns"] > 0 and r["hot"]["denied_ns"] > 0, name
+        assert [t["threads"] for t in r["threads"]] == [1, 2] and all(t["checks_per_second"] > 0 for t in r["threads"])
+        assert 0 <= r["threads"][1]["spurious_denials"] <= 1
+        assert r["accuracy"]["steady"] > 0 and r["accuracy"]["burst"] > 0
+        assert r["cleanup"]["keys"] == 5000 and "left" in r["cleanup"]
+        assert [m["keys"] for m in r["many"]] == [1000, 2000]
+        assert all(m["insert_ns"] > 0 and m["existing_ns"] > 0 and "bytes_per_key" in m for m in r["many"])
+    ours = data["contenders"]["nexus-limits TokenBucket"]
+    assert ours["cleanup"]["left"] == 0, "idle nexus-limits keys are gone"
+    assert ours["threads"][1]["spurious_denials"] == 0
+    assert data["contenders"]["nexus-limits FixedWindow"]["accuracy"]["steady"] <= 1.0, (
+        "never more than the limit per window"
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "# Benchmarks" in md.read_text() and "bench.png" in md.read_text()
+    assert data["redis"][0]["name"] == "nexus-limits TokenBucket (Redis)" and all(r["us"] > 0 for r in data["redis"])
+    vs_incr = data["redis_vs_incr"]
+    assert vs_incr["round_trips"]["rows"][0]["call"] == "INCR (bare round trip)"
+    assert [t["processes"] for t in vs_incr["throughput"]] == [1, 4]
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -46,15 +85,3 @@ def test_reference_gcra_limits():
     ref = _bench.ReferenceGCRA(2, 60.0)
     assert ref.try_acquire("k") and ref.try_acquire("k")
     assert not ref.try_acquire("k")
-
-
-def test_bench_with_redis(redis_server, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    url = f"redis://127.0.0.1:{redis_server.port}/0"
-    assert cli.main(["bench", "--quick", "--keys", "500", "--redis", url, "--json", str(out)]) == 0
-    assert "vs INCR" in capsys.readouterr().out
-    data = json.loads(out.read_text())["redis"]
-    assert data["round_trips"]["rows"][0]["call"] == "INCR (bare round trip)"
-    assert all(r["us"] > 0 and r["vs_incr"] > 0 for r in data["round_trips"]["rows"])
-    assert [t["processes"] for t in data["throughput"]] == [1, 4]
-    assert all(t["checks_per_second"] > 0 for t in data["throughput"])

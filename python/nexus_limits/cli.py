@@ -29,52 +29,44 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def bench(
-    quick: bool, keys: Optional[int], json_path: Optional[str], redis_url: Optional[str] = None
+    quick: bool,
+    keys: Optional[int],
+    json_path: Optional[str],
+    redis_url: Optional[str] = None,
+    plot_path: Optional[str] = None,
+    markdown_path: Optional[str] = None,
 ) -> Dict[str, Any]:
-    n = keys if keys is not None else (50_000 if quick else 1_000_000)
-    calls = 50_000 if quick else 300_000
-    out: Dict[str, Any] = {"machine": _bench.machine()}
-    m = out["machine"]
+    from . import harness
+
+    counts = None if keys is None else sorted({min(1_000, keys), keys})
+    m = _bench.machine()
     print(f"nexus-limits {m['nexus_limits']} on {m['implementation']} {m['python']}, {m['cpu']} ({m['cpus']} cpus)")
-
-    print(f"\nHot key: one key, always admitted (median of 7 runs of {calls:,} calls, loop included)")
-    hot = _bench.hot_key(calls=calls)
-    ref_ns = hot[0]["try_acquire_ns"]
-    rows = [
-        [
-            r["limiter"],
-            _fmt(r["try_acquire_ns"], ".0f"),
-            _fmt(r["hit_ns"], ".0f"),
-            f"{ref_ns / r['try_acquire_ns']:.2f}x",
-        ]
-        for r in hot
-    ]
-    print(_table(["limiter", "try_acquire ns", "hit ns", "speed vs reference"], rows))
-    out["hot_key"] = hot
-
-    print(f"\nMany keys: {n:,} distinct keys (first pass inserts, second finds); resident bytes per key")
-    many = _bench.many_keys(n)
-    rows = [
-        [r["limiter"], _fmt(r["insert_ns"], ".0f"), _fmt(r["existing_ns"], ".0f"), _fmt(r["bytes_per_key"], ".1f")]
-        for r in many
-    ]
-    print(_table(["limiter", "insert ns", "existing ns", "bytes/key"], rows))
-    out["many_keys"] = many
-
-    print(f"\nSweep: {n:,} idle keys evicted while another thread keeps checking")
+    data = harness.run(quick=quick, key_counts=counts, redis_url=redis_url)
+    for c in data["skipped"]:
+        print(f"skipped {c}: not installed (pip install 'nexus-limits[bench]')")
+    for block in harness.tables(data):
+        print(block)
+    n = counts[-1] if counts else (10_000 if quick else 1_000_000)
     sw = _bench.sweep(n)
+    data["sweep"] = sw
     print(
-        f"evicted {sw['evicted']:,} in {sw['sweep_ms']:.1f} ms; {sw['checks_during']:,} checks meanwhile, "
-        f"slowest {_fmt(sw['check_max_us'], '.1f')} us, p99.9 {_fmt(sw['check_p999_us'], '.1f')} us"
+        f"\nSweep: {sw['evicted']:,} of {n:,} idle nexus-limits keys evicted in {sw['sweep_ms']:.1f} ms; "
+        f"{sw['checks_during']:,} checks by another thread meanwhile, slowest {_fmt(sw['check_max_us'], '.1f')} us"
     )
-    out["sweep"] = sw
     if redis_url:
-        bench_redis(redis_url, quick, out)
+        bench_redis(redis_url, quick, data)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump(data, f, indent=2)
         print(f"\nwrote {json_path}")
-    return out
+    if plot_path:
+        harness.plot(data, plot_path)
+        print(f"wrote {plot_path}")
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(harness.markdown(data, plot_path))
+        print(f"wrote {markdown_path}")
+    return data
 
 
 def bench_redis(url: str, quick: bool, out: Dict[str, Any]) -> None:
@@ -89,18 +81,26 @@ def bench_redis(url: str, quick: bool, out: Dict[str, Any]) -> None:
         "TokenBucket.try_acquire on one shared key: "
         + ", ".join(f"{t['checks_per_second']:,.0f} checks/s from {t['processes']} process(es)" for t in tp)
     )
-    out["redis"] = {"round_trips": rt, "throughput": tp}
+    out["redis_vs_incr"] = {"round_trips": rt, "throughput": tp}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nexus-limits", description="Rate limiting with a Rust core.")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="measure every algorithm next to a pure-Python reference")
-    b.add_argument("--quick", action="store_true", help="a short run (50k keys, fewer calls)")
-    b.add_argument("--keys", type=int, default=None, help="distinct keys for the many-keys and sweep runs (1,000,000)")
+    b = sub.add_parser("bench", help="nexus-limits next to the limiters Python users pick today")
+    b.add_argument("--quick", action="store_true", help="a run of under a minute (1k and 10k keys, fewer calls)")
+    b.add_argument(
+        "--keys", type=int, default=None, help="the largest number of distinct keys (1,000,000; --quick 10,000)"
+    )
     b.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results as JSON")
     b.add_argument(
         "--redis", dest="redis_url", default=None, metavar="URL", help="also measure the Redis backend there"
+    )
+    b.add_argument(
+        "--plot", dest="plot_path", default=None, metavar="FILE.png", help="plot latency and memory against keys"
+    )
+    b.add_argument(
+        "--markdown", dest="markdown_path", default=None, metavar="FILE.md", help="also write the tables as Markdown"
     )
     g = sub.add_parser("gateway", help="run the reference LLM gateway")
     g.add_argument("--config", required=True, metavar="FILE", help="the gateway's TOML config")
@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0  # pragma: no cover
     if args.keys is not None and args.keys < 1:
         parser.error("--keys must be at least 1")
-    bench(args.quick, args.keys, args.json_path, args.redis_url)
+    bench(args.quick, args.keys, args.json_path, args.redis_url, args.plot_path, args.markdown_path)
     return 0
 
 
