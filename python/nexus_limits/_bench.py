@@ -53,7 +53,10 @@ ALWAYS = "1000000000/s"
 
 
 def ns_per_call(fn: Callable[[Any], Any], arg: Any, calls: int, repeats: int) -> float:
-    """Median over `repeats` of the mean time of `calls` calls of fn(arg), loop included."""
+    """Median over `repeats` of the mean time of `calls` calls of fn(arg), loop included,
+    after a warm-up of up to 2,000 calls."""
+    for _ in range(min(calls, 2_000)):
+        fn(arg)
     loop = range(calls)
     samples = []
     for _ in range(repeats):
