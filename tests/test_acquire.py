@@ -36,7 +36,7 @@ def test_acquire_real_clock_sleeps():
     tb.acquire("k")
     start = time.monotonic()
     tb.acquire("k", timeout=1.0)
-    assert 0.04 <= time.monotonic() - start < 0.5
+    assert 0.04 <= time.monotonic() - start < 2.0
 
 
 def test_acquire_async_does_not_block_the_loop():
@@ -159,7 +159,7 @@ def test_blocked_acquire_wakes_on_release():
     assert not got
     first.release()
     t.join(5)
-    assert got and time.monotonic() - start < 1.0
+    assert got and time.monotonic() - start < 3.0, "woken by the release, not by the 300 s lease expiry"
     with pytest.raises(nl.RateLimitExceeded):
         c.acquire("k", timeout=0.05)
     got[0].release()
