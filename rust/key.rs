@@ -78,10 +78,7 @@ fn process_keys() -> &'static (u64, u64) {
             let b = rs.hash_one(0x6c69_6d69_u64);
             return (a, b);
         }
-        (
-            u64::from_le_bytes(buf[..8].try_into().unwrap()),
-            u64::from_le_bytes(buf[8..].try_into().unwrap()),
-        )
+        (u64::from_le_bytes(buf[..8].try_into().unwrap()), u64::from_le_bytes(buf[8..].try_into().unwrap()))
     })
 }
 
@@ -126,9 +123,6 @@ mod tests {
 
     #[test]
     fn keys_change_the_fingerprint() {
-        assert_ne!(
-            fingerprint_with(1, 2, KeyKind::Str, b"x"),
-            fingerprint_with(1, 3, KeyKind::Str, b"x")
-        );
+        assert_ne!(fingerprint_with(1, 2, KeyKind::Str, b"x"), fingerprint_with(1, 3, KeyKind::Str, b"x"));
     }
 }

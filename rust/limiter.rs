@@ -5,30 +5,98 @@ use crate::algorithms::{Algorithm, Decision, State};
 use crate::clock::{Clock, NANOS};
 use crate::error::{Error, Result};
 use crate::key::{Fingerprint, FingerprintMap};
-use crate::store::{second_of, Store};
+use crate::store::{second_of, Slot, Store, SHARDS};
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Checks a ttl in seconds and raises it to the time a key needs to become fresh again,
 /// so that evicting an idle key can never change a decision.
 pub fn effective_ttl(ttl_secs: f64, time_to_fresh_ns: u64) -> Result<u64> {
     if !ttl_secs.is_finite() || ttl_secs <= 0.0 {
-        return Err(Error::InvalidArgument(format!(
-            "ttl must be a finite number of seconds above 0, got {ttl_secs}"
-        )));
+        return Err(Error::InvalidArgument(format!("ttl must be a finite number of seconds above 0, got {ttl_secs}")));
     }
     let ns = crate::clock::secs_to_ns(ttl_secs).max(1);
     Ok(ns.max(time_to_fresh_ns))
 }
 
-/// A window or bucket algorithm over a sharded store.
+/// Checks counted per shard (under the shard's lock, so counting costs no atomics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Admitted checks that left at most 20% of the limit (at least 80% used).
+    pub near_limit: u64,
+    /// Checks a shadow-mode limiter would have denied (and admitted instead).
+    pub shadow_denied: u64,
+}
+
+impl Counters {
+    #[inline]
+    fn count(&mut self, d: &Decision) {
+        if d.allowed {
+            self.allowed += 1;
+            if d.remaining.saturating_mul(5) <= d.limit {
+                self.near_limit += 1;
+            }
+        } else {
+            self.denied += 1;
+        }
+    }
+
+    fn add(&mut self, o: &Counters) {
+        self.allowed += o.allowed;
+        self.denied += o.denied;
+        self.near_limit += o.near_limit;
+        self.shadow_denied += o.shadow_denied;
+    }
+}
+
+/// What a limiter keeps in each shard of its store: the quota keys get by default, the
+/// per-key quotas set at run time, and the counters.
+pub struct Quotas {
+    pub default: Algorithm,
+    pub overrides: FingerprintMap<Algorithm>,
+    pub counters: Counters,
+}
+
+impl Quotas {
+    /// The quota in force for a key.
+    #[inline]
+    pub fn algo(&self, fp: &Fingerprint) -> &Algorithm {
+        if self.overrides.is_empty() {
+            &self.default
+        } else {
+            self.overrides.get(fp).unwrap_or(&self.default)
+        }
+    }
+
+    #[inline]
+    fn algo_of(&self, slot: &Slot) -> &Algorithm {
+        self.algo(&Fingerprint(slot.fp))
+    }
+}
+
+/// A snapshot of a limiter's counters and size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub counters: Counters,
+    pub keys: usize,
+    pub evicted: u64,
+    pub overrides: usize,
+}
+
+/// A window or bucket algorithm over a sharded store. The quota can be changed at run
+/// time, for the whole limiter or for one key, without losing any key's usage (see
+/// [`Algorithm::convert`]).
 pub struct Limiter {
-    pub algo: Algorithm,
-    pub store: Store,
+    pub store: Store<Quotas>,
     pub clock: Clock,
-    ttl_ns: u64,
+    /// The ttl asked for; the one in force is raised to every quota's time to fresh.
+    ttl_ns: AtomicU64,
+    /// In shadow mode a check decides and counts but never denies.
+    shadow: AtomicBool,
 }
 
 impl Limiter {
@@ -37,54 +105,173 @@ impl Limiter {
             return Err(Error::InvalidArgument("max_keys must be at least 1, got 0".into()));
         }
         let ttl_ns = effective_ttl(ttl_secs, algo.time_to_fresh())?;
-        Ok(Limiter { store: Store::new(ttl_ns, max_keys), algo, clock, ttl_ns })
+        let store = Store::new(ttl_ns, max_keys, || Quotas {
+            default: algo.clone(),
+            overrides: FingerprintMap::default(),
+            counters: Counters::default(),
+        });
+        Ok(Limiter { store, clock, ttl_ns: AtomicU64::new(ttl_ns), shadow: AtomicBool::new(false) })
     }
 
     /// The ttl in force (nanoseconds), after raising it to the time to fresh.
     pub fn ttl_ns(&self) -> u64 {
-        self.ttl_ns
+        self.ttl_ns.load(Ordering::Relaxed)
+    }
+
+    pub fn shadow(&self) -> bool {
+        self.shadow.load(Ordering::Relaxed)
+    }
+
+    pub fn set_shadow(&self, on: bool) {
+        self.shadow.store(on, Ordering::Relaxed)
+    }
+
+    /// The default quota (what keys without their own quota get).
+    pub fn algo(&self) -> Algorithm {
+        self.store.lock_index(0).extra().default.clone()
+    }
+
+    /// The quota in force for a key, and whether it is the key's own.
+    pub fn quota_of(&self, fp: &Fingerprint) -> (Algorithm, bool) {
+        let g = self.store.lock(fp);
+        let q = g.extra();
+        match q.overrides.get(fp) {
+            Some(a) => (a.clone(), true),
+            None => (q.default.clone(), false),
+        }
+    }
+
+    fn check_kind(&self, algo: &Algorithm) -> Result<()> {
+        let current = self.algo();
+        if std::mem::discriminant(&current) != std::mem::discriminant(algo) {
+            return Err(Error::InvalidArgument(format!(
+                "a {} limiter's quota must stay a {}, got a {}",
+                current.name(),
+                current.name(),
+                algo.name()
+            )));
+        }
+        Ok(())
+    }
+
+    fn raise_ttl(&self, algo: &Algorithm) {
+        let ttl = self.ttl_ns.fetch_max(algo.time_to_fresh(), Ordering::Relaxed).max(algo.time_to_fresh());
+        self.store.raise_ttl(ttl);
+    }
+
+    /// Gives one key its own quota, from its next check on. The key's usage so far is
+    /// carried over (see [`Algorithm::convert`]).
+    pub fn set_quota(&self, fp: &Fingerprint, algo: Algorithm) -> Result<()> {
+        self.check_kind(&algo)?;
+        self.raise_ttl(&algo);
+        let now = self.clock.now();
+        let mut g = self.store.lock(fp);
+        let (slot, q) = g.slot_and_extra(fp);
+        if let Some(slot) = slot {
+            slot.state = q.algo(fp).convert(&algo, slot.state, now);
+        }
+        q.overrides.insert(*fp, algo);
+        Ok(())
+    }
+
+    /// Puts a key back on the default quota, carrying its usage over. False when the key
+    /// had no quota of its own.
+    pub fn clear_quota(&self, fp: &Fingerprint) -> bool {
+        let now = self.clock.now();
+        let mut g = self.store.lock(fp);
+        let (slot, q) = g.slot_and_extra(fp);
+        let Some(own) = q.overrides.remove(fp) else {
+            return false;
+        };
+        if let Some(slot) = slot {
+            slot.state = own.convert(&q.default, slot.state, now);
+        }
+        true
+    }
+
+    /// Changes the default quota of every key without a quota of its own, carrying each
+    /// key's usage over. Each shard is converted under its lock, one after the other.
+    pub fn set_default(&self, algo: Algorithm) -> Result<()> {
+        self.check_kind(&algo)?;
+        self.raise_ttl(&algo);
+        for index in 0..SHARDS {
+            let now = self.clock.now();
+            let mut g = self.store.lock_index(index);
+            g.update_all(|q, slot| {
+                if q.overrides.is_empty() || !q.overrides.contains_key(&Fingerprint(slot.fp)) {
+                    slot.state = q.default.convert(&algo, slot.state, now);
+                }
+            });
+            g.extra_mut().default = algo.clone();
+        }
+        Ok(())
     }
 
     /// The decision given to a new key that finds the store full.
-    fn full(&self) -> Decision {
+    fn full(algo: &Algorithm) -> Decision {
         Decision {
             allowed: false,
-            limit: self.algo.limit(),
+            limit: algo.limit(),
             remaining: 0,
             reset_after: 0,
-            retry_after: Some(self.algo.time_to_fresh()),
+            retry_after: Some(algo.time_to_fresh()),
             delay: 0,
         }
     }
 
-    /// Decides and, if admitted, charges `cost` for the key.
-    #[inline]
-    pub fn hit(&self, fp: &Fingerprint, cost: u64) -> Decision {
+    /// Decides and, if admitted, charges `cost` for the key. In shadow mode a call that
+    /// would be denied is admitted (and not charged); the flag tells when that happened.
+    #[inline(always)]
+    pub fn check(&self, fp: &Fingerprint, cost: u64) -> (Decision, bool) {
         let now = self.clock.now();
         let mut g = self.store.lock(fp);
-        if let Some(slot) = g.slot(fp) {
-            let (state, d) = self.algo.step(slot.state, now, cost);
-            if d.allowed {
-                slot.state = state;
-                slot.seen = second_of(now);
+        let (slot, q) = g.slot_and_extra(fp);
+        let algo = q.algo(fp);
+        let mut new_key = None;
+        let mut d = match slot {
+            Some(slot) => {
+                let (state, d) = algo.step(slot.state, now, cost);
+                if d.allowed {
+                    slot.state = state;
+                    slot.seen = second_of(now);
+                }
+                d
             }
-            return d;
-        }
-        let (state, d) = self.algo.step(0, now, cost);
-        if d.allowed {
-            if !g.reserve(now, &|s| self.algo.is_fresh(s, now)) {
-                return self.full();
+            None => {
+                let (state, d) = algo.step(0, now, cost);
+                if d.allowed {
+                    new_key = Some(state);
+                }
+                d
             }
-            g.insert_reserved(fp, state, now);
+        };
+        if let Some(state) = new_key {
+            if g.reserve(now, &|q, s| q.algo_of(s).is_fresh(s.state, now)) {
+                g.insert_reserved(fp, state, now);
+            } else {
+                d = Self::full(g.extra().algo(fp));
+            }
         }
-        d
+        let counters = &mut g.extra_mut().counters;
+        counters.count(&d);
+        if !d.allowed && self.shadow.load(Ordering::Relaxed) {
+            counters.shadow_denied += 1;
+            return (Decision { allowed: true, retry_after: Some(0), ..d }, true);
+        }
+        (d, false)
+    }
+
+    #[inline]
+    pub fn hit(&self, fp: &Fingerprint, cost: u64) -> Decision {
+        self.check(fp, cost).0
     }
 
     /// The decision `hit` would give, charging nothing.
     pub fn peek(&self, fp: &Fingerprint, cost: u64) -> Decision {
         let now = self.clock.now();
-        let state = self.store.lock(fp).state(fp);
-        self.algo.step(state, now, cost).1
+        let g = self.store.lock(fp);
+        let state = g.state(fp);
+        g.extra().algo(fp).step(state, now, cost).1
     }
 
     pub fn reset(&self, fp: &Fingerprint) {
@@ -93,7 +280,7 @@ impl Limiter {
 
     pub fn sweep(&self) -> usize {
         let now = self.clock.now();
-        self.store.sweep(now, &|s| self.algo.is_fresh(s, now))
+        self.store.sweep(now, &|q, s| q.algo_of(s).is_fresh(s.state, now))
     }
 
     pub fn len(&self) -> usize {
@@ -102,6 +289,61 @@ impl Limiter {
 
     pub fn is_empty(&self) -> bool {
         self.store.is_empty()
+    }
+
+    /// Counters summed over the shards, with the store's size.
+    pub fn stats(&self) -> Stats {
+        let mut out = Stats { keys: self.len(), evicted: self.store.evicted(), ..Stats::default() };
+        for index in 0..SHARDS {
+            let g = self.store.lock_index(index);
+            out.counters.add(&g.extra().counters);
+            out.overrides += g.extra().overrides.len();
+        }
+        out
+    }
+
+    /// The `n` tracked keys using the largest share of their limit now, as
+    /// (fingerprint, units used, limit), most used first. Walks every shard.
+    pub fn top(&self, n: usize) -> Vec<(Fingerprint, u64, u64)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        if n == 0 {
+            return Vec::new();
+        }
+        // Min-heap on (used / limit) compared exactly as used * other_limit.
+        #[derive(PartialEq, Eq)]
+        struct Entry(u64, u64, [u32; 3]);
+        impl Ord for Entry {
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                ((self.0 as u128) * (o.1 as u128)).cmp(&((o.0 as u128) * (self.1 as u128))).then(self.2.cmp(&o.2))
+            }
+        }
+        impl PartialOrd for Entry {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(n + 1);
+        for index in 0..SHARDS {
+            let now = self.clock.now();
+            let g = self.store.lock_index(index);
+            let q = g.extra();
+            for slot in g.slots() {
+                let algo = q.algo_of(slot);
+                let d = algo.step(slot.state, now, 0).1;
+                let used = d.limit.saturating_sub(d.remaining);
+                if used == 0 {
+                    continue;
+                }
+                heap.push(Reverse(Entry(used, d.limit.max(1), slot.fp)));
+                if heap.len() > n {
+                    heap.pop();
+                }
+            }
+        }
+        let mut out: Vec<_> = heap.into_iter().map(|Reverse(e)| (Fingerprint(e.2), e.0, e.1)).collect();
+        out.sort_by_key(|e| Reverse(Entry(e.1, e.2, e.0 .0)));
+        out
     }
 }
 
@@ -132,7 +374,13 @@ pub fn combine(decisions: &[Decision]) -> Decision {
 /// All-or-nothing check of several limiters for one key: every part's shard is locked
 /// (in store-id order, so composites sharing parts cannot deadlock), every part decides,
 /// and only if all admit is every part charged. `order` lists part indexes by store id.
-pub fn composite_hit(parts: &[Arc<Limiter>], order: &[usize], fp: &Fingerprint, costs: &[u64], charge: bool) -> Decision {
+pub fn composite_hit(
+    parts: &[Arc<Limiter>],
+    order: &[usize],
+    fp: &Fingerprint,
+    costs: &[u64],
+    charge: bool,
+) -> Decision {
     composite_check(parts, order, fp, costs, charge).0
 }
 
@@ -153,26 +401,35 @@ pub fn composite_check(
     let nows: Vec<u64> = parts.iter().map(|p| p.clock.now()).collect();
     let mut states: Vec<(Option<State>, State)> = Vec::with_capacity(n);
     let mut decisions = Vec::with_capacity(n);
+    let mut effective = Vec::with_capacity(n);
     for (i, (_, g)) in guards.iter_mut().enumerate() {
-        let current = g.slot(fp).map(|s| s.state);
-        let (next, d) = parts[i].algo.step(current.unwrap_or(0), nows[i], costs[i]);
+        let (slot, q) = g.slot_and_extra(fp);
+        let current = slot.map(|s| s.state);
+        let (next, d) = q.algo(fp).step(current.unwrap_or(0), nows[i], costs[i]);
         states.push((current, next));
         decisions.push(d);
+        // A part in shadow mode never denies the whole.
+        let shadowed = !d.allowed && parts[i].shadow();
+        effective.push(if shadowed { Decision { allowed: true, retry_after: Some(0), ..d } } else { d });
+        if charge {
+            q.counters.count(&d);
+            q.counters.shadow_denied += shadowed as u64;
+        }
     }
-    let decision = combine(&decisions);
+    let decision = combine(&effective);
     if !decision.allowed || !charge {
         return (decision, decisions);
     }
     // Room for the parts that do not track the key yet; all or none.
     let mut reserved: Vec<usize> = Vec::with_capacity(n);
     for (i, (_, g)) in guards.iter_mut().enumerate() {
-        if states[i].0.is_none() {
-            let (algo, now) = (&parts[i].algo, nows[i]);
-            if !g.reserve(now, &|s| algo.is_fresh(s, now)) {
+        if states[i].0.is_none() && decisions[i].allowed {
+            let now = nows[i];
+            if !g.reserve(now, &|q, s| q.algo_of(s).is_fresh(s.state, now)) {
                 for &j in &reserved {
                     parts[j].store.unreserve();
                 }
-                let mut full = parts[i].full();
+                let mut full = Limiter::full(g.extra().algo(fp));
                 full.limit = decision.limit;
                 return (full, decisions);
             }
@@ -180,6 +437,9 @@ pub fn composite_check(
         }
     }
     for (i, (_, g)) in guards.iter_mut().enumerate() {
+        if !decisions[i].allowed {
+            continue; // a shadow-mode part that would have denied: not charged
+        }
         let next = states[i].1;
         match g.slot(fp) {
             Some(slot) => {
@@ -205,17 +465,18 @@ pub fn composite_adjust(parts: &[Arc<Limiter>], order: &[usize], fp: &Fingerprin
         if deltas[i] == 0 {
             continue;
         }
-        let part = &parts[i];
-        let now = part.clock.now();
-        match g.slot(fp) {
+        let now = parts[i].clock.now();
+        let (slot, q) = g.slot_and_extra(fp);
+        let algo = q.algo(fp);
+        match slot {
             Some(slot) => {
-                slot.state = part.algo.adjust(slot.state, now, deltas[i], charged_at[i]);
+                slot.state = algo.adjust(slot.state, now, deltas[i], charged_at[i]);
                 slot.seen = second_of(now);
             }
             None => {
-                let next = part.algo.adjust(0, now, deltas[i], charged_at[i]);
-                if !part.algo.is_fresh(next, now) {
-                    if !g.reserve(now, &|s| part.algo.is_fresh(s, now)) {
+                let next = algo.adjust(0, now, deltas[i], charged_at[i]);
+                if !algo.is_fresh(next, now) {
+                    if !g.reserve(now, &|q, s| q.algo_of(s).is_fresh(s.state, now)) {
                         g.force_reserve();
                     }
                     g.insert_reserved(fp, next, now);
@@ -252,7 +513,8 @@ impl Concurrency {
                 "lease_ttl must be a finite number of seconds above 0, got {lease_ttl_secs}"
             )));
         }
-        let shards = (0..crate::store::SHARDS).map(|_| CachePadded::new(Mutex::new(FingerprintMap::default()))).collect();
+        let shards =
+            (0..crate::store::SHARDS).map(|_| CachePadded::new(Mutex::new(FingerprintMap::default()))).collect();
         Ok(Concurrency {
             max,
             lease_ttl_ns: crate::clock::secs_to_ns(lease_ttl_secs).max(1),
@@ -307,7 +569,11 @@ impl Concurrency {
     /// `also` runs (and may charge other limiters) only when a lease is free, and the
     /// lease is taken only if it returns true. Returns the lease id, the concurrency
     /// decision and what `also` returned (None if it did not run).
-    pub fn acquire_if<R>(&self, fp: &Fingerprint, also: impl FnOnce() -> (bool, R)) -> (Option<u64>, Decision, Option<R>) {
+    pub fn acquire_if<R>(
+        &self,
+        fp: &Fingerprint,
+        also: impl FnOnce() -> (bool, R),
+    ) -> (Option<u64>, Decision, Option<R>) {
         let now = self.clock.now();
         let mut map = self.shard(fp).lock();
         let leases = map.entry(*fp).or_default();
@@ -343,7 +609,9 @@ impl Concurrency {
         let now = self.clock.now();
         let found = {
             let mut map = self.shard(fp).lock();
-            let Some(leases) = map.get_mut(fp) else { return false };
+            let Some(leases) = map.get_mut(fp) else {
+                return false;
+            };
             let found = leases.iter().any(|l| l.0 == id && l.1 > now);
             leases.retain(|l| l.0 != id);
             let live = leases.iter().any(|l| l.1 > now);
@@ -588,5 +856,117 @@ mod tests {
             .collect();
         let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(admitted, 1000);
+    }
+
+    #[test]
+    fn set_quota_keeps_usage_and_is_per_key() {
+        let clock = ManualClock::new(0);
+        let tb = token_bucket("10/s", 10, &clock);
+        assert!(tb.hit(&fp("a"), 8).allowed);
+        assert!(tb.hit(&fp("b"), 8).allowed);
+        // Shrinking: "a" has used 8 units, the new burst is 5: denied until 3 refilled+.
+        let small = Algorithm::TokenBucket(Gcra::new(Rate::parse("1/s").unwrap(), 5).unwrap());
+        tb.set_quota(&fp("a"), small.clone()).unwrap();
+        let d = tb.peek(&fp("a"), 1);
+        assert!(!d.allowed);
+        assert_eq!(d.limit, 5);
+        assert_eq!(d.retry_after, Some(4 * NANOS), "8 used of 5: 4 units must drain at 1/s");
+        // "b" is untouched.
+        assert_eq!(tb.peek(&fp("b"), 0).remaining, 2);
+        let (own, is_own) = tb.quota_of(&fp("a"));
+        assert_eq!((own.limit(), own.rate(), is_own), (small.limit(), small.rate(), true));
+        // Growing back: 8 used of 10 again.
+        assert!(tb.clear_quota(&fp("a")));
+        assert!(!tb.clear_quota(&fp("a")));
+        assert_eq!(tb.peek(&fp("a"), 0).remaining, 2);
+        // A key with its own quota before its first call starts fresh under it.
+        let big = Algorithm::TokenBucket(Gcra::new(Rate::parse("100/s").unwrap(), 100).unwrap());
+        tb.set_quota(&fp("new"), big).unwrap();
+        assert_eq!(tb.hit(&fp("new"), 50).remaining, 50);
+        assert_eq!(tb.stats().overrides, 1);
+        // Another algorithm is refused.
+        let fixed = Algorithm::FixedWindow(FixedWindow::new(Rate::parse("5/s").unwrap()).unwrap());
+        assert!(tb.set_quota(&fp("a"), fixed.clone()).is_err());
+        assert!(tb.set_default(fixed).is_err());
+    }
+
+    #[test]
+    fn set_default_converts_every_key_without_its_own_quota() {
+        let clock = ManualClock::new(0);
+        let tb = token_bucket("10/minute", 10, &clock);
+        for i in 0..1000 {
+            tb.hit(&fp(&i.to_string()), 4);
+        }
+        let own = Algorithm::TokenBucket(Gcra::new(Rate::parse("1/minute").unwrap(), 100).unwrap());
+        tb.set_quota(&fp("7"), own).unwrap();
+        tb.set_default(Algorithm::TokenBucket(Gcra::new(Rate::parse("20/minute").unwrap(), 20).unwrap())).unwrap();
+        for i in 0..1000 {
+            let d = tb.peek(&fp(&i.to_string()), 0);
+            if i == 7 {
+                assert_eq!((d.limit, d.remaining), (100, 96));
+            } else {
+                assert_eq!((d.limit, d.remaining), (20, 16), "key {i}");
+            }
+        }
+        // Fresh keys get the new default.
+        assert_eq!(tb.hit(&fp("fresh"), 1).remaining, 19);
+        // The ttl grows with a quota that takes longer to refill.
+        tb.set_default(Algorithm::TokenBucket(Gcra::new(Rate::parse("1/day").unwrap(), 1).unwrap())).unwrap();
+        assert_eq!(tb.ttl_ns(), 86_400 * NANOS);
+    }
+
+    #[test]
+    fn window_quotas_carry_the_current_count() {
+        let clock = ManualClock::new(0);
+        let algo = Algorithm::FixedWindow(FixedWindow::new(Rate::parse("10/minute").unwrap()).unwrap());
+        let l = Limiter::new(algo, Clock::Manual(clock.clone()), 3600.0, None).unwrap();
+        clock.advance(10 * NANOS);
+        assert!(l.hit(&fp("k"), 6).allowed);
+        let same_period = Algorithm::FixedWindow(FixedWindow::new(Rate::parse("5/minute").unwrap()).unwrap());
+        l.set_quota(&fp("k"), same_period).unwrap();
+        assert!(!l.peek(&fp("k"), 1).allowed, "6 used of 5");
+        let hourly = Algorithm::FixedWindow(FixedWindow::new(Rate::parse("100/hour").unwrap()).unwrap());
+        l.set_quota(&fp("k"), hourly).unwrap();
+        assert_eq!(l.peek(&fp("k"), 0).remaining, 94);
+        let sliding =
+            |r: &str| Algorithm::SlidingWindow(crate::algorithms::SlidingWindow::new(Rate::parse(r).unwrap()).unwrap());
+        let sw = Limiter::new(sliding("10/minute"), Clock::Manual(clock.clone()), 3600.0, None).unwrap();
+        assert!(sw.hit(&fp("k"), 6).allowed);
+        clock.advance(60 * NANOS); // 6 now in the previous window, weighted by 5/6 (50 s left of 60)
+        sw.set_quota(&fp("k"), sliding("10/hour")).unwrap();
+        assert_eq!(sw.peek(&fp("k"), 0).remaining, 5, "ceil(6 * 50/60) = 5 used");
+    }
+
+    #[test]
+    fn shadow_mode_admits_and_counts() {
+        let clock = ManualClock::new(0);
+        let tb = token_bucket("2/minute", 2, &clock);
+        tb.set_shadow(true);
+        let mut shadowed = 0;
+        for _ in 0..5 {
+            let (d, s) = tb.check(&fp("a"), 1);
+            assert!(d.allowed);
+            shadowed += s as u32;
+        }
+        assert_eq!(shadowed, 3);
+        let st = tb.stats();
+        assert_eq!((st.counters.allowed, st.counters.denied, st.counters.shadow_denied), (2, 3, 3));
+        assert_eq!(st.counters.near_limit, 1, "0 of 2 left is near the limit, 1 of 2 is not");
+        tb.set_shadow(false);
+        assert!(!tb.hit(&fp("a"), 1).allowed);
+    }
+
+    #[test]
+    fn top_lists_the_most_used_keys() {
+        let clock = ManualClock::new(0);
+        let tb = token_bucket("100/day", 100, &clock);
+        for i in 1..=50u64 {
+            tb.hit(&fp(&i.to_string()), i);
+        }
+        let top = tb.top(3);
+        assert_eq!(top.iter().map(|t| t.1).collect::<Vec<_>>(), vec![50, 49, 48]);
+        assert_eq!(top[0].0, fp("50"));
+        assert!(tb.top(0).is_empty());
+        assert_eq!(tb.top(100).len(), 50);
     }
 }

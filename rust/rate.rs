@@ -33,14 +33,10 @@ impl Rate {
             return Err(Error::InvalidRate("rate count must be at least 1, got 0".into()));
         }
         if count > MAX_COUNT {
-            return Err(Error::InvalidRate(format!(
-                "rate count {count} is too large (at most {MAX_COUNT})"
-            )));
+            return Err(Error::InvalidRate(format!("rate count {count} is too large (at most {MAX_COUNT})")));
         }
         if period_ns < MIN_PERIOD_NS {
-            return Err(Error::InvalidRate(format!(
-                "rate period must be at least 1 microsecond, got {period_ns} ns"
-            )));
+            return Err(Error::InvalidRate(format!("rate period must be at least 1 microsecond, got {period_ns} ns")));
         }
         if period_ns > MAX_PERIOD_NS {
             return Err(Error::InvalidRate(format!(
@@ -60,9 +56,7 @@ impl Rate {
         }
         let ns = period * NANOS as f64;
         if ns > MAX_PERIOD_NS as f64 {
-            return Err(Error::InvalidRate(format!(
-                "rate period {period} s is too long (at most 100 years)"
-            )));
+            return Err(Error::InvalidRate(format!("rate period {period} s is too long (at most 100 years)")));
         }
         Rate::new(count, ns.round() as u64)
     }
@@ -92,9 +86,8 @@ impl Rate {
         }
         let count: u64 = count_part.parse().map_err(|_| bad("the count is too large"))?;
         let period_part = period_part.trim();
-        let split = period_part
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| bad("missing period unit"))?;
+        let split =
+            period_part.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| bad("missing period unit"))?;
         let (mult_text, unit_text) = period_part.split_at(split);
         let unit_text = unit_text.trim();
         let multiplier: f64 = if mult_text.is_empty() {
@@ -105,11 +98,8 @@ impl Rate {
         if multiplier.is_nan() || multiplier <= 0.0 || !multiplier.is_finite() {
             return Err(bad("the period multiplier must be above 0"));
         }
-        let unit_ns = UNITS
-            .iter()
-            .find(|(names, _)| names.contains(&unit_text))
-            .map(|(_, ns)| *ns)
-            .ok_or_else(|| {
+        let unit_ns =
+            UNITS.iter().find(|(names, _)| names.contains(&unit_text)).map(|(_, ns)| *ns).ok_or_else(|| {
                 if unit_text.starts_with("month") || unit_text.starts_with("year") {
                     bad("months and years have no fixed length; use days, e.g. \"1000/30d\"")
                 } else {

@@ -125,16 +125,22 @@ class Reservation:
 
     def settle(self, actual_tokens: int) -> bool:
         """Charge the actual token count instead of the estimate. True if applied."""
-        delta = self._check_actual(actual_tokens) - self.estimate
+        actual = self._check_actual(actual_tokens)
         if not self._take():
             return False
-        return bool(self._backend._settle(self.key, delta, 0, self._charged_at, self._lease))
+        done = bool(self._backend._settle(self.key, actual - self.estimate, 0, self._charged_at, self._lease))
+        if done:
+            self._backend._tally(0, actual, 0)
+        return done
 
     def cancel(self) -> bool:
         """Refund the request and all its estimated tokens. True if applied."""
         if not self._take():
             return False
-        return bool(self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+        done = bool(self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+        if done:
+            self._backend._tally(0, 0, self.estimate)
+        return done
 
     def headers(self) -> Dict[str, str]:
         """OpenAI-style rate-limit headers for this reservation's key, as the limits stand
@@ -161,15 +167,21 @@ class AsyncReservation(Reservation):
     __slots__ = ()
 
     async def settle(self, actual_tokens: int) -> bool:  # type: ignore[override]
-        delta = self._check_actual(actual_tokens) - self.estimate
+        actual = self._check_actual(actual_tokens)
         if not self._take():
             return False
-        return bool(await self._backend._settle(self.key, delta, 0, self._charged_at, self._lease))
+        done = bool(await self._backend._settle(self.key, actual - self.estimate, 0, self._charged_at, self._lease))
+        if done:
+            self._backend._tally(0, actual, 0)
+        return done
 
     async def cancel(self) -> bool:  # type: ignore[override]
         if not self._take():
             return False
-        return bool(await self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+        done = bool(await self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+        if done:
+            self._backend._tally(0, 0, self.estimate)
+        return done
 
 
 class TokenLimiter(_core.TokenLimiter):
@@ -187,7 +199,10 @@ class TokenLimiter(_core.TokenLimiter):
 
     def reserve(self, key: Key, tokens: int) -> Reservation:
         """Reserve one request and ``tokens`` tokens for ``key``; see :class:`Reservation`."""
-        return Reservation(self, key, tokens, self._reserve(key, tokens))
+        reservation = Reservation(self, key, tokens, self._reserve(key, tokens))
+        if reservation.allowed:
+            self._tally(tokens, 0, 0)
+        return reservation
 
     def _expired(self, charged_at: int) -> bool:
         return bool(self._now() > charged_at + round(self.lease_ttl * 1e9))

@@ -38,7 +38,7 @@ impl FixedWindow {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
         let window = now / self.period_ns;
         let rest = self.period_ns - (now - window * self.period_ns);
@@ -85,6 +85,17 @@ impl FixedWindow {
             return state;
         }
         pack(window, count.saturating_sub(delta.unsigned_abs()))
+    }
+
+    /// The state under the quota `to` (see `Algorithm::convert`).
+    pub fn convert(&self, to: &FixedWindow, state: State, now: u64) -> State {
+        if to.period_ns == self.period_ns {
+            return state;
+        }
+        match self.used(state, now / self.period_ns) {
+            0 => 0,
+            used => pack(now / to.period_ns, used),
+        }
     }
 
     #[inline]

@@ -57,7 +57,7 @@ impl Gcra {
         clamp_ns(div_ceil(ticks, self.count as u128))
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn step(&self, tat: State, now: u64, cost: u64, shaping: bool) -> (State, Decision) {
         let now_t = self.ticks(now);
         let base = if tat > now_t { tat } else { now_t };
@@ -104,6 +104,19 @@ impl Gcra {
         } else {
             tat.saturating_sub(units).max(now_t)
         }
+    }
+
+    /// The state with the same backlog of units under the quota `to` (see
+    /// `Algorithm::convert`). The backlog is rounded up to a whole tick.
+    pub fn convert(&self, to: &Gcra, tat: State, now: u64) -> State {
+        let now_t = self.ticks(now);
+        if tat <= now_t {
+            return 0;
+        }
+        // units = backlog / period; the new backlog is units * to.period.
+        let backlog = (tat - now_t).checked_mul(to.period_ns as u128).map(|b| div_ceil(b, self.period_ns as u128));
+        let cap = to.tau.saturating_mul(2);
+        to.ticks(now).saturating_add(backlog.unwrap_or(cap).min(cap.max(1)))
     }
 
     #[inline]

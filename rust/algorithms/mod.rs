@@ -54,7 +54,7 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Decides a call of `cost` units at `now`.
-    #[inline]
+    #[inline(always)]
     pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
         match self {
             Algorithm::TokenBucket(g) => g.step(state, now, cost, false),
@@ -91,6 +91,43 @@ impl Algorithm {
             Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.time_to_fresh(),
             Algorithm::FixedWindow(w) => w.time_to_fresh(),
             Algorithm::SlidingWindow(w) => w.time_to_fresh(),
+        }
+    }
+
+    /// The quota as a rate: count (burst aside) per period.
+    pub fn rate(&self) -> crate::rate::Rate {
+        let (count, period_ns) = match self {
+            Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => (g.count, g.period_ns),
+            Algorithm::FixedWindow(w) => (w.limit, w.period_ns),
+            Algorithm::SlidingWindow(w) => (w.limit, w.period_ns),
+        };
+        crate::rate::Rate { count, period_ns }
+    }
+
+    /// The algorithm's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Algorithm::TokenBucket(_) => "token bucket",
+            Algorithm::LeakyBucket(_) => "leaky bucket",
+            Algorithm::FixedWindow(_) => "fixed window",
+            Algorithm::SlidingWindow(_) => "sliding window",
+        }
+    }
+
+    /// Re-expresses a key's state under another quota of the same algorithm, keeping the
+    /// units it has used: the same backlog of units for a bucket (drained at the new
+    /// rate from now on), the same count in the current window for a window with the
+    /// same period, and the units used in the last period, put in the current window,
+    /// for a window whose period changes. A key that used more than the new limit is
+    /// denied until it is back under it; a larger limit gives the extra room at once.
+    /// Different algorithms keep the state unchanged (callers refuse that case).
+    pub fn convert(&self, to: &Algorithm, state: State, now: u64) -> State {
+        match (self, to) {
+            (Algorithm::TokenBucket(a), Algorithm::TokenBucket(b))
+            | (Algorithm::LeakyBucket(a), Algorithm::LeakyBucket(b)) => a.convert(b, state, now),
+            (Algorithm::FixedWindow(a), Algorithm::FixedWindow(b)) => a.convert(b, state, now),
+            (Algorithm::SlidingWindow(a), Algorithm::SlidingWindow(b)) => a.convert(b, state, now),
+            _ => state,
         }
     }
 

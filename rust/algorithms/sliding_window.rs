@@ -23,6 +23,10 @@ const COUNT_MASK: u128 = (1 << COUNT_BITS) - 1;
 const WINDOW_MASK: u64 = (1 << 48) - 1;
 pub const MAX_LIMIT: u64 = (1 << COUNT_BITS) - 1;
 
+fn div_ceil_u128(a: u128, b: u128) -> u128 {
+    a.div_ceil(b)
+}
+
 #[derive(Clone, Debug)]
 pub struct SlidingWindow {
     pub limit: u64,
@@ -58,7 +62,7 @@ impl SlidingWindow {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
         let p = self.period_ns as u128;
         let l = self.limit as u128;
@@ -134,6 +138,23 @@ impl SlidingWindow {
         } else {
             state
         }
+    }
+
+    /// The state under the quota `to` (see `Algorithm::convert`): with another period,
+    /// the estimate of the units used in the last period goes into the current window.
+    pub fn convert(&self, to: &SlidingWindow, state: State, now: u64) -> State {
+        if to.period_ns == self.period_ns {
+            return state;
+        }
+        let p = self.period_ns as u128;
+        let window = now / self.period_ns;
+        let rest = self.period_ns - (now - window * self.period_ns);
+        let (prev, cur) = self.counts(state, window);
+        let used = div_ceil_u128(prev as u128 * rest as u128 + cur as u128 * p, p).min(MAX_LIMIT as u128) as u64;
+        if used == 0 {
+            return 0;
+        }
+        pack(now / to.period_ns, 0, used)
     }
 
     #[inline]

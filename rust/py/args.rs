@@ -94,3 +94,11 @@ pub fn max_keys(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
         Some(v) => Ok(Some(count("max_keys", v)? as usize)),
     }
 }
+
+/// A flag: `True` or `False` only.
+pub fn flag(name: &str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+    match value.cast::<PyBool>() {
+        Ok(b) => Ok(b.is_true()),
+        Err(_) => Err(wrong_type(name, "True or False", value)),
+    }
+}

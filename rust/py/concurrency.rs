@@ -57,7 +57,11 @@ impl Concurrency {
 impl Concurrency {
     #[new]
     #[pyo3(signature = (limit, lease_ttl=None, clock=None))]
-    fn new(limit: &Bound<'_, PyAny>, lease_ttl: Option<&Bound<'_, PyAny>>, clock: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        limit: &Bound<'_, PyAny>,
+        lease_ttl: Option<&Bound<'_, PyAny>>,
+        clock: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let limit = args::count("limit", limit)?;
         let lease_ttl = match lease_ttl {
             Some(v) => args::seconds("lease_ttl", v)?,

@@ -10,46 +10,90 @@ use crate::algorithms::{Algorithm, FixedWindow as Fixed, Gcra, SlidingWindow as 
 use crate::clock::{ns_to_secs, Clock};
 use crate::limiter::{composite_check, composite_hit, Limiter};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyTuple};
 use std::sync::Arc;
+
+/// Builds a limiter's algorithm from a rate and an optional burst/capacity.
+type Make = fn(crate::rate::Rate, Option<u64>) -> crate::error::Result<Algorithm>;
 
 /// What every rate limiter class holds.
 pub struct Shared {
     pub inner: Arc<Limiter>,
-    rate: crate::rate::Rate,
+    make: Make,
     clock: Option<Py<ManualClock>>,
 }
 
+/// The `logging` logger shadow-mode denials are reported to.
+static SHADOW_LOGGER: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+
+#[cold]
+fn log_shadow(key: &Bound<'_, PyAny>, slf: &Limiter, d: &crate::algorithms::Decision) {
+    let py = key.py();
+    let logger = SHADOW_LOGGER.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        Ok(py.import("logging")?.call_method1("getLogger", ("nexus_limits.shadow",))?.unbind())
+    });
+    if let Ok(logger) = logger {
+        let algo = slf.quota_of(&args::key_fp(key).unwrap_or(crate::key::Fingerprint([0; 3]))).0;
+        let _ = logger.bind(py).call_method1(
+            "info",
+            (
+                "shadow mode: %s %s would deny key %r (remaining %d of %d, retry after %.3fs)",
+                algo.name(),
+                algo.rate().to_string(),
+                key,
+                d.remaining,
+                d.limit,
+                d.retry_after.map_or(f64::INFINITY, ns_to_secs),
+            ),
+        );
+    }
+}
+
+fn fp_hex(fp: &crate::key::Fingerprint) -> String {
+    format!("{:08x}{:08x}{:08x}", fp.0[0], fp.0[1], fp.0[2])
+}
+
 impl Shared {
-    fn build(
-        rate: crate::rate::Rate,
-        algo: Algorithm,
-        ttl: Option<&Bound<'_, PyAny>>,
-        clock: Option<&Bound<'_, PyAny>>,
-        max_keys: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Shared> {
-        let ttl = match ttl {
+    fn build(rate: crate::rate::Rate, burst: Option<u64>, make: Make, opts: Options<'_, '_>) -> PyResult<Shared> {
+        let ttl = match opts.ttl {
             Some(v) => args::seconds("ttl", v)?,
             None => 3600.0,
         };
-        let (core_clock, clock) = args::clock(clock)?;
-        let max_keys = args::max_keys(max_keys)?;
-        let inner = Limiter::new(algo, core_clock, ttl, max_keys)?;
-        Ok(Shared { inner: Arc::new(inner), rate, clock })
+        let (core_clock, clock) = args::clock(opts.clock)?;
+        let max_keys = args::max_keys(opts.max_keys)?;
+        let inner = Limiter::new(make(rate, burst)?, core_clock, ttl, max_keys)?;
+        if let Some(shadow) = opts.shadow {
+            inner.set_shadow(args::flag("shadow", shadow)?);
+        }
+        Ok(Shared { inner: Arc::new(inner), make, clock })
+    }
+
+    #[inline]
+    fn check(
+        &self,
+        key: &Bound<'_, PyAny>,
+        cost: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(crate::algorithms::Decision, bool)> {
+        let fp = args::key_fp(key)?;
+        let cost = args::cost(cost)?;
+        let (d, shadowed) = self.inner.check(&fp, cost);
+        if shadowed {
+            log_shadow(key, &self.inner, &d);
+        }
+        Ok((d, shadowed))
     }
 
     #[inline]
     fn hit(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
-        let fp = args::key_fp(key)?;
-        let cost = args::cost(cost)?;
-        Ok(Decision::from_core(self.inner.hit(&fp, cost)))
+        let (d, shadowed) = self.check(key, cost)?;
+        let mut out = Decision::from_core(d);
+        out.shadow = shadowed;
+        Ok(out)
     }
 
     #[inline]
     fn try_acquire(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-        let fp = args::key_fp(key)?;
-        let cost = args::cost(cost)?;
-        Ok(self.inner.hit(&fp, cost).allowed)
+        Ok(self.check(key, cost)?.0.allowed)
     }
 
     fn peek(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
@@ -77,14 +121,138 @@ impl Shared {
         self.clock.as_ref().map(|c| c.clone_ref(py))
     }
 
+    fn quota(&self, rate: &Bound<'_, PyAny>, burst: Option<&Bound<'_, PyAny>>) -> PyResult<Algorithm> {
+        let r = args::rate(rate)?;
+        let burst = match burst {
+            Some(b) if !b.is_none() => Some(args::count("burst", b)?),
+            _ => None,
+        };
+        Ok((self.make)(r, burst)?)
+    }
+
+    fn set_quota(
+        &self,
+        key: &Bound<'_, PyAny>,
+        rate: &Bound<'_, PyAny>,
+        burst: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fp = args::key_fp(key)?;
+        let algo = self.quota(rate, burst)?;
+        Ok(self.inner.set_quota(&fp, algo)?)
+    }
+
+    fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.inner.clear_quota(&args::key_fp(key)?))
+    }
+
+    fn set_default_quota(
+        &self,
+        py: Python<'_>,
+        rate: &Bound<'_, PyAny>,
+        burst: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let algo = self.quota(rate, burst)?;
+        let inner = Arc::clone(&self.inner);
+        Ok(py.detach(move || inner.set_default(algo))?)
+    }
+
+    fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        inspect_dict(key, &self.inner)
+    }
+
+    fn top_keys<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        keys: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let mut names = crate::key::FingerprintMap::<Bound<'py, PyAny>>::default();
+        if let Some(keys) = keys.filter(|k| !k.is_none()) {
+            let iter = keys.try_iter().map_err(|_| wrong_type("keys", "an iterable of keys", keys))?;
+            for k in iter {
+                let k = k?;
+                names.insert(args::key_fp(&k)?, k);
+            }
+        }
+        let inner = Arc::clone(&self.inner);
+        let top = py.detach(move || inner.top(n));
+        top.into_iter()
+            .map(|(fp, used, limit)| {
+                let out = PyDict::new(py);
+                match names.get(&fp) {
+                    Some(k) => out.set_item("key", k)?,
+                    None => out.set_item("key", py.None())?,
+                }
+                out.set_item("id", fp_hex(&fp))?;
+                out.set_item("used", used)?;
+                out.set_item("limit", limit)?;
+                Ok(out)
+            })
+            .collect()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        stats_dict(py, &self.inner)
+    }
+
     fn repr(&self, slf: &Bound<'_, PyAny>, extra: &str) -> String {
         let name = slf.get_type().qualname().map(|n| n.to_string()).unwrap_or_default();
         let max_keys = match self.inner.store.max_keys() {
             Some(n) => format!(", max_keys={n}"),
             None => String::new(),
         };
-        format!("{name}('{}'{extra}, ttl={:?}{max_keys})", self.rate, ns_to_secs(self.inner.ttl_ns()))
+        let shadow = if self.inner.shadow() { ", shadow=True" } else { "" };
+        format!(
+            "{name}('{}'{extra}, ttl={:?}{max_keys}{shadow})",
+            self.inner.algo().rate(),
+            ns_to_secs(self.inner.ttl_ns())
+        )
     }
+}
+
+/// `stats()` of one core limiter, as a dict.
+pub fn stats_dict<'py>(py: Python<'py>, inner: &Limiter) -> PyResult<Bound<'py, PyDict>> {
+    let s = inner.stats();
+    let out = PyDict::new(py);
+    out.set_item("allowed", s.counters.allowed)?;
+    out.set_item("denied", s.counters.denied)?;
+    out.set_item("near_limit", s.counters.near_limit)?;
+    out.set_item("shadow_denied", s.counters.shadow_denied)?;
+    out.set_item("keys", s.keys)?;
+    out.set_item("evicted", s.evicted)?;
+    out.set_item("own_quotas", s.overrides)?;
+    Ok(out)
+}
+
+/// `inspect(key)` of one core limiter, as a dict.
+pub fn inspect_dict<'py>(key: &Bound<'py, PyAny>, inner: &Limiter) -> PyResult<Bound<'py, PyDict>> {
+    let py = key.py();
+    let fp = args::key_fp(key)?;
+    let (algo, own) = inner.quota_of(&fp);
+    let d = inner.peek(&fp, 1);
+    let zero = inner.peek(&fp, 0);
+    let out = PyDict::new(py);
+    out.set_item("key", key)?;
+    out.set_item("algorithm", algo.name())?;
+    out.set_item("rate", Rate(algo.rate()))?;
+    out.set_item("limit", algo.limit())?;
+    out.set_item("own_quota", own)?;
+    out.set_item("used", zero.limit.saturating_sub(zero.remaining))?;
+    out.set_item("remaining", zero.remaining)?;
+    out.set_item("allowed", d.allowed)?;
+    out.set_item("retry_after", d.retry_after.map_or(f64::INFINITY, ns_to_secs))?;
+    out.set_item("reset_after", ns_to_secs(zero.reset_after))?;
+    out.set_item("tracked", inner.store.lock(&fp).slot(&fp).is_some())?;
+    out.set_item("shadow", inner.shadow())?;
+    Ok(out)
+}
+
+/// The keyword arguments every limiter class takes.
+pub struct Options<'a, 'py> {
+    ttl: Option<&'a Bound<'py, PyAny>>,
+    clock: Option<&'a Bound<'py, PyAny>>,
+    max_keys: Option<&'a Bound<'py, PyAny>>,
+    shadow: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// Generates a limiter class: its constructor is given, the checking methods are shared.
@@ -134,15 +302,65 @@ macro_rules! rate_limiter_class {
                 self.0.inner.len()
             }
 
-            #[getter]
-            fn rate(&self) -> Rate {
-                Rate(self.0.rate)
+            /// Gives `key` its own quota from its next check on, keeping what it has
+            /// used so far (see the README, "Changing quotas at run time").
+            #[pyo3(signature = (key, rate, burst=None))]
+            fn set_quota(&self, key: &Bound<'_, PyAny>, rate: &Bound<'_, PyAny>, burst: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+                self.0.set_quota(key, rate, burst)
             }
 
-            /// The capacity: burst, window limit or queue size.
+            /// Puts `key` back on the default quota; False if it had none of its own.
+            fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+                self.0.clear_quota(key)
+            }
+
+            /// Changes the quota of every key without one of its own, keeping usage.
+            #[pyo3(signature = (rate, burst=None))]
+            fn set_default_quota(&self, py: Python<'_>, rate: &Bound<'_, PyAny>, burst: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+                self.0.set_default_quota(py, rate, burst)
+            }
+
+            /// One key's quota and usage now, for support ("why was I limited?").
+            fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+                self.0.inspect(key)
+            }
+
+            /// The `n` keys using the largest share of their limit now. Keys are
+            /// stored as fingerprints: pass the candidate `keys` to get names back.
+            #[pyo3(signature = (n=10, keys=None))]
+            fn top_keys<'py>(&self, py: Python<'py>, n: usize, keys: Option<&Bound<'py, PyAny>>) -> PyResult<Vec<Bound<'py, pyo3::types::PyDict>>> {
+                self.0.top_keys(py, n, keys)
+            }
+
+            /// Counters since construction: allowed, denied, near_limit,
+            /// shadow_denied; keys, evicted, own_quotas.
+            fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+                self.0.stats(py)
+            }
+
+            /// In shadow mode the limiter decides and counts, logs what it would deny
+            /// (logger `nexus_limits.shadow`), and never denies.
+            #[getter]
+            fn shadow(&self) -> bool {
+                self.0.inner.shadow()
+            }
+
+            #[setter]
+            fn set_shadow(&self, on: &Bound<'_, PyAny>) -> PyResult<()> {
+                self.0.inner.set_shadow(args::flag("shadow", on)?);
+                Ok(())
+            }
+
+            /// The default rate (keys may have their own; see `set_quota`).
+            #[getter]
+            fn rate(&self) -> Rate {
+                Rate(self.0.inner.algo().rate())
+            }
+
+            /// The default capacity: burst, window limit or queue size.
             #[getter(limit)]
             fn limit_value(&self) -> u64 {
-                self.0.inner.algo.limit()
+                self.0.inner.algo().limit()
             }
 
             /// Idle seconds after which a key is evicted (raised to the time a key
@@ -178,40 +396,71 @@ fn optional_count(name: &str, value: Option<&Bound<'_, PyAny>>, default: u64) ->
     }
 }
 
-rate_limiter_class!(TokenBucket, |s| format!(", burst={}", s.0.inner.algo.limit()), {
+fn make_token_bucket(r: crate::rate::Rate, burst: Option<u64>) -> crate::error::Result<Algorithm> {
+    Ok(Algorithm::TokenBucket(Gcra::new(r, burst.unwrap_or(r.count))?))
+}
+
+fn make_leaky_bucket(r: crate::rate::Rate, capacity: Option<u64>) -> crate::error::Result<Algorithm> {
+    Ok(Algorithm::LeakyBucket(Gcra::new(r, capacity.unwrap_or(r.count))?))
+}
+
+fn no_burst(name: &str, burst: Option<u64>) -> crate::error::Result<()> {
+    match burst {
+        Some(_) => {
+            Err(crate::error::Error::InvalidArgument(format!("a {name} has no burst: its limit is the rate's count")))
+        }
+        None => Ok(()),
+    }
+}
+
+fn make_fixed_window(r: crate::rate::Rate, burst: Option<u64>) -> crate::error::Result<Algorithm> {
+    no_burst("fixed window", burst)?;
+    Ok(Algorithm::FixedWindow(Fixed::new(r)?))
+}
+
+fn make_sliding_window(r: crate::rate::Rate, burst: Option<u64>) -> crate::error::Result<Algorithm> {
+    no_burst("sliding window", burst)?;
+    Ok(Algorithm::SlidingWindow(Sliding::new(r)?))
+}
+
+rate_limiter_class!(TokenBucket, |s| format!(", burst={}", s.0.inner.algo().limit()), {
     /// A token bucket holding `burst` tokens (default: the rate's count), refilled
     /// continuously at `rate`. A new key starts full.
     #[new]
-    #[pyo3(signature = (rate, burst=None, ttl=None, clock=None, max_keys=None))]
+    #[pyo3(signature = (rate, burst=None, ttl=None, clock=None, max_keys=None, shadow=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         burst: Option<&Bound<'_, PyAny>>,
         ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        let algo = Algorithm::TokenBucket(Gcra::new(r, optional_count("burst", burst, r.count)?)?);
-        Ok(TokenBucket(Shared::build(r, algo, ttl, clock, max_keys)?))
+        let burst = optional_count("burst", burst, r.count)?;
+        let opts = Options { ttl, clock, max_keys, shadow };
+        Ok(TokenBucket(Shared::build(r, Some(burst), make_token_bucket, opts)?))
     }
 });
 
-rate_limiter_class!(LeakyBucket, |s| format!(", capacity={}", s.0.inner.algo.limit()), {
+rate_limiter_class!(LeakyBucket, |s| format!(", capacity={}", s.0.inner.algo().limit()), {
     /// A leaky bucket as a queue: admits while `capacity` has room for the cost and
     /// tells each admitted call how long to wait (`Decision.delay`) so that admitted
     /// work leaves at `rate`.
     #[new]
-    #[pyo3(signature = (rate, capacity=None, ttl=None, clock=None, max_keys=None))]
+    #[pyo3(signature = (rate, capacity=None, ttl=None, clock=None, max_keys=None, shadow=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         capacity: Option<&Bound<'_, PyAny>>,
         ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        let algo = Algorithm::LeakyBucket(Gcra::new(r, optional_count("capacity", capacity, r.count)?)?);
-        Ok(LeakyBucket(Shared::build(r, algo, ttl, clock, max_keys)?))
+        let capacity = optional_count("capacity", capacity, r.count)?;
+        let opts = Options { ttl, clock, max_keys, shadow };
+        Ok(LeakyBucket(Shared::build(r, Some(capacity), make_leaky_bucket, opts)?))
     }
 });
 
@@ -219,15 +468,17 @@ rate_limiter_class!(FixedWindow, |_| String::new(), {
     /// At most the rate's count per window; windows are aligned to multiples of the
     /// period on the limiter's clock.
     #[new]
-    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None))]
+    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        Ok(FixedWindow(Shared::build(r, Algorithm::FixedWindow(Fixed::new(r)?), ttl, clock, max_keys)?))
+        let opts = Options { ttl, clock, max_keys, shadow };
+        Ok(FixedWindow(Shared::build(r, None, make_fixed_window, opts)?))
     }
 });
 
@@ -235,15 +486,17 @@ rate_limiter_class!(SlidingWindow, |_| String::new(), {
     /// The two-window weighted counter: estimate = previous * (1 - elapsed/period)
     /// + current must stay within the rate's count.
     #[new]
-    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None))]
+    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        Ok(SlidingWindow(Shared::build(r, Algorithm::SlidingWindow(Sliding::new(r)?), ttl, clock, max_keys)?))
+        let opts = Options { ttl, clock, max_keys, shadow };
+        Ok(SlidingWindow(Shared::build(r, None, make_sliding_window, opts)?))
     }
 });
 
@@ -269,11 +522,7 @@ fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Parts> {
         let c = x.get();
         return Ok((c.parts.clone(), c.clock.as_ref().map(|k| k.clone_ref(py))));
     }
-    Err(wrong_type(
-        "each Composite part",
-        "a TokenBucket, SlidingWindow, FixedWindow, LeakyBucket or Composite",
-        obj,
-    ))
+    Err(wrong_type("each Composite part", "a TokenBucket, SlidingWindow, FixedWindow, LeakyBucket or Composite", obj))
 }
 
 /// Several limiters on one key, all or nothing: a call is admitted only if every
@@ -289,7 +538,12 @@ pub struct Composite {
 
 impl Composite {
     #[inline]
-    fn check(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>, charge: bool) -> PyResult<crate::algorithms::Decision> {
+    fn check(
+        &self,
+        key: &Bound<'_, PyAny>,
+        cost: Option<&Bound<'_, PyAny>>,
+        charge: bool,
+    ) -> PyResult<crate::algorithms::Decision> {
         let fp = args::key_fp(key)?;
         let cost = args::cost(cost)?;
         let costs = [cost; 64];

@@ -22,13 +22,15 @@ pub struct TokenLimiter {
     order: Vec<usize>,
     /// For requests, tokens, daily tokens: the index in `parts`, if that limit is set.
     slot: [Option<usize>; 3],
-    rates: [Option<crate::rate::Rate>; 3],
     concurrency: Option<Arc<limiter::Concurrency>>,
     clock: Option<Py<ManualClock>>,
     lease_ttl_ns: u64,
+    /// Tokens reserved (admitted estimates), settled (actual counts) and refunded (cancelled estimates).
+    tally: [std::sync::atomic::AtomicU64; 3],
 }
 
-type Reserved = (bool, Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>, Option<u64>, u64);
+type Reserved =
+    (bool, Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>, Option<u64>, u64);
 
 fn given<'a, 'py>(v: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py, PyAny>> {
     v.filter(|x| !x.is_none())
@@ -53,11 +55,47 @@ impl TokenLimiter {
         costs
     }
 
-    fn check(&self, fp: &crate::key::Fingerprint, tokens: u64, charge: bool) -> Option<(crate::algorithms::Decision, Vec<crate::algorithms::Decision>)> {
+    fn check(
+        &self,
+        fp: &crate::key::Fingerprint,
+        tokens: u64,
+        charge: bool,
+    ) -> Option<(crate::algorithms::Decision, Vec<crate::algorithms::Decision>)> {
         if self.parts.is_empty() {
             return None;
         }
         Some(composite_check(&self.parts, &self.order, fp, &self.costs(tokens), charge))
+    }
+
+    fn rate_of(&self, which: usize) -> Option<Rate> {
+        self.slot[which].map(|i| Rate(self.parts[i].algo().rate()))
+    }
+
+    /// The quota each given limit (requests, tokens, daily_tokens) changes to: its part
+    /// index and algorithm. A limit this limiter does not have is an error.
+    fn quotas(&self, given_rates: [Option<&Bound<'_, PyAny>>; 3]) -> PyResult<Vec<(usize, Algorithm)>> {
+        const NAMES: [&str; 3] = ["requests", "tokens", "daily_tokens"];
+        let mut out = Vec::new();
+        for (which, value) in given_rates.into_iter().enumerate() {
+            let Some(value) = given(value) else { continue };
+            let Some(i) = self.slot[which] else {
+                return Err(bad_value(format!("this TokenLimiter has no {} limit to change", NAMES[which])));
+            };
+            let rate = if which == DAILY { daily_rate(value)? } else { args::rate(value)? };
+            out.push((i, Algorithm::TokenBucket(Gcra::new(rate, rate.count)?)));
+        }
+        if out.is_empty() {
+            return Err(bad_value("give at least one of requests, tokens, daily_tokens"));
+        }
+        Ok(out)
+    }
+
+    fn set_shadow(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let on = args::flag("shadow", value)?;
+        for p in &self.parts {
+            p.set_shadow(on);
+        }
+        Ok(())
     }
 
     fn part_decision(&self, each: &Option<Vec<crate::algorithms::Decision>>, which: usize) -> Option<Decision> {
@@ -69,7 +107,7 @@ impl TokenLimiter {
 #[pymethods]
 impl TokenLimiter {
     #[new]
-    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None, clock=None, lease_ttl=None, ttl=None, max_keys=None))]
+    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None, clock=None, lease_ttl=None, ttl=None, max_keys=None, shadow=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         requests: Option<&Bound<'_, PyAny>>,
@@ -80,6 +118,7 @@ impl TokenLimiter {
         lease_ttl: Option<&Bound<'_, PyAny>>,
         ttl: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let (core_clock, clock) = args::clock(clock)?;
         let ttl = match ttl {
@@ -120,7 +159,11 @@ impl TokenLimiter {
         }
         let order: Vec<usize> = (0..parts.len()).collect();
         let lease_ttl_ns = crate::clock::secs_to_ns(lease_ttl).max(1);
-        Ok(TokenLimiter { parts, order, slot, rates, concurrency, clock, lease_ttl_ns })
+        let this = TokenLimiter { parts, order, slot, concurrency, clock, lease_ttl_ns, tally: Default::default() };
+        if let Some(v) = given(shadow) {
+            this.set_shadow(v)?;
+        }
+        Ok(this)
     }
 
     /// Reserves one request and `tokens` tokens for `key` against every limit at once.
@@ -131,10 +174,14 @@ impl TokenLimiter {
         if tokens.is_instance_of::<pyo3::types::PyBool>() || !tokens.is_instance_of::<PyInt>() {
             return Err(wrong_type("tokens", "a non-negative int", tokens));
         }
-        let tokens: u64 = tokens
-            .extract()
-            .map_err(|_| bad_value(format!("tokens must be a non-negative integer, got {tokens}")))?;
-        let now = self.parts.first().map(|p| p.clock.now()).or_else(|| self.concurrency.as_ref().map(|c| c.clock.now())).unwrap_or(0);
+        let tokens: u64 =
+            tokens.extract().map_err(|_| bad_value(format!("tokens must be a non-negative integer, got {tokens}")))?;
+        let now = self
+            .parts
+            .first()
+            .map(|p| p.clock.now())
+            .or_else(|| self.concurrency.as_ref().map(|c| c.clock.now()))
+            .unwrap_or(0);
         let (lease, conc, rate) = match &self.concurrency {
             Some(c) => {
                 let (id, d, ran) = c.acquire_if(&fp, || match self.check(&fp, tokens, true) {
@@ -192,6 +239,16 @@ impl TokenLimiter {
         Ok(())
     }
 
+    /// Adds to the token counters reported by `stats()`.
+    fn _tally(&self, reserved: u64, settled: u64, refunded: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (i, n) in [reserved, settled, refunded].into_iter().enumerate() {
+            if n > 0 {
+                self.tally[i].fetch_add(n, Relaxed);
+            }
+        }
+    }
+
     /// Ends the concurrency lease of a reservation; True if it was still held.
     fn _release(&self, key: &Bound<'_, PyAny>, lease: u64) -> PyResult<bool> {
         let fp = args::key_fp(key)?;
@@ -200,7 +257,11 @@ impl TokenLimiter {
 
     /// The current time of the limiter's clock, in ns.
     fn _now(&self) -> u64 {
-        self.parts.first().map(|p| p.clock.now()).or_else(|| self.concurrency.as_ref().map(|c| c.clock.now())).unwrap_or(0)
+        self.parts
+            .first()
+            .map(|p| p.clock.now())
+            .or_else(|| self.concurrency.as_ref().map(|c| c.clock.now()))
+            .unwrap_or(0)
     }
 
     /// Forgets `key` everywhere (its leases included).
@@ -221,19 +282,107 @@ impl TokenLimiter {
         py.detach(move || parts.iter().map(|p| p.sweep()).sum::<usize>() + conc.map_or(0, |c| c.sweep()))
     }
 
+    /// Gives `key` its own request, token or daily-token quota (rates as in the
+    /// constructor), keeping what it has used. Limits not given keep their quota.
+    #[pyo3(signature = (key, requests=None, tokens=None, daily_tokens=None))]
+    fn set_quota(
+        &self,
+        key: &Bound<'_, PyAny>,
+        requests: Option<&Bound<'_, PyAny>>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        daily_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fp = args::key_fp(key)?;
+        for (i, algo) in self.quotas([requests, tokens, daily_tokens])? {
+            self.parts[i].set_quota(&fp, algo)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `key` back on the default quotas; False if it had none of its own.
+    fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let fp = args::key_fp(key)?;
+        Ok(self.parts.iter().fold(false, |any, p| p.clear_quota(&fp) || any))
+    }
+
+    /// Changes the default quotas (keys with their own keep theirs), keeping usage.
+    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None))]
+    fn set_default_quota(
+        &self,
+        py: Python<'_>,
+        requests: Option<&Bound<'_, PyAny>>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        daily_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let changes = self.quotas([requests, tokens, daily_tokens])?;
+        let parts = self.parts.clone();
+        py.detach(move || changes.into_iter().try_for_each(|(i, algo)| parts[i].set_default(algo)))?;
+        Ok(())
+    }
+
+    /// Counters of each limit: {"requests": {...}, "tokens": {...}, "daily_tokens": {...}}
+    /// with the keys of `TokenBucket.stats()`; "concurrency": {"keys": ...}.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let out = pyo3::types::PyDict::new(py);
+        for (which, name) in ["requests", "tokens", "daily_tokens"].into_iter().enumerate() {
+            if let Some(i) = self.slot[which] {
+                out.set_item(name, super::limiters::stats_dict(py, &self.parts[i])?)?;
+            }
+        }
+        if let Some(c) = &self.concurrency {
+            let d = pyo3::types::PyDict::new(py);
+            d.set_item("keys", c.len())?;
+            out.set_item("concurrency", d)?;
+        }
+        for (i, name) in ["tokens_reserved", "tokens_settled", "tokens_refunded"].into_iter().enumerate() {
+            out.set_item(name, self.tally[i].load(std::sync::atomic::Ordering::Relaxed))?;
+        }
+        Ok(out)
+    }
+
+    /// Each limit's quota and usage for `key` (see `TokenBucket.inspect`).
+    fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let py = key.py();
+        let out = pyo3::types::PyDict::new(py);
+        for (which, name) in ["requests", "tokens", "daily_tokens"].into_iter().enumerate() {
+            if let Some(i) = self.slot[which] {
+                out.set_item(name, super::limiters::inspect_dict(key, &self.parts[i])?)?;
+            }
+        }
+        if let Some(c) = &self.concurrency {
+            let d = c.peek(&args::key_fp(key)?);
+            let conc = pyo3::types::PyDict::new(py);
+            conc.set_item("limit", d.limit)?;
+            conc.set_item("in_flight", d.limit - d.remaining)?;
+            out.set_item("concurrency", conc)?;
+        }
+        Ok(out)
+    }
+
+    /// Shadow mode for the request and token limits (concurrency leases stay real).
+    #[getter]
+    fn shadow(&self) -> bool {
+        self.parts.iter().any(|p| p.shadow())
+    }
+
+    #[setter(shadow)]
+    fn shadow_setter(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.set_shadow(value)
+    }
+
     #[getter]
     fn requests(&self) -> Option<Rate> {
-        self.rates[REQUESTS].map(Rate)
+        self.rate_of(REQUESTS)
     }
 
     #[getter]
     fn tokens(&self) -> Option<Rate> {
-        self.rates[TOKENS].map(Rate)
+        self.rate_of(TOKENS)
     }
 
     #[getter]
     fn daily_tokens(&self) -> Option<Rate> {
-        self.rates[DAILY].map(Rate)
+        self.rate_of(DAILY)
     }
 
     #[getter]

@@ -83,6 +83,9 @@ pub struct Decision {
     /// limiter's `on_error` policy, not a decision of the store.
     #[pyo3(get)]
     pub fallback: bool,
+    /// True when a shadow-mode limiter would have denied this call (and admitted it).
+    #[pyo3(get)]
+    pub shadow: bool,
 }
 
 impl Decision {
@@ -97,6 +100,7 @@ impl Decision {
             delay: ns_to_secs(d.delay),
             lease: None,
             fallback: false,
+            shadow: false,
         }
     }
 }
@@ -113,7 +117,7 @@ impl Decision {
     /// Builds a decision by hand (backends that decide elsewhere use this).
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (allowed, limit, remaining, reset_after, retry_after, delay=0.0, lease=None, fallback=false))]
+    #[pyo3(signature = (allowed, limit, remaining, reset_after, retry_after, delay=0.0, lease=None, fallback=false, shadow=false))]
     fn new(
         allowed: bool,
         limit: u64,
@@ -123,6 +127,7 @@ impl Decision {
         delay: f64,
         lease: Option<Py<PyAny>>,
         fallback: bool,
+        shadow: bool,
     ) -> PyResult<Self> {
         Ok(Decision {
             allowed,
@@ -133,6 +138,7 @@ impl Decision {
             delay: non_negative("delay", delay, false)?,
             lease,
             fallback,
+            shadow,
         })
     }
 
@@ -142,7 +148,7 @@ impl Decision {
 
     fn __repr__(&self) -> String {
         format!(
-            "Decision(allowed={}, limit={}, remaining={}, reset_after={:?}, retry_after={}, delay={:?}{})",
+            "Decision(allowed={}, limit={}, remaining={}, reset_after={:?}, retry_after={}, delay={:?}{}{})",
             if self.allowed { "True" } else { "False" },
             self.limit,
             self.remaining,
@@ -150,6 +156,7 @@ impl Decision {
             if self.retry_after.is_infinite() { "inf".to_string() } else { format!("{:?}", self.retry_after) },
             self.delay,
             if self.fallback { ", fallback=True" } else { "" },
+            if self.shadow { ", shadow=True" } else { "" },
         )
     }
 }

@@ -21,7 +21,7 @@ use crate::key::Fingerprint;
 use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Number of shards (a power of two).
 pub const SHARDS: usize = 64;
@@ -43,17 +43,23 @@ pub struct Slot {
     pub seen: u32,
 }
 
-pub struct Shard {
+/// One shard: its table and what the store's owner keeps per shard (`E`, e.g. the
+/// quotas and counters of a limiter), locked together.
+pub struct Shard<E> {
     table: HashTable<Slot>,
     next_sweep: u32,
+    pub extra: E,
 }
 
-pub struct Store {
-    shards: Box<[CachePadded<Mutex<Shard>>]>,
+/// Tells whether a slot is back at its fresh state, given its shard's `extra`.
+pub type Fresh<'a, E> = &'a dyn Fn(&E, &Slot) -> bool;
+
+pub struct Store<E = ()> {
+    shards: Box<[CachePadded<Mutex<Shard<E>>>]>,
     len: AtomicUsize,
     max_keys: usize,
-    ttl_secs: u32,
-    sweep_every: u32,
+    ttl_secs: AtomicU32,
+    evicted: AtomicU64,
     id: u64,
     /// When the last reclaim ran (`u64::MAX`: never) and the shard it goes on from.
     last_reclaim: AtomicU64,
@@ -71,25 +77,46 @@ pub fn second_of(now: u64) -> u32 {
     }
 }
 
-impl Store {
-    /// `ttl_ns`: idle time after which a key is evicted; `max_keys`: bound on tracked keys.
-    pub fn new(ttl_ns: u64, max_keys: Option<usize>) -> Store {
-        let ttl_secs = ttl_ns.div_ceil(NANOS).min(u32::MAX as u64) as u32;
+fn ttl_secs_of(ttl_ns: u64) -> u32 {
+    ttl_ns.div_ceil(NANOS).min(u32::MAX as u64) as u32
+}
+
+impl<E> Store<E> {
+    /// `ttl_ns`: idle time after which a key is evicted; `max_keys`: bound on tracked
+    /// keys; `extra`: makes each shard's `extra`.
+    pub fn new(ttl_ns: u64, max_keys: Option<usize>, extra: impl Fn() -> E) -> Store<E> {
         let shards = (0..SHARDS)
-            .map(|_| {
-                CachePadded::new(Mutex::new(Shard { table: HashTable::new(), next_sweep: 0 }))
-            })
+            .map(|_| CachePadded::new(Mutex::new(Shard { table: HashTable::new(), next_sweep: 0, extra: extra() })))
             .collect();
         Store {
             shards,
             len: AtomicUsize::new(0),
             max_keys: max_keys.unwrap_or(usize::MAX),
-            ttl_secs,
-            sweep_every: (ttl_secs / 4).clamp(1, 60),
+            ttl_secs: AtomicU32::new(ttl_secs_of(ttl_ns)),
+            evicted: AtomicU64::new(0),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             last_reclaim: AtomicU64::new(u64::MAX),
             reclaim_cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// Raises the idle time after which keys are evicted (never lowers it).
+    pub fn raise_ttl(&self, ttl_ns: u64) {
+        self.ttl_secs.fetch_max(ttl_secs_of(ttl_ns), Ordering::Relaxed);
+    }
+
+    fn sweep_every(&self) -> u32 {
+        (self.ttl_secs.load(Ordering::Relaxed) / 4).clamp(1, 60)
+    }
+
+    /// Keys evicted so far (idle, or reclaimed to make room).
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Locks shard `index` (0..SHARDS), e.g. to walk every shard.
+    pub fn lock_index(&self, index: usize) -> ShardGuard<'_, E> {
+        ShardGuard { shard: self.shards[index].lock(), store: self, index }
     }
 
     /// A process-unique id; composites lock the shards of several stores in id order.
@@ -112,7 +139,7 @@ impl Store {
 
     /// Locks the shard that holds `fp`.
     #[inline]
-    pub fn lock(&self, fp: &Fingerprint) -> ShardGuard<'_> {
+    pub fn lock(&self, fp: &Fingerprint) -> ShardGuard<'_, E> {
         let index = fp.shard(SHARDS);
         ShardGuard { shard: self.shards[index].lock(), store: self, index }
     }
@@ -125,7 +152,7 @@ impl Store {
 
     /// Evicts every key idle for longer than the ttl (and fresh), one shard at a time.
     /// Returns how many were evicted.
-    pub fn sweep(&self, now: u64, fresh: &dyn Fn(State) -> bool) -> usize {
+    pub fn sweep(&self, now: u64, fresh: Fresh<'_, E>) -> usize {
         let mut evicted = 0;
         for (index, shard) in self.shards.iter().enumerate() {
             let mut g = ShardGuard { shard: shard.lock(), store: self, index };
@@ -144,16 +171,14 @@ impl Store {
             self.len.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        self.len
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_keys).then_some(n + 1))
-            .is_ok()
+        self.len.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_keys).then_some(n + 1)).is_ok()
     }
 }
 
 /// A locked shard.
-pub struct ShardGuard<'a> {
-    shard: MutexGuard<'a, Shard>,
-    store: &'a Store,
+pub struct ShardGuard<'a, E> {
+    shard: MutexGuard<'a, Shard<E>>,
+    store: &'a Store<E>,
     index: usize,
 }
 
@@ -167,7 +192,38 @@ fn slot_hash(s: &Slot) -> u64 {
     Fingerprint(s.fp).table_hash()
 }
 
-impl ShardGuard<'_> {
+impl<E> ShardGuard<'_, E> {
+    /// The shard's `extra`.
+    #[inline]
+    pub fn extra(&self) -> &E {
+        &self.shard.extra
+    }
+
+    #[inline]
+    pub fn extra_mut(&mut self) -> &mut E {
+        &mut self.shard.extra
+    }
+
+    /// The key's slot and the shard's `extra`, borrowed together.
+    #[inline]
+    pub fn slot_and_extra(&mut self, fp: &Fingerprint) -> (Option<&mut Slot>, &mut E) {
+        let shard = &mut *self.shard;
+        (shard.table.find_mut(fp.table_hash(), matches(fp)), &mut shard.extra)
+    }
+
+    /// Every slot of this shard, for introspection.
+    pub fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.shard.table.iter()
+    }
+
+    /// Updates every slot of this shard in place.
+    pub fn update_all(&mut self, mut f: impl FnMut(&E, &mut Slot)) {
+        let shard = &mut *self.shard;
+        for slot in shard.table.iter_mut() {
+            f(&shard.extra, slot);
+        }
+    }
+
     /// The key's slot, if tracked.
     #[inline]
     pub fn slot(&mut self, fp: &Fingerprint) -> Option<&mut Slot> {
@@ -182,7 +238,7 @@ impl ShardGuard<'_> {
 
     /// Reserves room for one new key: sweeps the shard when its sweep is due and, when
     /// the store is full, reclaims fresh keys first. False when there is no room.
-    pub fn reserve(&mut self, now: u64, fresh: &dyn Fn(State) -> bool) -> bool {
+    pub fn reserve(&mut self, now: u64, fresh: Fresh<'_, E>) -> bool {
         if second_of(now) >= self.shard.next_sweep {
             self.sweep(now, fresh, false);
         }
@@ -196,7 +252,7 @@ impl ShardGuard<'_> {
     /// shards from a shared cursor: whole shards until about `RECLAIM_BUDGET` slots were
     /// looked at, at most once per `RECLAIM_INTERVAL_NS`. Shards locked by someone else
     /// are skipped (waiting for them while holding this one could deadlock).
-    fn reclaim(&mut self, now: u64, fresh: &dyn Fn(State) -> bool) -> usize {
+    fn reclaim(&mut self, now: u64, fresh: Fresh<'_, E>) -> usize {
         let store = self.store;
         let last = store.last_reclaim.load(Ordering::Relaxed);
         let due = last == u64::MAX || now < last || now - last >= RECLAIM_INTERVAL_NS;
@@ -246,23 +302,26 @@ impl ShardGuard<'_> {
     }
 
     /// Drops the idle (or, with `reclaim`, merely fresh) keys of this shard.
-    fn sweep(&mut self, now: u64, fresh: &dyn Fn(State) -> bool, reclaim: bool) -> usize {
+    fn sweep(&mut self, now: u64, fresh: Fresh<'_, E>, reclaim: bool) -> usize {
         let now_s = second_of(now);
-        let ttl = self.store.ttl_secs;
-        let before = self.shard.table.len();
-        self.shard.table.retain(|s| {
+        let ttl = self.store.ttl_secs.load(Ordering::Relaxed);
+        let shard = &mut *self.shard;
+        let before = shard.table.len();
+        let extra = &shard.extra;
+        shard.table.retain(|s| {
             let idle = now_s.saturating_sub(s.seen) > ttl;
-            !((reclaim || idle) && fresh(s.state))
+            !((reclaim || idle) && fresh(extra, s))
         });
         let evicted = before - self.shard.table.len();
         if evicted > 0 {
             self.store.len.fetch_sub(evicted, Ordering::Relaxed);
+            self.store.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
             // Give memory back once the table is mostly empty.
             if self.shard.table.len() * 4 < self.shard.table.capacity() {
                 self.shard.table.shrink_to_fit(slot_hash);
             }
         }
-        self.shard.next_sweep = now_s.saturating_add(self.store.sweep_every);
+        self.shard.next_sweep = now_s.saturating_add(self.store.sweep_every());
         evicted
     }
 }
@@ -278,13 +337,14 @@ mod tests {
     }
 
     fn put(store: &Store, f: &Fingerprint, state: State, now: u64, fresh: &dyn Fn(State) -> bool) -> bool {
+        let fresh = |_: &(), s: &Slot| fresh(s.state);
         let mut g = store.lock(f);
         if let Some(s) = g.slot(f) {
             s.state = state;
             s.seen = second_of(now);
             return true;
         }
-        if !g.reserve(now, fresh) {
+        if !g.reserve(now, &fresh) {
             return false;
         }
         g.insert_reserved(f, state, now);
@@ -298,7 +358,7 @@ mod tests {
 
     #[test]
     fn insert_find_remove() {
-        let store = Store::new(3600 * NANOS, None);
+        let store = Store::new(3600 * NANOS, None, || ());
         let never = |_: State| false;
         assert!(put(&store, &fp(1), 42, 0, &never));
         assert!(put(&store, &fp(2), 43, 0, &never));
@@ -312,13 +372,13 @@ mod tests {
 
     #[test]
     fn sweep_evicts_only_idle_fresh_keys() {
-        let store = Store::new(10 * NANOS, None);
+        let store = Store::new(10 * NANOS, None, || ());
         let fresh = |s: State| s < 100;
         for i in 0..1000 {
             put(&store, &fp(i), if i % 2 == 0 { 1 } else { 500 }, 0, &fresh);
         }
-        assert_eq!(store.sweep(10 * NANOS, &fresh), 0, "idle for exactly ttl is kept");
-        assert_eq!(store.sweep(11 * NANOS, &fresh), 500);
+        assert_eq!(store.sweep(10 * NANOS, &|_, s| fresh(s.state)), 0, "idle for exactly ttl is kept");
+        assert_eq!(store.sweep(11 * NANOS, &|_, s| fresh(s.state)), 500);
         assert_eq!(store.len(), 500);
         assert_eq!(store.lock(&fp(1)).state(&fp(1)), 500);
         assert_eq!(store.lock(&fp(0)).state(&fp(0)), 0);
@@ -326,7 +386,7 @@ mod tests {
 
     #[test]
     fn inserts_sweep_their_shard_when_due() {
-        let store = Store::new(4 * NANOS, None);
+        let store = Store::new(4 * NANOS, None, || ());
         let fresh = |_: State| true;
         for i in 0..10_000 {
             put(&store, &fp(i), 1, 0, &fresh);
@@ -340,7 +400,7 @@ mod tests {
 
     #[test]
     fn max_keys_refuses_new_keys_but_keeps_tracked_ones() {
-        let store = Store::new(3600 * NANOS, Some(100));
+        let store = Store::new(3600 * NANOS, Some(100), || ());
         let fresh = |s: State| s == 7;
         for i in 0..100 {
             assert!(put(&store, &fp(i), 1, 0, &fresh));
@@ -365,7 +425,7 @@ mod tests {
 
     #[test]
     fn threads_share_the_store() {
-        let store = Arc::new(Store::new(3600 * NANOS, None));
+        let store = Arc::new(Store::<()>::new(3600 * NANOS, None, || ()));
         let handles: Vec<_> = (0..4)
             .map(|t| {
                 let store = Arc::clone(&store);
@@ -376,7 +436,7 @@ mod tests {
                         match g.slot(&f) {
                             Some(s) => s.state += 1,
                             None => {
-                                assert!(g.reserve(0, &|_| false));
+                                assert!(g.reserve(0, &|_, _| false));
                                 g.insert_reserved(&f, 1, 0);
                             }
                         }

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio as _asyncio  # not "asyncio": the submodule nexus_limits.redis.asyncio takes that name
 from types import TracebackType
-from typing import Any, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import nexus_limits as nl
 
@@ -47,13 +47,19 @@ from ._common import (
     concurrency_model,
     encode_key,
     flatten,
+    inspect_dict,
     is_noscript,
+    judge,
+    key_of,
     new_lease_id,
     now_arg,
+    scan_pattern,
+    script_arguments,
     to_decision,
     to_decisions,
+    top_of,
 )
-from ._scripts import COMPOSITE, CONCURRENCY, Script
+from ._scripts import COMPOSITE, CONCURRENCY, REQUOTA, Script
 
 __all__ = [
     "Composite",
@@ -81,43 +87,41 @@ def evalsha(client: Any, script: Script, keys: Sequence[str], args: Sequence[str
         return client.evalsha(script.sha, len(keys), *keys, *args)
 
 
-def script_arguments(
-    parts: Sequence[Any], key: Key, cost: Any, mode: str, clock: Optional[ManualClock]
-) -> Tuple[List[str], List[str]]:
-    """KEYS and ARGV of limiter.lua for `parts` (one limiter, or a composite's parts)."""
-    c = str(check_cost(cost))
-    keys = [p._spec.key(key) for p in parts]
-    args = [now_arg(clock), mode]
-    for p in parts:
-        args.extend(p._spec.args)
-        args.append(c)
-    return keys, args
-
-
 class _RedisRateLimiter(RateLimiter):
     """The methods every Redis rate limiter shares."""
 
-    __slots__ = ("_client", "_parts", "_script", "_spec")
+    __slots__ = ("_client", "_fallback", "_parts", "_script", "_spec")
     _algorithm = ""
 
     def __init__(
-        self, client: Any, model: Any, prefix: str, name: Optional[str], on_error: str, clock: Optional[ManualClock]
+        self,
+        client: Any,
+        model: Any,
+        prefix: str,
+        name: Optional[str],
+        on_error: str,
+        clock: Optional[ManualClock],
+        shadow: bool = False,
     ) -> None:
         self._client = check_client(client, want_async=False)
         self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
+        self._spec.set_shadow(shadow)
         self._script = self._spec.script
-        self._parts = (self,)
+        self._fallback = self._spec.fallback
+        self._parts: Tuple[Any, ...] = (self,)
 
     def _check(self, key: Key, cost: Any, mode: str) -> Decision:
         if len(self._parts) == 1:
-            keys, args = [self._spec.key(key)], self._spec.argv(mode, cost)
+            keys, args = self._spec.keys(key), self._spec.argv(mode, cost)
         else:
             keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
             reply = evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
-            return self._spec.fallback.decision(error, self.limit)
-        return to_decision(reply)
+            return self._fallback.decision(error, self.limit)
+        if mode == "peek":
+            return to_decision(reply)
+        return judge(self, reply, key)
 
     def hit(self, key: Key, cost: int = 1) -> Decision:
         """Decide a call of ``cost`` units for ``key`` and charge it if admitted (one round trip)."""
@@ -135,12 +139,32 @@ class _RedisRateLimiter(RateLimiter):
         return d.remaining >= 1, d.remaining
 
     def reset(self, key: Key) -> None:
+        """Put ``key`` back to its fresh state (a quota of its own stays)."""
         keys = [p._spec.key(key) for p in self._parts]
         try:
             self._client.delete(*keys)
         except BACKEND_ERRORS as error:
-            if self._spec.fallback.on_error == "raise":
-                self._spec.fallback.decision(error, self.limit)
+            if self._fallback.on_error == "raise":
+                self._fallback.decision(error, self.limit)
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this limiter object (this process): allowed, denied, near_limit,
+        shadow_denied, errors (store unreachable), fail_open and fail_closed answers."""
+        return self._fallback.tally.snapshot()
+
+    def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
+        """The ``n`` keys using the largest share of their limit now, from up to ``scan``
+        of this limiter's keys found with SCAN (one pipelined peek each)."""
+        found = []
+        for redis_key in self._client.scan_iter(match=scan_pattern(self), count=1000):
+            found.append(key_of(redis_key))
+            if len(found) >= scan:
+                break
+        pipe = self._client.pipeline(transaction=False)
+        for k in found:
+            pipe.evalsha(self._script.sha, 2, *self._spec.keys(k), *self._spec.argv("peek", 0))
+        self._client.script_load(self._script.source)
+        return top_of([(k, to_decision(r)) for k, r in zip(found, pipe.execute())], n)
 
     def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Block until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at once
@@ -174,7 +198,7 @@ class _RedisRateLimiter(RateLimiter):
 
     @property
     def on_error(self) -> str:
-        return self._spec.fallback.on_error
+        return self._fallback.on_error
 
     @property
     def clock(self) -> Optional[ManualClock]:
@@ -183,6 +207,43 @@ class _RedisRateLimiter(RateLimiter):
     def redis_key(self, key: Key) -> str:
         """The Redis key holding ``key``'s state."""
         return self._spec.key(key)
+
+    @property
+    def shadow(self) -> bool:
+        """In shadow mode the limiter decides and counts, logs what it would deny (logger
+        ``nexus_limits.shadow``), and never denies."""
+        return self._spec.shadow
+
+    @shadow.setter
+    def shadow(self, on: bool) -> None:
+        self._spec.set_shadow(on)
+
+    def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
+        """Give ``key`` its own quota, for every process, from its next check on; what it
+        has used is carried over. Kept in Redis (``redis_key(key) + ":q"``) until
+        ``clear_quota``."""
+        model = self._spec.new_model(rate, burst)
+        try:
+            evalsha(self._client, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    def clear_quota(self, key: Key) -> bool:
+        """Put ``key`` back on the limiter's quota, carrying its usage over. False if it
+        had no quota of its own."""
+        try:
+            return bool(
+                evalsha(self._client, REQUOTA, self._spec.keys(key), self._spec.requota_argv("clear", self._spec.model))
+            )
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    def inspect(self, key: Key) -> Dict[str, Any]:
+        """``key``'s quota and usage now, for support ("why was I limited?")."""
+        zero, one = self.peek(key, 0), self.peek(key, 1)
+        return inspect_dict(self, key, zero, one, self._client.get(self._spec.keys(key)[1]))
 
     def __repr__(self) -> str:
         client = type(self._client).__name__
@@ -205,8 +266,9 @@ class TokenBucket(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock)
+        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock, shadow)
 
 
 class LeakyBucket(_RedisRateLimiter):
@@ -225,8 +287,9 @@ class LeakyBucket(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock)
+        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock, shadow)
 
 
 class FixedWindow(_RedisRateLimiter):
@@ -244,8 +307,9 @@ class FixedWindow(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock)
+        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow)
 
 
 class SlidingWindow(_RedisRateLimiter):
@@ -263,17 +327,19 @@ class SlidingWindow(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock)
+        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow)
 
 
 _RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
 
 
 class Composite(_RedisRateLimiter):
-    """Several Redis limiters on one key, all or nothing, in one atomic script."""
+    """Several Redis limiters on one key, all or nothing, in one atomic script. Parts in
+    shadow mode never deny the whole (the Decision then has ``shadow=True``)."""
 
-    __slots__ = ("_composite_fallback",)
+    __slots__ = ()
 
     def __init__(self, limiters: Any, *, on_error: str = "raise") -> None:
         parts = flatten(limiters, _RATE_KINDS, Composite)
@@ -282,34 +348,43 @@ class Composite(_RedisRateLimiter):
         self._script = COMPOSITE
         self._parts = tuple(parts)
         self._spec = first._spec
-        self._composite_fallback = Fallback(check_on_error(on_error), "Composite on Redis")
+        self._fallback = Fallback(check_on_error(on_error), "Composite on Redis")
 
     def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        if len(self._parts) == 1:
-            keys, args = [self._spec.key(key)], self._spec.argv(mode, cost)
-        else:
-            keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
             reply = evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
-            return self._composite_fallback.decision(error, self.limit)
-        return to_decision(reply)
-
-    def reset(self, key: Key) -> None:
-        keys = [p._spec.key(key) for p in self._parts]
-        try:
-            self._client.delete(*keys)
-        except BACKEND_ERRORS as error:
-            if self._composite_fallback.on_error == "raise":
-                self._composite_fallback.decision(error, self.limit)
+            return self._fallback.decision(error, self.limit)
+        if mode == "peek":
+            return to_decision(reply)
+        return judge(self, reply, key)
 
     @property
     def limit(self) -> int:
         return min(int(p.limit) for p in self._parts)
 
+    def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
+        raise TypeError("a Composite has no quota of its own: call set_quota on its parts")
+
+    def clear_quota(self, key: Key) -> bool:
+        raise TypeError("a Composite has no quota of its own: call clear_quota on its parts")
+
+    def inspect(self, key: Key) -> Dict[str, Any]:
+        """Each part's ``inspect(key)``, under ``"parts"``."""
+        return {"key": key, "parts": [p.inspect(key) for p in self._parts]}
+
+    def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
+        raise TypeError("call top_keys on a Composite's parts")
+
     @property
-    def on_error(self) -> str:
-        return self._composite_fallback.on_error
+    def shadow(self) -> bool:
+        """True when any part is in shadow mode (set it on the parts)."""
+        return any(p.shadow for p in self._parts)
+
+    @shadow.setter
+    def shadow(self, on: bool) -> None:
+        raise TypeError("set shadow mode on a Composite's parts")
 
     def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
         """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
@@ -317,10 +392,9 @@ class Composite(_RedisRateLimiter):
         try:
             reply = evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
-            d = self._composite_fallback.decision(error, self.limit)
+            d = self._fallback.decision(error, self.limit)
             return d, [d for _ in self._parts]
-        combined, *each = to_decisions(reply)
-        return combined, each
+        return judge(self, reply, key), to_decisions(reply)[1:]
 
     @property
     def parts(self) -> Tuple[Any, ...]:

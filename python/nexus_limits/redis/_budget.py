@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nexus_limits as nl
 
@@ -49,7 +49,8 @@ class _Spec:
         self.prefix = check_prefix(prefix)
         self.clock = check_clock(clock)
         self.fallback = Fallback(check_on_error(on_error), "TokenLimiter on Redis")
-        base = check_name(name) or "tl"
+        named = check_name(name)
+        base = named or "tl"
         self.buckets: List[Tuple[str, str, str]] = []  # (kind, us per unit, burst) per bucket
         self.suffixes: List[str] = []
         for which, rate in (
@@ -62,11 +63,34 @@ class _Spec:
                 self.buckets.append(
                     ("requests" if which == "requests" else "tokens", repr(period_us / rate.count), str(rate.count))
                 )
-                self.suffixes.append(f":{base}-{which}-{rate.count}-{period_us!r}")
+                # A named limiter keeps its keys when its quotas change (a config reload);
+                # an unnamed one is identified by its quotas.
+                self.suffixes.append(f":{base}-{which}" if named else f":{base}-{which}-{rate.count}-{period_us!r}")
         self.concurrency = self.model.concurrency or 0
         if self.concurrency:
             self.suffixes.append(f":{base}-cc")
         self.lease_ttl_us = repr(self.model.lease_ttl * 1e6)
+        self.tokens = [0, 0, 0]
+
+    def count(self, reservation: Any, tokens: int) -> None:
+        d = reservation.decision
+        if d.fallback:
+            return
+        self.fallback.tally.add("allowed" if d.allowed else "denied")
+        if d.allowed:
+            self.tally_tokens(tokens, 0, 0)
+
+    def tally_tokens(self, reserved: int, settled: int, refunded: int) -> None:
+        with self.fallback.tally.lock:
+            self.tokens[0] += reserved
+            self.tokens[1] += settled
+            self.tokens[2] += refunded
+
+    def stats(self) -> Dict[str, int]:
+        out = self.fallback.tally.snapshot()
+        del out["shadow_denied"], out["near_limit"]
+        out.update(zip(("tokens_reserved", "tokens_settled", "tokens_refunded"), self.tokens))
+        return out
 
     def keys(self, key: Key) -> List[str]:
         tag = f"{self.prefix}:{{{encode_key(key)}}}"
@@ -188,7 +212,9 @@ class TokenLimiter:
             reply = spec.reserved(_evalsha_sync(spec.client, RESERVE, keys, args), lease)
         except BACKEND_ERRORS as error:
             reply = spec.fallback_reply(error)
-        return Reservation(self, key, tokens, reply)
+        reservation = Reservation(self, key, tokens, reply)
+        spec.count(reservation, tokens)
+        return reservation
 
     def _settle(self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]) -> bool:
         spec = self._spec
@@ -231,6 +257,14 @@ class TokenLimiter:
     def redis_keys(self, key: Key) -> List[str]:
         return self._spec.keys(key)
 
+    def stats(self) -> Dict[str, int]:
+        """Counters of this object (this process): reservations allowed and denied, tokens
+        reserved, settled and refunded, store errors and on_error answers."""
+        return self._spec.stats()
+
+    def _tally(self, reserved: int, settled: int, refunded: int) -> None:
+        self._spec.tally_tokens(reserved, settled, refunded)
+
 
 class AsyncTokenLimiter:
     """The asyncio mirror of the Redis :class:`TokenLimiter` (exported under that name by
@@ -264,7 +298,9 @@ class AsyncTokenLimiter:
             reply = spec.reserved(await evalsha(spec.client, RESERVE, keys, args), lease)
         except BACKEND_ERRORS as error:
             reply = spec.fallback_reply(error)
-        return AsyncReservation(self, key, tokens, reply)
+        reservation = AsyncReservation(self, key, tokens, reply)
+        spec.count(reservation, tokens)
+        return reservation
 
     async def _settle(
         self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]
@@ -294,3 +330,11 @@ class AsyncTokenLimiter:
 
     def redis_keys(self, key: Key) -> List[str]:
         return self._spec.keys(key)
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this object (this process): reservations allowed and denied, tokens
+        reserved, settled and refunded, store errors and on_error answers."""
+        return self._spec.stats()
+
+    def _tally(self, reserved: int, settled: int, refunded: int) -> None:
+        self._spec.tally_tokens(reserved, settled, refunded)

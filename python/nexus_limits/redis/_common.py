@@ -4,10 +4,12 @@ scripts' arguments and replies, and the on_error policy. No I/O happens here."""
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import re
+import threading
 import uuid
-from typing import Any, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 from urllib.parse import quote_from_bytes
 
 import nexus_limits as nl
@@ -150,33 +152,99 @@ def to_decision(reply: Sequence[Any], lease: Any = None) -> Decision:
     return Decision(bool(allowed), limit, remaining, reset_us / 1e6, retry, delay_us / 1e6, lease)
 
 
+def parse_quota(value: Any, algorithm: str) -> Optional[Tuple[float, int]]:
+    """A quota key's "a b" as (a, b), or None."""
+    if value is None:
+        return None
+    a, b = (value.decode() if isinstance(value, bytes) else str(value)).split()
+    return float(a), int(b)
+
+
+def quota_rate(a: float, b: int, algorithm: str) -> Tuple[Any, int]:
+    """(Rate, limit) of a script's a and b."""
+    if algorithm in ("gcra", "leaky"):
+        # a is microseconds per unit; the count is not stored, so report per-second units
+        # scaled to the burst: b units per b * a microseconds.
+        return nl.Rate(b, b * a / 1e6), b
+    return nl.Rate(b, a / 1e6), b
+
+
 def to_decisions(reply: Sequence[Any]) -> List[Decision]:
     """Consecutive decisions of 6 values each (a composite's combined one, then its parts')."""
     return [to_decision(reply[i : i + 6]) for i in range(0, len(reply), 6)]
 
 
+_SHADOW_LOG = logging.getLogger("nexus_limits.shadow")
+
+
+class Tally:
+    """A Redis limiter's counters, as ``stats()`` reports them (the in-process limiters'
+    names, plus the store's errors and the on_error answers given instead)."""
+
+    __slots__ = ("counts", "lock")
+
+    NAMES = ("allowed", "denied", "near_limit", "shadow_denied", "errors", "fail_open", "fail_closed")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        self.lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[name] += n
+
+    def decision(self, d: Decision, shadow: bool, what: Any, key: Any) -> Decision:
+        """Counts a store's decision; in shadow mode a denial is logged and admitted."""
+        with self.lock:
+            if d.allowed:
+                self.counts["allowed"] += 1
+                if d.remaining * 5 <= d.limit:
+                    self.counts["near_limit"] += 1
+                return d
+            self.counts["denied"] += 1
+            if not shadow:
+                return d
+            self.counts["shadow_denied"] += 1
+        _SHADOW_LOG.info(
+            "shadow mode: %s would deny key %r (remaining %d of %d, retry after %.3fs)",
+            what,
+            key,
+            d.remaining,
+            d.limit,
+            d.retry_after,
+        )
+        return Decision(True, d.limit, d.remaining, d.reset_after, 0.0, d.delay, shadow=True)
+
+    def snapshot(self) -> Dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+
 class Fallback:
     """The on_error policy of one limiter."""
 
-    __slots__ = ("on_error", "what")
+    __slots__ = ("on_error", "tally", "what")
 
-    def __init__(self, on_error: str, what: str) -> None:
+    def __init__(self, on_error: str, what: str, tally: Optional[Tally] = None) -> None:
         self.on_error = on_error
         self.what = what
+        self.tally = tally or Tally()
 
     def decision(self, error: BaseException, limit: int) -> Decision:
         if not is_outage(error):
             raise error
+        self.tally.add("errors")
         if self.on_error == "raise":
             raise BackendUnavailable(f"{self.what}: the store could not be reached: {error}") from error
         allowed = self.on_error == "allow"
+        self.tally.add("fail_open" if allowed else "fail_closed")
         return Decision(allowed, limit, 0, 0.0, 0.0 if allowed else FALLBACK_RETRY, fallback=True)
 
 
 class RateSpec:
     """One Redis-backed rate limiter's fixed part: its model, key suffix and script arguments."""
 
-    __slots__ = ("args", "clock", "fallback", "model", "prefix", "script", "suffix", "unit")
+    __slots__ = ("algorithm", "args", "clock", "fallback", "model", "prefix", "script", "shadow", "suffix", "unit")
 
     def __init__(
         self,
@@ -187,27 +255,63 @@ class RateSpec:
         on_error: Any,
         clock: Any,
     ) -> None:
+        self.algorithm = algorithm
         self.model = model
         self.prefix = check_prefix(prefix)
         self.clock = check_clock(clock)
         rate = model.rate
         period_us = rate.period * 1e6
         limit = model.limit
+        a, b = self.quota_args(model)
         if algorithm in ("gcra", "leaky"):
-            a = period_us / rate.count
             default_id = f"{'tb' if algorithm == 'gcra' else 'lb'}-{rate.count}-{period_us!r}-{limit}"
         else:
-            a = period_us
             default_id = f"{'fw' if algorithm == 'fixed' else 'sw'}-{rate.count}-{period_us!r}"
         self.suffix = ":" + (check_name(name) or default_id)
-        self.args = [algorithm, repr(a), str(limit), "0"]
         self.script = SINGLE[algorithm]
+        self.shadow = False
+        self.set_args(a, b)
+        self.fallback = Fallback(check_on_error(on_error), f"{type(model).__name__} on Redis")
+
+    def set_args(self, a: str, b: str) -> None:
+        # The fourth value tells a Composite's script that the part is in shadow mode.
+        self.args = [self.algorithm, a, b, "1" if self.shadow else "0"]
         # ARGV of the commonest calls (server clock, cost 1), built once.
         self.unit = {mode: ["", mode, *self.args, "1"] for mode in ("hit", "peek")}
-        self.fallback = Fallback(check_on_error(on_error), f"{type(model).__name__} on Redis")
+
+    def set_shadow(self, on: Any) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"shadow must be True or False, got {type(on).__name__}")
+        self.shadow = on
+        self.set_args(self.args[1], self.args[2])
+
+    def quota_args(self, model: Any) -> Tuple[str, str]:
+        """The script's a and b for a quota (given as an in-process model limiter)."""
+        rate = model.rate
+        period_us = rate.period * 1e6
+        a = period_us / rate.count if self.algorithm in ("gcra", "leaky") else period_us
+        return repr(a), str(model.limit)
+
+    def new_model(self, rate: Any, burst: Any) -> Any:
+        """An in-process limiter of this algorithm with the quota, which checks it."""
+        kind = type(self.model)
+        if burst is None:
+            return kind(rate)
+        if self.algorithm in ("fixed", "sliding"):
+            raise ValueError(f"a {kind.__name__} has no burst: its limit is the rate's count")
+        return kind(rate, burst)
+
+    def requota_argv(self, mode: str, model: Any) -> List[str]:
+        a, b = self.quota_args(model)
+        return [now_arg(self.clock), mode, self.algorithm, self.args[1], self.args[2], a, b]
 
     def key(self, key: Any) -> str:
         return f"{self.prefix}:{{{encode_key(key)}}}{self.suffix}"
+
+    def keys(self, key: Any) -> List[str]:
+        """The key's state key and quota key."""
+        k = f"{self.prefix}:{{{encode_key(key)}}}{self.suffix}"
+        return [k, k + ":q"]
 
     def argv(self, mode: str, cost: Any) -> List[str]:
         """ARGV for this limiter alone."""
@@ -248,3 +352,92 @@ def new_lease_id() -> str:
 def concurrency_model(limit: Any, lease_ttl: Any) -> Any:
     """Validates like the in-process Concurrency (same errors, same messages)."""
     return nl.Concurrency(limit, lease_ttl=lease_ttl)
+
+
+def judge(limiter: Any, reply: Sequence[Any], key: Any) -> Decision:
+    """The Decision of a script's reply, counted in the limiter's tally; in shadow mode
+    (of the limiter, or of a Composite's part) a denial is logged and admitted."""
+    d = to_decision(reply)
+    parts = limiter._parts
+    tally: Tally = limiter._fallback.tally
+    if len(parts) > 1:
+        # A Composite's script already admitted past its shadow-mode parts; tell it.
+        if d.allowed and any(int(reply[6 * (i + 1)]) == 0 for i in range(len(parts))):
+            d = Decision(True, d.limit, d.remaining, d.reset_after, 0.0, d.delay, shadow=True)
+        return tally.decision(d, False, limiter, key)
+    return tally.decision(d, limiter._spec.shadow, limiter, key)
+
+
+def script_arguments(
+    parts: Sequence[Any], key: Any, cost: Any, mode: str, clock: Optional[ManualClock]
+) -> Tuple[List[str], List[str]]:
+    """KEYS and ARGV of a Composite's script: every part's state key, then every part's
+    quota key; the arguments of each part."""
+    c = str(check_cost(cost))
+    pairs = [p._spec.keys(key) for p in parts]
+    keys = [k for k, _ in pairs] + [q for _, q in pairs]
+    args = [now_arg(clock), mode]
+    for p in parts:
+        args.extend(p._spec.args)
+        args.append(c)
+    return keys, args
+
+
+def decode_key(encoded: str) -> Any:
+    """The user key of :func:`encode_key`'s text."""
+    from urllib.parse import unquote_to_bytes
+
+    tag, body = encoded[:1], encoded[1:]
+    if tag == "i":
+        return int(body)
+    raw = unquote_to_bytes(body)
+    return raw if tag == "b" else raw.decode("utf-8", "surrogatepass")
+
+
+def inspect_dict(limiter: Any, key: Any, zero: Decision, one: Decision, own: Any) -> Dict[str, Any]:
+    """``inspect(key)`` of a Redis limiter, from two peeks and its quota key."""
+    spec = limiter._spec
+    quota = parse_quota(own, spec.algorithm)
+    if quota is None:
+        rate, limit = spec.model.rate, spec.model.limit
+    else:
+        rate, limit = quota_rate(quota[0], quota[1], spec.algorithm)
+    return {
+        "key": key,
+        "algorithm": {"gcra": "token bucket", "leaky": "leaky bucket", "fixed": "fixed window"}.get(
+            spec.algorithm, "sliding window"
+        ),
+        "rate": rate,
+        "limit": limit,
+        "own_quota": quota is not None,
+        "used": max(zero.limit - zero.remaining, 0),
+        "remaining": zero.remaining,
+        "allowed": one.allowed,
+        "retry_after": one.retry_after,
+        "reset_after": zero.reset_after,
+        "tracked": zero.remaining < zero.limit,
+        "shadow": spec.shadow,
+    }
+
+
+def scan_pattern(limiter: Any) -> str:
+    """A SCAN pattern matching every state key of a limiter (prefixes and names hold no
+    glob characters, and encoded keys no braces)."""
+    return f"{limiter._spec.prefix}:{{*}}{limiter._spec.suffix}"
+
+
+def top_of(found: List[Tuple[Any, Decision]], n: int) -> List[Dict[str, Any]]:
+    """The ``n`` most used of (key, peek) pairs, as ``top_keys`` returns them."""
+    rows = []
+    for key, d in found:
+        used = d.limit - d.remaining
+        if used > 0:
+            rows.append((used / max(d.limit, 1), used, d.limit, key))
+    rows.sort(key=lambda r: (-r[0], -r[1]))
+    return [{"key": k, "id": None, "used": u, "limit": lim} for _, u, lim, k in rows[:n]]
+
+
+def key_of(redis_key: Any) -> Any:
+    """The user key inside a state key's hash tag."""
+    text = redis_key.decode() if isinstance(redis_key, bytes) else str(redis_key)
+    return decode_key(text[text.index("{") + 1 : text.index("}")])

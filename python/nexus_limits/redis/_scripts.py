@@ -45,5 +45,6 @@ SINGLE: Dict[str, Script] = {
 _ALL_STEPS = _SPLIT + _piece("gcra.lua") + _piece("fixed.lua") + _piece("sliding.lua")
 COMPOSITE = Script(_HEADER + "\n" + _ALL_STEPS + "\n" + _piece("composite.lua"))
 CONCURRENCY = Script(_piece("concurrency.lua"))
+REQUOTA = Script(_HEADER + "\n" + _SPLIT + "\n" + _piece("requota.lua"))
 RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"))
 SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("settle.lua"))

@@ -12,7 +12,7 @@ client). Every method is a coroutine; nothing blocks the event loop::
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import nexus_limits as nl
 
@@ -20,7 +20,7 @@ from .. import _wait
 from .._core import Decision, ManualClock
 from ..base import AsyncRateLimiter, Key
 from ..errors import RateLimitExceeded
-from . import _LEASE_POLL, _unit_cost, script_arguments
+from . import _LEASE_POLL, _unit_cost
 from ._common import (
     BACKEND_ERRORS,
     Fallback,
@@ -33,13 +33,19 @@ from ._common import (
     concurrency_model,
     encode_key,
     flatten,
+    inspect_dict,
     is_noscript,
+    judge,
+    key_of,
     new_lease_id,
     now_arg,
+    scan_pattern,
+    script_arguments,
     to_decision,
     to_decisions,
+    top_of,
 )
-from ._scripts import COMPOSITE, CONCURRENCY, Script
+from ._scripts import COMPOSITE, CONCURRENCY, REQUOTA, Script
 
 __all__ = [
     "Composite",
@@ -69,24 +75,34 @@ class _RedisRateLimiter(AsyncRateLimiter):
     _algorithm = ""
 
     def __init__(
-        self, client: Any, model: Any, prefix: str, name: Optional[str], on_error: str, clock: Optional[ManualClock]
+        self,
+        client: Any,
+        model: Any,
+        prefix: str,
+        name: Optional[str],
+        on_error: str,
+        clock: Optional[ManualClock],
+        shadow: bool = False,
     ) -> None:
         self._client = check_client(client, want_async=True)
         self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
+        self._spec.set_shadow(shadow)
         self._script = self._spec.script
         self._fallback = self._spec.fallback
         self._parts: Tuple[Any, ...] = (self,)
 
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        if len(self._parts) == 1:
-            keys, args = [self._spec.key(key)], self._spec.argv(mode, cost)
+        if len(self._parts) == 1 and self._script is not COMPOSITE:
+            keys, args = self._spec.keys(key), self._spec.argv(mode, cost)
         else:
             keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
             reply = await evalsha(self._client, self._script, keys, args)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit)
-        return to_decision(reply)
+        if mode == "peek":
+            return to_decision(reply)
+        return judge(self, reply, key)
 
     async def hit(self, key: Key, cost: int = 1) -> Decision:
         return await self._check(key, cost, "hit")
@@ -108,6 +124,69 @@ class _RedisRateLimiter(AsyncRateLimiter):
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this limiter object (this process); see the synchronous class."""
+        return self._fallback.tally.snapshot()
+
+    async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
+        """The ``n`` keys using the largest share of their limit now (see the synchronous class)."""
+        if len(self._parts) > 1:
+            raise TypeError("call top_keys on a Composite's parts")
+        found = []
+        async for redis_key in self._client.scan_iter(match=scan_pattern(self), count=1000):
+            found.append(key_of(redis_key))
+            if len(found) >= scan:
+                break
+        await self._client.script_load(self._script.source)
+        pipe = self._client.pipeline(transaction=False)
+        for k in found:
+            pipe.evalsha(self._script.sha, 2, *self._spec.keys(k), *self._spec.argv("peek", 0))
+        return top_of([(k, to_decision(r)) for k, r in zip(found, await pipe.execute())], n)
+
+    @property
+    def shadow(self) -> bool:
+        """Shadow mode: decide, count and log, never deny (see the synchronous class)."""
+        if len(self._parts) > 1:
+            return any(p.shadow for p in self._parts)
+        return self._spec.shadow
+
+    @shadow.setter
+    def shadow(self, on: bool) -> None:
+        if len(self._parts) > 1 or self._script is COMPOSITE:
+            raise TypeError("set shadow mode on a Composite's parts")
+        self._spec.set_shadow(on)
+
+    def _single(self, what: str) -> None:
+        if self._script is COMPOSITE:
+            raise TypeError(f"a Composite has no quota of its own: call {what} on its parts")
+
+    async def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
+        """Give ``key`` its own quota for every process (see the synchronous class)."""
+        self._single("set_quota")
+        model = self._spec.new_model(rate, burst)
+        try:
+            await evalsha(self._client, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    async def clear_quota(self, key: Key) -> bool:
+        """Put ``key`` back on the limiter's quota; False if it had none of its own."""
+        self._single("clear_quota")
+        try:
+            argv = self._spec.requota_argv("clear", self._spec.model)
+            return bool(await evalsha(self._client, REQUOTA, self._spec.keys(key), argv))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    async def inspect(self, key: Key) -> Dict[str, Any]:
+        """``key``'s quota and usage now (a Composite: each part's, under ``"parts"``)."""
+        if self._script is COMPOSITE:
+            return {"key": key, "parts": [await p.inspect(key) for p in self._parts]}
+        zero, one = await self.peek(key, 0), await self.peek(key, 1)
+        return inspect_dict(self, key, zero, one, await self._client.get(self._spec.keys(key)[1]))
 
     async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Wait until admitted (``asyncio.sleep`` of ``retry_after`` between tries); RateLimitExceeded
@@ -162,8 +241,9 @@ class TokenBucket(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock)
+        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock, shadow)
 
 
 class LeakyBucket(_RedisRateLimiter):
@@ -180,8 +260,9 @@ class LeakyBucket(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock)
+        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock, shadow)
 
 
 class FixedWindow(_RedisRateLimiter):
@@ -197,8 +278,9 @@ class FixedWindow(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock)
+        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow)
 
 
 class SlidingWindow(_RedisRateLimiter):
@@ -214,8 +296,9 @@ class SlidingWindow(_RedisRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock)
+        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow)
 
 
 _RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
@@ -247,8 +330,7 @@ class Composite(_RedisRateLimiter):
         except BACKEND_ERRORS as error:
             d = self._fallback.decision(error, self.limit)
             return d, [d for _ in self._parts]
-        combined, *each = to_decisions(reply)
-        return combined, each
+        return judge(self, reply, key), to_decisions(reply)[1:]
 
     @property
     def parts(self) -> Tuple[Any, ...]:

@@ -1,4 +1,6 @@
--- A composite: decide every part, then write all or nothing.
+-- A composite: decide every part, then write all or nothing. KEYS holds the N state
+-- keys, then their N quota keys.
+local N = #KEYS / 2
 local function write(key, new, ttl)
     if new then
         redis.call("SET", key, new, "PX", math.max(math.ceil(ttl / 1000), 1))
@@ -9,8 +11,7 @@ end
 local function step(i)
     local at = 2 + (i - 1) * 5
     local algo = ARGV[at + 1]
-    local a = tonumber(ARGV[at + 2])
-    local b = tonumber(ARGV[at + 3])
+    local a, b = quota(KEYS[N + i], ARGV[at + 2], ARGV[at + 3])
     local cost = tonumber(ARGV[at + 5])
     local state = redis.call("GET", KEYS[i]) or nil
     if algo == "gcra" then
@@ -30,10 +31,15 @@ local out
 -- rust/limiter.rs `combine`: all must admit; limit/remaining of the part with the
 -- least remaining; the longest times; never if any part says never.
 local writes, decisions = {}, {}
-for i = 1, #KEYS do
+for i = 1, N do
     local new, ttl, d = step(i)
     writes[i] = {new, ttl}
     decisions[i] = {d[1], d[2], d[3], d[4], d[5], d[6]}
+    if d[1] == 0 and ARGV[2 + (i - 1) * 5 + 4] == "1" then
+        -- a part in shadow mode never denies the whole (and is not charged)
+        d = {1, d[2], d[3], d[4], 0, d[6]}
+        writes[i] = {nil, 0}
+    end
     if out == nil then
         out = d
     else
@@ -50,7 +56,7 @@ end
 if out[1] == 0 then
     out[6] = 0
 elseif charge then
-    for i = 1, #KEYS do write(KEYS[i], writes[i][1], writes[i][2]) end
+    for i = 1, N do write(KEYS[i], writes[i][1], writes[i][2]) end
 end
 
 -- The combined decision, then each part's (6 values each), times rounded up to us.
@@ -64,5 +70,5 @@ local function push(d)
     reply[#reply + 1] = math.ceil(d[6] - EPS)
 end
 push(out)
-for i = 1, #KEYS do push(decisions[i]) end
+for i = 1, N do push(decisions[i]) end
 return reply

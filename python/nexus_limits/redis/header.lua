@@ -7,6 +7,8 @@
 -- written. A script is atomic, so a composite never charges part of its limits.
 --
 -- KEYS[i]  the state key of part i; all parts share one hash tag (Redis Cluster).
+--          Then, for each part, its quota key (state key .. ":q"): a key's own quota
+--          "a b" set by set_quota, used instead of the part's a and b below.
 -- ARGV[1]  now in microseconds, or "" to read the server's TIME (the default: client
 --          clocks, and their skew, never matter).
 -- ARGV[2]  "hit" (decide and charge) or "peek" (decide only).
@@ -14,7 +16,7 @@
 --   algorithm  "gcra" (token bucket), "leaky" (leaky bucket), "fixed" or "sliding"
 --   a          gcra/leaky: microseconds per unit (period / count); fixed/sliding: period in us
 --   b          gcra/leaky: burst or capacity; fixed/sliding: the window limit
---   (unused)   reserved, "0"
+--   shadow     "1" when the part is in shadow mode (a Composite then ignores its denial)
 --   cost       units this call charges the part
 --
 -- Returns {allowed (0/1), limit, remaining, reset_after_us, retry_after_us (-1: never),
@@ -37,3 +39,15 @@ else
     now = tonumber(ARGV[1])
 end
 local charge = ARGV[2] == "hit"
+
+-- The quota in force: the key's own ("a b" in its quota key) or the limiter's.
+local function quota(qkey, a, b)
+    if qkey then
+        local q = redis.call("GET", qkey)
+        if q then
+            local qa, qb = string.match(q, "^(%S+) (%S+)$")
+            if qa then return tonumber(qa), tonumber(qb) end
+        end
+    end
+    return tonumber(a), tonumber(b)
+end

@@ -1,6 +1,7 @@
 -- One limiter: decide with STEP, write if admitted.
 local state = redis.call("GET", KEYS[1]) or nil
-local new, ttl, out = STEP(state, now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7]), SHAPING)
+local a, b = quota(KEYS[2], ARGV[4], ARGV[5])
+local new, ttl, out = STEP(state, now, a, b, tonumber(ARGV[7]), SHAPING)
 if charge and new then
     redis.call("SET", KEYS[1], new, "PX", math.max(math.ceil(ttl / 1000), 1))
 end
