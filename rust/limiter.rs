@@ -493,7 +493,7 @@ type LeaseShard = CachePadded<Mutex<FingerprintMap<Vec<(u64, u64)>>>>;
 /// `lease_ttl` runs out, so a holder that crashed cannot leak capacity. A key exists in
 /// the map only while it holds leases.
 pub struct Concurrency {
-    pub max: u64,
+    max: AtomicU64,
     pub lease_ttl_ns: u64,
     pub clock: Clock,
     shards: Box<[LeaseShard]>,
@@ -516,7 +516,7 @@ impl Concurrency {
         let shards =
             (0..crate::store::SHARDS).map(|_| CachePadded::new(Mutex::new(FingerprintMap::default()))).collect();
         Ok(Concurrency {
-            max,
+            max: AtomicU64::new(max),
             lease_ttl_ns: crate::clock::secs_to_ns(lease_ttl_secs).max(1),
             clock,
             shards,
@@ -526,19 +526,36 @@ impl Concurrency {
         })
     }
 
+    /// The most leases a key may hold at once.
+    pub fn max(&self) -> u64 {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit at run time. Leases already held stay; with a lower limit a key
+    /// holding more than it gets no new lease until enough are released.
+    pub fn set_max(&self, max: u64) -> Result<()> {
+        if max == 0 {
+            return Err(Error::InvalidArgument("the concurrency limit must be at least 1, got 0".into()));
+        }
+        self.max.store(max, Ordering::Relaxed);
+        self.wake.notify_all();
+        Ok(())
+    }
+
     fn shard(&self, fp: &Fingerprint) -> &Mutex<FingerprintMap<Vec<(u64, u64)>>> {
         &self.shards[fp.shard(self.shards.len())]
     }
 
     fn decide(&self, leases: &[(u64, u64)], now: u64, adding: bool) -> Decision {
         let held = leases.len() as u64 + adding as u64;
-        let allowed = held <= self.max;
+        let max = self.max();
+        let allowed = held <= max;
         let last = leases.iter().map(|l| l.1).max().unwrap_or(now);
         let first = leases.iter().map(|l| l.1).min().unwrap_or(now);
         Decision {
             allowed,
-            limit: self.max,
-            remaining: self.max.saturating_sub(if allowed { held } else { leases.len() as u64 }),
+            limit: max,
+            remaining: max.saturating_sub(if allowed { held } else { leases.len() as u64 }),
             reset_after: if allowed && adding { self.lease_ttl_ns } else { last.saturating_sub(now) },
             retry_after: Some(if allowed { 0 } else { first.saturating_sub(now) }),
             delay: 0,

@@ -133,7 +133,12 @@ impl Concurrency {
 
     #[getter(limit)]
     fn limit_value(&self) -> u64 {
-        self.inner.max
+        self.inner.max()
+    }
+
+    /// Changes the limit at run time; leases already held stay held.
+    fn set_limit(&self, limit: &Bound<'_, PyAny>) -> PyResult<()> {
+        Ok(self.inner.set_max(super::args::count("limit", limit)?)?)
     }
 
     #[getter]
@@ -149,7 +154,7 @@ impl Concurrency {
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
         let name = slf.get_type().qualname()?.to_string();
         let me = slf.get();
-        Ok(format!("{name}({}, lease_ttl={:?})", me.inner.max, ns_to_secs(me.inner.lease_ttl_ns)))
+        Ok(format!("{name}({}, lease_ttl={:?})", me.inner.max(), ns_to_secs(me.inner.lease_ttl_ns)))
     }
 }
 

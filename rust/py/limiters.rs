@@ -166,29 +166,7 @@ impl Shared {
         n: usize,
         keys: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let mut names = crate::key::FingerprintMap::<Bound<'py, PyAny>>::default();
-        if let Some(keys) = keys.filter(|k| !k.is_none()) {
-            let iter = keys.try_iter().map_err(|_| wrong_type("keys", "an iterable of keys", keys))?;
-            for k in iter {
-                let k = k?;
-                names.insert(args::key_fp(&k)?, k);
-            }
-        }
-        let inner = Arc::clone(&self.inner);
-        let top = py.detach(move || inner.top(n));
-        top.into_iter()
-            .map(|(fp, used, limit)| {
-                let out = PyDict::new(py);
-                match names.get(&fp) {
-                    Some(k) => out.set_item("key", k)?,
-                    None => out.set_item("key", py.None())?,
-                }
-                out.set_item("id", fp_hex(&fp))?;
-                out.set_item("used", used)?;
-                out.set_item("limit", limit)?;
-                Ok(out)
-            })
-            .collect()
+        top_keys_of(py, &self.inner, n, keys)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -245,6 +223,38 @@ pub fn inspect_dict<'py>(key: &Bound<'py, PyAny>, inner: &Limiter) -> PyResult<B
     out.set_item("tracked", inner.store.lock(&fp).slot(&fp).is_some())?;
     out.set_item("shadow", inner.shadow())?;
     Ok(out)
+}
+
+/// `top_keys(n, keys)` of one core limiter.
+pub fn top_keys_of<'py>(
+    py: Python<'py>,
+    inner: &Arc<Limiter>,
+    n: usize,
+    keys: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let mut names = crate::key::FingerprintMap::<Bound<'py, PyAny>>::default();
+    if let Some(keys) = keys.filter(|k| !k.is_none()) {
+        let iter = keys.try_iter().map_err(|_| wrong_type("keys", "an iterable of keys", keys))?;
+        for k in iter {
+            let k = k?;
+            names.insert(args::key_fp(&k)?, k);
+        }
+    }
+    let inner = Arc::clone(inner);
+    let top = py.detach(move || inner.top(n));
+    top.into_iter()
+        .map(|(fp, used, limit)| {
+            let out = PyDict::new(py);
+            match names.get(&fp) {
+                Some(k) => out.set_item("key", k)?,
+                None => out.set_item("key", py.None())?,
+            }
+            out.set_item("id", fp_hex(&fp))?;
+            out.set_item("used", used)?;
+            out.set_item("limit", limit)?;
+            Ok(out)
+        })
+        .collect()
 }
 
 /// The keyword arguments every limiter class takes.

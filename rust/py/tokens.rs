@@ -305,16 +305,32 @@ impl TokenLimiter {
         Ok(self.parts.iter().fold(false, |any, p| p.clear_quota(&fp) || any))
     }
 
-    /// Changes the default quotas (keys with their own keep theirs), keeping usage.
-    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None))]
+    /// Changes the default quotas (keys with their own keep theirs), keeping usage, and
+    /// the concurrency limit (leases held stay held).
+    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None))]
     fn set_default_quota(
         &self,
         py: Python<'_>,
         requests: Option<&Bound<'_, PyAny>>,
         tokens: Option<&Bound<'_, PyAny>>,
         daily_tokens: Option<&Bound<'_, PyAny>>,
+        concurrency: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let changes = self.quotas([requests, tokens, daily_tokens])?;
+        let max = match given(concurrency) {
+            None => None,
+            Some(v) => match &self.concurrency {
+                Some(c) => Some((c, args::count("concurrency", v)?)),
+                None => return Err(bad_value("this TokenLimiter has no concurrency limit to change")),
+            },
+        };
+        let changes = if given(requests).or(given(tokens)).or(given(daily_tokens)).is_none() && max.is_some() {
+            Vec::new()
+        } else {
+            self.quotas([requests, tokens, daily_tokens])?
+        };
+        if let Some((c, n)) = max {
+            c.set_max(n)?;
+        }
         let parts = self.parts.clone();
         py.detach(move || changes.into_iter().try_for_each(|(i, algo)| parts[i].set_default(algo)))?;
         Ok(())
@@ -359,6 +375,28 @@ impl TokenLimiter {
         Ok(out)
     }
 
+    /// The `n` keys using the largest share of one limit now ("tokens" by default, or
+    /// "requests", "daily_tokens"); pass candidate `keys` to get names back.
+    #[pyo3(signature = (n=10, keys=None, limit="tokens"))]
+    fn top_keys<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        keys: Option<&Bound<'py, PyAny>>,
+        limit: &str,
+    ) -> PyResult<Vec<Bound<'py, pyo3::types::PyDict>>> {
+        let which = match limit {
+            "requests" => REQUESTS,
+            "tokens" => TOKENS,
+            "daily_tokens" => DAILY,
+            _ => return Err(bad_value(format!("limit must be 'requests', 'tokens' or 'daily_tokens', got {limit:?}"))),
+        };
+        match self.slot[which] {
+            Some(i) => super::limiters::top_keys_of(py, &self.parts[i], n, keys),
+            None => Err(bad_value(format!("this TokenLimiter has no {limit} limit"))),
+        }
+    }
+
     /// Shadow mode for the request and token limits (concurrency leases stay real).
     #[getter]
     fn shadow(&self) -> bool {
@@ -387,7 +425,7 @@ impl TokenLimiter {
 
     #[getter]
     fn concurrency(&self) -> Option<u64> {
-        self.concurrency.as_ref().map(|c| c.max)
+        self.concurrency.as_ref().map(|c| c.max())
     }
 
     /// Seconds after which an unsettled reservation settles at its estimate (and its

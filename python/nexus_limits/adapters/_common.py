@@ -8,6 +8,7 @@ import inspect
 import ipaddress
 import json
 import math
+import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs
 
@@ -139,6 +140,7 @@ class Limits:
         trusted_proxies: Iterable[str] = (),
         policy_name: str = "default",
         headers: HeaderOptions = ALL_HEADERS,
+        metrics: Any = None,
     ) -> None:
         if limiter is None and not tiers and not routes:
             raise ValueError("give a limiter, tiers or routes")
@@ -157,6 +159,9 @@ class Limits:
         self.exempt = tuple(exempt)
         self.policy_name = policy_name
         self.header_options = headers
+        if metrics is not None and not callable(getattr(metrics, "observe", None)):
+            raise TypeError(f"metrics must be a nexus_limits.metrics.Metrics, got {type(metrics).__name__}")
+        self.metrics = metrics
         for lim in self._all_limiters():
             if not isinstance(lim, (RateLimiter, AsyncRateLimiter)):
                 raise TypeError(f"limiters must be nexus_limits limiters, got {type(lim).__name__}")
@@ -172,13 +177,21 @@ class Limits:
 
     def select(self, request: Request, client: Any) -> Tuple[Any, int, str]:
         """(limiter, cost, policy name) for this request."""
+        limiter, n, name, _, _ = self.select_labelled(request, client)
+        return limiter, n, name
+
+    def select_labelled(self, request: Request, client: Any) -> Tuple[Any, int, str, str, str]:
+        """(limiter, cost, policy name, tier, route) for this request: the tier and the
+        matched route prefix ("" when none) label the metrics."""
         cost: Union[int, Callable[[Request], int]] = self.cost
         limiter = self.limiter
         name = self.policy_name
+        route = tier_name = ""
         for prefix, value in self.routes:
             if request.path.startswith(prefix):
                 limiter, cost = value if isinstance(value, tuple) else (value, cost)
                 name = prefix.strip("/") or "default"
+                route = prefix
                 break
         else:
             if self.tiers:
@@ -189,9 +202,9 @@ class Limits:
                     tier = self.tier_of.get(client)
                 tier = tier if tier in self.tiers else self.default_tier
                 if tier is not None:
-                    limiter, name = self.tiers[tier], tier
+                    limiter, name, tier_name = self.tiers[tier], tier, tier
         n = cost(request) if callable(cost) else cost
-        return limiter, n, name
+        return limiter, n, name, tier_name, route
 
 
 class Check(NamedTuple):
@@ -268,13 +281,19 @@ def check_sync(limits: Limits, request: Request) -> Optional[Check]:
     key = client_key(limits, request)
     if key is None:
         return unauthorized()
-    limiter, cost, name = limits.select(request, key)
+    limiter, cost, name, tier, route = limits.select_labelled(request, key)
     if limiter is None:
         return None
+    started = time.perf_counter()
+    each: Optional[List[Decision]] = None
     if hasattr(limiter, "hit_each"):
-        decision, each = limiter.hit_each(key, cost)
-        return answer(limits, limiter, decision, name, list(each))
-    return answer(limits, limiter, limiter.hit(key, cost), name)
+        decision, parts = limiter.hit_each(key, cost)
+        each = list(parts)
+    else:
+        decision = limiter.hit(key, cost)
+    if limits.metrics is not None:
+        limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision)
+    return answer(limits, limiter, decision, name, each)
 
 
 async def check_async(limits: Limits, request: Request) -> Optional[Check]:
@@ -285,9 +304,10 @@ async def check_async(limits: Limits, request: Request) -> Optional[Check]:
     key = client_key(limits, request)
     if key is None:
         return unauthorized()
-    limiter, cost, name = limits.select(request, key)
+    limiter, cost, name, tier, route = limits.select_labelled(request, key)
     if limiter is None:
         return None
+    started = time.perf_counter()
     method = limiter.hit_each if hasattr(limiter, "hit_each") else limiter.hit
     if isinstance(limiter, AsyncRateLimiter):
         result = await method(key, cost)
@@ -295,9 +315,10 @@ async def check_async(limits: Limits, request: Request) -> Optional[Check]:
         result = await asyncio.to_thread(method, key, cost)
     else:
         result = method(key, cost)
-    if isinstance(result, tuple):
-        return answer(limits, limiter, result[0], name, list(result[1]))
-    return answer(limits, limiter, result, name)
+    decision, each = (result[0], list(result[1])) if isinstance(result, tuple) else (result, None)
+    if limits.metrics is not None:
+        limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision)
+    return answer(limits, limiter, decision, name, each)
 
 
 def release(decision: Optional[Decision]) -> Any:

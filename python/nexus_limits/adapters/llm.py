@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..budget import Reservation
@@ -77,6 +78,8 @@ class LLMLimitMiddleware:
         openai_paths: Sequence[str] = OPENAI_PATHS,
         anthropic_paths: Sequence[str] = ANTHROPIC_PATHS,
         trusted_proxies: Sequence[str] = (),
+        metrics: Any = None,
+        metrics_labels: Tuple[str, str] = ("llm", ""),
     ) -> None:
         if limiter is None and spend is None:
             raise ValueError("give a TokenLimiter (limiter=), a SpendLimiter (spend=) or both")
@@ -92,6 +95,11 @@ class LLMLimitMiddleware:
         self.include_usage = include_usage
         self.paths = {p: "openai" for p in openai_paths}
         self.paths.update({p: "anthropic" for p in anthropic_paths})
+        if metrics is not None and not callable(getattr(metrics, "observe", None)):
+            raise TypeError(f"metrics must be a nexus_limits.metrics.Metrics, got {type(metrics).__name__}")
+        self.metrics = metrics
+        # (limiter, tier) labels; the route label is the request's path (one of `paths`).
+        self.metrics_labels = metrics_labels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         provider = self.paths.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -120,7 +128,11 @@ class LLMLimitMiddleware:
         estimate = count.tokens + output
         reservation: Optional[Reservation] = None
         if self.limiter is not None:
+            started = time.perf_counter()
             reservation = await _call(self.limiter, self.limiter.reserve, key, estimate)
+            if self.metrics is not None:
+                name, tier = self.metrics_labels
+                self.metrics.observe(name, tier, scope["path"], time.perf_counter() - started, reservation.decision)
             if not reservation.allowed:
                 tokens = reservation.tokens
                 detail = (

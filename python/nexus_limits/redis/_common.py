@@ -360,7 +360,7 @@ def judge(limiter: Any, reply: Sequence[Any], key: Any) -> Decision:
     d = to_decision(reply)
     parts = limiter._parts
     tally: Tally = limiter._fallback.tally
-    if len(parts) > 1:
+    if len(reply) > 6:
         # A Composite's script already admitted past its shadow-mode parts; tell it.
         if d.allowed and any(int(reply[6 * (i + 1)]) == 0 for i in range(len(parts))):
             d = Decision(True, d.limit, d.remaining, d.reset_after, 0.0, d.delay, shadow=True)

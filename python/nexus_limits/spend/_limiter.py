@@ -157,6 +157,19 @@ class SpendLimiter:
     def reset(self, key: Key) -> None:
         self._engine.reset(key)
 
+    def set_budget(self, budget: str) -> None:
+        """Changes the budget of every key at run time, keeping what each has spent
+        (in-process; on Redis build a new limiter with the same ``name``)."""
+        rate = parse_budget(budget)
+        if not callable(getattr(self._engine, "set_default_quota", None)):
+            raise TypeError("set_budget works in-process; on Redis build a SpendLimiter with the same name")
+        self._engine.set_default_quota(tokens=rate)
+        self.budget, self.budget_text = rate, budget.strip()
+
+    def stats(self) -> Dict[str, Any]:
+        """The engine's counters; ``tokens_*`` count micro-dollars here."""
+        return self._engine.stats()
+
 
 class UpstreamGuard:
     """Follows a provider's own limits, so clients are told to wait before the provider
