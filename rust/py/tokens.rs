@@ -205,9 +205,12 @@ impl TokenLimiter {
         }
         let combined = combine(&all);
         let each = rate.map(|(_, e)| e);
+        // Admitted although a part said no: that part is in shadow mode.
+        let mut decision = Decision::from_core(combined);
+        decision.shadow = combined.allowed && each.as_ref().is_some_and(|e| e.iter().any(|d| !d.allowed));
         Ok((
             combined.allowed,
-            Decision::from_core(combined),
+            decision,
             self.part_decision(&each, REQUESTS),
             self.part_decision(&each, TOKENS),
             self.part_decision(&each, DAILY),
