@@ -64,6 +64,8 @@ class Metrics:
         self.namespace = namespace
         self.registry = registry if registry is not None else prom.REGISTRY
         self._watched: Dict[str, Any] = {}
+        # The labelled series of each (limiter, tier, route), looked up once.
+        self._children: Dict[Tuple[str, str, str], Tuple[Any, Any, Any, Any]] = {}
         self._lock = threading.Lock()
         labels = ("limiter", "tier", "route")
         self.requests = prom.Counter(
@@ -93,12 +95,20 @@ class Metrics:
 
     def observe(self, limiter: str, tier: str, route: str, seconds: float, decision: Any) -> None:
         """Counts one request's check (adapters call this)."""
-        if getattr(decision, "shadow", False):
-            outcome = "shadow_denied"
+        labels = (limiter, tier, route)
+        children = self._children.get(labels)
+        if children is None:
+            children = self._children[labels] = (
+                self.requests.labels(*labels, "allowed"),
+                self.requests.labels(*labels, "denied"),
+                self.requests.labels(*labels, "shadow_denied"),
+                self.latency.labels(*labels),
+            )
+        if decision.allowed:
+            children[2 if decision.shadow else 0].inc()
         else:
-            outcome = "allowed" if decision.allowed else "denied"
-        self.requests.labels(limiter, tier, route, outcome).inc()
-        self.latency.labels(limiter, tier, route).observe(seconds)
+            children[1].inc()
+        children[3].observe(seconds)
 
     # prometheus_client's custom collector protocol.
     def describe(self) -> List[Any]:
