@@ -305,7 +305,12 @@ impl TokenLimiter {
     /// Puts `key` back on the default quotas; False if it had none of its own.
     fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
         let fp = args::key_fp(key)?;
-        Ok(self.parts.iter().fold(false, |any, p| p.clear_quota(&fp) || any))
+        // Every part is cleared (no short-circuit).
+        let mut any = false;
+        for p in &self.parts {
+            any |= p.clear_quota(&fp);
+        }
+        Ok(any)
     }
 
     /// Changes the default quotas (keys with their own keep theirs), keeping usage, and
