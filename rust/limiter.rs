@@ -34,7 +34,7 @@ pub struct Counters {
 
 impl Counters {
     #[inline]
-    fn count(&mut self, d: &Decision) {
+    pub fn count(&mut self, d: &Decision) {
         if d.allowed {
             self.allowed += 1;
             if d.remaining.saturating_mul(5) <= d.limit {

@@ -9,7 +9,7 @@ True
 (True, 14)
 """
 
-from ._core import Decision, Lease, ManualClock, Rate
+from ._core import Decision, Lease, ManualClock, Rate, SharedMemoryStore
 from ._core import __version__ as __version__
 from .adapters.decorators import limit
 from .base import AsyncRateLimiter, RateLimiter
@@ -32,6 +32,7 @@ __all__ = [
     "RateLimitExceeded",
     "RateLimiter",
     "Reservation",
+    "SharedMemoryStore",
     "SlidingWindow",
     "TokenBucket",
     "TokenLimiter",

@@ -1,5 +1,7 @@
 """Type stub of the native module ``nexus_limits._core`` (checked by mypy.stubtest)."""
 
+import os
+
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, final
 
 from typing_extensions import Self, disjoint_base
@@ -14,6 +16,7 @@ __all__ = [
     "Lease",
     "ManualClock",
     "Rate",
+    "SharedMemoryStore",
     "SlidingWindow",
     "TokenBucket",
     "TokenLimiter",
@@ -116,6 +119,7 @@ class TokenBucket(_RateLimiterBase):
         clock: Optional[ManualClock] = None,
         max_keys: Optional[int] = None,
         shadow: Optional[bool] = None,
+        store: Optional[SharedMemoryStore] = None,
     ) -> Self: ...
 
 @disjoint_base
@@ -128,6 +132,7 @@ class LeakyBucket(_RateLimiterBase):
         clock: Optional[ManualClock] = None,
         max_keys: Optional[int] = None,
         shadow: Optional[bool] = None,
+        store: Optional[SharedMemoryStore] = None,
     ) -> Self: ...
 
 @disjoint_base
@@ -139,6 +144,7 @@ class FixedWindow(_RateLimiterBase):
         clock: Optional[ManualClock] = None,
         max_keys: Optional[int] = None,
         shadow: Optional[bool] = None,
+        store: Optional[SharedMemoryStore] = None,
     ) -> Self: ...
 
 @disjoint_base
@@ -150,6 +156,7 @@ class SlidingWindow(_RateLimiterBase):
         clock: Optional[ManualClock] = None,
         max_keys: Optional[int] = None,
         shadow: Optional[bool] = None,
+        store: Optional[SharedMemoryStore] = None,
     ) -> Self: ...
 
 @disjoint_base
@@ -270,3 +277,25 @@ class TokenLimiter:
     def lease_ttl(self) -> float: ...
     @property
     def clock(self) -> Optional[ManualClock]: ...
+
+@final
+class SharedMemoryStore:
+    def __new__(
+        cls,
+        name: Optional[str] = None,
+        capacity: Optional[int] = None,
+        *,
+        path: Optional[Union[str, "os.PathLike[str]"]] = None,
+        ttl: Optional[float] = None,
+    ) -> SharedMemoryStore: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def name(self) -> Optional[str]: ...
+    @property
+    def ttl(self) -> float: ...
+    def __len__(self) -> int: ...
+    def sweep(self) -> int: ...
+    def unlink(self) -> None: ...

@@ -87,6 +87,12 @@ impl FixedWindow {
         pack(window, count.saturating_sub(delta.unsigned_abs()))
     }
 
+    /// The units of `a` and `b` in the current window, added.
+    pub fn merge(&self, a: State, b: State, now: u64) -> State {
+        let window = now / self.period_ns;
+        pack(window, self.used(a, window).saturating_add(self.used(b, window)))
+    }
+
     /// The state under the quota `to` (see `Algorithm::convert`).
     pub fn convert(&self, to: &FixedWindow, state: State, now: u64) -> State {
         if to.period_ns == self.period_ns {

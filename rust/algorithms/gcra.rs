@@ -119,6 +119,15 @@ impl Gcra {
         to.ticks(now).saturating_add(backlog.unwrap_or(cap).min(cap.max(1)))
     }
 
+    /// `a` with `b`'s backlog added.
+    pub fn merge(&self, a: State, b: State, now: u64) -> State {
+        let now_t = self.ticks(now);
+        if b <= now_t {
+            return a;
+        }
+        a.max(now_t).saturating_add(b - now_t)
+    }
+
     #[inline]
     pub fn is_fresh(&self, tat: State, now: u64) -> bool {
         tat <= self.ticks(now)

@@ -94,6 +94,16 @@ impl Algorithm {
         }
     }
 
+    /// Adds the usage held in state `b` to state `a` (two states of one key that must
+    /// become one): a bucket's backlogs add up; a window's counts add up.
+    pub fn merge(&self, a: State, b: State, now: u64) -> State {
+        match self {
+            Algorithm::TokenBucket(g) | Algorithm::LeakyBucket(g) => g.merge(a, b, now),
+            Algorithm::FixedWindow(w) => w.merge(a, b, now),
+            Algorithm::SlidingWindow(w) => w.merge(a, b, now),
+        }
+    }
+
     /// The quota as a rate: count (burst aside) per period.
     pub fn rate(&self) -> crate::rate::Rate {
         let (count, period_ns) = match self {

@@ -140,6 +140,14 @@ impl SlidingWindow {
         }
     }
 
+    /// The counts of `a` and `b`, seen from the current window, added.
+    pub fn merge(&self, a: State, b: State, now: u64) -> State {
+        let window = now / self.period_ns;
+        let (pa, ca) = self.counts(a, window);
+        let (pb, cb) = self.counts(b, window);
+        pack(window, (pa + pb).min(MAX_LIMIT), (ca + cb).min(MAX_LIMIT))
+    }
+
     /// The state under the quota `to` (see `Algorithm::convert`): with another period,
     /// the estimate of the units used in the last period goes into the current window.
     pub fn convert(&self, to: &SlidingWindow, state: State, now: u64) -> State {

@@ -10,15 +10,26 @@ use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 /// Fingerprints a key: `str`, `bytes` or `int` (not `bool`).
 #[inline]
 pub fn key_fp(key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
+    key_fp_by(key, fingerprint)
+}
+
+/// Fingerprints a key with explicit SipHash keys (a shared-memory store's).
+#[inline]
+pub fn key_fp_with(key: &Bound<'_, PyAny>, k0: u64, k1: u64) -> PyResult<Fingerprint> {
+    key_fp_by(key, |kind, bytes| crate::key::fingerprint_with(k0, k1, kind, bytes))
+}
+
+#[inline]
+fn key_fp_by(key: &Bound<'_, PyAny>, fp: impl Fn(KeyKind, &[u8]) -> Fingerprint) -> PyResult<Fingerprint> {
     if let Ok(s) = key.cast::<PyString>() {
-        return Ok(fingerprint(KeyKind::Str, s.to_str()?.as_bytes()));
+        return Ok(fp(KeyKind::Str, s.to_str()?.as_bytes()));
     }
     if let Ok(b) = key.cast::<PyBytes>() {
-        return Ok(fingerprint(KeyKind::Bytes, b.as_bytes()));
+        return Ok(fp(KeyKind::Bytes, b.as_bytes()));
     }
     if key.is_instance_of::<PyInt>() && !key.is_instance_of::<PyBool>() {
         let v: i128 = key.extract().map_err(|_| bad_value("int keys must fit in 128 bits"))?;
-        return Ok(fingerprint(KeyKind::Int, &v.to_le_bytes()));
+        return Ok(fp(KeyKind::Int, &v.to_le_bytes()));
     }
     Err(wrong_type("key", "str, bytes or int", key))
 }

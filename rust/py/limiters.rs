@@ -21,6 +21,9 @@ pub struct Shared {
     pub inner: Arc<Limiter>,
     make: Make,
     clock: Option<Py<ManualClock>>,
+    /// Set when the states live in a `SharedMemoryStore` (then `inner` only holds the
+    /// quota, clock and shadow flag).
+    shm: Option<super::shm::ShmPart>,
 }
 
 /// The `logging` logger shadow-mode denials are reported to.
@@ -61,11 +64,24 @@ impl Shared {
         };
         let (core_clock, clock) = args::clock(opts.clock)?;
         let max_keys = args::max_keys(opts.max_keys)?;
-        let inner = Limiter::new(make(rate, burst)?, core_clock, ttl, max_keys)?;
+        let algo = make(rate, burst)?;
+        let shm = match opts.store.filter(|s| !s.is_none()) {
+            None => None,
+            Some(store) => {
+                if max_keys.is_some() {
+                    return Err(bad_value("max_keys does not apply with store=: the store's capacity bounds the keys"));
+                }
+                if opts.ttl.is_some() {
+                    return Err(bad_value("ttl does not apply with store=: give it to the SharedMemoryStore"));
+                }
+                Some(super::shm::ShmPart::new(store, algo.clone(), core_clock.clone())?)
+            }
+        };
+        let inner = Limiter::new(algo, core_clock, ttl, max_keys)?;
         if let Some(shadow) = opts.shadow {
             inner.set_shadow(args::flag("shadow", shadow)?);
         }
-        Ok(Shared { inner: Arc::new(inner), make, clock })
+        Ok(Shared { inner: Arc::new(inner), make, clock, shm })
     }
 
     #[inline]
@@ -74,6 +90,14 @@ impl Shared {
         key: &Bound<'_, PyAny>,
         cost: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(crate::algorithms::Decision, bool)> {
+        if let Some(shm) = &self.shm {
+            let cost = args::cost(cost)?;
+            let (d, shadowed) = shm.check(key, cost, true, self.inner.shadow())?;
+            if shadowed {
+                log_shadow(key, &self.inner, &d);
+            }
+            return Ok((d, shadowed));
+        }
         let fp = args::key_fp(key)?;
         let cost = args::cost(cost)?;
         let (d, shadowed) = self.inner.check(&fp, cost);
@@ -96,25 +120,58 @@ impl Shared {
         Ok(self.check(key, cost)?.0.allowed)
     }
 
+    fn peek_core(&self, key: &Bound<'_, PyAny>, cost: u64) -> PyResult<crate::algorithms::Decision> {
+        match &self.shm {
+            Some(shm) => Ok(shm.check(key, cost, false, false)?.0),
+            None => Ok(self.inner.peek(&args::key_fp(key)?, cost)),
+        }
+    }
+
     fn peek(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
-        let fp = args::key_fp(key)?;
         let cost = args::cost(cost)?;
-        Ok(Decision::from_core(self.inner.peek(&fp, cost)))
+        Ok(Decision::from_core(self.peek_core(key, cost)?))
     }
 
     fn get_limit(&self, key: &Bound<'_, PyAny>) -> PyResult<(bool, u64)> {
-        let d = self.inner.peek(&args::key_fp(key)?, 0);
+        let d = self.peek_core(key, 0)?;
         Ok((d.remaining >= 1, d.remaining))
     }
 
     fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner.reset(&args::key_fp(key)?);
-        Ok(())
+        match &self.shm {
+            Some(shm) => shm.reset(key),
+            None => {
+                self.inner.reset(&args::key_fp(key)?);
+                Ok(())
+            }
+        }
     }
 
     fn sweep(&self, py: Python<'_>) -> usize {
+        if let Some(shm) = &self.shm {
+            let (table, now) = (Arc::clone(&shm.table), shm.clock.now());
+            return py.detach(move || table.sweep(now));
+        }
         let inner = Arc::clone(&self.inner);
         py.detach(move || inner.sweep())
+    }
+
+    fn len(&self) -> usize {
+        match &self.shm {
+            Some(shm) => shm.table.count(),
+            None => self.inner.len(),
+        }
+    }
+
+    /// Refuses what a shared-memory limiter cannot do.
+    fn in_process_only(&self, what: &str) -> PyResult<()> {
+        if self.shm.is_some() {
+            return Err(bad_value(format!(
+                "{what} is not available with a SharedMemoryStore: the quota is part of the limiter's identity \
+                 in the store; build the limiter with the new rate in every process"
+            )));
+        }
+        Ok(())
     }
 
     fn clock(&self, py: Python<'_>) -> Option<Py<ManualClock>> {
@@ -136,12 +193,14 @@ impl Shared {
         rate: &Bound<'_, PyAny>,
         burst: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        self.in_process_only("set_quota")?;
         let fp = args::key_fp(key)?;
         let algo = self.quota(rate, burst)?;
         Ok(self.inner.set_quota(&fp, algo)?)
     }
 
     fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.in_process_only("clear_quota")?;
         Ok(self.inner.clear_quota(&args::key_fp(key)?))
     }
 
@@ -151,13 +210,25 @@ impl Shared {
         rate: &Bound<'_, PyAny>,
         burst: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        self.in_process_only("set_default_quota")?;
         let algo = self.quota(rate, burst)?;
         let inner = Arc::clone(&self.inner);
         Ok(py.detach(move || inner.set_default(algo))?)
     }
 
     fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
-        inspect_dict(key, &self.inner)
+        let out = inspect_dict(key, &self.inner)?;
+        if self.shm.is_some() {
+            let one = self.peek_core(key, 1)?;
+            let zero = self.peek_core(key, 0)?;
+            out.set_item("used", zero.limit.saturating_sub(zero.remaining))?;
+            out.set_item("remaining", zero.remaining)?;
+            out.set_item("allowed", one.allowed)?;
+            out.set_item("retry_after", one.retry_after.map_or(f64::INFINITY, ns_to_secs))?;
+            out.set_item("reset_after", ns_to_secs(zero.reset_after))?;
+            out.set_item("tracked", zero.remaining < zero.limit)?;
+        }
+        Ok(out)
     }
 
     fn top_keys<'py>(
@@ -166,11 +237,22 @@ impl Shared {
         n: usize,
         keys: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.in_process_only("top_keys")?;
         top_keys_of(py, &self.inner, n, keys)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        stats_dict(py, &self.inner)
+        let out = stats_dict(py, &self.inner)?;
+        if let Some(shm) = &self.shm {
+            let c = *shm.counters.lock();
+            out.set_item("allowed", c.allowed)?;
+            out.set_item("denied", c.denied)?;
+            out.set_item("near_limit", c.near_limit)?;
+            out.set_item("shadow_denied", c.shadow_denied)?;
+            out.set_item("store_full", shm.full.load(std::sync::atomic::Ordering::Relaxed))?;
+            out.set_item("keys", shm.table.count())?;
+        }
+        Ok(out)
     }
 
     fn repr(&self, slf: &Bound<'_, PyAny>, extra: &str) -> String {
@@ -180,6 +262,10 @@ impl Shared {
             None => String::new(),
         };
         let shadow = if self.inner.shadow() { ", shadow=True" } else { "" };
+        let max_keys = match &self.shm {
+            Some(shm) => format!("{max_keys}, store={:?}", shm.table.path),
+            None => max_keys,
+        };
         format!(
             "{name}('{}'{extra}, ttl={:?}{max_keys}{shadow})",
             self.inner.algo().rate(),
@@ -263,6 +349,7 @@ pub struct Options<'a, 'py> {
     clock: Option<&'a Bound<'py, PyAny>>,
     max_keys: Option<&'a Bound<'py, PyAny>>,
     shadow: Option<&'a Bound<'py, PyAny>>,
+    store: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// Generates a limiter class: its constructor is given, the checking methods are shared.
@@ -308,8 +395,9 @@ macro_rules! rate_limiter_class {
                 self.0.sweep(py)
             }
 
+            /// Keys tracked (with `store=`: every key in the shared store).
             fn __len__(&self) -> usize {
-                self.0.inner.len()
+                self.0.len()
             }
 
             /// Gives `key` its own quota from its next check on, keeping what it has
@@ -437,7 +525,7 @@ rate_limiter_class!(TokenBucket, |s| format!(", burst={}", s.0.inner.algo().limi
     /// A token bucket holding `burst` tokens (default: the rate's count), refilled
     /// continuously at `rate`. A new key starts full.
     #[new]
-    #[pyo3(signature = (rate, burst=None, ttl=None, clock=None, max_keys=None, shadow=None))]
+    #[pyo3(signature = (rate, burst=None, ttl=None, clock=None, max_keys=None, shadow=None, store=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         burst: Option<&Bound<'_, PyAny>>,
@@ -445,10 +533,11 @@ rate_limiter_class!(TokenBucket, |s| format!(", burst={}", s.0.inner.algo().limi
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
+        store: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
         let burst = optional_count("burst", burst, r.count)?;
-        let opts = Options { ttl, clock, max_keys, shadow };
+        let opts = Options { ttl, clock, max_keys, shadow, store };
         Ok(TokenBucket(Shared::build(r, Some(burst), make_token_bucket, opts)?))
     }
 });
@@ -458,7 +547,7 @@ rate_limiter_class!(LeakyBucket, |s| format!(", capacity={}", s.0.inner.algo().l
     /// tells each admitted call how long to wait (`Decision.delay`) so that admitted
     /// work leaves at `rate`.
     #[new]
-    #[pyo3(signature = (rate, capacity=None, ttl=None, clock=None, max_keys=None, shadow=None))]
+    #[pyo3(signature = (rate, capacity=None, ttl=None, clock=None, max_keys=None, shadow=None, store=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         capacity: Option<&Bound<'_, PyAny>>,
@@ -466,10 +555,11 @@ rate_limiter_class!(LeakyBucket, |s| format!(", capacity={}", s.0.inner.algo().l
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
+        store: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
         let capacity = optional_count("capacity", capacity, r.count)?;
-        let opts = Options { ttl, clock, max_keys, shadow };
+        let opts = Options { ttl, clock, max_keys, shadow, store };
         Ok(LeakyBucket(Shared::build(r, Some(capacity), make_leaky_bucket, opts)?))
     }
 });
@@ -478,16 +568,17 @@ rate_limiter_class!(FixedWindow, |_| String::new(), {
     /// At most the rate's count per window; windows are aligned to multiples of the
     /// period on the limiter's clock.
     #[new]
-    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None))]
+    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None, store=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
+        store: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        let opts = Options { ttl, clock, max_keys, shadow };
+        let opts = Options { ttl, clock, max_keys, shadow, store };
         Ok(FixedWindow(Shared::build(r, None, make_fixed_window, opts)?))
     }
 });
@@ -496,16 +587,17 @@ rate_limiter_class!(SlidingWindow, |_| String::new(), {
     /// The two-window weighted counter: estimate = previous * (1 - elapsed/period)
     /// + current must stay within the rate's count.
     #[new]
-    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None))]
+    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None, store=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
+        store: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        let opts = Options { ttl, clock, max_keys, shadow };
+        let opts = Options { ttl, clock, max_keys, shadow, store };
         Ok(SlidingWindow(Shared::build(r, None, make_sliding_window, opts)?))
     }
 });
@@ -515,18 +607,23 @@ type Parts = (Vec<Arc<Limiter>>, Option<Py<ManualClock>>);
 
 fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Parts> {
     let py = obj.py();
-    let one = |s: &Shared| (vec![Arc::clone(&s.inner)], s.clock(py));
+    let one = |s: &Shared| -> PyResult<Parts> {
+        if s.shm.is_some() {
+            return Err(bad_value("Composite parts must keep their states in-process (not in a SharedMemoryStore)"));
+        }
+        Ok((vec![Arc::clone(&s.inner)], s.clock(py)))
+    };
     if let Ok(x) = obj.cast::<TokenBucket>() {
-        return Ok(one(&x.get().0));
+        return one(&x.get().0);
     }
     if let Ok(x) = obj.cast::<SlidingWindow>() {
-        return Ok(one(&x.get().0));
+        return one(&x.get().0);
     }
     if let Ok(x) = obj.cast::<FixedWindow>() {
-        return Ok(one(&x.get().0));
+        return one(&x.get().0);
     }
     if let Ok(x) = obj.cast::<LeakyBucket>() {
-        return Ok(one(&x.get().0));
+        return one(&x.get().0);
     }
     if let Ok(x) = obj.cast::<Composite>() {
         let c = x.get();

@@ -6,6 +6,7 @@ mod args;
 mod concurrency;
 mod errors;
 mod limiters;
+mod shm;
 mod tokens;
 mod types;
 
@@ -26,5 +27,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<concurrency::Concurrency>()?;
     m.add_class::<concurrency::Lease>()?;
     m.add_class::<tokens::TokenLimiter>()?;
+    m.add_class::<shm::SharedMemoryStore>()?;
     Ok(())
 }

@@ -15,6 +15,8 @@
 //!   be dropped, the new key is refused and its call denied. Keys already tracked keep
 //!   their limits whatever the flood of new keys.
 
+pub mod shm;
+
 use crate::algorithms::State;
 use crate::clock::NANOS;
 use crate::key::Fingerprint;

@@ -1,0 +1,225 @@
+//! `SharedMemoryStore`, and the part of a limiter that keeps its states there.
+
+use super::args;
+use super::errors::{bad_value, wrong_type};
+use crate::algorithms::{Algorithm, Decision};
+use crate::clock::{ns_to_secs, Clock};
+use crate::key::{fingerprint_with, Fingerprint, KeyKind};
+use crate::limiter::Counters;
+use crate::store::shm::{Location, ShmTable};
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::types::PyString;
+use std::sync::Arc;
+
+/// A store in shared memory that every process of a host maps: pass it as `store=` to
+/// a limiter, in every worker, and the limit holds across all of them.
+#[pyclass(frozen, module = "nexus_limits._core")]
+pub struct SharedMemoryStore {
+    pub table: Arc<ShmTable>,
+    name: Option<String>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && !name.starts_with('.')
+}
+
+#[pymethods]
+impl SharedMemoryStore {
+    #[new]
+    #[pyo3(signature = (name=None, capacity=None, *, path=None, ttl=None))]
+    fn new(
+        py: Python<'_>,
+        name: Option<&Bound<'_, PyAny>>,
+        capacity: Option<&Bound<'_, PyAny>>,
+        path: Option<&Bound<'_, PyAny>>,
+        ttl: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let text = |what: &str, v: &Bound<'_, PyAny>| -> PyResult<String> {
+            Ok(v.cast::<PyString>().map_err(|_| wrong_type(what, "a str", v))?.to_str()?.to_string())
+        };
+        let name = name.filter(|v| !v.is_none()).map(|v| text("name", v)).transpose()?;
+        let path = match path.filter(|v| !v.is_none()) {
+            None => None,
+            Some(v) => Some(match v.cast::<PyString>() {
+                Ok(s) => s.to_str()?.to_string(),
+                Err(_) => v.call_method0("__fspath__").map_err(|_| wrong_type("path", "a str or a path", v))?.extract()?,
+            }),
+        };
+        let capacity = match capacity.filter(|v| !v.is_none()) {
+            None => None,
+            Some(v) => Some(args::count("capacity", v)?),
+        };
+        let ttl = match ttl {
+            Some(v) => args::seconds("ttl", v)?,
+            None => 3600.0,
+        };
+        if !(ttl.is_finite() && ttl >= 1.0) {
+            return Err(bad_value(format!("ttl must be at least 1 second, got {ttl}")));
+        }
+        let ttl_secs = ttl.ceil() as u64;
+        let table = match (&name, &path) {
+            (Some(n), None) => {
+                if !valid_name(n) {
+                    return Err(bad_value(format!(
+                        "name {n:?} must be 1 to 200 letters, digits, '_', '-' or '.' (not starting with '.')"
+                    )));
+                }
+                let n = n.clone();
+                py.detach(move || ShmTable::open(Location::Name(&n), capacity, ttl_secs))?
+            }
+            (None, Some(p)) => {
+                let p = p.clone();
+                py.detach(move || ShmTable::open(Location::Path(&p), capacity, ttl_secs))?
+            }
+            _ => return Err(bad_value("give a name (POSIX shared memory) or a path, not both")),
+        };
+        Ok(SharedMemoryStore { table: Arc::new(table), name })
+    }
+
+    /// Slots in the table (the most keys it can hold).
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    /// The file the table lives in.
+    #[getter]
+    fn path(&self) -> &str {
+        &self.table.path
+    }
+
+    #[getter]
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Seconds a key must be idle before its slot may go to another key.
+    #[getter]
+    fn ttl(&self) -> f64 {
+        self.table.ttl_secs as f64
+    }
+
+    /// Keys held now, all limiters together (walks the table).
+    fn __len__(&self, py: Python<'_>) -> usize {
+        let table = Arc::clone(&self.table);
+        py.detach(move || table.count())
+    }
+
+    /// Frees the slots of keys idle past the ttl now; returns how many. (Idle slots are
+    /// also taken over on demand when a new key needs one.)
+    fn sweep(&self, py: Python<'_>) -> usize {
+        let table = Arc::clone(&self.table);
+        py.detach(move || table.sweep(crate::clock::monotonic_ns()))
+    }
+
+    /// Removes the store's name (or file): processes that have it open keep using it;
+    /// the next open creates a new, empty one.
+    fn unlink(&self) -> PyResult<()> {
+        let path = std::ffi::CString::new(self.table.path.clone()).map_err(|_| bad_value("path has a NUL"))?;
+        // SAFETY: a valid C string.
+        if unsafe { libc::unlink(path.as_ptr()) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::NotFound {
+                return Err(bad_value(format!("cannot remove {}: {err}", self.table.path)));
+            }
+        }
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.name {
+            Some(n) => format!("SharedMemoryStore({n:?}, capacity={}, ttl={:?})", self.table.capacity(), self.ttl()),
+            None => format!(
+                "SharedMemoryStore(path={:?}, capacity={}, ttl={:?})",
+                self.table.path,
+                self.table.capacity(),
+                self.ttl()
+            ),
+        }
+    }
+}
+
+/// The part of a limiter that keeps its states in a shared-memory store.
+pub struct ShmPart {
+    pub table: Arc<ShmTable>,
+    /// Mixed into every key's fingerprint, so limiters sharing a store never share keys.
+    salt: [u32; 3],
+    pub algo: Algorithm,
+    pub clock: Clock,
+    /// Counters of this process.
+    pub counters: Mutex<Counters>,
+    pub full: std::sync::atomic::AtomicU64,
+}
+
+impl ShmPart {
+    pub fn new(store: &Bound<'_, PyAny>, algo: Algorithm, clock: Clock) -> PyResult<ShmPart> {
+        let store = store.cast::<SharedMemoryStore>().map_err(|_| wrong_type("store", "a SharedMemoryStore", store))?;
+        let table = Arc::clone(&store.get().table);
+        let need = algo.time_to_fresh();
+        if need > table.ttl_secs.saturating_mul(crate::clock::NANOS) {
+            return Err(bad_value(format!(
+                "this limiter needs {}s to forget a key but the store's ttl is {}s: open the store with ttl >= {}",
+                ns_to_secs(need),
+                table.ttl_secs,
+                ns_to_secs(need).ceil()
+            )));
+        }
+        let rate = algo.rate();
+        let id = format!("{}|{}|{}|{}", algo.name(), rate.count, rate.period_ns, algo.limit());
+        let salt = fingerprint_with(table.k0, table.k1, KeyKind::Bytes, id.as_bytes()).0;
+        Ok(ShmPart {
+            table,
+            salt,
+            algo,
+            clock,
+            counters: Mutex::new(Counters::default()),
+            full: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    #[inline]
+    pub fn fp(&self, key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
+        let f = args::key_fp_with(key, self.table.k0, self.table.k1)?;
+        Ok(Fingerprint([f.0[0] ^ self.salt[0], f.0[1] ^ self.salt[1], f.0[2] ^ self.salt[2]]))
+    }
+
+    /// Decides (and with `charge`, charges) a call; the flag tells a shadow-mode admission.
+    #[inline]
+    pub fn check(&self, key: &Bound<'_, PyAny>, cost: u64, charge: bool, shadow: bool) -> PyResult<(Decision, bool)> {
+        let fp = self.fp(key)?;
+        let now = self.clock.now();
+        let d = match self.table.check(&fp, &self.algo, now, cost, charge) {
+            Some(d) => d,
+            None => {
+                self.full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Decision {
+                    allowed: false,
+                    limit: self.algo.limit(),
+                    remaining: 0,
+                    reset_after: 0,
+                    retry_after: Some(self.algo.time_to_fresh()),
+                    delay: 0,
+                }
+            }
+        };
+        if !charge {
+            return Ok((d, false));
+        }
+        let mut c = self.counters.lock();
+        c.count(&d);
+        if !d.allowed && shadow {
+            c.shadow_denied += 1;
+            return Ok((Decision { allowed: true, retry_after: Some(0), ..d }, true));
+        }
+        Ok((d, false))
+    }
+
+    pub fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.table.remove(&self.fp(key)?);
+        Ok(())
+    }
+}
