@@ -590,7 +590,7 @@ mod tests {
         for (i, used) in [(h, 3u64), ((h + 1) & mask, 4u64)] {
             let (key, state) = table.words(i);
             key.store(f | 1u128 << 96, SeqCst);
-            state.store(encode(((0u128) << 64) | used as u128, mask_of(f)), SeqCst);
+            state.store(encode(used as u128, mask_of(f)), SeqCst); // window 0, `used` units
         }
         table.dedupe(f, &algo, 0);
         assert_eq!(table.count(), 1);
