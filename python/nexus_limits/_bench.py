@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import nexus_limits as nl
 
@@ -222,6 +222,61 @@ def redis_round_trips(url: str, calls: int = 2_000, repeats: int = 15) -> Dict[s
     client.delete("nl-bench-incr")
     client.close()
     return {"url": url, "rows": rows}
+
+
+def store_comparison(
+    redis_url: Optional[str] = None, calls: int = 20_000, repeats: int = 15, keys: int = 100_000
+) -> Dict[str, Any]:
+    """ns per try_acquire of a TokenBucket kept in-process, in a SharedMemoryStore and
+    (with ``redis_url``) on Redis: one hot key, and ``keys`` distinct keys. Turns are
+    interleaved, each figure the median of its batches."""
+    import uuid
+
+    import nexus_limits as nl
+
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    store = nl.SharedMemoryStore(name, capacity=4 * keys)
+    try:
+        targets: List[Tuple[str, Any]] = [
+            ("in-process", nl.TokenBucket(ALWAYS)),
+            ("shared memory", nl.TokenBucket(ALWAYS, store=store)),
+        ]
+        client = None
+        if redis_url is not None:
+            import redis
+
+            from . import redis as nlr
+
+            client = redis.Redis.from_url(redis_url)
+            targets.append(("Redis", nlr.TokenBucket(client, ALWAYS, prefix="nl-bench")))
+        hot: Dict[str, List[float]] = {t: [] for t, _ in targets}
+        for _ in range(repeats):
+            for t, lim in targets:
+                n = calls if t != "Redis" else max(calls // 100, 50)
+                hot[t].append(ns_per_call(lim.try_acquire, "hot-key", n, 1))
+        spread: Dict[str, float] = {}
+        names = [f"client-{i:08d}" for i in range(keys)]
+        for t, lim in targets:
+            if t == "Redis":
+                continue
+            f = lim.try_acquire
+            started = time.perf_counter()
+            for k in names:
+                f(k)
+            spread[t] = (time.perf_counter() - started) / keys * 1e9
+        rows = []
+        base = statistics.median(hot["in-process"])
+        for t, _ in targets:
+            ns = statistics.median(hot[t])
+            rows.append({"store": t, "hot_ns": ns, "vs_in_process": ns / base, "distinct_ns": spread.get(t)})
+        shm = statistics.median(hot["shared memory"])
+        out: Dict[str, Any] = {"rows": rows, "shm_vs_in_process": shm / base}
+        if client is not None:
+            out["redis_vs_shm"] = statistics.median(hot["Redis"]) / shm
+            client.close()
+        return out
+    finally:
+        store.unlink()
 
 
 def _redis_worker(url: str, seconds: float, queue: Any) -> None:

@@ -1,7 +1,6 @@
 """Type stub of the native module ``nexus_limits._core`` (checked by mypy.stubtest)."""
 
 import os
-
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, final
 
 from typing_extensions import Self, disjoint_base
@@ -285,7 +284,7 @@ class SharedMemoryStore:
         name: Optional[str] = None,
         capacity: Optional[int] = None,
         *,
-        path: Optional[Union[str, "os.PathLike[str]"]] = None,
+        path: Optional[Union[str, os.PathLike[str]]] = None,
         ttl: Optional[float] = None,
     ) -> SharedMemoryStore: ...
     @property
