@@ -10,6 +10,9 @@ pub mod fixed_window;
 pub mod gcra;
 pub mod sliding_window;
 
+#[cfg(test)]
+mod props;
+
 pub use fixed_window::FixedWindow;
 pub use gcra::Gcra;
 pub use sliding_window::SlidingWindow;
