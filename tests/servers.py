@@ -72,6 +72,7 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", self.dir,
             "--protected-mode", "yes",
+            "--enable-debug-command", "local",  # DEBUG SLEEP: the fault tests make the server slow
         ]  # fmt: skip
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
