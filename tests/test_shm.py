@@ -64,8 +64,10 @@ def test_store_file_and_errors(store_name, tmp_path):
         nl.SharedMemoryStore(5)
     with pytest.raises(ValueError, match="capacity must be at least 1"):
         nl.SharedMemoryStore(store_name + "x", capacity=0)
-    with pytest.raises(ValueError, match="ttl must be at least 1 second"):
+    with pytest.raises(ValueError, match="ttl must be a number of seconds from 1"):
         nl.SharedMemoryStore(store_name + "x", ttl=0.5)
+    with pytest.raises(ValueError, match="exists with ttl 3600 s"):
+        nl.SharedMemoryStore(store_name, ttl=60)
     # Another file, a store of another layout version, a damaged one.
     other = tmp_path / "not-a-store"
     other.write_bytes(b"x" * 10_000)

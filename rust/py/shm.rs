@@ -53,14 +53,16 @@ impl SharedMemoryStore {
             None => None,
             Some(v) => Some(args::count("capacity", v)?),
         };
-        let ttl = match ttl {
-            Some(v) => args::seconds("ttl", v)?,
-            None => 3600.0,
+        let ttl_secs = match ttl.filter(|v| !v.is_none()) {
+            None => None,
+            Some(v) => {
+                let ttl = args::seconds("ttl", v)?;
+                if !(ttl.is_finite() && (1.0..=1e12).contains(&ttl)) {
+                    return Err(bad_value(format!("ttl must be a number of seconds from 1, got {ttl}")));
+                }
+                Some(ttl.ceil() as u64)
+            }
         };
-        if !(ttl.is_finite() && ttl >= 1.0) {
-            return Err(bad_value(format!("ttl must be at least 1 second, got {ttl}")));
-        }
-        let ttl_secs = ttl.ceil() as u64;
         let table = match (&name, &path) {
             (Some(n), None) => {
                 if !valid_name(n) {

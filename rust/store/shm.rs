@@ -118,8 +118,10 @@ impl Drop for Locked {
 impl ShmTable {
     /// Opens (creating it with mode 0600 if needed) the store at `location`.
     /// `capacity`: slots wanted (rounded up to a power of two); `None` accepts an
-    /// existing store's. `ttl_secs` is recorded at creation.
-    pub fn open(location: Location<'_>, capacity: Option<u64>, ttl_secs: u64) -> Result<ShmTable> {
+    /// existing store's. `ttl_secs` (default 3600) is recorded at creation; `None` accepts
+    /// an existing store's, another value is an error.
+    pub fn open(location: Location<'_>, capacity: Option<u64>, ttl: Option<u64>) -> Result<ShmTable> {
+        let ttl_secs = ttl.unwrap_or(3600);
         let asked = capacity;
         if let Some(c) = capacity {
             if c == 0 || c > MAX_CAPACITY {
@@ -234,6 +236,15 @@ impl ShmTable {
                         "{} exists with capacity {}; open it with that capacity (or none), or remove it to \
                          make one of {want}",
                         table.path, header.capacity
+                    )));
+                }
+            }
+            if let Some(t) = ttl {
+                if t != header.ttl_secs {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} exists with ttl {} s; open it with that ttl (or none), or remove it to make one \
+                         with ttl {t} s",
+                        table.path, header.ttl_secs
                     )));
                 }
             }
@@ -536,7 +547,7 @@ mod tests {
     #[test]
     fn threads_admit_exactly_the_quota() {
         let p = path("threads");
-        let table = Arc::new(ShmTable::open(Location::Path(&p), Some(4096), 3600).unwrap());
+        let table = Arc::new(ShmTable::open(Location::Path(&p), Some(4096), Some(3600)).unwrap());
         let algo = bucket("100/day", 100);
         let handles: Vec<_> = (0..4)
             .map(|_| {
@@ -562,7 +573,7 @@ mod tests {
     #[test]
     fn new_keys_raced_by_threads_are_admitted_once() {
         let p = path("race");
-        let table = Arc::new(ShmTable::open(Location::Path(&p), Some(1 << 16), 3600).unwrap());
+        let table = Arc::new(ShmTable::open(Location::Path(&p), Some(1 << 16), Some(3600)).unwrap());
         let algo = bucket("1/day", 1);
         let handles: Vec<_> = (0..4)
             .map(|_| {
@@ -581,7 +592,7 @@ mod tests {
     #[test]
     fn merge_keeps_both_charges() {
         let p = path("merge");
-        let table = ShmTable::open(Location::Path(&p), Some(64), 3600).unwrap();
+        let table = ShmTable::open(Location::Path(&p), Some(64), Some(3600)).unwrap();
         let algo = Algorithm::FixedWindow(FixedWindow::new(Rate::parse("10/minute").unwrap()).unwrap());
         let f = pack_fp(&fp(1));
         let mask = table.capacity - 1;
@@ -602,7 +613,7 @@ mod tests {
     #[test]
     fn full_window_denies_new_keys_until_idle_slots_expire() {
         let p = path("full");
-        let table = ShmTable::open(Location::Path(&p), Some(32), 2).unwrap();
+        let table = ShmTable::open(Location::Path(&p), Some(32), Some(2)).unwrap();
         let algo = bucket("10/s", 10);
         let admitted = (0..200u64).filter(|&i| table.check(&fp(i), &algo, NANOS, 1, true).is_some()).count();
         assert_eq!(admitted, 32, "32 slots");
@@ -618,22 +629,23 @@ mod tests {
     fn reopening_checks_the_header() {
         let p = path("header");
         {
-            let table = ShmTable::open(Location::Path(&p), Some(100), 60).unwrap();
+            let table = ShmTable::open(Location::Path(&p), Some(100), Some(60)).unwrap();
             assert_eq!(table.capacity(), 128);
             assert!(table.check(&fp(1), &bucket("1/minute", 1), NANOS, 1, true).unwrap().allowed);
         }
-        let again = ShmTable::open(Location::Path(&p), None, 3600).unwrap();
+        assert!(ShmTable::open(Location::Path(&p), None, Some(3600)).is_err(), "another ttl");
+        let again = ShmTable::open(Location::Path(&p), None, None).unwrap();
         assert_eq!((again.capacity(), again.ttl_secs), (128, 60), "the file's own capacity and ttl");
         assert!(!again.check(&fp(1), &bucket("1/minute", 1), 2 * NANOS, 1, true).unwrap().allowed, "state kept");
-        assert!(ShmTable::open(Location::Path(&p), Some(1000), 60).is_err());
+        assert!(ShmTable::open(Location::Path(&p), Some(1000), Some(60)).is_err());
         drop(again);
         let mut bytes = std::fs::read(&p).unwrap();
         bytes[8] = 9; // version
         std::fs::write(&p, &bytes).unwrap();
-        let err = ShmTable::open(Location::Path(&p), None, 60).err().unwrap().to_string();
+        let err = ShmTable::open(Location::Path(&p), None, None).err().unwrap().to_string();
         assert!(err.contains("layout version 9"), "{err}");
         std::fs::write(&p, b"hello").unwrap();
-        assert!(ShmTable::open(Location::Path(&p), None, 60).is_err());
+        assert!(ShmTable::open(Location::Path(&p), None, None).is_err());
         std::fs::remove_file(p).unwrap();
     }
 }
