@@ -103,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--markdown", dest="markdown_path", default=None, metavar="FILE.md", help="also write the tables as Markdown"
     )
     g = sub.add_parser("gateway", help="run the reference LLM gateway")
-    g.add_argument("--config", required=True, metavar="FILE", help="the gateway's TOML config")
+    g.add_argument("--config", required=True, metavar="FILE", help="the gateway's config (TOML, or YAML with PyYAML)")
     g.add_argument("--host", default=None, help="override [server] host")
     g.add_argument("--port", type=int, default=None, help="override [server] port")
     g.add_argument("--check", action="store_true", help="only check the config and exit")
