@@ -209,3 +209,10 @@ def test_never_more_admitted_than_the_quota_in_any_window(kind, limit, ops):
     if kind is nl.FixedWindow:
         for window in {int(t // period) for t, _ in admitted}:
             assert sum(c for t, c in admitted if int(t // period) == window) <= limit
+
+
+def test_upstream_headers_with_infinite_or_nan_numbers():
+    """Found by the fuzzer: float("inf") parses but is no integer."""
+    for text in ("INFINITY", "-inf", "nan", "1e400"):
+        limits = parse_rate_limit_headers({"x-ratelimit-limit-requests": text, "x-ratelimit-remaining-tokens": text})
+        assert limits is not None

@@ -54,7 +54,7 @@ def _int(value: Optional[str]) -> Optional[int]:
         return None
     try:
         return int(float(value.strip()))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf/nan
         return None
 
 
