@@ -54,7 +54,9 @@ class Metrics:
     """Collects nexus-limits metrics into a prometheus-client registry.
 
     ``registry``: where to register (default: ``prometheus_client.REGISTRY``);
-    ``namespace``: the metric name prefix.
+    ``namespace``: the metric name prefix. One ``Metrics`` per registry and namespace
+    (a second one would register the same metric names, which prometheus-client
+    refuses); share it between adapters and ``watch`` every limiter on it.
     """
 
     def __init__(self, registry: Any = None, namespace: str = "nexus_limits") -> None:
