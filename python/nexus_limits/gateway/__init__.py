@@ -1,0 +1,20 @@
+"""The reference LLM gateway: ``nexus-limits gateway --config gateway.toml``.
+
+An ASGI app (served by uvicorn) that proxies an OpenAI- or Anthropic-compatible API to
+one upstream with httpx, streaming, and enforces per-key request, token and
+concurrency limits per tier — in-process or on Redis. See ``examples/gateway.toml``.
+
+The config is TOML, or YAML (``.yaml``/``.yml``, with PyYAML installed); every mistake
+is reported with the file, the line and the field. The gateway reloads it on SIGHUP
+(and, with ``reload = "watch"``, when the file changes), keeping every counter; it
+serves Prometheus metrics (``metrics_path``) and, with an admin token, one key's state
+and the top keys of a tier.
+
+The rooms: ``config`` (the file and its checks), ``app`` (routing, tiers, reload),
+``proxy`` (forwarding to the upstream), ``admin`` (the admin endpoints).
+"""
+
+from .app import Gateway, build_app, run
+from .config import ConfigError, GatewayConfig, Tier, load_config
+
+__all__ = ["ConfigError", "Gateway", "GatewayConfig", "Tier", "build_app", "load_config", "run"]

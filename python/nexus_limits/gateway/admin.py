@@ -1,0 +1,78 @@
+"""The gateway's admin endpoints, behind the admin token: one key's state and a tier's
+top keys."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Dict
+from urllib.parse import parse_qs, unquote
+
+from ..adapters._common import problem
+from ..adapters.asgi import Scope, Send, request_of
+from .proxy import reply
+
+__all__ = ["admin", "json_reply"]
+
+
+async def admin(gateway: Any, scope: Scope, send: Send) -> None:
+    """``GET /_nexus/keys/<key>``: one key's tier and limits; ``GET /_nexus/top?tier=<t>&n=<n>``:
+    the keys using the largest share of the tier's token limit. Bearer admin token."""
+    req = request_of(scope)
+    token = gateway.cfg.admin_token
+    given = req.headers.get("authorization", "")
+    if token is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        await reply(
+            send,
+            404 if token is None else 403,
+            problem(
+                404 if token is None else 403,
+                "Not Found" if token is None else "Forbidden",
+                "admin endpoints need the admin token",
+            ),
+        )
+        return
+    path = scope["path"]
+    if path.startswith("/_nexus/keys/"):
+        key = unquote(path[len("/_nexus/keys/") :])
+        tier = gateway.cfg.keys.get(key, gateway.cfg.default_tier)
+        doc: Dict[str, Any] = {"key": key, "tier": tier}
+        middleware = gateway.tiers.get(tier) if tier is not None else None
+        if middleware is not None and middleware.limiter is not None:
+            inspect = getattr(middleware.limiter, "inspect", None)
+            if inspect is None:
+                doc["limits"] = None
+                doc["detail"] = "per-key state is available with the memory backend"
+            else:
+                doc["limits"] = inspect(key)
+        await json_reply(send, 200, doc)
+        return
+    if path == "/_nexus/top":
+        query = parse_qs(req.query)
+        tier = (query.get("tier") or [gateway.cfg.default_tier or next(iter(gateway.cfg.tiers))])[0]
+        try:
+            n = int((query.get("n") or ["10"])[0])
+        except ValueError:
+            n = -1
+        middleware = gateway.tiers.get(tier)
+        if middleware is None or not 1 <= n <= 1000:
+            await reply(send, 400, problem(400, "Bad Request", "tier must be a tier and n from 1 to 1000"))
+            return
+        limiter = middleware.limiter
+        if limiter is None or not callable(getattr(limiter, "top_keys", None)):
+            await reply(send, 501, problem(501, "Not Implemented", "top keys need the memory backend"))
+            return
+        which = "tokens" if limiter.tokens is not None else "requests" if limiter.requests is not None else None
+        if which is None:
+            await json_reply(send, 200, {"tier": tier, "top": []})
+            return
+        names = [k for k, t in gateway.cfg.keys.items() if t == tier]
+        await json_reply(send, 200, {"tier": tier, "limit": which, "top": limiter.top_keys(n, names, limit=which)})
+        return
+    await reply(send, 404, problem(404, "Not Found", "unknown admin endpoint"))
+
+
+async def json_reply(send: Send, status: int, doc: Any) -> None:
+    body = json.dumps(doc, default=str).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,310 @@
+"""The gateway app: routes each request to its key's tier and that tier's limits, then the
+upstream; reloads its config on SIGHUP or when the file changes, keeping every counter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any, Dict, Optional, Tuple
+
+from ..adapters._common import problem
+from ..adapters.asgi import Receive, Scope, Send, request_of
+from ..adapters.llm import ANTHROPIC_PATHS, OPENAI_PATHS, LLMLimitMiddleware
+from ..tokens import OutputEstimate
+from .admin import admin
+from .config import ConfigError, GatewayConfig, Tier, load_config
+from .proxy import Proxy, reply
+
+__all__ = ["Gateway", "build_app", "run"]
+
+log = logging.getLogger("nexus_limits.gateway")
+
+
+def _limiter(cfg: GatewayConfig, tier: Tier, redis_client: Any) -> Any:
+    import nexus_limits as nl
+
+    kwargs: Dict[str, Any] = {
+        "requests": tier.requests,
+        "tokens": tier.tokens,
+        "daily_tokens": tier.daily_tokens,
+        "concurrency": tier.concurrency,
+        "lease_ttl": cfg.lease_ttl,
+    }
+    if redis_client is None:
+        return nl.TokenLimiter(shadow=tier.shadow, **kwargs)
+    from ..redis.asyncio import TokenLimiter
+
+    return TokenLimiter(
+        redis_client, prefix=cfg.redis_prefix, name=f"tier-{tier.name}", on_error=cfg.on_error, **kwargs
+    )
+
+
+def _prices(cfg: GatewayConfig) -> Any:
+    from ..spend import default_prices
+
+    prices = default_prices()
+    for model, price in cfg.prices.items():
+        prices.set(model, price)
+    return prices
+
+
+def _spend(cfg: GatewayConfig, tier: Tier) -> Any:
+    if tier.spend is None:
+        return None
+    from ..spend import SpendLimiter
+
+    if cfg.backend == "redis":
+        import redis
+
+        from ..redis import SpendLimiter as RedisSpend
+
+        client = redis.Redis.from_url(str(cfg.redis_url))
+        return RedisSpend(
+            client,
+            tier.spend,
+            prices=_prices(cfg),
+            prefix=cfg.redis_prefix,
+            name=f"spend-{tier.name}",
+            on_error=cfg.on_error,
+            lease_ttl=cfg.lease_ttl,
+        )
+    return SpendLimiter(tier.spend, prices=_prices(cfg), lease_ttl=cfg.lease_ttl)
+
+
+# What a reload cannot change: these need a restart.
+_RESTART_FIELDS = (
+    "upstream_url",
+    "upstream_api_key",
+    "upstream_timeout",
+    "host",
+    "port",
+    "backend",
+    "redis_url",
+    "redis_prefix",
+    "on_error",
+    "lease_ttl",
+    "reload",
+    "metrics_path",
+    "admin_token",
+)
+
+
+class Gateway:
+    """Routes each request to its key's tier and that tier's limits, then the upstream."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        from ..metrics import Metrics
+
+        self.cfg = cfg
+        self.proxy = Proxy(cfg)
+        redis_client = None
+        if cfg.backend == "redis":
+            import redis.asyncio
+
+            redis_client = redis.asyncio.Redis.from_url(str(cfg.redis_url))
+        self.redis = redis_client
+        self.metrics = Metrics(registry=CollectorRegistry())
+        self.reloads = Counter(
+            "config_reloads", "Config reloads by result", ("result",), namespace="nexus_limits", registry=None
+        )
+        self.metrics.registry.register(self.reloads)
+        self.tiers: Dict[str, Any] = {}
+        self._outputs: Dict[str, Tuple[Tuple[Any, ...], OutputEstimate]] = {}
+        self._build(cfg, None)
+        self.key_header = cfg.key.split(":", 1)[1].lower() if cfg.key.startswith("header:") else None
+        self._watcher: Optional[asyncio.Task[None]] = None
+
+    def _output(self, cfg: GatewayConfig, tier: Tier) -> OutputEstimate:
+        """The tier's output estimate; kept across reloads (a learned one keeps what it learned)."""
+        spec = (cfg.learn_output, tier.default_output_tokens)
+        kept = self._outputs.get(tier.name)
+        if kept is not None and kept[0] == spec:
+            return kept[1]
+        output: OutputEstimate
+        if cfg.learn_output:
+            from ..spend import LearnedOutputEstimate
+
+            output = LearnedOutputEstimate(default=tier.default_output_tokens)
+        else:
+            output = OutputEstimate(default=tier.default_output_tokens)
+        self._outputs[tier.name] = (spec, output)
+        return output
+
+    def _build(self, cfg: GatewayConfig, old: Optional[GatewayConfig]) -> None:
+        """Builds every tier's middleware; on a reload (``old`` given) a tier whose set of
+        limits is unchanged keeps its limiters, and so its counters, with the new quotas."""
+        tiers: Dict[str, Any] = {}
+        for name, tier in cfg.tiers.items():
+            before = old.tiers.get(name) if old is not None else None
+            current = self.tiers.get(name)
+            limiter = current.limiter if current is not None else None
+            spend = current.spend if current is not None else None
+            if before is None or current is None or before.shape() != tier.shape():
+                if before is not None:
+                    log.warning("tier %s: its set of limits changed; its counters start again", name)
+                limiter = _limiter(cfg, tier, self.redis) if tier.has_limits() else None
+            elif limiter is not None and before != tier:
+                self._requota(cfg, tier, limiter)
+                limiter = limiter if self.redis is None else _limiter(cfg, tier, self.redis)
+            if tier.spend is None:
+                spend = None
+            elif before is None or before.spend is None or spend is None:
+                spend = _spend(cfg, tier)
+            elif tier.spend != before.spend:
+                if cfg.backend == "redis":
+                    spend = _spend(cfg, tier)  # the same name: the same keys, the new budget
+                else:
+                    spend.set_budget(tier.spend)
+            if old is not None and cfg.prices != old.prices and spend is not None:
+                spend.prices = _prices(cfg)
+            tiers[name] = LLMLimitMiddleware(
+                self.proxy,
+                limiter=limiter,
+                spend=spend,
+                key=cfg.key,
+                output=self._output(cfg, tier),
+                metrics=self.metrics,
+                metrics_labels=(f"tier-{name}", name),
+            )
+            for label, watched in ((f"tier-{name}", limiter), (f"spend-{name}", spend)):
+                if watched is not None:
+                    self.metrics.watch(watched, label)
+                else:
+                    self.metrics.unwatch(label)
+        for name in set(self.tiers) - set(tiers):
+            self.metrics.unwatch(f"tier-{name}")
+            self.metrics.unwatch(f"spend-{name}")
+        self.tiers = tiers
+
+    @staticmethod
+    def _requota(cfg: GatewayConfig, tier: Tier, limiter: Any) -> None:
+        if callable(getattr(limiter, "set_default_quota", None)):
+            limiter.set_default_quota(
+                requests=tier.requests,
+                tokens=tier.tokens,
+                daily_tokens=tier.daily_tokens,
+                concurrency=tier.concurrency,
+            )
+            limiter.shadow = tier.shadow
+
+    def reload(self) -> bool:
+        """Reads the config again and applies it, keeping every counter. A broken config
+        is logged and changes nothing. Returns True when the new config is in force."""
+        try:
+            cfg = load_config(self.cfg.path)
+            for name in _RESTART_FIELDS:
+                if getattr(cfg, name) != getattr(self.cfg, name):
+                    log.warning("config reload: %s changed; it takes effect at the next restart", name)
+                    setattr(cfg, name, getattr(self.cfg, name))
+            if cfg.key != self.cfg.key:
+                log.warning("config reload: gateway.key changed; it takes effect at the next restart")
+                cfg.key = self.cfg.key
+            self._build(cfg, self.cfg)
+        except (ConfigError, ValueError, TypeError) as error:
+            log.error("config reload failed, keeping the running config: %s", error)
+            self.reloads.labels("error").inc()
+            return False
+        self.cfg = cfg
+        self.reloads.labels("ok").inc()
+        log.info("config reloaded from %s", cfg.path)
+        return True
+
+    async def _watch(self) -> None:
+        """Polls the config file's modification time; reloads when it changes."""
+        path = self.cfg.path
+
+        def stamp() -> Optional[Tuple[int, int]]:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_mtime_ns, st.st_size
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval)
+            now = stamp()
+            if now is not None and now != seen:
+                seen = now
+                self.reload()
+
+    def _start_reloading(self) -> None:
+        if self.cfg.reload == "off":
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+            # Not the main thread (an embedding server) or no SIGHUP (Windows).
+            log.info("SIGHUP reload unavailable here; use reload = 'watch'")
+        if self.cfg.reload == "watch":
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    def _api_key(self, scope: Scope) -> Optional[str]:
+        req = request_of(scope)
+        if self.key_header is not None:
+            return req.headers.get(self.key_header) or None
+        scheme, _, token = req.headers.get("authorization", "").partition(" ")
+        return token.strip() or None if scheme.lower() == "bearer" else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self._start_reloading()
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self._watcher is not None:
+                        self._watcher.cancel()
+                    await self.proxy.client.aclose()
+                    if self.redis is not None:
+                        await self.redis.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope.get("path")
+        if path in ("/healthz", "/health"):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        if self.cfg.metrics_path is not None and path == self.cfg.metrics_path:
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            body = self.metrics.render()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        if isinstance(path, str) and path.startswith("/_nexus/"):
+            await admin(self, scope, send)
+            return
+        key = self._api_key(scope)
+        tier = self.cfg.keys.get(key or "", self.cfg.default_tier) if key else None
+        if tier is None:
+            await reply(send, 401, problem(401, "Unauthorized", "unknown or missing API key"))
+            return
+        if scope.get("path") not in (*OPENAI_PATHS, *ANTHROPIC_PATHS):
+            await self.proxy(scope, receive, send)
+            return
+        await self.tiers[tier](scope, receive, send)
+
+
+def build_app(config_path: str) -> Gateway:
+    return Gateway(load_config(config_path))
+
+
+def run(config_path: str, host: Optional[str] = None, port: Optional[int] = None) -> None:  # pragma: no cover
+    import uvicorn
+
+    app = build_app(config_path)
+    uvicorn.run(app, host=host or app.cfg.host, port=port or app.cfg.port, proxy_headers=False)

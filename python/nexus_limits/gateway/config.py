@@ -1,0 +1,360 @@
+"""The gateway's config: a TOML (or YAML) file read and checked once, with every mistake
+reported by file, line and field."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+__all__ = ["ConfigError", "GatewayConfig", "Tier", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A mistake in the gateway's config, located by file, line and field."""
+
+
+@dataclass
+class Tier:
+    name: str
+    requests: Optional[str] = None
+    tokens: Optional[str] = None
+    daily_tokens: Optional[Any] = None
+    concurrency: Optional[int] = None
+    default_output_tokens: int = 1024
+    spend: Optional[str] = None
+    shadow: bool = False
+
+    def shape(self) -> Tuple[bool, ...]:
+        """Which limits the tier has: a reload keeps a tier's counters when this stays."""
+        return (bool(self.requests), bool(self.tokens), self.daily_tokens is not None, bool(self.concurrency))
+
+    def has_limits(self) -> bool:
+        return bool(self.requests or self.tokens or self.daily_tokens or self.concurrency)
+
+
+@dataclass
+class GatewayConfig:
+    path: str
+    upstream_url: str
+    upstream_api_key: Optional[str] = None
+    upstream_timeout: float = 600.0
+    host: str = "127.0.0.1"
+    port: int = 8080
+    key: str = "bearer"
+    default_tier: Optional[str] = None
+    keys: Dict[str, str] = field(default_factory=dict)
+    tiers: Dict[str, Tier] = field(default_factory=dict)
+    backend: str = "memory"
+    redis_url: Optional[str] = None
+    redis_prefix: str = "nlgw"
+    on_error: str = "raise"
+    lease_ttl: float = 600.0
+    learn_output: bool = False
+    prices: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    reload: str = "sighup"
+    reload_interval: float = 2.0
+    metrics_path: Optional[str] = "/metrics"
+    admin_token: Optional[str] = None
+
+
+class _Locator:
+    """Finds the line of a field in the TOML text, for error messages."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line(self, table: str, key: Optional[str]) -> int:
+        current = ""
+        found_table = 0
+        subtable = 0
+        for number, raw in enumerate(self.lines, 1):
+            line = raw.strip()
+            header = re.match(r"^\[\s*([^\]]+?)\s*\]$", line)
+            if header:
+                current = header.group(1).replace('"', "")
+                if current == table:
+                    found_table = number
+                if key is not None and current == f"{table}.{key}" and not subtable:
+                    subtable = number
+                continue
+            if key is not None and current == table:
+                name = line.split("=", 1)[0].strip().strip('"')
+                if "=" in line and name == key:
+                    return number
+        return subtable or found_table or 1
+
+    def error(self, table: str, key: Optional[str], message: str) -> ConfigError:
+        where = ".".join(p for p in (table, key) if p)
+        return ConfigError(f"{self.path}:{self.line(table, key)}: {where}: {message}")
+
+
+class _YamlLocator(_Locator):
+    """Finds the line of a field in a YAML document, from the parser's marks."""
+
+    def __init__(self, path: str, text: str) -> None:
+        import yaml
+
+        self.path = path
+        self.marks: Dict[str, int] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    name = f"{prefix}.{k.value}" if prefix else str(k.value)
+                    self.marks.setdefault(name, k.start_mark.line + 1)
+                    walk(v, name)
+
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+
+    def line(self, table: str, key: Optional[str]) -> int:
+        return self.marks.get(f"{table}.{key}" if key else table) or self.marks.get(table) or 1
+
+
+def _parse(path: str, text: str) -> Tuple[Any, _Locator]:
+    """The document and its line finder, for TOML or (by the file's suffix) YAML."""
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: YAML configs need PyYAML: pip install 'nexus-limits[yaml]'") from None
+        try:
+            doc = yaml.safe_load(text)
+            loc: _Locator = _YamlLocator(path, text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f"{mark.line + 1}:" if mark is not None else ""
+            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(error, 'problem', None) or error}") from None
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}:1: the config must be a mapping of sections")
+        return doc, loc
+    toml = _toml()
+    try:
+        doc = toml.loads(text)
+    except toml.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return doc, _Locator(path, text)
+
+
+_SECTIONS = ("upstream", "server", "gateway", "backend", "tiers", "prices", "keys")
+
+
+def _toml() -> Any:
+    try:
+        import tomllib
+
+        return tomllib
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import tomli  # type: ignore[import-not-found]
+
+        return tomli
+
+
+def load_config(path: str) -> GatewayConfig:
+    """Reads and checks a gateway config; every mistake names the file, line and field."""
+    import nexus_limits as nl
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config: {error.strerror}") from None
+    doc, loc = _parse(path, text)
+    for section in doc:
+        if section not in _SECTIONS:
+            raise loc.error(str(section), None, f"unknown section (expected one of: {', '.join(_SECTIONS)})")
+
+    def table(name: str, required: bool = False) -> Dict[str, Any]:
+        value = doc.get(name, {})
+        if required and name not in doc:
+            raise ConfigError(f"{path}:1: [{name}] is missing")
+        if not isinstance(value, dict):
+            raise loc.error(name, None, "must be a table")
+        return value
+
+    def known(name: str, value: Mapping[str, Any], allowed: Tuple[str, ...]) -> None:
+        for key in value:
+            if key not in allowed:
+                raise loc.error(name, key, f"unknown field (expected one of: {', '.join(allowed)})")
+
+    def typed(name: str, value: Mapping[str, Any], key: str, kind: Any, what: str) -> Any:
+        if key not in value:
+            return None
+        v = value[key]
+        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
+            raise loc.error(name, key, f"must be {what}, got {v!r}")
+        return v
+
+    upstream = table("upstream", required=True)
+    known("upstream", upstream, ("url", "api_key_env", "timeout"))
+    url = typed("upstream", upstream, "url", str, "a URL string")
+    if not url or not re.match(r"^https?://[^/\s]+", url):
+        raise loc.error("upstream", "url", f"must be an http:// or https:// URL, got {url!r}")
+    cfg = GatewayConfig(path=path, upstream_url=url.rstrip("/"))
+    env = typed("upstream", upstream, "api_key_env", str, "the name of an environment variable")
+    if env is not None:
+        if env not in os.environ:
+            raise loc.error("upstream", "api_key_env", f"the environment variable {env} is not set")
+        cfg.upstream_api_key = os.environ[env]
+    timeout = typed("upstream", upstream, "timeout", (int, float), "a number of seconds")
+    if timeout is not None:
+        if timeout <= 0:
+            raise loc.error("upstream", "timeout", f"must be above 0, got {timeout!r}")
+        cfg.upstream_timeout = float(timeout)
+
+    server = table("server")
+    known("server", server, ("host", "port"))
+    cfg.host = typed("server", server, "host", str, "a host name or address") or cfg.host
+    port = typed("server", server, "port", int, "a port number")
+    if port is not None:
+        if not 0 < port < 65536:
+            raise loc.error("server", "port", f"must be from 1 to 65535, got {port}")
+        cfg.port = port
+
+    gateway = table("gateway")
+    known(
+        "gateway",
+        gateway,
+        (
+            "key",
+            "default_tier",
+            "lease_ttl",
+            "learn_output",
+            "reload",
+            "reload_interval",
+            "metrics_path",
+            "admin_token_env",
+        ),
+    )
+    reload = typed("gateway", gateway, "reload", str, "'sighup', 'watch' or 'off'")
+    if reload is not None:
+        if reload not in ("sighup", "watch", "off"):
+            raise loc.error("gateway", "reload", f"must be 'sighup', 'watch' or 'off', got {reload!r}")
+        cfg.reload = reload
+    interval = typed("gateway", gateway, "reload_interval", (int, float), "a number of seconds")
+    if interval is not None:
+        if not 0 < interval <= 3600:
+            raise loc.error("gateway", "reload_interval", f"must be above 0 and at most 3600, got {interval!r}")
+        cfg.reload_interval = float(interval)
+    if "metrics_path" in gateway:
+        metrics_path = gateway["metrics_path"]
+        if metrics_path is False or metrics_path == "":
+            cfg.metrics_path = None
+        elif not isinstance(metrics_path, str) or not metrics_path.startswith("/"):
+            raise loc.error(
+                "gateway", "metrics_path", f"must be a path such as '/metrics' or false, got {metrics_path!r}"
+            )
+        else:
+            cfg.metrics_path = metrics_path
+    admin_env = typed("gateway", gateway, "admin_token_env", str, "the name of an environment variable")
+    if admin_env is not None:
+        if not os.environ.get(admin_env):
+            raise loc.error("gateway", "admin_token_env", f"the environment variable {admin_env} is not set")
+        cfg.admin_token = os.environ[admin_env]
+    learn = typed("gateway", gateway, "learn_output", bool, "true or false")
+    cfg.learn_output = bool(learn)
+    cfg.key = typed("gateway", gateway, "key", str, "'bearer' or 'header:<name>'") or cfg.key
+    if cfg.key != "bearer" and not cfg.key.startswith("header:"):
+        raise loc.error("gateway", "key", f"must be 'bearer' or 'header:<name>', got {cfg.key!r}")
+    cfg.default_tier = typed("gateway", gateway, "default_tier", str, "a tier name")
+    lease_ttl = typed("gateway", gateway, "lease_ttl", (int, float), "a number of seconds")
+    if lease_ttl is not None:
+        if lease_ttl <= 0:
+            raise loc.error("gateway", "lease_ttl", f"must be above 0, got {lease_ttl!r}")
+        cfg.lease_ttl = float(lease_ttl)
+
+    backend = table("backend")
+    known("backend", backend, ("type", "url", "prefix", "on_error"))
+    cfg.backend = typed("backend", backend, "type", str, "'memory' or 'redis'") or "memory"
+    if cfg.backend not in ("memory", "redis"):
+        raise loc.error("backend", "type", f"must be 'memory' or 'redis', got {cfg.backend!r}")
+    cfg.redis_url = typed("backend", backend, "url", str, "a redis:// URL")
+    if cfg.backend == "redis" and not (cfg.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
+        raise loc.error("backend", "url", f"must be a redis:// URL for the redis backend, got {cfg.redis_url!r}")
+    cfg.redis_prefix = typed("backend", backend, "prefix", str, "a key prefix") or cfg.redis_prefix
+    cfg.on_error = typed("backend", backend, "on_error", str, "'allow', 'deny' or 'raise'") or cfg.on_error
+    if cfg.on_error not in ("allow", "deny", "raise"):
+        raise loc.error("backend", "on_error", f"must be 'allow', 'deny' or 'raise', got {cfg.on_error!r}")
+
+    tiers = table("tiers", required=True)
+    if not tiers:
+        raise loc.error("tiers", None, "define at least one tier")
+    for name, spec in tiers.items():
+        where = f"tiers.{name}"
+        if not isinstance(spec, dict):
+            raise loc.error("tiers", name, "must be a table")
+        known(
+            where,
+            spec,
+            ("requests", "tokens", "daily_tokens", "concurrency", "default_output_tokens", "spend", "shadow"),
+        )
+        tier = Tier(name)
+        shadow = typed(where, spec, "shadow", bool, "true or false")
+        if shadow:
+            if cfg.backend == "redis":
+                raise loc.error(where, "shadow", "shadow mode needs the memory backend (type = 'memory')")
+            tier.shadow = True
+        for key in ("requests", "tokens"):
+            rate = typed(where, spec, key, str, 'a rate such as "100/minute"')
+            if rate is not None:
+                try:
+                    nl.Rate.parse(rate)
+                except ValueError as error:
+                    raise loc.error(where, key, str(error)) from None
+                setattr(tier, key, rate)
+        daily = spec.get("daily_tokens")
+        if daily is not None:
+            if isinstance(daily, bool) or not isinstance(daily, (int, str)):
+                raise loc.error(where, "daily_tokens", f"must be an int or a rate, got {daily!r}")
+            try:
+                nl.TokenLimiter(daily_tokens=daily)
+            except (ValueError, TypeError) as error:
+                raise loc.error(where, "daily_tokens", str(error)) from None
+            tier.daily_tokens = daily
+        concurrency = typed(where, spec, "concurrency", int, "a whole number")
+        if concurrency is not None and concurrency < 1:
+            raise loc.error(where, "concurrency", f"must be at least 1, got {concurrency}")
+        tier.concurrency = concurrency
+        out = typed(where, spec, "default_output_tokens", int, "a whole number")
+        if out is not None:
+            if out < 0:
+                raise loc.error(where, "default_output_tokens", f"must be non-negative, got {out}")
+            tier.default_output_tokens = out
+        spend = typed(where, spec, "spend", str, 'dollars per period, such as "25.00/day"')
+        if spend is not None:
+            from ..spend import parse_budget
+
+            try:
+                parse_budget(spend)
+            except ValueError as error:
+                raise loc.error(where, "spend", str(error)) from None
+            tier.spend = spend
+        if not (tier.has_limits() or tier.spend):
+            raise loc.error("tiers", name, "set at least one of requests, tokens, daily_tokens, concurrency, spend")
+        cfg.tiers[name] = tier
+    if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
+        raise loc.error("gateway", "default_tier", f"{cfg.default_tier!r} is not a tier")
+
+    prices = table("prices")
+    from ..spend import PriceTable
+
+    for model, price in prices.items():
+        if not isinstance(price, dict):
+            raise loc.error("prices", model, "must be a table with input and output (dollars per 1M tokens)")
+        known(f"prices.{model}", price, ("input", "output", "cached_input", "cache_write"))
+        try:
+            PriceTable({model: price})
+        except (ValueError, TypeError) as error:
+            raise loc.error(f"prices.{model}", None, str(error)) from None
+        cfg.prices[model] = price
+
+    keys = table("keys")
+    for api_key, tier_name in keys.items():
+        if not isinstance(tier_name, str) or tier_name not in cfg.tiers:
+            raise loc.error("keys", api_key, f"tier {tier_name!r} is not defined")
+        cfg.keys[api_key] = tier_name
+    return cfg
