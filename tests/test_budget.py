@@ -179,3 +179,36 @@ def test_bad_reserve_and_settle(clock):
     with pytest.raises(TypeError, match="actual_tokens must be an int"):
         res.settle("10")
     assert res.settle(10)
+
+
+def test_peek_charges_nothing_and_takes_no_lease(clock):
+    tl = make(clock, requests="2/minute", concurrency=1)
+    assert tl.peek("k").allowed and tl.peek("k").done, "a peek holds nothing to settle"
+    for _ in range(5):
+        tl.peek("k", 100)
+    first = tl.reserve("k", 100)
+    assert first.allowed and first.requests.remaining == 1, "five peeks charged no request"
+    busy = tl.peek("k")
+    assert not busy.allowed and busy.concurrency is not None and not busy.concurrency.allowed
+    assert busy.requests.allowed, "the request limit alone would admit it"
+    assert busy.cancel() is False and busy.settle(0) is False
+    first.settle(100)
+    tl.reserve("k", 100).settle(100)
+    spent = tl.peek("k")
+    assert not spent.allowed and not spent.requests.allowed, "both requests used: refused before any body"
+    assert spent.requests.retry_after == pytest.approx(30.0)
+    assert not tl.peek("k", 5000).allowed, "a peek judges the tokens it is given"
+    with pytest.raises(TypeError, match="tokens"):
+        tl.peek("k", 1.5)
+
+
+def test_inspect_counts_only_the_leases_held(clock):
+    tl = make(clock, concurrency=3)
+    assert tl.inspect("k")["concurrency"] == {"limit": 3, "in_flight": 0}, "no lease held: none in flight"
+    held = [tl.reserve("k", 1) for _ in range(3)]
+    assert tl.inspect("k")["concurrency"]["in_flight"] == 3
+    held[0].settle(1)
+    assert tl.inspect("k")["concurrency"]["in_flight"] == 2
+    for r in held[1:]:
+        r.cancel()
+    assert tl.inspect("k")["concurrency"]["in_flight"] == 0

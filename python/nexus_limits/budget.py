@@ -204,6 +204,18 @@ class TokenLimiter(_core.TokenLimiter):
             self._tally(tokens, 0, 0)
         return reservation
 
+    def peek(self, key: Key, tokens: int = 0) -> Reservation:
+        """What ``reserve(key, tokens)`` would decide now, charging nothing and taking no
+        lease. The answer is a :class:`Reservation` that is already ``done`` (its
+        ``allowed``, per-limit decisions and ``headers()`` are those a reservation would
+        get; ``settle``/``cancel`` do nothing).
+
+        ``peek(key)`` (no tokens) tells whether the key could be admitted at all —
+        request limit, concurrency, and a token limit in debt — before its request
+        body is even read."""
+        combined, requests, toks, daily, concurrency = self._peek(key, tokens)
+        return Reservation(self, key, tokens, (False, combined, requests, toks, daily, concurrency, None, 0))
+
     def _expired(self, charged_at: int) -> bool:
         return bool(self._now() > charged_at + round(self.lease_ttl * 1e9))
 

@@ -31,6 +31,7 @@ pub struct TokenLimiter {
 
 type Reserved =
     (bool, Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>, Option<u64>, u64);
+type Peeked = (Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>);
 
 fn given<'a, 'py>(v: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py, PyAny>> {
     v.filter(|x| !x.is_none())
@@ -220,6 +221,37 @@ impl TokenLimiter {
         ))
     }
 
+    /// What `_reserve(key, tokens)` would decide now, charging nothing and taking no
+    /// lease: (combined, requests, tokens, daily_tokens, concurrency).
+    fn _peek(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<Peeked> {
+        let fp = args::key_fp(key)?;
+        if tokens.is_instance_of::<pyo3::types::PyBool>() || !tokens.is_instance_of::<PyInt>() {
+            return Err(wrong_type("tokens", "a non-negative int", tokens));
+        }
+        let tokens: u64 =
+            tokens.extract().map_err(|_| bad_value(format!("tokens must be a non-negative integer, got {tokens}")))?;
+        let rate = self.check(&fp, tokens, false);
+        let conc = self.concurrency.as_ref().map(|c| c.peek(&fp));
+        let mut all = Vec::new();
+        if let Some((d, _)) = &rate {
+            all.push(*d);
+        }
+        if let Some(d) = conc {
+            all.push(d);
+        }
+        let combined = combine(&all);
+        let each = rate.map(|(_, e)| e);
+        let mut decision = Decision::from_core(combined);
+        decision.shadow = combined.allowed && each.as_ref().is_some_and(|e| e.iter().any(|d| !d.allowed));
+        Ok((
+            decision,
+            self.part_decision(&each, REQUESTS),
+            self.part_decision(&each, TOKENS),
+            self.part_decision(&each, DAILY),
+            conc.map(Decision::from_core),
+        ))
+    }
+
     /// Charges (`delta > 0`) or refunds (`delta < 0`) tokens of a reservation made at
     /// `charged_at` (ns) on the token and daily-token limits, and `requests` requests.
     #[pyo3(signature = (key, delta, charged_at, requests=0))]
@@ -375,9 +407,12 @@ impl TokenLimiter {
         }
         if let Some(c) = &self.concurrency {
             let d = c.peek(&args::key_fp(key)?);
+            // The peek decides as if it took one more lease: when allowed, `remaining`
+            // already counts that lease, which is not held.
+            let in_flight = d.limit.saturating_sub(d.remaining).saturating_sub(d.allowed as u64);
             let conc = pyo3::types::PyDict::new(py);
             conc.set_item("limit", d.limit)?;
-            conc.set_item("in_flight", d.limit - d.remaining)?;
+            conc.set_item("in_flight", in_flight)?;
             out.set_item("concurrency", conc)?;
         }
         Ok(out)
