@@ -14,12 +14,13 @@ from ._core import __version__ as __version__
 from .adapters.decorators import limit
 from .base import AsyncRateLimiter, RateLimiter
 from .budget import Reservation, TokenLimiter
-from .errors import BackendUnavailable, NexusLimitsError, RateLimitExceeded
+from .errors import BackendUnavailable, BadRequest, NexusLimitsError, RateLimitExceeded
 from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
 
 __all__ = [
     "AsyncRateLimiter",
     "BackendUnavailable",
+    "BadRequest",
     "Composite",
     "Concurrency",
     "Decision",

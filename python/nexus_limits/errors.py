@@ -2,7 +2,8 @@
 
 Bad arguments raise the built-in ``ValueError`` or ``TypeError`` with a message that
 names the argument; a denied call is a :class:`~nexus_limits.Decision`, never an
-exception. The classes here are for waiting that cannot succeed and for backends.
+exception. The classes here are for waiting that cannot succeed, for backends, and for
+requests the framework adapters cannot judge.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-__all__ = ["BackendUnavailable", "NexusLimitsError", "RateLimitExceeded"]
+__all__ = ["BackendUnavailable", "BadRequest", "NexusLimitsError", "RateLimitExceeded"]
 
 
 class NexusLimitsError(Exception):
@@ -49,3 +50,15 @@ class RateLimitExceeded(NexusLimitsError):
 
 class BackendUnavailable(NexusLimitsError):
     """A shared store (Redis/Valkey) could not be reached; ``__cause__`` is the error."""
+
+
+class BadRequest(NexusLimitsError, ValueError):
+    """A request that cannot be judged: its target is not a plain path the limiter can
+    compare (``http://host/x``, ``*``, an encoded ``/``, ``?`` or ``#``, an invalid
+    percent-escape...), or the client key is ambiguous (given twice with different
+    values).
+
+    ``str(error)`` is a one-line detail naming the problem; the adapters send it as the
+    ``detail`` of a 400 ``application/problem+json`` answer. Key functions given as
+    ``key=`` may raise it too.
+    """

@@ -5,6 +5,7 @@ all, ``nexus_limits.adapters.django`` imports Django only when used.
 """
 
 from ._common import Request, client_ip, parse_key_spec
+from ._target import normalize_target
 from .decorators import limit
 from .headers import HeaderOptions, Policy, policy_of, rate_limit_headers
 
@@ -14,6 +15,7 @@ __all__ = [
     "Request",
     "client_ip",
     "limit",
+    "normalize_target",
     "parse_key_spec",
     "policy_of",
     "rate_limit_headers",
