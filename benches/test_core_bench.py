@@ -1,7 +1,7 @@
 """The core's hot paths next to the 12-line pure-Python GCRA reference.
 
 Run: python -m pytest benches/ --benchmark-only
-The reference is nexus_limits._bench.ReferenceGCRA (shipped in the package so that
+The reference is nexus_limits.measure.ReferenceGCRA (shipped in the package so that
 `nexus-limits bench` can run it too).
 """
 
@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 
 import nexus_limits as nl
-from nexus_limits import _bench
+from nexus_limits.bench import measure, workloads
 
-ALWAYS = _bench.ALWAYS
-LIMITERS = {name: make for name, make in _bench.ALGORITHMS.items()}
+ALWAYS = measure.ALWAYS
+LIMITERS = {name: make for name, make in measure.ALGORITHMS.items()}
 N_KEYS = 1_000_000
 
 
 def test_reference_gcra_hot_key(benchmark):
-    ref = _bench.ReferenceGCRA(10**9, 1.0)
+    ref = measure.ReferenceGCRA(10**9, 1.0)
     benchmark(ref.try_acquire, "hot-key")
 
 
@@ -55,7 +55,7 @@ def test_million_distinct_keys(benchmark, keys, name):
     """One check per key over 1M keys (each round inserts them into a new limiter)."""
 
     def setup():
-        lim = _bench.ReferenceGCRA(10**9, 1.0) if name == "reference" else LIMITERS[name](ALWAYS)
+        lim = measure.ReferenceGCRA(10**9, 1.0) if name == "reference" else LIMITERS[name](ALWAYS)
         return (lim.try_acquire,), {}
 
     def run(check):
@@ -67,11 +67,11 @@ def test_million_distinct_keys(benchmark, keys, name):
     print(f"\n{name}: {benchmark.extra_info['ns_per_check']:.0f} ns/check")
 
 
-@pytest.mark.parametrize("name", [_bench.REFERENCE, *LIMITERS])
+@pytest.mark.parametrize("name", [measure.REFERENCE, *LIMITERS])
 def test_resident_bytes_per_key(benchmark, name):
     """1M keys in a fresh interpreter: resident bytes per key (and ns/check) in extra_info."""
     rows = []
-    benchmark.pedantic(lambda: rows.append(_bench.many_keys_in_subprocess(name, N_KEYS)), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: rows.append(workloads.many_keys_in_subprocess(name, N_KEYS)), rounds=1, iterations=1)
     benchmark.extra_info.update(rows[0])
     row = rows[0]
     print(f"\n{name}: {row['bytes_per_key']:.1f} bytes/key, {row['insert_ns']:.0f}/{row['existing_ns']:.0f} ns/check")
@@ -82,7 +82,7 @@ def test_sweep_million_idle_keys(benchmark):
     results = []
 
     def run():
-        results.append(_bench.sweep(N_KEYS))
+        results.append(measure.sweep(N_KEYS))
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     worst = max(r["check_max_us"] for r in results)

@@ -3,7 +3,7 @@
 Goals (issue #8): a check on the shared-memory store costs at most 1.5x one on the
 in-process store, and is at least 50x faster than one on Redis.
 
-Run: python -m pytest benches/test_shm_bench.py --benchmark-only -s
+Run: python -m pytest benches/test_shmmeasure.py --benchmark-only -s
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import RedisServer
 
 import nexus_limits as nl
-from nexus_limits import _bench
+from nexus_limits.bench import measure, stores
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +29,15 @@ def store():
     s.unlink()
 
 
-@pytest.mark.parametrize("name", list(_bench.ALGORITHMS))
+@pytest.mark.parametrize("name", list(measure.ALGORITHMS))
 def test_shm_try_acquire_hot_key(benchmark, store, name):
-    lim = getattr(nl, name)(_bench.ALWAYS, store=store)
+    lim = getattr(nl, name)(measure.ALWAYS, store=store)
     benchmark(lim.try_acquire, "hot-key")
 
 
-@pytest.mark.parametrize("name", list(_bench.ALGORITHMS))
+@pytest.mark.parametrize("name", list(measure.ALGORITHMS))
 def test_in_process_try_acquire_hot_key(benchmark, name):
-    lim = getattr(nl, name)(_bench.ALWAYS)
+    lim = getattr(nl, name)(measure.ALWAYS)
     benchmark(lim.try_acquire, "hot-key")
 
 
@@ -46,7 +46,7 @@ def test_stores_interleaved(benchmark):
     server = RedisServer().start()
     out = {}
     try:
-        benchmark.pedantic(lambda: out.update(_bench.store_comparison(server.url)), rounds=1)
+        benchmark.pedantic(lambda: out.update(stores.store_comparison(server.url)), rounds=1)
     finally:
         server.close()
     for row in out["rows"]:

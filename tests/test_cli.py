@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from nexus_limits import _bench, cli
-from nexus_limits._peers import contenders
+from nexus_limits import cli
+from nexus_limits.bench import measure
+from nexus_limits.bench.peers import contenders
 
 
 def test_bench_quick_json(redis_server, tmp_path, capsys):
@@ -43,7 +44,7 @@ def test_bench_quick_json(redis_server, tmp_path, capsys):
         "nexus-limits TokenBucket",
         "nexus-limits SlidingWindow",
         "nexus-limits FixedWindow",
-        _bench.REFERENCE,
+        measure.REFERENCE,
     } <= names
     assert names | set(data["skipped"]) == {c.name for c in contenders()}, "every peer ran or says it was skipped"
     for name, r in data["contenders"].items():
@@ -87,6 +88,6 @@ def test_console_script_is_installed():
 
 
 def test_reference_gcra_limits():
-    ref = _bench.ReferenceGCRA(2, 60.0)
+    ref = measure.ReferenceGCRA(2, 60.0)
     assert ref.try_acquire("k") and ref.try_acquire("k")
     assert not ref.try_acquire("k")

@@ -34,7 +34,7 @@ def _nexus(cls_name: str) -> Callable[[int, float], Made]:
 
 
 def _reference(count: int, period: float) -> Made:
-    from ._bench import ReferenceGCRA
+    from .measure import ReferenceGCRA
 
     ref = ReferenceGCRA(count, period)
     return Made(ref.try_acquire, lambda: len(ref.tat), None)
