@@ -48,6 +48,7 @@ from ._common import (
     encode_key,
     flatten,
     inspect_dict,
+    is_cluster,
     is_noscript,
     judge,
     key_of,
@@ -59,7 +60,7 @@ from ._common import (
     to_decisions,
     top_of,
 )
-from ._scripts import COMPOSITE, CONCURRENCY, REQUOTA, Script
+from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
 
 __all__ = [
     "Composite",
@@ -116,7 +117,7 @@ class _RedisRateLimiter(RateLimiter):
         else:
             keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
-            reply = evalsha(self._client, self._script, keys, args)
+            reply = evalsha(self._client, self._script.for_mode(mode), keys, args)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit)
         if mode == "peek":
@@ -160,11 +161,17 @@ class _RedisRateLimiter(RateLimiter):
             found.append(key_of(redis_key))
             if len(found) >= scan:
                 break
-        pipe = self._client.pipeline(transaction=False)
-        for k in found:
-            pipe.evalsha(self._script.sha, 2, *self._spec.keys(k), *self._spec.argv("peek", 0))
-        self._client.script_load(self._script.source)
-        return top_of([(k, to_decision(r)) for k, r in zip(found, pipe.execute())], n)
+        reader = self._script.for_mode("peek")
+        argv = self._spec.argv("peek", 0)
+        if is_cluster(self._client):
+            replies = [evalsha(self._client, reader, self._spec.keys(k), argv) for k in found]
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for k in found:
+                pipe.evalsha(reader.sha, 2, *self._spec.keys(k), *argv)
+            self._client.script_load(reader.source)
+            replies = pipe.execute()
+        return top_of([(k, to_decision(r)) for k, r in zip(found, replies)], n)
 
     def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Block until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at once
@@ -353,7 +360,7 @@ class Composite(_RedisRateLimiter):
     def _check(self, key: Key, cost: Any, mode: str) -> Decision:
         keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
-            reply = evalsha(self._client, self._script, keys, args)
+            reply = evalsha(self._client, self._script.for_mode(mode), keys, args)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit)
         if mode == "peek":
@@ -483,11 +490,13 @@ class Concurrency(RateLimiter):
 
     def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
         args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
-        return evalsha(self._client, CONCURRENCY, [self.redis_key(key)], args)
+        return evalsha(
+            self._client, CONCURRENCY.for_mode("hit" if op == "acquire" else op), [self.redis_key(key)], args
+        )
 
     def _release(self, key: Key, lease_id: str) -> bool:
         try:
-            return bool(self._run(key, "release", lease_id))
+            return bool(evalsha(self._client, RELEASE, [self.redis_key(key)], [now_arg(self.clock), lease_id]))
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)

@@ -19,11 +19,12 @@ from ._common import (
     check_on_error,
     check_prefix,
     encode_key,
+    is_full,
     new_lease_id,
     now_arg,
     to_decision,
 )
-from ._scripts import RESERVE, SETTLE
+from ._scripts import RELEASE, RESERVE, SETTLE
 
 
 class _Spec:
@@ -224,6 +225,12 @@ class TokenLimiter:
             args = spec.settle_args(tokens_delta, requests_delta, charged_at, lease)
             return bool(_evalsha_sync(spec.client, SETTLE, spec.keys(key), args))
         except BACKEND_ERRORS as error:
+            if lease and is_full(error):
+                # The buckets cannot be written, but ending the lease only frees memory.
+                try:
+                    _evalsha_sync(spec.client, RELEASE, spec.keys(key)[-1:], [now_arg(spec.clock), lease])
+                except BACKEND_ERRORS:
+                    pass
             if spec.fallback.on_error == "raise":
                 spec.fallback.decision(error, 0)
             return False
@@ -314,6 +321,11 @@ class AsyncTokenLimiter:
             args = spec.settle_args(tokens_delta, requests_delta, charged_at, lease)
             return bool(await evalsha(spec.client, SETTLE, spec.keys(key), args))
         except BACKEND_ERRORS as error:
+            if lease and is_full(error):
+                try:
+                    await evalsha(spec.client, RELEASE, spec.keys(key)[-1:], [now_arg(spec.clock), lease])
+                except BACKEND_ERRORS:
+                    pass
             if spec.fallback.on_error == "raise":
                 spec.fallback.decision(error, 0)
             return False

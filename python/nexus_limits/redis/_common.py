@@ -61,6 +61,12 @@ def check_client(client: Any, want_async: bool) -> Any:
     return client
 
 
+def is_cluster(client: Any) -> bool:
+    """A Redis Cluster client (redis-py's and Valkey's, sync or asyncio): it refuses
+    EVALSHA in a pipeline."""
+    return hasattr(client, "nodes_manager")
+
+
 def check_prefix(prefix: Any) -> str:
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
@@ -134,9 +140,17 @@ def now_arg(clock: Optional[ManualClock]) -> str:
     return "" if clock is None else repr(clock.now * 1e6)
 
 
+def is_full(error: BaseException) -> bool:
+    """The server refused to run a script because it is over its ``maxmemory`` (OOM)."""
+    return type(error).__name__ == "OutOfMemoryError" or "> 'maxmemory'" in str(error)
+
+
 def is_outage(error: BaseException) -> bool:
     """False for errors that say the request was wrong, not that the store is away:
-    a key holding another type (WRONGTYPE) or a failing script. Those always raise."""
+    a key holding another type (WRONGTYPE) or a failing script. Those always raise.
+    A server that is full (over ``maxmemory``, OOM) cannot take the check: an outage."""
+    if is_full(error):
+        return True
     text = str(error)
     return not (text.startswith("WRONGTYPE") or "user_script" in text)
 
@@ -235,6 +249,10 @@ class Fallback:
             raise error
         self.tally.add("errors")
         if self.on_error == "raise":
+            if is_full(error):
+                raise BackendUnavailable(
+                    f"{self.what}: the store is full (used memory > maxmemory) and refused the check: {error}"
+                ) from error
             raise BackendUnavailable(f"{self.what}: the store could not be reached: {error}") from error
         allowed = self.on_error == "allow"
         self.tally.add("fail_open" if allowed else "fail_closed")

@@ -34,6 +34,7 @@ from ._common import (
     encode_key,
     flatten,
     inspect_dict,
+    is_cluster,
     is_noscript,
     judge,
     key_of,
@@ -45,7 +46,7 @@ from ._common import (
     to_decisions,
     top_of,
 )
-from ._scripts import COMPOSITE, CONCURRENCY, REQUOTA, Script
+from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
 
 __all__ = [
     "Composite",
@@ -97,7 +98,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         else:
             keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
         try:
-            reply = await evalsha(self._client, self._script, keys, args)
+            reply = await evalsha(self._client, self._script.for_mode(mode), keys, args)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit)
         if mode == "peek":
@@ -138,11 +139,17 @@ class _RedisRateLimiter(AsyncRateLimiter):
             found.append(key_of(redis_key))
             if len(found) >= scan:
                 break
-        await self._client.script_load(self._script.source)
-        pipe = self._client.pipeline(transaction=False)
-        for k in found:
-            pipe.evalsha(self._script.sha, 2, *self._spec.keys(k), *self._spec.argv("peek", 0))
-        return top_of([(k, to_decision(r)) for k, r in zip(found, await pipe.execute())], n)
+        reader = self._script.for_mode("peek")
+        argv = self._spec.argv("peek", 0)
+        if is_cluster(self._client):
+            replies = [await evalsha(self._client, reader, self._spec.keys(k), argv) for k in found]
+        else:
+            await self._client.script_load(reader.source)
+            pipe = self._client.pipeline(transaction=False)
+            for k in found:
+                pipe.evalsha(reader.sha, 2, *self._spec.keys(k), *argv)
+            replies = await pipe.execute()
+        return top_of([(k, to_decision(r)) for k, r in zip(found, replies)], n)
 
     @property
     def shadow(self) -> bool:
@@ -436,11 +443,13 @@ class Concurrency(AsyncRateLimiter):
 
     async def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
         args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
-        return await evalsha(self._client, CONCURRENCY, [self.redis_key(key)], args)
+        script = CONCURRENCY.for_mode("hit" if op == "acquire" else op)
+        return await evalsha(self._client, script, [self.redis_key(key)], args)
 
     async def _release(self, key: Key, lease_id: str) -> bool:
         try:
-            return bool(await self._run(key, "release", lease_id))
+            args = [now_arg(self.clock), lease_id]
+            return bool(await evalsha(self._client, RELEASE, [self.redis_key(key)], args))
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)

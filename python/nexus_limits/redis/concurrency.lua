@@ -2,11 +2,12 @@
 --
 -- KEYS[1]  a sorted set: lease id -> expiry (microseconds).
 -- ARGV[1]  now in microseconds, or "" for the server's TIME.
--- ARGV[2]  "acquire", "peek" or "release".
+-- ARGV[2]  "acquire" or "peek".
 -- ARGV[3]  the limit.  ARGV[4]  lease ttl in microseconds.  ARGV[5]  the lease id.
 --
--- acquire/peek return {allowed, limit, remaining, reset_after_us, retry_after_us, 0};
--- release returns 1 if the lease was live and is now ended, else 0.
+-- Returns {allowed, limit, remaining, reset_after_us, retry_after_us, 0}. Leases whose
+-- expiry has passed are not counted; they are removed when a lease is taken. A peek
+-- writes nothing, so it also runs as a read-only script (on a full server).
 
 local now
 if ARGV[1] == "" then
@@ -16,29 +17,21 @@ else
     now = tonumber(ARGV[1])
 end
 local key = KEYS[1]
-local op = ARGV[2]
 local limit = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
+-- "(" excludes now itself: a lease expiring at now is over.
+local live = string.format("(%.17g", now)
 
-redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
-
-if op == "release" then
-    return redis.call("ZREM", key, ARGV[5])
-end
-
-local held = redis.call("ZCARD", key)
-local function edge(index)
-    local e = redis.call("ZRANGE", key, index, index, "WITHSCORES")
-    if e[2] then return tonumber(e[2]) - now end
-    return 0
-end
-
+local held = redis.call("ZCOUNT", key, live, "+inf")
 if held < limit then
-    if op == "acquire" then
+    if ARGV[2] == "acquire" then
+        redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
         redis.call("ZADD", key, now + ttl, ARGV[5])
-        redis.call("PEXPIRE", key, math.max(math.ceil((edge(-1)) / 1000), 1))
-        return {1, limit, limit - held - 1, math.ceil(ttl), 0, 0}
+        local last = redis.call("ZRANGE", key, -1, -1, "WITHSCORES")
+        redis.call("PEXPIRE", key, math.max(math.ceil((tonumber(last[2]) - now) / 1000), 1))
     end
     return {1, limit, limit - held - 1, math.ceil(ttl), 0, 0}
 end
-return {0, limit, 0, math.ceil(edge(-1)), math.ceil(edge(0)), 0}
+local first = redis.call("ZRANGEBYSCORE", key, live, "+inf", "WITHSCORES", "LIMIT", 0, 1)
+local last = redis.call("ZRANGE", key, -1, -1, "WITHSCORES")
+return {0, limit, 0, math.ceil(tonumber(last[2]) - now), math.ceil(tonumber(first[2]) - now), 0}
