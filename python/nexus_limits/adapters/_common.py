@@ -1,124 +1,45 @@
 """What the ASGI, WSGI and Django adapters share: who the client is, which limits
-apply to it, checking them, and the 429 answer."""
+apply to it, checking them, and the 400, 401 and 429 answers."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import json
 import math
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
-from urllib.parse import parse_qs
+from http import HTTPStatus
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from .._core import Decision
 from ..base import AsyncRateLimiter, RateLimiter
-from .headers import ALL_HEADERS, HeaderOptions, Policy, policy_of, rate_limit_headers
+from ..errors import BadRequest
+from ._keys import KeyFunc, Request, client_ip, parse_key_spec
+from ._target import match_form, normalize_target, quote_decoded
+from .headers import ALL_HEADERS, HeaderOptions, Policy, check_policy_name, policy_of, rate_limit_headers
 
-__all__ = ["Check", "KeyFunc", "Limits", "Request", "parse_key_spec"]
+__all__ = ["Check", "KeyFunc", "Limits", "Request", "client_ip", "parse_key_spec"]
 
 ANONYMOUS = "anonymous"
 
 
-class Request(NamedTuple):
-    """The parts of a request the adapters look at (header names lower-case)."""
-
-    method: str
-    path: str
-    headers: Mapping[str, str]
-    query: str
-    peer: Optional[str]
-
-
-KeyFunc = Callable[[Request], Optional[Union[str, bytes, int]]]
-
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-
-def _networks(trusted: Iterable[str]) -> List[_Network]:
-    nets = []
-    for item in trusted:
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"trusted_proxies: {item!r} is not an IP address or network") from None
-    return nets
-
-
-def _ip(text: str) -> Optional[str]:
-    text = text.strip().strip('"')
-    if text.startswith("["):
-        text = text[1 : text.find("]")] if "]" in text else text[1:]
-    elif text.count(":") == 1:  # "1.2.3.4:5678"
-        text = text.split(":", 1)[0]
+def _config_path(option: str, path: Any) -> Tuple[str, str]:
+    """(normalised path, its match form) of a path given in ``routes=`` or ``exempt=``:
+    written as in a URL or decoded, normalised as requests are."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"{option}: {path!r} is not a path starting with '/'")
     try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
+        # Escapes in the text are kept; anything else a URL could not hold is encoded.
+        _, normal = normalize_target("GET", quote_decoded(path).replace("%25", "%"))
+    except BadRequest as error:
+        raise ValueError(f"{option}: {path!r} cannot be a request path ({error})") from None
+    return normal, match_form(normal)
 
 
-def client_ip(request: Request, trusted: Sequence[_Network]) -> Optional[str]:
-    """The client's address: the peer, unless the peer is a trusted proxy; then the
-    right-most address of ``Forwarded``/``X-Forwarded-For`` that is not itself trusted.
-    Headers from untrusted peers are ignored, so they cannot be spoofed."""
-    peer = _ip(request.peer) if request.peer else None
-
-    def is_trusted(addr: Optional[str]) -> bool:
-        if addr is None:
-            return False
-        ip = ipaddress.ip_address(addr)
-        return any(ip in net for net in trusted)
-
-    if peer is None or not is_trusted(peer):
-        return peer
-    hops: List[Optional[str]] = []
-    forwarded = request.headers.get("forwarded")
-    if forwarded:
-        for element in forwarded.split(","):
-            for pair in element.split(";"):
-                k, _, v = pair.partition("=")
-                if k.strip().lower() == "for":
-                    hops.append(_ip(v))
-    else:
-        xff = request.headers.get("x-forwarded-for")
-        if xff:
-            hops = [_ip(h) for h in xff.split(",")]
-    for hop in reversed(hops):
-        if hop is None:
-            return peer  # malformed chain: do not trust any of it
-        if not is_trusted(hop):
-            return hop
-    return hops[0] if hops else peer
-
-
-_KEY_FORMS = "'ip', 'bearer', 'header:<name>', 'query:<name>'"
-
-
-def parse_key_spec(key: Union[str, KeyFunc], trusted_proxies: Iterable[str] = ()) -> KeyFunc:
-    """``"ip"``, ``"bearer"``, ``"header:<name>"``, ``"query:<name>"`` or a callable."""
-    if callable(key):
-        return key
-    if not isinstance(key, str):
-        raise TypeError(f"key must be a callable or one of {_KEY_FORMS}, got {type(key).__name__}")
-    trusted = _networks(trusted_proxies)
-    if key == "ip":
-        return lambda r: client_ip(r, trusted)
-    if key == "bearer":
-
-        def bearer(r: Request) -> Optional[str]:
-            auth = r.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            return token.strip() or None if scheme.lower() == "bearer" else None
-
-        return bearer
-    kind, _, name = key.partition(":")
-    if kind == "header" and name:
-        header = name.lower()
-        return lambda r: r.headers.get(header) or None
-    if kind == "query" and name:
-        return lambda r: next(iter(parse_qs(r.query).get(name) or ()), None)
-    raise ValueError(f"key must be a callable or one of {_KEY_FORMS}, got {key!r}")
+def _paths(option: str, paths: Any) -> List[Tuple[str, str]]:
+    if isinstance(paths, (str, bytes)):
+        raise TypeError(f"{option} must be a list of paths, not one string: [{paths!r}]")
+    return [_config_path(option, p) for p in paths]
 
 
 class Limits:
@@ -128,7 +49,7 @@ class Limits:
     def __init__(
         self,
         limiter: Any = None,
-        key: Union[str, KeyFunc] = "ip",
+        key: Any = "ip",
         *,
         tiers: Optional[Mapping[str, Any]] = None,
         tier_of: Union[Mapping[Any, str], Callable[[Any], Optional[str]], None] = None,
@@ -138,13 +59,15 @@ class Limits:
         exempt: Iterable[str] = (),
         missing_key: str = "reject",
         trusted_proxies: Iterable[str] = (),
+        forwarded_header: str = "x-forwarded-for",
+        ipv6_prefix: int = 64,
         policy_name: str = "default",
         headers: HeaderOptions = ALL_HEADERS,
         metrics: Any = None,
     ) -> None:
         if limiter is None and not tiers and not routes:
             raise ValueError("give a limiter, tiers or routes")
-        self.key_func = parse_key_spec(key, trusted_proxies)
+        self.key_func = parse_key_spec(key, trusted_proxies, forwarded_header=forwarded_header, ipv6_prefix=ipv6_prefix)
         if missing_key not in ("reject", ANONYMOUS):
             raise ValueError(f"missing_key must be 'reject' or 'anonymous', got {missing_key!r}")
         self.missing_key = missing_key
@@ -152,11 +75,26 @@ class Limits:
         self.tiers = dict(tiers or {})
         if tiers and default_tier is not None and default_tier not in self.tiers:
             raise ValueError(f"default_tier {default_tier!r} is not one of the tiers")
+        for name in [policy_name, *self.tiers]:
+            check_policy_name(name)
         self.tier_of = tier_of
         self.default_tier = default_tier
-        self.routes = sorted((routes or {}).items(), key=lambda kv: -len(kv[0]))
+        if isinstance(routes, (str, bytes)) or (routes is not None and not hasattr(routes, "items")):
+            raise TypeError("routes must be a dict: path prefix -> limiter or (limiter, cost)")
+        # (match form without a trailing "/", the same + "/", policy name, limiter or
+        # (limiter, cost)); longest first, so the most specific prefix wins.
+        self.routes: List[Tuple[str, str, str, Any]] = []
+        for prefix, value in (routes or {}).items():
+            normal, match = _config_path("routes", prefix)
+            base = match.rstrip("/")
+            self.routes.append((base, base + "/", normal, value))
+        self.routes.sort(key=lambda r: -len(r[0]))
         self.cost = cost
-        self.exempt = tuple(exempt)
+        exempt_paths = _paths("exempt", exempt)
+        self.exempt = tuple(normal for normal, _ in exempt_paths)
+        # "/health" exempts that path only; "/docs/" every path under it.
+        self._exempt_exact = frozenset(m for _, m in exempt_paths if not m.endswith("/"))
+        self._exempt_under = tuple(m for _, m in exempt_paths if m.endswith("/"))
         self.policy_name = policy_name
         self.header_options = headers
         if metrics is not None and not callable(getattr(metrics, "observe", None)):
@@ -169,11 +107,30 @@ class Limits:
     def _all_limiters(self) -> List[Any]:
         out = [self.limiter] if self.limiter is not None else []
         out += list(self.tiers.values())
-        out += [v[0] if isinstance(v, tuple) else v for _, v in self.routes]
+        out += [v[0] if isinstance(v, tuple) else v for *_, v in self.routes]
         return out
 
     def exempted(self, path: str) -> bool:
-        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.exempt)
+        """Whether a normalised path is exempt."""
+        match = match_form(path)
+        return match in self._exempt_exact or (bool(self._exempt_under) and match.startswith(self._exempt_under))
+
+    def unlimited(self, path: str) -> bool:
+        """Whether no limit applies to a normalised path whoever asks (only ``routes=``
+        given, none of them holding it): such a request needs no client key."""
+        return self.limiter is None and not self.tiers and self.route_of(path) is None
+
+    def route_of(self, path: str) -> Optional[Tuple[str, Any]]:
+        """(policy name, limiter or (limiter, cost)) of the route a normalised path is
+        on: the longest prefix that is the path or one of its parent paths, segment by
+        segment (``/search`` holds ``/search/x``, not ``/search-advanced``)."""
+        if not self.routes:
+            return None
+        match = match_form(path)
+        for base, under, name, value in self.routes:
+            if match == base or match.startswith(under):
+                return name, value
+        return None
 
     def select(self, request: Request, client: Any) -> Tuple[Any, int, str]:
         """(limiter, cost, policy name) for this request."""
@@ -187,22 +144,20 @@ class Limits:
         limiter = self.limiter
         name = self.policy_name
         route = tier_name = ""
-        for prefix, value in self.routes:
-            if request.path.startswith(prefix):
-                limiter, cost = value if isinstance(value, tuple) else (value, cost)
-                name = prefix.strip("/") or "default"
-                route = prefix
-                break
-        else:
-            if self.tiers:
-                tier = None
-                if callable(self.tier_of):
-                    tier = self.tier_of(client)
-                elif self.tier_of is not None:
-                    tier = self.tier_of.get(client)
-                tier = tier if tier in self.tiers else self.default_tier
-                if tier is not None:
-                    limiter, name, tier_name = self.tiers[tier], tier, tier
+        matched = self.route_of(request.path)
+        if matched is not None:
+            name, value = matched
+            limiter, cost = value if isinstance(value, tuple) else (value, cost)
+            route = name
+        elif self.tiers:
+            tier = None
+            if callable(self.tier_of):
+                tier = self.tier_of(client)
+            elif self.tier_of is not None:
+                tier = self.tier_of.get(client)
+            tier = tier if tier in self.tiers else self.default_tier
+            if tier is not None:
+                limiter, name, tier_name = self.tiers[tier], tier, tier
         n = cost(request) if callable(cost) else cost
         return limiter, n, name, tier_name, route
 
@@ -267,6 +222,16 @@ def unauthorized() -> Check:
     return Check(False, 401, [PROBLEM_TYPE], problem(401, "Unauthorized", "no client key in the request"), None)
 
 
+def bad_request(error: BadRequest) -> Check:
+    """The 400 answer to a request that cannot be judged; the detail names the problem."""
+    return Check(False, 400, [PROBLEM_TYPE], problem(400, "Bad Request", str(error)), None)
+
+
+def status_line(status: int) -> str:
+    """``"429 Too Many Requests"``: a WSGI status."""
+    return f"{status} {HTTPStatus(status).phrase}"
+
+
 def client_key(limits: Limits, request: Request) -> Optional[Any]:
     key = limits.key_func(request)
     if key is None:
@@ -274,14 +239,26 @@ def client_key(limits: Limits, request: Request) -> Optional[Any]:
     return key
 
 
+def target_request(
+    method: str, path: str, headers: Mapping[str, str], query: str, peer: Optional[str], raw_path: Any = None
+) -> Request:
+    """A Request with its method and path normalised (raises BadRequest)."""
+    method, path = normalize_target(method, path, raw_path)
+    return Request(method, path, headers, query, peer)
+
+
 def check_sync(limits: Limits, request: Request) -> Optional[Check]:
-    """None when the request is exempt; otherwise the Check (for WSGI and Django)."""
-    if limits.exempted(request.path):
+    """None when the request is exempt; otherwise the Check (for WSGI and Django). The
+    request's path must be normalised (:func:`target_request`)."""
+    if limits.exempted(request.path) or limits.unlimited(request.path):
         return None
-    key = client_key(limits, request)
-    if key is None:
-        return unauthorized()
-    limiter, cost, name, tier, route = limits.select_labelled(request, key)
+    try:
+        key = client_key(limits, request)
+        if key is None:
+            return unauthorized()
+        limiter, cost, name, tier, route = limits.select_labelled(request, key)
+    except BadRequest as error:
+        return bad_request(error)
     if limiter is None:
         return None
     started = time.perf_counter()
@@ -299,12 +276,15 @@ def check_sync(limits: Limits, request: Request) -> Optional[Check]:
 async def check_async(limits: Limits, request: Request) -> Optional[Check]:
     """The same for ASGI: asyncio limiters are awaited; synchronous Redis limiters run
     in a worker thread; in-process limiters are called directly (they never block)."""
-    if limits.exempted(request.path):
+    if limits.exempted(request.path) or limits.unlimited(request.path):
         return None
-    key = client_key(limits, request)
-    if key is None:
-        return unauthorized()
-    limiter, cost, name, tier, route = limits.select_labelled(request, key)
+    try:
+        key = client_key(limits, request)
+        if key is None:
+            return unauthorized()
+        limiter, cost, name, tier, route = limits.select_labelled(request, key)
+    except BadRequest as error:
+        return bad_request(error)
     if limiter is None:
         return None
     started = time.perf_counter()

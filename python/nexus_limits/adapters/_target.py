@@ -10,7 +10,7 @@ exemption decided on the raw text could be stepped around by picking another spe
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 from urllib.parse import quote, unquote_to_bytes
 
 from ..errors import BadRequest
@@ -90,7 +90,7 @@ def _normalize_path(raw: bytes) -> str:
     if "." in path:
         segments = path.split("/")
         if "." in segments or ".." in segments:
-            kept = []
+            kept: List[str] = []
             for segment in segments:
                 if segment == ".":
                     continue

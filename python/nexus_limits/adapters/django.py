@@ -5,7 +5,10 @@ In ``settings.py``::
     MIDDLEWARE = [..., "nexus_limits.adapters.django.RateLimitMiddleware"]
     NEXUS_LIMITS = {"limiter": nl.TokenBucket("100/minute"), "key": "header:x-api-key"}
 
-``NEXUS_LIMITS`` takes the options of the ASGI middleware. For one view::
+``NEXUS_LIMITS`` takes the options of the ASGI middleware. Django joins a header sent
+several times into one value with commas: a comma in a key header is a repeat, refused
+with 400 when the values differ. The path judged is ``request.path``, normalised. For
+one view::
 
     from nexus_limits.adapters.django import ratelimit
 
@@ -20,17 +23,29 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Optional
 
-from ._common import Check, Limits, Request, check_sync, release
+from ..errors import BadRequest
+from ._common import Check, Limits, Request, bad_request, check_sync, release
+from ._target import normalize_target, quote_decoded
+from .headers import merge_rate_limit_headers
 
 __all__ = ["RateLimitMiddleware", "ratelimit"]
 
+_TITLES = (
+    "RateLimit-Policy",
+    "RateLimit",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+)
+
 
 def request_of(request: Any) -> Request:
+    """The Request of a Django request, method and path normalised (raises BadRequest)."""
     meta = request.META
     headers = {k.lower(): str(v) for k, v in request.headers.items()}
-    return Request(
-        request.method or "GET", request.path, headers, str(meta.get("QUERY_STRING", "")), meta.get("REMOTE_ADDR")
-    )
+    method, path = normalize_target(request.method or "GET", quote_decoded(request.path))
+    return Request(method, path, headers, str(meta.get("QUERY_STRING", "")), meta.get("REMOTE_ADDR"))
 
 
 def _refusal(check: Check) -> Any:
@@ -44,13 +59,25 @@ def _refusal(check: Check) -> Any:
 
 
 def _add_headers(response: Any, check: Check) -> Any:
-    for name, value in check.headers:
+    present = [(name, response[name]) for name in _TITLES if response.has_header(name)]
+    if present:  # an inner limit (or the view) set some: one header of each name
+        for name, _ in present:
+            del response[name]
+        headers = merge_rate_limit_headers(present, check.headers)
+    else:
+        headers = check.headers
+    for name, value in headers:
         response[name] = value
     return response
 
 
 def _run(limits: Limits, request: Any, view: Callable[[], Any]) -> Any:
-    check = check_sync(limits, request_of(request))
+    check: Optional[Check]
+    try:
+        target = request_of(request)
+    except BadRequest as error:
+        return _refusal(bad_request(error))
+    check = check_sync(limits, target)
     if check is None:
         return view()
     if not check.allowed:
