@@ -44,7 +44,8 @@ class Script:
         return self.reader if mode != "hit" and self.reader is not None else self
 
 
-_HEADER = _piece("header.lua")
+# The header (arguments, clock, quotas) and the shared helpers (put, combine, push).
+_HEADER = _piece("header.lua") + "\n" + _piece("lib.lua")
 _SPLIT = _piece("split.lua")
 _STEPS = {"gcra": _piece("gcra.lua"), "fixed": _SPLIT + _piece("fixed.lua"), "sliding": _SPLIT + _piece("sliding.lua")}
 _SINGLE = _piece("single.lua")

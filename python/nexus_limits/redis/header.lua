@@ -1,8 +1,9 @@
 -- nexus-limits: the step functions of rust/algorithms/*.rs, mirrored in Lua.
 --
--- The scripts are assembled from pieces (see _scripts.py): this header, the step
--- function of one algorithm (gcra.lua, fixed.lua, sliding.lua) and single.lua for a
--- single limiter; all three steps and composite.lua for a Composite, where every part
+-- The scripts are assembled from pieces (see _scripts.py): this header and the shared
+-- helpers of lib.lua, the step function of one algorithm (gcra.lua, fixed.lua,
+-- sliding.lua) and single.lua for a single limiter; all three steps and composite.lua
+-- for a Composite, where every part
 -- is decided first and only if all admit (and the mode is "hit") are all parts
 -- written. A script is atomic, so a composite never charges part of its limits.
 --

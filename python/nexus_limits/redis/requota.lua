@@ -50,7 +50,7 @@ if state then
         end
     end
     if new then
-        redis.call("SET", KEYS[1], new, "PX", math.max(math.ceil(ttl / 1000), 1))
+        put(KEYS[1], new, ttl)
     else
         redis.call("DEL", KEYS[1])
     end

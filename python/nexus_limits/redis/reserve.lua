@@ -10,20 +10,6 @@ local n = tonumber(ARGV[4])
 local climit = tonumber(ARGV[5])
 local lttl = tonumber(ARGV[6])
 local out
-local function merge(d)
-    if out == nil then
-        out = {d[1], d[2], d[3], d[4], d[5], d[6]}
-        return
-    end
-    out[1] = math.min(out[1], d[1])
-    if d[3] < out[3] then
-        out[2] = d[2]
-        out[3] = d[3]
-    end
-    out[4] = math.max(out[4], d[4])
-    if out[5] < 0 or d[5] < 0 then out[5] = -1 else out[5] = math.max(out[5], d[5]) end
-    out[6] = math.max(out[6], d[6])
-end
 
 local decisions, writes = {}, {}
 for i = 1, n do
@@ -33,7 +19,7 @@ for i = 1, n do
     local new, ttl, d = gcra(redis.call("GET", KEYS[i]) or nil, now, tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), cost, false)
     decisions[i] = d
     writes[i] = {new, ttl}
-    merge(d)
+    out = combine(out, d)
 end
 local lease
 if climit > 0 then
@@ -47,12 +33,12 @@ if climit > 0 then
         local last = redis.call("ZRANGE", key, -1, -1, "WITHSCORES")
         lease = {0, climit, 0, tonumber(last[2]) - now, tonumber(first[2]) - now, 0}
     end
-    merge(lease)
+    out = combine(out, lease)
 end
 if out[1] == 1 then
     for i = 1, n do
         local new, ttl = writes[i][1], writes[i][2]
-        if new then redis.call("SET", KEYS[i], new, "PX", math.max(math.ceil(ttl / 1000), 1)) end
+        if new then put(KEYS[i], new, ttl) end
     end
     if climit > 0 then
         redis.call("ZADD", KEYS[n + 1], now + lttl, ARGV[7])
@@ -63,17 +49,8 @@ else
     out[6] = 0
 end
 
-local reply = {}
-local function push(d)
-    reply[#reply + 1] = d[1]
-    reply[#reply + 1] = d[2]
-    reply[#reply + 1] = d[3]
-    reply[#reply + 1] = math.ceil(d[4] - EPS)
-    if d[5] < 0 then reply[#reply + 1] = -1 else reply[#reply + 1] = math.ceil(d[5] - EPS) end
-    reply[#reply + 1] = math.ceil(d[6] - EPS)
-end
-push(out)
-for i = 1, n do push(decisions[i]) end
-if lease then push(lease) end
+local reply = push({}, out)
+for i = 1, n do push(reply, decisions[i]) end
+if lease then push(reply, lease) end
 reply[#reply + 1] = math.floor(now)
 return reply

@@ -13,7 +13,7 @@ for i = 1, n do
     if delta ~= 0 then
         local tat = gcra_adjust(redis.call("GET", KEYS[i]) or nil, now, tonumber(ARGV[at + 2]), delta)
         if tat > now then
-            redis.call("SET", KEYS[i], string.format("%.17g", tat), "PX", math.max(math.ceil((tat - now) / 1000), 1))
+            put(KEYS[i], string.format("%.17g", tat), tat - now)
         else
             redis.call("DEL", KEYS[i])
         end
