@@ -17,14 +17,20 @@ Two kinds of numbers, both with low-cardinality labels only (never a raw API key
   ``on_error`` while the store was away). ``limit`` names a TokenLimiter's part
   (``requests``, ``tokens``, ``daily_tokens``) and is empty for other limiters.
 
+The ``limiter`` label of the per-request numbers is the name the limiter is watched
+under (``metrics.watch(api, "api")``), so that both kinds of numbers about one limiter
+carry one name; a limiter that is not watched is labelled with the adapter's policy
+name (the tier, the route prefix or ``policy_name``).
+
 Example::
 
+    import nexus_limits as nl
     from prometheus_client import start_http_server
+    from nexus_limits.adapters.asgi import RateLimitMiddleware
     from nexus_limits.metrics import Metrics
 
     metrics = Metrics()                     # the default prometheus_client registry
-    api = nl.TokenBucket("100/minute")
-    metrics.watch(api, "api")
+    api = metrics.watch(nl.TokenBucket("100/minute"), "api")
     app.add_middleware(RateLimitMiddleware, limiter=api, key="bearer", metrics=metrics)
     start_http_server(9100)
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 __all__ = ["Metrics"]
@@ -50,22 +57,68 @@ def _prometheus() -> Any:
     return prometheus_client
 
 
+# One Metrics per (registry, namespace): a second Metrics() there returns the first.
+# Weak both ways: the registry keeps its Metrics alive (it is registered there), and
+# nothing here keeps a registry alive.
+_INSTANCES: weakref.WeakKeyDictionary[Any, Dict[str, weakref.ref[Metrics]]] = weakref.WeakKeyDictionary()
+_INSTANCES_LOCK = threading.Lock()
+
+
 class Metrics:
     """Collects nexus-limits metrics into a prometheus-client registry.
 
-    ``registry``: where to register (default: ``prometheus_client.REGISTRY``);
-    ``namespace``: the metric name prefix. One ``Metrics`` per registry and namespace
-    (a second one would register the same metric names, which prometheus-client
-    refuses); share it between adapters and ``watch`` every limiter on it.
+    ``registry``: where to register (default: ``prometheus_client.REGISTRY``, what
+    ``start_http_server`` and ``generate_latest()`` serve); ``namespace``: the metric
+    name prefix.
+
+    There is one ``Metrics`` per registry and namespace: ``Metrics()`` on a registry
+    that already has one returns that same object (so an app factory that runs once per
+    test, or two modules that each ask for ``Metrics()``, share it instead of failing
+    with prometheus-client's "Duplicated timeseries"). If other collectors already hold
+    these metric names on the registry, it raises ``ValueError`` naming them; pass
+    another ``namespace=`` or ``registry=`` then.
     """
 
-    def __init__(self, registry: Any = None, namespace: str = "nexus_limits") -> None:
+    namespace: str
+    registry: Any
+
+    def __new__(cls, registry: Any = None, namespace: str = "nexus_limits") -> Metrics:
         prom = _prometheus()
         if not isinstance(namespace, str) or not _NAME.fullmatch(namespace):
             raise ValueError(f"namespace must be a metric name prefix such as 'nexus_limits', got {namespace!r}")
+        registry = registry if registry is not None else prom.REGISTRY
+        if not callable(getattr(registry, "register", None)):
+            raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(registry).__name__}")
+        with _INSTANCES_LOCK:
+            try:
+                ref = _INSTANCES.get(registry, {}).get(namespace)
+            except TypeError:  # a registry that cannot be weakly referenced: no reuse
+                ref = None
+            existing = ref() if ref is not None else None
+            if existing is not None:
+                if not isinstance(existing, cls):
+                    raise ValueError(
+                        f"this registry already has a {type(existing).__name__} for namespace {namespace!r}; "
+                        f"a {cls.__name__} cannot share it: pass another namespace="
+                    )
+                return existing
+            self = super().__new__(cls)
+            self._setup(prom, registry, namespace)
+            try:
+                _INSTANCES.setdefault(registry, {})[namespace] = weakref.ref(self)
+            except TypeError:
+                pass
+            return self
+
+    def __init__(self, registry: Any = None, namespace: str = "nexus_limits") -> None:
+        """Everything is done by ``__new__`` (which may return an existing Metrics)."""
+
+    def _setup(self, prom: Any, registry: Any, namespace: str) -> None:
         self.namespace = namespace
-        self.registry = registry if registry is not None else prom.REGISTRY
+        self.registry = registry
         self._watched: Dict[str, Any] = {}
+        # id(limiter) -> the name it is watched under, for the per-request label.
+        self._names: Dict[int, str] = {}
         # The labelled series of each (limiter, tier, route), looked up once.
         self._children: Dict[Tuple[str, str, str], Tuple[Any, Any, Any, Any]] = {}
         self._lock = threading.Lock()
@@ -76,27 +129,53 @@ class Metrics:
         self.latency = prom.Histogram(
             "check_seconds", "Time a limit check took", labels, namespace=namespace, buckets=_BUCKETS, registry=None
         )
-        self.registry.register(self.requests)
-        self.registry.register(self.latency)
-        self.registry.register(self)
+        done: List[Any] = []
+        try:
+            for collector in (self.requests, self.latency, self):
+                registry.register(collector)
+                done.append(collector)
+        except ValueError as error:
+            for collector in done:
+                registry.unregister(collector)
+            raise ValueError(
+                f"the metric names of nexus_limits.metrics.Metrics(namespace={namespace!r}) are already "
+                f"registered on this registry by other collectors ({error}); "
+                f"pass another namespace= or registry="
+            ) from None
 
     def watch(self, limiter: Any, name: str) -> Any:
-        """Report ``limiter.stats()`` under ``limiter=name`` at every scrape; returns the
-        limiter. A name is one limiter: watching another under it replaces the first."""
+        """Report ``limiter.stats()`` under ``limiter=name`` at every scrape, and label
+        the adapters' per-request numbers about this limiter with ``name`` too; returns
+        the limiter. A name is one limiter: watching another under it replaces the first."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if not callable(getattr(limiter, "stats", None)):
             raise TypeError(f"limiter must have stats() (a nexus_limits limiter), got {type(limiter).__name__}")
         with self._lock:
+            previous = self._watched.get(name)
+            if previous is not None and self._names.get(id(previous)) == name:
+                del self._names[id(previous)]
             self._watched[name] = limiter
+            self._names[id(limiter)] = name
         return limiter
 
     def unwatch(self, name: str) -> None:
+        """Stop reporting the limiter watched under ``name``."""
         with self._lock:
-            self._watched.pop(name, None)
+            limiter = self._watched.pop(name, None)
+            if limiter is not None and self._names.get(id(limiter)) == name:
+                del self._names[id(limiter)]
 
-    def observe(self, limiter: str, tier: str, route: str, seconds: float, decision: Any) -> None:
-        """Counts one request's check (adapters call this)."""
+    def label_of(self, limiter: Any, default: str) -> str:
+        """The ``limiter`` label for a limiter: the name it is watched under, else ``default``."""
+        return self._names.get(id(limiter), default)
+
+    def observe(self, limiter: str, tier: str, route: str, seconds: float, decision: Any, source: Any = None) -> None:
+        """Counts one request's check (adapters call this). ``limiter`` is the adapter's
+        policy name; ``source``, the limiter object that decided: when it is watched,
+        the name it is watched under is the label instead."""
+        if source is not None:
+            limiter = self._names.get(id(source), limiter)
         labels = (limiter, tier, route)
         children = self._children.get(labels)
         if children is None:
