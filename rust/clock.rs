@@ -4,6 +4,14 @@
 //! wall clock is changed, and on Linux every process on the host reads the same
 //! value, which a store shared between processes relies on. A [`ManualClock`]
 //! only moves when told to, for deterministic tests.
+//!
+//! Windows (fixed and sliding) need Unix time as well, to start on the same boundaries
+//! (UTC midnight for a day) as a Redis server's. Each clock has an *epoch offset*: what
+//! to add to its time to get Unix time. A manual clock's time is read as Unix time
+//! (offset 0). For the monotonic clock the offset is measured once per process, the first
+//! time it is needed ([`epoch_offset`]), and then kept: a later step of the wall clock
+//! (`date -s`, an NTP step) moves no window boundary, refills nothing and resets nothing;
+//! windows keep the monotonic clock's pace, which NTP slews like the wall clock's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +38,49 @@ impl Clock {
     pub fn is_manual(&self) -> bool {
         matches!(self, Clock::Manual(_))
     }
+
+    /// What to add to this clock's time to get Unix time, in ns (see the module docs).
+    pub fn epoch_offset(&self) -> u64 {
+        match self {
+            Clock::Monotonic => epoch_offset(),
+            Clock::Manual(_) => 0,
+        }
+    }
+
+    /// True when both read the same time (both monotonic, or one shared manual time).
+    pub fn same(&self, other: &Clock) -> bool {
+        match (self, other) {
+            (Clock::Monotonic, Clock::Monotonic) => true,
+            (Clock::Manual(a), Clock::Manual(b)) => a.same(b),
+            _ => false,
+        }
+    }
+}
+
+/// Reads `CLOCK_REALTIME` (Unix time) in nanoseconds; 0 before 1970.
+pub fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: as in `monotonic_ns`; CLOCK_REALTIME always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    if ts.tv_sec < 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(NANOS).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Unix time minus monotonic time, now: the wall clock read between two monotonic
+/// reads (so the error is at most half the few tens of ns between them).
+pub fn measure_epoch_offset() -> u64 {
+    let before = monotonic_ns();
+    let wall = realtime_ns();
+    let after = monotonic_ns();
+    wall.saturating_sub(before + (after - before) / 2)
+}
+
+/// The monotonic clock's epoch offset for this process, measured at its first use.
+pub fn epoch_offset() -> u64 {
+    static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(measure_epoch_offset)
 }
 
 /// Reads `CLOCK_MONOTONIC` in nanoseconds.
@@ -131,6 +182,19 @@ mod tests {
         assert_eq!(c.now(), 21);
         assert!(c.same(&shared));
         assert_eq!(c.advance(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn the_epoch_offset_turns_monotonic_time_into_unix_time() {
+        let unix = monotonic_ns() + Clock::Monotonic.epoch_offset();
+        let wall = realtime_ns();
+        assert!(unix.abs_diff(wall) < NANOS / 10, "{unix} vs {wall}");
+        assert_eq!(epoch_offset(), epoch_offset(), "measured once");
+        assert_eq!(Clock::Manual(ManualClock::new(5)).epoch_offset(), 0);
+        let m = ManualClock::new(0);
+        assert!(Clock::Manual(m.clone()).same(&Clock::Manual(m)));
+        assert!(!Clock::Manual(ManualClock::new(0)).same(&Clock::Manual(ManualClock::new(0))));
+        assert!(Clock::Monotonic.same(&Clock::Monotonic));
     }
 
     #[test]

@@ -9,12 +9,14 @@ pub enum Error {
     InvalidRate(String),
     /// Any other argument out of its domain (burst, capacity, ttl, cost, timeout...).
     InvalidArgument(String),
+    /// An operation this limiter does not have (e.g. a quota of a Composite's own).
+    Unsupported(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidRate(msg) | Error::InvalidArgument(msg) => f.write_str(msg),
+            Error::InvalidRate(msg) | Error::InvalidArgument(msg) | Error::Unsupported(msg) => f.write_str(msg),
         }
     }
 }

@@ -16,7 +16,11 @@ use std::sync::OnceLock;
 pub enum KeyKind {
     Str = 1,
     Bytes = 2,
+    /// An int from -2^127 to 2^127 - 1, as its 16 bytes (two's complement, little-endian).
     Int = 3,
+    /// An int from 2^127 to 2^128 - 1, as its 16 bytes (unsigned, little-endian). Its own
+    /// kind, because those bytes are also the bytes of a negative `Int`.
+    IntHigh = 4,
 }
 
 /// A key's fingerprint: 96 bits.
@@ -111,6 +115,10 @@ mod tests {
         assert_ne!(a, fingerprint(KeyKind::Int, b"5"));
         assert_ne!(a, fingerprint(KeyKind::Str, b"6"));
         assert_ne!(fingerprint(KeyKind::Str, b""), fingerprint(KeyKind::Bytes, b""));
+        // -1 and 2^128 - 1 have the same 16 bytes: the kind keeps them apart.
+        let ones = u128::MAX.to_le_bytes();
+        assert_eq!(ones, (-1i128).to_le_bytes());
+        assert_ne!(fingerprint(KeyKind::Int, &ones), fingerprint(KeyKind::IntHigh, &ones));
     }
 
     #[test]

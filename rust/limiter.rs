@@ -45,12 +45,39 @@ impl Counters {
         }
     }
 
-    fn add(&mut self, o: &Counters) {
+    pub fn add(&mut self, o: &Counters) {
         self.allowed += o.allowed;
         self.denied += o.denied;
         self.near_limit += o.near_limit;
         self.shadow_denied += o.shadow_denied;
     }
+
+    /// Counts a decision and applies shadow mode: a denial of a limiter in shadow mode
+    /// becomes an admission (charging nothing), and the denial is kept for the log.
+    #[inline(always)]
+    pub fn judge(&mut self, d: Decision, shadow: bool) -> Checked {
+        self.count(&d);
+        if !d.allowed && shadow {
+            self.shadow_denied += 1;
+            return Checked { decision: shadow_admitted(d), shadowed: Some(d) };
+        }
+        Checked { decision: d, shadowed: None }
+    }
+}
+
+/// The outcome of a check: the decision given and, when a limiter in shadow mode admitted
+/// a call it would have denied, the denial it would have given (for the log: its
+/// `retry_after` is the one that matters, the admission's is 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub decision: Decision,
+    pub shadowed: Option<Decision>,
+}
+
+/// What a limiter in shadow mode answers instead of the denial `d`.
+#[inline]
+pub fn shadow_admitted(d: Decision) -> Decision {
+    Decision { allowed: true, retry_after: Some(0), ..d }
 }
 
 /// What a limiter keeps in each shard of its store: the quota keys get by default, the
@@ -105,6 +132,7 @@ impl Limiter {
             return Err(Error::InvalidArgument("max_keys must be at least 1, got 0".into()));
         }
         let ttl_ns = effective_ttl(ttl_secs, algo.time_to_fresh())?;
+        let algo = algo.bound(clock.epoch_offset());
         let store = Store::new(ttl_ns, max_keys, || Quotas {
             default: algo.clone(),
             overrides: FingerprintMap::default(),
@@ -163,6 +191,7 @@ impl Limiter {
     /// carried over (see [`Algorithm::convert`]).
     pub fn set_quota(&self, fp: &Fingerprint, algo: Algorithm) -> Result<()> {
         self.check_kind(&algo)?;
+        let algo = algo.bound(self.clock.epoch_offset());
         self.raise_ttl(&algo);
         let now = self.clock.now();
         let mut g = self.store.lock(fp);
@@ -193,6 +222,7 @@ impl Limiter {
     /// key's usage over. Each shard is converted under its lock, one after the other.
     pub fn set_default(&self, algo: Algorithm) -> Result<()> {
         self.check_kind(&algo)?;
+        let algo = algo.bound(self.clock.epoch_offset());
         self.raise_ttl(&algo);
         for index in 0..SHARDS {
             let now = self.clock.now();
@@ -220,9 +250,9 @@ impl Limiter {
     }
 
     /// Decides and, if admitted, charges `cost` for the key. In shadow mode a call that
-    /// would be denied is admitted (and not charged); the flag tells when that happened.
+    /// would be denied is admitted (and not charged); `shadowed` tells when that happened.
     #[inline(always)]
-    pub fn check(&self, fp: &Fingerprint, cost: u64) -> (Decision, bool) {
+    pub fn check(&self, fp: &Fingerprint, cost: u64) -> Checked {
         let now = self.clock.now();
         let mut g = self.store.lock(fp);
         let (slot, q) = g.slot_and_extra(fp);
@@ -252,18 +282,12 @@ impl Limiter {
                 d = Self::full(g.extra().algo(fp));
             }
         }
-        let counters = &mut g.extra_mut().counters;
-        counters.count(&d);
-        if !d.allowed && self.shadow.load(Ordering::Relaxed) {
-            counters.shadow_denied += 1;
-            return (Decision { allowed: true, retry_after: Some(0), ..d }, true);
-        }
-        (d, false)
+        g.extra_mut().counters.judge(d, self.shadow.load(Ordering::Relaxed))
     }
 
     #[inline]
     pub fn hit(&self, fp: &Fingerprint, cost: u64) -> Decision {
-        self.check(fp, cost).0
+        self.check(fp, cost).decision
     }
 
     /// The decision `hit` would give, charging nothing.
@@ -303,47 +327,30 @@ impl Limiter {
     }
 
     /// The `n` tracked keys using the largest share of their limit now, as
-    /// (fingerprint, units used, limit), most used first. Walks every shard.
+    /// (fingerprint, units used, limit), most used first. Walks every shard, one at a
+    /// time, collecting only keys with some usage.
     pub fn top(&self, n: usize) -> Vec<(Fingerprint, u64, u64)> {
-        use std::cmp::Reverse;
-        use std::collections::BinaryHeap;
         if n == 0 {
             return Vec::new();
         }
-        // Min-heap on (used / limit) compared exactly as used * other_limit.
-        #[derive(PartialEq, Eq)]
-        struct Entry(u64, u64, [u32; 3]);
-        impl Ord for Entry {
-            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-                ((self.0 as u128) * (o.1 as u128)).cmp(&((o.0 as u128) * (self.1 as u128))).then(self.2.cmp(&o.2))
-            }
-        }
-        impl PartialOrd for Entry {
-            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(o))
-            }
-        }
-        let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(n + 1);
+        let mut used = Vec::new();
         for index in 0..SHARDS {
             let now = self.clock.now();
             let g = self.store.lock_index(index);
             let q = g.extra();
             for slot in g.slots() {
-                let algo = q.algo_of(slot);
-                let d = algo.step(slot.state, now, 0).1;
-                let used = d.limit.saturating_sub(d.remaining);
-                if used == 0 {
-                    continue;
-                }
-                heap.push(Reverse(Entry(used, d.limit.max(1), slot.fp)));
-                if heap.len() > n {
-                    heap.pop();
+                let d = q.algo_of(slot).step(slot.state, now, 0).1;
+                let u = d.limit.saturating_sub(d.remaining);
+                if u > 0 {
+                    used.push((Fingerprint(slot.fp), u, d.limit));
                 }
             }
+            // Keep memory bounded by n, not by the number of keys.
+            if used.len() > 4 * n + 1024 {
+                used = top_n(used.into_iter(), n);
+            }
         }
-        let mut out: Vec<_> = heap.into_iter().map(|Reverse(e)| (Fingerprint(e.2), e.0, e.1)).collect();
-        out.sort_by_key(|e| Reverse(Entry(e.1, e.2, e.0 .0)));
-        out
+        top_n(used.into_iter(), n)
     }
 }
 
@@ -410,7 +417,7 @@ pub fn composite_check(
         decisions.push(d);
         // A part in shadow mode never denies the whole.
         let shadowed = !d.allowed && parts[i].shadow();
-        effective.push(if shadowed { Decision { allowed: true, retry_after: Some(0), ..d } } else { d });
+        effective.push(if shadowed { shadow_admitted(d) } else { d });
         if charge {
             q.counters.count(&d);
             q.counters.shadow_denied += shadowed as u64;
@@ -486,69 +493,344 @@ pub fn composite_adjust(parts: &[Arc<Limiter>], order: &[usize], fp: &Fingerprin
     }
 }
 
-/// One shard of lease lists: key -> [(lease id, expiry)].
-type LeaseShard = CachePadded<Mutex<FingerprintMap<Vec<(u64, u64)>>>>;
+/// The most parts a [`Composite`] takes.
+pub const MAX_PARTS: usize = 64;
 
-/// At most `max` leases held at once per key. A lease ends when released or when its
-/// `lease_ttl` runs out, so a holder that crashed cannot leak capacity. A key exists in
-/// the map only while it holds leases.
+/// Counters kept with atomics, for limiters whose checks hold no lock of their own.
+#[derive(Default)]
+struct AtomicCounters {
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    near_limit: AtomicU64,
+    shadow_denied: AtomicU64,
+}
+
+impl AtomicCounters {
+    #[inline]
+    fn judge(&self, d: Decision, shadow: bool) -> Checked {
+        let mut c = Counters::default();
+        let out = c.judge(d, shadow);
+        for (n, a) in [
+            (c.allowed, &self.allowed),
+            (c.denied, &self.denied),
+            (c.near_limit, &self.near_limit),
+            (c.shadow_denied, &self.shadow_denied),
+        ] {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    fn get(&self) -> Counters {
+        Counters {
+            allowed: self.allowed.load(Ordering::Relaxed),
+            denied: self.denied.load(Ordering::Relaxed),
+            near_limit: self.near_limit.load(Ordering::Relaxed),
+            shadow_denied: self.shadow_denied.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Several limiters on one key, all or nothing (see [`composite_check`]), with its own
+/// counters and shadow mode. Its parts keep theirs: a part in shadow mode never denies
+/// the whole; a composite in shadow mode never denies at all.
+pub struct Composite {
+    parts: Vec<Arc<Limiter>>,
+    /// Part indexes sorted by store id: the order shards are locked in.
+    order: Vec<usize>,
+    shadow: AtomicBool,
+    counters: CachePadded<AtomicCounters>,
+}
+
+impl Composite {
+    /// Checks the parts: at least one, at most [`MAX_PARTS`], none twice, one clock.
+    pub fn new(parts: Vec<Arc<Limiter>>) -> Result<Composite> {
+        if parts.is_empty() {
+            return Err(Error::InvalidArgument("Composite needs at least one limiter".into()));
+        }
+        if parts.len() > MAX_PARTS {
+            return Err(Error::InvalidArgument(format!("Composite takes at most {MAX_PARTS} limiters")));
+        }
+        for (i, p) in parts.iter().enumerate() {
+            if parts[..i].iter().any(|q| q.store.id() == p.store.id()) {
+                return Err(Error::InvalidArgument("the same limiter appears twice in Composite".into()));
+            }
+        }
+        if !parts.iter().all(|p| p.clock.same(&parts[0].clock)) {
+            return Err(Error::InvalidArgument("all Composite parts must use the same clock".into()));
+        }
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by_key(|&i| parts[i].store.id());
+        Ok(Composite { parts, order, shadow: AtomicBool::new(false), counters: Default::default() })
+    }
+
+    pub fn parts(&self) -> &[Arc<Limiter>] {
+        &self.parts
+    }
+
+    /// Decides (and with `charge`, charges every part or none) a call of `cost` units on
+    /// every part. Only a charging check counts and applies shadow mode, like `peek`.
+    #[inline]
+    pub fn check(&self, fp: &Fingerprint, cost: u64, charge: bool) -> Checked {
+        let costs = [cost; MAX_PARTS];
+        let d = composite_hit(&self.parts, &self.order, fp, &costs[..self.parts.len()], charge);
+        if !charge {
+            return Checked { decision: d, shadowed: None };
+        }
+        self.counters.judge(d, self.shadow())
+    }
+
+    /// [`check`](Self::check) charging, also returning each part's own Decision.
+    pub fn check_each(&self, fp: &Fingerprint, cost: u64) -> (Checked, Vec<Decision>) {
+        let costs = [cost; MAX_PARTS];
+        let (d, each) = composite_check(&self.parts, &self.order, fp, &costs[..self.parts.len()], true);
+        (self.counters.judge(d, self.shadow()), each)
+    }
+
+    pub fn reset(&self, fp: &Fingerprint) {
+        for p in &self.parts {
+            p.reset(fp);
+        }
+    }
+
+    pub fn sweep(&self) -> usize {
+        self.parts.iter().map(|p| p.sweep()).sum()
+    }
+
+    /// Keys tracked by the busiest part.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).max().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The smallest default capacity of the parts.
+    pub fn limit(&self) -> u64 {
+        self.parts.iter().map(|p| p.algo().limit()).min().unwrap_or(0)
+    }
+
+    pub fn shadow(&self) -> bool {
+        self.shadow.load(Ordering::Relaxed)
+    }
+
+    pub fn set_shadow(&self, on: bool) {
+        self.shadow.store(on, Ordering::Relaxed)
+    }
+
+    /// The composite's own counters (each part counts its own decisions too).
+    pub fn counters(&self) -> Counters {
+        self.counters.get()
+    }
+
+    /// The `n` keys using the largest share of their limit in any of `parts`, as
+    /// (fingerprint, units used, limit) of the part where the share is largest. A key in
+    /// the top `n` of none of the parts cannot be in the top `n` of the whole.
+    pub fn top_of(parts: &[Arc<Limiter>], n: usize) -> Vec<(Fingerprint, u64, u64)> {
+        let mut best: FingerprintMap<(u64, u64)> = FingerprintMap::default();
+        for p in parts {
+            for (fp, used, limit) in p.top(n) {
+                let e = best.entry(fp).or_insert((used, limit));
+                if (used as u128) * (e.1 as u128) > (e.0 as u128) * (limit as u128) {
+                    *e = (used, limit);
+                }
+            }
+        }
+        top_n(best.into_iter().map(|(fp, (u, l))| (fp, u, l)), n)
+    }
+
+    /// A composite has no quota of its own: quotas belong to its parts.
+    pub fn no_quota(what: &str) -> Error {
+        Error::Unsupported(format!(
+            "a Composite has no quota of its own: call {what} on its parts (composite.parts[i].{what}(...)), \
+             each keeps its quota and usage"
+        ))
+    }
+}
+
+/// The `n` entries using the largest share of their limit, most used first, from
+/// (fingerprint, units used, limit) triples (`limit` at least 1, `used` above 0).
+fn top_n(entries: impl Iterator<Item = (Fingerprint, u64, u64)>, n: usize) -> Vec<(Fingerprint, u64, u64)> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    if n == 0 {
+        return Vec::new();
+    }
+    // Min-heap on (used / limit) compared exactly as used * other_limit.
+    #[derive(PartialEq, Eq)]
+    struct Entry(u64, u64, [u32; 3]);
+    impl Ord for Entry {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            ((self.0 as u128) * (o.1 as u128)).cmp(&((o.0 as u128) * (self.1 as u128))).then(self.2.cmp(&o.2))
+        }
+    }
+    impl PartialOrd for Entry {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(n + 1);
+    for (fp, used, limit) in entries {
+        heap.push(Reverse(Entry(used, limit.max(1), fp.0)));
+        if heap.len() > n {
+            heap.pop();
+        }
+    }
+    let mut out: Vec<_> = heap.into_iter().map(|Reverse(e)| e).collect();
+    out.sort_by(|a, b| b.cmp(a));
+    out.into_iter().map(|e| (Fingerprint(e.2), e.0, e.1)).collect()
+}
+
+/// One shard of a [`Concurrency`]: the leases of its keys and what is counted about them.
+#[derive(Default)]
+struct LeaseShard {
+    /// key -> [(lease id, expiry)]; a key is here only while it holds leases.
+    leases: FingerprintMap<Vec<(u64, u64)>>,
+    /// Keys with a limit of their own.
+    limits: FingerprintMap<u64>,
+    counters: Counters,
+    /// Leases that ended by running out their `lease_ttl`.
+    expired: u64,
+    /// Leases ended because their holder dropped the handle without releasing it.
+    dropped: u64,
+}
+
+impl LeaseShard {
+    /// Drops the key's expired leases; true if it holds none left.
+    fn prune(&mut self, fp: &Fingerprint, now: u64) -> bool {
+        let Some(leases) = self.leases.get_mut(fp) else { return true };
+        let before = leases.len();
+        leases.retain(|l| l.1 > now);
+        self.expired += (before - leases.len()) as u64;
+        if leases.is_empty() {
+            self.leases.remove(fp);
+            return true;
+        }
+        false
+    }
+}
+
+/// The lease id a [`Concurrency`] in shadow mode gives for a call it would have denied:
+/// no place is held for it, and releasing it does nothing.
+pub const SHADOW_LEASE: u64 = 0;
+
+/// What a [`Concurrency`] counts, with its size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConcurrencyStats {
+    pub counters: Counters,
+    /// Keys holding leases now (including leases expired but not yet swept).
+    pub keys: usize,
+    /// Leases held now (live ones only).
+    pub held: u64,
+    pub expired: u64,
+    pub dropped: u64,
+    pub overrides: usize,
+}
+
+/// At most `max` leases held at once per key (or the key's own limit). A lease ends when
+/// released or when its `lease_ttl` runs out, so a holder that crashed cannot leak
+/// capacity. A key exists in the map only while it holds leases.
 pub struct Concurrency {
     max: AtomicU64,
     pub lease_ttl_ns: u64,
     pub clock: Clock,
-    shards: Box<[LeaseShard]>,
+    shards: Box<[CachePadded<Mutex<LeaseShard>>]>,
     next_id: AtomicU64,
+    shadow: AtomicBool,
     /// Bumped on every release; blocking acquirers wait on it.
     released: Mutex<u64>,
     wake: Condvar,
 }
 
+fn check_limit(max: u64) -> Result<u64> {
+    if max == 0 {
+        return Err(Error::InvalidArgument("the concurrency limit must be at least 1, got 0".into()));
+    }
+    Ok(max)
+}
+
 impl Concurrency {
     pub fn new(max: u64, lease_ttl_secs: f64, clock: Clock) -> Result<Concurrency> {
-        if max == 0 {
-            return Err(Error::InvalidArgument("the concurrency limit must be at least 1, got 0".into()));
-        }
+        check_limit(max)?;
         if !lease_ttl_secs.is_finite() || lease_ttl_secs <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "lease_ttl must be a finite number of seconds above 0, got {lease_ttl_secs}"
             )));
         }
-        let shards =
-            (0..crate::store::SHARDS).map(|_| CachePadded::new(Mutex::new(FingerprintMap::default()))).collect();
+        let shards = (0..crate::store::SHARDS).map(|_| CachePadded::new(Mutex::new(LeaseShard::default()))).collect();
         Ok(Concurrency {
             max: AtomicU64::new(max),
             lease_ttl_ns: crate::clock::secs_to_ns(lease_ttl_secs).max(1),
             clock,
             shards,
+            // Ids start at 1: SHADOW_LEASE (0) is never a held lease.
             next_id: AtomicU64::new(1),
+            shadow: AtomicBool::new(false),
             released: Mutex::new(0),
             wake: Condvar::new(),
         })
     }
 
-    /// The most leases a key may hold at once.
+    /// The most leases a key without a limit of its own may hold at once.
     pub fn max(&self) -> u64 {
         self.max.load(Ordering::Relaxed)
     }
 
-    /// Changes the limit at run time. Leases already held stay; with a lower limit a key
-    /// holding more than it gets no new lease until enough are released.
+    /// Changes the default limit at run time. Leases already held stay; with a lower
+    /// limit a key holding more than it gets no new lease until enough are released.
     pub fn set_max(&self, max: u64) -> Result<()> {
-        if max == 0 {
-            return Err(Error::InvalidArgument("the concurrency limit must be at least 1, got 0".into()));
-        }
-        self.max.store(max, Ordering::Relaxed);
-        self.wake.notify_all();
+        self.max.store(check_limit(max)?, Ordering::Relaxed);
+        self.wake_waiters();
         Ok(())
     }
 
-    fn shard(&self, fp: &Fingerprint) -> &Mutex<FingerprintMap<Vec<(u64, u64)>>> {
+    /// Gives one key a limit of its own, from its next acquire on (leases held stay).
+    pub fn set_quota(&self, fp: &Fingerprint, max: u64) -> Result<()> {
+        check_limit(max)?;
+        self.shard(fp).lock().limits.insert(*fp, max);
+        self.wake_waiters();
+        Ok(())
+    }
+
+    /// Puts a key back on the default limit. False when it had none of its own.
+    pub fn clear_quota(&self, fp: &Fingerprint) -> bool {
+        let had = self.shard(fp).lock().limits.remove(fp).is_some();
+        if had {
+            self.wake_waiters();
+        }
+        had
+    }
+
+    /// The limit in force for a key, and whether it is the key's own.
+    pub fn quota_of(&self, fp: &Fingerprint) -> (u64, bool) {
+        match self.shard(fp).lock().limits.get(fp) {
+            Some(&n) => (n, true),
+            None => (self.max(), false),
+        }
+    }
+
+    pub fn shadow(&self) -> bool {
+        self.shadow.load(Ordering::Relaxed)
+    }
+
+    pub fn set_shadow(&self, on: bool) {
+        self.shadow.store(on, Ordering::Relaxed)
+    }
+
+    fn shard(&self, fp: &Fingerprint) -> &Mutex<LeaseShard> {
         &self.shards[fp.shard(self.shards.len())]
     }
 
-    fn decide(&self, leases: &[(u64, u64)], now: u64, adding: bool) -> Decision {
+    fn wake_waiters(&self) {
+        *self.released.lock() += 1;
+        self.wake.notify_all();
+    }
+
+    fn decide(&self, leases: &[(u64, u64)], now: u64, adding: bool, max: u64) -> Decision {
         let held = leases.len() as u64 + adding as u64;
-        let max = self.max();
         let allowed = held <= max;
         let last = leases.iter().map(|l| l.1).max().unwrap_or(now);
         let first = leases.iter().map(|l| l.1).min().unwrap_or(now);
@@ -562,52 +844,55 @@ impl Concurrency {
         }
     }
 
-    /// Takes a lease if fewer than `max` are held; returns its id with the decision.
-    pub fn acquire(&self, fp: &Fingerprint) -> (Option<u64>, Decision) {
+    /// Takes a lease if fewer than the key's limit are held; returns its id with the
+    /// decision, counted. In shadow mode a call that would be denied is admitted with
+    /// the id [`SHADOW_LEASE`], holding no place.
+    pub fn acquire(&self, fp: &Fingerprint) -> (Option<u64>, Checked) {
         let now = self.clock.now();
-        let mut map = self.shard(fp).lock();
-        let leases = map.entry(*fp).or_default();
-        leases.retain(|l| l.1 > now);
-        let d = self.decide(leases, now, true);
+        let mut shard = self.shard(fp).lock();
+        shard.prune(fp, now);
+        let max = shard.limits.get(fp).copied().unwrap_or_else(|| self.max());
+        let leases = shard.leases.get(fp).map_or(&[][..], |v| &v[..]);
+        let d = self.decide(leases, now, true, max);
         let id = if d.allowed {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            leases.push((id, now.saturating_add(self.lease_ttl_ns)));
+            shard.leases.entry(*fp).or_default().push((id, now.saturating_add(self.lease_ttl_ns)));
             Some(id)
         } else {
             None
         };
-        if leases.is_empty() {
-            map.remove(fp);
+        let checked = shard.counters.judge(d, self.shadow());
+        match (id, checked.shadowed) {
+            (None, Some(_)) => (Some(SHADOW_LEASE), checked),
+            _ => (id, checked),
         }
-        (id, d)
     }
 
     /// Takes a lease only if one is free *and* `also` agrees, both under this key's lock:
     /// `also` runs (and may charge other limiters) only when a lease is free, and the
     /// lease is taken only if it returns true. Returns the lease id, the concurrency
-    /// decision and what `also` returned (None if it did not run).
+    /// decision and what `also` returned (None if it did not run). Not counted, and not
+    /// in shadow mode: the caller (a `TokenLimiter`) counts its own.
     pub fn acquire_if<R>(
         &self,
         fp: &Fingerprint,
         also: impl FnOnce() -> (bool, R),
     ) -> (Option<u64>, Decision, Option<R>) {
         let now = self.clock.now();
-        let mut map = self.shard(fp).lock();
-        let leases = map.entry(*fp).or_default();
-        leases.retain(|l| l.1 > now);
-        let d = self.decide(leases, now, true);
+        let mut shard = self.shard(fp).lock();
+        shard.prune(fp, now);
+        let max = shard.limits.get(fp).copied().unwrap_or_else(|| self.max());
+        let leases = shard.leases.get(fp).map_or(&[][..], |v| &v[..]);
+        let d = self.decide(leases, now, true, max);
         let mut out = (None, d, None);
         if d.allowed {
             let (ok, r) = also();
             out.2 = Some(r);
             if ok {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                leases.push((id, now.saturating_add(self.lease_ttl_ns)));
+                shard.leases.entry(*fp).or_default().push((id, now.saturating_add(self.lease_ttl_ns)));
                 out.0 = Some(id);
             }
-        }
-        if leases.is_empty() {
-            map.remove(fp);
         }
         out
     }
@@ -615,45 +900,62 @@ impl Concurrency {
     /// What `acquire` would decide, taking nothing.
     pub fn peek(&self, fp: &Fingerprint) -> Decision {
         let now = self.clock.now();
-        let map = self.shard(fp).lock();
+        let shard = self.shard(fp).lock();
+        let max = shard.limits.get(fp).copied().unwrap_or_else(|| self.max());
         let live: Vec<(u64, u64)> =
-            map.get(fp).map(|v| v.iter().copied().filter(|l| l.1 > now).collect()).unwrap_or_default();
-        self.decide(&live, now, true)
+            shard.leases.get(fp).map(|v| v.iter().copied().filter(|l| l.1 > now).collect()).unwrap_or_default();
+        self.decide(&live, now, true, max)
     }
 
-    /// Ends a lease. False when it had already ended (released, expired or reset).
+    /// Leases the key holds now (live ones).
+    pub fn held(&self, fp: &Fingerprint) -> u64 {
+        let now = self.clock.now();
+        let shard = self.shard(fp).lock();
+        shard.leases.get(fp).map_or(0, |v| v.iter().filter(|l| l.1 > now).count() as u64)
+    }
+
+    /// Ends a lease. False when it had already ended (released, expired or reset), or
+    /// was a [`SHADOW_LEASE`].
     pub fn release(&self, fp: &Fingerprint, id: u64) -> bool {
+        self.end(fp, id, false)
+    }
+
+    /// Ends a lease whose holder dropped it without releasing it (counted apart).
+    pub fn release_dropped(&self, fp: &Fingerprint, id: u64) -> bool {
+        self.end(fp, id, true)
+    }
+
+    fn end(&self, fp: &Fingerprint, id: u64, dropped: bool) -> bool {
+        if id == SHADOW_LEASE {
+            return false;
+        }
         let now = self.clock.now();
         let found = {
-            let mut map = self.shard(fp).lock();
-            let Some(leases) = map.get_mut(fp) else {
+            let mut shard = self.shard(fp).lock();
+            let Some(leases) = shard.leases.get_mut(fp) else {
                 return false;
             };
             let found = leases.iter().any(|l| l.0 == id && l.1 > now);
             leases.retain(|l| l.0 != id);
-            let live = leases.iter().any(|l| l.1 > now);
-            if !live {
-                map.remove(fp);
-            }
+            shard.dropped += (found && dropped) as u64;
+            shard.prune(fp, now);
             found
         };
         if found {
-            *self.released.lock() += 1;
-            self.wake.notify_all();
+            self.wake_waiters();
         }
         found
     }
 
     /// Ends every lease of the key.
     pub fn reset(&self, fp: &Fingerprint) {
-        self.shard(fp).lock().remove(fp);
-        *self.released.lock() += 1;
-        self.wake.notify_all();
+        self.shard(fp).lock().leases.remove(fp);
+        self.wake_waiters();
     }
 
     /// Keys currently holding leases (including leases expired but not yet swept).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        self.shards.iter().map(|s| s.lock().leases.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -665,18 +967,58 @@ impl Concurrency {
         let now = self.clock.now();
         let mut dropped = 0;
         for shard in self.shards.iter() {
-            let mut map = shard.lock();
-            let before = map.len();
-            map.retain(|_, leases| {
+            let mut shard = shard.lock();
+            let shard = &mut *shard;
+            let before = shard.leases.len();
+            let mut expired = 0;
+            shard.leases.retain(|_, leases| {
+                let n = leases.len();
                 leases.retain(|l| l.1 > now);
+                expired += (n - leases.len()) as u64;
                 !leases.is_empty()
             });
-            dropped += before - map.len();
+            shard.expired += expired;
+            dropped += before - shard.leases.len();
         }
         dropped
     }
 
-    /// Waits until some lease is released or `timeout_ns` passes (real time).
+    /// Counters and sizes, summed over the shards (one locked at a time).
+    pub fn stats(&self) -> ConcurrencyStats {
+        let now = self.clock.now();
+        let mut out = ConcurrencyStats::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            out.counters.add(&shard.counters);
+            out.keys += shard.leases.len();
+            out.held += shard.leases.values().map(|v| v.iter().filter(|l| l.1 > now).count() as u64).sum::<u64>();
+            out.expired += shard.expired;
+            out.dropped += shard.dropped;
+            out.overrides += shard.limits.len();
+        }
+        out
+    }
+
+    /// The `n` keys holding the largest share of their limit now, as (fingerprint, leases
+    /// held, limit), most used first.
+    pub fn top(&self, n: usize) -> Vec<(Fingerprint, u64, u64)> {
+        let now = self.clock.now();
+        let max = self.max();
+        let mut held = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (fp, leases) in shard.leases.iter() {
+                let live = leases.iter().filter(|l| l.1 > now).count() as u64;
+                if live > 0 {
+                    held.push((*fp, live, shard.limits.get(fp).copied().unwrap_or(max)));
+                }
+            }
+        }
+        top_n(held.into_iter(), n)
+    }
+
+    /// Waits until some lease is released (or a limit raised) or `timeout_ns` passes
+    /// (real time).
     pub fn wait_for_release(&self, timeout_ns: u64) {
         let mut seen = self.released.lock();
         let start = *seen;
@@ -842,13 +1184,13 @@ mod tests {
         let c = Concurrency::new(2, 10.0, Clock::Manual(clock.clone())).unwrap();
         let k = fp("k");
         let (a, d) = c.acquire(&k);
-        assert!(d.allowed);
-        assert_eq!(d.remaining, 1);
+        assert!(d.decision.allowed);
+        assert_eq!(d.decision.remaining, 1);
         let (b, _) = c.acquire(&k);
         let (none, d) = c.acquire(&k);
         assert!(none.is_none());
-        assert!(!d.allowed);
-        assert_eq!(d.retry_after, Some(10 * NANOS));
+        assert!(!d.decision.allowed);
+        assert_eq!(d.decision.retry_after, Some(10 * NANOS));
         assert!(c.release(&k, a.unwrap()));
         assert!(!c.release(&k, a.unwrap()));
         assert!(c.acquire(&k).0.is_some());
@@ -859,6 +1201,119 @@ mod tests {
         assert_eq!(c.sweep(), 1);
         assert!(!c.release(&k, b.unwrap()), "an expired lease is already gone");
         assert!(c.is_empty());
+        let st = c.stats();
+        assert_eq!((st.counters.allowed, st.counters.denied, st.expired, st.held), (3, 1, 2, 0));
+    }
+
+    #[test]
+    fn concurrency_quotas_shadow_and_dropped_leases() {
+        let clock = ManualClock::new(0);
+        let c = Concurrency::new(1, 10.0, Clock::Manual(clock.clone())).unwrap();
+        let (vip, k) = (fp("vip"), fp("k"));
+        c.set_quota(&vip, 3).unwrap();
+        assert!(c.set_quota(&vip, 0).is_err());
+        assert_eq!(c.quota_of(&vip), (3, true));
+        assert_eq!(c.quota_of(&k), (1, false));
+        let ids: Vec<_> = (0..4).map(|_| c.acquire(&vip).0).collect();
+        assert!(ids[..3].iter().all(|i| i.is_some()) && ids[3].is_none(), "{ids:?}");
+        assert_eq!(c.peek(&vip).limit, 3);
+        assert_eq!(c.top(5), vec![(vip, 3, 3)]);
+        assert!(c.clear_quota(&vip));
+        assert!(!c.clear_quota(&vip));
+        assert!(!c.peek(&vip).allowed, "3 held, the default limit is 1");
+        // Shadow mode: the call that would be denied is admitted with a lease holding nothing.
+        assert!(c.acquire(&k).0.is_some());
+        c.set_shadow(true);
+        let (id, checked) = c.acquire(&k);
+        assert_eq!(id, Some(SHADOW_LEASE));
+        assert!(checked.decision.allowed);
+        assert_eq!(checked.shadowed.unwrap().retry_after, Some(10 * NANOS));
+        assert!(!c.release(&k, SHADOW_LEASE));
+        assert_eq!(c.held(&k), 1, "the shadow lease holds no place");
+        c.set_shadow(false);
+        // A lease dropped by its holder is released and counted apart.
+        assert!(c.release_dropped(&vip, ids[0].unwrap()));
+        assert!(!c.release_dropped(&vip, ids[0].unwrap()));
+        let st = c.stats();
+        assert_eq!((st.dropped, st.overrides, st.counters.shadow_denied, st.held), (1, 0, 1, 3));
+        c.set_max(2).unwrap();
+        assert!(c.set_max(0).is_err());
+        assert_eq!(c.max(), 2);
+    }
+
+    #[test]
+    fn composite_counts_and_shadows_as_a_whole() {
+        let clock = ManualClock::new(0);
+        let a = Arc::new(token_bucket("2/minute", 2, &clock));
+        let b = Arc::new(token_bucket("10/minute", 10, &clock));
+        let c = Composite::new(vec![Arc::clone(&a), Arc::clone(&b)]).unwrap();
+        let k = fp("k");
+        assert!(c.check(&k, 2, true).decision.allowed);
+        let denied = c.check(&k, 1, true);
+        assert!(!denied.decision.allowed && denied.shadowed.is_none());
+        c.set_shadow(true);
+        let shadowed = c.check(&k, 1, true);
+        assert!(shadowed.decision.allowed);
+        assert_eq!(shadowed.shadowed.unwrap().retry_after, Some(30 * NANOS));
+        assert_eq!(b.peek(&k, 0).remaining, 8, "a shadow admission charges no part");
+        assert!(!c.check(&k, 1, false).decision.allowed, "peek ignores shadow mode");
+        let n = c.counters();
+        assert_eq!((n.allowed, n.denied, n.shadow_denied, n.near_limit), (1, 2, 1, 1));
+        assert_eq!(c.limit(), 2);
+        assert!(Composite::new(vec![]).is_err());
+        assert!(Composite::new(vec![Arc::clone(&a), Arc::clone(&a)]).is_err());
+        let other = Arc::new(token_bucket("1/s", 1, &ManualClock::new(0)));
+        assert!(Composite::new(vec![a, other]).err().unwrap().to_string().contains("same clock"));
+        assert!(matches!(Composite::no_quota("set_quota"), Error::Unsupported(_)));
+    }
+
+    #[test]
+    fn windows_start_on_unix_time_boundaries() {
+        use crate::algorithms::SlidingWindow;
+        let day = Rate::parse("3/day").unwrap();
+        // A manual clock reads Unix time: 2026-01-01T12:00:00Z.
+        let noon = 1_767_268_800 * NANOS;
+        let clock = ManualClock::new(noon);
+        let fw = Limiter::new(
+            Algorithm::FixedWindow(FixedWindow::new(day).unwrap()),
+            Clock::Manual(clock.clone()),
+            60.0,
+            None,
+        )
+        .unwrap();
+        let d = fw.hit(&fp("k"), 1);
+        assert_eq!(d.reset_after, 12 * 3600 * NANOS, "the window ends at UTC midnight");
+        // Aligned 5 hours later (midnight at UTC-5): the window ends at 05:00 UTC.
+        let est = Algorithm::FixedWindow(FixedWindow::aligned(day, 5 * 3600 * NANOS as i64).unwrap());
+        let fw5 = Limiter::new(est.clone(), Clock::Manual(clock.clone()), 60.0, None).unwrap();
+        assert_eq!(fw5.hit(&fp("k"), 1).reset_after, 17 * 3600 * NANOS);
+        let est_neg = FixedWindow::aligned(day, -19 * 3600 * NANOS as i64).unwrap();
+        let fw5n = Limiter::new(Algorithm::FixedWindow(est_neg), Clock::Manual(clock.clone()), 60.0, None).unwrap();
+        assert_eq!(fw5n.hit(&fp("k"), 1).reset_after, 17 * 3600 * NANOS, "-19 h is +5 h modulo a day");
+        let sw = Limiter::new(
+            Algorithm::SlidingWindow(SlidingWindow::aligned(day, 5 * 3600 * NANOS as i64).unwrap()),
+            Clock::Manual(clock.clone()),
+            60.0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(sw.hit(&fp("k"), 3).retry_after, Some(0));
+        assert_eq!(sw.hit(&fp("k"), 1).retry_after, Some(17 * 3600 * NANOS + 86_400 * NANOS / 3));
+        // A quota set at run time keeps the limiter's clock and alignment.
+        fw5.set_quota(&fp("q"), est).unwrap();
+        assert_eq!(fw5.hit(&fp("q"), 1).reset_after, 17 * 3600 * NANOS);
+        assert!(FixedWindow::aligned(day, i64::MAX).is_err());
+        // On the monotonic clock, windows end where Unix time says.
+        let real = Limiter::new(
+            Algorithm::FixedWindow(FixedWindow::new(Rate::parse("1/minute").unwrap()).unwrap()),
+            Clock::Monotonic,
+            60.0,
+            None,
+        )
+        .unwrap();
+        let left = real.hit(&fp("k"), 1).reset_after;
+        let want = 60 * NANOS - crate::clock::realtime_ns() % (60 * NANOS);
+        assert!(left.abs_diff(want) < NANOS / 10, "{left} vs {want}");
     }
 
     #[test]
@@ -960,10 +1415,16 @@ mod tests {
         let tb = token_bucket("2/minute", 2, &clock);
         tb.set_shadow(true);
         let mut shadowed = 0;
-        for _ in 0..5 {
-            let (d, s) = tb.check(&fp("a"), 1);
-            assert!(d.allowed);
-            shadowed += s as u32;
+        for i in 0..5 {
+            let c = tb.check(&fp("a"), 1);
+            assert!(c.decision.allowed);
+            if let Some(denied) = c.shadowed {
+                shadowed += 1;
+                assert!(!denied.allowed);
+                assert_eq!(c.decision.retry_after, Some(0));
+                // 2/minute: the third call would wait 30 s, the next ones too.
+                assert_eq!(denied.retry_after, Some(30 * NANOS), "call {i}");
+            }
         }
         assert_eq!(shadowed, 3);
         let st = tb.stats();

@@ -7,8 +7,14 @@ use crate::error::{Error, Result};
 pub const MAX_COUNT: u64 = 1 << 53;
 /// The shortest period: one microsecond.
 pub const MIN_PERIOD_NS: u64 = 1_000;
-/// The longest period: about 100 years.
-pub const MAX_PERIOD_NS: u64 = 100 * 366 * 86_400 * NANOS;
+/// The longest period in days: 36,525 (100 years of 365.25 days).
+pub const MAX_PERIOD_DAYS: u64 = 36_525;
+/// The longest period: [`MAX_PERIOD_DAYS`] days, 3,155,760,000 s.
+pub const MAX_PERIOD_NS: u64 = MAX_PERIOD_DAYS * 86_400 * NANOS;
+
+fn too_long(what: impl std::fmt::Display) -> String {
+    format!("rate period {what} is too long (at most {MAX_PERIOD_DAYS} days, 100 years of 365.25 days)")
+}
 
 /// `count` units per `period_ns` nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -17,7 +23,10 @@ pub struct Rate {
     pub period_ns: u64,
 }
 
+/// Unit names (lower case) and their length. The name before last is the one `Display`
+/// writes for a period of exactly one unit; the first is its short form.
 const UNITS: &[(&[&str], u64)] = &[
+    (&["us", "\u{b5}s", "\u{3bc}s", "usec", "microsecond", "microseconds"], 1_000),
     (&["ms", "msec", "millisecond", "milliseconds"], 1_000_000),
     (&["s", "sec", "secs", "second", "seconds"], NANOS),
     (&["m", "min", "mins", "minute", "minutes"], 60 * NANOS),
@@ -39,10 +48,7 @@ impl Rate {
             return Err(Error::InvalidRate(format!("rate period must be at least 1 microsecond, got {period_ns} ns")));
         }
         if period_ns > MAX_PERIOD_NS {
-            return Err(Error::InvalidRate(format!(
-                "rate period {} s is too long (at most 100 years)",
-                period_ns / NANOS
-            )));
+            return Err(Error::InvalidRate(too_long(format_args!("{} s", period_ns / NANOS))));
         }
         Ok(Rate { count, period_ns })
     }
@@ -56,13 +62,14 @@ impl Rate {
         }
         let ns = period * NANOS as f64;
         if ns > MAX_PERIOD_NS as f64 {
-            return Err(Error::InvalidRate(format!("rate period {period} s is too long (at most 100 years)")));
+            return Err(Error::InvalidRate(too_long(format_args!("{period} s"))));
         }
         Rate::new(count, ns.round() as u64)
     }
 
     /// Parses `"100/minute"`, `"100 per minute"`, `"10/s"`, `"5/2s"`, `"5 per 2 seconds"`,
-    /// `"1000/hour"`, `"7/day"`, `"10/500ms"`, `"3/1.5h"`. Case and spaces do not matter.
+    /// `"1000/hour"`, `"7/day"`, `"10/500ms"`, `"1/250us"`, `"3/1.5h"`. Case and spaces do
+    /// not matter. Periods run from 1 µs to [`MAX_PERIOD_DAYS`] days.
     pub fn parse(text: &str) -> Result<Rate> {
         let bad = |why: &str| {
             Error::InvalidRate(format!(
@@ -103,12 +110,12 @@ impl Rate {
                 if unit_text.starts_with("month") || unit_text.starts_with("year") {
                     bad("months and years have no fixed length; use days, e.g. \"1000/30d\"")
                 } else {
-                    bad(&format!("unknown period unit {unit_text:?} (use ms, s, m, h, d or w)"))
+                    bad(&format!("unknown period unit {unit_text:?} (use us, ms, s, m, h, d or w)"))
                 }
             })?;
         let period = multiplier * unit_ns as f64;
         if period > MAX_PERIOD_NS as f64 {
-            return Err(bad("the period is too long (at most 100 years)"));
+            return Err(bad(&format!("the period is too long (at most {MAX_PERIOD_DAYS} days)")));
         }
         Rate::new(count, period.round() as u64).map_err(|e| bad(&e.to_string()))
     }
@@ -157,6 +164,24 @@ mod tests {
         assert_eq!(p(" 10 / 500ms "), Rate { count: 10, period_ns: 500_000_000 });
         assert_eq!(p("3/1.5H"), Rate { count: 3, period_ns: 5_400 * NANOS });
         assert_eq!(p("1/w"), Rate { count: 1, period_ns: 7 * 86_400 * NANOS });
+        for us in ["1/1us", "1/us", "1/1\u{b5}s", "1/1\u{3bc}s", "1 per 1 microsecond", "1/1 usec", "1/1US"] {
+            assert_eq!(p(us), Rate { count: 1, period_ns: MIN_PERIOD_NS }, "{us}");
+        }
+        assert_eq!(p("3/250us"), Rate { count: 3, period_ns: 250_000 });
+    }
+
+    #[test]
+    fn the_bounds_are_exactly_the_documented_ones() {
+        assert_eq!(MAX_PERIOD_NS, 3_155_760_000 * NANOS);
+        assert_eq!(p("1/36525d").period_ns, MAX_PERIOD_NS);
+        assert_eq!(p("1/5217.857142857143w").period_ns, MAX_PERIOD_NS);
+        assert!(Rate::parse("1/36526d").unwrap_err().to_string().contains("at most 36525 days"));
+        assert!(Rate::new(1, MAX_PERIOD_NS).is_ok());
+        assert!(Rate::new(1, MAX_PERIOD_NS + 1).unwrap_err().to_string().contains("at most 36525 days"));
+        assert!(Rate::from_secs(1, 3_155_760_000.0).is_ok());
+        assert!(Rate::from_secs(1, 3_155_760_001.0).is_err());
+        assert_eq!(p("1/0.001ms").period_ns, MIN_PERIOD_NS);
+        assert!(Rate::parse("1/0.999us").unwrap_err().to_string().contains("at least 1 microsecond"));
     }
 
     #[test]
@@ -199,6 +224,11 @@ mod tests {
         assert_eq!(p("5/2s").to_string(), "5/2s");
         assert_eq!(p("5/90s").to_string(), "5/90s");
         assert_eq!(p("5/2h").to_string(), "5/2h");
-        assert_eq!(p("1/1.5ms").to_string(), "1/0.0015s");
+        assert_eq!(p("1/1.5ms").to_string(), "1/1500us");
+        assert_eq!(p("7/us").to_string(), "7/microsecond");
+        assert_eq!(p("1/1.5us").to_string(), "1/0.0000015s");
+        for r in ["1/1.5ms", "7/us", "1/1.5us", "9/36525d", "2/1000001us"] {
+            assert_eq!(p(&p(r).to_string()), p(r), "{r}");
+        }
     }
 }

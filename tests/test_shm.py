@@ -76,9 +76,9 @@ def test_store_file_and_errors(store_name, tmp_path):
     versioned = tmp_path / "v"
     nl.SharedMemoryStore(path=versioned, capacity=64)
     data = bytearray(versioned.read_bytes())
-    data[8] = 2
+    data[8] = 1
     versioned.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="layout version 2 .* reads version 1"):
+    with pytest.raises(ValueError, match="layout version 1 .* reads version 2"):
         nl.SharedMemoryStore(path=versioned)
     damaged = tmp_path / "d"
     nl.SharedMemoryStore(path=str(damaged), capacity=64)

@@ -1,8 +1,8 @@
-//! Fixed window: at most `limit` units in each window `[k * period, (k + 1) * period)`
-//! of the limiter's clock. State: the window index (high 64 bits) and the units
-//! admitted in it (low 64 bits).
+//! Fixed window: at most `limit` units in each window `[align + k * period,
+//! align + (k + 1) * period)` of Unix time (see [`super::Windows`]). State: the window
+//! index (high 64 bits) and the units admitted in it (low 64 bits).
 
-use super::{Decision, State};
+use super::{Decision, State, Windows};
 use crate::error::Result;
 use crate::rate::Rate;
 
@@ -10,6 +10,7 @@ use crate::rate::Rate;
 pub struct FixedWindow {
     pub limit: u64,
     pub period_ns: u64,
+    pub windows: Windows,
 }
 
 #[inline]
@@ -23,8 +24,20 @@ fn pack(window: u64, count: u64) -> State {
 }
 
 impl FixedWindow {
+    /// Windows starting at multiples of the period from the Unix epoch.
     pub fn new(rate: Rate) -> Result<FixedWindow> {
-        Ok(FixedWindow { limit: rate.count, period_ns: rate.period_ns })
+        FixedWindow::aligned(rate, 0)
+    }
+
+    /// Windows starting `align_ns` after multiples of the period from the Unix epoch.
+    pub fn aligned(rate: Rate, align_ns: i64) -> Result<FixedWindow> {
+        Ok(FixedWindow { limit: rate.count, period_ns: rate.period_ns, windows: Windows::new(align_ns)? })
+    }
+
+    /// The window containing `now` and the time left in it (in `(0, period]`).
+    #[inline(always)]
+    fn at(&self, now: u64) -> (u64, u64) {
+        self.windows.at(now, self.period_ns)
     }
 
     /// Units already admitted in the window that contains `now`.
@@ -40,8 +53,7 @@ impl FixedWindow {
 
     #[inline(always)]
     pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
-        let window = now / self.period_ns;
-        let rest = self.period_ns - (now - window * self.period_ns);
+        let (window, rest) = self.at(now);
         let used = self.used(state, window);
         let free = self.limit.saturating_sub(used);
         let reset_if = |n: u64| if n > 0 { rest } else { 0 };
@@ -75,13 +87,13 @@ impl FixedWindow {
     /// Charges (`delta > 0`) or refunds (`delta < 0`) units of a call made at
     /// `charged_at`: a refund only reaches the window it was charged in.
     pub fn adjust(&self, state: State, now: u64, delta: i64, charged_at: u64) -> State {
-        let window = now / self.period_ns;
+        let window = self.at(now).0;
         let (w, count) = unpack(state);
         let count = if w == window { count } else { 0 };
         if delta >= 0 {
             return pack(window, count.saturating_add(delta as u64));
         }
-        if charged_at / self.period_ns != window || w != window {
+        if self.at(charged_at).0 != window || w != window {
             return state;
         }
         pack(window, count.saturating_sub(delta.unsigned_abs()))
@@ -89,7 +101,7 @@ impl FixedWindow {
 
     /// The units of `a` and `b` in the current window, added.
     pub fn merge(&self, a: State, b: State, now: u64) -> State {
-        let window = now / self.period_ns;
+        let window = self.at(now).0;
         pack(window, self.used(a, window).saturating_add(self.used(b, window)))
     }
 
@@ -98,15 +110,15 @@ impl FixedWindow {
         if to.period_ns == self.period_ns {
             return state;
         }
-        match self.used(state, now / self.period_ns) {
+        match self.used(state, self.at(now).0) {
             0 => 0,
-            used => pack(now / to.period_ns, used),
+            used => pack(to.at(now).0, used),
         }
     }
 
     #[inline]
     pub fn is_fresh(&self, state: State, now: u64) -> bool {
-        self.used(state, now / self.period_ns) == 0
+        self.used(state, self.at(now).0) == 0
     }
 
     pub fn time_to_fresh(&self) -> u64 {

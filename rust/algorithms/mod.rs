@@ -46,6 +46,51 @@ impl Decision {
     }
 }
 
+/// Where the windows of a fixed or sliding window start.
+///
+/// Windows are `[align + k * period, align + (k + 1) * period)` of Unix time, `k` any
+/// whole number: with `align` 0 (the default) a day's windows start at UTC midnight and
+/// an hour's on the hour, which is where a Redis server (reading its `TIME`) puts them
+/// too. A limiter's clock is turned into Unix time by adding the clock's epoch offset
+/// (see [`crate::clock`]), which [`Algorithm::bind`] records here, folded with `align`
+/// into one phase so that a step costs one addition more than windows on the bare clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Windows {
+    /// Where windows start, in ns after the Unix epoch, as given (used modulo the period).
+    pub align_ns: i64,
+    /// `(epoch offset - align) mod period`: added to the clock's time, windows start at
+    /// multiples of the period.
+    phase_ns: u64,
+}
+
+impl Windows {
+    pub fn new(align_ns: i64) -> crate::error::Result<Windows> {
+        if align_ns.unsigned_abs() > crate::rate::MAX_PERIOD_NS {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "align must be within {} days of 0, got {} s",
+                crate::rate::MAX_PERIOD_DAYS,
+                align_ns as f64 / crate::clock::NANOS as f64
+            )));
+        }
+        Ok(Windows { align_ns, phase_ns: 0 })
+    }
+
+    /// Records the epoch offset of the clock the windows are read on.
+    pub fn bind(&mut self, epoch_offset: u64, period_ns: u64) {
+        let p = period_ns as i128;
+        self.phase_ns = (epoch_offset as i128 - self.align_ns as i128).rem_euclid(p) as u64;
+    }
+
+    /// The window containing `now` (on the bound clock) and the time left in it, in
+    /// `(0, period]`.
+    #[inline(always)]
+    pub fn at(&self, now: u64, period_ns: u64) -> (u64, u64) {
+        let t = now.saturating_add(self.phase_ns);
+        let window = t / period_ns;
+        (window, period_ns - (t - window * period_ns))
+    }
+}
+
 /// One of the window or bucket algorithms with its quota.
 #[derive(Clone, Debug)]
 pub enum Algorithm {
@@ -56,6 +101,32 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Records the epoch offset of the clock the algorithm will be stepped with (windows
+    /// start on Unix-time boundaries; buckets need no wall time). Every limiter binds the
+    /// quotas it is given.
+    pub fn bind(&mut self, epoch_offset: u64) {
+        match self {
+            Algorithm::TokenBucket(_) | Algorithm::LeakyBucket(_) => {}
+            Algorithm::FixedWindow(w) => w.windows.bind(epoch_offset, w.period_ns),
+            Algorithm::SlidingWindow(w) => w.windows.bind(epoch_offset, w.period_ns),
+        }
+    }
+
+    /// [`bind`](Self::bind), by value.
+    pub fn bound(mut self, epoch_offset: u64) -> Algorithm {
+        self.bind(epoch_offset);
+        self
+    }
+
+    /// Where windows start (ns after the Unix epoch, as given), for a window algorithm.
+    pub fn align_ns(&self) -> Option<i64> {
+        match self {
+            Algorithm::TokenBucket(_) | Algorithm::LeakyBucket(_) => None,
+            Algorithm::FixedWindow(w) => Some(w.windows.align_ns),
+            Algorithm::SlidingWindow(w) => Some(w.windows.align_ns),
+        }
+    }
+
     /// Decides a call of `cost` units at `now`.
     #[inline(always)]
     pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {

@@ -2,8 +2,8 @@
 //!
 //! The estimate of the units used in the last `period` is
 //! `previous * (1 - elapsed / period) + current`, where `current` counts the units
-//! admitted in the window containing `now` (windows aligned to multiples of the
-//! period), `previous` those of the window before, and `elapsed` the time since the
+//! admitted in the window containing `now` (windows aligned like a fixed window's, see
+//! [`super::Windows`]), `previous` those of the window before, and `elapsed` the time since the
 //! current window began. A call of `cost` is admitted when `estimate + cost <= limit`.
 //! The comparison is done exactly in integers (everything multiplied by the period).
 //!
@@ -14,7 +14,7 @@
 //! State: window index (48 bits, wrapping), previous count (40 bits), current count
 //! (40 bits). Limits are therefore at most 2^40 - 1 units per window.
 
-use super::{clamp_ns, Decision, State};
+use super::{clamp_ns, Decision, State, Windows};
 use crate::error::{Error, Result};
 use crate::rate::Rate;
 
@@ -31,6 +31,7 @@ fn div_ceil_u128(a: u128, b: u128) -> u128 {
 pub struct SlidingWindow {
     pub limit: u64,
     pub period_ns: u64,
+    pub windows: Windows,
 }
 
 #[inline]
@@ -39,14 +40,26 @@ fn pack(window: u64, prev: u64, cur: u64) -> State {
 }
 
 impl SlidingWindow {
+    /// Windows starting at multiples of the period from the Unix epoch.
     pub fn new(rate: Rate) -> Result<SlidingWindow> {
+        SlidingWindow::aligned(rate, 0)
+    }
+
+    /// Windows starting `align_ns` after multiples of the period from the Unix epoch.
+    pub fn aligned(rate: Rate, align_ns: i64) -> Result<SlidingWindow> {
         if rate.count > MAX_LIMIT {
             return Err(Error::InvalidRate(format!(
                 "sliding window limit {} is too large (at most {MAX_LIMIT})",
                 rate.count
             )));
         }
-        Ok(SlidingWindow { limit: rate.count, period_ns: rate.period_ns })
+        Ok(SlidingWindow { limit: rate.count, period_ns: rate.period_ns, windows: Windows::new(align_ns)? })
+    }
+
+    /// The window containing `now` and the time left in it (in `(0, period]`).
+    #[inline(always)]
+    fn at(&self, now: u64) -> (u64, u64) {
+        self.windows.at(now, self.period_ns)
     }
 
     /// (previous, current) counts as seen from `window`.
@@ -66,8 +79,7 @@ impl SlidingWindow {
     pub fn step(&self, state: State, now: u64, cost: u64) -> (State, Decision) {
         let p = self.period_ns as u128;
         let l = self.limit as u128;
-        let window = now / self.period_ns;
-        let rest = self.period_ns - (now - window * self.period_ns); // in (0, period]
+        let (window, rest) = self.at(now);
         let (prev, cur) = self.counts(state, window);
         // estimate * period, exactly.
         let weighted = prev as u128 * rest as u128 + cur as u128 * p;
@@ -124,13 +136,13 @@ impl SlidingWindow {
     /// or refunds (`delta < 0`) units of a call made at `charged_at`: from the current
     /// window if it was charged there, from the previous one if it was charged there.
     pub fn adjust(&self, state: State, now: u64, delta: i64, charged_at: u64) -> State {
-        let window = now / self.period_ns;
+        let window = self.at(now).0;
         let (prev, cur) = self.counts(state, window);
         let amount = delta.unsigned_abs();
         if delta >= 0 {
             return pack(window, prev, cur.saturating_add(amount).min(MAX_LIMIT));
         }
-        let charged = charged_at / self.period_ns;
+        let charged = self.at(charged_at).0;
         if charged == window {
             pack(window, prev, cur.saturating_sub(amount))
         } else if charged + 1 == window {
@@ -142,7 +154,7 @@ impl SlidingWindow {
 
     /// The counts of `a` and `b`, seen from the current window, added.
     pub fn merge(&self, a: State, b: State, now: u64) -> State {
-        let window = now / self.period_ns;
+        let window = self.at(now).0;
         let (pa, ca) = self.counts(a, window);
         let (pb, cb) = self.counts(b, window);
         pack(window, (pa + pb).min(MAX_LIMIT), (ca + cb).min(MAX_LIMIT))
@@ -155,19 +167,18 @@ impl SlidingWindow {
             return state;
         }
         let p = self.period_ns as u128;
-        let window = now / self.period_ns;
-        let rest = self.period_ns - (now - window * self.period_ns);
+        let (window, rest) = self.at(now);
         let (prev, cur) = self.counts(state, window);
         let used = div_ceil_u128(prev as u128 * rest as u128 + cur as u128 * p, p).min(MAX_LIMIT as u128) as u64;
         if used == 0 {
             return 0;
         }
-        pack(now / to.period_ns, 0, used)
+        pack(to.at(now).0, 0, used)
     }
 
     #[inline]
     pub fn is_fresh(&self, state: State, now: u64) -> bool {
-        self.counts(state, now / self.period_ns) == (0, 0)
+        self.counts(state, self.at(now).0) == (0, 0)
     }
 
     pub fn time_to_fresh(&self) -> u64 {

@@ -28,10 +28,28 @@ fn key_fp_by(key: &Bound<'_, PyAny>, fp: impl Fn(KeyKind, &[u8]) -> Fingerprint)
         return Ok(fp(KeyKind::Bytes, b.as_bytes()));
     }
     if key.is_instance_of::<PyInt>() && !key.is_instance_of::<PyBool>() {
-        let v: i128 = key.extract().map_err(|_| bad_value("int keys must fit in 128 bits"))?;
-        return Ok(fp(KeyKind::Int, &v.to_le_bytes()));
+        if let Ok(v) = key.extract::<i128>() {
+            return Ok(fp(KeyKind::Int, &v.to_le_bytes()));
+        }
+        return int_key_high(key, fp);
     }
     Err(wrong_type("key", "str, bytes or int", key))
+}
+
+/// An int key above `i128::MAX`: up to 2^128 - 1 (every unsigned 128-bit value, such as
+/// `uuid.UUID.int` or an IPv6 address), else a clear error.
+#[cold]
+fn int_key_high(key: &Bound<'_, PyAny>, fp: impl Fn(KeyKind, &[u8]) -> Fingerprint) -> PyResult<Fingerprint> {
+    match key.extract::<u128>() {
+        Ok(v) => Ok(fp(KeyKind::IntHigh, &v.to_le_bytes())),
+        Err(_) => {
+            let bits = key.call_method0("bit_length").and_then(|b| b.extract::<u64>()).unwrap_or(0);
+            Err(bad_value(format!(
+                "int keys must fit in 128 bits: from -2**127 to 2**128 - 1 (any signed or unsigned 128-bit \
+                 value), got an int of {bits} bits; pass str(key) or bytes for larger numbers"
+            )))
+        }
+    }
 }
 
 /// A cost: a non-negative `int` (not `bool`).
@@ -112,4 +130,38 @@ pub fn flag(name: &str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
         Ok(b) => Ok(b.is_true()),
         Err(_) => Err(wrong_type(name, "True or False", value)),
     }
+}
+
+/// `align=`: where windows start, in ns after the Unix epoch. `None` is 0 (UTC
+/// boundaries); a number of seconds or a `datetime.timedelta` is that offset; a
+/// `datetime.tzinfo` with a fixed UTC offset puts boundaries at that zone's midnight
+/// (for a day), i.e. minus its offset.
+pub fn align(value: Option<&Bound<'_, PyAny>>) -> PyResult<i64> {
+    let Some(v) = value.filter(|v| !v.is_none()) else { return Ok(0) };
+    let py = v.py();
+    let datetime = py.import("datetime")?;
+    let secs: f64 = if v.is_instance(&datetime.getattr("tzinfo")?)? {
+        let offset = v.call_method1("utcoffset", (py.None(),))?;
+        if offset.is_none() {
+            return Err(bad_value(
+                "align: this time zone has no fixed UTC offset (daylight saving time moves it), so no fixed window \
+                 boundaries; pass a fixed offset such as datetime.timezone(datetime.timedelta(hours=-5)), or seconds",
+            ));
+        }
+        -offset.call_method0("total_seconds")?.extract::<f64>()?
+    } else if v.is_instance(&datetime.getattr("timedelta")?)? {
+        v.call_method0("total_seconds")?.extract::<f64>()?
+    } else if v.is_instance_of::<PyBool>() || !(v.is_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>()) {
+        return Err(wrong_type("align", "None, a number of seconds, a datetime.timedelta or a datetime.timezone", v));
+    } else {
+        v.extract::<f64>()?
+    };
+    let limit = crate::rate::MAX_PERIOD_NS as f64 / crate::clock::NANOS as f64;
+    if !secs.is_finite() || secs.abs() > limit {
+        return Err(bad_value(format!(
+            "align must be a finite number of seconds within {} days of 0, got {secs}",
+            crate::rate::MAX_PERIOD_DAYS
+        )));
+    }
+    Ok((secs * crate::clock::NANOS as f64).round() as i64)
 }

@@ -2,17 +2,19 @@
 
 use super::args;
 use super::errors::bad_value;
+use super::limiters::{key_names, log_shadow, top_rows};
 use super::types::{Decision, ManualClock};
 use crate::clock::ns_to_secs;
 use crate::key::Fingerprint;
-use crate::limiter;
+use crate::limiter::{self, SHADOW_LEASE};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// At most `limit` leases held at once per key. A lease ends when released (or its
-/// `with` block exits) or when `lease_ttl` seconds pass, so a holder that crashed
-/// cannot leak capacity.
+/// `with` block exits, or the Lease object is dropped) or when `lease_ttl` seconds pass,
+/// so a holder that crashed cannot leak capacity.
 #[pyclass(frozen, subclass, module = "nexus_limits._core")]
 pub struct Concurrency {
     inner: Arc<limiter::Concurrency>,
@@ -20,7 +22,9 @@ pub struct Concurrency {
 }
 
 /// One held place of a `Concurrency` limit. Use it as a context manager or call
-/// `release()`; releasing twice is harmless.
+/// `release()`; releasing twice is harmless. A Lease that is garbage-collected without
+/// being released is released then (and counted in `stats()["dropped"]`): keep the
+/// object for as long as the work it guards runs.
 #[pyclass(frozen, module = "nexus_limits._core")]
 pub struct Lease {
     owner: Arc<limiter::Concurrency>,
@@ -29,6 +33,14 @@ pub struct Lease {
     #[pyo3(get)]
     key: Py<PyAny>,
     done: AtomicBool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.owner.release_dropped(&self.fp, self.id);
+        }
+    }
 }
 
 fn only_unit_cost(cost: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
@@ -41,7 +53,10 @@ fn only_unit_cost(cost: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
 impl Concurrency {
     fn take(&self, key: &Bound<'_, PyAny>) -> PyResult<(Option<Lease>, Decision)> {
         let fp = args::key_fp(key)?;
-        let (id, d) = self.inner.acquire(&fp);
+        let (id, checked) = self.inner.acquire(&fp);
+        if let Some(denied) = &checked.shadowed {
+            log_shadow(key, &format!("Concurrency({})", denied.limit), denied);
+        }
         let lease = id.map(|id| Lease {
             owner: Arc::clone(&self.inner),
             fp,
@@ -49,18 +64,19 @@ impl Concurrency {
             key: key.clone().unbind(),
             done: AtomicBool::new(false),
         });
-        Ok((lease, Decision::from_core(d)))
+        Ok((lease, Decision::from_checked(checked)))
     }
 }
 
 #[pymethods]
 impl Concurrency {
     #[new]
-    #[pyo3(signature = (limit, lease_ttl=None, clock=None))]
+    #[pyo3(signature = (limit, lease_ttl=None, clock=None, shadow=None))]
     fn new(
         limit: &Bound<'_, PyAny>,
         lease_ttl: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let limit = args::count("limit", limit)?;
         let lease_ttl = match lease_ttl {
@@ -68,17 +84,24 @@ impl Concurrency {
             None => 300.0,
         };
         let (core_clock, clock) = args::clock(clock)?;
-        Ok(Concurrency { inner: Arc::new(limiter::Concurrency::new(limit, lease_ttl, core_clock)?), clock })
+        let inner = limiter::Concurrency::new(limit, lease_ttl, core_clock)?;
+        if let Some(shadow) = shadow.filter(|s| !s.is_none()) {
+            inner.set_shadow(args::flag("shadow", shadow)?);
+        }
+        Ok(Concurrency { inner: Arc::new(inner), clock })
     }
 
-    /// A Lease if fewer than `limit` are held for `key`, else None.
+    /// A Lease if fewer than the key's limit are held, else None. The lease is held
+    /// while the Lease object lives: `if c.try_acquire(key):` alone takes it and gives it
+    /// back at once; keep it (`lease = c.try_acquire(key)`) and release it when done.
     #[pyo3(signature = (key, cost=None))]
     fn try_acquire(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Lease>> {
         only_unit_cost(cost)?;
         Ok(self.take(key)?.0)
     }
 
-    /// Takes a lease if one is free; the Decision carries it in `.lease`.
+    /// Takes a lease if one is free; the Decision carries it in `.lease` (and holds it
+    /// while it lives, like the Lease itself).
     #[pyo3(signature = (key, cost=None))]
     fn hit(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
         only_unit_cost(cost)?;
@@ -127,18 +150,107 @@ impl Concurrency {
         Ok(())
     }
 
+    /// Keys holding leases now.
     fn __len__(&self) -> usize {
         self.inner.len()
     }
 
+    /// The default limit: leases a key without a limit of its own may hold at once.
     #[getter(limit)]
     fn limit_value(&self) -> u64 {
         self.inner.max()
     }
 
-    /// Changes the limit at run time; leases already held stay held.
+    /// Changes the default limit at run time; leases already held stay held. The same
+    /// as `set_default_quota(limit)`.
     fn set_limit(&self, limit: &Bound<'_, PyAny>) -> PyResult<()> {
-        Ok(self.inner.set_max(super::args::count("limit", limit)?)?)
+        Ok(self.inner.set_max(args::count("limit", limit)?)?)
+    }
+
+    /// Gives `key` a limit of its own (leases held stay held).
+    fn set_quota(&self, key: &Bound<'_, PyAny>, limit: &Bound<'_, PyAny>) -> PyResult<()> {
+        let fp = args::key_fp(key)?;
+        Ok(self.inner.set_quota(&fp, args::count("limit", limit)?)?)
+    }
+
+    /// Puts `key` back on the default limit; False if it had none of its own.
+    fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.inner.clear_quota(&args::key_fp(key)?))
+    }
+
+    /// Changes the default limit (every key without one of its own).
+    fn set_default_quota(&self, limit: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.set_limit(limit)
+    }
+
+    /// One key's limit and leases now, with the fields of a rate limiter's `inspect`
+    /// (`rate` is None; `used` counts the leases held).
+    fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let py = key.py();
+        let fp = args::key_fp(key)?;
+        let (limit, own) = self.inner.quota_of(&fp);
+        let d = self.inner.peek(&fp);
+        let held = self.inner.held(&fp);
+        let out = PyDict::new(py);
+        out.set_item("key", key)?;
+        out.set_item("algorithm", "concurrency")?;
+        out.set_item("rate", py.None())?;
+        out.set_item("limit", limit)?;
+        out.set_item("own_quota", own)?;
+        out.set_item("used", held)?;
+        out.set_item("remaining", limit.saturating_sub(held))?;
+        out.set_item("allowed", d.allowed)?;
+        out.set_item("retry_after", d.retry_after.map_or(f64::INFINITY, ns_to_secs))?;
+        out.set_item("reset_after", if held > 0 { ns_to_secs(d.reset_after) } else { 0.0 })?;
+        out.set_item("tracked", held > 0)?;
+        out.set_item("shadow", self.inner.shadow())?;
+        Ok(out)
+    }
+
+    /// The `n` keys holding the largest share of their limit now (`used`: leases held).
+    #[pyo3(signature = (n=10, keys=None))]
+    fn top_keys<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        keys: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let names = key_names(keys)?;
+        let inner = Arc::clone(&self.inner);
+        let top = py.detach(move || inner.top(n));
+        top_rows(py, &names, top)
+    }
+
+    /// Counters since construction: allowed, denied, near_limit, shadow_denied; keys
+    /// (holding leases), own_quotas; held (leases held now), expired (leases that ran
+    /// out their lease_ttl), dropped (leases garbage-collected without release).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let out = PyDict::new(py);
+        out.set_item("allowed", s.counters.allowed)?;
+        out.set_item("denied", s.counters.denied)?;
+        out.set_item("near_limit", s.counters.near_limit)?;
+        out.set_item("shadow_denied", s.counters.shadow_denied)?;
+        out.set_item("keys", s.keys)?;
+        out.set_item("own_quotas", s.overrides)?;
+        out.set_item("held", s.held)?;
+        out.set_item("expired", s.expired)?;
+        out.set_item("dropped", s.dropped)?;
+        Ok(out)
+    }
+
+    /// In shadow mode a key at its limit still gets a Lease (holding no place; its
+    /// `release()` returns False), the call is counted and logged (logger
+    /// `nexus_limits.shadow`): nothing is ever denied.
+    #[getter]
+    fn shadow(&self) -> bool {
+        self.inner.shadow()
+    }
+
+    #[setter]
+    fn set_shadow(&self, on: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.set_shadow(args::flag("shadow", on)?);
+        Ok(())
     }
 
     #[getter]
@@ -154,14 +266,15 @@ impl Concurrency {
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
         let name = slf.get_type().qualname()?.to_string();
         let me = slf.get();
-        Ok(format!("{name}({}, lease_ttl={:?})", me.inner.max(), ns_to_secs(me.inner.lease_ttl_ns)))
+        let shadow = if me.inner.shadow() { ", shadow=True" } else { "" };
+        Ok(format!("{name}({}, lease_ttl={:?}{shadow})", me.inner.max(), ns_to_secs(me.inner.lease_ttl_ns)))
     }
 }
 
 #[pymethods]
 impl Lease {
     /// Ends the lease. True if this call ended it; False if it had already ended
-    /// (released before, expired, or reset).
+    /// (released before, expired, or reset) or holds no place (shadow mode).
     fn release(&self) -> bool {
         if self.done.swap(true, Ordering::AcqRel) {
             return false;
@@ -173,6 +286,13 @@ impl Lease {
     #[getter]
     fn released(&self) -> bool {
         self.done.load(Ordering::Acquire)
+    }
+
+    /// True for a lease a Concurrency in shadow mode gave past its limit (it holds no
+    /// place).
+    #[getter]
+    fn shadow(&self) -> bool {
+        self.id == SHADOW_LEASE
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -187,6 +307,7 @@ impl Lease {
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let key = self.key.bind(py).repr()?.to_string();
-        Ok(format!("Lease(key={key}, released={})", if self.released() { "True" } else { "False" }))
+        let shadow = if self.id == SHADOW_LEASE { ", shadow=True" } else { "" };
+        Ok(format!("Lease(key={key}, released={}{shadow})", if self.released() { "True" } else { "False" }))
     }
 }

@@ -8,6 +8,7 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         match err {
             Error::InvalidRate(msg) | Error::InvalidArgument(msg) => PyValueError::new_err(msg),
+            Error::Unsupported(msg) => PyTypeError::new_err(msg),
         }
     }
 }

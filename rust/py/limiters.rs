@@ -7,19 +7,22 @@ use super::args;
 use super::errors::{bad_value, wrong_type};
 use super::types::{Decision, ManualClock, Rate};
 use crate::algorithms::{Algorithm, FixedWindow as Fixed, Gcra, SlidingWindow as Sliding};
-use crate::clock::{ns_to_secs, Clock};
-use crate::limiter::{composite_check, composite_hit, Limiter};
+use crate::clock::ns_to_secs;
+use crate::limiter::{Checked, Limiter};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::sync::Arc;
 
-/// Builds a limiter's algorithm from a rate and an optional burst/capacity.
-type Make = fn(crate::rate::Rate, Option<u64>) -> crate::error::Result<Algorithm>;
+/// Builds a limiter's algorithm from a rate, an optional burst/capacity and where
+/// windows start (ns after the Unix epoch; buckets ignore it).
+type Make = fn(crate::rate::Rate, Option<u64>, i64) -> crate::error::Result<Algorithm>;
 
 /// What every rate limiter class holds.
 pub struct Shared {
     pub inner: Arc<Limiter>,
     make: Make,
+    /// Where windows start, as given (`align=`), for the quotas set at run time.
+    align_ns: i64,
     clock: Option<Py<ManualClock>>,
     /// Set when the states live in a `SharedMemoryStore` (then `inner` only holds the
     /// quota, clock and shadow flag).
@@ -29,27 +32,34 @@ pub struct Shared {
 /// The `logging` logger shadow-mode denials are reported to.
 static SHADOW_LOGGER: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
 
+/// Logs a call a limiter in shadow mode admitted although it would have denied it
+/// (`denied`, the decision it would have given): INFO on `nexus_limits.shadow`.
 #[cold]
-fn log_shadow(key: &Bound<'_, PyAny>, slf: &Limiter, d: &crate::algorithms::Decision) {
+pub fn log_shadow(key: &Bound<'_, PyAny>, what: &str, denied: &crate::algorithms::Decision) {
     let py = key.py();
     let logger = SHADOW_LOGGER.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
         Ok(py.import("logging")?.call_method1("getLogger", ("nexus_limits.shadow",))?.unbind())
     });
     if let Ok(logger) = logger {
-        let algo = slf.quota_of(&args::key_fp(key).unwrap_or(crate::key::Fingerprint([0; 3]))).0;
         let _ = logger.bind(py).call_method1(
             "info",
             (
-                "shadow mode: %s %s would deny key %r (remaining %d of %d, retry after %.3fs)",
-                algo.name(),
-                algo.rate().to_string(),
+                "shadow mode: %s would deny key %r (remaining %d of %d, retry after %.3fs)",
+                what,
                 key,
-                d.remaining,
-                d.limit,
-                d.retry_after.map_or(f64::INFINITY, ns_to_secs),
+                denied.remaining,
+                denied.limit,
+                denied.retry_after.map_or(f64::INFINITY, ns_to_secs),
             ),
         );
     }
+}
+
+/// A rate limiter's shadow-mode log line: its algorithm and the key's quota.
+#[cold]
+fn log_shadow_rate(key: &Bound<'_, PyAny>, slf: &Limiter, denied: &crate::algorithms::Decision) {
+    let algo = slf.quota_of(&args::key_fp(key).unwrap_or(crate::key::Fingerprint([0; 3]))).0;
+    log_shadow(key, &format!("{} {}", algo.name(), algo.rate()), denied);
 }
 
 fn fp_hex(fp: &crate::key::Fingerprint) -> String {
@@ -58,13 +68,14 @@ fn fp_hex(fp: &crate::key::Fingerprint) -> String {
 
 impl Shared {
     fn build(rate: crate::rate::Rate, burst: Option<u64>, make: Make, opts: Options<'_, '_>) -> PyResult<Shared> {
+        let align_ns = args::align(opts.align)?;
         let ttl = match opts.ttl {
             Some(v) => args::seconds("ttl", v)?,
             None => 3600.0,
         };
         let (core_clock, clock) = args::clock(opts.clock)?;
         let max_keys = args::max_keys(opts.max_keys)?;
-        let algo = make(rate, burst)?;
+        let algo = make(rate, burst, align_ns)?;
         let shm = match opts.store.filter(|s| !s.is_none()) {
             None => None,
             Some(store) => {
@@ -81,48 +92,37 @@ impl Shared {
         if let Some(shadow) = opts.shadow {
             inner.set_shadow(args::flag("shadow", shadow)?);
         }
-        Ok(Shared { inner: Arc::new(inner), make, clock, shm })
+        Ok(Shared { inner: Arc::new(inner), make, align_ns, clock, shm })
     }
 
     #[inline]
-    fn check(
-        &self,
-        key: &Bound<'_, PyAny>,
-        cost: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(crate::algorithms::Decision, bool)> {
-        if let Some(shm) = &self.shm {
-            let cost = args::cost(cost)?;
-            let (d, shadowed) = shm.check(key, cost, true, self.inner.shadow())?;
-            if shadowed {
-                log_shadow(key, &self.inner, &d);
+    fn check(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Checked> {
+        let checked = match &self.shm {
+            Some(shm) => shm.check(key, args::cost(cost)?, true, self.inner.shadow())?,
+            None => {
+                let fp = args::key_fp(key)?;
+                self.inner.check(&fp, args::cost(cost)?)
             }
-            return Ok((d, shadowed));
+        };
+        if let Some(denied) = &checked.shadowed {
+            log_shadow_rate(key, &self.inner, denied);
         }
-        let fp = args::key_fp(key)?;
-        let cost = args::cost(cost)?;
-        let (d, shadowed) = self.inner.check(&fp, cost);
-        if shadowed {
-            log_shadow(key, &self.inner, &d);
-        }
-        Ok((d, shadowed))
+        Ok(checked)
     }
 
     #[inline]
     fn hit(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
-        let (d, shadowed) = self.check(key, cost)?;
-        let mut out = Decision::from_core(d);
-        out.shadow = shadowed;
-        Ok(out)
+        Ok(Decision::from_checked(self.check(key, cost)?))
     }
 
     #[inline]
     fn try_acquire(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-        Ok(self.check(key, cost)?.0.allowed)
+        Ok(self.check(key, cost)?.decision.allowed)
     }
 
     fn peek_core(&self, key: &Bound<'_, PyAny>, cost: u64) -> PyResult<crate::algorithms::Decision> {
         match &self.shm {
-            Some(shm) => Ok(shm.check(key, cost, false, false)?.0),
+            Some(shm) => Ok(shm.check(key, cost, false, false)?.decision),
             None => Ok(self.inner.peek(&args::key_fp(key)?, cost)),
         }
     }
@@ -184,7 +184,7 @@ impl Shared {
             Some(b) if !b.is_none() => Some(args::count("burst", b)?),
             _ => None,
         };
-        Ok((self.make)(r, burst)?)
+        Ok((self.make)(r, burst, self.align_ns)?)
     }
 
     fn set_quota(
@@ -311,13 +311,10 @@ pub fn inspect_dict<'py>(key: &Bound<'py, PyAny>, inner: &Limiter) -> PyResult<B
     Ok(out)
 }
 
-/// `top_keys(n, keys)` of one core limiter.
-pub fn top_keys_of<'py>(
-    py: Python<'py>,
-    inner: &Arc<Limiter>,
-    n: usize,
+/// The candidate key names given to `top_keys`, by fingerprint.
+pub fn key_names<'py>(
     keys: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Vec<Bound<'py, PyDict>>> {
+) -> PyResult<crate::key::FingerprintMap<Bound<'py, PyAny>>> {
     let mut names = crate::key::FingerprintMap::<Bound<'py, PyAny>>::default();
     if let Some(keys) = keys.filter(|k| !k.is_none()) {
         let iter = keys.try_iter().map_err(|_| wrong_type("keys", "an iterable of keys", keys))?;
@@ -326,8 +323,15 @@ pub fn top_keys_of<'py>(
             names.insert(args::key_fp(&k)?, k);
         }
     }
-    let inner = Arc::clone(inner);
-    let top = py.detach(move || inner.top(n));
+    Ok(names)
+}
+
+/// `top_keys` rows: key (when among the candidates), id, used, limit.
+pub fn top_rows<'py>(
+    py: Python<'py>,
+    names: &crate::key::FingerprintMap<Bound<'py, PyAny>>,
+    top: Vec<(crate::key::Fingerprint, u64, u64)>,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
     top.into_iter()
         .map(|(fp, used, limit)| {
             let out = PyDict::new(py);
@@ -343,6 +347,19 @@ pub fn top_keys_of<'py>(
         .collect()
 }
 
+/// `top_keys(n, keys)` of one core limiter.
+pub fn top_keys_of<'py>(
+    py: Python<'py>,
+    inner: &Arc<Limiter>,
+    n: usize,
+    keys: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let names = key_names(keys)?;
+    let inner = Arc::clone(inner);
+    let top = py.detach(move || inner.top(n));
+    top_rows(py, &names, top)
+}
+
 /// The keyword arguments every limiter class takes.
 pub struct Options<'a, 'py> {
     ttl: Option<&'a Bound<'py, PyAny>>,
@@ -350,6 +367,7 @@ pub struct Options<'a, 'py> {
     max_keys: Option<&'a Bound<'py, PyAny>>,
     shadow: Option<&'a Bound<'py, PyAny>>,
     store: Option<&'a Bound<'py, PyAny>>,
+    align: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// Generates a limiter class: its constructor is given, the checking methods are shared.
@@ -494,11 +512,11 @@ fn optional_count(name: &str, value: Option<&Bound<'_, PyAny>>, default: u64) ->
     }
 }
 
-fn make_token_bucket(r: crate::rate::Rate, burst: Option<u64>) -> crate::error::Result<Algorithm> {
+fn make_token_bucket(r: crate::rate::Rate, burst: Option<u64>, _: i64) -> crate::error::Result<Algorithm> {
     Ok(Algorithm::TokenBucket(Gcra::new(r, burst.unwrap_or(r.count))?))
 }
 
-fn make_leaky_bucket(r: crate::rate::Rate, capacity: Option<u64>) -> crate::error::Result<Algorithm> {
+fn make_leaky_bucket(r: crate::rate::Rate, capacity: Option<u64>, _: i64) -> crate::error::Result<Algorithm> {
     Ok(Algorithm::LeakyBucket(Gcra::new(r, capacity.unwrap_or(r.count))?))
 }
 
@@ -511,14 +529,14 @@ fn no_burst(name: &str, burst: Option<u64>) -> crate::error::Result<()> {
     }
 }
 
-fn make_fixed_window(r: crate::rate::Rate, burst: Option<u64>) -> crate::error::Result<Algorithm> {
+fn make_fixed_window(r: crate::rate::Rate, burst: Option<u64>, align: i64) -> crate::error::Result<Algorithm> {
     no_burst("fixed window", burst)?;
-    Ok(Algorithm::FixedWindow(Fixed::new(r)?))
+    Ok(Algorithm::FixedWindow(Fixed::aligned(r, align)?))
 }
 
-fn make_sliding_window(r: crate::rate::Rate, burst: Option<u64>) -> crate::error::Result<Algorithm> {
+fn make_sliding_window(r: crate::rate::Rate, burst: Option<u64>, align: i64) -> crate::error::Result<Algorithm> {
     no_burst("sliding window", burst)?;
-    Ok(Algorithm::SlidingWindow(Sliding::new(r)?))
+    Ok(Algorithm::SlidingWindow(Sliding::aligned(r, align)?))
 }
 
 rate_limiter_class!(TokenBucket, |s| format!(", burst={}", s.0.inner.algo().limit()), {
@@ -537,7 +555,7 @@ rate_limiter_class!(TokenBucket, |s| format!(", burst={}", s.0.inner.algo().limi
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
         let burst = optional_count("burst", burst, r.count)?;
-        let opts = Options { ttl, clock, max_keys, shadow, store };
+        let opts = Options { ttl, clock, max_keys, shadow, store, align: None };
         Ok(TokenBucket(Shared::build(r, Some(burst), make_token_bucket, opts)?))
     }
 });
@@ -559,16 +577,25 @@ rate_limiter_class!(LeakyBucket, |s| format!(", capacity={}", s.0.inner.algo().l
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
         let capacity = optional_count("capacity", capacity, r.count)?;
-        let opts = Options { ttl, clock, max_keys, shadow, store };
+        let opts = Options { ttl, clock, max_keys, shadow, store, align: None };
         Ok(LeakyBucket(Shared::build(r, Some(capacity), make_leaky_bucket, opts)?))
     }
 });
 
-rate_limiter_class!(FixedWindow, |_| String::new(), {
-    /// At most the rate's count per window; windows are aligned to multiples of the
-    /// period on the limiter's clock.
+fn align_repr(s: &Shared) -> String {
+    match s.align_ns {
+        0 => String::new(),
+        ns => format!(", align={:?}", ns as f64 / crate::clock::NANOS as f64),
+    }
+}
+
+rate_limiter_class!(FixedWindow, |s| align_repr(&s.0), {
+    /// At most the rate's count per window. Windows start at multiples of the period
+    /// from the Unix epoch (a day at UTC midnight), plus `align`: seconds, a
+    /// `datetime.timedelta`, or a fixed-offset `datetime.timezone` (a day then starts at
+    /// that zone's midnight).
     #[new]
-    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None, store=None))]
+    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None, store=None, *, align=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
@@ -576,18 +603,26 @@ rate_limiter_class!(FixedWindow, |_| String::new(), {
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
         store: Option<&Bound<'_, PyAny>>,
+        align: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        let opts = Options { ttl, clock, max_keys, shadow, store };
+        let opts = Options { ttl, clock, max_keys, shadow, store, align };
         Ok(FixedWindow(Shared::build(r, None, make_fixed_window, opts)?))
+    }
+
+    /// Where windows start: seconds after the Unix epoch (modulo the period), as given.
+    #[getter]
+    fn align(&self) -> f64 {
+        self.0.align_ns as f64 / crate::clock::NANOS as f64
     }
 });
 
-rate_limiter_class!(SlidingWindow, |_| String::new(), {
+rate_limiter_class!(SlidingWindow, |s| align_repr(&s.0), {
     /// The two-window weighted counter: estimate = previous * (1 - elapsed/period)
-    /// + current must stay within the rate's count.
+    /// + current must stay within the rate's count. Windows start like a FixedWindow's
+    /// (the Unix epoch, plus `align`).
     #[new]
-    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None, store=None))]
+    #[pyo3(signature = (rate, ttl=None, clock=None, max_keys=None, shadow=None, store=None, *, align=None))]
     fn new(
         rate: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
@@ -595,10 +630,17 @@ rate_limiter_class!(SlidingWindow, |_| String::new(), {
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
         store: Option<&Bound<'_, PyAny>>,
+        align: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let r = args::rate(rate)?;
-        let opts = Options { ttl, clock, max_keys, shadow, store };
+        let opts = Options { ttl, clock, max_keys, shadow, store, align };
         Ok(SlidingWindow(Shared::build(r, None, make_sliding_window, opts)?))
+    }
+
+    /// Where windows start: seconds after the Unix epoch (modulo the period), as given.
+    #[getter]
+    fn align(&self) -> f64 {
+        self.0.align_ns as f64 / crate::clock::NANOS as f64
     }
 });
 
@@ -627,7 +669,7 @@ fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Parts> {
     }
     if let Ok(x) = obj.cast::<Composite>() {
         let c = x.get();
-        return Ok((c.parts.clone(), c.clock.as_ref().map(|k| k.clone_ref(py))));
+        return Ok((c.inner.parts().to_vec(), c.clock.as_ref().map(|k| k.clone_ref(py))));
     }
     Err(wrong_type("each Composite part", "a TokenBucket, SlidingWindow, FixedWindow, LeakyBucket or Composite", obj))
 }
@@ -636,25 +678,20 @@ fn parts_of(obj: &Bound<'_, PyAny>) -> PyResult<Parts> {
 /// part admits it, and then every part is charged, atomically under threads.
 #[pyclass(frozen, subclass, module = "nexus_limits._core")]
 pub struct Composite {
-    parts: Vec<Arc<Limiter>>,
-    /// Part indexes sorted by store id: the order shards are locked in.
-    order: Vec<usize>,
+    inner: crate::limiter::Composite,
     objects: Py<PyTuple>,
     clock: Option<Py<ManualClock>>,
 }
 
 impl Composite {
     #[inline]
-    fn check(
-        &self,
-        key: &Bound<'_, PyAny>,
-        cost: Option<&Bound<'_, PyAny>>,
-        charge: bool,
-    ) -> PyResult<crate::algorithms::Decision> {
+    fn check(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>, charge: bool) -> PyResult<Checked> {
         let fp = args::key_fp(key)?;
-        let cost = args::cost(cost)?;
-        let costs = [cost; 64];
-        Ok(composite_hit(&self.parts, &self.order, &fp, &costs[..self.parts.len()], charge))
+        let checked = self.inner.check(&fp, args::cost(cost)?, charge);
+        if let Some(denied) = &checked.shadowed {
+            log_shadow(key, "Composite", denied);
+        }
+        Ok(checked)
     }
 }
 
@@ -670,43 +707,25 @@ impl Composite {
         for item in iter {
             let item = item?;
             let (more, more_clock) = parts_of(&item)?;
-            for part in more {
-                if parts.iter().any(|p| p.store.id() == part.store.id()) {
-                    return Err(bad_value("the same limiter appears twice in Composite"));
-                }
-                parts.push(part);
+            parts.extend(more);
+            if parts.len() > crate::limiter::MAX_PARTS {
+                break; // the core refuses it; no need to read an endless iterable
             }
             clock = clock.or(more_clock);
             objects.push(item);
         }
-        if parts.is_empty() {
-            return Err(bad_value("Composite needs at least one limiter"));
-        }
-        if parts.len() > 64 {
-            return Err(bad_value("Composite takes at most 64 limiters"));
-        }
-        let first = &parts[0].clock;
-        let same_clock = parts.iter().all(|p| match (&p.clock, first) {
-            (Clock::Monotonic, Clock::Monotonic) => true,
-            (Clock::Manual(a), Clock::Manual(b)) => a.same(b),
-            _ => false,
-        });
-        if !same_clock {
-            return Err(bad_value("all Composite parts must use the same clock"));
-        }
-        let mut order: Vec<usize> = (0..parts.len()).collect();
-        order.sort_by_key(|&i| parts[i].store.id());
-        Ok(Composite { parts, order, objects: PyTuple::new(py, objects)?.unbind(), clock })
+        let inner = crate::limiter::Composite::new(parts)?;
+        Ok(Composite { inner, objects: PyTuple::new(py, objects)?.unbind(), clock })
     }
 
     #[pyo3(signature = (key, cost=None))]
     fn hit(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
-        Ok(Decision::from_core(self.check(key, cost, true)?))
+        Ok(Decision::from_checked(self.check(key, cost, true)?))
     }
 
     #[pyo3(signature = (key, cost=None))]
     fn try_acquire(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-        Ok(self.check(key, cost, true)?.allowed)
+        Ok(self.check(key, cost, true)?.decision.allowed)
     }
 
     /// `hit`, also returning each part's own Decision (in the order of `parts`,
@@ -714,39 +733,131 @@ impl Composite {
     #[pyo3(signature = (key, cost=None))]
     fn hit_each(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<(Decision, Vec<Decision>)> {
         let fp = args::key_fp(key)?;
-        let cost = args::cost(cost)?;
-        let costs = [cost; 64];
-        let (d, each) = composite_check(&self.parts, &self.order, &fp, &costs[..self.parts.len()], true);
-        Ok((Decision::from_core(d), each.into_iter().map(Decision::from_core).collect()))
+        let (checked, each) = self.inner.check_each(&fp, args::cost(cost)?);
+        if let Some(denied) = &checked.shadowed {
+            log_shadow(key, "Composite", denied);
+        }
+        Ok((Decision::from_checked(checked), each.into_iter().map(Decision::from_core).collect()))
     }
 
     #[pyo3(signature = (key, cost=None))]
     fn peek(&self, key: &Bound<'_, PyAny>, cost: Option<&Bound<'_, PyAny>>) -> PyResult<Decision> {
-        Ok(Decision::from_core(self.check(key, cost, false)?))
+        Ok(Decision::from_core(self.check(key, cost, false)?.decision))
     }
 
     fn get_limit(&self, key: &Bound<'_, PyAny>) -> PyResult<(bool, u64)> {
-        let zero = 0u64.into_pyobject(key.py())?;
-        let d = self.check(key, Some(zero.as_any()), false)?;
+        let d = self.inner.check(&args::key_fp(key)?, 0, false).decision;
         Ok((d.remaining >= 1, d.remaining))
     }
 
     fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
-        let fp = args::key_fp(key)?;
-        for p in &self.parts {
-            p.reset(&fp);
-        }
+        self.inner.reset(&args::key_fp(key)?);
         Ok(())
     }
 
     fn sweep(&self, py: Python<'_>) -> usize {
-        let parts = self.parts.clone();
+        let parts = self.inner.parts().to_vec();
         py.detach(move || parts.iter().map(|p| p.sweep()).sum())
     }
 
     /// Keys tracked by the busiest part.
     fn __len__(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).max().unwrap_or(0)
+        self.inner.len()
+    }
+
+    /// A Composite has no quota of its own: raises TypeError (set quotas on its parts).
+    #[pyo3(signature = (key, rate, burst=None))]
+    fn set_quota(&self, key: &Bound<'_, PyAny>, rate: &Bound<'_, PyAny>, burst: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let _ = (key, rate, burst);
+        Err(crate::limiter::Composite::no_quota("set_quota").into())
+    }
+
+    /// A Composite has no quota of its own: raises TypeError (clear quotas on its parts).
+    fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let _ = key;
+        Err(crate::limiter::Composite::no_quota("clear_quota").into())
+    }
+
+    /// A Composite has no quota of its own: raises TypeError (set quotas on its parts).
+    #[pyo3(signature = (rate, burst=None))]
+    fn set_default_quota(&self, rate: &Bound<'_, PyAny>, burst: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let _ = (rate, burst);
+        Err(crate::limiter::Composite::no_quota("set_default_quota").into())
+    }
+
+    /// The key across the parts now: the combined answer for a call of one unit (the
+    /// fields of a part's `inspect`), and each part's `inspect` under "parts".
+    fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let py = key.py();
+        let fp = args::key_fp(key)?;
+        let one = self.inner.check(&fp, 1, false).decision;
+        let zero = self.inner.check(&fp, 0, false).decision;
+        let out = PyDict::new(py);
+        out.set_item("key", key)?;
+        out.set_item("algorithm", "composite")?;
+        out.set_item("rate", py.None())?;
+        out.set_item("limit", zero.limit)?;
+        out.set_item("own_quota", false)?;
+        out.set_item("used", zero.limit.saturating_sub(zero.remaining))?;
+        out.set_item("remaining", zero.remaining)?;
+        out.set_item("allowed", one.allowed)?;
+        out.set_item("retry_after", one.retry_after.map_or(f64::INFINITY, ns_to_secs))?;
+        out.set_item("reset_after", ns_to_secs(zero.reset_after))?;
+        let parts: Vec<_> = self.inner.parts().iter().map(|p| inspect_dict(key, p)).collect::<PyResult<_>>()?;
+        let tracked = parts.iter().any(|d| d.get_item("tracked").ok().flatten().is_some_and(|t| t.is_truthy().unwrap_or(false)));
+        out.set_item("tracked", tracked)?;
+        out.set_item("shadow", self.inner.shadow())?;
+        out.set_item("parts", parts)?;
+        Ok(out)
+    }
+
+    /// The `n` keys using the largest share of their limit in any part (each with the
+    /// part where that share is largest), most used first.
+    #[pyo3(signature = (n=10, keys=None))]
+    fn top_keys<'py>(&self, py: Python<'py>, n: usize, keys: Option<&Bound<'py, PyAny>>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let names = key_names(keys)?;
+        let parts = self.inner.parts().to_vec();
+        let top = py.detach(move || crate::limiter::Composite::top_of(&parts, n));
+        top_rows(py, &names, top)
+    }
+
+    /// Counters of the Composite's own checks (allowed, denied, near_limit,
+    /// shadow_denied), keys (busiest part), evicted and own_quotas (summed over the
+    /// parts), and each part's `stats()` under "parts".
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.inner.counters();
+        let out = PyDict::new(py);
+        out.set_item("allowed", c.allowed)?;
+        out.set_item("denied", c.denied)?;
+        out.set_item("near_limit", c.near_limit)?;
+        out.set_item("shadow_denied", c.shadow_denied)?;
+        let each: Vec<_> = self.inner.parts().iter().map(|p| p.stats()).collect();
+        out.set_item("keys", each.iter().map(|s| s.keys).max().unwrap_or(0))?;
+        out.set_item("evicted", each.iter().map(|s| s.evicted).sum::<u64>())?;
+        out.set_item("own_quotas", each.iter().map(|s| s.overrides).sum::<usize>())?;
+        let parts: Vec<_> = self.inner.parts().iter().map(|p| stats_dict(py, p)).collect::<PyResult<_>>()?;
+        out.set_item("parts", parts)?;
+        Ok(out)
+    }
+
+    /// In shadow mode the Composite decides and counts, logs what it would deny (logger
+    /// `nexus_limits.shadow`), and never denies (charging nothing then). Its parts keep
+    /// their own shadow flags.
+    #[getter]
+    fn shadow(&self) -> bool {
+        self.inner.shadow()
+    }
+
+    #[setter]
+    fn set_shadow(&self, on: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.set_shadow(args::flag("shadow", on)?);
+        Ok(())
+    }
+
+    /// The smallest default capacity of the parts.
+    #[getter(limit)]
+    fn limit_value(&self) -> u64 {
+        self.inner.limit()
     }
 
     /// The limiters given at construction.
@@ -769,6 +880,7 @@ impl Composite {
             .iter()
             .map(|o| o.repr().map(|r| r.to_string()))
             .collect::<PyResult<_>>()?;
-        Ok(format!("{name}([{}])", parts.join(", ")))
+        let shadow = if slf.get().inner.shadow() { ", shadow=True" } else { "" };
+        Ok(format!("{name}([{}]{shadow})", parts.join(", ")))
     }
 }

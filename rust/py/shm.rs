@@ -5,7 +5,7 @@ use super::errors::{bad_value, wrong_type};
 use crate::algorithms::{Algorithm, Decision};
 use crate::clock::{ns_to_secs, Clock};
 use crate::key::{fingerprint_with, Fingerprint, KeyKind};
-use crate::limiter::Counters;
+use crate::limiter::{Checked, Counters};
 use crate::store::shm::{Location, ShmTable};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -170,8 +170,14 @@ impl ShmPart {
                 ns_to_secs(need).ceil()
             )));
         }
+        // Windows are read with the store's epoch offset, the same in every process.
+        let algo = algo.bound(if clock.is_manual() { 0 } else { table.epoch_offset });
         let rate = algo.rate();
-        let id = format!("{}|{}|{}|{}", algo.name(), rate.count, rate.period_ns, algo.limit());
+        let mut id = format!("{}|{}|{}|{}", algo.name(), rate.count, rate.period_ns, algo.limit());
+        if let Some(align) = algo.align_ns() {
+            // Windows aligned elsewhere count other windows: another limit.
+            id += &format!("|{}", (align as i128).rem_euclid(rate.period_ns as i128));
+        }
         let salt = fingerprint_with(table.k0, table.k1, KeyKind::Bytes, id.as_bytes()).0;
         Ok(ShmPart {
             table,
@@ -189,9 +195,9 @@ impl ShmPart {
         Ok(Fingerprint([f.0[0] ^ self.salt[0], f.0[1] ^ self.salt[1], f.0[2] ^ self.salt[2]]))
     }
 
-    /// Decides (and with `charge`, charges) a call; the flag tells a shadow-mode admission.
+    /// Decides (and with `charge`, charges and counts) a call, in shadow mode if `shadow`.
     #[inline]
-    pub fn check(&self, key: &Bound<'_, PyAny>, cost: u64, charge: bool, shadow: bool) -> PyResult<(Decision, bool)> {
+    pub fn check(&self, key: &Bound<'_, PyAny>, cost: u64, charge: bool, shadow: bool) -> PyResult<Checked> {
         let fp = self.fp(key)?;
         let now = self.clock.now();
         let d = match self.table.check(&fp, &self.algo, now, cost, charge) {
@@ -209,15 +215,9 @@ impl ShmPart {
             }
         };
         if !charge {
-            return Ok((d, false));
+            return Ok(Checked { decision: d, shadowed: None });
         }
-        let mut c = self.counters.lock();
-        c.count(&d);
-        if !d.allowed && shadow {
-            c.shadow_denied += 1;
-            return Ok((Decision { allowed: true, retry_after: Some(0), ..d }, true));
-        }
-        Ok((d, false))
+        Ok(self.counters.lock().judge(d, shadow))
     }
 
     pub fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {

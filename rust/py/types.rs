@@ -105,6 +105,16 @@ impl Decision {
     }
 }
 
+impl Decision {
+    /// The decision given by a check; `shadow` is set when shadow mode admitted it.
+    #[inline]
+    pub fn from_checked(c: crate::limiter::Checked) -> Decision {
+        let mut out = Decision::from_core(c.decision);
+        out.shadow = c.shadowed.is_some();
+        out
+    }
+}
+
 fn non_negative(name: &str, v: f64, allow_inf: bool) -> PyResult<f64> {
     if v.is_nan() || v < 0.0 || (v.is_infinite() && !allow_inf) {
         return Err(bad_value(format!("{name} must be a non-negative number of seconds, got {v}")));

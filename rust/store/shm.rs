@@ -25,6 +25,10 @@
 //!
 //! The clock is `CLOCK_MONOTONIC`, shared by every process of a host. It restarts at
 //! boot, so the header keeps the boot id and a store opened after a reboot is cleared.
+//! Windows start on Unix-time boundaries: the header keeps the epoch offset measured
+//! when the store was created (or cleared after a reboot), and every process reads
+//! windows with that one offset, so they all agree on every boundary, whatever each
+//! process measured for itself.
 
 use crate::algorithms::{Algorithm, Decision, State};
 use crate::clock::NANOS;
@@ -35,7 +39,8 @@ use std::ffi::CString;
 use std::sync::atomic::Ordering::SeqCst;
 
 pub const MAGIC: [u8; 8] = *b"NXLIMSHM";
-pub const VERSION: u32 = 1;
+/// 2: the header keeps the epoch offset, and windows start on Unix-time boundaries.
+pub const VERSION: u32 = 2;
 pub const HEADER: usize = 4096;
 pub const SLOT: usize = 32;
 /// Slots a key may live in, from its hash on.
@@ -56,6 +61,8 @@ struct Header {
     k1: u64,
     ttl_secs: u64,
     boot_id: [u8; 16],
+    /// Unix time minus `CLOCK_MONOTONIC`, in ns, measured at creation.
+    epoch_offset: u64,
 }
 
 /// A mapped table.
@@ -66,6 +73,8 @@ pub struct ShmTable {
     pub k0: u64,
     pub k1: u64,
     pub ttl_secs: u64,
+    /// Unix time minus `CLOCK_MONOTONIC` (ns), the same for every process of the store.
+    pub epoch_offset: u64,
     pub path: String,
 }
 
@@ -193,7 +202,16 @@ impl ShmTable {
         if base == libc::MAP_FAILED {
             return Err(os_error("cannot map", &path));
         }
-        let mut table = ShmTable { base: base as *mut u8, len, capacity: capacity as usize, k0: 0, k1: 0, ttl_secs, path };
+        let mut table = ShmTable {
+            base: base as *mut u8,
+            len,
+            capacity: capacity as usize,
+            k0: 0,
+            k1: 0,
+            ttl_secs,
+            epoch_offset: 0,
+            path,
+        };
         // SAFETY: the mapping starts with HEADER bytes, page-aligned, and only this
         // process touches the header while it holds the lock.
         let header = unsafe { &mut *(table.base as *mut Header) };
@@ -209,6 +227,7 @@ impl ShmTable {
             header.k1 = u64::from_le_bytes(keys[8..].try_into().unwrap());
             header.ttl_secs = ttl_secs;
             header.boot_id = boot_id();
+            header.epoch_offset = crate::clock::measure_epoch_offset();
             table.clear_slots();
             std::sync::atomic::fence(SeqCst);
             header.magic = MAGIC;
@@ -252,11 +271,13 @@ impl ShmTable {
                 // States are times on the monotonic clock, which restarted at boot.
                 table.clear_slots();
                 header.boot_id = boot_id();
+                header.epoch_offset = crate::clock::measure_epoch_offset();
             }
             table.ttl_secs = header.ttl_secs;
         }
         table.k0 = header.k0;
         table.k1 = header.k1;
+        table.epoch_offset = header.epoch_offset;
         drop(locked);
         Ok(table)
     }
@@ -638,8 +659,13 @@ mod tests {
         assert_eq!((again.capacity(), again.ttl_secs), (128, 60), "the file's own capacity and ttl");
         assert!(!again.check(&fp(1), &bucket("1/minute", 1), 2 * NANOS, 1, true).unwrap().allowed, "state kept");
         assert!(ShmTable::open(Location::Path(&p), Some(1000), Some(60)).is_err());
+        // The epoch offset recorded at creation is the one every opener uses.
+        assert!(again.epoch_offset.abs_diff(crate::clock::measure_epoch_offset()) < NANOS / 10);
         drop(again);
         let mut bytes = std::fs::read(&p).unwrap();
+        bytes[64..72].copy_from_slice(&12_345u64.to_ne_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(ShmTable::open(Location::Path(&p), None, None).unwrap().epoch_offset, 12_345);
         bytes[8] = 9; // version
         std::fs::write(&p, &bytes).unwrap();
         let err = ShmTable::open(Location::Path(&p), None, None).err().unwrap().to_string();
