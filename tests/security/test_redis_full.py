@@ -340,36 +340,41 @@ def test_token_budget_reserve_and_settle_when_full(full, side, mode):
     run(main())
 
 
+@pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("mode", MODES)
-def test_spend_when_full(full, mode):
-    client = redis.Redis(port=full.port)
-    try:
-        clock = nl.ManualClock(1_700_000_000.0)
-        spend = nlr.SpendLimiter(client, "5.00/hour", prefix="sp", on_error=mode, clock=clock)
-        early = spend.reserve("k", "gpt-4o", 1000, 500)
-        assert early.allowed
-        remaining = early.decision.remaining
-        full.fill()
-        before = full.snapshot()
-        for key in ("k", "new"):
+def test_spend_when_full(full, side, mode):
+    async def main() -> None:
+        m = module(side)
+        client = client_for(side, full.port)
+        try:
+            clock = nl.ManualClock(1_700_000_000.0)
+            spend = m.SpendLimiter(client, "5.00/hour", prefix="sp", on_error=mode, clock=clock)
+            early = await done(spend.reserve("k", "gpt-4o", 1000, 500))
+            assert early.allowed
+            remaining = early.decision.remaining
+            full.fill()
+            before = full.snapshot()
+            for key in ("k", "new"):
+                if mode == "raise":
+                    with pytest.raises(nl.BackendUnavailable, match="full"):
+                        await done(spend.reserve(key, "gpt-4o", 1000, 500))
+                    continue
+                res = await done(spend.reserve(key, "gpt-4o", 1000, 500))
+                assert res.allowed == (mode == "allow")
+                assert not await done(res.settle(10))
+            assert full.snapshot() == before, "a spend reservation was written to a full server"
             if mode == "raise":
-                with pytest.raises(nl.BackendUnavailable, match="full"):
-                    spend.reserve(key, "gpt-4o", 1000, 500)
-                continue
-            res = spend.reserve(key, "gpt-4o", 1000, 500)
-            assert res.allowed == (mode == "allow")
-            assert not res.settle(10)
-        assert full.snapshot() == before, "a spend reservation was written to a full server"
-        if mode == "raise":
-            with pytest.raises(nl.BackendUnavailable):
-                early.settle(10)
-        else:
-            assert not early.settle(10)
-        assert full.snapshot() == before
-        stats = spend.stats()
-        assert stats["fail_open" if mode == "allow" else "fail_closed"] == (0 if mode == "raise" else 2)
-        full.empty()
-        again = spend.reserve("k", "gpt-4o", 1000, 500)
-        assert again.allowed and again.decision.remaining == remaining - early.estimate_micros
-    finally:
-        client.close()
+                with pytest.raises(nl.BackendUnavailable):
+                    await done(early.settle(10))
+            else:
+                assert not await done(early.settle(10))
+            assert full.snapshot() == before
+            stats = spend.stats()
+            assert stats["fail_open" if mode == "allow" else "fail_closed"] == (0 if mode == "raise" else 2)
+            full.empty()
+            again = await done(spend.reserve("k", "gpt-4o", 1000, 500))
+            assert again.allowed and again.decision.remaining == remaining - early.estimate_micros
+        finally:
+            await close(client)
+
+    run(main())

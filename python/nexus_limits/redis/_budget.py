@@ -1,4 +1,5 @@
-"""TokenLimiter on Redis: reserve and settle are each one atomic script."""
+"""What a Redis TokenLimiter does without I/O: its keys, the reserve and settle scripts'
+arguments, their replies as a Reservation takes them, and its counters."""
 
 from __future__ import annotations
 
@@ -9,31 +10,26 @@ import nexus_limits as nl
 
 from .._core import ManualClock
 from ..base import Key
-from ..budget import AsyncReservation, Reservation
 from ._common import (
-    BACKEND_ERRORS,
     Fallback,
-    check_client,
     check_clock,
     check_name,
     check_on_error,
     check_prefix,
     encode_key,
-    is_full,
     new_lease_id,
     now_arg,
     to_decision,
 )
-from ._scripts import RELEASE, RESERVE, SETTLE
 
 
-class _Spec:
-    """The parts of a Redis TokenLimiter that do no I/O."""
+class BudgetPlan:
+    """A Redis TokenLimiter's fixed part: its quotas (validated by the in-process
+    limiter), key suffixes, script arguments and tally."""
 
     def __init__(
         self,
         client: Any,
-        want_async: bool,
         requests: Any,
         tokens: Any,
         daily_tokens: Any,
@@ -44,7 +40,7 @@ class _Spec:
         on_error: str,
         clock: Optional[ManualClock],
     ) -> None:
-        self.client = check_client(client, want_async)
+        self.client = client
         # Validates exactly like the in-process limiter, and knows the rates.
         self.model = nl.TokenLimiter(requests, tokens, daily_tokens, concurrency, lease_ttl=lease_ttl)
         self.prefix = check_prefix(prefix)
@@ -170,183 +166,3 @@ class _Spec:
         if self.clock is not None:
             return bool(self.clock.now * 1e6 > charged_at[0] + float(self.lease_ttl_us))
         return bool(time.monotonic() - charged_at[1] > self.model.lease_ttl)
-
-
-def _evalsha_sync(client: Any, script: Any, keys: List[str], args: List[str]) -> Any:
-    from . import evalsha
-
-    return evalsha(client, script, keys, args)
-
-
-class TokenLimiter:
-    """:class:`nexus_limits.TokenLimiter` on Redis: every process shares one budget per key.
-
-    ``reserve`` and ``settle``/``cancel`` are each one atomic script; the lease time is
-    judged on the server's clock. When the server is away, ``on_error`` decides as for
-    the other Redis limiters (a fail-open reservation has ``decision.fallback`` set and
-    settles to nothing)."""
-
-    def __init__(
-        self,
-        client: Any,
-        requests: Any = None,
-        tokens: Any = None,
-        daily_tokens: Any = None,
-        concurrency: Optional[int] = None,
-        lease_ttl: float = 600.0,
-        *,
-        prefix: str = "nl",
-        name: Optional[str] = None,
-        on_error: str = "raise",
-        clock: Optional[ManualClock] = None,
-    ) -> None:
-        self._spec = _Spec(
-            client, False, requests, tokens, daily_tokens, concurrency, lease_ttl, prefix, name, on_error, clock
-        )
-
-    def reserve(self, key: Key, tokens: int) -> Reservation:
-        """Reserve one request and ``tokens`` tokens for ``key`` on every limit at once."""
-        spec = self._spec
-        keys = spec.keys(key)
-        args, lease = spec.reserve_args(tokens)
-        try:
-            reply = spec.reserved(_evalsha_sync(spec.client, RESERVE, keys, args), lease)
-        except BACKEND_ERRORS as error:
-            reply = spec.fallback_reply(error)
-        reservation = Reservation(self, key, tokens, reply)
-        spec.count(reservation, tokens)
-        return reservation
-
-    def _settle(self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]) -> bool:
-        spec = self._spec
-        if charged_at is None:
-            return False
-        try:
-            args = spec.settle_args(tokens_delta, requests_delta, charged_at, lease)
-            return bool(_evalsha_sync(spec.client, SETTLE, spec.keys(key), args))
-        except BACKEND_ERRORS as error:
-            if lease and is_full(error):
-                # The buckets cannot be written, but ending the lease only frees memory.
-                try:
-                    _evalsha_sync(spec.client, RELEASE, spec.keys(key)[-1:], [now_arg(spec.clock), lease])
-                except BACKEND_ERRORS:
-                    pass
-            if spec.fallback.on_error == "raise":
-                spec.fallback.decision(error, 0)
-            return False
-
-    def _expired(self, charged_at: Any) -> bool:
-        return self._spec.expired(charged_at)
-
-    def reset(self, key: Key) -> None:
-        self._spec.client.delete(*self._spec.keys(key))
-
-    @property
-    def requests(self) -> Optional[nl.Rate]:
-        return self._spec.model.requests
-
-    @property
-    def tokens(self) -> Optional[nl.Rate]:
-        return self._spec.model.tokens
-
-    @property
-    def daily_tokens(self) -> Optional[nl.Rate]:
-        return self._spec.model.daily_tokens
-
-    @property
-    def concurrency(self) -> Optional[int]:
-        return self._spec.model.concurrency
-
-    @property
-    def lease_ttl(self) -> float:
-        return float(self._spec.model.lease_ttl)
-
-    def redis_keys(self, key: Key) -> List[str]:
-        return self._spec.keys(key)
-
-    def stats(self) -> Dict[str, int]:
-        """Counters of this object (this process): reservations allowed and denied, tokens
-        reserved, settled and refunded, store errors and on_error answers."""
-        return self._spec.stats()
-
-    def _tally(self, reserved: int, settled: int, refunded: int) -> None:
-        self._spec.tally_tokens(reserved, settled, refunded)
-
-
-class AsyncTokenLimiter:
-    """The asyncio mirror of the Redis :class:`TokenLimiter` (exported under that name by
-    :mod:`nexus_limits.redis.asyncio`); reservations settle with ``await``."""
-
-    def __init__(
-        self,
-        client: Any,
-        requests: Any = None,
-        tokens: Any = None,
-        daily_tokens: Any = None,
-        concurrency: Optional[int] = None,
-        lease_ttl: float = 600.0,
-        *,
-        prefix: str = "nl",
-        name: Optional[str] = None,
-        on_error: str = "raise",
-        clock: Optional[ManualClock] = None,
-    ) -> None:
-        self._spec = _Spec(
-            client, True, requests, tokens, daily_tokens, concurrency, lease_ttl, prefix, name, on_error, clock
-        )
-
-    async def reserve(self, key: Key, tokens: int) -> AsyncReservation:
-        from .asyncio import evalsha
-
-        spec = self._spec
-        keys = spec.keys(key)
-        args, lease = spec.reserve_args(tokens)
-        try:
-            reply = spec.reserved(await evalsha(spec.client, RESERVE, keys, args), lease)
-        except BACKEND_ERRORS as error:
-            reply = spec.fallback_reply(error)
-        reservation = AsyncReservation(self, key, tokens, reply)
-        spec.count(reservation, tokens)
-        return reservation
-
-    async def _settle(
-        self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]
-    ) -> bool:
-        from .asyncio import evalsha
-
-        spec = self._spec
-        if charged_at is None:
-            return False
-        try:
-            args = spec.settle_args(tokens_delta, requests_delta, charged_at, lease)
-            return bool(await evalsha(spec.client, SETTLE, spec.keys(key), args))
-        except BACKEND_ERRORS as error:
-            if lease and is_full(error):
-                try:
-                    await evalsha(spec.client, RELEASE, spec.keys(key)[-1:], [now_arg(spec.clock), lease])
-                except BACKEND_ERRORS:
-                    pass
-            if spec.fallback.on_error == "raise":
-                spec.fallback.decision(error, 0)
-            return False
-
-    def _expired(self, charged_at: Any) -> bool:
-        return self._spec.expired(charged_at)
-
-    async def reset(self, key: Key) -> None:
-        await self._spec.client.delete(*self._spec.keys(key))
-
-    @property
-    def lease_ttl(self) -> float:
-        return float(self._spec.model.lease_ttl)
-
-    def redis_keys(self, key: Key) -> List[str]:
-        return self._spec.keys(key)
-
-    def stats(self) -> Dict[str, int]:
-        """Counters of this object (this process): reservations allowed and denied, tokens
-        reserved, settled and refunded, store errors and on_error answers."""
-        return self._spec.stats()
-
-    def _tally(self, reserved: int, settled: int, refunded: int) -> None:
-        self._spec.tally_tokens(reserved, settled, refunded)

@@ -19,6 +19,8 @@ from ..errors import BackendUnavailable
 from ._scripts import SINGLE
 
 ON_ERROR = ("allow", "deny", "raise")
+# The longest pause between two tries for a Concurrency lease (no release is announced).
+LEASE_POLL = 0.05
 # Seconds a fail-closed ("deny") answer asks the caller to wait.
 FALLBACK_RETRY = 1.0
 MAX_KEY_BYTES = 1024
@@ -98,6 +100,11 @@ def check_clock(clock: Any) -> Optional[ManualClock]:
     if clock is not None and not isinstance(clock, ManualClock):
         raise TypeError(f"clock must be None (the server's clock) or a ManualClock, got {type(clock).__name__}")
     return clock
+
+
+def check_unit_cost(cost: Any) -> None:
+    if check_cost(cost) != 1:
+        raise ValueError(f"Concurrency counts leases one at a time; cost must be 1, got {cost}")
 
 
 def check_cost(cost: Any) -> int:

@@ -1,0 +1,559 @@
+"""The Redis limiters' I/O, written once, for asyncio.
+
+This file is the one source of both sides: ``_sync.py`` is generated from it by
+``_generate.py`` (``async``/``await`` dropped, the asyncio names swapped for their
+synchronous twins, and each line ending in a ``# unasync:`` comment replaced by the
+code that comment gives). A test fails when ``_sync.py`` is stale. Everything that
+does no I/O — checks, key layout, script arguments, replies, the on_error policy —
+is in ``_common.py``; the scripts are in ``_scripts.py``. The token budgets are in
+``_async_budget.py``, the other source, generated into ``_sync_budget.py`` alike.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+
+import nexus_limits as nl
+
+from .. import _wait
+from .._core import Decision, ManualClock
+from ..base import AsyncRateLimiter, Key
+from ..errors import RateLimitExceeded
+from ._common import (
+    BACKEND_ERRORS,
+    LEASE_POLL,
+    Fallback,
+    RateSpec,
+    check_client,
+    check_clock,
+    check_name,
+    check_on_error,
+    check_prefix,
+    check_unit_cost,
+    concurrency_model,
+    encode_key,
+    flatten,
+    inspect_dict,
+    is_cluster,
+    is_noscript,
+    judge,
+    key_of,
+    new_lease_id,
+    now_arg,
+    scan_pattern,
+    script_arguments,
+    to_decision,
+    to_decisions,
+    top_of,
+)
+from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
+
+# unasync: from . import _threads
+
+ASYNC = True  # unasync: ASYNC = False
+
+
+async def evalsha(client: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    """One EVALSHA round trip; on NOSCRIPT the script is loaded and run again."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except BACKEND_ERRORS as error:
+        if not is_noscript(error):
+            raise
+        await client.script_load(script.source)
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+
+async def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost: int, timeout: Optional[float]) -> Any:
+    """Takes a lease with ``hit`` as soon as one is free. A release is not announced, so
+    the wait polls: 1 ms, doubling to 50 ms, never past the first lease's expiry (on a
+    manual clock, exactly until that expiry). RateLimitExceeded when ``timeout`` ends."""
+    deadline = _wait.Deadline(clock, timeout)
+    poll = 0.001
+    while True:
+        d = await hit(key, cost)
+        if d.lease is not None:
+            return d.lease
+        wait = min(d.retry_after, deadline.left())
+        if wait <= 0:
+            raise RateLimitExceeded(key, d, deadline.timeout)
+        await deadline.sleep_async(wait if clock is not None else min(wait, poll))
+        poll = min(poll * 2, LEASE_POLL)
+
+
+class _RedisRateLimiter(AsyncRateLimiter):
+    """The methods every Redis rate limiter shares."""
+
+    __slots__ = ("_client", "_fallback", "_parts", "_script", "_spec")
+    _algorithm = ""
+
+    def __init__(
+        self,
+        client: Any,
+        model: Any,
+        prefix: str,
+        name: Optional[str],
+        on_error: str,
+        clock: Optional[ManualClock],
+        shadow: bool = False,
+    ) -> None:
+        self._client = check_client(client, want_async=ASYNC)
+        self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
+        self._spec.set_shadow(shadow)
+        self._script = self._spec.script
+        self._fallback = self._spec.fallback
+        self._parts: Tuple[Any, ...] = (self,)
+
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
+        return self._spec.keys(key), self._spec.argv(mode, cost)
+
+    async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
+        keys, args = self._arguments(key, cost, mode)
+        try:
+            reply = await evalsha(self._client, self._script.for_mode(mode), keys, args)
+        except BACKEND_ERRORS as error:
+            return self._fallback.decision(error, self.limit)
+        if mode == "peek":
+            return to_decision(reply)
+        return judge(self, reply, key)
+
+    async def hit(self, key: Key, cost: int = 1) -> Decision:
+        """Decide a call of ``cost`` units for ``key`` and charge it if admitted (one round trip)."""
+        return await self._check(key, cost, "hit")
+
+    async def try_acquire(self, key: Key, cost: int = 1) -> bool:
+        """``hit(key, cost).allowed``."""
+        return (await self._check(key, cost, "hit")).allowed
+
+    async def peek(self, key: Key, cost: int = 1) -> Decision:
+        """The Decision ``hit`` would give now, charging nothing (runs on a full server too)."""
+        return await self._check(key, cost, "peek")
+
+    async def get_limit(self, key: Key) -> Tuple[bool, int]:
+        d = await self._check(key, 0, "peek")
+        return d.remaining >= 1, d.remaining
+
+    async def reset(self, key: Key) -> None:
+        """Put ``key`` back to its fresh state (a quota of its own stays)."""
+        keys = [p._spec.key(key) for p in self._parts]
+        try:
+            await self._client.delete(*keys)
+        except BACKEND_ERRORS as error:
+            if self._fallback.on_error == "raise":
+                self._fallback.decision(error, self.limit)
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this limiter object (this process): allowed, denied, near_limit,
+        shadow_denied, errors (store unreachable or full), fail_open and fail_closed answers."""
+        return self._fallback.tally.snapshot()
+
+    async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
+        """The ``n`` keys using the largest share of their limit now, from up to ``scan``
+        of this limiter's keys found with SCAN (one peek each, pipelined but on a cluster)."""
+        found = []
+        async for redis_key in self._client.scan_iter(match=scan_pattern(self), count=1000):
+            found.append(key_of(redis_key))
+            if len(found) >= scan:
+                break
+        reader = self._script.for_mode("peek")
+        argv = self._spec.argv("peek", 0)
+        if is_cluster(self._client):  # a cluster client refuses EVALSHA in a pipeline
+            replies = [await evalsha(self._client, reader, self._spec.keys(k), argv) for k in found]
+        else:
+            await self._client.script_load(reader.source)
+            pipe = self._client.pipeline(transaction=False)
+            for k in found:
+                pipe.evalsha(reader.sha, 2, *self._spec.keys(k), *argv)
+            replies = await pipe.execute()
+        return top_of([(k, to_decision(r)) for k, r in zip(found, replies)], n)
+
+    async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        """Wait until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at
+        once when the wait would pass ``timeout``."""
+        return await _wait.acquire_async(self.hit, self._spec.clock, key, cost, timeout)
+
+    acquire_async = acquire  # unasync: acquire_async = _threads.acquire_async
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def rate(self) -> nl.Rate:
+        return self._spec.model.rate  # type: ignore[no-any-return]
+
+    @property
+    def limit(self) -> int:
+        return self._spec.model.limit  # type: ignore[no-any-return]
+
+    @property
+    def prefix(self) -> str:
+        return self._spec.prefix
+
+    @property
+    def on_error(self) -> str:
+        return self._fallback.on_error
+
+    @property
+    def clock(self) -> Optional[ManualClock]:
+        return self._spec.clock
+
+    def redis_key(self, key: Key) -> str:
+        """The Redis key holding ``key``'s state."""
+        return self._spec.key(key)
+
+    @property
+    def shadow(self) -> bool:
+        """In shadow mode the limiter decides and counts, logs what it would deny (logger
+        ``nexus_limits.shadow``), and never denies."""
+        return self._spec.shadow
+
+    @shadow.setter
+    def shadow(self, on: bool) -> None:
+        self._spec.set_shadow(on)
+
+    async def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
+        """Give ``key`` its own quota, for every process, from its next check on; what it
+        has used is carried over. Kept in Redis (``redis_key(key) + ":q"``) until
+        ``clear_quota``."""
+        model = self._spec.new_model(rate, burst)
+        try:
+            await evalsha(self._client, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    async def clear_quota(self, key: Key) -> bool:
+        """Put ``key`` back on the limiter's quota, carrying its usage over. False if it
+        had no quota of its own."""
+        argv = self._spec.requota_argv("clear", self._spec.model)
+        try:
+            return bool(await evalsha(self._client, REQUOTA, self._spec.keys(key), argv))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    async def inspect(self, key: Key) -> Dict[str, Any]:
+        """``key``'s quota and usage now, for support ("why was I limited?")."""
+        zero, one = await self.peek(key, 0), await self.peek(key, 1)
+        return inspect_dict(self, key, zero, one, await self._client.get(self._spec.keys(key)[1]))
+
+    def __repr__(self) -> str:
+        client = type(self._client).__name__
+        return f"{type(self).__name__}(<{client}>, '{self.rate}', limit={self.limit}, prefix={self.prefix!r})"
+
+
+class TokenBucket(_RedisRateLimiter):
+    """:class:`nexus_limits.TokenBucket` on Redis: ``burst`` tokens refilled continuously."""
+
+    __slots__ = ()
+    _algorithm = "gcra"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        burst: Optional[int] = None,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+        shadow: bool = False,
+    ) -> None:
+        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock, shadow)
+
+
+class LeakyBucket(_RedisRateLimiter):
+    """:class:`nexus_limits.LeakyBucket` on Redis: a queue of ``capacity`` units draining at the rate."""
+
+    __slots__ = ()
+    _algorithm = "leaky"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        capacity: Optional[int] = None,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+        shadow: bool = False,
+    ) -> None:
+        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock, shadow)
+
+
+class FixedWindow(_RedisRateLimiter):
+    """:class:`nexus_limits.FixedWindow` on Redis; windows aligned on the server's clock."""
+
+    __slots__ = ()
+    _algorithm = "fixed"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+        shadow: bool = False,
+    ) -> None:
+        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow)
+
+
+class SlidingWindow(_RedisRateLimiter):
+    """:class:`nexus_limits.SlidingWindow` on Redis; windows aligned on the server's clock."""
+
+    __slots__ = ()
+    _algorithm = "sliding"
+
+    def __init__(
+        self,
+        client: Any,
+        rate: Any,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+        shadow: bool = False,
+    ) -> None:
+        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow)
+
+
+_RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
+
+
+class Composite(_RedisRateLimiter):
+    """Several Redis limiters on one key, all or nothing, in one atomic script. Parts in
+    shadow mode never deny the whole (the Decision then has ``shadow=True``)."""
+
+    __slots__ = ()
+
+    def __init__(self, limiters: Any, *, on_error: str = "raise") -> None:
+        parts = flatten(limiters, _RATE_KINDS, Composite)
+        first = parts[0]
+        self._client = first._client
+        self._script = COMPOSITE
+        self._parts = tuple(parts)
+        self._spec = first._spec
+        self._fallback = Fallback(check_on_error(on_error), "Composite on Redis")
+
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
+        return script_arguments(self._parts, key, cost, mode, self._spec.clock)
+
+    @property
+    def limit(self) -> int:
+        return min(int(p.limit) for p in self._parts)
+
+    async def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
+        raise TypeError("a Composite has no quota of its own: call set_quota on its parts")
+
+    async def clear_quota(self, key: Key) -> bool:
+        raise TypeError("a Composite has no quota of its own: call clear_quota on its parts")
+
+    async def inspect(self, key: Key) -> Dict[str, Any]:
+        """Each part's ``inspect(key)``, under ``"parts"``."""
+        return {"key": key, "parts": [await p.inspect(key) for p in self._parts]}
+
+    async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
+        raise TypeError("call top_keys on a Composite's parts")
+
+    @property
+    def shadow(self) -> bool:
+        """True when any part is in shadow mode (set it on the parts)."""
+        return any(p.shadow for p in self._parts)
+
+    @shadow.setter
+    def shadow(self, on: bool) -> None:
+        raise TypeError("set shadow mode on a Composite's parts")
+
+    async def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
+        """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
+        keys, args = self._arguments(key, cost, "hit")
+        try:
+            reply = await evalsha(self._client, self._script, keys, args)
+        except BACKEND_ERRORS as error:
+            d = self._fallback.decision(error, self.limit)
+            return d, [d for _ in self._parts]
+        return judge(self, reply, key), to_decisions(reply)[1:]
+
+    @property
+    def parts(self) -> Tuple[Any, ...]:
+        return self._parts
+
+    def __repr__(self) -> str:
+        return f"Composite([{', '.join(repr(p) for p in self._parts)}])"
+
+
+class Lease:
+    """A place held in a Redis :class:`Concurrency` limit; release it, or hold it for a
+    block (``with`` on the synchronous side, ``async with`` on the asyncio side)."""
+
+    __slots__ = ("_done", "_limiter", "fallback", "id", "key")
+
+    def __init__(self, limiter: Concurrency, key: Key, lease_id: str, fallback: bool = False) -> None:
+        self._limiter = limiter
+        self.key = key
+        self.id = lease_id
+        self.fallback = fallback
+        self._done = False
+
+    async def release(self) -> bool:
+        """End the lease. True if this call ended it (False: already released, expired,
+        reset, or a fail-open lease that was never stored)."""
+        if self._done:
+            return False
+        self._done = True
+        if self.fallback:
+            return False
+        return await self._limiter._release(self.key, self.id)
+
+    @property
+    def released(self) -> bool:
+        return self._done
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        await self.release()
+
+    def __repr__(self) -> str:
+        return f"Lease(key={self.key!r}, released={self._done})"
+
+
+class _LeaseContext:
+    """``async with limiter.lease(key):`` takes a lease on enter and releases it on exit."""
+
+    __slots__ = ("_key", "_lease", "_limiter", "_timeout")
+
+    def __init__(self, limiter: Concurrency, key: Key, timeout: Optional[float]) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._timeout = _wait.check_timeout(timeout)
+        self._lease: Optional[Lease] = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._limiter.acquire(self._key, timeout=self._timeout)
+        return self._lease
+
+    async def __aexit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        if self._lease is not None:
+            await self._lease.release()
+
+
+class Concurrency(AsyncRateLimiter):
+    """:class:`nexus_limits.Concurrency` on Redis: at most ``limit`` leases per key across every
+    process; each lease expires after ``lease_ttl`` seconds if never released."""
+
+    __slots__ = ("_client", "_fallback", "_model", "_suffix", "clock", "prefix")
+
+    def __init__(
+        self,
+        client: Any,
+        limit: int,
+        lease_ttl: float = 300.0,
+        *,
+        prefix: str = "nl",
+        name: Optional[str] = None,
+        on_error: str = "raise",
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        self._client = check_client(client, want_async=ASYNC)
+        self._model = concurrency_model(limit, lease_ttl)
+        self.prefix = check_prefix(prefix)
+        self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
+        self._fallback = Fallback(check_on_error(on_error), "Concurrency on Redis")
+        self.clock = check_clock(clock)
+
+    @property
+    def limit(self) -> int:
+        return self._model.limit  # type: ignore[no-any-return]
+
+    @property
+    def lease_ttl(self) -> float:
+        return self._model.lease_ttl  # type: ignore[no-any-return]
+
+    @property
+    def on_error(self) -> str:
+        return self._fallback.on_error
+
+    def redis_key(self, key: Key) -> str:
+        return f"{self.prefix}:{{{encode_key(key)}}}{self._suffix}"
+
+    async def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
+        args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
+        script = CONCURRENCY.for_mode("hit" if op == "acquire" else op)
+        return await evalsha(self._client, script, [self.redis_key(key)], args)
+
+    async def _release(self, key: Key, lease_id: str) -> bool:
+        try:
+            args = [now_arg(self.clock), lease_id]
+            return bool(await evalsha(self._client, RELEASE, [self.redis_key(key)], args))
+        except BACKEND_ERRORS as error:
+            if self._fallback.on_error == "raise":
+                self._fallback.decision(error, self.limit)
+            return False
+
+    async def hit(self, key: Key, cost: int = 1) -> Decision:
+        """Take a lease if one is free; the Decision carries it in ``.lease``."""
+        check_unit_cost(cost)
+        lease_id = new_lease_id()
+        try:
+            reply = await self._run(key, "acquire", lease_id)
+        except BACKEND_ERRORS as error:
+            d = self._fallback.decision(error, self.limit)
+            if not d.allowed:
+                return d
+            return Decision(True, d.limit, 0, 0.0, 0.0, lease=Lease(self, key, lease_id, fallback=True), fallback=True)
+        lease = Lease(self, key, lease_id) if reply[0] else None
+        return to_decision(reply, lease)
+
+    async def try_acquire(self, key: Key, cost: int = 1) -> Optional[Lease]:
+        lease: Optional[Lease] = (await self.hit(key, cost)).lease
+        return lease
+
+    async def peek(self, key: Key, cost: int = 1) -> Decision:
+        check_unit_cost(cost)
+        try:
+            return to_decision(await self._run(key, "peek"))
+        except BACKEND_ERRORS as error:
+            return self._fallback.decision(error, self.limit)
+
+    async def get_limit(self, key: Key) -> Tuple[bool, int]:
+        d = await self.peek(key)
+        return d.allowed, (d.remaining + 1 if d.allowed else 0)
+
+    async def reset(self, key: Key) -> None:
+        try:
+            await self._client.delete(self.redis_key(key))
+        except BACKEND_ERRORS as error:
+            if self._fallback.on_error == "raise":
+                self._fallback.decision(error, self.limit)
+
+    async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
+        """Wait until a lease is free (polling 1 ms, doubling to 50 ms) and return it."""
+        lease: Lease = await wait_for_lease(self.hit, self.clock, key, cost, timeout)
+        return lease
+
+    acquire_async = acquire  # unasync: acquire_async = _threads.acquire_lease_async
+
+    def lease(self, key: Key, timeout: Optional[float] = None) -> Any:
+        """A lease for a block: ``with limiter.lease(key): ...`` (``async with`` on the asyncio side)."""
+        return _LeaseContext(self, key, timeout)  # unasync: return self.acquire(key, timeout=timeout)
+
+    lease_async = lease  # unasync: lease_async = _threads.lease_async
+
+    def __repr__(self) -> str:
+        client = type(self._client).__name__
+        return f"Concurrency(<{client}>, {self.limit}, lease_ttl={self.lease_ttl}, prefix={self.prefix!r})"
