@@ -62,9 +62,15 @@ def test_stream_settles_from_sse_and_gets_usage_injected():
     with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
         with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
             text = b"".join(r.iter_raw())
-        assert b"Hello" in text and b"[DONE]" in text and b'"total_tokens": 50' in text
+        assert b"Hello" in text and b"[DONE]" in text
+        assert b"usage" not in text, "the usage chunk the client did not ask for was removed"
         assert fake_llm.SEEN[-1]["stream_options"] == {"include_usage": True}
-    assert remaining(tl) == 10000 - 50
+        assert remaining(tl) == 10000 - 50, "settled before the client saw the end"
+        asked = {**body, "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/chat/completions", json=asked, headers=AUTH) as r:
+            text = b"".join(r.iter_raw())
+        assert b'"choices": [], "usage"' in text and b'"total_tokens": 50' in text, "kept when asked for"
+    assert remaining(tl) == 10000 - 100
 
 
 def test_stream_without_injection_counts_the_text():
@@ -85,12 +91,18 @@ def test_budget_exhausted_is_a_429_with_openai_headers():
         assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
         assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
         r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-        assert r.status_code == 429
-        assert (
-            r.headers["content-type"] == "application/problem+json" and r.json()["detail"] == "token budget exhausted"
-        )
+        assert r.status_code == 429 and r.headers["content-type"] == "application/json"
+        error = r.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["budget"] == "tokens"
+        assert error["message"].startswith("token limit 300/hour: this request needs an estimated 208 tokens")
+        assert "enough frees up in" in error["message"]
         assert r.headers["x-ratelimit-limit-tokens"] == "300" and int(r.headers["retry-after"]) >= 1
+        assert int(r.headers["retry-after-ms"]) > 60_000, "208 tokens at 300/hour: more than a minute"
+        assert r.headers["x-should-retry"] == "false", "longer than max_retry_after (60 s): do not wait"
         assert r.headers["x-ratelimit-reset-tokens"].endswith("s")
+        r = http.post("/v1/chat/completions", json=body, headers={**AUTH, "accept": "application/problem+json"})
+        assert r.headers["content-type"] == "application/problem+json" and r.json()["budget"] == "tokens"
+        assert r.json()["detail"].startswith("token limit 300/hour")
 
 
 def test_upstream_error_refunds_everything():
@@ -143,7 +155,7 @@ def test_bad_requests_and_pass_through():
     tl = budget()
     with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server, httpx.Client(base_url=server.url) as http:
         r = http.post("/v1/chat/completions", content=b"{not json", headers=AUTH)
-        assert r.status_code == 400 and "invalid request body" in r.json()["detail"]
+        assert r.status_code == 400 and "invalid request body" in r.json()["error"]["message"]
         assert http.post("/v1/chat/completions", json=[1], headers=AUTH).status_code == 400
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 401
         assert http.post("/v1/other", json=CHAT, headers=AUTH).status_code == 200, "other paths pass through"
@@ -178,16 +190,17 @@ def test_spend_budget_behind_the_middleware():
         assert eventually(lambda: spend_left(spend), 10_000 - 275) == 10_000 - 275
         big = {**body, "max_tokens": 980}  # 9,820 micro-dollars: more than the 9,725 left
         r = http.post("/v1/chat/completions", json=big, headers=AUTH)
-        assert (
-            r.status_code == 429
-            and "spend budget 0.01/day exhausted" in r.json()["detail"]
-            and r.json()["budget"] == "spend"
-        )
+        error = r.json()["error"]
+        assert r.status_code == 429 and "spend budget 0.01/day exhausted" in error["message"]
+        assert error["budget"] == "spend"
         assert r.headers["x-budget-remaining"] == "0.009725" and "retry-after" in r.headers
         huge = {**body, "max_tokens": 2000}
-        assert "above the whole budget" in http.post("/v1/chat/completions", json=huge, headers=AUTH).json()["detail"]
+        r = http.post("/v1/chat/completions", json=huge, headers=AUTH)
+        assert "above the whole budget" in r.json()["error"]["message"]
+        assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers, "it can never fit"
         r = http.post("/v1/chat/completions", json={**body, "model": "no-such-model"}, headers=AUTH)
-        assert r.status_code == 400 and "no price for model" in r.json()["detail"]
+        assert r.status_code == 400 and "no price for model" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "model"
         http.post("/v1/chat/completions", json={k: v for k, v in body.items() if k != "max_tokens"}, headers=AUTH)
     assert eventually(lambda: learned.learned("key-1", "gpt-4o"), 20) == 20, "the learned estimate follows real outputs"
     with pytest.raises(ValueError, match="give a TokenLimiter"):

@@ -290,7 +290,8 @@ def test_anthropic_estimate_and_calibration():
         (lambda: nt.count_tokens(b"bytes"), TypeError, "text must be a str"),
         (lambda: nt.count_request_tokens("{}"), TypeError, "body must be a dict"),
         (lambda: nt.count_request_tokens({}, provider="google"), ValueError, "provider must be"),
-        (lambda: nt.count_request_tokens({"model": 5, "messages": []}), TypeError, "model must be a str"),
+        (lambda: nt.count_request_tokens({"model": 5, "messages": []}), nt.RequestBodyError, "'model' must be a string"),
+        (lambda: nt.count_request_tokens({"messages": []}, model=5), TypeError, "model must be a str"),
         (lambda: nt.count_request_tokens({"model": "gpt-4"}), ValueError, "needs 'messages', 'input' or 'prompt'"),
         (
             lambda: nt.count_request_tokens({"model": "gpt-4", "messages": "hi"}),
@@ -299,8 +300,8 @@ def test_anthropic_estimate_and_calibration():
         ),
         (
             lambda: nt.count_request_tokens({"model": "gpt-4", "messages": ["hi"]}),
-            ValueError,
-            "every message must be an object",
+            nt.RequestBodyError,
+            r"'messages\[0\]' must be an object \(a message\), got a string",
         ),
         (lambda: nt.count_request_tokens({"model": "gpt-4.1", "input": 5}), ValueError, "'input' must be"),
         (lambda: nt.get_encoding("gpt5_base"), ValueError, "unknown encoding"),
@@ -559,8 +560,15 @@ def test_output_estimate():
     assert est({"model": "gpt-4o", "max_tokens": 50}) == 50
     assert est({"max_completion_tokens": 70, "max_tokens": 50}) == 70
     assert est({"max_output_tokens": 0}) == 0
-    with pytest.raises(ValueError, match="max_tokens must be a non-negative integer"):
+    with pytest.raises(nt.RequestBodyError, match="'max_tokens' must be a non-negative integer, got -1"):
         est({"max_tokens": -1})
+    with pytest.raises(nt.RequestBodyError, match="'max_tokens' must be at most 9007199254740991"):
+        est({"max_tokens": 2**53})
+    for bad in (1.5, "100", True, float("nan"), float("inf"), [], {}):
+        with pytest.raises(nt.RequestBodyError, match="'max_output_tokens' must be a non-negative integer") as error:
+            est({"max_output_tokens": bad})
+        assert error.value.field == "max_output_tokens"
+    assert est({"max_tokens": 2**53 - 1}) == 2**53 - 1
     with pytest.raises(ValueError, match="default must be"):
         nt.OutputEstimate(default=-5)
     with pytest.raises(ValueError, match="per_model"):

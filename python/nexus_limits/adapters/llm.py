@@ -6,22 +6,32 @@ settle from the response, streams included.
     budget = nl.TokenLimiter(requests="500/minute", tokens="30000/minute", concurrency=8)
     app = LLMLimitMiddleware(app, limiter=budget, key="bearer")
 
-For each request to an LLM path (``/v1/chat/completions``, ``/v1/responses``,
-``/v1/completions``, ``/v1/embeddings``: OpenAI; ``/v1/messages``: Anthropic):
+For each request to an LLM path (``POST /v1/chat/completions``, ``/v1/responses``,
+``/v1/completions``, ``/v1/embeddings``: OpenAI; ``/v1/messages``: Anthropic), judged
+on the normalised target (:func:`~nexus_limits.adapters.normalize_target`):
 
-1. the body is read once and handed to the app unchanged — except that an OpenAI
-   streaming chat request gets ``stream_options.include_usage = true`` (when
-   ``include_usage``), so that the stream reports its usage;
-2. its input tokens are counted (exact with tiktoken for OpenAI models, estimated for
-   Claude) and its output estimated (``max_tokens``-style caps, else ``output``);
-3. ``reserve`` runs; a refusal is a 429 with the OpenAI-style ``x-ratelimit-*``
-   headers, ``retry-after`` and a problem+json body;
-4. the response passes through as it comes (streams are never buffered); its usage
-   is read from the JSON body or the SSE events as they pass;
-5. at the end the reservation settles at the real usage; an upstream error (status
-   >= 400) or an exception cancels it (full refund); a client that goes away
-   mid-stream settles it at what was streamed so far. Anthropic's real input counts
-   calibrate the estimator.
+1. a key that could not be admitted whatever its body (request limit reached, every
+   concurrent place taken, tokens in debt) is refused before its body is read;
+2. the body is read (at most ``max_body`` bytes), checked and handed to the app
+   unchanged — except that an OpenAI streaming chat request gets
+   ``stream_options.include_usage = true`` (when ``include_usage``), so that the
+   stream reports its usage; the usage-only chunk this adds is removed from what the
+   client receives when it did not ask for it;
+3. its input tokens are counted (exact with tiktoken for OpenAI models, estimated for
+   Claude; large bodies are counted in a worker thread) and its output estimated
+   (``max_tokens``-style caps, else ``output``);
+4. ``reserve`` runs; a refusal is a 429 in the provider's own error format, naming the
+   budget that ran out and when it frees up, with ``retry-after`` and
+   ``retry-after-ms`` (and ``x-should-retry: false`` when waiting cannot help);
+5. the response passes through as it comes (streams are never buffered), with the
+   gateway's ``x-ratelimit-*`` headers replacing the app's; its usage is read from the
+   JSON body or the SSE events as they pass;
+6. at the end the reservation settles at the real usage; an upstream error (status
+   >= 400) cancels it (full refund). A client that goes away — before the upstream
+   answered, mid-stream, during a long non-streamed call — has the app cancelled at
+   once and the reservation settled at what was delivered; so does a stream the
+   upstream cut. Usage the upstream reports that cannot be trusted settles at the
+   estimate. Anthropic's real input counts calibrate the estimator, per key.
 """
 
 from __future__ import annotations
@@ -29,19 +39,42 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
+import math
+import statistics
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..budget import Reservation
-from ..tokens import OutputEstimate, UsageStream, anthropic_estimator, count_request_tokens, extract_usage
-from ..tokens._usage import UsageError
-from ._common import PROBLEM_TYPE, KeyFunc, parse_key_spec, problem
+from ..errors import BadRequest
+from ..tokens import OutputEstimate, anthropic_estimator, count_request_tokens
+from ..tokens._count import MAX_TOKENS, RequestBodyError, TokenCount
+from ..tokens._response import UsageReader
+from ..tokens._usage import Usage, UsageError
+from ._common import KeyFunc, parse_key_spec, problem
+from ._target import normalize_target
 from .asgi import Message, Receive, Scope, Send, _raw, request_of
 
 __all__ = ["LLMLimitMiddleware"]
 
+log = logging.getLogger("nexus_limits.llm")
+
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings")
 ANTHROPIC_PATHS = ("/v1/messages",)
+
+# Anthropic refuses requests above 32 MB; so does this middleware by default.
+MAX_BODY = 32 * 2**20
+# Bodies larger than this are parsed and counted in a worker thread, so that one big
+# request does not stall every other client of the event loop.
+INLINE_BYTES = 64 * 1024
+# A client chooses the model name; the gateway refuses absurd ones.
+MAX_MODEL_LENGTH = 256
+# Retry-After for a concurrency refusal: the median time leases are really held,
+# clamped to this range (seconds); the first refusals, with no hold seen yet, say the
+# lower bound.
+RETRY_RANGE = (1.0, 30.0)
+_HOLDS_KEPT = 64
 
 
 async def _maybe(value: Any) -> Any:
@@ -56,14 +89,294 @@ async def _call(owner: Any, fn: Any, *args: Any) -> Any:
     return await _maybe(fn(*args))
 
 
+class _Holds:
+    """How long recent concurrency leases were held: a refusal's Retry-After."""
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low = low
+        self.high = high
+        self.seconds: Deque[float] = deque(maxlen=_HOLDS_KEPT)
+
+    def add(self, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds >= 0:
+            self.seconds.append(seconds)
+
+    def wait(self) -> float:
+        typical = statistics.median(self.seconds) if self.seconds else self.low
+        return min(max(typical, self.low), self.high)
+
+
+class _Format(NamedTuple):
+    """How refusals are written: ``"openai"``, ``"anthropic"`` or ``"problem"``."""
+
+    kind: str
+
+    @staticmethod
+    def of(scope: Scope, provider: Optional[str]) -> _Format:
+        for name, value in scope.get("headers") or ():
+            if name.lower() == b"accept":
+                for item in value.split(b","):
+                    if item.split(b";")[0].strip().lower() == b"application/problem+json":
+                        return _Format("problem")
+        return _Format(provider or "problem")
+
+
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large", 429: "Too Many Requests"}
+_OPENAI_TYPES = {429: "rate_limit_exceeded"}
+_ANTHROPIC_TYPES = {401: "authentication_error", 413: "request_too_large", 429: "rate_limit_error"}
+
+
+def _error_body(
+    fmt: _Format,
+    status: int,
+    message: str,
+    *,
+    code: Optional[str] = None,
+    param: Optional[str] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Tuple[List[Tuple[str, str]], bytes]:
+    """(headers, body) of a refusal in the client's format: OpenAI's ``{"error": {...}}``
+    (so the SDK's ``e.code``/``e.type``/``e.param`` are set), Anthropic's ``{"type":
+    "error", "error": {...}}``, or ``application/problem+json``."""
+    if fmt.kind == "openai":
+        doc: Dict[str, Any] = {
+            "message": message,
+            "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+        doc.update(extra or {})
+        return [("content-type", "application/json")], json.dumps({"error": doc}).encode()
+    if fmt.kind == "anthropic":
+        inner = {"type": _ANTHROPIC_TYPES.get(status, "invalid_request_error"), "message": message}
+        return [("content-type", "application/json")], json.dumps({"type": "error", "error": inner}).encode()
+    more = dict(extra or {})
+    if param is not None:
+        more["param"] = param
+    if code is not None:
+        more["code"] = code
+    return [("content-type", "application/problem+json")], problem(status, _TITLES.get(status, "Error"), message, more)
+
+
+async def _reply(send: Send, status: int, headers: List[Tuple[str, str]], body: bytes) -> None:
+    headers = [*headers, ("content-length", str(len(body)))]
+    await send({"type": "http.response.start", "status": status, "headers": _raw(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(
+    send: Send,
+    fmt: _Format,
+    status: int,
+    message: str,
+    *,
+    code: Optional[str] = None,
+    param: Optional[str] = None,
+    headers: Sequence[Tuple[str, str]] = (),
+    extra: Optional[Dict[str, Any]] = None,
+) -> None:
+    base, body = _error_body(fmt, status, message, code=code, param=param, extra=extra)
+    await _reply(send, status, [*base, *headers], body)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Cut(Exception):
+    """Raised into the app when its response cannot be forwarded further (a compressed
+    stream, decoded to strip the usage chunk, that cannot be decoded)."""
+
+
+async def _read_body(receive: Receive, limit: int) -> Optional[bytes]:
+    """The whole request body; None when the client went away first. Raises _TooLarge
+    past ``limit`` bytes, without reading further."""
+    parts: List[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge()
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise RequestBodyError("body", f"{name} is not a JSON number")
+
+
+def _rewritten(scope: Scope, size: int) -> Scope:
+    """``scope`` for a body the middleware rewrote (``size`` bytes) to ask for the usage
+    chunk: its content-length, and ``accept-encoding: identity`` so that the stream the
+    usage chunk is removed from comes uncompressed."""
+    drop = (b"content-length", b"accept-encoding")
+    headers = [(k, v) for k, v in scope.get("headers") or () if k.lower() not in drop]
+    headers += [(b"content-length", str(size).encode()), (b"accept-encoding", b"identity")]
+    return {**scope, "headers": headers}
+
+
+class _Judged(NamedTuple):
+    body: Dict[str, Any]
+    raw: bytes
+    counted: TokenCount
+    output: int
+    estimate: int
+    strip: bool
+    base: int  # Anthropic: the uncalibrated estimate, to calibrate with
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))} ms"
+    seconds = math.ceil(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 120:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+class _Client:
+    """The app's view of the client: the body (``first``, a message already read, then
+    the rest as it comes), then ``http.disconnect`` as soon as the client is seen to go
+    away.
+
+    Once the body is complete, one task waits on the server's ``receive()``; when it
+    says the client disconnected, ``on_gone`` runs (it cancels the app)."""
+
+    def __init__(self, receive: Receive, first: Optional[Message]) -> None:
+        self._receive = receive
+        self._first = first
+        self._watch: Optional[asyncio.Future[Any]] = None
+        self._on_gone: Callable[[], None] = lambda: None
+        self.gone = asyncio.Event()
+        if first is not None and not first.get("more_body", False):
+            self.watch()
+
+    def watch(self) -> None:
+        if self._watch is None and not self.gone.is_set():
+            self._watch = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        message = await self._receive()
+        # Anything but a disconnect after a complete body is not ASGI: stop watching.
+        if message.get("type") == "http.disconnect":
+            self._left()
+
+    def _left(self) -> None:
+        if not self.gone.is_set():
+            self.gone.set()
+            self._on_gone()
+
+    async def receive(self) -> Message:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._watch is None:
+            message = await self._receive()
+            if message.get("type") == "http.disconnect":
+                self._left()
+            elif not message.get("more_body", False):
+                self.watch()
+            return message
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    def stop(self) -> None:
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
+
+
+class _Run:
+    """What happened to one call: the response's status, whether it was delivered in
+    full, whether the client left or the app failed."""
+
+    __slots__ = (
+        "app_failed",
+        "client_gone",
+        "cut",
+        "done",
+        "reader",
+        "reader_failed",
+        "sent",
+        "settled",
+        "started",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.started = False
+        self.done = False
+        self.client_gone = False
+        self.app_failed = False
+        self.cut = False
+        self.reader: Any = None
+        self.reader_failed = False
+        self.sent = 0
+        self.settled = False
+
+
+async def _run_app(app: Any, scope: Scope, client: _Client, send: Send, run: _Run) -> None:
+    """Runs the app in a task of its own, cancelled when the client goes away; re-raises
+    what the app raised (unless the client had gone)."""
+    task = asyncio.ensure_future(app(scope, client.receive, send))
+
+    def gone() -> None:
+        if not run.done:
+            run.client_gone = True
+            task.cancel()
+
+    client._on_gone = gone
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        run.client_gone = True
+        task.cancel()
+        raise
+    finally:
+        client.stop()
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        if run.client_gone or isinstance(error, _Cut):
+            return
+        run.app_failed = True
+        raise error
+
+
 class LLMLimitMiddleware:
     """Token budgets for an OpenAI- or Anthropic-compatible ASGI app (or proxy).
 
     ``limiter``: a :class:`nexus_limits.TokenLimiter` (in-process, or from
-    ``nexus_limits.redis`` / ``nexus_limits.redis.asyncio``). ``key``: as for the other
-    middleware. ``output``: an :class:`~nexus_limits.tokens.OutputEstimate` for
-    requests without a cap. ``openai_paths`` / ``anthropic_paths``: which paths are LLM
-    calls (other paths pass through). ``trusted_proxies`` as for ``key="ip"``.
+    ``nexus_limits.redis`` / ``nexus_limits.redis.asyncio``). ``spend``: a
+    :class:`~nexus_limits.spend.SpendLimiter`. ``key``: as for the other middleware
+    (``"bearer"``, ``"header:<name>"``, a list of them, or a callable). ``output``: an
+    :class:`~nexus_limits.tokens.OutputEstimate` for requests without a cap.
+    ``openai_paths`` / ``anthropic_paths``: which POST paths are LLM calls.
+    ``trusted_proxies`` as for ``key="ip"``.
+
+    ``meter_all``: every other request (any path, any method) is charged one request
+    and 0 tokens, and holds a concurrency place while it runs, so that no route to the
+    app is unmetered (needs ``limiter``). ``max_body``: the largest request body read
+    (413 above). ``max_retry_after``: a refusal whose wait is longer than this (or that
+    can never be admitted) says ``x-should-retry: false``. ``retry_after_range``: the
+    bounds of the Retry-After of a concurrency refusal, which is the median time
+    recent calls held their place.
+
+    Every request the middleware cannot judge gets a 4xx naming the problem (a target
+    that is not a plain path, a body that is not a JSON object, a field of the wrong
+    type, a cap that is negative, fractional or above 2^53 - 1...), in the provider's
+    error format, or ``application/problem+json`` when the client's ``Accept`` asks
+    for it.
     """
 
     def __init__(
@@ -80,6 +393,10 @@ class LLMLimitMiddleware:
         trusted_proxies: Sequence[str] = (),
         metrics: Any = None,
         metrics_labels: Tuple[str, str] = ("llm", ""),
+        meter_all: bool = False,
+        max_body: int = MAX_BODY,
+        max_retry_after: float = 60.0,
+        retry_after_range: Tuple[float, float] = RETRY_RANGE,
     ) -> None:
         if limiter is None and spend is None:
             raise ValueError("give a TokenLimiter (limiter=), a SpendLimiter (spend=) or both")
@@ -87,153 +404,488 @@ class LLMLimitMiddleware:
             raise TypeError(f"limiter must be a TokenLimiter, got {type(limiter).__name__}")
         if spend is not None and not callable(getattr(spend, "estimate", None)):
             raise TypeError(f"spend must be a SpendLimiter, got {type(spend).__name__}")
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+            raise ValueError(f"max_body must be a positive int (bytes), got {max_body!r}")
+        if not isinstance(max_retry_after, (int, float)) or not max_retry_after > 0:
+            raise ValueError(f"max_retry_after must be a positive number of seconds, got {max_retry_after!r}")
+        low, high = retry_after_range
+        if not (0 < low <= high < math.inf):
+            raise ValueError(f"retry_after_range must be (low, high) with 0 < low <= high, got {retry_after_range!r}")
+        if meter_all and limiter is None:
+            raise ValueError("meter_all needs a TokenLimiter (limiter=) to charge the requests to")
         self.app = app
         self.limiter = limiter
         self.spend = spend
         self.key_func: KeyFunc = parse_key_spec(key, trusted_proxies)
         self.output = output if output is not None else OutputEstimate()
         self.include_usage = include_usage
-        self.paths = {p: "openai" for p in openai_paths}
-        self.paths.update({p: "anthropic" for p in anthropic_paths})
+        self.paths = {normalize_target("POST", p)[1]: "openai" for p in openai_paths}
+        self.paths.update({normalize_target("POST", p)[1]: "anthropic" for p in anthropic_paths})
         if metrics is not None and not callable(getattr(metrics, "observe", None)):
             raise TypeError(f"metrics must be a nexus_limits.metrics.Metrics, got {type(metrics).__name__}")
         self.metrics = metrics
-        # (limiter, tier) labels; the route label is the request's path (one of `paths`).
+        # (limiter, tier) labels; the route label is the request's path (one of `paths`),
+        # or "other" for the requests meter_all charges.
         self.metrics_labels = metrics_labels
+        self.meter_all = meter_all
+        self.max_body = max_body
+        self.max_retry_after = float(max_retry_after)
+        self.holds = _Holds(float(low), float(high))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        provider = self.paths.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if provider is None or scope.get("method") != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw = await _read_body(receive)
         try:
-            body = json.loads(raw or b"null")
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            count = count_request_tokens(body, provider=provider)
-        except (ValueError, TypeError) as error:
-            await _reply(send, 400, [PROBLEM_TYPE], problem(400, "Bad Request", f"invalid request body: {error}"))
+            method, path = normalize_target(scope.get("method", ""), scope.get("path", ""), scope.get("raw_path"))
+        except BadRequest as error:
+            await _refuse(send, _Format("problem"), 400, str(error))
             return
-        key = self.key_func(request_of(scope))
+        provider = self.paths.get(path) if method == "POST" else None
+        if provider is not None:
+            await self._llm(scope, receive, send, provider, path)
+        elif self.meter_all:
+            await self._metered(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _key(self, scope: Scope) -> Any:
+        return self.key_func(request_of(scope))
+
+    def _observe(self, route: str, started: float, decision: Any) -> None:
+        if self.metrics is not None:
+            name, tier = self.metrics_labels
+            self.metrics.observe(name, tier, route, time.perf_counter() - started, decision)
+
+    # -- refusals ---------------------------------------------------------------------
+
+    def _waits(self, reservation: Reservation) -> List[Tuple[str, float, str]]:
+        """(budget, seconds until it frees up, sentence) for each limit that refused."""
+        out: List[Tuple[str, float, str]] = []
+        limiter = self.limiter
+        estimate = reservation.estimate
+        for name, d, rate in (
+            ("requests", reservation.requests, getattr(limiter, "requests", None)),
+            ("tokens", reservation.tokens, getattr(limiter, "tokens", None)),
+            ("daily_tokens", reservation.daily_tokens, getattr(limiter, "daily_tokens", None)),
+        ):
+            if d is None or d.allowed:
+                continue
+            wait = float(d.retry_after)
+            what = "request limit" if name == "requests" else "token limit" if name == "tokens" else "daily token limit"
+            limit = f"{what} {rate}" if rate is not None else what
+            if name == "requests":
+                out.append((name, wait, f"{limit} reached; the next request is allowed in {_duration(wait)}"))
+            elif not estimate:  # a peek: the key is in debt
+                out.append((name, wait, f"{limit}: no tokens are left for this key; some free up in {_duration(wait)}"))
+            elif math.isinf(wait):
+                out.append(
+                    (
+                        name,
+                        wait,
+                        f"{limit}: this request's estimated {estimate} tokens are more than the limit holds,"
+                        " so it can never be admitted; lower max_tokens or shorten the prompt",
+                    )
+                )
+            else:
+                out.append(
+                    (
+                        name,
+                        wait,
+                        f"{limit}: this request needs an estimated {estimate} tokens and {d.remaining} are left;"
+                        f" enough frees up in {_duration(wait)}",
+                    )
+                )
+        c = reservation.concurrency
+        if c is not None and not c.allowed:
+            wait = self.holds.wait()
+            out.append(
+                (
+                    "concurrency",
+                    wait,
+                    f"concurrency limit {c.limit}: {c.limit} requests of this key are in flight;"
+                    f" a place usually frees up within {_duration(wait)}",
+                )
+            )
+        return out
+
+    def _retry_headers(self, wait: float) -> List[Tuple[str, str]]:
+        out: List[Tuple[str, str]] = []
+        if math.isfinite(wait):
+            out.append(("retry-after", str(max(1, math.ceil(wait)))))
+            out.append(("retry-after-ms", str(max(1, math.ceil(wait * 1000)))))
+        if not math.isfinite(wait) or wait > self.max_retry_after:
+            out.append(("x-should-retry", "false"))
+        return out
+
+    async def _refuse_reservation(self, send: Send, fmt: _Format, reservation: Reservation) -> None:
+        waits = self._waits(reservation)
+        if not waits:  # refused by nothing we can name (a full store)
+            waits = [("requests", float(reservation.retry_after), "rate limit exceeded")]
+        budget, wait, _ = max(waits, key=lambda w: w[1])
+        message = "; ".join(sentence for _, _, sentence in waits)
+        headers = [
+            (k, v) for k, v in reservation.headers().items() if k.lower() not in ("retry-after", "retry-after-ms")
+        ]
+        extra: Dict[str, Any] = {"budget": budget, "retry_after": None if math.isinf(wait) else round(wait, 3)}
+        if reservation.estimate:
+            extra["estimate"] = reservation.estimate
+        await _refuse(
+            send,
+            fmt,
+            429,
+            message,
+            code="rate_limit_exceeded",
+            headers=[*headers, *self._retry_headers(wait)],
+            extra=extra,
+        )
+
+    # -- requests that are not LLM calls ----------------------------------------------
+
+    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fmt = _Format.of(scope, None)
+        try:
+            key = self._key(scope)
+        except BadRequest as error:
+            await _refuse(send, fmt, 400, str(error))
+            return
         if key is None:
-            await _reply(send, 401, [PROBLEM_TYPE], problem(401, "Unauthorized", "no client key in the request"))
+            await _refuse(send, fmt, 401, "no client key in the request")
             return
-        if provider == "openai" and body.get("stream") and "messages" in body and self.include_usage:
-            options = body.get("stream_options")
-            if not isinstance(options, dict) or not options.get("include_usage"):
-                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                raw = json.dumps(body).encode()
+        started = time.perf_counter()
+        reservation = await _call(self.limiter, self.limiter.reserve, key, 0)
+        self._observe("other", started, reservation.decision)
+        if not reservation.allowed:
+            await self._refuse_reservation(send, fmt, reservation)
+            return
+        admitted = time.monotonic()
+        first: Optional[Message] = None
+        if not _has_body(scope):
+            # Nothing to stream to the app: read the empty body now, so that the watch for
+            # the client going away starts at once.
+            first = await receive()
+            if first["type"] == "http.disconnect":
+                await self._release(reservation, admitted, _Run())
+                return
+        run = _Run()
+        client = _Client(receive, first)
+        extra = _raw(list(reservation.headers().items()))
+
+        async def relay(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = _replace_headers(message, extra)
+                run.started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                run.done = True
+                await asyncio.shield(self._release(reservation, admitted, run))
+            await send(message)
+
+        try:
+            await _run_app(self.app, scope, client, relay, run)
+        finally:
+            await asyncio.shield(self._release(reservation, admitted, run))
+
+    async def _release(self, reservation: Reservation, admitted: float, run: _Run) -> None:
+        """Ends a metered request: its request stays charged, its lease ends."""
+        if run.settled:
+            return
+        run.settled = True
+        await _guarded(_call(self.limiter, reservation.settle, 0))
+        if reservation.concurrency is not None:
+            self.holds.add(time.monotonic() - admitted)
+
+    # -- LLM calls --------------------------------------------------------------------
+
+    def _judge(self, raw: bytes, provider: str, key: Any) -> _Judged:
+        """Parses, checks and counts a request body. Raises RequestBodyError (naming the
+        field) or another ValueError/TypeError for a body that cannot be judged."""
+        if not raw.strip():
+            raise RequestBodyError("body", "the body is empty; it must be a JSON object")
+        try:
+            body = json.loads(raw, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise RequestBodyError("body", "the body is nested too deeply to read") from None
+        except RequestBodyError:
+            raise
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, too many digits
+            raise RequestBodyError("body", f"the body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            kind = type(body).__name__
+            kind = {"list": "an array", "str": "a string", "NoneType": "null", "bool": "a boolean"}.get(
+                kind, "a number"
+            )
+            raise RequestBodyError("body", f"the body must be a JSON object, got {kind}")
+        model = body.get("model")
+        if model is not None:
+            if not isinstance(model, str):
+                raise RequestBodyError("model", "'model' must be a string")
+            if len(model) > MAX_MODEL_LENGTH:
+                raise RequestBodyError("model", f"'model' is longer than {MAX_MODEL_LENGTH} characters")
+        for cap in OutputEstimate.CAPS:
+            if body.get(cap) is not None:
+                OutputEstimate.cap(body, cap)
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise RequestBodyError("stream", "'stream' must be a boolean")
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise RequestBodyError("stream_options", "'stream_options' must be an object")
+        count = count_request_tokens(body, provider=provider, key=key)
+        base = anthropic_estimator.base(body) if provider == "anthropic" else 0
         output = self.output.for_key(body, key) if hasattr(self.output, "for_key") else self.output(body)
-        estimate = count.tokens + output
+        estimate = min(count.tokens + output, MAX_TOKENS)
+        strip = False
+        if provider == "openai" and stream and "messages" in body and self.include_usage:
+            if not (options or {}).get("include_usage"):
+                body["stream_options"] = {**(options or {}), "include_usage": True}
+                raw = json.dumps(body).encode()
+                strip = True
+        return _Judged(body, raw, count, output, estimate, strip, base)
+
+    async def _llm(self, scope: Scope, receive: Receive, send: Send, provider: str, path: str) -> None:
+        fmt = _Format.of(scope, provider)
+        try:
+            key = self._key(scope)
+        except BadRequest as error:
+            await _refuse(send, fmt, 400, str(error))
+            return
+        if key is None:
+            await _refuse(send, fmt, 401, "no client key in the request", code="invalid_api_key")
+            return
+        peek = getattr(self.limiter, "peek", None)
+        if callable(peek):
+            # Decided by the request limit, the concurrency limit or a token debt: the
+            # body cannot change the answer, so it is not read.
+            early = await _call(self.limiter, peek, key)
+            if not early.allowed:
+                self._observe(path, time.perf_counter(), early.decision)
+                await self._refuse_reservation(send, fmt, early)
+                return
+        try:
+            raw = await _read_body(receive, self.max_body)
+        except _TooLarge:
+            await _refuse(
+                send, fmt, 413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"
+            )
+            return
+        if raw is None:
+            return  # the client left while sending its body
+        try:
+            if len(raw) > INLINE_BYTES:
+                judged = await asyncio.to_thread(self._judge, raw, provider, key)
+            else:
+                judged = self._judge(raw, provider, key)
+        except RequestBodyError as error:
+            await _refuse(send, fmt, 400, f"invalid request body: {error}", code="invalid_value", param=error.field)
+            return
+        except (ValueError, TypeError) as error:
+            await _refuse(send, fmt, 400, f"invalid request body: {error}", code="invalid_value")
+            return
+        body = judged.body
         reservation: Optional[Reservation] = None
         if self.limiter is not None:
             started = time.perf_counter()
-            reservation = await _call(self.limiter, self.limiter.reserve, key, estimate)
-            if self.metrics is not None:
-                name, tier = self.metrics_labels
-                self.metrics.observe(name, tier, scope["path"], time.perf_counter() - started, reservation.decision)
+            reservation = await _call(self.limiter, self.limiter.reserve, key, judged.estimate)
+            self._observe(path, started, reservation.decision)
             if not reservation.allowed:
-                tokens = reservation.tokens
-                detail = (
-                    "token budget exhausted" if tokens is not None and not tokens.allowed else "rate limit exceeded"
-                )
-                headers = [PROBLEM_TYPE, *reservation.headers().items()]
-                await _reply(send, 429, headers, problem(429, "Too Many Requests", detail, {"estimate": estimate}))
+                await self._refuse_reservation(send, fmt, reservation)
                 return
         spent = None
         if self.spend is not None:
             try:
-                spent = await _call(self.spend, self.spend.reserve, key, body.get("model"), count.tokens, output)
+                spent = await _call(
+                    self.spend, self.spend.reserve, key, body.get("model"), judged.counted.tokens, judged.output
+                )
             except KeyError as error:  # UnknownModel: no price and no default
                 if reservation is not None:
                     await _call(self.limiter, reservation.cancel)
-                await _reply(send, 400, [PROBLEM_TYPE], problem(400, "Bad Request", str(error)))
+                await _refuse(send, fmt, 400, str(error), code="model_not_found", param="model")
                 return
             if not spent.allowed:
                 if reservation is not None:
                     await _call(self.limiter, reservation.cancel)
-                headers = [PROBLEM_TYPE, *spent.headers().items()]
-                await _reply(send, 429, headers, problem(429, "Too Many Requests", spent.detail(), {"budget": "spend"}))
+                wait = float(spent.retry_after)
+                headers = [(k, v) for k, v in spent.headers().items() if k.lower() != "retry-after"]
+                await _refuse(
+                    send,
+                    fmt,
+                    429,
+                    spent.detail(),
+                    code="rate_limit_exceeded",
+                    headers=[*headers, *self._retry_headers(wait)],
+                    extra={"budget": "spend", "retry_after": None if math.isinf(wait) else round(wait, 3)},
+                )
                 return
         both = _Both(reservation, spent, key, self)
-        await self._forward(scope, receive, send, raw, provider, body, count.tokens, both)
+        if judged.raw is not raw:
+            scope = _rewritten(scope, len(judged.raw))
+        await self._forward(scope, receive, send, provider, path, judged, both)
 
     async def _forward(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        raw: bytes,
         provider: str,
-        body: Dict[str, Any],
-        input_estimate: int,
-        reservation: _Both,
+        path: str,
+        judged: _Judged,
+        both: _Both,
     ) -> None:
-        replayed = False
+        run = _Run()
+        admitted = time.monotonic()
+        ours = _raw(list(both.headers().items()))
+        model = judged.body.get("model")
+        response_provider = "openai-responses" if path == "/v1/responses" else provider
+        client = _Client(receive, {"type": "http.request", "body": judged.raw, "more_body": False})
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
-
-        state: Dict[str, Any] = {"status": 200, "sse": False, "chunks": [], "done": False}
-        stream = UsageStream(None, model=body.get("model"), input_estimate=input_estimate)
-        extra = _raw(list(reservation.headers().items()))
-
-        async def watch(message: Message) -> None:
+        async def relay(message: Message) -> None:
             if message["type"] == "http.response.start":
-                state["status"] = int(message.get("status", 200))
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"content-type" and value.split(b";")[0].strip() == b"text/event-stream":
-                        state["sse"] = True
-                message = dict(message)
-                message["headers"] = [*message.get("headers", ()), *extra]
-            elif message["type"] == "http.response.body" and state["status"] < 400:
+                run.status = int(message.get("status", 200))
+                run.started = True
+                if run.status < 400:
+                    try:
+                        run.reader = UsageReader(
+                            response_provider,
+                            model,
+                            judged.counted.tokens,
+                            content_type=_header(message, b"content-type"),
+                            content_encoding=_header(message, b"content-encoding"),
+                            strip_usage_chunk=judged.strip,
+                        )
+                        message = {**message, "headers": run.reader.forwarded_headers(message.get("headers") or [])}
+                    except Exception as error:  # reading usage must never break a response
+                        log.warning("cannot read the usage of a %s response: %s", path, error)
+                        run.reader_failed = True
+                message = _replace_headers(message, ours)
+            elif message["type"] == "http.response.body":
+                if run.cut:
+                    raise _Cut()
                 chunk = message.get("body", b"")
-                if state["sse"]:
-                    stream.feed(chunk)
-                else:
-                    state["chunks"].append(chunk)
-                if not message.get("more_body", False):
-                    state["done"] = True
+                final = not message.get("more_body", False)
+                reader = run.reader
+                if reader is not None and not run.reader_failed:
+                    try:
+                        out = reader.feed(chunk)
+                        if final:
+                            out += reader.flush()
+                    except Exception as error:
+                        log.warning("cannot read the usage of a %s response: %s", path, error)
+                        run.reader_failed = True
+                        if reader.forward_decoded:
+                            # What was forwarded so far was decoded: the rest cannot follow.
+                            run.cut = True
+                            await asyncio.shield(self._finish(both, provider, path, judged, run, admitted))
+                            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                            raise _Cut() from None
+                    else:
+                        if out is not chunk:
+                            message = {**message, "body": out}
+                run.sent += len(chunk)
+                if final:
+                    run.done = True
+                    # Settled before the client sees the end: its next call finds the
+                    # budget and the concurrency place as this one left them.
+                    await asyncio.shield(self._finish(both, provider, path, judged, run, admitted))
             await send(message)
 
         try:
-            await self.app(scope, replay, watch)
-        except (OSError, asyncio.CancelledError):
-            await self._finish(reservation, provider, body, state, stream, client_gone=True)
-            raise
-        except BaseException:
-            await reservation.cancel()
-            raise
-        await self._finish(reservation, provider, body, state, stream, client_gone=not state["done"])
+            await _run_app(self.app, scope, client, relay, run)
+        finally:
+            await asyncio.shield(self._finish(both, provider, path, judged, run, admitted))
 
-    async def _finish(
-        self,
-        reservation: _Both,
-        provider: str,
-        body: Dict[str, Any],
-        state: Dict[str, Any],
-        stream: UsageStream,
-        client_gone: bool,
-    ) -> None:
-        if state["status"] >= 400:
-            await reservation.cancel()
+    async def _finish(self, both: _Both, provider: str, path: str, judged: _Judged, run: _Run, admitted: float) -> None:
+        """Settles (or cancels) a call once its response is over, once. Never raises."""
+        if run.settled:
             return
+        run.settled = True
         try:
-            if state["sse"] or client_gone:
-                usage = stream.finish()
+            await self._settle(both, provider, path, judged, run)
+        except Exception as error:  # a backend away: the lease expires on its own
+            log.warning("could not settle a %s call: %s", path, error)
+        if both.tokens is not None and both.tokens.concurrency is not None:
+            self.holds.add(time.monotonic() - admitted)
+
+    async def _settle(self, both: _Both, provider: str, path: str, judged: _Judged, run: _Run) -> None:
+        if not run.started or run.status >= 400:
+            # Nothing was delivered (the app failed or the client left before any answer,
+            # or the upstream refused): a full refund. A client gone before the answer
+            # still sent its prompt upstream: it pays its input.
+            if run.client_gone and not run.started:
+                await both.settle_at(Usage(judged.counted.tokens, 0, exact=False), judged.estimate)
             else:
-                usage = extract_usage(b"".join(state["chunks"]), None)
-        except UsageError:
-            return  # nothing readable: the reservation settles at its estimate
-        await reservation.settle(usage, body.get("model"))
-        if provider == "anthropic" and usage.exact:
-            base = anthropic_estimator.base(body)
-            anthropic_estimator.observe(body.get("model"), base, usage.input_tokens)
+                await both.cancel()
+            return
+        complete = run.done and not run.client_gone and not run.app_failed and not run.cut
+        usage: Optional[Usage] = None
+        if run.reader is not None and not run.reader_failed:
+            try:
+                if run.sent > INLINE_BYTES:
+                    usage = await asyncio.to_thread(run.reader.finish, complete)
+                else:
+                    usage = run.reader.finish(complete)
+            except UsageError as error:
+                if complete:
+                    log.warning("%s: the upstream's usage is unusable (%s); settled at the estimate", path, error)
+            except Exception as error:
+                log.warning("%s: reading the usage failed (%s); settled at the estimate", path, error)
+        if usage is not None and not _trustworthy(usage):
+            log.warning("%s: the upstream reported impossible usage %r; settled at the estimate", path, usage)
+            usage = None
+        if usage is None:
+            if complete or run.sent:
+                # Unreadable, or a JSON answer cut short (the upstream generated it whole
+                # before sending it): the estimate.
+                await both.settle_at(None, judged.estimate)
+            else:  # gone before any byte: the prompt was sent, no output seen
+                await both.settle_at(Usage(judged.counted.tokens, 0, exact=False), judged.estimate)
+            return
+        await both.settle_at(usage, judged.estimate)
+        if complete and usage.exact:
+            model = judged.body.get("model")
+            if hasattr(self.output, "observe"):
+                try:
+                    self.output.observe(both.key, model, usage.output_tokens)
+                except (ValueError, TypeError):
+                    pass
+            if provider == "anthropic":
+                anthropic_estimator.observe(model, judged.base, usage.input_tokens, key=both.key)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers") or ():
+        name = name.lower()
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length" and value.strip() not in (b"", b"0"):
+            return True
+    return False
+
+
+def _header(message: Message, name: bytes) -> Optional[str]:
+    for key, value in message.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _replace_headers(message: Message, ours: List[Tuple[bytes, bytes]]) -> Message:
+    """The response start with our headers replacing the app's of the same name (one
+    value per name: the gateway's limits, not the upstream's)."""
+    names = {k for k, _ in ours}
+    kept = [(k, v) for k, v in message.get("headers") or () if bytes(k).lower() not in names]
+    return {**message, "headers": [*kept, *ours]}
+
+
+def _trustworthy(usage: Any) -> bool:
+    """Usage an upstream reported that can be charged: whole, non-negative counts the
+    backends hold exactly, cached input within input."""
+    counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens)
+    for n in counts:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOKENS:
+            return False
+    return bool(
+        usage.cached_input_tokens <= usage.input_tokens and usage.input_tokens + usage.output_tokens <= MAX_TOKENS
+    )
 
 
 class _Both:
@@ -255,31 +907,30 @@ class _Both:
 
     async def cancel(self) -> None:
         if self.tokens is not None:
-            await _call(self.owner.limiter, self.tokens.cancel)
+            await _guarded(_call(self.owner.limiter, self.tokens.cancel))
         if self.spend is not None:
-            await _call(self.owner.spend, self.spend.cancel)
+            await _guarded(_call(self.owner.spend, self.spend.cancel))
 
-    async def settle(self, usage: Any, model: Optional[str]) -> None:
+    async def settle_at(self, usage: Optional[Usage], estimate: int) -> None:
+        """Settles at ``usage`` (None: at the estimate); ends the lease either way."""
         if self.tokens is not None:
-            await _call(self.owner.limiter, self.tokens.settle, usage.total_tokens)
+            tokens = estimate if usage is None else usage.total_tokens
+            await _guarded(_call(self.owner.limiter, self.tokens.settle, tokens))
         if self.spend is not None:
-            await _call(self.owner.spend, self.spend.settle, usage)
-        if usage.exact and hasattr(self.owner.output, "observe"):
-            self.owner.output.observe(self.key, model, usage.output_tokens)
+            spend = self.spend
+            if usage is not None:
+                try:
+                    micros = self.owner.spend.cost(spend.model, usage)
+                except (ValueError, TypeError, KeyError) as error:  # usage the price table cannot cost
+                    log.warning("the usage of a call cannot be priced (%s); its spend settles at the estimate", error)
+                    usage = None
+            await _guarded(_call(self.owner.spend, spend.settle, spend.estimate_micros if usage is None else micros))
 
 
-async def _read_body(receive: Receive) -> bytes:
-    parts: List[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(parts)
-
-
-async def _reply(send: Send, status: int, headers: List[Tuple[str, str]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _raw(headers)})
-    await send({"type": "http.response.body", "body": body})
+async def _guarded(step: Any) -> None:
+    """Awaits one settle/cancel: a backend away is logged (the lease then expires on its
+    own); nothing is raised past the middleware."""
+    try:
+        await step
+    except Exception as error:
+        log.warning("could not settle a reservation: %s", error)

@@ -69,13 +69,22 @@ class P2Quantile:
         return self.heights[2]
 
 
+def _model_name(model: Any) -> str:
+    """The name a model's sketches are kept under: lower-case, long names pooled."""
+    if not isinstance(model, str):
+        return ""
+    return model.lower() if len(model) <= 100 else "(long model names)"
+
+
 class LearnedOutputEstimate(OutputEstimate):
     """Output tokens to reserve: the request's cap when it has one; else the learned
     ``quantile`` (p95 by default) of this key's outputs on this model, once
     ``min_samples`` were seen; else the model's across all keys; else the fixed default.
 
     Memory is bounded: at most ``max_series`` (key, model) sketches of five numbers
-    each are kept, the least recently used dropped first."""
+    each are kept, and as many per-model sketches, the least recently used dropped
+    first; model names longer than 100 characters are all one model (a client chooses
+    the name)."""
 
     def __init__(
         self,
@@ -93,24 +102,28 @@ class LearnedOutputEstimate(OutputEstimate):
         self.min_samples = min_samples
         self.max_series = max_series
         self._series: OrderedDict[Tuple[Any, str], P2Quantile] = OrderedDict()
-        self._models: Dict[str, P2Quantile] = {}
+        self._models: OrderedDict[str, P2Quantile] = OrderedDict()
         self._lock = threading.Lock()
 
     def observe(self, key: Any, model: Optional[str], output_tokens: int) -> None:
         """Record the real output tokens of a settled call."""
         if isinstance(output_tokens, bool) or not isinstance(output_tokens, int) or output_tokens < 0:
             raise ValueError(f"output_tokens must be a non-negative int, got {output_tokens!r}")
-        m = (model or "").lower()
+        m = _model_name(model)
         with self._lock:
             series = self._series.pop((key, m), None) or P2Quantile(self.quantile)
             series.add(output_tokens)
             self._series[(key, m)] = series
             while len(self._series) > self.max_series:
                 self._series.popitem(last=False)
-            self._models.setdefault(m, P2Quantile(self.quantile)).add(output_tokens)
+            overall = self._models.pop(m, None) or P2Quantile(self.quantile)
+            overall.add(output_tokens)
+            self._models[m] = overall
+            while len(self._models) > self.max_series:
+                self._models.popitem(last=False)
 
     def learned(self, key: Any, model: Optional[str]) -> Optional[int]:
-        m = (model or "").lower()
+        m = _model_name(model)
         with self._lock:
             for sketch in (self._series.get((key, m)), self._models.get(m)):
                 if sketch is not None and sketch.count >= self.min_samples:

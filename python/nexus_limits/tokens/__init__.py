@@ -10,8 +10,11 @@ upstream rate-limit headers.
 """
 
 from ._count import (
+    MAX_EXACT_CHARS,
+    MAX_TOKENS,
     AnthropicEstimator,
     OutputEstimate,
+    RequestBodyError,
     TokenCount,
     anthropic_estimator,
     count_request_tokens,
@@ -22,9 +25,12 @@ from ._headers import UpstreamLimit, UpstreamLimits, parse_go_duration, parse_ra
 from ._usage import Usage, UsageError, UsageStream, detect_provider, extract_usage
 
 __all__ = [
+    "MAX_EXACT_CHARS",
+    "MAX_TOKENS",
     "AnthropicEstimator",
     "EncodingFileError",
     "OutputEstimate",
+    "RequestBodyError",
     "TokenCount",
     "UpstreamLimit",
     "UpstreamLimits",
