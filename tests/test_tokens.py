@@ -290,7 +290,11 @@ def test_anthropic_estimate_and_calibration():
         (lambda: nt.count_tokens(b"bytes"), TypeError, "text must be a str"),
         (lambda: nt.count_request_tokens("{}"), TypeError, "body must be a dict"),
         (lambda: nt.count_request_tokens({}, provider="google"), ValueError, "provider must be"),
-        (lambda: nt.count_request_tokens({"model": 5, "messages": []}), nt.RequestBodyError, "'model' must be a string"),
+        (
+            lambda: nt.count_request_tokens({"model": 5, "messages": []}),
+            nt.RequestBodyError,
+            "'model' must be a string",
+        ),
         (lambda: nt.count_request_tokens({"messages": []}, model=5), TypeError, "model must be a str"),
         (lambda: nt.count_request_tokens({"model": "gpt-4"}), ValueError, "needs 'messages', 'input' or 'prompt'"),
         (
