@@ -127,6 +127,9 @@ def test_errorhandler_429_still_applies():
     assert client.get("/x").status_code == 200
     r = client.get("/x")
     assert r.status_code == 429 and r.json["error"] == "slow down" and int(r.json["retry_after"]) >= 1
+    assert r.headers["Retry-After"] == r.json["retry_after"], "the headers on the app's own 429 too"
+    assert r.headers.getlist("RateLimit") == ['"1/minute";r=0;t=' + r.json["retry_after"]]
+    assert r.headers["Content-Type"] == "application/json"
 
 
 def test_bad_request_from_a_key_function():

@@ -3,9 +3,9 @@
 - :func:`limiter_clock`, a pytest fixture: a fresh :class:`~nexus_limits.ManualClock`
   at 0.0 for each test. Build the limiters of the test with ``clock=limiter_clock``
   and move time with ``limiter_clock.advance(seconds)``: no sleeping, no flaky timing.
-  Make it available by importing it into a ``conftest.py`` (or a test module)::
-
-      from nexus_limits.testing import limiter_clock  # noqa: F401  (a pytest fixture)
+  Make it available with ``pytest_plugins = ["nexus_limits.testing"]`` in your
+  top-level ``conftest.py`` (or a test module), or by importing it into a
+  ``conftest.py``: ``from nexus_limits.testing import limiter_clock``.
 
 - :func:`reset_keys` (and :func:`reset_keys_async` for ``nexus_limits.redis.asyncio``
   limiters): put keys back to their fresh state between tests, for limiters that live
@@ -13,7 +13,8 @@
 - :func:`rate_limit_state`: the IETF ``RateLimit-Policy``/``RateLimit`` headers of a
   response as numbers, to assert on.
 
-The fixture needs pytest; the functions do not.
+The fixture needs pytest; the functions do not. (PYTEST_DONT_REWRITE: nothing here
+asserts, and pytest may load this module as a plugin after a test module imported it.)
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ async def reset_keys_async(limiters: Iterable[Any], keys: Iterable[Any]) -> None
             await result
 
 
-_ITEM = re.compile(r'\s*"((?:[^"\\]|\\.)*)"((?:\s*;\s*[a-z*][a-z0-9_.*-]*=[^;,]*)*)\s*(?:,|$)')
-_PARAM = re.compile(r"\s*;\s*([a-z*][a-z0-9_.*-]*)=([^;,]*)")
+# A structured-field list member: "name" then ;key=value parameters (an integer, a
+# decimal, a string, a token, a byte sequence such as pk=:YWJj: or a boolean).
+_VALUE = r'(?:-?\d+(?:\.\d+)?|"(?:[^"\\]|\\.)*"|[A-Za-z*][A-Za-z0-9_.:%*/+-]*|:[A-Za-z0-9+/=]*:|\?[01])'
+_PARAM = re.compile(r"\s*;\s*([a-z*][a-z0-9_.*-]*)=(" + _VALUE + ")")
+_ITEM = re.compile(r'\s*"((?:[^"\\]|\\.)*)"((?:\s*;\s*[a-z*][a-z0-9_.*-]*=' + _VALUE + r")*)\s*(?:,|$)")
 
 
 def _parse_list(value: str) -> Dict[str, Dict[str, Any]]:
@@ -87,8 +91,12 @@ def _parse_list(value: str) -> Dict[str, Dict[str, Any]]:
         name = re.sub(r"\\(.)", r"\1", match.group(1))
         params: Dict[str, Any] = {}
         for key, raw in _PARAM.findall(match.group(2)):
-            raw = raw.strip()
-            params[key] = int(raw) if re.fullmatch(r"-?\d+", raw) else raw.strip('"')
+            if re.fullmatch(r"-?\d+", raw):
+                params[key] = int(raw)
+            elif raw.startswith('"'):
+                params[key] = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            else:
+                params[key] = raw
         out[name] = params
         pos = match.end()
     return out

@@ -196,9 +196,11 @@ class RateLimit:
             return None
         groups: List[Headers] = g.setdefault(_G_KEY, [])
         if not check.allowed:
-            if check.status == 429 and groups:  # list the limits already passed too
-                raise refusal(429, merge_headers([*groups, check.headers]), check.body, check.decision)
-            raise refusal(check.status, check.headers, check.body, check.decision)
+            headers = check.headers
+            if check.status == 429:
+                headers = [PROBLEM_TYPE, *merge_headers([*groups, check.headers])]  # the limits passed too
+                _keep_on_any_answer(headers)
+            raise refusal(check.status, headers, check.body, check.decision)
         groups.append(check.headers)
         return check
 
@@ -247,6 +249,20 @@ class RateLimit:
             return self._finish(check, rv)
 
         return wrapped  # type: ignore[return-value]
+
+
+def _keep_on_any_answer(headers: Headers) -> None:
+    """The rate-limit headers on the answer to this request whatever makes it: an
+    ``@app.errorhandler(429)`` of the app's builds its own response."""
+    from flask import after_this_request
+
+    def add(response: Any) -> Any:
+        for name, value in headers:
+            if name.lower() != "content-type" and name not in response.headers:
+                response.headers[name] = value
+        return response
+
+    after_this_request(add)
 
 
 def _g_value(name: str) -> Any:
