@@ -144,5 +144,6 @@ class RateLimitMiddleware:
                 reason = "rate limited" if check.status == 429 else HTTPStatus(check.status).phrase.lower()
                 await send({"type": "websocket.close", "code": 1008, "reason": reason})
             return
-        await send({"type": "http.response.start", "status": check.status, "headers": _raw(check.headers)})
+        headers = [*_raw(check.headers), (b"content-length", str(len(check.body)).encode())]
+        await send({"type": "http.response.start", "status": check.status, "headers": headers})
         await send({"type": "http.response.body", "body": check.body})
