@@ -5,7 +5,7 @@ use crate::algorithms::{Algorithm, Decision, State};
 use crate::clock::{Clock, NANOS};
 use crate::error::{Error, Result};
 use crate::key::{Fingerprint, FingerprintMap};
-use crate::store::{second_of, Slot, Store, SHARDS};
+use crate::store::{second_of, ShardGuard, Slot, Store, SHARDS};
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -358,20 +358,29 @@ impl Limiter {
 /// `limit` and `remaining` from the part with the least remaining; the longest
 /// `retry_after`, `reset_after` and `delay`.
 pub fn combine(decisions: &[Decision]) -> Decision {
-    let mut out = decisions[0];
-    for d in &decisions[1..] {
-        out.allowed &= d.allowed;
-        if d.remaining < out.remaining {
-            out.limit = d.limit;
-            out.remaining = d.remaining;
-        }
-        out.reset_after = out.reset_after.max(d.reset_after);
-        out.delay = out.delay.max(d.delay);
-        out.retry_after = match (out.retry_after, d.retry_after) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
-        };
+    let out = decisions[1..].iter().fold(decisions[0], combine_two);
+    combined(out)
+}
+
+#[inline]
+fn combine_two(mut out: Decision, d: &Decision) -> Decision {
+    out.allowed &= d.allowed;
+    if d.remaining < out.remaining {
+        out.limit = d.limit;
+        out.remaining = d.remaining;
     }
+    out.reset_after = out.reset_after.max(d.reset_after);
+    out.delay = out.delay.max(d.delay);
+    out.retry_after = match (out.retry_after, d.retry_after) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        _ => None,
+    };
+    out
+}
+
+/// The last touch of [`combine`]: a denied call has nothing to wait for.
+#[inline]
+fn combined(mut out: Decision) -> Decision {
     if !out.allowed {
         out.delay = 0;
     }
@@ -381,6 +390,7 @@ pub fn combine(decisions: &[Decision]) -> Decision {
 /// All-or-nothing check of several limiters for one key: every part's shard is locked
 /// (in store-id order, so composites sharing parts cannot deadlock), every part decides,
 /// and only if all admit is every part charged. `order` lists part indexes by store id.
+/// Every part must read the same clock (read once per check).
 pub fn composite_hit(
     parts: &[Arc<Limiter>],
     order: &[usize],
@@ -388,7 +398,7 @@ pub fn composite_hit(
     costs: &[u64],
     charge: bool,
 ) -> Decision {
-    composite_check(parts, order, fp, costs, charge).0
+    composite_run(parts, order, fp, costs, charge, None)
 }
 
 /// [`composite_hit`] that also returns each part's own Decision.
@@ -399,64 +409,93 @@ pub fn composite_check(
     costs: &[u64],
     charge: bool,
 ) -> (Decision, Vec<Decision>) {
-    let n = parts.len();
-    let mut guards = Vec::with_capacity(n);
+    let mut each = Vec::with_capacity(parts.len());
+    let d = composite_run(parts, order, fp, costs, charge, Some(&mut each));
+    (d, each)
+}
+
+/// One part of a composite check, under its shard's lock.
+struct Step<'a> {
+    index: usize,
+    guard: ShardGuard<'a, Quotas>,
+    tracked: bool,
+    next: State,
+    decision: Decision,
+    reserved: bool,
+}
+
+/// The composite check itself, with one allocation (the parts' steps).
+#[inline]
+fn composite_run(
+    parts: &[Arc<Limiter>],
+    order: &[usize],
+    fp: &Fingerprint,
+    costs: &[u64],
+    charge: bool,
+    each: Option<&mut Vec<Decision>>,
+) -> Decision {
+    let mut steps: Vec<Step<'_>> = Vec::with_capacity(parts.len());
     for &i in order {
-        guards.push((i, parts[i].store.lock(fp)));
+        let guard = parts[i].store.lock(fp);
+        let decision = Decision::never(0, 0, 0);
+        steps.push(Step { index: i, guard, tracked: false, next: 0, decision, reserved: false });
     }
-    guards.sort_unstable_by_key(|(i, _)| *i);
-    let nows: Vec<u64> = parts.iter().map(|p| p.clock.now()).collect();
-    let mut states: Vec<(Option<State>, State)> = Vec::with_capacity(n);
-    let mut decisions = Vec::with_capacity(n);
-    let mut effective = Vec::with_capacity(n);
-    for (i, (_, g)) in guards.iter_mut().enumerate() {
-        let (slot, q) = g.slot_and_extra(fp);
-        let current = slot.map(|s| s.state);
-        let (next, d) = q.algo(fp).step(current.unwrap_or(0), nows[i], costs[i]);
-        states.push((current, next));
-        decisions.push(d);
+    steps.sort_unstable_by_key(|s| s.index);
+    let now = parts[0].clock.now();
+    let mut whole: Option<Decision> = None;
+    for s in steps.iter_mut() {
+        let (slot, q) = s.guard.slot_and_extra(fp);
+        s.tracked = slot.is_some();
+        let (next, d) = q.algo(fp).step(slot.map_or(0, |x| x.state), now, costs[s.index]);
+        s.next = next;
+        s.decision = d;
         // A part in shadow mode never denies the whole.
-        let shadowed = !d.allowed && parts[i].shadow();
-        effective.push(if shadowed { shadow_admitted(d) } else { d });
+        let shadowed = !d.allowed && parts[s.index].shadow();
+        let effective = if shadowed { shadow_admitted(d) } else { d };
+        whole = Some(match whole {
+            None => effective,
+            Some(w) => combine_two(w, &effective),
+        });
         if charge {
             q.counters.count(&d);
             q.counters.shadow_denied += shadowed as u64;
         }
     }
-    let decision = combine(&effective);
+    if let Some(each) = each {
+        each.extend(steps.iter().map(|s| s.decision));
+    }
+    let decision = combined(whole.expect("a composite has at least one part"));
     if !decision.allowed || !charge {
-        return (decision, decisions);
+        return decision;
     }
     // Room for the parts that do not track the key yet; all or none.
-    let mut reserved: Vec<usize> = Vec::with_capacity(n);
-    for (i, (_, g)) in guards.iter_mut().enumerate() {
-        if states[i].0.is_none() && decisions[i].allowed {
-            let now = nows[i];
-            if !g.reserve(now, &|q, s| q.algo_of(s).is_fresh(s.state, now)) {
-                for &j in &reserved {
-                    parts[j].store.unreserve();
-                }
-                let mut full = Limiter::full(g.extra().algo(fp));
+    for i in 0..steps.len() {
+        let s = &mut steps[i];
+        if !s.tracked && s.decision.allowed {
+            if !s.guard.reserve(now, &|q, x| q.algo_of(x).is_fresh(x.state, now)) {
+                let mut full = Limiter::full(s.guard.extra().algo(fp));
                 full.limit = decision.limit;
-                return (full, decisions);
+                for r in steps.iter().filter(|r| r.reserved) {
+                    parts[r.index].store.unreserve();
+                }
+                return full;
             }
-            reserved.push(i);
+            s.reserved = true;
         }
     }
-    for (i, (_, g)) in guards.iter_mut().enumerate() {
-        if !decisions[i].allowed {
+    for s in steps.iter_mut() {
+        if !s.decision.allowed {
             continue; // a shadow-mode part that would have denied: not charged
         }
-        let next = states[i].1;
-        match g.slot(fp) {
+        match s.guard.slot(fp) {
             Some(slot) => {
-                slot.state = next;
-                slot.seen = second_of(nows[i]);
+                slot.state = s.next;
+                slot.seen = second_of(now);
             }
-            None => g.insert_reserved(fp, next, nows[i]),
+            None => s.guard.insert_reserved(fp, s.next, now),
         }
     }
-    (decision, decisions)
+    decision
 }
 
 /// Settles earlier charges of one key on several limiters at once: part `i` is charged

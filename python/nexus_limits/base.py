@@ -14,9 +14,17 @@ class RateLimiter(abc.ABC):
     """What every limiter offers, whatever its algorithm or store.
 
     A limiter keeps a separate state per key (an API key, a user id, a client IP...).
-    Keys are ``str``, ``bytes`` or ``int``; ``"5"``, ``b"5"`` and ``5`` are different
-    keys. A denied call is a return value (a falsy :class:`~nexus_limits.Decision`);
-    exceptions are only for misuse, and for ``acquire`` giving up.
+    Keys are ``str``, ``bytes`` or ``int`` (from -2**127 to 2**128 - 1: every signed or
+    unsigned 128-bit value, such as ``uuid.UUID.int``); ``"5"``, ``b"5"`` and ``5`` are
+    different keys. A denied call is a return value (a falsy
+    :class:`~nexus_limits.Decision`); exceptions are only for misuse, and for
+    ``acquire`` giving up.
+
+    Besides the methods below, the limiters share an operational surface: ``stats()``,
+    ``inspect(key)``, ``top_keys(n)``, ``shadow``, ``set_quota``/``clear_quota``/
+    ``set_default_quota``, ``sweep()`` and ``len()``. The README's table says exactly
+    which limiter has which (a ``Concurrency``'s quota is its limit; a ``Composite``'s
+    quotas are its parts').
     """
 
     __slots__ = ()

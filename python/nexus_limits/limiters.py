@@ -69,6 +69,9 @@ class TokenBucket(_WaitsForQuota, _core.TokenBucket, RateLimiter):
 class SlidingWindow(_WaitsForQuota, _core.SlidingWindow, RateLimiter):
     """Sliding window counter: ``previous * (1 - elapsed/period) + current <= limit``.
 
+    Its two windows start where a :class:`FixedWindow`'s do (the Unix epoch, plus
+    ``align``).
+
     >>> sw = SlidingWindow("100/minute")
     >>> sw.hit("api-key").remaining
     99
@@ -78,11 +81,20 @@ class SlidingWindow(_WaitsForQuota, _core.SlidingWindow, RateLimiter):
 
 
 class FixedWindow(_WaitsForQuota, _core.FixedWindow, RateLimiter):
-    """Fixed window: at most the rate's count per window, windows aligned to the period.
+    """Fixed window: at most the rate's count per window.
+
+    Windows start at multiples of the period from the Unix epoch: a day at UTC midnight,
+    an hour on the hour, the same boundaries as on Redis and in a
+    :class:`~nexus_limits.SharedMemoryStore`. ``align`` moves them: seconds (or a
+    ``datetime.timedelta``) after those boundaries, or a fixed-offset
+    ``datetime.timezone`` (a day then starts at that zone's midnight).
 
     >>> fw = FixedWindow("1000/day")
     >>> fw.hit("api-key", cost=10).remaining
     990
+    >>> import datetime
+    >>> FixedWindow("1000/day", align=datetime.timezone(datetime.timedelta(hours=-5))).align
+    18000.0
     """
 
     __slots__ = ()
@@ -111,6 +123,11 @@ class Composite(_WaitsForQuota, _core.Composite, RateLimiter):
     atomic step even under threads. The Decision reports the most restrictive part
     (``limit`` and ``remaining`` of the part with the least remaining; the longest
     ``retry_after``, ``reset_after`` and ``delay``). All parts must share one clock.
+
+    It counts its own checks (``stats()``, each part's under ``"parts"``), has its own
+    ``shadow`` mode, ``inspect`` and ``top_keys`` across the parts. Quotas belong to
+    the parts: ``set_quota`` and the like raise ``TypeError`` here; call them on
+    ``composite.parts[i]``.
 
     >>> both = Composite([TokenBucket("10/second"), FixedWindow("1000/day")])
     >>> both.hit("api-key").remaining
@@ -148,13 +165,26 @@ class _AsyncLease:
 class Concurrency(_core.Concurrency, RateLimiter):
     """At most ``limit`` leases held at once per key (in-flight requests, streams...).
 
-    A lease ends when released (or its ``with`` block exits) or, if its holder never
-    releases it, after ``lease_ttl`` seconds, so a crashed holder cannot leak capacity.
+    ``try_acquire`` returns a :class:`~nexus_limits.Lease` (true) or ``None`` (false),
+    and ``hit`` a Decision carrying it in ``.lease``. **A lease is held while its object
+    lives**: it ends when released (or its ``with`` block exits), when the Lease (or the
+    Decision holding it) is garbage-collected unreleased, or after ``lease_ttl`` seconds,
+    so no lease can leak. ``if c.try_acquire(key):`` on its own therefore takes a lease
+    and gives it back at once; keep the lease for as long as the work runs.
+
+    The quota is the limit: ``set_quota(key, limit)``, ``clear_quota(key)``,
+    ``set_default_quota(limit)``. ``stats()``, ``inspect(key)``, ``top_keys(n)`` and
+    ``shadow`` work as on the rate limiters.
 
     >>> c = Concurrency(2)
     >>> with c.lease("api-key"):
     ...     c.get_limit("api-key")
     (True, 1)
+    >>> lease = c.try_acquire("api-key")
+    >>> c.inspect("api-key")["used"]
+    1
+    >>> lease.release()
+    True
     """
 
     __slots__ = ()
