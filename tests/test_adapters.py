@@ -96,7 +96,19 @@ def test_asgi_trusted_proxies():
         assert http.get("/", headers={"x-forwarded-for": "1.1.1.1"}).status_code == 200
         assert http.get("/", headers={"x-forwarded-for": "2.2.2.2"}).status_code == 200
         assert http.get("/", headers={"x-forwarded-for": "9.9.9.9, 1.1.1.1"}).status_code == 429
+        # Only the header the proxy writes (X-Forwarded-For by default) is read.
+        assert http.get("/", headers={"forwarded": 'for="[2001:db8::1]:443"'}).status_code == 200, "the peer"
+        assert http.get("/", headers={"forwarded": 'for="[2001:db8::2]:443"'}).status_code == 429, "the peer again"
+    forwarded = ASGILimit(
+        hello,
+        limiter=nl.FixedWindow("1/minute"),
+        key="ip",
+        trusted_proxies=["127.0.0.0/8"],
+        forwarded_header="forwarded",
+    )
+    with ASGIServer(forwarded) as server, httpx.Client(base_url=server.url) as http:
         assert http.get("/", headers={"forwarded": 'for="[2001:db8::1]:443";proto=https'}).status_code == 200
+        assert http.get("/", headers={"forwarded": 'for="[2001:db8::2]"'}).status_code == 429, "one /64, one client"
 
 
 def test_asgi_concurrency_lease_held_until_the_response_ends():
