@@ -110,6 +110,24 @@ def test_stacked_decorators_send_one_value_per_header(clock):
         assert r.headers.get_list("retry-after") == ["60"]
 
 
+def test_hostile_keys():
+    app = Flask(__name__)
+
+    @app.route("/x")
+    @RateLimit("2/minute", key="header:x-api-key")
+    def x():
+        return "x"
+
+    with WSGIServer(app) as server, httpx.Client(base_url=server.url) as http:
+        huge = "k" * 16_000
+        assert [http.get("/x", headers={"x-api-key": huge}).status_code for _ in range(3)] == [200, 200, 429]
+        r = http.get("/x", headers=[("x-api-key", "a"), ("x-api-key", "b")])
+        assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
+        assert "x-api-key" in r.json()["detail"]
+        assert http.get("/x", headers={"x-api-key": "\xe9\xff".encode("latin-1")}).status_code == 200
+        assert http.get("/x", headers={"x-api-key": ""}).status_code == 401
+
+
 def test_errorhandler_429_still_applies():
     app = Flask(__name__)
 

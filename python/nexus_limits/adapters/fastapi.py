@@ -119,7 +119,8 @@ class RateLimit:
     ``"query:<name>"``, or a list of them), or a callable that gets the Starlette/FastAPI
     ``Request`` (so it can read ``request.path_params``, ``request.state.user`` set by
     your authentication, ``request.scope``...) and returns the client's key (``str``,
-    ``bytes`` or ``int``) or None; it may be ``async``. It may raise
+    ``bytes`` or ``int``) or None; it may be ``async`` (a plain function runs on the
+    event loop: make it ``async`` if it waits for I/O). It may raise
     ``nexus_limits.BadRequest`` for a 400. ``cost``: an int, or a callable of the
     ``Request`` likewise. ``missing_key``, ``trusted_proxies``, ``headers``,
     ``metrics``: as for the middleware. ``policy_name``: the name in the headers and
