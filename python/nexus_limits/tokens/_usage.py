@@ -1,16 +1,28 @@
-"""Token usage from provider responses: JSON bodies and server-sent-event streams."""
+"""Token usage from provider responses: JSON bodies and server-sent-event streams.
+
+The byte-level reading (compressed bodies, streams, bounded memory) lives in
+:mod:`nexus_limits.tokens._response` (:class:`~nexus_limits.tokens._response.UsageReader`);
+this module holds the :class:`Usage` record, the validation every reported count goes
+through, and the older entry points :func:`extract_usage` and :class:`UsageStream`.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional
 
-__all__ = ["Usage", "UsageError", "UsageStream", "detect_provider", "extract_usage"]
+if TYPE_CHECKING:
+    from ._response import _SseCore
+
+__all__ = ["MAX_REPORTED_TOKENS", "Usage", "UsageError", "UsageStream", "detect_provider", "extract_usage"]
+
+# The largest count believed: beyond 2**53 a JSON number is no longer exact in most
+# decoders (JavaScript, float-based ones), so such a count is garbage, not usage.
+MAX_REPORTED_TOKENS = 2**53
 
 
 class UsageError(ValueError):
-    """A response body that carries no usage we can read."""
+    """A response that carries no usage we can trust (missing, malformed, unreadable)."""
 
 
 class Usage(NamedTuple):
@@ -29,12 +41,93 @@ class Usage(NamedTuple):
         return self.input_tokens + self.output_tokens
 
 
-def _int(value: Any, what: str) -> int:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _count(value: Any, what: str, required: bool = False) -> int:
+    """One reported count: a JSON integer in [0, 2**53]. Floats (even ``3.0``), strings,
+    booleans, NaN and negative numbers are refused; null counts as absent."""
     if value is None:
+        if required:
+            raise UsageError(f"{what} is missing")
         return 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-        raise UsageError(f"{what} must be a non-negative number, got {value!r}")
-    return int(value)
+    if type(value) is not int:  # bool is an int subclass: refused too
+        raise UsageError(f"{what} must be a non-negative integer, got {_short(value)}")
+    if value < 0 or value > MAX_REPORTED_TOKENS:
+        raise UsageError(f"{what} must be a non-negative integer up to 2**53, got {_short(value)}")
+    return value
+
+
+def _details(usage: Dict[str, Any], name: str) -> Dict[str, Any]:
+    value = usage.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"usage.{name} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _output(usage: Dict[str, Any], name: str, input_name: str, input_tokens: int, required: bool) -> int:
+    """The output count; without it, ``total_tokens`` minus the input (embeddings
+    report only the total); without either, 0 unless the body is a generation."""
+    if usage.get(name) is not None:
+        return _count(usage[name], f"usage.{name}")
+    if usage.get("total_tokens") is not None:
+        total = _count(usage["total_tokens"], "usage.total_tokens")
+        if total < input_tokens:
+            raise UsageError(f"usage.total_tokens ({total}) is less than usage.{input_name} ({input_tokens})")
+        return total - input_tokens
+    if required:
+        raise UsageError(f"usage.{name} is missing")
+    return 0
+
+
+def _usage_of(usage: Any, provider: str, require_output: bool = True) -> Usage:
+    """Validated :class:`Usage` from a provider's ``usage`` object. ``provider`` is
+    ``"openai"`` (Chat Completions, legacy completions, embeddings),
+    ``"openai-responses"`` or ``"anthropic"``. Raises UsageError, nothing else."""
+    if not isinstance(usage, dict):
+        raise UsageError(f"usage must be an object, got {type(usage).__name__}")
+    if provider == "openai":
+        input_tokens = _count(usage.get("prompt_tokens"), "usage.prompt_tokens", required=True)
+        output_tokens = _output(usage, "completion_tokens", "prompt_tokens", input_tokens, require_output)
+        cached = _count(
+            _details(usage, "prompt_tokens_details").get("cached_tokens"), "usage.prompt_tokens_details.cached_tokens"
+        )
+        reasoning = _count(
+            _details(usage, "completion_tokens_details").get("reasoning_tokens"),
+            "usage.completion_tokens_details.reasoning_tokens",
+        )
+    elif provider == "openai-responses":
+        input_tokens = _count(usage.get("input_tokens"), "usage.input_tokens", required=True)
+        output_tokens = _output(usage, "output_tokens", "input_tokens", input_tokens, require_output)
+        cached = _count(
+            _details(usage, "input_tokens_details").get("cached_tokens"), "usage.input_tokens_details.cached_tokens"
+        )
+        reasoning = _count(
+            _details(usage, "output_tokens_details").get("reasoning_tokens"),
+            "usage.output_tokens_details.reasoning_tokens",
+        )
+    else:
+        # Anthropic: input_tokens excludes cache reads and writes; the total input is all three.
+        plain = _count(usage.get("input_tokens"), "usage.input_tokens", required=True)
+        cached = _count(usage.get("cache_read_input_tokens"), "usage.cache_read_input_tokens")
+        written = _count(usage.get("cache_creation_input_tokens"), "usage.cache_creation_input_tokens")
+        input_tokens = plain + cached + written
+        output_tokens = _output(usage, "output_tokens", "input_tokens", plain, require_output)
+        reasoning = _count(
+            _details(usage, "output_tokens_details").get("thinking_tokens"),
+            "usage.output_tokens_details.thinking_tokens",
+        )
+    if cached > input_tokens:
+        raise UsageError(f"cached input tokens ({cached}) exceed the input tokens ({input_tokens})")
+    if reasoning > output_tokens:
+        raise UsageError(f"reasoning tokens ({reasoning}) exceed the output tokens ({output_tokens})")
+    if input_tokens + output_tokens > MAX_REPORTED_TOKENS:
+        raise UsageError("the reported tokens add up to more than 2**53")
+    return Usage(input_tokens, output_tokens, cached, reasoning)
 
 
 def detect_provider(body: Dict[str, Any]) -> str:
@@ -71,50 +164,29 @@ def _check_provider(provider: Optional[str]) -> Optional[str]:
     return provider
 
 
-def _usage_of(usage: Dict[str, Any], provider: str) -> Usage:
-    if not isinstance(usage, dict):
-        raise UsageError(f"usage must be an object, got {type(usage).__name__}")
-    if provider == "openai":
-        details = usage.get("prompt_tokens_details") or {}
-        out_details = usage.get("completion_tokens_details") or {}
-        return Usage(
-            _int(usage.get("prompt_tokens"), "usage.prompt_tokens"),
-            _int(usage.get("completion_tokens"), "usage.completion_tokens"),
-            _int(details.get("cached_tokens"), "usage.prompt_tokens_details.cached_tokens"),
-            _int(out_details.get("reasoning_tokens"), "usage.completion_tokens_details.reasoning_tokens"),
-        )
-    if provider == "openai-responses":
-        details = usage.get("input_tokens_details") or {}
-        out_details = usage.get("output_tokens_details") or {}
-        return Usage(
-            _int(usage.get("input_tokens"), "usage.input_tokens"),
-            _int(usage.get("output_tokens"), "usage.output_tokens"),
-            _int(details.get("cached_tokens"), "usage.input_tokens_details.cached_tokens"),
-            _int(out_details.get("reasoning_tokens"), "usage.output_tokens_details.reasoning_tokens"),
-        )
-    # Anthropic: input_tokens excludes cache reads and writes; the total input is all three.
-    read = _int(usage.get("cache_read_input_tokens"), "usage.cache_read_input_tokens")
-    written = _int(usage.get("cache_creation_input_tokens"), "usage.cache_creation_input_tokens")
-    return Usage(
-        _int(usage.get("input_tokens"), "usage.input_tokens") + read + written,
-        _int(usage.get("output_tokens"), "usage.output_tokens"),
-        read,
-    )
+# Top-level members that only a generation (not an embeddings list) carries: its usage
+# must then report the output too.
+_GENERATION_KEYS = ("choices", "output", "content")
 
 
 def extract_usage(body: Any, provider: Optional[str] = None) -> Usage:
     """The usage of a non-streamed response (a parsed JSON dict, or its bytes/str).
 
     OpenAI Chat Completions (``usage.prompt_tokens``...), Responses
-    (``usage.input_tokens``...) and Anthropic Messages (``usage.input_tokens`` plus cache
-    reads and writes). The provider is detected from the body when not given.
+    (``usage.input_tokens``...), embeddings (``prompt_tokens`` and ``total_tokens``) and
+    Anthropic Messages (``usage.input_tokens`` plus cache reads and writes). The provider
+    is detected from the body when not given. Every count must be an integer between 0
+    and 2**53; a generation (a body with ``choices``, ``output`` or ``content``) must
+    report its output. Anything else raises :class:`UsageError`, never another error.
+    For raw response bytes (compressed or not, streamed or not) use
+    :class:`~nexus_limits.tokens._response.UsageReader`.
     """
     provider = _check_provider(provider)
     if isinstance(body, (bytes, bytearray, str)):
         try:
             body = json.loads(body)
-        except ValueError as error:
-            raise UsageError(f"the response is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:
+            raise UsageError(f"the response is not valid JSON: {_short(str(error))}") from None
     if not isinstance(body, dict):
         raise UsageError(f"the response must be a JSON object, got {type(body).__name__}")
     provider = provider or detect_provider(body)
@@ -123,14 +195,15 @@ def extract_usage(body: Any, provider: Optional[str] = None) -> Usage:
     usage = body.get("usage")
     if usage is None:
         raise UsageError("the response has no 'usage'")
-    return _usage_of(usage, provider)
+    return _usage_of(usage, provider, require_output=any(k in body for k in _GENERATION_KEYS))
 
 
 class UsageStream:
-    """Reads usage from a server-sent-event stream as it passes through.
+    """Reads usage from an uncompressed server-sent-event stream as it passes through.
 
     Feed it the raw bytes in whatever chunks they arrive (a chunk may end anywhere, even
-    inside a UTF-8 character); it never buffers more than one unfinished event.
+    inside a UTF-8 character); it keeps at most one unfinished event (big events are
+    scanned, not buffered).
 
     - OpenAI Chat Completions: the last chunk's ``usage`` (sent when the request has
       ``stream_options: {"include_usage": true}``).
@@ -139,126 +212,48 @@ class UsageStream:
       ``message_delta`` (cumulative: the latest wins, nothing is summed).
 
     ``usage`` is None until known. ``finish()`` returns the usage at the end of the
-    stream; when the stream ended without any, it falls back to counting the streamed
+    stream and never raises; when the stream ended without its final usage (or its
+    usage was malformed: counted in ``errors``), it falls back to counting the streamed
     text (tiktoken for OpenAI models, the Anthropic estimator otherwise), flagged
-    ``exact=False``, with ``input_tokens`` from ``input_estimate``.
+    ``exact=False``, with ``input_tokens`` from ``input_estimate`` (Anthropic: from
+    ``message_start`` when it came). :class:`~nexus_limits.tokens._response.UsageReader`
+    does the same for compressed streams and JSON bodies, and raises instead of
+    guessing when the usage is malformed.
     """
 
     def __init__(self, provider: Optional[str] = None, model: Optional[str] = None, input_estimate: int = 0) -> None:
-        self.provider = _check_provider(provider)
+        from ._response import _SseCore
+
         self.model = model
         self.input_estimate = input_estimate
-        self.done = False
-        self.errors = 0
-        self._buffer = b""
-        self._text: List[str] = []
-        self._usage: Optional[Usage] = None
-        self._anthropic: Dict[str, int] = {}
+        self._core: _SseCore = _SseCore(_check_provider(provider), model, input_estimate, parse_all=True)
+
+    @property
+    def provider(self) -> Optional[str]:
+        """The provider given, or the one detected from the events (None until known)."""
+        return self._core.provider
+
+    @property
+    def done(self) -> bool:
+        """The stream's end marker came (``[DONE]``, ``message_stop``, ``response.completed``)."""
+        return self._core.done
+
+    @property
+    def errors(self) -> int:
+        """Events that could not be read (not JSON, not an object, malformed usage)."""
+        return self._core.errors
 
     @property
     def usage(self) -> Optional[Usage]:
-        return self._usage
+        return self._core.usage
 
     def feed(self, chunk: bytes) -> Optional[Usage]:
         """Takes the next bytes of the stream; returns the usage once known."""
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise TypeError(f"chunk must be bytes, got {type(chunk).__name__}")
-        self._buffer += bytes(chunk)
-        while True:
-            cut = _event_end(self._buffer)
-            if cut is None:
-                break
-            raw, self._buffer = self._buffer[: cut[0]], self._buffer[cut[1] :]
-            self._event(raw)
-        return self._usage
-
-    def _event(self, raw: bytes) -> None:
-        data_lines = []
-        for line in raw.decode("utf-8", "replace").splitlines():
-            if line.startswith("data:"):
-                data_lines.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
-        if not data_lines:
-            return
-        data = "\n".join(data_lines)
-        if data.strip() == "[DONE]":
-            self.done = True
-            return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            self.errors += 1
-            return
-        if not isinstance(event, dict):
-            self.errors += 1
-            return
-        if self.provider is None:
-            try:
-                self.provider = detect_provider(event)
-            except UsageError:
-                return
-        try:
-            self._read(event)
-        except (UsageError, AttributeError, TypeError):
-            self.errors += 1
-
-    def _read(self, event: Dict[str, Any]) -> None:
-        if self.provider == "openai":
-            for choice in event.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if isinstance(delta.get("content"), str):
-                    self._text.append(delta["content"])
-            if isinstance(event.get("usage"), dict):
-                self._usage = _usage_of(event["usage"], "openai")
-        elif self.provider == "openai-responses":
-            kind = event.get("type")
-            if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
-                self._text.append(event["delta"])
-            elif kind in ("response.completed", "response.incomplete", "response.failed"):
-                response = event.get("response") or {}
-                if isinstance(response.get("usage"), dict):
-                    self._usage = _usage_of(response["usage"], "openai-responses")
-                self.done = True
-        else:
-            kind = event.get("type")
-            if kind == "message_start":
-                usage = (event.get("message") or {}).get("usage") or {}
-                self._anthropic = {k: v for k, v in usage.items() if isinstance(v, int)}
-                self._usage = _usage_of(self._anthropic, "anthropic")
-            elif kind == "message_delta":
-                # Cumulative counts: the latest replaces, never adds.
-                self._anthropic.update({k: v for k, v in (event.get("usage") or {}).items() if isinstance(v, int)})
-                self._usage = _usage_of(self._anthropic, "anthropic")
-            elif kind == "content_block_delta":
-                delta = event.get("delta") or {}
-                if isinstance(delta.get("text"), str):
-                    self._text.append(delta["text"])
-            elif kind == "message_stop":
-                self.done = True
+        self._core.feed(bytes(chunk))
+        return self._core.usage
 
     def finish(self) -> Usage:
         """The usage at the end of the stream: reported, or estimated from the text."""
-        if self._buffer.strip():
-            self._event(self._buffer)
-            self._buffer = b""
-        if self._usage is not None:
-            return self._usage
-        text = "".join(self._text)
-        if self.provider == "anthropic":
-            from ._count import anthropic_estimator
-
-            output = math.ceil(len(text) / anthropic_estimator.CHARS_PER_TOKEN * anthropic_estimator.factor(self.model))
-        else:
-            from ._count import count_tokens
-
-            output = count_tokens(text, self.model)
-        return Usage(self.input_estimate, output, exact=False)
-
-
-def _event_end(buffer: bytes) -> Optional[Tuple[int, int]]:
-    """(end of the first complete event, start of the next) in an SSE byte buffer."""
-    best = None
-    for sep in (b"\r\n\r\n", b"\n\n", b"\r\r"):
-        i = buffer.find(sep)
-        if i != -1 and (best is None or i < best[0]):
-            best = (i, i + len(sep))
-    return best
+        return self._core.finish(strict=False)
