@@ -247,7 +247,7 @@ class LabelledMetrics:
         self.metrics = metrics
         self.source = source
 
-    def observe(self, limiter: str, tier: str, route: str, seconds: float, decision: Any) -> None:
+    def observe(self, limiter: str, tier: str, route: str, seconds: float, decision: Any, source: Any = None) -> None:
         label_of = getattr(self.metrics, "label_of", None)
         name = label_of(self.source, limiter) if callable(label_of) else limiter
         self.metrics.observe(name, tier, route, seconds, decision)
