@@ -166,7 +166,8 @@ def match_form(path: str) -> str:
     """A normalised path fully decoded: what Starlette, Flask and Django route on, and
     what ``routes=`` and ``exempt=`` are compared with (``/files/caf%C3%A9`` and
     ``/files/café`` name one path). A normalised path has no encoded ``/``, ``?`` or
-    ``#``, so decoding it cannot change its segments."""
+    ``#``, so decoding it cannot change its segments (and is UTF-8; a path that was not
+    normalised cannot make this raise)."""
     if "%" not in path:
         return path
-    return unquote_to_bytes(path).decode("utf-8")
+    return unquote_to_bytes(path).decode("utf-8", "replace")
