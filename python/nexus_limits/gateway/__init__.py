@@ -14,7 +14,8 @@ The rooms: ``config`` (the file and its checks), ``app`` (routing, tiers, reload
 ``proxy`` (forwarding to the upstream), ``admin`` (the admin endpoints).
 """
 
-from .app import Gateway, build_app, run
+from .app import Gateway, build_app
 from .config import ConfigError, GatewayConfig, Tier, load_config
+from .server import run, uvicorn_config
 
-__all__ = ["ConfigError", "Gateway", "GatewayConfig", "Tier", "build_app", "load_config", "run"]
+__all__ = ["ConfigError", "Gateway", "GatewayConfig", "Tier", "build_app", "load_config", "run", "uvicorn_config"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 from urllib.parse import parse_qs, unquote
 
 from ..adapters._common import problem
@@ -16,8 +16,10 @@ __all__ = ["admin", "json_reply"]
 
 
 async def admin(gateway: Any, scope: Scope, send: Send) -> None:
-    """``GET /_nexus/keys/<key>``: one key's tier and limits; ``GET /_nexus/top?tier=<t>&n=<n>``:
-    the keys using the largest share of the tier's token limit. Bearer admin token."""
+    """``GET /_nexus/keys/<key>`` (or ``/_nexus/keys?key=<key>``): one key's tier and
+    limits; ``GET /_nexus/top?tier=<t>&n=<n>``: the keys using the largest share of the
+    tier's token limit. Every path under ``/_nexus`` needs the bearer admin token (and
+    is a 404 when none is configured); none is ever forwarded upstream."""
     req = request_of(scope)
     token = gateway.cfg.admin_token
     given = req.headers.get("authorization", "")
@@ -32,9 +34,32 @@ async def admin(gateway: Any, scope: Scope, send: Send) -> None:
             ),
         )
         return
+    if scope["method"] not in ("GET", "HEAD"):
+        await reply(send, 405, problem(405, "Method Not Allowed", "admin endpoints answer GET"), [("allow", "GET")])
+        return
+    # The app has normalised the path: "//_nexus/keys/x", "/v1/../_nexus/keys/x" and
+    # "/%5Fnexus/keys/x" all arrive here as "/_nexus/keys/x", behind the token above.
     path = scope["path"]
+    key: Optional[str] = None
     if path.startswith("/_nexus/keys/"):
-        key = unquote(path[len("/_nexus/keys/") :])
+        # Escapes other than of unreserved characters are still in the path; the app
+        # has checked that they decode to UTF-8 and hide no "/", "?", "#" or control
+        # character. A key with a "/" is asked for as /_nexus/keys?key=<key>.
+        key = unquote(path[len("/_nexus/keys/") :], errors="strict")
+    elif path == "/_nexus/keys":
+        try:
+            values = parse_qs(req.query, keep_blank_values=True, errors="strict").get("key") or []
+        except UnicodeDecodeError:
+            values = ["", ""]
+        if len(values) != 1:
+            await reply(send, 400, problem(400, "Bad Request", "give the key once: /_nexus/keys?key=<key>"))
+            return
+        key = values[0]
+    if key is not None:
+        if not key or len(key) > 4096 or not key.isprintable():
+            detail = "the key must be 1 to 4096 printable characters"
+            await reply(send, 400, problem(400, "Bad Request", detail))
+            return
         tier = gateway.cfg.keys.get(key, gateway.cfg.default_tier)
         doc: Dict[str, Any] = {"key": key, "tier": tier}
         middleware = gateway.tiers.get(tier) if tier is not None else None

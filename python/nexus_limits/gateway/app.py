@@ -7,17 +7,20 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from typing import Any, Dict, Optional, Tuple
 
+from ..adapters import normalize_target, parse_key_spec
 from ..adapters._common import problem
-from ..adapters.asgi import Receive, Scope, Send, request_of
-from ..adapters.llm import ANTHROPIC_PATHS, OPENAI_PATHS, LLMLimitMiddleware
+from ..adapters.asgi import Message, Receive, Scope, Send, request_of
+from ..adapters.llm import LLMLimitMiddleware
+from ..errors import BadRequest
 from ..tokens import OutputEstimate
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
-from .proxy import Proxy, reply
+from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
 
-__all__ = ["Gateway", "build_app", "run"]
+__all__ = ["Gateway", "build_app"]
 
 log = logging.getLogger("nexus_limits.gateway")
 
@@ -88,6 +91,11 @@ _RESTART_FIELDS = (
     "reload",
     "metrics_path",
     "admin_token",
+    "forward_cookies",
+    "header_timeout",
+    "keep_alive_timeout",
+    "max_connections",
+    "max_header_bytes",
 )
 
 
@@ -115,7 +123,10 @@ class Gateway:
         self.tiers: Dict[str, Any] = {}
         self._outputs: Dict[str, Tuple[Tuple[Any, ...], OutputEstimate]] = {}
         self._build(cfg, None)
-        self.key_header = cfg.key.split(":", 1)[1].lower() if cfg.key.startswith("header:") else None
+        self.key_func = parse_key_spec(cfg.key)
+        # Requests in flight per key (a key leaves when it has none: bounded by the
+        # requests being served).
+        self.in_flight: Dict[Any, int] = {}
         self._watcher: Optional[asyncio.Task[None]] = None
 
     def _output(self, cfg: GatewayConfig, tier: Tier) -> OutputEstimate:
@@ -169,6 +180,11 @@ class Gateway:
                 output=self._output(cfg, tier),
                 metrics=self.metrics,
                 metrics_labels=(f"tier-{name}", name),
+                # Every request of the key is charged (one request, 0 tokens off the
+                # LLM paths) when there is a limiter to charge it to; a spend-only tier
+                # prices LLM calls only.
+                meter_all=limiter is not None,
+                max_body=cfg.max_body_bytes,
             )
             for label, watched in ((f"tier-{name}", limiter), (f"spend-{name}", spend)):
                 if watched is not None:
@@ -209,6 +225,7 @@ class Gateway:
             self.reloads.labels("error").inc()
             return False
         self.cfg = cfg
+        self.proxy.max_body = cfg.max_body_bytes
         self.reloads.labels("ok").inc()
         log.info("config reloaded from %s", cfg.path)
         return True
@@ -243,31 +260,50 @@ class Gateway:
         if self.cfg.reload == "watch":
             self._watcher = asyncio.ensure_future(self._watch())
 
-    def _api_key(self, scope: Scope) -> Optional[str]:
-        req = request_of(scope)
-        if self.key_header is not None:
-            return req.headers.get(self.key_header) or None
-        scheme, _, token = req.headers.get("authorization", "").partition(" ")
-        return token.strip() or None if scheme.lower() == "bearer" else None
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._start_reloading()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._watcher is not None:
+                    self._watcher.cancel()
+                await self.proxy.client.aclose()
+                if self.redis is not None:
+                    await self.redis.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    self._start_reloading()
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    if self._watcher is not None:
-                        self._watcher.cancel()
-                    await self.proxy.client.aclose()
-                    if self.redis is not None:
-                        await self.redis.aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return  # websockets: refused (uvicorn answers 403)
+        # h11 bounds only a head that arrives in pieces; one that arrives whole is
+        # measured here.
+        cfg = self.cfg
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        for name, value in scope.get("headers") or ():
+            size += len(name) + len(value)
+        if size > cfg.max_header_bytes:
+            detail = f"the request line and headers are larger than {cfg.max_header_bytes} bytes"
+            await reply(send, 431, problem(431, "Request Header Fields Too Large", detail), [("connection", "close")])
             return
-        path = scope.get("path")
+        # Decide on, and forward, one target: the method and the path normalised once,
+        # the query as sent. Anything else (an absolute URL, "*", an authority, an
+        # encoded "/"...) is refused here, before a key is looked at.
+        try:
+            method, path = normalize_target(scope["method"], scope["path"], scope.get("raw_path"))
+            raw_path = path.encode("ascii")
+            query = scope.get("query_string", b"")
+            scope[UPSTREAM_URL] = self.proxy.url(raw_path, query)
+        except (BadRequest, BadTarget) as error:
+            await reply(send, 400, problem(400, "Bad Request", str(error)))
+            return
+        scope["method"] = method
+        scope["path"] = path
+        scope["raw_path"] = raw_path
         if path in ("/healthz", "/health"):
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": b"ok"})
@@ -285,26 +321,87 @@ class Gateway:
             )
             await send({"type": "http.response.body", "body": body})
             return
-        if isinstance(path, str) and path.startswith("/_nexus/"):
+        if path == "/_nexus" or path.startswith("/_nexus/"):
             await admin(self, scope, send)
             return
-        key = self._api_key(scope)
-        tier = self.cfg.keys.get(key or "", self.cfg.default_tier) if key else None
+        request = request_of(scope)
+        try:
+            key = self.key_func(request)
+        except BadRequest as error:
+            await reply(send, 400, problem(400, "Bad Request", str(error)))
+            return
+        tier = (cfg.keys.get(key, cfg.default_tier) if isinstance(key, str) else cfg.default_tier) if key else None
         if tier is None:
             await reply(send, 401, problem(401, "Unauthorized", "unknown or missing API key"))
             return
-        if scope.get("path") not in (*OPENAI_PATHS, *ANTHROPIC_PATHS):
-            await self.proxy(scope, receive, send)
+        declared = request.headers.get("content-length")
+        if declared is not None and (len(declared) > 18 or (declared.isdigit() and int(declared) > cfg.max_body_bytes)):
+            await _too_large(send, cfg.max_body_bytes)
             return
-        await self.tiers[tier](scope, receive, send)
+        in_flight = self.in_flight
+        held = in_flight.get(key, 0)
+        if held >= cfg.max_in_flight_per_key:
+            detail = f"this key already has {held} requests in flight (at most {cfg.max_in_flight_per_key})"
+            await reply(send, 429, problem(429, "Too Many Requests", detail), [("retry-after", "1")])
+            return
+        in_flight[key] = held + 1
+        try:
+            await self.tiers[tier](scope, _Deadline(receive, cfg.body_timeout), send)
+        except _BodyTimeout:
+            detail = f"the request body did not arrive within {cfg.body_timeout:g} s"
+            await reply(send, 408, problem(408, "Request Timeout", detail), [("connection", "close")])
+        finally:
+            left = in_flight[key] - 1
+            if left:
+                in_flight[key] = left
+            else:
+                del in_flight[key]
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    await reply(send, 413, problem(413, "Content Too Large", f"the request body is larger than {limit} bytes"))
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(receive: Receive, deadline: float) -> Message:
+        async with asyncio.timeout_at(deadline):
+            return await receive()
+
+else:  # pragma: no cover - Python < 3.11
+
+    async def _within(receive: Receive, deadline: float) -> Message:
+        return await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+
+
+class _Deadline:
+    """The server's ``receive`` with a deadline for the whole request body: a body not
+    complete within ``timeout`` seconds raises _BodyTimeout (a 408). Once the body is
+    complete, messages (a disconnect) pass as they come. The body's size is bounded
+    where it is read: by the LLM middleware (``max_body``) and by the proxy."""
+
+    __slots__ = ("deadline", "done", "receive")
+
+    def __init__(self, receive: Receive, timeout: float) -> None:
+        self.receive = receive
+        self.deadline = asyncio.get_running_loop().time() + timeout
+        self.done = False
+
+    async def __call__(self) -> Message:
+        if self.done:
+            return await self.receive()
+        try:
+            message = await _within(self.receive, self.deadline)
+        except asyncio.TimeoutError:
+            raise _BodyTimeout from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.done = True
+        return message
 
 
 def build_app(config_path: str) -> Gateway:
     return Gateway(load_config(config_path))
-
-
-def run(config_path: str, host: Optional[str] = None, port: Optional[int] = None) -> None:  # pragma: no cover
-    import uvicorn
-
-    app = build_app(config_path)
-    uvicorn.run(app, host=host or app.cfg.host, port=port or app.cfg.port, proxy_headers=False)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "GatewayConfig", "Tier", "load_config"]
 
@@ -34,15 +35,29 @@ class Tier:
         return bool(self.requests or self.tokens or self.daily_tokens or self.concurrency)
 
 
+MIB = 1024 * 1024
+
+
 @dataclass
 class GatewayConfig:
     path: str
     upstream_url: str
     upstream_api_key: Optional[str] = None
     upstream_timeout: float = 600.0
+    # Whether Set-Cookie from the upstream reaches clients, and clients' Cookie the
+    # upstream: off by default, as one upstream session would be shared by every client.
+    forward_cookies: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
-    key: str = "bearer"
+    # [server]: what one client may make the gateway hold.
+    max_body_bytes: int = 8 * MIB
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    keep_alive_timeout: int = 5
+    max_connections: int = 512
+    max_header_bytes: int = 32 * 1024
+    key: Union[str, List[str]] = "bearer"
+    max_in_flight_per_key: int = 32
     default_tier: Optional[str] = None
     keys: Dict[str, str] = field(default_factory=dict)
     tiers: Dict[str, Tier] = field(default_factory=dict)
@@ -140,6 +155,59 @@ def _parse(path: str, text: str) -> Tuple[Any, _Locator]:
     return doc, _Locator(path, text)
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_KEY_FORMS = "'bearer', 'header:<name>' or a list of them"
+
+
+def _key_problem(value: Any) -> Optional[str]:
+    """Why ``[gateway] key`` is not a key spec, or None: a string or a non-empty list of
+    distinct strings, each 'bearer' or 'header:<header name>'."""
+    specs = value if isinstance(value, list) else [value]
+    if not specs or len(specs) > 8:
+        return f"must be {_KEY_FORMS} (1 to 8 of them)"
+    for spec in specs:
+        if not isinstance(spec, str):
+            return f"must be {_KEY_FORMS}"
+        kind, sep, name = spec.partition(":")
+        if spec != "bearer" and not (kind == "header" and sep and _TOKEN.match(name)):
+            return f"must be {_KEY_FORMS}; {spec!r} is neither"
+    lowered = [s.lower() for s in specs]
+    if len(set(lowered)) != len(lowered):
+        return "names the same source twice"
+    from ..adapters import parse_key_spec
+
+    try:
+        parse_key_spec(value)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+def _upstream_url_problem(url: Any) -> Optional[str]:
+    """Why ``[upstream] url`` cannot be the base of every upstream request, or None."""
+    if not isinstance(url, str) or not url:
+        return "must be an http:// or https:// URL"
+    if not url.isascii() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "must be an http:// or https:// URL of printable ASCII"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as error:
+        return f"must be an http:// or https:// URL ({error})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold credentials (give the key with api_key_env)"
+    if parts.query or parts.fragment or url.rstrip("/").endswith(("?", "#")):
+        return "must not have a query or a fragment"
+    path = parts.path.rstrip("/")
+    if path and not re.match(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$", path):
+        return "must have a plain path prefix"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "must not have . or .. segments"
+    return None
+
+
 _SECTIONS = ("upstream", "server", "gateway", "backend", "tiers", "prices", "keys")
 
 
@@ -189,31 +257,67 @@ def load_config(path: str) -> GatewayConfig:
             raise loc.error(name, key, f"must be {what}, got {v!r}")
         return v
 
+    def number(name: str, value: Mapping[str, Any], key: str, low: float, high: float, whole: bool = False) -> Any:
+        """A number of seconds or bytes from ``low`` (excluded when 0) to ``high``; NaN,
+        infinities and booleans are refused."""
+        kind: Any = int if whole else (int, float)
+        v = typed(name, value, key, kind, "a whole number" if whole else "a number")
+        if v is None:
+            return None
+        if not (v > low if low == 0 else v >= low) or not v <= high:
+            bound = "above 0" if low == 0 else f"at least {low}"
+            raise loc.error(name, key, f"must be {bound} and at most {high}, got {v!r}")
+        return v
+
     upstream = table("upstream", required=True)
-    known("upstream", upstream, ("url", "api_key_env", "timeout"))
+    known("upstream", upstream, ("url", "api_key_env", "timeout", "forward_cookies"))
     url = typed("upstream", upstream, "url", str, "a URL string")
-    if not url or not re.match(r"^https?://[^/\s]+", url):
-        raise loc.error("upstream", "url", f"must be an http:// or https:// URL, got {url!r}")
+    problem = _upstream_url_problem(url)
+    if problem:
+        raise loc.error("upstream", "url", f"{problem}, got {url!r}")
     cfg = GatewayConfig(path=path, upstream_url=url.rstrip("/"))
     env = typed("upstream", upstream, "api_key_env", str, "the name of an environment variable")
     if env is not None:
         if env not in os.environ:
             raise loc.error("upstream", "api_key_env", f"the environment variable {env} is not set")
         cfg.upstream_api_key = os.environ[env]
-    timeout = typed("upstream", upstream, "timeout", (int, float), "a number of seconds")
+    timeout = number("upstream", upstream, "timeout", 0, 86400)
     if timeout is not None:
-        if timeout <= 0:
-            raise loc.error("upstream", "timeout", f"must be above 0, got {timeout!r}")
         cfg.upstream_timeout = float(timeout)
+    cfg.forward_cookies = bool(typed("upstream", upstream, "forward_cookies", bool, "true or false"))
 
     server = table("server")
-    known("server", server, ("host", "port"))
+    known(
+        "server",
+        server,
+        (
+            "host",
+            "port",
+            "max_body_bytes",
+            "body_timeout",
+            "header_timeout",
+            "keep_alive_timeout",
+            "max_connections",
+            "max_header_bytes",
+        ),
+    )
     cfg.host = typed("server", server, "host", str, "a host name or address") or cfg.host
     port = typed("server", server, "port", int, "a port number")
     if port is not None:
         if not 0 < port < 65536:
             raise loc.error("server", "port", f"must be from 1 to 65535, got {port}")
         cfg.port = port
+    for name, low, high, whole in (
+        ("max_body_bytes", 1, 2**40, True),
+        ("body_timeout", 0, 86400, False),
+        ("header_timeout", 0, 3600, False),
+        ("keep_alive_timeout", 1, 3600, True),
+        ("max_connections", 1, 1_000_000, True),
+        ("max_header_bytes", 1024, 16 * MIB, True),
+    ):
+        v = number("server", server, name, low, high, whole)
+        if v is not None:
+            setattr(cfg, name, v if whole else float(v))
 
     gateway = table("gateway")
     known(
@@ -228,6 +332,7 @@ def load_config(path: str) -> GatewayConfig:
             "reload_interval",
             "metrics_path",
             "admin_token_env",
+            "max_in_flight_per_key",
         ),
     )
     reload = typed("gateway", gateway, "reload", str, "'sighup', 'watch' or 'off'")
@@ -235,10 +340,8 @@ def load_config(path: str) -> GatewayConfig:
         if reload not in ("sighup", "watch", "off"):
             raise loc.error("gateway", "reload", f"must be 'sighup', 'watch' or 'off', got {reload!r}")
         cfg.reload = reload
-    interval = typed("gateway", gateway, "reload_interval", (int, float), "a number of seconds")
+    interval = number("gateway", gateway, "reload_interval", 0, 3600)
     if interval is not None:
-        if not 0 < interval <= 3600:
-            raise loc.error("gateway", "reload_interval", f"must be above 0 and at most 3600, got {interval!r}")
         cfg.reload_interval = float(interval)
     if "metrics_path" in gateway:
         metrics_path = gateway["metrics_path"]
@@ -257,14 +360,17 @@ def load_config(path: str) -> GatewayConfig:
         cfg.admin_token = os.environ[admin_env]
     learn = typed("gateway", gateway, "learn_output", bool, "true or false")
     cfg.learn_output = bool(learn)
-    cfg.key = typed("gateway", gateway, "key", str, "'bearer' or 'header:<name>'") or cfg.key
-    if cfg.key != "bearer" and not cfg.key.startswith("header:"):
-        raise loc.error("gateway", "key", f"must be 'bearer' or 'header:<name>', got {cfg.key!r}")
+    if "key" in gateway:
+        key_problem = _key_problem(gateway["key"])
+        if key_problem:
+            raise loc.error("gateway", "key", f"{key_problem}, got {gateway['key']!r}")
+        cfg.key = gateway["key"]
+    in_flight = number("gateway", gateway, "max_in_flight_per_key", 1, 1_000_000, whole=True)
+    if in_flight is not None:
+        cfg.max_in_flight_per_key = in_flight
     cfg.default_tier = typed("gateway", gateway, "default_tier", str, "a tier name")
-    lease_ttl = typed("gateway", gateway, "lease_ttl", (int, float), "a number of seconds")
+    lease_ttl = number("gateway", gateway, "lease_ttl", 0, 7 * 86400)
     if lease_ttl is not None:
-        if lease_ttl <= 0:
-            raise loc.error("gateway", "lease_ttl", f"must be above 0, got {lease_ttl!r}")
         cfg.lease_ttl = float(lease_ttl)
 
     backend = table("backend")

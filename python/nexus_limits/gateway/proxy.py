@@ -1,58 +1,216 @@
-"""The gateway's forwarding half: one request to the upstream with httpx, streamed both
-ways."""
+"""The gateway's forwarding half: one request to the upstream with httpx, streamed back.
+
+What goes upstream is exactly what the gateway decided on: the method and the
+normalised path the app put into the scope, after ``[upstream] url``'s own path, and
+the client's query string byte for byte — never a host or a scheme from the request.
+Headers that describe one connection (hop-by-hop, and any named in ``Connection``)
+never cross, in either direction; neither do the client's forwarding headers (the
+upstream is a third party: client addresses stay with the operator), nor the
+upstream's organisation ids, its own rate-limit headers (the gateway's replace them)
+or its cookies (unless ``forward_cookies``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from urllib.parse import urlsplit
 
 from ..adapters._common import PROBLEM_TYPE, problem
 from ..adapters.asgi import Receive, Scope, Send, _raw
 from .config import GatewayConfig
 
-__all__ = ["Proxy", "reply"]
+__all__ = ["UPSTREAM_URL", "BadTarget", "Proxy", "reply"]
 
-# Headers that describe one connection, not the message (RFC 9110 7.6.1), and the ones
-# httpx sets itself.
-_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-    b"content-length",
+# The scope entry where the app leaves the upstream URL it decided on.
+UPSTREAM_URL = "nexus_limits.upstream_url"
+
+Headers = List[Tuple[bytes, bytes]]
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
+# framing and routing ones httpx and uvicorn set themselves for their own hop.
+_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+        b"host",
+        b"content-length",
+    }
+)
+# Not forwarded upstream: an expectation is for this hop (uvicorn answers it); the
+# forwarding headers come from the client and could say anything, and the client's
+# address is not the third-party upstream's business.
+_REQUEST_DROP = _HOP | {
+    b"expect",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-forwarded-port",
+    b"x-real-ip",
 }
+# Not returned to clients: uvicorn writes its own date (and server); the upstream's
+# organisation and its alternative services are the operator's business.
+_RESPONSE_DROP = _HOP | {
+    b"date",
+    b"server",
+    b"alt-svc",
+    b"openai-organization",
+    b"openai-project",
+    b"anthropic-organization-id",
+    b"ratelimit",
+    b"ratelimit-policy",
+}
+_RESPONSE_DROP_SUFFIXES = (b"-organization", b"-organization-id", b"-org-id")
+# The upstream's rate limits are the operator's organisation-wide ones: the gateway
+# answers with its own, per key (the LLM middleware adds them).
+_RATE_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit-", b"x-budget-")
+# On a success they describe the upstream's limits too; on an error (a 429 or 503 of
+# the upstream) they tell the client when to come back, so they stay, once.
+_RETRY = (b"retry-after", b"retry-after-ms")
+
+# How many distinct request targets keep their parsed httpx.URL (building one costs
+# ~15 us; LLM clients use a handful of paths). Bounded: targets come from clients.
+_URL_CACHE = 512
+
+
+def _connection_tokens(headers: Iterable[Tuple[bytes, bytes]]) -> FrozenSet[bytes]:
+    """The header names a ``Connection`` header lists: hop-by-hop for this message."""
+    out: List[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"connection":
+            out.extend(t.strip().lower() for t in value.split(b","))
+    return frozenset(out)
+
+
+class BadTarget(ValueError):
+    """A request target that cannot be forwarded as it was decided on."""
 
 
 class Proxy:
-    """Forwards a request to the upstream with httpx, streaming both ways."""
+    """Forwards a request to the upstream with httpx, streaming the response back.
+
+    The app gives it the normalised method and path in the scope (``method``,
+    ``raw_path``) and the upstream URL it decided on; the body (at most ``max_body``
+    bytes, else a 413) arrives through ``receive``.
+    """
 
     def __init__(self, cfg: GatewayConfig) -> None:
         import httpx
 
         self.cfg = cfg
-        self.client = httpx.AsyncClient(base_url=cfg.upstream_url, timeout=cfg.upstream_timeout)
+        self.max_body = cfg.max_body_bytes  # the app updates it on a reload
+        base = urlsplit(cfg.upstream_url)
+        self.base = httpx.URL(f"{base.scheme}://{base.netloc}")
+        self.prefix = base.path.rstrip("/").encode("ascii")
+        self.api_key = cfg.upstream_api_key.encode() if cfg.upstream_api_key else None
+        drop = set(_REQUEST_DROP)
+        if self.api_key is not None:
+            # The client's gateway key, wherever the key spec reads it, stays here.
+            drop |= {b"authorization", b"x-api-key", b"api-key"}
+            specs = cfg.key if isinstance(cfg.key, list) else [cfg.key]
+            drop |= {s.split(":", 1)[1].lower().encode() for s in specs if s.startswith("header:")}
+        self.response_drop = set(_RESPONSE_DROP)
+        if not cfg.forward_cookies:
+            drop.add(b"cookie")
+            self.response_drop.add(b"set-cookie")
+        self.request_drop = frozenset(drop)
+        self._urls: Dict[bytes, Any] = {}
+        # One connection per request the server admits: a key's slow requests are
+        # capped per key, so the pool can never be what makes another key wait.
+        limits = httpx.Limits(
+            max_connections=cfg.max_connections,
+            max_keepalive_connections=min(100, cfg.max_connections),
+        )
+        # The upstream's cookies are never kept (and so never sent on another
+        # client's request).
+        jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self.client = httpx.AsyncClient(timeout=cfg.upstream_timeout, limits=limits, cookies=jar)
+        self._request = httpx.Request
+
+    def url(self, raw_path: bytes, query: bytes) -> Any:
+        """The upstream URL for a normalised path and the client's query, checked to be
+        exactly those bytes (httpx would otherwise normalise or re-escape them)."""
+        target = self.prefix + raw_path + (b"?" + query if query else b"")
+        url = self._urls.get(target)
+        if url is not None:
+            return url
+        try:
+            url = self.base.copy_with(raw_path=target)
+        except Exception as error:  # httpx.InvalidURL, UnicodeDecodeError
+            raise BadTarget(f"the request target cannot be forwarded: {error}") from None
+        if url.raw_path != target:
+            raise BadTarget("the request target has characters that must be percent-encoded")
+        if not query and len(self._urls) < _URL_CACHE:
+            self._urls[target] = url
+        return url
+
+    def request_headers(self, headers: Iterable[Tuple[bytes, bytes]]) -> Headers:
+        drop = self.request_drop
+        named = _connection_tokens(headers)
+        out = [(k, v) for k, v in headers if k not in drop and k not in named]
+        if self.api_key is not None:
+            out.append((b"authorization", b"Bearer " + self.api_key))
+            out.append((b"x-api-key", self.api_key))
+        return out
+
+    def response_headers(self, status: int, headers: Iterable[Tuple[bytes, bytes]]) -> Headers:
+        drop = self.response_drop
+        named = _connection_tokens(headers)
+        out: Headers = []
+        retry_seen: Tuple[bytes, ...] = ()
+        for name, value in headers:
+            k = name.lower()
+            if k in drop or k in named or k.endswith(_RESPONSE_DROP_SUFFIXES) or k.startswith(_RATE_PREFIXES):
+                continue
+            if k in _RETRY:
+                if status < 300 or k in retry_seen:
+                    continue
+                retry_seen += (k,)
+            out.append((k, value))
+        return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = b""
+        parts: List[bytes] = []
+        left = self.max_body
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            body += message.get("body", b"")
+            chunk = message.get("body", b"")
+            if chunk:
+                left -= len(chunk)
+                if left < 0:
+                    # Refused as soon as the limit is passed: no more than the limit and
+                    # one chunk is ever held. The server reads and drops the rest.
+                    detail = f"the request body is larger than {self.max_body} bytes"
+                    await reply(send, 413, problem(413, "Content Too Large", detail))
+                    return
+                parts.append(chunk)
             if not message.get("more_body", False):
                 break
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in _HOP]
-        if self.cfg.upstream_api_key:
-            headers = [(k, v) for k, v in headers if k.lower() not in (b"authorization", b"x-api-key")]
-            headers.append((b"authorization", b"Bearer " + self.cfg.upstream_api_key.encode()))
-            headers.append((b"x-api-key", self.cfg.upstream_api_key.encode()))
-        query = scope.get("query_string", b"").decode("latin-1")
-        url = scope["path"] + (f"?{query}" if query else "")
-        request = self.client.build_request(scope["method"], url, headers=headers, content=body)
+        body = b"".join(parts)
+        method = scope["method"]
+        url = scope.get(UPSTREAM_URL)
+        if url is None:
+            try:
+                url = self.url(scope["raw_path"], scope.get("query_string", b""))
+            except BadTarget as error:
+                await reply(send, 400, problem(400, "Bad Request", str(error)))
+                return
+        headers = self.request_headers(scope.get("headers") or ())
+        if not body and method in ("POST", "PUT", "PATCH"):
+            headers.append((b"content-length", b"0"))
+        request = self._request(method, url, headers=headers, content=body)
         try:
             response = await self.client.send(request, stream=True)
         except Exception as error:  # httpx.HTTPError and OS errors
@@ -63,7 +221,7 @@ class Proxy:
         # Watch for the client going away, so a stream it no longer reads is cut at once.
         gone = asyncio.ensure_future(receive())
         try:
-            out_headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]
+            out_headers = self.response_headers(response.status_code, response.headers.raw)
             await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
             async for chunk in response.aiter_raw():
                 if gone.done() and gone.result().get("type") == "http.disconnect":
@@ -75,6 +233,8 @@ class Proxy:
             await response.aclose()
 
 
-async def reply(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _raw([PROBLEM_TYPE])})
+async def reply(send: Send, status: int, body: bytes, extra: Optional[List[Tuple[str, str]]] = None) -> None:
+    """A problem+json answer; ``extra`` headers (such as ``connection: close``) added."""
+    headers = _raw([PROBLEM_TYPE, *(extra or ())])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
