@@ -13,6 +13,27 @@ import sys
 from typing import Optional, Sequence
 
 
+def gateway(config: Optional[str], init: bool, check: bool, host: Optional[str], port: Optional[int]) -> int:
+    if init:
+        from importlib.resources import files
+
+        sys.stdout.write(files("nexus_limits.gateway").joinpath("example.toml").read_text(encoding="utf-8"))
+        return 0
+    from .gateway import ConfigError, load_config, run
+
+    assert config is not None  # argparse requires --config or --init
+    try:
+        cfg = load_config(config)
+    except ConfigError as error:
+        print(f"nexus-limits gateway: {error}", file=sys.stderr)
+        return 2
+    if check:
+        print(f"{config}: ok ({len(cfg.tiers)} tiers, {len(cfg.keys)} keys, upstream {cfg.upstream_url})")
+        return 0
+    run(config, host, port)  # pragma: no cover
+    return 0  # pragma: no cover
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nexus-limits", description="Rate limiting with a Rust core.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,24 +53,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--markdown", dest="markdown_path", default=None, metavar="FILE.md", help="also write the tables as Markdown"
     )
     g = sub.add_parser("gateway", help="run the reference LLM gateway")
-    g.add_argument("--config", required=True, metavar="FILE", help="the gateway's config (TOML, or YAML with PyYAML)")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", metavar="FILE", help="the gateway's config (TOML, or YAML with PyYAML)")
+    which.add_argument(
+        "--init", action="store_true", help="print a complete, commented example config (> gateway.toml) and exit"
+    )
     g.add_argument("--host", default=None, help="override [server] host")
     g.add_argument("--port", type=int, default=None, help="override [server] port")
     g.add_argument("--check", action="store_true", help="only check the config and exit")
     args = parser.parse_args(argv)
     if args.command == "gateway":
-        from .gateway import ConfigError, load_config, run
-
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as error:
-            print(f"nexus-limits gateway: {error}", file=sys.stderr)
-            return 2
-        if args.check:
-            print(f"{args.config}: ok ({len(cfg.tiers)} tiers, {len(cfg.keys)} keys, upstream {cfg.upstream_url})")
-            return 0
-        run(args.config, args.host, args.port)  # pragma: no cover
-        return 0  # pragma: no cover
+        return gateway(args.config, args.init, args.check, args.host, args.port)
     if args.keys is not None and args.keys < 1:
         parser.error("--keys must be at least 1")
     from .bench import bench
