@@ -196,17 +196,16 @@ def test_every_path_counts_against_the_keys_request_limit(tmp_path, upstream, me
     assert len(upstream.app.seen) == 4
 
 
-def test_a_tier_with_only_token_limits_meters_other_paths_by_concurrency(tmp_path, upstream):
+def test_a_tier_with_only_token_limits_meters_other_paths_by_concurrency_and_debt(tmp_path, upstream):
     """A tier without `requests` puts no count on other paths (they cost no tokens); its
-    concurrency and the per-key in-flight cap still hold them."""
+    concurrency holds them, and a key whose token budget is in debt is refused there too."""
     text = pathlib.Path(write_config(tmp_path, upstream.url))
     cfg = text.read_text().replace(
         '[tiers.free]\nrequests = "100/minute"\ntokens = "100000/minute"',
-        '[tiers.free]\ntokens = "1000/minute"\nconcurrency = 1',
+        '[tiers.free]\ntokens = "100/hour"\nconcurrency = 1\ndefault_output_tokens = 1',
     )
     assert cfg != text.read_text()
     text.write_text(cfg)
-    text = str(text)
     free = {"authorization": "Bearer sk-free"}
 
     async def scenario(url):
@@ -216,10 +215,16 @@ def test_a_tier_with_only_token_limits_meters_other_paths_by_concurrency(tmp_pat
             during = await http.get("/v1/models", headers=free)
             return (await slow).status_code, during.status_code
 
-    with GatewayServer(text) as gw:
+    with GatewayServer(str(text)) as gw:
         assert asyncio.run(scenario(gw.url)) == (200, 429), "the one slot is taken by the slow request"
         with httpx.Client(base_url=gw.url, timeout=10) as http:
             assert [http.get("/v1/models", headers=free).status_code for _ in range(5)] == [200] * 5
+            # Each call is estimated below the 15 tokens the upstream reports: the key
+            # ends in debt, and then other paths are refused as well.
+            codes = [http.post("/v1/chat/completions", json=CHAT, headers=free).status_code for _ in range(12)]
+            assert 200 in codes and codes[-1] == 429
+            refused = http.get("/v1/models", headers=free)
+            assert refused.status_code == 429 and "token" in refused.text
 
 
 # -- 3. Keys: one key per request, from the configured sources ------------------------------
