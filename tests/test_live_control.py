@@ -143,6 +143,31 @@ def test_shadow_mode_never_denies_but_counts_and_logs(clock, caplog):
     assert "shadow=True" not in repr(tb)
 
 
+def test_shadow_log_gives_the_retry_after_it_would_have_given(clock, caplog, tmp_path, redis_client):
+    """In-process, in a SharedMemoryStore and on Redis, the log line of a shadow-mode
+    denial names the wait the denial would have had, not the admission's 0."""
+    store = nl.SharedMemoryStore(path=tmp_path / "s", capacity=64)
+    for lim in (
+        nl.TokenBucket("2/minute", clock=clock, shadow=True),
+        nl.TokenBucket("2/minute", clock=clock, shadow=True, store=store),
+        nlr.TokenBucket(redis_client, "2/minute", clock=clock, shadow=True),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nexus_limits.shadow"):
+            lim.hit("k", 2)
+            d = lim.hit("k")
+        assert d.allowed and d.shadow and d.retry_after == 0.0
+        assert [r.getMessage().split(" would deny ")[1] for r in caplog.records] == [
+            "key 'k' (remaining 0 of 2, retry after 30.000s)"
+        ], lim
+    fw = nl.FixedWindow("1/minute", clock=clock, shadow=True)
+    clock.advance(15)
+    fw.hit("k")
+    with caplog.at_level(logging.INFO, logger="nexus_limits.shadow"):
+        fw.hit("k")
+    assert "fixed window 1/minute would deny key 'k' (remaining 0 of 1, retry after 45.000s)" in caplog.text
+
+
 def test_shadow_part_of_a_composite(clock):
     strict = nl.TokenBucket("1/minute", clock=clock, shadow=True)
     loose = nl.TokenBucket("10/minute", clock=clock)
@@ -419,7 +444,8 @@ def test_metrics_from_the_asgi_middleware(clock):
     free_labels = (("limiter", "free"), ("route", ""), ("tier", "free"))
     assert got[("nexus_limits_requests_total", (("decision", "denied"), *free_labels))] == 1
     assert got[("nexus_limits_requests_total", (("decision", "allowed"), *free_labels))] == 2
-    route = (("decision", "allowed"), ("limiter", "search"), ("route", "/search/"), ("tier", ""))
+    # A route policy is named by its route, slashes kept.
+    route = (("decision", "allowed"), ("limiter", "/search/"), ("route", "/search/"), ("tier", ""))
     assert got[("nexus_limits_requests_total", route)] == 1
     assert got[("nexus_limits_check_seconds_count", free_labels)] == 3
     assert 0 < got[("nexus_limits_check_seconds_sum", free_labels)] < 1

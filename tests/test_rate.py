@@ -21,6 +21,14 @@ import nexus_limits as nl
         ("10/500ms", 10, 0.5),
         ("1/1.5h", 1, 5400.0),
         ("  42 / MINUTE ", 42, 60.0),
+        ("1/1us", 1, 1e-6),
+        ("1/us", 1, 1e-6),
+        ("1/1µs", 1, 1e-6),  # MICRO SIGN
+        ("1/1μs", 1, 1e-6),  # GREEK SMALL LETTER MU
+        ("5 per 250 microseconds", 5, 250e-6),
+        ("2/1.5usec", 2, 1.5e-6),
+        ("1/0.001ms", 1, 1e-6),
+        ("1/36525d", 1, 3_155_760_000.0),
     ],
 )
 def test_parse(text, count, period):
@@ -45,6 +53,11 @@ def test_parse(text, count, period):
         ("10/-1s", "unknown period unit"),
         ("10/", "missing period unit"),
         ("10/nan s", "unknown period unit"),
+        ("10/lightyear", "(use us, ms, s, m, h, d or w)"),
+        ("1/0.999us", "at least 1 microsecond"),
+        ("1/0.5us", "at least 1 microsecond"),
+        ("1/36526d", "at most 36525 days"),
+        ("1/5218w", "at most 36525 days"),
     ],
 )
 def test_parse_errors_name_the_problem(text, why):
@@ -73,6 +86,8 @@ def test_parse_wrong_type():
         (1, float("inf"), ValueError, "above 0"),
         (1, 1e-9, ValueError, "at least 1 microsecond"),
         (1, 1e12, ValueError, "too long"),
+        (1, 3_155_760_000.5, ValueError, "at most 36525 days, 100 years of 365.25 days"),
+        (1, 0.999e-6, ValueError, "at least 1 microsecond"),
         (1, "60", TypeError, "rate period must be a number of seconds"),
     ],
 )
@@ -97,3 +112,15 @@ def test_limiters_accept_rate_objects_and_strings():
     assert nl.TokenBucket(nl.Rate(3, 1.0)).rate == nl.TokenBucket("3/s").rate
     with pytest.raises(TypeError, match="rate must be a str"):
         nl.TokenBucket(3)  # type: ignore[arg-type]
+
+
+def test_the_period_bounds_are_included_and_exact():
+    """1 µs and 36,525 days (100 years of 365.25 days) are both accepted, by the parser
+    and by Rate(count, seconds), and both print back to what parses to the same rate."""
+    for rate in (nl.Rate(1, 1e-6), nl.Rate.parse("1/1us"), nl.Rate(1, 3_155_760_000), nl.Rate.parse("1/36525d")):
+        assert nl.Rate.parse(str(rate)) == rate
+    assert nl.Rate.parse("1/1us").period == 1e-6
+    assert nl.Rate.parse("1/36525d").period == 3_155_760_000.0 == 36_525 * 86_400
+    assert str(nl.Rate.parse("3/250us")) == "3/250us"
+    assert str(nl.Rate.parse("7/us")) == "7/microsecond"
+    assert nl.TokenBucket("1/1us").rate.period == 1e-6
