@@ -230,9 +230,10 @@ class _JsonScan:
         self.watch = watch
         self.seen: Set[bytes] = set()
         self.values: Dict[_Path, Optional[bytes]] = {}
+        self.touched: Set[_Path] = set()  # targets whose key came, even if their value did not
         self.failed: Optional[str] = None
         self.closed = False
-        self._started = False
+        self.started = False
         self._stack: List[int] = []
         self._track: List[_Frame] = []
         self._in_string = False
@@ -320,14 +321,14 @@ class _JsonScan:
                     if m is None:
                         break
                     i = m.start()
-                    if not self._started and data.startswith(b"\xef\xbb\xbf", i):
+                    if not self.started and data.startswith(b"\xef\xbb\xbf", i):
                         pos = i + 3  # a byte-order mark, which json.loads accepts too
                         continue
                     if self.closed:
                         raise _GiveUp("bytes after the end of the JSON object")
                     if data[i] != 123:
                         raise _GiveUp("the body is not a JSON object")
-                    self._started = True
+                    self.started = True
                     stack.append(123)
                     track.append(_Frame(()))
                     pos = i + 1
@@ -383,6 +384,7 @@ class _JsonScan:
                     frame.pending = path if path in self.prefixes else None
                     if path in self.targets:
                         assert path is not None
+                        self.touched.add(path)
                         self._capture = bytearray()
                         self._capture_path = path
                         self._capture_big = False
@@ -711,6 +713,8 @@ class _SseCore:
             event = json.loads(payload)
         except (ValueError, RecursionError):
             self.errors += 1
+            if self.poison is None and _USAGE_MARK.search(payload) is not None:
+                self.poison = "an event carrying usage is not valid JSON"
             return False
         if not isinstance(event, dict):
             self.errors += 1
@@ -724,6 +728,8 @@ class _SseCore:
     def _event_scanned(self, scan: _JsonScan) -> None:
         if scan.failed is not None or not scan.closed:
             self.errors += 1
+            if self.poison is None and any(path[-1] == b"usage" for path in scan.touched):
+                self.poison = f"an event carrying usage cannot be read: {scan.failed or 'it ends early'}"
             return
         values = scan.values
         event: Dict[str, Any] = {}
@@ -1053,7 +1059,8 @@ class UsageReader:
             if m is None:
                 return
             # No usable content type: a body starting with "{" is JSON, anything else SSE.
-            mode = self._mode = "json" if data[m.start()] == 123 else "sse"
+            start = m.start() + 3 if data.startswith(b"\xef\xbb\xbf", m.start()) else m.start()
+            mode = self._mode = "json" if data[start : start + 1] == b"{" else "sse"
             if mode == "json":
                 self._json = _JsonScan(_BODY_TARGETS, _GENERATION)
         if mode == "sse":
@@ -1123,7 +1130,7 @@ class UsageReader:
             raise UsageError(self._failed)
         if self._mode == "sse":
             return self._core.finish(strict=True)
-        if self._json is None:
+        if self._json is None or not (self._json.started or self._json.failed):
             raise UsageError("the response has no body")
         scan = self._json
         if scan.failed is not None:
