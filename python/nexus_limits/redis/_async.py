@@ -20,6 +20,7 @@ from .. import _wait
 from .._core import Decision, ManualClock
 from ..base import AsyncRateLimiter, Key
 from ..errors import RateLimitExceeded
+from ._channel import channel_for
 from ._common import (
     BACKEND_ERRORS,
     LEASE_POLL,
@@ -54,15 +55,16 @@ from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
 ASYNC = True  # unasync: ASYNC = False
 
 
-async def evalsha(client: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-    """One EVALSHA round trip; on NOSCRIPT the script is loaded and run again."""
+async def evalsha(channel: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    """One EVALSHA round trip on the client's channel (one attempt, behind its circuit
+    breaker); on NOSCRIPT the script is loaded and run again."""
     try:
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
+        return await channel.call("EVALSHA", script.sha, len(keys), *keys, *args)
     except BACKEND_ERRORS as error:
         if not is_noscript(error):
             raise
-        await client.script_load(script.source)
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
+        await channel.call("SCRIPT LOAD", script.source)
+        return await channel.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 async def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost: int, timeout: Optional[float]) -> Any:
@@ -85,7 +87,7 @@ async def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost:
 class _RedisRateLimiter(AsyncRateLimiter):
     """The methods every Redis rate limiter shares."""
 
-    __slots__ = ("_client", "_fallback", "_parts", "_script", "_spec")
+    __slots__ = ("_channel", "_client", "_fallback", "_parts", "_script", "_spec")
     _algorithm = ""
 
     def __init__(
@@ -99,6 +101,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         shadow: bool = False,
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
+        self._channel = channel_for(self._client, want_async=ASYNC)
         self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
         self._spec.set_shadow(shadow)
         self._script = self._spec.script
@@ -111,7 +114,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
         keys, args = self._arguments(key, cost, mode)
         try:
-            reply = await evalsha(self._client, self._script.for_mode(mode), keys, args)
+            reply = await evalsha(self._channel, self._script.for_mode(mode), keys, args)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit)
         if mode == "peek":
@@ -138,15 +141,17 @@ class _RedisRateLimiter(AsyncRateLimiter):
         """Put ``key`` back to its fresh state (a quota of its own stays)."""
         keys = [p._spec.key(key) for p in self._parts]
         try:
-            await self._client.delete(*keys)
+            await self._channel.call("DEL", *keys)
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)
 
     def stats(self) -> Dict[str, int]:
         """Counters of this limiter object (this process): allowed, denied, near_limit,
-        shadow_denied, errors (store unreachable or full), fail_open and fail_closed answers."""
-        return self._fallback.tally.snapshot()
+        shadow_denied, errors (store unreachable or full), fail_open and fail_closed
+        answers; and its client's circuit breaker: breaker_open (1 while open) and
+        breaker_trips (times it opened)."""
+        return {**self._fallback.tally.snapshot(), **self._channel.stats()}
 
     async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
         """The ``n`` keys using the largest share of their limit now, from up to ``scan``
@@ -159,7 +164,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         reader = self._script.for_mode("peek")
         argv = self._spec.argv("peek", 0)
         if is_cluster(self._client):  # a cluster client refuses EVALSHA in a pipeline
-            replies = [await evalsha(self._client, reader, self._spec.keys(k), argv) for k in found]
+            replies = [await evalsha(self._channel, reader, self._spec.keys(k), argv) for k in found]
         else:
             await self._client.script_load(reader.source)
             pipe = self._client.pipeline(transaction=False)
@@ -219,7 +224,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         ``clear_quota``."""
         model = self._spec.new_model(rate, burst)
         try:
-            await evalsha(self._client, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
+            await evalsha(self._channel, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
         except BACKEND_ERRORS as error:
             self._fallback.decision(error, self.limit)
             raise
@@ -229,7 +234,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         had no quota of its own."""
         argv = self._spec.requota_argv("clear", self._spec.model)
         try:
-            return bool(await evalsha(self._client, REQUOTA, self._spec.keys(key), argv))
+            return bool(await evalsha(self._channel, REQUOTA, self._spec.keys(key), argv))
         except BACKEND_ERRORS as error:
             self._fallback.decision(error, self.limit)
             raise
@@ -237,7 +242,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
     async def inspect(self, key: Key) -> Dict[str, Any]:
         """``key``'s quota and usage now, for support ("why was I limited?")."""
         zero, one = await self.peek(key, 0), await self.peek(key, 1)
-        return inspect_dict(self, key, zero, one, await self._client.get(self._spec.keys(key)[1]))
+        return inspect_dict(self, key, zero, one, await self._channel.call("GET", self._spec.keys(key)[1]))
 
     def __repr__(self) -> str:
         client = type(self._client).__name__
@@ -339,6 +344,7 @@ class Composite(_RedisRateLimiter):
         parts = flatten(limiters, _RATE_KINDS, Composite)
         first = parts[0]
         self._client = first._client
+        self._channel = first._channel
         self._script = COMPOSITE
         self._parts = tuple(parts)
         self._spec = first._spec
@@ -377,7 +383,7 @@ class Composite(_RedisRateLimiter):
         """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
         keys, args = self._arguments(key, cost, "hit")
         try:
-            reply = await evalsha(self._client, self._script, keys, args)
+            reply = await evalsha(self._channel, self._script, keys, args)
         except BACKEND_ERRORS as error:
             d = self._fallback.decision(error, self.limit)
             return d, [d for _ in self._parts]
@@ -456,7 +462,7 @@ class Concurrency(AsyncRateLimiter):
     """:class:`nexus_limits.Concurrency` on Redis: at most ``limit`` leases per key across every
     process; each lease expires after ``lease_ttl`` seconds if never released."""
 
-    __slots__ = ("_client", "_fallback", "_model", "_suffix", "clock", "prefix")
+    __slots__ = ("_channel", "_client", "_fallback", "_model", "_suffix", "clock", "prefix")
 
     def __init__(
         self,
@@ -470,6 +476,7 @@ class Concurrency(AsyncRateLimiter):
         clock: Optional[ManualClock] = None,
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
+        self._channel = channel_for(self._client, want_async=ASYNC)
         self._model = concurrency_model(limit, lease_ttl)
         self.prefix = check_prefix(prefix)
         self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
@@ -491,15 +498,23 @@ class Concurrency(AsyncRateLimiter):
     def redis_key(self, key: Key) -> str:
         return f"{self.prefix}:{{{encode_key(key)}}}{self._suffix}"
 
+    def stats(self) -> Dict[str, int]:
+        """Counters of this limiter object (this process): leases given (allowed) and
+        refused (denied), store errors, on_error answers, and its client's circuit
+        breaker (breaker_open, breaker_trips)."""
+        counts = self._fallback.tally.snapshot()
+        del counts["near_limit"], counts["shadow_denied"]
+        return {**counts, **self._channel.stats()}
+
     async def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
         args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
         script = CONCURRENCY.for_mode("hit" if op == "acquire" else op)
-        return await evalsha(self._client, script, [self.redis_key(key)], args)
+        return await evalsha(self._channel, script, [self.redis_key(key)], args)
 
     async def _release(self, key: Key, lease_id: str) -> bool:
         try:
             args = [now_arg(self.clock), lease_id]
-            return bool(await evalsha(self._client, RELEASE, [self.redis_key(key)], args))
+            return bool(await evalsha(self._channel, RELEASE, [self.redis_key(key)], args))
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)
@@ -517,6 +532,7 @@ class Concurrency(AsyncRateLimiter):
                 return d
             return Decision(True, d.limit, 0, 0.0, 0.0, lease=Lease(self, key, lease_id, fallback=True), fallback=True)
         lease = Lease(self, key, lease_id) if reply[0] else None
+        self._fallback.tally.add("allowed" if lease else "denied")
         return to_decision(reply, lease)
 
     async def try_acquire(self, key: Key, cost: int = 1) -> Optional[Lease]:
@@ -536,7 +552,7 @@ class Concurrency(AsyncRateLimiter):
 
     async def reset(self, key: Key) -> None:
         try:
-            await self._client.delete(self.redis_key(key))
+            await self._channel.call("DEL", self.redis_key(key))
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)

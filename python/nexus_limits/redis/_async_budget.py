@@ -15,6 +15,7 @@ from ..spend import PriceTable, SpendReservation, parse_budget
 from ..spend import SpendLimiter as _InProcessSpend
 from ._async import ASYNC, evalsha
 from ._budget import BudgetPlan
+from ._channel import channel_for
 from ._common import BACKEND_ERRORS, check_client, is_full, now_arg
 from ._scripts import RELEASE, RESERVE, SETTLE
 
@@ -41,8 +42,10 @@ class TokenLimiter:
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
     ) -> None:
+        client = check_client(client, want_async=ASYNC)
+        self._channel = channel_for(client, want_async=ASYNC)
         self._plan = BudgetPlan(
-            check_client(client, want_async=ASYNC),
+            client,
             requests,
             tokens,
             daily_tokens,
@@ -60,7 +63,7 @@ class TokenLimiter:
         keys = plan.keys(key)
         args, lease = plan.reserve_args(tokens)
         try:
-            reply = plan.reserved(await evalsha(plan.client, RESERVE, keys, args), lease)
+            reply = plan.reserved(await evalsha(self._channel, RESERVE, keys, args), lease)
         except BACKEND_ERRORS as error:
             reply = plan.fallback_reply(error)
         reservation = AsyncReservation(self, key, tokens, reply)
@@ -76,12 +79,12 @@ class TokenLimiter:
         keys = plan.keys(key)
         try:
             args = plan.settle_args(tokens_delta, requests_delta, charged_at, lease)
-            return bool(await evalsha(plan.client, SETTLE, keys, args))
+            return bool(await evalsha(self._channel, SETTLE, keys, args))
         except BACKEND_ERRORS as error:
             if lease and is_full(error):
                 # The buckets cannot be written, but ending the lease only frees memory.
                 try:
-                    await evalsha(plan.client, RELEASE, keys[-1:], [now_arg(plan.clock), lease])
+                    await evalsha(self._channel, RELEASE, keys[-1:], [now_arg(plan.clock), lease])
                 except BACKEND_ERRORS:
                     pass
             if plan.fallback.on_error == "raise":
@@ -92,7 +95,7 @@ class TokenLimiter:
         return self._plan.expired(charged_at)
 
     async def reset(self, key: Key) -> None:
-        await self._plan.client.delete(*self._plan.keys(key))
+        await self._channel.call("DEL", *self._plan.keys(key))
 
     @property
     def requests(self) -> Optional[nl.Rate]:
@@ -124,8 +127,9 @@ class TokenLimiter:
 
     def stats(self) -> Dict[str, int]:
         """Counters of this object (this process): reservations allowed and denied, tokens
-        reserved, settled and refunded, store errors and on_error answers."""
-        return self._plan.stats()
+        reserved, settled and refunded, store errors and on_error answers, and its
+        client's circuit breaker (breaker_open, breaker_trips)."""
+        return {**self._plan.stats(), **self._channel.stats()}
 
     def _tally(self, reserved: int, settled: int, refunded: int) -> None:
         self._plan.tally_tokens(reserved, settled, refunded)

@@ -42,7 +42,10 @@ def _error_types() -> Tuple[Type[BaseException], ...]:
         types.append(ValkeyError)
     except ImportError:  # pragma: no cover
         pass
-    return tuple(types) or (OSError,)
+    from ._breaker import CircuitOpen
+
+    types.append(CircuitOpen)
+    return tuple(types)
 
 
 BACKEND_ERRORS = _error_types()

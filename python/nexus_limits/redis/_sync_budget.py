@@ -17,6 +17,7 @@ from ..budget import Reservation
 from ..spend import PriceTable, SpendReservation, parse_budget
 from ..spend import SpendLimiter as _InProcessSpend
 from ._budget import BudgetPlan
+from ._channel import channel_for
 from ._common import BACKEND_ERRORS, check_client, is_full, now_arg
 from ._scripts import RELEASE, RESERVE, SETTLE
 from ._sync import ASYNC, evalsha
@@ -44,8 +45,10 @@ class TokenLimiter:
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
     ) -> None:
+        client = check_client(client, want_async=ASYNC)
+        self._channel = channel_for(client, want_async=ASYNC)
         self._plan = BudgetPlan(
-            check_client(client, want_async=ASYNC),
+            client,
             requests,
             tokens,
             daily_tokens,
@@ -63,7 +66,7 @@ class TokenLimiter:
         keys = plan.keys(key)
         args, lease = plan.reserve_args(tokens)
         try:
-            reply = plan.reserved(evalsha(plan.client, RESERVE, keys, args), lease)
+            reply = plan.reserved(evalsha(self._channel, RESERVE, keys, args), lease)
         except BACKEND_ERRORS as error:
             reply = plan.fallback_reply(error)
         reservation = Reservation(self, key, tokens, reply)
@@ -77,12 +80,12 @@ class TokenLimiter:
         keys = plan.keys(key)
         try:
             args = plan.settle_args(tokens_delta, requests_delta, charged_at, lease)
-            return bool(evalsha(plan.client, SETTLE, keys, args))
+            return bool(evalsha(self._channel, SETTLE, keys, args))
         except BACKEND_ERRORS as error:
             if lease and is_full(error):
                 # The buckets cannot be written, but ending the lease only frees memory.
                 try:
-                    evalsha(plan.client, RELEASE, keys[-1:], [now_arg(plan.clock), lease])
+                    evalsha(self._channel, RELEASE, keys[-1:], [now_arg(plan.clock), lease])
                 except BACKEND_ERRORS:
                     pass
             if plan.fallback.on_error == "raise":
@@ -93,7 +96,7 @@ class TokenLimiter:
         return self._plan.expired(charged_at)
 
     def reset(self, key: Key) -> None:
-        self._plan.client.delete(*self._plan.keys(key))
+        self._channel.call("DEL", *self._plan.keys(key))
 
     @property
     def requests(self) -> Optional[nl.Rate]:
@@ -125,8 +128,9 @@ class TokenLimiter:
 
     def stats(self) -> Dict[str, int]:
         """Counters of this object (this process): reservations allowed and denied, tokens
-        reserved, settled and refunded, store errors and on_error answers."""
-        return self._plan.stats()
+        reserved, settled and refunded, store errors and on_error answers, and its
+        client's circuit breaker (breaker_open, breaker_trips)."""
+        return {**self._plan.stats(), **self._channel.stats()}
 
     def _tally(self, reserved: int, settled: int, refunded: int) -> None:
         self._plan.tally_tokens(reserved, settled, refunded)
