@@ -10,6 +10,7 @@ exemption decided on the raw text could be stepped around by picking another spe
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple, Union
 from urllib.parse import quote, unquote_to_bytes
 
@@ -135,6 +136,13 @@ def normalize_target(method: str, path: str, raw_path: Optional[Union[bytes, byt
     The result is a fixed point: ``normalize_target(*normalize_target(m, p)) ==
     normalize_target(m, p)``, and httpx sends it unchanged.
     """
+    if type(method) is str and type(path) is str and (raw_path is None or type(raw_path) is bytes):
+        if len(path) <= _CACHED_LENGTH and (raw_path is None or len(raw_path) <= _CACHED_LENGTH):
+            return _cached(method, path, raw_path)
+    return _normalize_target(method, path, raw_path)
+
+
+def _normalize_target(method: str, path: str, raw_path: Optional[Union[bytes, bytearray]]) -> Tuple[str, str]:
     upper = _method(method)
     raw: Union[bytes, bytearray]
     if raw_path is not None:
@@ -152,6 +160,12 @@ def normalize_target(method: str, path: str, raw_path: Optional[Union[bytes, byt
     if _PLAIN.fullmatch(raw) and b"//" not in raw and b"/." not in raw:
         return upper, raw.decode("ascii")
     return upper, _normalize_path(raw)
+
+
+# Most requests name a few targets: their answers are remembered (refusals are not).
+# Only short targets, so that the cache stays small whatever clients send.
+_CACHED_LENGTH = 256
+_cached = lru_cache(maxsize=2048)(_normalize_target)
 
 
 def quote_decoded(path: Union[str, bytes]) -> str:
