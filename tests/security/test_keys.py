@@ -288,3 +288,23 @@ def test_many_repeats(kind):
         assert_problem(r, 400, "different values")
         assert json.loads(r.text)["title"] == "Bad Request"
     assert limiter.get_limit("a") == (True, 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_oversized_keys_work_on_every_backend(kind, redis_server):
+    """A key of thousands of characters (a JWT, or a client padding its header) is
+    charged under its SHA-256: Redis refuses keys over 1 KiB, which was a 500."""
+    import redis
+
+    import nexus_limits.redis as nlr
+
+    client = redis.Redis(port=redis_server.port)
+    for limiter in (nl.FixedWindow("1/minute"), nlr.FixedWindow(client, "1/minute", prefix=f"long-{kind}")):
+        with serve(kind, limiter=limiter, key="header:x-api-key") as server, httpx.Client(base_url=server.url) as http:
+            long_key, other = "k" * 5000, "k" * 4999 + "j"
+            assert http.get("/whoami", headers={"x-api-key": long_key}).status_code == 200
+            assert http.get("/whoami", headers={"x-api-key": long_key}).status_code == 429
+            assert http.get("/whoami", headers={"x-api-key": other}).status_code == 200, "another long key"
+            assert http.get("/whoami", headers={"x-api-key": "k" * 256}).status_code == 200
+            assert limiter.get_limit("k" * 256) == (False, 0), "up to 256 characters a key is kept as it is"
+    client.close()

@@ -4,6 +4,7 @@ apply to it, checking them, and the 400, 401 and 429 answers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import json
 import math
@@ -239,6 +240,20 @@ def client_key(limits: Limits, request: Request) -> Optional[Any]:
     return key
 
 
+LONG_KEY = 256
+
+
+def limiter_key(key: Any) -> Any:
+    """The key the limiter is charged under: a key longer than 256 characters (a JWT,
+    or a client padding its header) by its SHA-256, so that any length works on every
+    backend (Redis refuses keys over 1 KiB) and costs the same memory. As bytes: no str
+    key, whatever a client sends, can name it."""
+    if isinstance(key, (str, bytes)) and len(key) > LONG_KEY:
+        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+        return b"sha256:" + hashlib.sha256(raw).digest()
+    return key
+
+
 def target_request(
     method: str, path: str, headers: Mapping[str, str], query: str, peer: Optional[str], raw_path: Any = None
 ) -> Request:
@@ -264,10 +279,10 @@ def check_sync(limits: Limits, request: Request) -> Optional[Check]:
     started = time.perf_counter()
     each: Optional[List[Decision]] = None
     if hasattr(limiter, "hit_each"):
-        decision, parts = limiter.hit_each(key, cost)
+        decision, parts = limiter.hit_each(limiter_key(key), cost)
         each = list(parts)
     else:
-        decision = limiter.hit(key, cost)
+        decision = limiter.hit(limiter_key(key), cost)
     if limits.metrics is not None:
         limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision)
     return answer(limits, limiter, decision, name, each)
@@ -289,6 +304,7 @@ async def check_async(limits: Limits, request: Request) -> Optional[Check]:
         return None
     started = time.perf_counter()
     method = limiter.hit_each if hasattr(limiter, "hit_each") else limiter.hit
+    key = limiter_key(key)
     if isinstance(limiter, AsyncRateLimiter):
         result = await method(key, cost)
     elif type(limiter).__module__.startswith("nexus_limits.redis"):
