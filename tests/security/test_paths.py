@@ -478,3 +478,24 @@ def test_bad_route_and_exempt_options():
     assert mw.limits.exempted(normalize_target("GET", "/files/caf%C3%A9/1")[1])
     assert mw.limits.exempted(normalize_target("GET", "/a b")[1])
     assert mw.limits.exempted(normalize_target("GET", "/x/y")[1])
+
+
+def test_websockets_are_judged_on_the_normalised_path_too():
+    import websockets.sync.client as ws
+
+    async def echo(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": "hi"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    limiter = nl.FixedWindow("1/minute")
+    app = ASGILimit(echo, limiter=nl.FixedWindow("100/minute"), key="ip", routes={"/ws": limiter})
+    with ASGIServer(app) as server:
+        with ws.connect(f"ws://127.0.0.1:{server.port}/ws") as conn:
+            assert conn.recv() == "hi"
+        for path in ("//ws", "/x/../ws", "/%77s", "/ws%3F"):
+            with pytest.raises(Exception, match="403|rejected"):
+                with ws.connect(f"ws://127.0.0.1:{server.port}{path}"):
+                    pass
+    assert limiter.get_limit("127.0.0.1") == (False, 0)
