@@ -426,7 +426,10 @@ def test_strip_usage_chunk_at_every_split(eol):
     stream = sse(CHAT_EVENTS, eol=eol)
     expected = sse([CHAT_EVENTS[0], CHAT_EVENTS[1], "[DONE]"], eol=eol)
     for cut in range(len(stream) + 1):
-        for parts in ([stream[:cut], stream[cut:]], [stream[:cut], stream[cut : cut + 3], stream[cut + 3 :]]):
+        for parts in (
+            [stream[:cut], stream[cut:]],
+            [stream[:cut], b"", stream[cut : cut + 3], b"", stream[cut + 3 :]],  # empty chunks change nothing
+        ):
             usage, forwarded = read("openai", parts, "text/event-stream", strip_usage_chunk=True)
             assert forwarded == expected, (cut, parts)
             assert usage == nt.Usage(100, 20, 64, 8)

@@ -514,6 +514,7 @@ class _SseCore:
         self.parse_all = parse_all
         self.strip = strip
         self.done = False
+        self.events = 0  # events with data
         self.errors = 0
         self.poison: Optional[str] = None
         self.usage: Optional[Usage] = None
@@ -545,9 +546,9 @@ class _SseCore:
     def feed(self, data: bytes) -> None:
         n = len(data)
         pos = 0
-        if self._skip_lf:
+        if self._skip_lf and n:
             self._skip_lf = False
-            if n and data[0] == 10:  # the LF of a CRLF split across chunks
+            if data[0] == 10:  # the LF of a CRLF split across chunks
                 pos = 1
                 if self.strip:
                     self._route_lf()
@@ -632,9 +633,11 @@ class _SseCore:
     def _dispatch(self) -> None:
         stripped = False
         if self._scan is not None:
+            self.events += 1
             scan, self._scan = self._scan, None
             self._event_scanned(scan)
         elif self._data:
+            self.events += 1
             payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
             self._data = []
             self._data_size = 0
@@ -1037,6 +1040,7 @@ class UsageReader:
             entry = self._link(index, stages[index], entry)
         self._entry = entry
         self._plain = not stages
+        self._sniffed = False
         self._finished = False
         self._result: Union[Usage, UsageError, None] = None
 
@@ -1061,6 +1065,7 @@ class UsageReader:
             # No usable content type: a body starting with "{" is JSON, anything else SSE.
             start = m.start() + 3 if data.startswith(b"\xef\xbb\xbf", m.start()) else m.start()
             mode = self._mode = "json" if data[start : start + 1] == b"{" else "sse"
+            self._sniffed = True
             if mode == "json":
                 self._json = _JsonScan(_BODY_TARGETS, _GENERATION)
         if mode == "sse":
@@ -1068,6 +1073,8 @@ class UsageReader:
         else:
             assert self._json is not None
             self._json.feed(data)
+            if self._json.failed is not None:  # nothing more to read: stop decoding too
+                raise _GiveUp(f"cannot read the JSON body: {self._json.failed}")
 
     def feed(self, chunk: bytes) -> bytes:
         """Reads the next body chunk; returns the bytes to forward for it."""
@@ -1129,7 +1136,10 @@ class UsageReader:
         if self._failed is not None:
             raise UsageError(self._failed)
         if self._mode == "sse":
-            return self._core.finish(strict=True)
+            usage = self._core.finish(strict=True)
+            if self._sniffed and not self._core.events:
+                raise UsageError("the body is neither a JSON object nor an event stream")
+            return usage
         if self._json is None or not (self._json.started or self._json.failed):
             raise UsageError("the response has no body")
         scan = self._json
