@@ -7,11 +7,16 @@ use proptest::prelude::*;
 
 fn algorithms() -> impl Strategy<Value = Algorithm> {
     let rate = (1u64..1_000_000, 1u64..=86_400_000_000_000).prop_map(|(count, period_ns)| Rate { count, period_ns });
-    (rate, 1u64..1_000_000, 0u8..4).prop_filter_map("a valid quota", |(rate, burst, kind)| match kind {
-        0 => Gcra::new(rate, burst).ok().map(Algorithm::TokenBucket),
-        1 => Gcra::new(rate, burst).ok().map(Algorithm::LeakyBucket),
-        2 => FixedWindow::new(rate).ok().map(Algorithm::FixedWindow),
-        _ => SlidingWindow::new(rate).ok().map(Algorithm::SlidingWindow),
+    // Windows anywhere: any alignment, bound to any clock's epoch offset.
+    let place = (-(crate::rate::MAX_PERIOD_NS as i64)..=crate::rate::MAX_PERIOD_NS as i64, any::<u64>());
+    (rate, 1u64..1_000_000, 0u8..4, place).prop_filter_map("a valid quota", |(rate, burst, kind, (align, offset))| {
+        let algo = match kind {
+            0 => Gcra::new(rate, burst).ok().map(Algorithm::TokenBucket),
+            1 => Gcra::new(rate, burst).ok().map(Algorithm::LeakyBucket),
+            2 => FixedWindow::aligned(rate, align).ok().map(Algorithm::FixedWindow),
+            _ => SlidingWindow::aligned(rate, align).ok().map(Algorithm::SlidingWindow),
+        };
+        algo.map(|a| a.bound(offset))
     })
 }
 
@@ -74,5 +79,31 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// A window ends exactly where Unix time reaches `align + k * period`, whatever the
+    /// clock's epoch offset: `reset_after` of a charged call lands on a boundary.
+    #[test]
+    fn windows_end_on_aligned_unix_boundaries(
+        count in 1u64..1000,
+        period_ns in 1_000u64..=86_400_000_000_000,
+        align in -(crate::rate::MAX_PERIOD_NS as i64)..=crate::rate::MAX_PERIOD_NS as i64,
+        offset in 0u64..(1 << 62),
+        now in 0u64..(1 << 61),
+    ) {
+        let rate = Rate { count, period_ns };
+        let fixed = Algorithm::FixedWindow(FixedWindow::aligned(rate, align).unwrap()).bound(offset);
+        let sliding = Algorithm::SlidingWindow(SlidingWindow::aligned(rate, align).unwrap()).bound(offset);
+        let end = |reset: u64| (now as i128 + offset as i128 + reset as i128 - align as i128).rem_euclid(period_ns as i128);
+        let d = fixed.step(0, now, 1).1;
+        prop_assert!(d.reset_after > 0 && d.reset_after <= period_ns);
+        prop_assert_eq!(end(d.reset_after), 0);
+        let d = sliding.step(0, now, 1).1;
+        prop_assert!(d.reset_after > period_ns && d.reset_after <= 2 * period_ns);
+        prop_assert_eq!(end(d.reset_after), 0);
     }
 }
