@@ -31,6 +31,7 @@ from ._common import (
     check_name,
     check_on_error,
     check_prefix,
+    check_replicas,
     check_unit_cost,
     concurrency_model,
     encode_key,
@@ -40,6 +41,7 @@ from ._common import (
     is_noscript,
     judge,
     key_of,
+    local_twin,
     new_lease_id,
     now_arg,
     scan_pattern,
@@ -99,11 +101,13 @@ class _RedisRateLimiter(AsyncRateLimiter):
         on_error: str,
         clock: Optional[ManualClock],
         shadow: bool = False,
+        replicas: int = 1,
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
         self._channel = channel_for(self._client, want_async=ASYNC)
         self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
         self._spec.set_shadow(shadow)
+        self._spec.set_replicas(replicas)
         self._script = self._spec.script
         self._fallback = self._spec.fallback
         self._parts: Tuple[Any, ...] = (self,)
@@ -116,7 +120,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         try:
             reply = await evalsha(self._channel, self._script.for_mode(mode), keys, args)
         except BACKEND_ERRORS as error:
-            return self._fallback.decision(error, self.limit)
+            return self._fallback.decision(error, self.limit, key, cost, mode)
         if mode == "peek":
             return to_decision(reply)
         return judge(self, reply, key)
@@ -266,8 +270,10 @@ class TokenBucket(_RedisRateLimiter):
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
+        replicas: int = 1,
     ) -> None:
-        super().__init__(client, nl.TokenBucket(rate, burst=burst), prefix, name, on_error, clock, shadow)
+        model = nl.TokenBucket(rate, burst=burst)
+        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas)
 
 
 class LeakyBucket(_RedisRateLimiter):
@@ -287,8 +293,10 @@ class LeakyBucket(_RedisRateLimiter):
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
+        replicas: int = 1,
     ) -> None:
-        super().__init__(client, nl.LeakyBucket(rate, capacity=capacity), prefix, name, on_error, clock, shadow)
+        model = nl.LeakyBucket(rate, capacity=capacity)
+        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas)
 
 
 class FixedWindow(_RedisRateLimiter):
@@ -307,8 +315,9 @@ class FixedWindow(_RedisRateLimiter):
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
+        replicas: int = 1,
     ) -> None:
-        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow)
+        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow, replicas)
 
 
 class SlidingWindow(_RedisRateLimiter):
@@ -327,8 +336,9 @@ class SlidingWindow(_RedisRateLimiter):
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
+        replicas: int = 1,
     ) -> None:
-        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow)
+        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow, replicas)
 
 
 _RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
@@ -340,7 +350,7 @@ class Composite(_RedisRateLimiter):
 
     __slots__ = ()
 
-    def __init__(self, limiters: Any, *, on_error: str = "raise") -> None:
+    def __init__(self, limiters: Any, *, on_error: str = "raise", replicas: int = 1) -> None:
         parts = flatten(limiters, _RATE_KINDS, Composite)
         first = parts[0]
         self._client = first._client
@@ -348,7 +358,10 @@ class Composite(_RedisRateLimiter):
         self._script = COMPOSITE
         self._parts = tuple(parts)
         self._spec = first._spec
-        self._fallback = Fallback(check_on_error(on_error), "Composite on Redis")
+        self._fallback = Fallback(check_on_error(on_error, local=True), "Composite on Redis")
+        if self._fallback.on_error == "local":
+            n = check_replicas(replicas)
+            self._fallback.local = nl.Composite([local_twin(p._spec.model, n, p._spec.clock) for p in parts])
 
     def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
         return script_arguments(self._parts, key, cost, mode, self._spec.clock)
@@ -385,7 +398,7 @@ class Composite(_RedisRateLimiter):
         try:
             reply = await evalsha(self._channel, self._script, keys, args)
         except BACKEND_ERRORS as error:
-            d = self._fallback.decision(error, self.limit)
+            d = self._fallback.decision(error, self.limit, key, cost, "hit")
             return d, [d for _ in self._parts]
         return judge(self, reply, key), to_decisions(reply)[1:]
 
@@ -401,13 +414,16 @@ class Lease:
     """A place held in a Redis :class:`Concurrency` limit; release it, or hold it for a
     block (``with`` on the synchronous side, ``async with`` on the asyncio side)."""
 
-    __slots__ = ("_done", "_limiter", "fallback", "id", "key")
+    __slots__ = ("_done", "_limiter", "_local", "fallback", "id", "key")
 
-    def __init__(self, limiter: Concurrency, key: Key, lease_id: str, fallback: bool = False) -> None:
+    def __init__(
+        self, limiter: Concurrency, key: Key, lease_id: str, fallback: bool = False, local: Any = None
+    ) -> None:
         self._limiter = limiter
         self.key = key
         self.id = lease_id
         self.fallback = fallback
+        self._local = local  # the in-process lease of an on_error="local" answer
         self._done = False
 
     async def release(self) -> bool:
@@ -416,6 +432,8 @@ class Lease:
         if self._done:
             return False
         self._done = True
+        if self._local is not None:
+            return bool(self._local.release())
         if self.fallback:
             return False
         return await self._limiter._release(self.key, self.id)
@@ -474,14 +492,19 @@ class Concurrency(AsyncRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        replicas: int = 1,
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
         self._channel = channel_for(self._client, want_async=ASYNC)
         self._model = concurrency_model(limit, lease_ttl)
         self.prefix = check_prefix(prefix)
         self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
-        self._fallback = Fallback(check_on_error(on_error), "Concurrency on Redis")
+        self._fallback = Fallback(check_on_error(on_error, local=True), "Concurrency on Redis")
         self.clock = check_clock(clock)
+        n = check_replicas(replicas)
+        if self._fallback.on_error == "local":
+            share = max(self._model.limit // n, 1)
+            self._fallback.local = nl.Concurrency(share, lease_ttl=self._model.lease_ttl, clock=self.clock)
 
     @property
     def limit(self) -> int:
@@ -527,10 +550,11 @@ class Concurrency(AsyncRateLimiter):
         try:
             reply = await self._run(key, "acquire", lease_id)
         except BACKEND_ERRORS as error:
-            d = self._fallback.decision(error, self.limit)
+            d = self._fallback.decision(error, self.limit, key, cost, "hit")
             if not d.allowed:
                 return d
-            return Decision(True, d.limit, 0, 0.0, 0.0, lease=Lease(self, key, lease_id, fallback=True), fallback=True)
+            held = Lease(self, key, lease_id, fallback=True, local=d.lease)
+            return Decision(True, d.limit, d.remaining, d.reset_after, 0.0, lease=held, fallback=True)
         lease = Lease(self, key, lease_id) if reply[0] else None
         self._fallback.tally.add("allowed" if lease else "denied")
         return to_decision(reply, lease)
@@ -544,7 +568,7 @@ class Concurrency(AsyncRateLimiter):
         try:
             return to_decision(await self._run(key, "peek"))
         except BACKEND_ERRORS as error:
-            return self._fallback.decision(error, self.limit)
+            return self._fallback.decision(error, self.limit, key, cost, "peek")
 
     async def get_limit(self, key: Key) -> Tuple[bool, int]:
         d = await self.peek(key)

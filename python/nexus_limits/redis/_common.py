@@ -93,10 +93,37 @@ def check_name(name: Any) -> Optional[str]:
     return name
 
 
-def check_on_error(on_error: Any) -> str:
+def check_on_error(on_error: Any, local: bool = False) -> str:
+    """``local``: the limiter can answer from an in-process twin (on_error="local")."""
+    if on_error == "local" and local:
+        return "local"
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of 'allow', 'deny', 'raise', got {on_error!r}")
+        also = ", 'local'" if local else ""
+        raise ValueError(f"on_error must be one of 'allow', 'deny', 'raise'{also}, got {on_error!r}")
     return str(on_error)
+
+
+def check_replicas(replicas: Any) -> int:
+    if isinstance(replicas, bool) or not isinstance(replicas, int):
+        raise TypeError(f"replicas must be a positive int, got {type(replicas).__name__}")
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    return replicas
+
+
+def local_twin(model: Any, replicas: int, clock: Optional[ManualClock]) -> Any:
+    """An in-process limiter of ``model``'s algorithm with its quota divided by
+    ``replicas`` (at least one unit): what this process may admit while Redis is away,
+    so that all replicas together stay near the shared quota."""
+    rate = model.rate
+    per = nl.Rate(max(rate.count // replicas, 1), rate.period)
+    share = max(model.limit // replicas, 1)
+    kind = type(model)
+    if kind is nl.TokenBucket:
+        return kind(per, burst=share, clock=clock)
+    if kind is nl.LeakyBucket:
+        return kind(per, capacity=share, clock=clock)
+    return kind(per, clock=clock)
 
 
 def check_clock(clock: Any) -> Optional[ManualClock]:
@@ -207,7 +234,7 @@ class Tally:
 
     __slots__ = ("counts", "lock")
 
-    NAMES = ("allowed", "denied", "near_limit", "shadow_denied", "errors", "fail_open", "fail_closed")
+    NAMES = ("allowed", "denied", "near_limit", "shadow_denied", "errors", "fail_open", "fail_closed", "fail_local")
 
     def __init__(self) -> None:
         self.counts = dict.fromkeys(self.NAMES, 0)
@@ -245,26 +272,37 @@ class Tally:
 
 
 class Fallback:
-    """The on_error policy of one limiter."""
+    """The on_error policy of one limiter; ``local`` is its in-process twin, which
+    answers the checks while the store is away when on_error is "local"."""
 
-    __slots__ = ("on_error", "tally", "what")
+    __slots__ = ("local", "on_error", "tally", "what")
 
-    def __init__(self, on_error: str, what: str, tally: Optional[Tally] = None) -> None:
+    def __init__(self, on_error: str, what: str, tally: Optional[Tally] = None, local: Any = None) -> None:
         self.on_error = on_error
         self.what = what
         self.tally = tally or Tally()
+        self.local = local
 
-    def decision(self, error: BaseException, limit: int) -> Decision:
+    def decision(self, error: BaseException, limit: int, key: Any = None, cost: int = 1, mode: str = "") -> Decision:
+        """The answer instead of the store's. ``mode`` ("hit" or "peek", with ``key`` and
+        ``cost``) is given by checks, which on_error="local" answers in-process; other
+        calls (reset, release, settle) answer as "allow" does in that mode."""
         if not is_outage(error):
             raise error
         self.tally.add("errors")
+        if self.on_error == "local" and mode:
+            self.tally.add("fail_local")
+            d = self.local.hit(key, cost) if mode == "hit" else self.local.peek(key, cost)
+            return Decision(
+                d.allowed, d.limit, d.remaining, d.reset_after, d.retry_after, d.delay, d.lease, fallback=True
+            )
         if self.on_error == "raise":
             if is_full(error):
                 raise BackendUnavailable(
                     f"{self.what}: the store is full (used memory > maxmemory) and refused the check: {error}"
                 ) from error
             raise BackendUnavailable(f"{self.what}: the store could not be reached: {error}") from error
-        allowed = self.on_error == "allow"
+        allowed = self.on_error in ("allow", "local")
         self.tally.add("fail_open" if allowed else "fail_closed")
         return Decision(allowed, limit, 0, 0.0, 0.0 if allowed else FALLBACK_RETRY, fallback=True)
 
@@ -272,7 +310,19 @@ class Fallback:
 class RateSpec:
     """One Redis-backed rate limiter's fixed part: its model, key suffix and script arguments."""
 
-    __slots__ = ("algorithm", "args", "clock", "fallback", "model", "prefix", "script", "shadow", "suffix", "unit")
+    __slots__ = (
+        "algorithm",
+        "args",
+        "clock",
+        "fallback",
+        "model",
+        "prefix",
+        "replicas",
+        "script",
+        "shadow",
+        "suffix",
+        "unit",
+    )
 
     def __init__(
         self,
@@ -299,7 +349,14 @@ class RateSpec:
         self.script = SINGLE[algorithm]
         self.shadow = False
         self.set_args(a, b)
-        self.fallback = Fallback(check_on_error(on_error), f"{type(model).__name__} on Redis")
+        self.fallback = Fallback(check_on_error(on_error, local=True), f"{type(model).__name__} on Redis")
+        self.replicas = 1
+
+    def set_replicas(self, replicas: Any) -> None:
+        """How many processes share the quota: on_error="local" gives each its share."""
+        self.replicas = check_replicas(replicas)
+        if self.fallback.on_error == "local":
+            self.fallback.local = local_twin(self.model, self.replicas, self.clock)
 
     def set_args(self, a: str, b: str) -> None:
         # The fourth value tells a Composite's script that the part is in shadow mode.
