@@ -131,7 +131,13 @@ addresses = st.one_of(
 @SETTINGS
 @given(addresses, st.lists(addresses, max_size=5), st.booleans())
 def test_client_ip_from_hostile_forwarding_headers(peer, hops, forwarded):
-    trusted = parse_key_spec("ip", ["10.0.0.0/8", "::1/128"])
+    # Per address (ipv6_prefix=128), reading the header this request carries.
+    trusted = parse_key_spec(
+        "ip",
+        ["10.0.0.0/8", "::1/128"],
+        forwarded_header="forwarded" if forwarded else "x-forwarded-for",
+        ipv6_prefix=128,
+    )
     headers = {"forwarded": ", ".join(f"for={h}" for h in hops)} if forwarded else {"x-forwarded-for": ", ".join(hops)}
     ip = trusted(Request("GET", "/", headers, "", peer))
     # Never an address the peer did not vouch for: the peer itself, or a parsed hop.

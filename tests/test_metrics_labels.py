@@ -91,10 +91,6 @@ def test_fastapi_and_flask_requests_carry_the_watched_name(clock):
     assert requests_by_limiter(metrics)["api"] == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs adapters/_common.py to pass the deciding limiter: metrics.observe(..., source=limiter)",
-)
 def test_the_middleware_labels_a_watched_limiter_with_its_watched_name(clock):
     from nexus_limits.adapters.asgi import RateLimitMiddleware
 

@@ -284,7 +284,7 @@ def check_sync(limits: Limits, request: Request) -> Optional[Check]:
     else:
         decision = limiter.hit(limiter_key(key), cost)
     if limits.metrics is not None:
-        limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision)
+        limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision, source=limiter)
     return answer(limits, limiter, decision, name, each)
 
 
@@ -313,7 +313,7 @@ async def check_async(limits: Limits, request: Request) -> Optional[Check]:
         result = method(key, cost)
     decision, each = (result[0], list(result[1])) if isinstance(result, tuple) else (result, None)
     if limits.metrics is not None:
-        limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision)
+        limits.metrics.observe(name, tier, route, time.perf_counter() - started, decision, source=limiter)
     return answer(limits, limiter, decision, name, each)
 
 

@@ -33,7 +33,7 @@ from starlette.responses import Response
 from .._core import Decision
 from ..errors import BadRequest, RateLimitExceeded
 from ._common import PROBLEM_TYPE, Check, Limits, check_async, problem, release
-from .asgi import request_of
+from .asgi import request_of, target_of
 from .decorators import LabelledMetrics, default_policy_name, exceeded_answer, limiter_of, merge_headers
 from .headers import ALL_HEADERS, HeaderOptions
 
@@ -177,7 +177,7 @@ class RateLimit:
                 _KEY.set(await _maybe_await(self._key_callable(request)))
             if self._cost_callable is not None:
                 _COST.set(await _maybe_await(self._cost_callable(request)))
-            return await check_async(self.limits, request_of(request.scope))
+            return await check_async(self.limits, request_of(request.scope, target_of(request.scope)))
         except BadRequest as error:
             raise _bad_request(error) from None
 
