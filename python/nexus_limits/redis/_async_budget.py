@@ -45,7 +45,6 @@ class TokenLimiter:
         client = check_client(client, want_async=ASYNC)
         self._channel = channel_for(client, want_async=ASYNC)
         self._plan = BudgetPlan(
-            client,
             requests,
             tokens,
             daily_tokens,

@@ -29,7 +29,6 @@ class BudgetPlan:
 
     def __init__(
         self,
-        client: Any,
         requests: Any,
         tokens: Any,
         daily_tokens: Any,
@@ -40,7 +39,6 @@ class BudgetPlan:
         on_error: str,
         clock: Optional[ManualClock],
     ) -> None:
-        self.client = client
         # Validates exactly like the in-process limiter, and knows the rates.
         self.model = nl.TokenLimiter(requests, tokens, daily_tokens, concurrency, lease_ttl=lease_ttl)
         self.prefix = check_prefix(prefix)
