@@ -13,9 +13,17 @@ Two kinds of numbers, both with low-cardinality labels only (never a raw API key
   ``nexus_limits_own_quotas`` (keys with a quota set by ``set_quota``),
   ``nexus_limits_tokens_total{limiter,kind}`` (``reserved``, ``settled``, ``refunded``),
   ``nexus_limits_backend_errors_total{limiter}`` and
-  ``nexus_limits_fallback_total{limiter,answer}`` (``allow``/``deny`` answers given by
-  ``on_error`` while the store was away). ``limit`` names a TokenLimiter's part
-  (``requests``, ``tokens``, ``daily_tokens``) and is empty for other limiters.
+  ``nexus_limits_fallback_total{limiter,answer}`` (``allow``/``deny``/``local`` answers
+  given by ``on_error`` while the store was away: ``local`` is the in-process share of
+  ``on_error="local"``). Redis limiters also report their client's circuit breaker,
+  ``nexus_limits_breaker_open{limiter}`` (1 while it is open and checks answer
+  ``on_error`` without trying the server; on a cluster, how many nodes' breakers are
+  open) and ``nexus_limits_breaker_trips_total{limiter}`` (times it opened), and, with
+  quota leasing on, ``nexus_limits_quota_lease_total{limiter,kind}`` (``taken``: blocks of
+  quota leased; ``units``: units in them; ``returned``: units given back unspent;
+  ``saved``: round trips saved by checks answered from a block). ``limit`` names a
+  TokenLimiter's part (``requests``, ``tokens``, ``daily_tokens``) and is empty for
+  other limiters.
 
 The ``limiter`` label of the per-request numbers is the name the limiter is watched
 under (``metrics.watch(api, "api")``), so that both kinds of numbers about one limiter
@@ -213,6 +221,19 @@ class Metrics:
         fallback = CounterMetricFamily(
             f"{ns}_fallback", "Answers given by on_error while the store was away", labels=("limiter", "answer")
         )
+        breaker_open = GaugeMetricFamily(
+            f"{ns}_breaker_open",
+            "1 while the store client's circuit breaker is open (on a cluster: nodes open)",
+            labels=("limiter",),
+        )
+        breaker_trips = CounterMetricFamily(
+            f"{ns}_breaker_trips", "Times the store client's circuit breaker opened", labels=("limiter",)
+        )
+        leases = CounterMetricFamily(
+            f"{ns}_quota_lease",
+            "Quota leasing: blocks taken, units in them, returned, round trips saved",
+            labels=("limiter", "kind"),
+        )
         with self._lock:
             watched = list(self._watched.items())
         for name, limiter in watched:
@@ -236,11 +257,28 @@ class Metrics:
                 errors.add_metric((name,), stats["errors"])
                 fallback.add_metric((name, "allow"), stats["fail_open"])
                 fallback.add_metric((name, "deny"), stats["fail_closed"])
-        yield from (checks, near, keys, evicted, own, tokens, errors, fallback)
+                if "fail_local" in stats:
+                    fallback.add_metric((name, "local"), stats["fail_local"])
+            if "breaker_open" in stats:
+                breaker_open.add_metric((name,), stats["breaker_open"])
+                breaker_trips.add_metric((name,), stats["breaker_trips"])
+            for kind, stat in _LEASE_STATS:
+                if stat in stats:
+                    leases.add_metric((name, kind), stats[stat])
+        yield from (checks, near, keys, evicted, own, tokens, errors, fallback, breaker_open, breaker_trips, leases)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format (what a /metrics endpoint serves)."""
         return _prometheus().generate_latest(self.registry)  # type: ignore[no-any-return]
+
+
+# The ``kind`` label of nexus_limits_quota_lease_total -> the stats() entry it reports.
+_LEASE_STATS = (
+    ("taken", "leases_taken"),
+    ("units", "units_leased"),
+    ("returned", "units_returned"),
+    ("saved", "round_trips_saved"),
+)
 
 
 def _parts(stats: Dict[str, Any]) -> Iterable[Tuple[str, Dict[str, Any]]]:
