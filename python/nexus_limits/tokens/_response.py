@@ -169,9 +169,9 @@ def _stage(name: str) -> Optional[_Stage]:
 
 # --- JSON scanning ----------------------------------------------------------------------
 
-_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)
 _TOKENS_TRACKED = re.compile(rb'[\[\]{}",:]')
 _TOKENS = re.compile(rb'[\[\]{}"]')
+_CLOSING = re.compile(rb"[\]}]")
 _NOT_SPACE = re.compile(rb"[^ \t\r\n]")
 # Small containers nested at most two deep (logprobs entries, tool-call objects) are
 # skipped in one regex match instead of token by token; the match looks at most
@@ -270,23 +270,30 @@ class _JsonScan:
                             self._key += data[pos : pos + 1]
                         pos += 1
                         continue
+                    # The string ends at the first quote after an even run of backslashes
+                    # (memchr finds quotes; only the backslashes just before one are counted).
                     end = data.find(b'"', pos)
-                    if end < 0 or data.find(b"\\", pos, end) >= 0:
-                        # Escapes (or the chunk ends first): the regex pairs them up.
-                        end = _STRING_REST.match(data, pos).end()  # type: ignore[union-attr]
-                    steps += 1
+                    while end >= 0:
+                        k = end
+                        while k > pos and data[k - 1] == 92:
+                            k -= 1
+                        steps += 1 + end - k
+                        if not (end - k) & 1:
+                            break
+                        end = data.find(b'"', end + 1)
                     if steps > limit:
                         raise _GiveUp(f"the JSON document needs more than {_MAX_STEPS} steps to scan")
+                    if end < 0:  # the string goes on in the next chunk
+                        k = n
+                        while k > pos and data[k - 1] == 92:
+                            k -= 1
+                        self._escape = bool((n - k) & 1)  # a backslash whose pair comes next
+                        if self._key is not None and len(self._key) <= 256:
+                            self._key += data[pos : min(n, pos + 257)]
+                        break
                     if self._key is not None and len(self._key) <= 256:
                         self._key += data[pos : min(end, pos + 257)]
-                    if end == n:
-                        break
                     pos = end + 1
-                    if data[end] == 92:  # a backslash ending the chunk: its pair comes next
-                        if self._key is not None:
-                            self._key += b"\\"
-                        self._escape = True
-                        continue
                     self._in_string = False
                     if self._key is not None:
                         self._end_key()
@@ -306,7 +313,9 @@ class _JsonScan:
                     if c == 34:
                         self._in_string = True
                     elif c == 123 or c == 91:
-                        flat = _FLAT[c].match(data, i, i + _FLAT_SPAN)
+                        # Tried only when a bracket closes within reach: a failed match is costly.
+                        end = i + _FLAT_SPAN
+                        flat = _FLAT[c].match(data, i, end) if _CLOSING.search(data, i, end) else None
                         if flat is not None:
                             pos = flat.end()
                         elif depth >= _MAX_DEPTH:
