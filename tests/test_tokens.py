@@ -80,6 +80,28 @@ def test_counts_equal_tiktoken_on_tricky_text(text, model, encoding):
     assert nt.count_tokens(text, model=model) == len(enc.encode(text, disallowed_special=()))
 
 
+WORDS = st.lists(
+    st.text(alphabet=st.sampled_from("ab1 .,'\n\t\u00e9\u4e2d\U0001f44d!?-_"), min_size=0, max_size=12),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=WORDS, piece=st.integers(4, 40), encoding=st.sampled_from(["o200k_base", "cl100k_base", "r50k_base"]))
+def test_long_text_is_encoded_in_pieces_without_changing_the_count(words, piece, encoding):
+    from nexus_limits.tokens import _count
+
+    text = " ".join(words)
+    enc = nt.get_encoding(encoding)
+    tokens, exact = _count._encoded_length(enc, text, piece)
+    whole = len(enc.encode_ordinary(text))
+    if exact:
+        assert tokens == whole, "cut only where no token changes"
+    else:
+        assert abs(tokens - whole) <= len(text) // (piece // 2) + 1, "only where no space allowed a cut"
+
+
 def test_special_tokens_count_as_text():
     assert nt.count_tokens("<|endoftext|>", "gpt-4") == 7
     assert nt.count_tokens("<|endoftext|>", "gpt-4") != 1

@@ -330,7 +330,7 @@ def asgi_call(app: Any, path: str, raw: bytes, headers: Any = AUTH) -> Tuple[int
 def test_the_middleware_answers_any_json_with_a_200_or_a_400(body, path):
     app = LLMLimitMiddleware(fake_llm.app, limiter=budget())
     status, answer = asgi_call(app, path, json.dumps(body).encode())
-    assert status in (200, 400), answer
+    assert status in (200, 400, 429), answer
     if status == 400:
         assert json.loads(answer)
 
@@ -338,14 +338,20 @@ def test_the_middleware_answers_any_json_with_a_200_or_a_400(body, path):
 # -- a big body does not stall other clients --------------------------------------------
 
 
-def test_a_huge_body_is_counted_without_stalling_other_clients():
+def test_a_huge_body_is_counted_without_stalling_other_clients(monkeypatch):
+    from nexus_limits.tokens import _count
+
+    # Every character counted exactly: the longest a body of this size can take.
+    monkeypatch.setattr(_count, "MAX_EXACT_CHARS", 10_000_000)
     words = " ".join(f"w{i % 977}x{i % 13}" for i in range(700_000))[:5_000_000]
     big = {"model": "gpt-4o", "messages": [{"role": "user", "content": words}], "max_tokens": 10}
     raw = json.dumps(big).encode()
     assert len(raw) > 4_900_000
+    count_request_tokens(CHAT)  # the encoding is built once, before timing
     started = time.perf_counter()
+    json.loads(raw)
     count_request_tokens(big)
-    counting = time.perf_counter() - started  # counted once here, on an idle core
+    counting = time.perf_counter() - started  # parsed and counted here, on the loaded machine as it is
     tl = budget(tokens="100000000/hour")
     with ASGIServer(LLMLimitMiddleware(fake_llm.app, limiter=tl)) as server:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -372,9 +378,9 @@ def test_a_huge_body_is_counted_without_stalling_other_clients():
         thread.join(60)
     assert big_status == [200]
     assert small >= 3, "small requests went through while the big one was being counted"
-    assert slowest < max(counting / 2, 0.05), (
-        f"a small request took {slowest:.3f} s while counting the big body takes {counting:.3f} s"
-    )
+    # Counted on the event loop, a small request would wait the whole counting time.
+    bound = counting / 2
+    assert slowest < bound, f"a small request took {slowest:.3f} s; counting the big body takes {counting:.3f} s"
 
 
 def test_counting_is_bounded_whatever_the_text(monkeypatch):

@@ -101,6 +101,45 @@ def _optional_str(value: Any, field: str) -> str:
 MAX_EXACT_CHARS = 1_000_000
 # The least tokens per character assumed when extrapolating (English runs about 0.25).
 MIN_TOKENS_PER_CHAR = 0.25
+# Longer text is encoded in pieces of about this many characters: tiktoken releases the
+# GIL while it encodes, but holds it to build the list of tokens it returns, so one call
+# on a whole 5 MB text would stop every other thread for 0.1 s.
+PIECE_CHARS = 65_536
+
+
+def _cut(text: str, start: int, end: int) -> Optional[int]:
+    """A place to split ``text`` in the second half of ``(start, end)`` that changes no
+    token: before a single space between two non-space characters (every encoding's
+    pre-tokeniser starts a new piece there). None when there is none."""
+    low = start + (end - start) // 2
+    i = text.rfind(" ", low, end)
+    while i > low:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", low, i)
+    return None
+
+
+def _encoded_length(encoding: Any, text: str, piece: Optional[int] = None) -> Tuple[int, bool]:
+    """(tokens, exact) of ``text``, encoded ``piece`` characters (``PIECE_CHARS``) at a
+    time. Not exact only when a piece had to be cut where no space allowed it."""
+    piece = piece or PIECE_CHARS
+    if len(text) <= piece:
+        return len(encoding.encode_ordinary(text)), True
+    tokens = 0
+    exact = True
+    start = 0
+    while start < len(text):
+        end = min(start + piece, len(text))
+        if end < len(text):
+            cut = _cut(text, start, end)
+            if cut is None:
+                exact = False
+            else:
+                end = cut
+        tokens += len(encoding.encode_ordinary(text[start:end]))
+        start = end
+    return tokens, exact
 
 
 def _encoding(model: Optional[str]) -> Tuple[Any, bool]:
@@ -145,7 +184,8 @@ class _Counter:
             return
         head = value if len(value) <= self.budget else value[: self.budget]
         if head:
-            n = len(self.encoding.encode_ordinary(head))
+            n, exact = _encoded_length(self.encoding, head)
+            self.exact = self.exact and exact
             self.tokens += n
             self.budget -= len(head)
             self.seen_chars += len(head)
