@@ -98,7 +98,8 @@ def test_concurrency_leases(clock):
     assert c.get_limit("k") == (True, 2), "expired leases free their places"
     assert b.release() is False
     assert len(c) == 0, "a key without live leases is dropped"
-    c.try_acquire("crashed-holder")
+    crashed = c.try_acquire("crashed-holder")
+    assert crashed
     clock.advance(30)
     assert len(c) == 1
     assert c.sweep() == 1 and len(c) == 0
@@ -129,7 +130,8 @@ def test_lease_context_managers(clock):
 
 def test_acquire_on_manual_clock_waits_for_expiry(clock):
     c = nl.Concurrency(1, lease_ttl=10, clock=clock)
-    c.try_acquire("k")
+    held = c.try_acquire("k")
+    assert held
     lease = c.acquire("k")
     assert clock.now == pytest.approx(10.0)
     with pytest.raises(nl.RateLimitExceeded):
@@ -137,7 +139,8 @@ def test_acquire_on_manual_clock_waits_for_expiry(clock):
     lease.release()
 
     async def main() -> None:
-        c.try_acquire("j")
+        held_j = c.try_acquire("j")
+        assert held_j
         await c.acquire_async("j")
         assert clock.now == pytest.approx(20.0)
 
@@ -174,7 +177,8 @@ def test_async_acquire_polls_until_release():
         loop.call_later(0.03, first.release)
         second = await c.acquire_async("k", timeout=2)
         second.release()
-        c.try_acquire("k")
+        held = c.try_acquire("k")
+        assert held
         with pytest.raises(nl.RateLimitExceeded):
             await c.acquire_async("k", timeout=0.02)
 

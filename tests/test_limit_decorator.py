@@ -231,3 +231,33 @@ def test_merge_headers():
     ]
     assert merge_headers([a]) == a
     assert merge_headers([b, b])[-1] == ("Retry-After", "1")
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_a_concurrency_lease_is_held_for_the_call_and_released_after(wait):
+    one = nl.Concurrency(1)
+    seen = []
+
+    @nl.limit(one, key="job", wait=wait, timeout=0.1)
+    def work():
+        seen.append(one.try_acquire("job"))  # the decorator holds the one place
+        return "done"
+
+    assert work() == "done"
+    assert seen == [None]
+    assert one.try_acquire("job"), "released once the call is over"
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_an_async_call_holds_its_concurrency_lease_too(wait):
+    one = nl.Concurrency(1)
+    seen = []
+
+    @nl.limit(one, key="job", wait=wait, timeout=0.1)
+    async def work():
+        seen.append(one.try_acquire("job"))
+        return "done"
+
+    assert asyncio.run(work()) == "done"
+    assert seen == [None]
+    assert one.try_acquire("job")

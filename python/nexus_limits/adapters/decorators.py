@@ -152,18 +152,24 @@ def limit(
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 k, c = key_of(args, kwargs), cost_of(args, kwargs)
+                held: Any
                 if wait:
                     try:
-                        await limiter.acquire_async(k, c, timeout)
+                        held = await limiter.acquire_async(k, c, timeout)
                     except RateLimitExceeded as error:
                         _exceeded(error, limiter, policy)
                         raise
                 else:
                     result = limiter.hit(k, c)
-                    d: Any = await result if inspect.isawaitable(result) else result
-                    if not d.allowed:
-                        raise _exceeded(RateLimitExceeded(k, d, None), limiter, policy)
-                return await fn(*args, **kwargs)
+                    held = await result if inspect.isawaitable(result) else result
+                    if not held.allowed:
+                        raise _exceeded(RateLimitExceeded(k, held, None), limiter, policy)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    pending = _release(held)
+                    if pending is not None:
+                        await pending
 
             return async_wrapper  # type: ignore[return-value]
         if is_async_limiter:
@@ -172,21 +178,36 @@ def limit(
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             k, c = key_of(args, kwargs), cost_of(args, kwargs)
+            held: Any
             if wait:
                 try:
-                    limiter.acquire(k, c, timeout)
+                    held = limiter.acquire(k, c, timeout)
                 except RateLimitExceeded as error:
                     _exceeded(error, limiter, policy)
                     raise
             else:
-                d: Any = limiter.hit(k, c)
-                if not d.allowed:
-                    raise _exceeded(RateLimitExceeded(k, d, None), limiter, policy)
-            return fn(*args, **kwargs)
+                held = limiter.hit(k, c)
+                if not held.allowed:
+                    raise _exceeded(RateLimitExceeded(k, held, None), limiter, policy)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _release(held)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _release(held: Any) -> Any:
+    """Ends the Concurrency lease that admitted a call, once the call is over: ``held`` is
+    what ``acquire`` returned (a Lease, or a Decision) or ``hit``'s Decision. Returns the
+    awaitable of an asyncio lease, if any."""
+    lease = held if callable(getattr(held, "release", None)) else getattr(held, "lease", None)
+    if lease is None:
+        return None
+    result = lease.release()
+    return result if inspect.isawaitable(result) else None
 
 
 def merge_headers(groups: Sequence[Headers]) -> Headers:
