@@ -273,6 +273,21 @@ def test_json_usage_anywhere_but_only_at_the_top():
     assert read("openai", [b"\xef\xbb\xbf" + json.dumps(CHAT_JSON).encode()], None)[0] == nt.Usage(100, 20, 64, 8)
 
 
+def test_escapes_split_at_every_byte():
+    # Backslash runs and escaped quotes, in keys and values, cut everywhere.
+    doc = {
+        "choices": [{"t": 'a\\"b\\\\', "u\\": ["\\", '"', '\\\\"']}],
+        'k"\\': '\\\\"usage": {"prompt_tokens": 999}',
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+        "z": "\\",
+    }
+    raw = json.dumps(doc).encode()
+    assert b'\\\\\\"' in raw  # an escaped backslash then an escaped quote
+    for cut in range(len(raw) + 1):
+        assert read("openai", [raw[:cut], raw[cut:]], "application/json")[0] == nt.Usage(3, 4), cut
+    assert read("openai", cut_into(raw, 1), "application/json")[0] == nt.Usage(3, 4)
+
+
 def test_big_json_bodies_read_in_bounded_memory():
     # 10 MB of embeddings: usage is at the end; nothing of the body is kept.
     body = {

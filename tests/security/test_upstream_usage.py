@@ -595,3 +595,27 @@ def test_strip_removes_exactly_the_usage_chunk(texts, eol, cuts, comment):
     out = b"".join(r.feed(p) for p in split(stream, cuts)) + r.flush()
     assert out == content + event("[DONE]")
     assert r.finish() == nt.Usage(7, 3)
+
+
+# --- upstream rate-limit headers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["-5", "-0.5e3", "1e16", "1e400", "nan", "inf", "", "many", "0x10"])
+def test_upstream_limit_counts_that_are_garbage_read_as_unknown(bad):
+    limits = nt.parse_rate_limit_headers(
+        {
+            "x-ratelimit-remaining-tokens": bad,
+            "x-ratelimit-limit-tokens": bad,
+            "anthropic-ratelimit-requests-remaining": bad,
+        }
+    )
+    assert limits.tokens is not None and limits.tokens.remaining is None and limits.tokens.limit is None
+    assert limits.requests is not None and limits.requests.remaining is None
+
+
+@pytest.mark.parametrize("bad", ["1" * 400 + "h", "9" * 310 + "s"])
+def test_upstream_durations_that_overflow_are_refused(bad):
+    with pytest.raises(ValueError, match="out of range"):
+        nt.parse_go_duration(bad)
+    limits = nt.parse_rate_limit_headers({"x-ratelimit-remaining-tokens": "5", "x-ratelimit-reset-tokens": bad})
+    assert limits.tokens is not None and limits.tokens.remaining == 5 and limits.tokens.reset is None

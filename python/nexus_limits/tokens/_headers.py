@@ -29,6 +29,8 @@ def parse_go_duration(text: str) -> float:
         pos = match.end()
     if pos != len(text):
         raise ValueError(f"malformed duration {text!r}")
+    if not math.isfinite(total):  # "1e400"-sized digits overflow a float
+        raise ValueError(f"duration out of range: {text[:40]!r}")
     return total
 
 
@@ -50,12 +52,15 @@ class UpstreamLimits(NamedTuple):
 
 
 def _int(value: Optional[str]) -> Optional[int]:
+    """A count from a header: None unless a number in [0, 2**53] (negative or huge
+    counts are garbage, and would read as "exhausted" or "unlimited")."""
     if value is None:
         return None
     try:
-        return int(float(value.strip()))
+        number = int(float(value.strip()))
     except (ValueError, OverflowError):  # not a number, or inf/nan
         return None
+    return number if 0 <= number <= 2**53 else None
 
 
 def _seconds_until(stamp: str, now: _dt.datetime) -> Optional[float]:
