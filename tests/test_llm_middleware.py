@@ -229,3 +229,49 @@ def test_spend_refusal_refunds_the_token_reservation():
     with ASGIServer(app) as server, httpx.Client(base_url=server.url) as http:
         assert http.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 429
     assert remaining(tl) == 10000, "the tokens reserved before the spend check were refunded"
+
+
+def test_the_ip_key_reads_the_forwarding_header_the_operator_names():
+    """forwarded_header and ipv6_prefix reach the key as for the other adapters: behind a
+    trusted proxy that writes X-Real-IP, two clients are two keys, and the client's own
+    X-Forwarded-For is ignored."""
+    import asyncio
+
+    from nexus_limits.adapters.llm import LLMLimitMiddleware
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    mw = LLMLimitMiddleware(
+        app,
+        nl.TokenLimiter(requests="1/minute"),
+        key="ip",
+        trusted_proxies=["10.0.0.1"],
+        forwarded_header="x-real-ip",
+        meter_all=True,
+    )
+
+    def status(real_ip: str, spoofed: str) -> int:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/v1/models",
+            "query_string": b"",
+            "headers": [(b"x-real-ip", real_ip.encode()), (b"x-forwarded-for", spoofed.encode())],
+            "client": ("10.0.0.1", 5000),
+        }
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(mw(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status("203.0.113.7", "1.1.1.1") == 200
+    assert status("203.0.113.7", "2.2.2.2") == 429, "a spoofed X-Forwarded-For is no new key"
+    assert status("203.0.113.8", "1.1.1.1") == 200, "another client behind the proxy"

@@ -54,7 +54,7 @@ from ..tokens._response import UsageReader
 from ..tokens._usage import Usage, UsageError
 from ._common import KeyFunc, parse_key_spec, problem
 from ._target import normalize_target
-from .asgi import Message, Receive, Scope, Send, _raw, request_of
+from .asgi import Message, Receive, Scope, Send, _raw, request_of, target_of
 
 __all__ = ["LLMLimitMiddleware"]
 
@@ -362,7 +362,7 @@ class LLMLimitMiddleware:
     (``"bearer"``, ``"header:<name>"``, a list of them, or a callable). ``output``: an
     :class:`~nexus_limits.tokens.OutputEstimate` for requests without a cap.
     ``openai_paths`` / ``anthropic_paths``: which POST paths are LLM calls.
-    ``trusted_proxies`` as for ``key="ip"``.
+    ``trusted_proxies``, ``forwarded_header`` and ``ipv6_prefix`` as for ``key="ip"``.
 
     ``meter_all``: every other request (any path, any method) is charged one request
     and 0 tokens, and holds a concurrency place while it runs, so that no route to the
@@ -391,6 +391,8 @@ class LLMLimitMiddleware:
         openai_paths: Sequence[str] = OPENAI_PATHS,
         anthropic_paths: Sequence[str] = ANTHROPIC_PATHS,
         trusted_proxies: Sequence[str] = (),
+        forwarded_header: str = "x-forwarded-for",
+        ipv6_prefix: int = 64,
         metrics: Any = None,
         metrics_labels: Tuple[str, str] = ("llm", ""),
         meter_all: bool = False,
@@ -416,7 +418,9 @@ class LLMLimitMiddleware:
         self.app = app
         self.limiter = limiter
         self.spend = spend
-        self.key_func: KeyFunc = parse_key_spec(key, trusted_proxies)
+        self.key_func: KeyFunc = parse_key_spec(
+            key, trusted_proxies, forwarded_header=forwarded_header, ipv6_prefix=ipv6_prefix
+        )
         self.output = output if output is not None else OutputEstimate()
         self.include_usage = include_usage
         self.paths = {normalize_target("POST", p)[1]: "openai" for p in openai_paths}
@@ -437,7 +441,7 @@ class LLMLimitMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            method, path = normalize_target(scope.get("method", ""), scope.get("path", ""), scope.get("raw_path"))
+            method, path = target_of(scope)
         except BadRequest as error:
             await _refuse(send, _Format("problem"), 400, str(error))
             return
@@ -450,7 +454,7 @@ class LLMLimitMiddleware:
             await self.app(scope, receive, send)
 
     def _key(self, scope: Scope) -> Any:
-        return self.key_func(request_of(scope))
+        return self.key_func(request_of(scope, target_of(scope)))
 
     def _observe(self, route: str, started: float, decision: Any) -> None:
         if self.metrics is not None:
