@@ -201,14 +201,14 @@ class Harness:
     def decisions(self) -> Dict[str, float]:
         return decisions(self.server)
 
-    def settled_since(self, before: int, expected: int, timeout: float = 0.3) -> int:
+    def settled_since(self, before: int, expected: int, timeout: float = 1.0) -> int:
         """The tokens settled since ``before`` (a :meth:`settled` reading), polled until
         they reach ``expected`` or ``timeout`` passes: the gateway settles just after the
         last byte went out."""
         wait_for(lambda: self.settled() - before == expected, timeout)
         return self.settled() - before
 
-    def released(self, key: str, timeout: float = 0.3) -> bool:
+    def released(self, key: str, timeout: float = 1.0) -> bool:
         """True once the key holds no concurrency lease (polled up to ``timeout``)."""
         return bool(wait_for(lambda: self.in_flight(key) == 0, timeout))
 
