@@ -9,13 +9,17 @@ True
 (True, 14)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._core import Decision, Lease, ManualClock, Rate, SharedMemoryStore
 from ._core import __version__ as __version__
-from .adapters.decorators import limit
 from .base import AsyncRateLimiter, RateLimiter
 from .budget import Reservation, TokenLimiter
 from .errors import BackendUnavailable, BadRequest, NexusLimitsError, RateLimitExceeded
 from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
+
+if TYPE_CHECKING:
+    from .adapters.decorators import limit
 
 __all__ = [
     "AsyncRateLimiter",
@@ -40,3 +44,17 @@ __all__ = [
     "__version__",
     "limit",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `limit` lives with the adapters, which load asyncio; importing it on first use keeps
+    # `import nexus_limits` light.
+    if name == "limit":
+        from .adapters.decorators import limit
+
+        return limit
+    raise AttributeError(f"module 'nexus_limits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "limit"})

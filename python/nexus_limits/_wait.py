@@ -8,8 +8,6 @@ a ManualClock is advanced instead of slept on.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import math
 import time
 from typing import Any, Awaitable, Callable, Optional, Union
@@ -64,6 +62,8 @@ class Deadline:
             time.sleep(seconds)
 
     async def sleep_async(self, seconds: float) -> None:
+        import asyncio  # here, so that `import nexus_limits` does not load asyncio
+
         if self.clock is not None:
             self.clock.advance(seconds)
             await asyncio.sleep(0)
@@ -89,7 +89,7 @@ async def acquire_async(
     deadline = Deadline(clock, timeout)
     while True:
         result = hit(key, cost)
-        decision: Decision = await result if inspect.isawaitable(result) else result
+        decision: Decision = await result if hasattr(result, "__await__") else result
         if decision.allowed:
             return decision
         await deadline.sleep_async(deadline.wait_for(key, decision))

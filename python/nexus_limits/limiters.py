@@ -9,7 +9,6 @@ context managers of :class:`Concurrency`.
 
 from __future__ import annotations
 
-import asyncio
 from types import TracebackType
 from typing import Any, Optional, Type
 
@@ -210,6 +209,8 @@ class Concurrency(_core.Concurrency, RateLimiter):
 
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
         """``acquire`` for asyncio: polls with ``asyncio.sleep`` (1 ms, doubling to 50 ms)."""
+        import asyncio  # here, so that `import nexus_limits` does not load asyncio
+
         deadline = _wait.Deadline(self.clock, timeout)
         poll = 0.001
         while True:
