@@ -22,6 +22,7 @@ from ._count import (
 )
 from ._encodings import EncodingFileError, encoding_for_model, get_encoding
 from ._headers import UpstreamLimit, UpstreamLimits, parse_go_duration, parse_rate_limit_headers
+from ._response import UsageReader
 from ._usage import Usage, UsageError, UsageStream, detect_provider, extract_usage
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "UpstreamLimits",
     "Usage",
     "UsageError",
+    "UsageReader",
     "UsageStream",
     "anthropic_estimator",
     "count_request_tokens",
