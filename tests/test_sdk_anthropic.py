@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import typing
 
 import anthropic
+import httpx
 import pytest
-from support import Harness, bounded, harness, wait_for, within
-from support.fake_provider import ANTHROPIC_OUTPUT, ANTHROPIC_USAGE, COOKIE, ORG_HEADERS, charged
+from support import Harness, bounded, harness, sse_documents, wait_for, within
+from support.fake_provider import ANTHROPIC_OUTPUT, ANTHROPIC_USAGE, COOKIE, ORG_HEADERS, FakeProvider, charged, serve
 
 try:  # the HTTP client of the installed SDK: httpx2 in current releases, httpx before
     from httpx2 import TransportError
@@ -53,6 +55,35 @@ def check_usage(usage) -> None:
     assert usage.cache_read_input_tokens == ANTHROPIC_USAGE["cache_read_input_tokens"]
     assert usage.cache_creation_input_tokens == ANTHROPIC_USAGE["cache_creation_input_tokens"]
     assert usage.output_tokens == ANTHROPIC_OUTPUT
+
+
+def test_the_fake_provider_speaks_the_sdks_formats():
+    """The fake's message, events and errors validate against the installed SDK's own
+    models (pydantic validation, stricter than the SDK's lenient parsing)."""
+    from anthropic.types import Message, RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(typing.get_args(RawMessageStreamEvent)[0])
+    with serve(FakeProvider()) as up, httpx.Client(base_url=up.url, timeout=10) as http:
+        check_usage(Message.model_validate(http.post(PATH, json=ASK).json()).usage)
+        streamed = http.post(PATH, json={**ASK, "stream": True}).text
+        docs = [d for d in sse_documents(streamed) if d["type"] != "ping"]  # the SDK skips pings
+        parsed = [events.validate_python(d) for d in docs]
+        assert [e.type for e in parsed] == [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+        assert parsed[0].message.usage.input_tokens == ANTHROPIC_USAGE["input_tokens"]
+        assert parsed[-2].usage.output_tokens == ANTHROPIC_OUTPUT
+        names = [line[len("event: ") :] for line in streamed.splitlines() if line.startswith("event: ")]
+        assert [n for n in names if n != "ping"] == [e.type for e in parsed], "each event named by its type"
+        error = http.post(PATH, json=ASK, headers={"x-fake": "status=529"})
+        assert error.status_code == 529 and error.json()["error"]["type"] == "overloaded_error"
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

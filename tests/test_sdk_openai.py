@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import typing
 
 import httpx
 import openai
 import pytest
-from support import Harness, bounded, harness, wait_for
-from support.fake_provider import COOKIE, ORG_HEADERS, charged
+from support import Harness, bounded, harness, sse_documents, wait_for
+from support.fake_provider import COOKIE, ORG_HEADERS, FakeProvider, charged, serve
 
 CHAT_PATH = "/v1/chat/completions"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
@@ -36,6 +37,49 @@ def client(h: Harness, key: str, **options) -> openai.OpenAI:
 
 def aclient(h: Harness, key: str, **options) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{h.url}/v1", api_key=key, **options)
+
+
+# --- the fake speaks the real formats ----------------------------------------------------
+
+
+def test_the_fake_provider_speaks_the_sdks_formats():
+    """Every document and event the fake sends validates against the installed SDK's own
+    models (pydantic validation, stricter than the SDK's lenient parsing): the tests
+    below exercise the formats the SDK really reads."""
+    from openai.types import Completion, CreateEmbeddingResponse
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(typing.get_args(ResponseStreamEvent)[0])
+    with serve(FakeProvider()) as up, httpx.Client(base_url=up.url, timeout=10) as http:
+        usage = {"stream": True, "stream_options": {"include_usage": True}}
+        assert ChatCompletion.model_validate(http.post(CHAT_PATH, json=CHAT).json()).usage.total_tokens == 48
+        chunks = sse_documents(http.post(CHAT_PATH, json={**CHAT, **usage}).text)
+        assert [ChatCompletionChunk.model_validate(c).usage for c in chunks][-1].total_tokens == 48
+        ask = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hello"}
+        assert Completion.model_validate(http.post("/v1/completions", json=ask).json()).usage.total_tokens == 20
+        chunks = sse_documents(http.post("/v1/completions", json={**ask, **usage}).text)
+        # The API streams finish_reason null until the end, which the SDK's model (read
+        # leniently for streams) does not allow: only the usage chunk is validated.
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello there"
+        assert Completion.model_validate(chunks[-1]).usage.total_tokens == 20
+        for fmt in ("float", "base64"):
+            ask = {"model": "text-embedding-3-small", "input": ["a", "b"], "encoding_format": fmt}
+            if fmt == "float":
+                CreateEmbeddingResponse.model_validate(http.post("/v1/embeddings", json=ask).json())
+            else:
+                assert isinstance(http.post("/v1/embeddings", json=ask).json()["data"][1]["embedding"], str)
+        ask = {"model": "gpt-4o", "input": "Say hello"}
+        assert Response.model_validate(http.post("/v1/responses", json=ask).json()).usage.total_tokens == 34
+        streamed = http.post("/v1/responses", json={**ask, "stream": True}).text
+        parsed = [events.validate_python(e) for e in sse_documents(streamed)]
+        assert parsed[-1].type == "response.completed" and parsed[-1].response.usage.total_tokens == 34
+        assert [line[len("event: ") :] for line in streamed.splitlines() if line.startswith("event: ")] == [
+            e.type for e in parsed
+        ], "each event named by its type"
+        error = http.post(CHAT_PATH, json=CHAT, headers={"x-fake": "status=429"})
+        assert error.status_code == 429 and error.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 # --- every route, sync and async, plain and streaming ---------------------------------

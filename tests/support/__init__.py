@@ -225,3 +225,14 @@ def harness(
     with serve(provider) as upstream:
         with gateway(tmp_path, upstream.url, {"t": tier}, {k: "t" for k in keys}, key=key, **options) as pair:
             yield Harness(pair[0], pair[1], provider, "t", keys)
+
+
+def sse_documents(text: str) -> List[Any]:
+    """The JSON documents of a server-sent event stream's ``data:`` lines (``[DONE]`` left out)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data = line[len("data:") :].strip()
+            if data != "[DONE]":
+                out.append(json.loads(data))
+    return out
