@@ -1,8 +1,9 @@
 """The reference LLM gateway: ``nexus-limits gateway --config gateway.toml``.
 
 An ASGI app (served by uvicorn) that proxies an OpenAI- or Anthropic-compatible API to
-one upstream with httpx, streaming, and enforces per-key request, token and
-concurrency limits per tier — in-process or on Redis. See ``examples/gateway.toml``.
+one upstream over a pool of kept-alive HTTP/1.1 connections, streaming, and enforces
+per-key request, token and concurrency limits per tier — in-process or on Redis. See
+``examples/gateway.toml``.
 
 The config is TOML, or YAML (``.yaml``/``.yml``, with PyYAML installed); every mistake
 is reported with the file, the line and the field. The gateway reloads it on SIGHUP

@@ -56,6 +56,8 @@ class GatewayConfig:
     keep_alive_timeout: int = 5
     max_connections: int = 512
     max_header_bytes: int = 32 * 1024
+    # Server processes sharing the port (and, through the backend, every limit).
+    workers: int = 1
     key: Union[str, List[str]] = "bearer"
     max_in_flight_per_key: int = 32
     default_tier: Optional[str] = None
@@ -299,6 +301,7 @@ def load_config(path: str) -> GatewayConfig:
             "keep_alive_timeout",
             "max_connections",
             "max_header_bytes",
+            "workers",
         ),
     )
     cfg.host = typed("server", server, "host", str, "a host name or address") or cfg.host
@@ -314,6 +317,7 @@ def load_config(path: str) -> GatewayConfig:
         ("keep_alive_timeout", 1, 3600, True),
         ("max_connections", 1, 1_000_000, True),
         ("max_header_bytes", 1024, 16 * MIB, True),
+        ("workers", 1, 1024, True),
     ):
         v = number("server", server, name, low, high, whole)
         if v is not None:

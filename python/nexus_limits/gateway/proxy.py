@@ -1,4 +1,5 @@
-"""The gateway's forwarding half: one request to the upstream with httpx, streamed back.
+"""The gateway's forwarding half: one request to the upstream (``upstream.Upstream``, a
+pool of kept-alive HTTP/1.1 connections), streamed back.
 
 What goes upstream is exactly what the gateway decided on: the method and the
 normalised path the app put into the scope, after ``[upstream] url``'s own path, and
@@ -13,13 +14,14 @@ or its cookies (unless ``forward_cookies``).
 from __future__ import annotations
 
 import asyncio
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+import re
+from typing import FrozenSet, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from ..adapters._common import PROBLEM_TYPE, problem
 from ..adapters.asgi import Receive, Scope, Send, _raw
 from .config import GatewayConfig
+from .upstream import Upstream
 
 __all__ = ["UPSTREAM_URL", "BadTarget", "Proxy", "reply"]
 
@@ -29,7 +31,8 @@ UPSTREAM_URL = "nexus_limits.upstream_url"
 Headers = List[Tuple[bytes, bytes]]
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
-# framing and routing ones httpx and uvicorn set themselves for their own hop.
+# framing and routing ones the gateway's client and uvicorn set themselves for their
+# own hop.
 _HOP = frozenset(
     {
         b"connection",
@@ -78,9 +81,15 @@ _RATE_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit-", b"x-b
 # the upstream) they tell the client when to come back, so they stay, once.
 _RETRY = (b"retry-after", b"retry-after-ms")
 
-# How many distinct request targets keep their parsed httpx.URL (building one costs
-# ~15 us; LLM clients use a handful of paths). Bounded: targets come from clients.
-_URL_CACHE = 512
+# What may go on the wire as it is, in the path and in the query: printable ASCII
+# except what the WHATWG URL standard percent-encodes there (the sets httpx applies).
+# A target with anything else is refused rather than re-encoded: the upstream must get
+# exactly the target the limits were decided on.
+_PATH_NOT = b' "#<>?`{}'
+_QUERY_NOT = b' "#<>'
+_PATH = re.compile(b"[" + re.escape(bytes(c for c in range(0x21, 0x7F) if c not in _PATH_NOT)) + b"]*")
+_QUERY = re.compile(b"[" + re.escape(bytes(c for c in range(0x21, 0x7F) if c not in _QUERY_NOT)) + b"]*")
+_MAX_TARGET = 65536
 
 
 def _connection_tokens(headers: Iterable[Tuple[bytes, bytes]]) -> FrozenSet[bytes]:
@@ -97,7 +106,7 @@ class BadTarget(ValueError):
 
 
 class Proxy:
-    """Forwards a request to the upstream with httpx, streaming the response back.
+    """Forwards a request to the upstream, streaming the response back.
 
     The app gives it the normalised method and path in the scope (``method``,
     ``raw_path``) and the upstream URL it decided on; the body (at most ``max_body``
@@ -105,12 +114,9 @@ class Proxy:
     """
 
     def __init__(self, cfg: GatewayConfig) -> None:
-        import httpx
-
         self.cfg = cfg
         self.max_body = cfg.max_body_bytes  # the app updates it on a reload
         base = urlsplit(cfg.upstream_url)
-        self.base = httpx.URL(f"{base.scheme}://{base.netloc}")
         self.prefix = base.path.rstrip("/").encode("ascii")
         self.api_key = cfg.upstream_api_key.encode() if cfg.upstream_api_key else None
         drop = set(_REQUEST_DROP)
@@ -121,38 +127,30 @@ class Proxy:
             drop |= {s.split(":", 1)[1].lower().encode() for s in specs if s.startswith("header:")}
         self.response_drop = set(_RESPONSE_DROP)
         if not cfg.forward_cookies:
+            # The upstream's cookies are never kept, nor sent on another client's request.
             drop.add(b"cookie")
             self.response_drop.add(b"set-cookie")
         self.request_drop = frozenset(drop)
-        self._urls: Dict[bytes, Any] = {}
         # One connection per request the server admits: a key's slow requests are
         # capped per key, so the pool can never be what makes another key wait.
-        limits = httpx.Limits(
+        self.client = Upstream(
+            base.scheme,
+            base.hostname or "",
+            base.port,
             max_connections=cfg.max_connections,
-            max_keepalive_connections=min(100, cfg.max_connections),
+            timeout=cfg.upstream_timeout,
         )
-        # The upstream's cookies are never kept (and so never sent on another
-        # client's request).
-        jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-        self.client = httpx.AsyncClient(timeout=cfg.upstream_timeout, limits=limits, cookies=jar)
-        self._request = httpx.Request
 
-    def url(self, raw_path: bytes, query: bytes) -> Any:
-        """The upstream URL for a normalised path and the client's query, checked to be
-        exactly those bytes (httpx would otherwise normalise or re-escape them)."""
+    def url(self, raw_path: bytes, query: bytes) -> bytes:
+        """The upstream target (``[upstream] url``'s path, the normalised path, the
+        client's query) exactly as it goes on the wire; BadTarget when a byte of it
+        would have to be percent-encoded first."""
         target = self.prefix + raw_path + (b"?" + query if query else b"")
-        url = self._urls.get(target)
-        if url is not None:
-            return url
-        try:
-            url = self.base.copy_with(raw_path=target)
-        except Exception as error:  # httpx.InvalidURL, UnicodeDecodeError
-            raise BadTarget(f"the request target cannot be forwarded: {error}") from None
-        if url.raw_path != target:
+        if len(target) > _MAX_TARGET:
+            raise BadTarget(f"the request target is longer than {_MAX_TARGET} bytes")
+        if not _PATH.fullmatch(self.prefix + raw_path) or (query and not _QUERY.fullmatch(query)):
             raise BadTarget("the request target has characters that must be percent-encoded")
-        if not query and len(self._urls) < _URL_CACHE:
-            self._urls[target] = url
-        return url
+        return target
 
     def request_headers(self, headers: Iterable[Tuple[bytes, bytes]]) -> Headers:
         drop = self.request_drop
@@ -200,37 +198,35 @@ class Proxy:
                 break
         body = b"".join(parts)
         method = scope["method"]
-        url = scope.get(UPSTREAM_URL)
-        if url is None:
+        target = scope.get(UPSTREAM_URL)
+        if target is None:
             try:
-                url = self.url(scope["raw_path"], scope.get("query_string", b""))
+                target = self.url(scope["raw_path"], scope.get("query_string", b""))
             except BadTarget as error:
                 await reply(send, 400, problem(400, "Bad Request", str(error)))
                 return
         headers = self.request_headers(scope.get("headers") or ())
-        if not body and method in ("POST", "PUT", "PATCH"):
-            headers.append((b"content-length", b"0"))
-        request = self._request(method, url, headers=headers, content=body)
         try:
-            response = await self.client.send(request, stream=True)
-        except Exception as error:  # httpx.HTTPError and OS errors
-            await reply(
-                send, 502, problem(502, "Bad Gateway", f"the upstream could not be reached: {type(error).__name__}")
-            )
+            response = await self.client.request(method, target, headers, body)
+        except Exception as error:  # UpstreamError, and anything else the connect raised
+            await reply(send, 502, problem(502, "Bad Gateway", f"the upstream could not be reached: {error}"))
             return
         # Watch for the client going away, so a stream it no longer reads is cut at once.
         gone = asyncio.ensure_future(receive())
         try:
-            out_headers = self.response_headers(response.status_code, response.headers.raw)
-            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            async for chunk in response.aiter_raw():
+            out_headers = self.response_headers(response.status, response.headers)
+            await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
+            while True:
+                chunk = await response.read()
+                if not chunk:
+                    break
                 if gone.done() and gone.result().get("type") == "http.disconnect":
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             gone.cancel()
-            await response.aclose()
+            response.close()
 
 
 async def reply(send: Send, status: int, body: bytes, extra: Optional[List[Tuple[str, str]]] = None) -> None:
