@@ -449,6 +449,17 @@ def load_config(path: str) -> GatewayConfig:
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
         raise loc.error("gateway", "default_tier", f"{cfg.default_tier!r} is not a tier")
 
+    if cfg.workers > 1 and cfg.backend != "redis":
+        # Each worker would count on its own: every limit would be multiplied by N.
+        # TokenLimiter and SpendLimiter do not take a SharedMemoryStore, so the
+        # processes share their limits through Redis.
+        raise loc.error(
+            "server",
+            "workers",
+            f"{cfg.workers} workers must share their limits: set [backend] type = 'redis' "
+            "(with the memory backend each worker would count alone, multiplying every limit)",
+        )
+
     prices = table("prices")
     from ..spend import PriceTable
 

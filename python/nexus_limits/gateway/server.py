@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from typing import Any, List, Optional
 
 from .app import Gateway, build_app
@@ -114,7 +115,7 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
     invalid = _problem(400, "Bad Request", "the request is not valid HTTP/1.1 (its line, a header or its framing)")
     too_large = _problem(400, "Bad Request", f"the request line and headers are larger than {max_header_bytes} bytes")
 
-    class Protocol(HttpToolsProtocol):  # type: ignore[misc]
+    class Protocol(HttpToolsProtocol):
         _deadline: Optional[asyncio.TimerHandle] = None
         # Between requests and within a head (True), or within a request's body.
         _in_head = True
@@ -144,7 +145,7 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.transport = _Coalesced(transport, self.loop)
+            self.transport = _Coalesced(transport, self.loop)  # type: ignore[assignment]
             self._arm()
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -234,12 +235,119 @@ def uvicorn_config(app: Gateway, host: Optional[str] = None, port: Optional[int]
 
 
 def run(config_path: str, host: Optional[str] = None, port: Optional[int] = None) -> None:  # pragma: no cover
-    """Serves the gateway of ``config_path`` until interrupted."""
+    """Serves the gateway of ``config_path`` until interrupted: in this process, or with
+    ``[server] workers = N`` (N > 1) in N worker processes sharing the port."""
+    import uvicorn
+
+    from .config import load_config
+
+    cfg = load_config(config_path)
+    _check_file_limit(cfg.max_connections)
+    if cfg.workers > 1:
+        Supervisor(config_path, cfg.workers, host or cfg.host, cfg.port if port is None else port).run()
+        return
+    app = build_app(config_path)
+    uvicorn.Server(uvicorn_config(app, host, port)).run()
+
+
+def _serve_worker(config_path: str, host: Optional[str], port: Optional[int], sock: Any) -> None:  # pragma: no cover
+    """One worker process: its own app (and so its own upstream pool and backend
+    clients) on the listening socket the supervisor opened."""
     import uvicorn
 
     app = build_app(config_path)
-    _check_file_limit(app.cfg.max_connections)
-    uvicorn.Server(uvicorn_config(app, host, port)).run()
+    uvicorn.Server(uvicorn_config(app, host, port)).run(sockets=[sock])
+
+
+class Supervisor:
+    """Runs ``workers`` gateway processes on one listening socket (opened here, before
+    any worker starts, so that none is ever refused a connection by a worker still
+    starting). The kernel hands each new connection to one of them.
+
+    Signals: SIGINT and SIGTERM stop the workers (each finishes its requests, as
+    uvicorn does) and then this process; SIGHUP is passed to every worker, which
+    reloads the config (``[gateway] reload``). A worker that dies is started again (at
+    most once per ``quick`` seconds); one that exits with an error within ``quick``
+    seconds of its start (a startup failure, which would only repeat) stops the
+    gateway with an error instead."""
+
+    def __init__(self, config_path: str, workers: int, host: str, port: int, quick: float = 3.0) -> None:
+        self.config_path = config_path
+        self.workers = workers
+        self.host = host
+        self.port = port
+        self.quick = quick
+        self.stopping = False
+        self.failed = False
+
+    def run(self) -> None:  # pragma: no cover - exercised through real processes in the tests
+        import multiprocessing
+        import signal
+        import time
+
+        import uvicorn
+
+        sock = uvicorn.Config("nexus_limits.gateway:Gateway", host=self.host, port=self.port).bind_socket()
+        context = multiprocessing.get_context("spawn")
+        procs: List[Any] = []
+        started: List[float] = []
+
+        def start(i: int) -> None:
+            proc = context.Process(
+                target=_serve_worker,
+                args=(self.config_path, self.host, self.port, sock),
+                name=f"nexus-limits-gateway-{i}",
+                daemon=False,
+            )
+            proc.start()
+            if i < len(procs):
+                procs[i], started[i] = proc, time.monotonic()
+            else:
+                procs.append(proc)
+                started.append(time.monotonic())
+
+        def stop(signum: int, _frame: Any) -> None:
+            self.stopping = True
+
+        def hup(_signum: int, _frame: Any) -> None:
+            for proc in procs:
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGHUP)
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGHUP, hup)
+        log.info("nexus-limits gateway: %d workers on %s:%d", self.workers, self.host, self.port)
+        for i in range(self.workers):
+            start(i)
+        try:
+            while not self.stopping:
+                time.sleep(0.2)
+                for i, proc in enumerate(procs):
+                    if proc.is_alive() or self.stopping:
+                        continue
+                    quick = time.monotonic() - started[i] < self.quick
+                    if quick and (proc.exitcode or 0) > 0:
+                        log.error("gateway worker %d exited with %s at its start: stopping", i, proc.exitcode)
+                        self.failed = self.stopping = True
+                        break
+                    if quick:
+                        continue  # killed by a signal just after its start: not in a tight loop
+                    log.warning("gateway worker %d exited with %s; starting another", i, proc.exitcode)
+                    start(i)
+        finally:
+            for proc in procs:
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            for proc in procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
+            sock.close()
+        if self.failed:
+            raise SystemExit(1)
 
 
 def _check_file_limit(connections: int) -> None:  # pragma: no cover - platform dependent
