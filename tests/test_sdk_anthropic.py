@@ -37,9 +37,16 @@ TIER = {"requests": "1000/minute", "tokens": "1000000/minute", "concurrency": 1}
 
 
 @pytest.fixture(scope="module")
-def h(tmp_path_factory):
-    with harness(tmp_path_factory.mktemp("gw"), TIER, n_keys=200) as shared:
-        yield shared
+def shared(tmp_path_factory):
+    with harness(tmp_path_factory.mktemp("gw"), TIER, n_keys=200) as one:
+        yield one
+
+
+@pytest.fixture
+def h(shared):
+    """The module's gateway; after each test, its requests are all settled."""
+    yield shared
+    shared.quiesce()
 
 
 def client(h: Harness, key: str, **options) -> anthropic.Anthropic:
@@ -364,6 +371,7 @@ def test_upstream_trouble_is_never_a_gateway_500_nor_a_held_lease(h, fake, strea
         assert h.released(key), "no lease held after the upstream's answer ended"
         follow = bounded(lambda: c.messages.create(**ASK), 10)
         assert follow.content[0].text == "Hello there", "the key is not locked out"
+    assert h.released(key), "the follow-up settled"
     charged_total = h.settled() - before
     assert charged_total >= charged(PATH), "hostile usage refunded nothing"
     assert charged_total < 100_000, "hostile usage was not charged as is"

@@ -181,6 +181,7 @@ class Harness:
         self.provider = provider
         self.tier = tier
         self._keys = list(keys)
+        self._taken: List[str] = []
 
     @property
     def url(self) -> str:
@@ -190,7 +191,17 @@ class Harness:
         """A key no test used before."""
         if not self._keys:
             raise AssertionError("the harness ran out of fresh keys; give it more")
-        return self._keys.pop(0)
+        key = self._keys.pop(0)
+        self._taken.append(key)
+        return key
+
+    def quiesce(self, timeout: float = 2.0) -> None:
+        """Waits until every key taken so far holds no lease, so that a test's last
+        settlement never lands in the next test's measurements."""
+        deadline = time.monotonic() + timeout
+        for key in self._taken:
+            wait_for(lambda key=key: self.in_flight(key) == 0, max(0.0, deadline - time.monotonic()))
+        self._taken.clear()
 
     def settled(self) -> int:
         return settled(self.app, self.tier)
