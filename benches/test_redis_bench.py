@@ -1,7 +1,8 @@
-"""The Redis backend next to a bare INCR on the same client, and checks per second
-from 1 and 4 processes. Starts its own redis-server on a free loopback port.
+"""The Redis backend next to a bare INCR and a minimal Lua script on the same client,
+and checks per second from 1 and 4 processes. Starts its own redis-server on a free
+loopback port.
 
-Run: python -m pytest benches/test_redismeasure.py --benchmark-only -s
+Run: python -m pytest benches/test_redis_bench.py --benchmark-only -s
 """
 
 from __future__ import annotations
@@ -54,8 +55,59 @@ def test_redis_vs_incr_interleaved(benchmark, server):
     out = {}
     benchmark.pedantic(lambda: out.update(stores.redis_round_trips(f"redis://127.0.0.1:{server.port}/0")), rounds=1)
     for row in out["rows"]:
-        benchmark.extra_info[row["call"]] = f"{row['us']:.1f} us ({row['vs_incr']:.2f}x INCR)"
-        print(f"\n{row['call']}: {row['us']:.1f} us, {row['vs_incr']:.2f}x INCR", end="")
+        text = f"{row['us']:.1f} us ({row['vs_script']:.2f}x the minimal script, {row['vs_incr']:.2f}x INCR)"
+        benchmark.extra_info[row["call"]] = text
+        print(f"\n{row['call']}: {text}", end="")
+
+
+def test_single_check_vs_minimal_script(benchmark, server):
+    """TokenBucket.try_acquire next to the minimal script (TIME, GET, SET PX) sent two
+    ways: as a user would (``client.evalsha``) and through the limiters' own channel
+    (the same connections and prepacked bytes as a check), so that what is left is the
+    server's work in the script and the Decision. Interleaved, medians of batches."""
+    import random
+    import statistics
+    import time
+
+    client = redis.Redis(port=server.port)
+    sha = client.script_load(
+        '#!lua\nlocal t = redis.call("TIME")\nlocal v = redis.call("GET", KEYS[1])\n'
+        'redis.call("SET", KEYS[1], t[1], "PX", 60000)\nreturn 1'
+    )
+    tb = nlr.TokenBucket(client, measure.ALWAYS, prefix="bench-single")
+    channel = tb._channel
+    targets = [
+        ("INCR", lambda: client.incr("bench-incr")),
+        ("minimal script, client.evalsha", lambda: client.evalsha(sha, 1, "bench-min")),
+        ("minimal script, limiters' channel", lambda: channel.evalsha(sha, ["bench-min"], [])),
+        ("TokenBucket.try_acquire", lambda: tb.try_acquire("hot-key")),
+    ]
+    samples = {name: [] for name, _ in targets}
+
+    def run() -> None:
+        for _ in range(40):
+            random.shuffle(targets)
+            for name, fn in targets:
+                start = time.perf_counter_ns()
+                for _ in range(500):
+                    fn()
+                samples[name].append((time.perf_counter_ns() - start) / 500 / 1e3)
+
+    benchmark.pedantic(run, rounds=1)
+    us = {name: statistics.median(v) for name, v in samples.items()}
+    check = us["TokenBucket.try_acquire"]
+    for name, value in us.items():
+        print(f"\n{name}: {value:.1f} us", end="")
+        benchmark.extra_info[name] = round(value, 2)
+    ratios = {
+        "vs minimal script (client.evalsha)": check / us["minimal script, client.evalsha"],
+        "vs minimal script (same channel)": check / us["minimal script, limiters' channel"],
+        "vs INCR": check / us["INCR"],
+    }
+    for name, value in ratios.items():
+        print(f"\ntry_acquire {name}: {value:.2f}x", end="")
+        benchmark.extra_info[f"try_acquire {name}"] = round(value, 3)
+    client.close()
 
 
 @pytest.mark.parametrize("processes", [1, 4])

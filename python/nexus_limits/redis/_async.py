@@ -57,16 +57,19 @@ from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
 ASYNC = True  # unasync: ASYNC = False
 
 
-async def evalsha(channel: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+async def evalsha(
+    channel: Any, script: Script, keys: Sequence[str], args: Sequence[str], packed: Optional[bytes] = None
+) -> Any:
     """One EVALSHA round trip on the client's channel (one attempt, behind its circuit
-    breaker); on NOSCRIPT the script is loaded and run again."""
+    breaker); on NOSCRIPT the script is loaded and run again. ``packed``: the same
+    command as bytes, when the caller has them (see _common.Packer)."""
     try:
-        return await channel.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await channel.evalsha(script.sha, keys, args, packed)
     except BACKEND_ERRORS as error:
         if not is_noscript(error):
             raise
         await channel.call("SCRIPT LOAD", script.source)
-        return await channel.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await channel.evalsha(script.sha, keys, args, packed)
 
 
 async def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost: int, timeout: Optional[float]) -> Any:
@@ -112,13 +115,19 @@ class _RedisRateLimiter(AsyncRateLimiter):
         self._fallback = self._spec.fallback
         self._parts: Tuple[Any, ...] = (self,)
 
-    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
-        return self._spec.keys(key), self._spec.argv(mode, cost)
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
+        """KEYS, ARGV and (for the commonest check, cost 1 on the server's clock) the
+        whole command as bytes."""
+        spec = self._spec
+        if cost == 1 and type(cost) is int and spec.clock is None:
+            keys, packed = spec.unit_call(mode, key)
+            return keys, spec.unit, packed
+        return spec.keys(key), spec.argv(cost), None
 
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        keys, args = self._arguments(key, cost, mode)
+        keys, args, packed = self._arguments(key, cost, mode)
         try:
-            reply = await evalsha(self._channel, self._script.for_mode(mode), keys, args)
+            reply = await evalsha(self._channel, self._script.for_mode(mode), keys, args, packed)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit, key, cost, mode)
         if mode == "peek":
@@ -166,7 +175,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
             if len(found) >= scan:
                 break
         reader = self._script.for_mode("peek")
-        argv = self._spec.argv("peek", 0)
+        argv = self._spec.argv(0)
         if is_cluster(self._client):  # a cluster client refuses EVALSHA in a pipeline
             replies = [await evalsha(self._channel, reader, self._spec.keys(k), argv) for k in found]
         else:
@@ -363,8 +372,9 @@ class Composite(_RedisRateLimiter):
             n = check_replicas(replicas)
             self._fallback.local = nl.Composite([local_twin(p._spec.model, n, p._spec.clock) for p in parts])
 
-    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
-        return script_arguments(self._parts, key, cost, mode, self._spec.clock)
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
+        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        return keys, args, None
 
     @property
     def limit(self) -> int:
@@ -394,7 +404,7 @@ class Composite(_RedisRateLimiter):
 
     async def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
         """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
-        keys, args = self._arguments(key, cost, "hit")
+        keys, args, _ = self._arguments(key, cost, "hit")
         try:
             reply = await evalsha(self._channel, self._script, keys, args)
         except BACKEND_ERRORS as error:

@@ -5,9 +5,11 @@ redis-py retries a failed command, and a failed connect, with backoff (redis-py 
 default: several attempts, seconds in all). A limiter must answer its on_error policy
 within the client's socket timeouts, so its commands run without those retries:
 
-- synchronous clients: on connections of a pool of the limiter's own, made with the
-  client's connection class and settings (host, credentials, TLS, timeouts...) but no
-  retry; replies are parsed by the client itself;
+- synchronous clients: on connections of the limiters' own, made with the client's
+  connection class and settings (host, credentials, TLS, timeouts...) but no retry,
+  kept in a plain stack (the hot path pays no pool bookkeeping: one poll(2) checks
+  that an idle connection was not closed by the server); replies are parsed by the
+  client itself, and a limiter's check is sent as bytes it packed once;
 - asyncio clients: on a connection taken from the client's own pool, whose retry
   policy is set to a single attempt while the limiter holds it (and put back before
   the connection returns to the pool).
@@ -19,9 +21,11 @@ answers the later ones at once.
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._breaker import Breaker
 
@@ -93,24 +97,61 @@ def _first_key(args: Tuple[Any, ...]) -> Any:
     return None
 
 
+class _Idle:
+    """A connection of a SyncChannel, with what tells whether the server closed it while
+    it was idle."""
+
+    __slots__ = ("conn", "poller", "sock")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.sock: Any = None
+        self.poller: Any = None
+
+    def ready(self) -> Any:
+        """The connection, connected, with nothing waiting to be read. A connection the
+        server closed (a restart, its idle timeout) reads as ready-to-read: it is
+        connected again here rather than failing the next command (which would open the
+        breaker although the server is there)."""
+        conn = self.conn
+        sock = getattr(conn, "_sock", None)
+        if sock is not None and sock is self.sock:
+            if not self.poller.poll(0):
+                return conn
+            conn.disconnect()
+            sock = None
+        if sock is None:
+            conn.connect()
+            sock = getattr(conn, "_sock", None)
+        self.sock = sock
+        if sock is not None:
+            self.poller = select.poll()
+            self.poller.register(sock, select.POLLIN)
+        return conn
+
+
 class SyncChannel(_Breakers):
     """Commands of synchronous clients (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_lock", "_pool")
+    __slots__ = ("__weakref__", "_idle", "_lock", "_make")
 
     def __init__(self, client: Any) -> None:
         super().__init__(client)
         self._lock = threading.Lock()
-        self._pool: Any = False  # False: not built yet; None: none (use the client)
+        self._make: Any = False  # False: not built yet; None: none (use the client)
+        self._idle: List[_Idle] = []
+        _SYNC_CHANNELS.add(self)
 
-    def _own_pool(self) -> Any:
-        if self._pool is False:
+    def _maker(self) -> Any:
+        if self._make is False:
             with self._lock:
-                if self._pool is False:
-                    self._pool = self._build()
-        return self._pool
+                if self._make is False:
+                    self._make = self._build()
+        return self._make
 
     def _build(self) -> Any:
+        """How to make a connection like the client's, without retries (None: the client's
+        pool is of another kind; its commands then run through the client)."""
         pool = _plain_pool(self.client)
         if pool is None:
             return None
@@ -120,38 +161,68 @@ class SyncChannel(_Breakers):
         if "retry_on_timeout" in kwargs:
             kwargs["retry_on_timeout"] = False
         kwargs.pop("maint_notifications_pool_handler", None)  # bound to the client's pool
+        kind = pool.connection_class
         try:
-            return type(pool)(connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs)
-        except TypeError:  # pragma: no cover - a pool class that takes other arguments
+            kind(**kwargs)
+        except TypeError:  # pragma: no cover - a connection class that takes other arguments
             return None
+        return lambda: kind(**kwargs)
+
+    def forget(self) -> None:
+        """Drops the idle connections (in a child process after fork: they are the
+        parent's sockets)."""
+        self._idle = []
 
     def call(self, *args: Any, **options: Any) -> Any:
         breaker = self.pick(args)
         if breaker is None:
-            return self._run(*args, **options)
+            return self._run(args, None, options)
         probe = breaker.admit()
         try:
-            result = self._run(*args, **options)
+            result = self._run(args, None, options)
         except BaseException as error:
             breaker.failed(error, probe)
             raise
         breaker.succeeded(probe)
         return result
 
-    def _run(self, *args: Any, **options: Any) -> Any:
-        pool = self._own_pool()
-        if pool is None:
-            return self.client.execute_command(*args, **options)
-        conn = pool.get_connection()
+    def evalsha(self, sha: str, keys: Sequence[str], argv: Sequence[str], packed: Optional[bytes] = None) -> Any:
+        """EVALSHA; ``packed`` is the same command already in the protocol's bytes, sent
+        as is on the channel's own connections."""
+        args = ("EVALSHA", sha, len(keys), *keys, *argv)
+        breaker = self.pick(args)
+        if breaker is None:
+            return self._run(args, packed, {})
+        probe = breaker.admit()
         try:
-            conn.send_command(*args)
+            result = self._run(args, packed, {})
+        except BaseException as error:
+            breaker.failed(error, probe)
+            raise
+        breaker.succeeded(probe)
+        return result
+
+    def _run(self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any]) -> Any:
+        make = self._maker()
+        if make is None:
+            return self.client.execute_command(*args, **options)
+        try:
+            idle = self._idle.pop()
+        except IndexError:
+            idle = _Idle(make())
+        try:
+            conn = idle.ready()
+            if packed is not None:
+                conn.send_packed_command((packed,), check_health=False)
+                return conn.read_response()
+            conn.send_command(*args, check_health=False)
             return self.client.parse_response(conn, args[0], **options)
         except BaseException as error:
             if not _is_reply(error):
-                conn.disconnect()
+                idle.conn.disconnect()
             raise
         finally:
-            pool.release(conn)
+            self._idle.append(idle)
 
 
 class AsyncChannel(_Breakers):
@@ -166,17 +237,33 @@ class AsyncChannel(_Breakers):
     async def call(self, *args: Any, **options: Any) -> Any:
         breaker = self.pick(args)
         if breaker is None:
-            return await self._run(*args, **options)
+            return await self._run(args, None, options)
         probe = breaker.admit()
         try:
-            result = await self._run(*args, **options)
+            result = await self._run(args, None, options)
         except BaseException as error:
             breaker.failed(error, probe)
             raise
         breaker.succeeded(probe)
         return result
 
-    async def _run(self, *args: Any, **options: Any) -> Any:
+    async def evalsha(self, sha: str, keys: Sequence[str], argv: Sequence[str], packed: Optional[bytes] = None) -> Any:
+        """EVALSHA; ``packed`` is the same command already in the protocol's bytes, sent
+        as is on a connection of the client's pool."""
+        args = ("EVALSHA", sha, len(keys), *keys, *argv)
+        breaker = self.pick(args)
+        if breaker is None:
+            return await self._run(args, packed, {})
+        probe = breaker.admit()
+        try:
+            result = await self._run(args, packed, {})
+        except BaseException as error:
+            breaker.failed(error, probe)
+            raise
+        breaker.succeeded(probe)
+        return result
+
+    async def _run(self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any]) -> Any:
         pool = _plain_pool(self.client, ("ConnectionPool",))
         if pool is None or not hasattr(pool, "get_available_connection"):
             return await self.client.execute_command(*args, **options)
@@ -187,6 +274,9 @@ class AsyncChannel(_Breakers):
         conn.retry = self._once
         try:
             await pool.ensure_connection(conn)
+            if packed is not None:
+                await conn.send_packed_command(packed, check_health=False)
+                return await conn.read_response()
             await conn.send_command(*args)
             return await self.client.parse_response(conn, args[0], **options)
         except BaseException as error:
@@ -206,6 +296,17 @@ def _is_reply(error: BaseException) -> bool:
 
 
 _CHANNELS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_SYNC_CHANNELS: weakref.WeakSet[SyncChannel] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for channel in list(_SYNC_CHANNELS):
+        channel.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
 _BY_ID: Dict[int, Any] = {}  # clients that cannot be weakly referenced
 _LOCK = threading.Lock()
 

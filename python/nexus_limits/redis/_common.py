@@ -314,13 +314,16 @@ class RateSpec:
         "algorithm",
         "args",
         "clock",
+        "close",
         "fallback",
         "model",
+        "packs",
         "prefix",
         "replicas",
         "script",
         "shadow",
         "suffix",
+        "tag",
         "unit",
     )
 
@@ -346,6 +349,8 @@ class RateSpec:
         else:
             default_id = f"{'fw' if algorithm == 'fixed' else 'sw'}-{rate.count}-{period_us!r}"
         self.suffix = ":" + (check_name(name) or default_id)
+        self.tag = self.prefix + ":{"
+        self.close = "}" + self.suffix
         self.script = SINGLE[algorithm]
         self.shadow = False
         self.set_args(a, b)
@@ -359,10 +364,12 @@ class RateSpec:
             self.fallback.local = local_twin(self.model, self.replicas, self.clock)
 
     def set_args(self, a: str, b: str) -> None:
-        # The fourth value tells a Composite's script that the part is in shadow mode.
+        # A Composite's part: the fourth value tells its script the part is in shadow mode.
         self.args = [self.algorithm, a, b, "1" if self.shadow else "0"]
-        # ARGV of the commonest calls (server clock, cost 1), built once.
-        self.unit = {mode: ["", mode, *self.args, "1"] for mode in ("hit", "peek")}
+        # ARGV of the commonest check (server clock, cost 1), built once, and the whole
+        # command in the protocol's bytes but for the key.
+        self.unit = ["", a, b, "1"]
+        self.packs = {mode: Packer(self.script.for_mode(mode).sha, self.unit) for mode in ("hit", "peek")}
 
     def set_shadow(self, on: Any) -> None:
         if not isinstance(on, bool):
@@ -386,6 +393,12 @@ class RateSpec:
             raise ValueError(f"a {kind.__name__} has no burst: its limit is the rate's count")
         return kind(rate, burst)
 
+    def unit_call(self, mode: str, key: Any) -> Tuple[List[str], bytes]:
+        """KEYS of a check of cost 1 on the server's clock, and its whole EVALSHA as bytes
+        to send (its ARGV is ``unit``)."""
+        k = self.tag + encode_key(key) + self.close
+        return [k, k + ":q"], self.packs[mode].pack(k)
+
     def requota_argv(self, mode: str, model: Any) -> List[str]:
         a, b = self.quota_args(model)
         return [now_arg(self.clock), mode, self.algorithm, self.args[1], self.args[2], a, b]
@@ -398,11 +411,34 @@ class RateSpec:
         k = f"{self.prefix}:{{{encode_key(key)}}}{self.suffix}"
         return [k, k + ":q"]
 
-    def argv(self, mode: str, cost: Any) -> List[str]:
-        """ARGV for this limiter alone."""
+    def argv(self, cost: Any) -> List[str]:
+        """ARGV for this limiter alone (single.lua's)."""
         if cost == 1 and self.clock is None and type(cost) is int:
-            return self.unit[mode]
-        return [now_arg(self.clock), mode, *self.args, str(check_cost(cost))]
+            return self.unit
+        return [now_arg(self.clock), self.args[1], self.args[2], str(check_cost(cost))]
+
+
+def _bulk(value: str) -> bytes:
+    raw = value.encode()
+    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+class Packer:
+    """One limiter's EVALSHA in the Redis protocol (RESP), packed once but for the key:
+    the bytes redis-py would send for ``evalsha(sha, 2, key, key + ":q", *argv)``,
+    without its per-call packing."""
+
+    __slots__ = ("head", "rest")
+
+    def __init__(self, sha: str, argv: Sequence[str]) -> None:
+        self.head = b"*%d\r\n" % (5 + len(argv)) + _bulk("EVALSHA") + _bulk(sha) + _bulk("2") + b"$"
+        self.rest = b"".join(_bulk(a) for a in argv)
+
+    def pack(self, key: str) -> bytes:
+        """The command for the state key ``key`` (and its quota key)."""
+        raw = key.encode()
+        n = len(raw)
+        return b"%s%d\r\n%s\r\n$%d\r\n%s:q\r\n%s" % (self.head, n, raw, n + 2, raw, self.rest)
 
 
 def flatten(limiters: Any, kinds: Tuple[type, ...], composite: Any) -> List[Any]:

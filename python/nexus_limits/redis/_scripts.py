@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from importlib import resources
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 
 def _piece(name: str) -> str:
@@ -30,22 +30,26 @@ class Script:
     ``flags`` are the script's Redis 7 flags: ``""`` (it writes: refused on a full
     server), ``"no-writes"`` (runs when full; any write in it is an error) or
     ``"allow-oom"``. ``reader`` is the ``no-writes`` twin of a script that also runs in a
-    mode that writes nothing (a peek), or None."""
+    mode that writes nothing (a peek), or None: given as True (the same body) or as the
+    twin's own body."""
 
     __slots__ = ("reader", "sha", "source")
 
-    def __init__(self, body: str, flags: str = "", reader: bool = False) -> None:
+    def __init__(self, body: str, flags: str = "", reader: Union[bool, str] = False) -> None:
         self.source = ("#!lua flags=" + flags if flags else "#!lua") + "\n" + body
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-        self.reader: Optional[Script] = Script(body, "no-writes") if reader else None
+        twin = body if reader is True else reader
+        self.reader: Optional[Script] = Script(twin, "no-writes") if twin else None
 
     def for_mode(self, mode: str) -> Script:
         """The script for ``mode``: itself for a "hit", its read-only twin for a "peek"."""
         return self.reader if mode != "hit" and self.reader is not None else self
 
 
-# The header (arguments, clock, quotas) and the shared helpers (put, combine, push).
-_HEADER = _piece("header.lua") + "\n" + _piece("lib.lua")
+# The clock, quotas and the helpers every limiter script shares (put, push).
+_BASE = _piece("base.lua") + "\n" + _piece("lib.lua")
+# The arguments of the scripts that decide several parts (see header.lua).
+_HEADER = _BASE + "\n" + _piece("header.lua") + "\n" + _piece("combine.lua")
 _SPLIT = _piece("split.lua")
 _STEPS = {"gcra": _piece("gcra.lua"), "fixed": _SPLIT + _piece("fixed.lua"), "sliding": _SPLIT + _piece("sliding.lua")}
 _SINGLE = _piece("single.lua")
@@ -58,10 +62,16 @@ _ALGORITHMS = {
     "sliding": ("sliding", "false"),
 }
 
+
+def _single(fn: str, shaping: str, charge: str) -> str:
+    body = _SINGLE.replace("STEP", fn).replace("SHAPING", shaping).replace("CHARGE", charge)
+    return _BASE + "\n" + _STEPS[fn] + "\n" + body
+
+
+# A single limiter's check, with ARGV [now, a, b, cost] (see single.lua); its read-only
+# twin peeks.
 SINGLE: Dict[str, Script] = {
-    algo: Script(
-        _HEADER + "\n" + _STEPS[fn] + "\n" + _SINGLE.replace("STEP", fn).replace("SHAPING", shaping), reader=True
-    )
+    algo: Script(_single(fn, shaping, "true"), reader=_single(fn, shaping, "false"))
     for algo, (fn, shaping) in _ALGORITHMS.items()
 }
 _ALL_STEPS = _SPLIT + _piece("gcra.lua") + _piece("fixed.lua") + _piece("sliding.lua")

@@ -52,16 +52,19 @@ from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
 ASYNC = False
 
 
-def evalsha(channel: Any, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+def evalsha(
+    channel: Any, script: Script, keys: Sequence[str], args: Sequence[str], packed: Optional[bytes] = None
+) -> Any:
     """One EVALSHA round trip on the client's channel (one attempt, behind its circuit
-    breaker); on NOSCRIPT the script is loaded and run again."""
+    breaker); on NOSCRIPT the script is loaded and run again. ``packed``: the same
+    command as bytes, when the caller has them (see _common.Packer)."""
     try:
-        return channel.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return channel.evalsha(script.sha, keys, args, packed)
     except BACKEND_ERRORS as error:
         if not is_noscript(error):
             raise
         channel.call("SCRIPT LOAD", script.source)
-        return channel.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return channel.evalsha(script.sha, keys, args, packed)
 
 
 def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost: int, timeout: Optional[float]) -> Any:
@@ -107,13 +110,19 @@ class _RedisRateLimiter(RateLimiter):
         self._fallback = self._spec.fallback
         self._parts: Tuple[Any, ...] = (self,)
 
-    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
-        return self._spec.keys(key), self._spec.argv(mode, cost)
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
+        """KEYS, ARGV and (for the commonest check, cost 1 on the server's clock) the
+        whole command as bytes."""
+        spec = self._spec
+        if cost == 1 and type(cost) is int and spec.clock is None:
+            keys, packed = spec.unit_call(mode, key)
+            return keys, spec.unit, packed
+        return spec.keys(key), spec.argv(cost), None
 
     def _check(self, key: Key, cost: Any, mode: str) -> Decision:
-        keys, args = self._arguments(key, cost, mode)
+        keys, args, packed = self._arguments(key, cost, mode)
         try:
-            reply = evalsha(self._channel, self._script.for_mode(mode), keys, args)
+            reply = evalsha(self._channel, self._script.for_mode(mode), keys, args, packed)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit, key, cost, mode)
         if mode == "peek":
@@ -161,7 +170,7 @@ class _RedisRateLimiter(RateLimiter):
             if len(found) >= scan:
                 break
         reader = self._script.for_mode("peek")
-        argv = self._spec.argv("peek", 0)
+        argv = self._spec.argv(0)
         if is_cluster(self._client):  # a cluster client refuses EVALSHA in a pipeline
             replies = [evalsha(self._channel, reader, self._spec.keys(k), argv) for k in found]
         else:
@@ -358,8 +367,9 @@ class Composite(_RedisRateLimiter):
             n = check_replicas(replicas)
             self._fallback.local = nl.Composite([local_twin(p._spec.model, n, p._spec.clock) for p in parts])
 
-    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str]]:
-        return script_arguments(self._parts, key, cost, mode, self._spec.clock)
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
+        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        return keys, args, None
 
     @property
     def limit(self) -> int:
@@ -389,7 +399,7 @@ class Composite(_RedisRateLimiter):
 
     def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
         """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
-        keys, args = self._arguments(key, cost, "hit")
+        keys, args, _ = self._arguments(key, cost, "hit")
         try:
             reply = evalsha(self._channel, self._script, keys, args)
         except BACKEND_ERRORS as error:

@@ -1,11 +1,12 @@
 -- nexus-limits: the step functions of rust/algorithms/*.rs, mirrored in Lua.
 --
--- The scripts are assembled from pieces (see _scripts.py): this header and the shared
--- helpers of lib.lua, the step function of one algorithm (gcra.lua, fixed.lua,
--- sliding.lua) and single.lua for a single limiter; all three steps and composite.lua
--- for a Composite, where every part
--- is decided first and only if all admit (and the mode is "hit") are all parts
--- written. A script is atomic, so a composite never charges part of its limits.
+-- The scripts are assembled from pieces (see _scripts.py): base.lua (the clock and
+-- quotas) and the shared helpers of lib.lua, then the step function of one algorithm
+-- (gcra.lua, fixed.lua, sliding.lua) and single.lua for a single limiter (whose
+-- arguments are fewer: see there); this header, all three steps and composite.lua for
+-- a Composite, where every part is decided first and only if all admit (and the mode
+-- is "hit") are all parts written. A script is atomic, so a composite never charges
+-- part of its limits.
 --
 -- KEYS[i]  the state key of part i; all parts share one hash tag (Redis Cluster).
 --          Then, for each part, its quota key (state key .. ":q"): a key's own quota
@@ -30,25 +31,5 @@
 --   sliding     "window:prev:cur"
 -- Each key expires when its state would be fresh again, so idle keys vanish by themselves.
 
-local EPS = 1e-9
-
-local now
-if ARGV[1] == "" then
-    local t = redis.call("TIME")
-    now = t[1] * 1000000 + t[2]
-else
-    now = tonumber(ARGV[1])
-end
+local now = clock(ARGV[1])
 local charge = ARGV[2] == "hit"
-
--- The quota in force: the key's own ("a b" in its quota key) or the limiter's.
-local function quota(qkey, a, b)
-    if qkey then
-        local q = redis.call("GET", qkey)
-        if q then
-            local qa, qb = string.match(q, "^(%S+) (%S+)$")
-            if qa then return tonumber(qa), tonumber(qb) end
-        end
-    end
-    return tonumber(a), tonumber(b)
-end
