@@ -275,3 +275,55 @@ def test_the_ip_key_reads_the_forwarding_header_the_operator_names():
     assert status("203.0.113.7", "1.1.1.1") == 200
     assert status("203.0.113.7", "2.2.2.2") == 429, "a spoofed X-Forwarded-For is no new key"
     assert status("203.0.113.8", "1.1.1.1") == 200, "another client behind the proxy"
+
+
+def test_a_legacy_completions_stream_settles_from_its_usage_chunk_which_the_client_never_sees():
+    """/v1/completions streams get include_usage injected like chat streams, and the
+    usage-only chunk is removed for a client that did not ask for it."""
+    import asyncio
+    import json as _json
+
+    from nexus_limits.adapters.llm import LLMLimitMiddleware
+
+    seen = []
+
+    async def upstream(scope, receive, send):
+        message = await receive()
+        body = _json.loads(message["body"])
+        seen.append(body)
+        events = [{"choices": [{"text": "Hello", "index": 0}]}]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for e in [*events, "[DONE]"]:
+            data = e if isinstance(e, str) else _json.dumps(e)
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    limiter = nl.TokenLimiter(tokens="1000/minute")
+    mw = LLMLimitMiddleware(upstream, limiter, key="bearer")
+    request = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hello", "stream": True, "max_tokens": 100}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "query_string": b"",
+        "headers": [(b"authorization", b"Bearer sk-1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+    }
+    sent = []
+    messages = [{"type": "http.request", "body": _json.dumps(request).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(mw(scope, receive, send))
+    assert seen[0]["stream_options"] == {"include_usage": True}
+    wire = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert b'"usage"' not in wire and b"Hello" in wire and b"[DONE]" in wire
+    assert 1000 - limiter.inspect("sk-1")["tokens"]["remaining"] == 25, "settled at the real usage"

@@ -13,7 +13,7 @@ on the normalised target (:func:`~nexus_limits.adapters.normalize_target`):
 1. a key that could not be admitted whatever its body (request limit reached, every
    concurrent place taken, tokens in debt) is refused before its body is read;
 2. the body is read (at most ``max_body`` bytes), checked and handed to the app
-   unchanged — except that an OpenAI streaming chat request gets
+   unchanged — except that an OpenAI streaming chat or completions request gets
    ``stream_options.include_usage = true`` (when ``include_usage``), so that the
    stream reports its usage; the usage-only chunk this adds is removed from what the
    client receives when it did not ask for it;
@@ -639,7 +639,7 @@ class LLMLimitMiddleware:
         output = self.output.for_key(body, key) if hasattr(self.output, "for_key") else self.output(body)
         estimate = min(count.tokens + output, MAX_TOKENS)
         strip = False
-        if provider == "openai" and stream and "messages" in body and self.include_usage:
+        if provider == "openai" and stream and ("messages" in body or "prompt" in body) and self.include_usage:
             if not (options or {}).get("include_usage"):
                 body["stream_options"] = {**(options or {}), "include_usage": True}
                 raw = json.dumps(body).encode()
