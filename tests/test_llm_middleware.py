@@ -327,3 +327,59 @@ def test_a_legacy_completions_stream_settles_from_its_usage_chunk_which_the_clie
     wire = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     assert b'"usage"' not in wire and b"Hello" in wire and b"[DONE]" in wire
     assert 1000 - limiter.inspect("sk-1")["tokens"]["remaining"] == 25, "settled at the real usage"
+
+
+def test_the_first_request_builds_the_encodings_off_the_event_loop(monkeypatch):
+    """Building tiktoken's encodings takes about a second: the first request must not do
+    it on the event loop's thread, or every other client waits that long."""
+    import asyncio
+    import json as _json
+    import threading as _threading
+
+    from nexus_limits.adapters import llm
+    from nexus_limits.tokens import _encodings
+
+    built_on = []
+    real = _encodings.get_encoding
+
+    def recording(name):
+        if name not in _encodings._cache or not built_on:
+            built_on.append(_threading.current_thread())
+        return real(name)
+
+    monkeypatch.setattr(_encodings, "get_encoding", recording)
+    monkeypatch.setattr(llm, "_warm", _threading.Event())
+    import nexus_limits.tokens._count as _count
+
+    monkeypatch.setattr(_count, "get_encoding", recording)
+
+    async def upstream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        await send({"type": "http.response.body", "body": _json.dumps({"choices": [], "usage": usage}).encode()})
+
+    mw = llm.LLMLimitMiddleware(upstream, nl.TokenLimiter(tokens="100000/minute"), key="bearer")
+    body = _json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(b"authorization", b"Bearer sk-1")],
+        "client": ("127.0.0.1", 5000),
+    }
+    sent = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(mw(scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert built_on and all(t is not _threading.main_thread() for t in built_on), built_on
+    assert llm._warm.is_set(), "later requests are judged on the loop"

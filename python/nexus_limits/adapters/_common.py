@@ -220,7 +220,9 @@ def answer(limits: Limits, limiter: Any, decision: Decision, name: str, each: Op
 
 
 def unauthorized() -> Check:
-    return Check(False, 401, [PROBLEM_TYPE], problem(401, "Unauthorized", "no client key in the request"), None)
+    # RFC 9110 15.5.2: a 401 names the scheme the server accepts.
+    headers = [PROBLEM_TYPE, ("WWW-Authenticate", 'Bearer realm="api"')]
+    return Check(False, 401, headers, problem(401, "Unauthorized", "no client key in the request"), None)
 
 
 def bad_request(error: BadRequest) -> Check:

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import statistics
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -50,6 +51,7 @@ from ..budget import Reservation
 from ..errors import BadRequest
 from ..tokens import OutputEstimate, anthropic_estimator, count_request_tokens
 from ..tokens._count import MAX_TOKENS, RequestBodyError, TokenCount
+from ..tokens._encodings import warm_encodings
 from ..tokens._response import UsageReader
 from ..tokens._usage import Usage, UsageError
 from ._common import KeyFunc, parse_key_spec, problem
@@ -68,6 +70,8 @@ MAX_BODY = 32 * 2**20
 # Bodies larger than this are parsed and counted in a worker thread, so that one big
 # request does not stall every other client of the event loop.
 INLINE_BYTES = 64 * 1024
+# Set once the encodings most requests need are built (see warm_encodings).
+_warm = threading.Event()
 # A client chooses the model name; the gateway refuses absurd ones.
 MAX_MODEL_LENGTH = 256
 # Retry-After for a concurrency refusal: the median time leases are really held,
@@ -600,6 +604,13 @@ class LLMLimitMiddleware:
 
     # -- LLM calls --------------------------------------------------------------------
 
+    def _judge_warming(self, raw: bytes, provider: str, key: Any) -> _Judged:
+        """``_judge`` in a worker thread, building the common encodings first if needed."""
+        if not _warm.is_set():
+            warm_encodings()
+            _warm.set()
+        return self._judge(raw, provider, key)
+
     def _judge(self, raw: bytes, provider: str, key: Any) -> _Judged:
         """Parses, checks and counts a request body. Raises RequestBodyError (naming the
         field) or another ValueError/TypeError for a body that cannot be judged."""
@@ -675,8 +686,10 @@ class LLMLimitMiddleware:
         if raw is None:
             return  # the client left while sending its body
         try:
-            if len(raw) > INLINE_BYTES:
-                judged = await asyncio.to_thread(self._judge, raw, provider, key)
+            if len(raw) > INLINE_BYTES or not _warm.is_set():
+                # Building tiktoken's encodings takes about a second, once per process:
+                # until then every request is judged in a thread, never on the loop.
+                judged = await asyncio.to_thread(self._judge_warming, raw, provider, key)
             else:
                 judged = self._judge(raw, provider, key)
         except RequestBodyError as error:

@@ -13,7 +13,7 @@ import hashlib
 import re
 import threading
 from importlib import resources
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["ENCODINGS", "encoding_for_model", "get_encoding"]
 
@@ -212,3 +212,14 @@ def get_encoding(name: str) -> Any:
                 name, pat_str=pattern, mergeable_ranks=_load_ranks(filename, sha256), special_tokens=specials
             )
     return _cache[name]
+
+
+def warm_encodings(names: Tuple[str, ...] = ("o200k_base", "cl100k_base")) -> None:
+    """Builds the encodings current models use (about a second each, once per process),
+    so that no request pays for it; the LLM middleware calls it from a worker thread.
+    Without tiktoken installed it does nothing."""
+    try:
+        for name in names:
+            get_encoding(name)
+    except ImportError:  # pragma: no cover - tiktoken is installed with the tokens extra
+        pass
