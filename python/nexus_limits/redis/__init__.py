@@ -24,7 +24,16 @@ The asyncio mirror, with the same names, is :mod:`nexus_limits.redis.asyncio`.
 
 from __future__ import annotations
 
-from ._sync import Composite, Concurrency, FixedWindow, LeakyBucket, Lease, SlidingWindow, TokenBucket
+from ._sync import (
+    Composite,
+    Concurrency,
+    FixedWindow,
+    LeakyBucket,
+    Lease,
+    LeasePolicy,
+    SlidingWindow,
+    TokenBucket,
+)
 from ._sync_budget import SpendLimiter, TokenLimiter
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "FixedWindow",
     "LeakyBucket",
     "Lease",
+    "LeasePolicy",
     "SlidingWindow",
     "SpendLimiter",
     "TokenBucket",

@@ -11,6 +11,7 @@ is in ``_common.py``; the scripts are in ``_scripts.py``. The token budgets are 
 
 from __future__ import annotations
 
+import asyncio  # unasync: import time
 from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -20,6 +21,7 @@ from .. import _wait
 from .._core import Decision, ManualClock
 from ..base import AsyncRateLimiter, Key
 from ..errors import RateLimitExceeded
+from . import _lease
 from ._channel import channel_for
 from ._common import (
     BACKEND_ERRORS,
@@ -50,7 +52,8 @@ from ._common import (
     to_decisions,
     top_of,
 )
-from ._scripts import COMPOSITE, CONCURRENCY, RELEASE, REQUOTA, Script
+from ._lease import Give, LeaseTable, check_lease
+from ._scripts import COMPOSITE, CONCURRENCY, LEASE, RELEASE, REQUOTA, Script
 
 # unasync: from . import _threads
 
@@ -89,10 +92,26 @@ async def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost:
         poll = min(poll * 2, LEASE_POLL)
 
 
+class LeasePolicy(_lease.LeasePolicy):
+    __doc__ = _lease.LeasePolicy.__doc__
+    __slots__ = ()
+
+
 class _RedisRateLimiter(AsyncRateLimiter):
     """The methods every Redis rate limiter shares."""
 
-    __slots__ = ("_channel", "_client", "_fallback", "_parts", "_script", "_spec")
+    __slots__ = (
+        "__weakref__",
+        "_channel",
+        "_client",
+        "_fallback",
+        "_hold_us",
+        "_leases",
+        "_parts",
+        "_reaper",
+        "_script",
+        "_spec",
+    )
     _algorithm = ""
 
     def __init__(
@@ -105,6 +124,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         clock: Optional[ManualClock],
         shadow: bool = False,
         replicas: int = 1,
+        lease: Any = False,
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
         self._channel = channel_for(self._client, want_async=ASYNC)
@@ -114,6 +134,10 @@ class _RedisRateLimiter(AsyncRateLimiter):
         self._script = self._spec.script
         self._fallback = self._spec.fallback
         self._parts: Tuple[Any, ...] = (self,)
+        policy = check_lease(lease, self._algorithm, type(self).__name__)
+        self._leases = LeaseTable(policy, self._spec.clock) if policy is not None else None
+        self._hold_us = repr(policy.hold * 1e6) if policy is not None else ""
+        self._reaper: Any = None
 
     def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
         """KEYS, ARGV and (for the commonest check, cost 1 on the server's clock) the
@@ -125,6 +149,12 @@ class _RedisRateLimiter(AsyncRateLimiter):
         return spec.keys(key), spec.argv(cost), None
 
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
+        if self._leases is not None and mode == "hit" and type(cost) is int and cost > 0:
+            return await self._leased(key, cost)
+        return await self._remote(key, cost, mode)
+
+    async def _remote(self, key: Key, cost: Any, mode: str) -> Decision:
+        """A check decided by Redis (one round trip)."""
         keys, args, packed = self._arguments(key, cost, mode)
         try:
             reply = await evalsha(self._channel, self._script.for_mode(mode), keys, args, packed)
@@ -133,6 +163,69 @@ class _RedisRateLimiter(AsyncRateLimiter):
         if mode == "peek":
             return to_decision(reply)
         return judge(self, reply, key)
+
+    async def _leased(self, key: Key, cost: int) -> Decision:
+        """A check with quota leasing on: answered from the key's block here when it can
+        be, else one round trip (a plain check for a cold key, a new block for a busy
+        one, carrying back what is left of the last)."""
+        table: Any = self._leases
+        got = table.local(key, cost)
+        spec = self._spec
+        if type(got) is Decision:
+            return self._fallback.tally.decision(got, spec.shadow, self, key)
+        if got.plain:
+            d = await self._remote(key, cost, "hit")
+            table.checked(key, got, d)
+            return d
+        argv = got.argv(now_arg(spec.clock), spec.args[1], spec.args[2], self._hold_us)
+        try:
+            reply = await evalsha(self._channel, LEASE[spec.algorithm], spec.keys(key), argv)
+        except BACKEND_ERRORS as error:
+            table.failed(key, got)
+            return self._fallback.decision(error, self.limit, key, cost, "hit")
+        d = table.answered(key, got, reply)
+        if table.claim_reaper():
+            self._start_reaper()
+        return self._fallback.tally.decision(d, spec.shadow, self, key)
+
+    def _start_reaper(self) -> None:
+        # The task is kept here: an event loop holds its tasks only weakly.
+        self._reaper = asyncio.ensure_future(self._reap())  # unasync: self._reaper = _threads.start_reaper(self)
+
+    async def _reap(self) -> None:
+        """Gives back the blocks of keys gone idle (and of blocks whose spending time is
+        over), until none is held."""
+        table: Any = self._leases
+        while True:
+            gives, wait = table.due()
+            await self._give_back(gives)
+            if wait is None:
+                return
+            pause = min(wait, table.policy.idle)
+            await asyncio.sleep(pause)  # unasync: time.sleep(pause)
+
+    async def _give_back(self, gives: List[Give]) -> None:
+        table: Any = self._leases
+        spec = self._spec
+        for give in gives:
+            argv = [now_arg(spec.clock), spec.args[1], spec.args[2], "0", "0", "0", str(give.units), str(give.until)]
+            try:
+                reply = await evalsha(self._channel, LEASE[spec.algorithm], spec.keys(give.key), argv)
+            except BACKEND_ERRORS:
+                continue  # the units count as spent until the block's end: never more admitted
+            table.returned(int(reply[7]))
+
+    async def close(self) -> None:
+        """Gives back the unspent units of every block this limiter leased (quota leasing,
+        ``lease=``); nothing to do otherwise. The limiter can still be used (it leases
+        again). The client is not closed: it is yours."""
+        if self._leases is not None:
+            await self._give_back(self._leases.drain())
+
+    @property
+    def lease_policy(self) -> Optional[_lease.LeasePolicy]:
+        """The quota leasing policy (``lease=``), or None when each check is a round trip."""
+        return self._leases.policy if self._leases is not None else None
 
     async def hit(self, key: Key, cost: int = 1) -> Decision:
         """Decide a call of ``cost`` units for ``key`` and charge it if admitted (one round trip)."""
@@ -151,7 +244,11 @@ class _RedisRateLimiter(AsyncRateLimiter):
         return d.remaining >= 1, d.remaining
 
     async def reset(self, key: Key) -> None:
-        """Put ``key`` back to its fresh state (a quota of its own stays)."""
+        """Put ``key`` back to its fresh state (a quota of its own stays). With quota
+        leasing, this process's block of ``key`` is dropped; units other processes hold
+        may still be spent, as if before the reset, until their blocks end."""
+        if self._leases is not None:
+            self._leases.drop(key)
         keys = [p._spec.key(key) for p in self._parts]
         try:
             await self._channel.call("DEL", *keys)
@@ -161,10 +258,15 @@ class _RedisRateLimiter(AsyncRateLimiter):
 
     def stats(self) -> Dict[str, int]:
         """Counters of this limiter object (this process): allowed, denied, near_limit,
-        shadow_denied, errors (store unreachable or full), fail_open and fail_closed
-        answers; and its client's circuit breaker: breaker_open (1 while open) and
-        breaker_trips (times it opened)."""
-        return {**self._fallback.tally.snapshot(), **self._channel.stats()}
+        shadow_denied, errors (store unreachable or full), fail_open, fail_closed and
+        fail_local answers; its client's circuit breaker: breaker_open (1 while open) and
+        breaker_trips (times it opened); with quota leasing, leases_taken (blocks of more
+        than the asking check's units), units_leased (units in them beyond those),
+        units_returned (given back unspent) and round_trips_saved (checks answered here)."""
+        out = {**self._fallback.tally.snapshot(), **self._channel.stats()}
+        if self._leases is not None:
+            out.update(self._leases.snapshot())
+        return out
 
     async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
         """The ``n`` keys using the largest share of their limit now, from up to ``scan``
@@ -236,6 +338,8 @@ class _RedisRateLimiter(AsyncRateLimiter):
         has used is carried over. Kept in Redis (``redis_key(key) + ":q"``) until
         ``clear_quota``."""
         model = self._spec.new_model(rate, burst)
+        if self._leases is not None:
+            self._leases.drop(key)
         try:
             await evalsha(self._channel, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
         except BACKEND_ERRORS as error:
@@ -246,6 +350,8 @@ class _RedisRateLimiter(AsyncRateLimiter):
         """Put ``key`` back on the limiter's quota, carrying its usage over. False if it
         had no quota of its own."""
         argv = self._spec.requota_argv("clear", self._spec.model)
+        if self._leases is not None:
+            self._leases.drop(key)
         try:
             return bool(await evalsha(self._channel, REQUOTA, self._spec.keys(key), argv))
         except BACKEND_ERRORS as error:
@@ -263,7 +369,8 @@ class _RedisRateLimiter(AsyncRateLimiter):
 
 
 class TokenBucket(_RedisRateLimiter):
-    """:class:`nexus_limits.TokenBucket` on Redis: ``burst`` tokens refilled continuously."""
+    """:class:`nexus_limits.TokenBucket` on Redis: ``burst`` tokens refilled continuously.
+    ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
     _algorithm = "gcra"
@@ -280,13 +387,16 @@ class TokenBucket(_RedisRateLimiter):
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
         replicas: int = 1,
+        lease: Any = False,
     ) -> None:
         model = nl.TokenBucket(rate, burst=burst)
-        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas)
+        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 class LeakyBucket(_RedisRateLimiter):
-    """:class:`nexus_limits.LeakyBucket` on Redis: a queue of ``capacity`` units draining at the rate."""
+    """:class:`nexus_limits.LeakyBucket` on Redis: a queue of ``capacity`` units draining at the rate.
+    It shapes traffic (each call waits its ``delay``), which quota leasing cannot do:
+    ``lease=`` is refused."""
 
     __slots__ = ()
     _algorithm = "leaky"
@@ -303,13 +413,15 @@ class LeakyBucket(_RedisRateLimiter):
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
         replicas: int = 1,
+        lease: Any = False,
     ) -> None:
         model = nl.LeakyBucket(rate, capacity=capacity)
-        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas)
+        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 class FixedWindow(_RedisRateLimiter):
-    """:class:`nexus_limits.FixedWindow` on Redis; windows aligned on the server's clock."""
+    """:class:`nexus_limits.FixedWindow` on Redis; windows aligned on the server's clock.
+    ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
     _algorithm = "fixed"
@@ -325,12 +437,14 @@ class FixedWindow(_RedisRateLimiter):
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
         replicas: int = 1,
+        lease: Any = False,
     ) -> None:
-        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow, replicas)
+        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 class SlidingWindow(_RedisRateLimiter):
-    """:class:`nexus_limits.SlidingWindow` on Redis; windows aligned on the server's clock."""
+    """:class:`nexus_limits.SlidingWindow` on Redis; windows aligned on the server's clock.
+    ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
     _algorithm = "sliding"
@@ -346,8 +460,9 @@ class SlidingWindow(_RedisRateLimiter):
         clock: Optional[ManualClock] = None,
         shadow: bool = False,
         replicas: int = 1,
+        lease: Any = False,
     ) -> None:
-        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow, replicas)
+        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 _RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
@@ -367,6 +482,9 @@ class Composite(_RedisRateLimiter):
         self._script = COMPOSITE
         self._parts = tuple(parts)
         self._spec = first._spec
+        self._leases = None  # each check decides every part in Redis: no blocks
+        self._hold_us = ""
+        self._reaper = None
         self._fallback = Fallback(check_on_error(on_error, local=True), "Composite on Redis")
         if self._fallback.on_error == "local":
             n = check_replicas(replicas)

@@ -81,3 +81,15 @@ RELEASE = Script(_piece("release.lua"), "allow-oom")
 REQUOTA = Script(_HEADER + "\n" + _SPLIT + "\n" + _piece("requota.lua"))
 RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"))
 SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("settle.lua"))
+
+
+def _lease(algo: str) -> str:
+    if algo == "gcra":
+        middle = _piece("lease_gcra.lua")
+    else:
+        middle = _piece("lease_window.lua").replace("STEP", algo).replace("SLIDING", str(algo == "sliding").lower())
+    return "\n".join((_BASE, _STEPS[algo], _piece("lease.lua"), middle, _piece("lease_end.lua")))
+
+
+# Quota leasing (lease.lua), for the algorithms it is sound for.
+LEASE: Dict[str, Script] = {algo: Script(_lease(algo)) for algo in ("gcra", "fixed", "sliding")}

@@ -5,6 +5,9 @@ worker thread. The generated ``_sync.py`` takes these methods into its classes."
 from __future__ import annotations
 
 import asyncio
+import atexit
+import threading
+import weakref
 from typing import Any, Optional
 
 from .. import _wait
@@ -37,3 +40,30 @@ def lease_async(self: Any, key: Key, timeout: Optional[float] = None) -> Any:
     from ..limiters import _AsyncLease
 
     return _AsyncLease(self, key, timeout)
+
+
+_LEASED: weakref.WeakSet[Any] = weakref.WeakSet()
+_AT_EXIT = threading.Lock()
+_registered = False
+
+
+def start_reaper(limiter: Any) -> threading.Thread:
+    """Starts the thread that gives a leasing limiter's idle blocks back (it ends when
+    none is held); at exit, every such limiter gives back what it holds."""
+    global _registered
+    with _AT_EXIT:
+        _LEASED.add(limiter)
+        if not _registered:
+            atexit.register(_close_all)
+            _registered = True
+    thread = threading.Thread(target=limiter._reap, name="nexus-limits lease reaper", daemon=True)
+    thread.start()
+    return thread
+
+
+def _close_all() -> None:
+    for limiter in list(_LEASED):
+        try:
+            limiter.close()
+        except Exception:  # pragma: no cover - at exit, an error has nowhere to go
+            pass

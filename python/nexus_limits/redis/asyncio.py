@@ -11,7 +11,16 @@ client). Every method is a coroutine; nothing blocks the event loop::
 
 from __future__ import annotations
 
-from ._async import Composite, Concurrency, FixedWindow, LeakyBucket, Lease, SlidingWindow, TokenBucket
+from ._async import (
+    Composite,
+    Concurrency,
+    FixedWindow,
+    LeakyBucket,
+    Lease,
+    LeasePolicy,
+    SlidingWindow,
+    TokenBucket,
+)
 from ._async_budget import SpendLimiter, TokenLimiter
 
 __all__ = [
@@ -20,6 +29,7 @@ __all__ = [
     "FixedWindow",
     "LeakyBucket",
     "Lease",
+    "LeasePolicy",
     "SlidingWindow",
     "SpendLimiter",
     "TokenBucket",
