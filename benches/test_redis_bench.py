@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
 from servers import RedisServer
@@ -117,3 +118,22 @@ def test_redis_checks_per_second(benchmark, server, processes):
     benchmark.pedantic(lambda: out.update(stores.redis_throughput(url, processes, 3.0)), rounds=1)
     benchmark.extra_info["checks_per_second"] = out["checks_per_second"]
     print(f"\n{processes} process(es): {out['checks_per_second']:,.0f} checks/s")
+
+
+def test_lease_hot_key_four_processes(benchmark, server):
+    """Quota leasing: 4 processes on one hot key, with and without leasing (the full
+    run, with 20 runs checking the quota, is ``python benches/bench_redis_lease.py``)."""
+    import bench_redis_lease as lease_bench
+
+    out = {}
+    benchmark.pedantic(lambda: out.update(lease_bench.throughput(server.port, 4, 2.0)), rounds=1)
+    for name in ("single", "lease"):
+        row = out[name]
+        benchmark.extra_info[f"{name} checks/s"] = round(row["checks_per_second"])
+        benchmark.extra_info[f"{name} round trips per 1000"] = round(row["round_trips_per_1000"], 2)
+        trips = row["round_trips_per_1000"]
+        print(f"\n{name}: {row['checks_per_second']:,.0f} checks/s, {trips:.2f} round trips per 1,000", end="")
+    benchmark.extra_info["ratio"] = round(out["ratio"], 1)
+    print(f"\nleasing: {out['ratio']:.1f}x", end="")
+    rows = lease_bench.admitted_runs(server.port, 4, 0.5, 2, 5000)
+    assert all(r["admitted"] <= r["quota"] for r in rows), rows
