@@ -93,6 +93,35 @@ pub fn fingerprint(kind: KeyKind, bytes: &[u8]) -> Fingerprint {
     fingerprint_with(k0, k1, kind, bytes)
 }
 
+/// How one limiter fingerprints keys: a SipHash secret (this process's, or the one a
+/// store shared between processes keeps) and a salt XORed in, which sets apart the keys
+/// of limiters sharing a store.
+#[derive(Clone, Copy, Debug)]
+pub struct Fingerprinter {
+    k0: u64,
+    k1: u64,
+    salt: [u32; 3],
+}
+
+impl Fingerprinter {
+    /// This process's secret, no salt: [`fingerprint`].
+    pub fn process() -> Fingerprinter {
+        let (k0, k1) = *process_keys();
+        Fingerprinter { k0, k1, salt: [0; 3] }
+    }
+
+    /// A store's secret and a limiter's salt.
+    pub fn new(k0: u64, k1: u64, salt: [u32; 3]) -> Fingerprinter {
+        Fingerprinter { k0, k1, salt }
+    }
+
+    #[inline]
+    pub fn fingerprint(&self, kind: KeyKind, bytes: &[u8]) -> Fingerprint {
+        let f = fingerprint_with(self.k0, self.k1, kind, bytes).0;
+        Fingerprint([f[0] ^ self.salt[0], f[1] ^ self.salt[1], f[2] ^ self.salt[2]])
+    }
+}
+
 /// Fingerprints with explicit SipHash keys (a store shared between processes keeps its own).
 #[inline]
 pub fn fingerprint_with(k0: u64, k1: u64, kind: KeyKind, bytes: &[u8]) -> Fingerprint {
@@ -132,5 +161,14 @@ mod tests {
     #[test]
     fn keys_change_the_fingerprint() {
         assert_ne!(fingerprint_with(1, 2, KeyKind::Str, b"x"), fingerprint_with(1, 3, KeyKind::Str, b"x"));
+    }
+
+    #[test]
+    fn fingerprinters_salt_and_default_to_the_process_secret() {
+        assert_eq!(Fingerprinter::process().fingerprint(KeyKind::Bytes, b"k"), fingerprint(KeyKind::Bytes, b"k"));
+        let plain = Fingerprinter::new(1, 2, [0; 3]).fingerprint(KeyKind::Str, b"k");
+        let salted = Fingerprinter::new(1, 2, [1, 2, 3]).fingerprint(KeyKind::Str, b"k");
+        assert_eq!(plain, fingerprint_with(1, 2, KeyKind::Str, b"k"));
+        assert_eq!(salted.0, [plain.0[0] ^ 1, plain.0[1] ^ 2, plain.0[2] ^ 3]);
     }
 }

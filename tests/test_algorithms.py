@@ -215,3 +215,90 @@ def test_properties_and_repr(clock):
     assert nl.FixedWindow("1/s").clock is None
     for cls in (nl.TokenBucket, nl.SlidingWindow, nl.FixedWindow, nl.LeakyBucket, nl.Composite, nl.Concurrency):
         assert issubclass(cls, nl.RateLimiter)
+
+
+# ---------------------------------------------------------------- quotas as values
+
+quota_rates = st.builds(
+    nl.Rate, st.integers(1, 10**9), st.one_of(st.floats(1e-6, 3e9), st.sampled_from([1.0, 60.0, 3600.0, 86400.0]))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=quota_rates, burst=st.one_of(st.none(), st.integers(1, 10**6)), parts=st.integers(1, 50))
+def test_a_quota_speaks_the_redis_backends_language(rate, burst, parts):
+    """Script arguments, key names and shares are exactly what the Redis backend has
+    always computed in Python from a model limiter."""
+    from nexus_limits._core import Quota
+
+    try:
+        bucket = Quota("token_bucket", rate, burst)
+    except ValueError:
+        return  # a burst that takes over 146 years to refill
+    window = Quota("fixed_window", rate)
+    period_us = rate.period * 1e6
+    limit = burst or rate.count
+    assert bucket.script_args == ("gcra", repr(period_us / rate.count), str(limit))
+    assert window.script_args == ("fixed", repr(period_us), str(rate.count))
+    assert bucket.redis_id == f"tb-{rate.count}-{period_us!r}-{limit}"
+    assert window.redis_id == f"fw-{rate.count}-{period_us!r}"
+    # The same quotas, or the same refusal, as the limiters the backend built by hand.
+    assert outcome(lambda: (lambda q: (q.rate, q.limit))(bucket.share(parts))) == outcome(
+        lambda: (lambda t: (t.rate, t.limit))(
+            nl.TokenBucket(nl.Rate(max(rate.count // parts, 1), rate.period), burst=max(limit // parts, 1))
+        )
+    )
+    # What a script's arguments describe, read back as the Redis backend reads them.
+    a, b = float(bucket.script_args[1]), int(bucket.script_args[2])
+    assert outcome(lambda: (lambda q: (q.rate, q.limit))(Quota.from_script_args("gcra", a, b))) == outcome(
+        lambda: (nl.Rate(b, b * a / 1e6), b)
+    )
+
+
+def outcome(make):
+    try:
+        return make()
+    except ValueError:
+        return ValueError
+
+
+def test_quota_values(clock):
+    from nexus_limits._core import Quota
+
+    tb = Quota("token_bucket", "100/minute", burst=20)
+    assert (tb.algorithm, tb.name, tb.rate, tb.limit, tb.align) == (
+        "token_bucket",
+        "token bucket",
+        nl.Rate(100, 60),
+        20,
+        None,
+    )
+    assert tb.window == 12.0 and tb.time_to_fresh == 12.0 and str(tb) == "token bucket 100/minute"
+    assert repr(tb) == "Quota('token_bucket', '100/minute', burst=20)"
+    sw = Quota("sliding_window", "7/day", align=3600)
+    assert (sw.window, sw.time_to_fresh, sw.align) == (86400.0, 172800.0, 3600.0)
+    assert repr(sw) == "Quota('sliding_window', '7/day', align=3600.0)"
+    assert sw == Quota("sliding_window", nl.Rate(7, 86400), align=3600 - 86400) and hash(sw) == hash(
+        Quota("sliding_window", "7/day", align=3600 + 86400)
+    )
+    assert sw != Quota("sliding_window", "7/day") and len({tb, tb, sw}) == 2
+    # The limiters' own quotas are these values.
+    assert nl.TokenBucket("100/minute", burst=20, clock=clock).quota == tb
+    lb = nl.LeakyBucket("10/s", capacity=3, clock=clock)
+    lb.set_default_quota("20/s", burst=5)
+    assert lb.quota == Quota("leaky_bucket", "20/s", 5)
+    assert nl.FixedWindow("7/day", clock=clock, align=3600).quota.align == 3600.0
+    for bad, err in [
+        (("gcra", "1/s"), "algorithm must be 'token_bucket'"),
+        (("fixed_window", "1/s", 3), "a fixed window has no burst"),
+        (("token_bucket", "1/s", 0), "burst must be at least 1"),
+        (("token_bucket", "nonsense"), "invalid rate"),
+    ]:
+        with pytest.raises(ValueError, match=err):
+            Quota(*bad)
+    with pytest.raises(TypeError, match="algorithm must be a str"):
+        Quota(1, "1/s")
+    with pytest.raises(ValueError, match="at least 1"):
+        tb.share(0)
+    with pytest.raises(ValueError, match="script algorithm must be"):
+        Quota.from_script_args("token_bucket", 1.0, 1)

@@ -216,17 +216,6 @@ class TokenLimiter(_core.TokenLimiter):
         combined, requests, toks, daily, concurrency = self._peek(key, tokens)
         return Reservation(self, key, tokens, (False, combined, requests, toks, daily, concurrency, None, 0))
 
-    def _expired(self, charged_at: int) -> bool:
-        return bool(self._now() > charged_at + round(self.lease_ttl * 1e9))
-
-    def _settle(self, key: Key, tokens_delta: int, requests_delta: int, charged_at: int, lease: Optional[int]) -> bool:
-        if self._expired(charged_at):
-            return False
-        self._adjust(key, tokens_delta, charged_at, requests_delta)
-        if lease is not None:
-            self._release(key, lease)
-        return True
-
     def __repr__(self) -> str:
         parts = [
             f"{name}='{rate}'"

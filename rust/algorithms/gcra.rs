@@ -14,7 +14,7 @@
 //! is the backlog that still has to drain, the capacity bounds it, and an admitted call
 //! waits `delay = max(tat - now, 0)` so that admitted work leaves at a steady rate.
 
-use super::{clamp_ns, div_ceil, div_floor, Decision, State};
+use super::{clamp_ns, div_floor, Decision, State};
 use crate::error::{Error, Result};
 use crate::rate::Rate;
 
@@ -54,7 +54,7 @@ impl Gcra {
     /// Ticks to nanoseconds, rounded up so that waiting that long is always enough.
     #[inline]
     fn ns(&self, ticks: u128) -> u64 {
-        clamp_ns(div_ceil(ticks, self.count as u128))
+        clamp_ns(ticks.div_ceil(self.count as u128))
     }
 
     #[inline(always)]
@@ -114,7 +114,7 @@ impl Gcra {
             return 0;
         }
         // units = backlog / period; the new backlog is units * to.period.
-        let backlog = (tat - now_t).checked_mul(to.period_ns as u128).map(|b| div_ceil(b, self.period_ns as u128));
+        let backlog = (tat - now_t).checked_mul(to.period_ns as u128).map(|b| b.div_ceil(self.period_ns as u128));
         let cap = to.tau.saturating_mul(2);
         to.ticks(now).saturating_add(backlog.unwrap_or(cap).min(cap.max(1)))
     }

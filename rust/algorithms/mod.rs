@@ -17,34 +17,12 @@ pub use fixed_window::FixedWindow;
 pub use gcra::Gcra;
 pub use sliding_window::SlidingWindow;
 
-pub use crate::limiter::combine;
+pub use crate::decision::Decision;
 
 /// A key's state. Zero is the fresh state for every algorithm.
 pub type State = u128;
+/// The state of a key never seen (or back to where it decides like one).
 pub const FRESH: State = 0;
-
-/// The outcome of one step. Times are in nanoseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub allowed: bool,
-    /// The capacity: burst, window limit or queue size.
-    pub limit: u64,
-    /// Whole units still available after this call.
-    pub remaining: u64,
-    /// Time until the key is back to its fresh state.
-    pub reset_after: u64,
-    /// Time until `cost` would be admitted: 0 when allowed, `None` when it never can be
-    /// (the cost is above the capacity).
-    pub retry_after: Option<u64>,
-    /// How long an admitted call should wait before proceeding (leaky bucket only).
-    pub delay: u64,
-}
-
-impl Decision {
-    pub fn never(limit: u64, remaining: u64, reset_after: u64) -> Decision {
-        Decision { allowed: false, limit, remaining, reset_after, retry_after: None, delay: 0 }
-    }
-}
 
 /// Where the windows of a fixed or sliding window start.
 ///
@@ -222,12 +200,6 @@ impl Algorithm {
             Algorithm::SlidingWindow(w) => w.limit,
         }
     }
-}
-
-/// `ceil(a / b)` for the scaled arithmetic of the step functions.
-#[inline]
-pub(crate) fn div_ceil(a: u128, b: u128) -> u128 {
-    a.div_ceil(b)
 }
 
 /// `a / b`, on the cheap 64-bit path when `a` fits (the usual case).

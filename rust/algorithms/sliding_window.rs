@@ -23,10 +23,6 @@ const COUNT_MASK: u128 = (1 << COUNT_BITS) - 1;
 const WINDOW_MASK: u64 = (1 << 48) - 1;
 pub const MAX_LIMIT: u64 = (1 << COUNT_BITS) - 1;
 
-fn div_ceil_u128(a: u128, b: u128) -> u128 {
-    a.div_ceil(b)
-}
-
 #[derive(Clone, Debug)]
 pub struct SlidingWindow {
     pub limit: u64,
@@ -169,7 +165,7 @@ impl SlidingWindow {
         let p = self.period_ns as u128;
         let (window, rest) = self.at(now);
         let (prev, cur) = self.counts(state, window);
-        let used = div_ceil_u128(prev as u128 * rest as u128 + cur as u128 * p, p).min(MAX_LIMIT as u128) as u64;
+        let used = (prev as u128 * rest as u128 + cur as u128 * p).div_ceil(p).min(MAX_LIMIT as u128) as u64;
         if used == 0 {
             return 0;
         }

@@ -7,20 +7,15 @@ use crate::key::{fingerprint, Fingerprint, KeyKind};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 
-/// Fingerprints a key: `str`, `bytes` or `int` (not `bool`).
+/// Fingerprints a key with this process's secret: `str`, `bytes` or `int` (not `bool`).
 #[inline]
 pub fn key_fp(key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
     key_fp_by(key, fingerprint)
 }
 
-/// Fingerprints a key with explicit SipHash keys (a shared-memory store's).
+/// Fingerprints a key with `fp` (a limiter's own, see `Limiter::fingerprint`).
 #[inline]
-pub fn key_fp_with(key: &Bound<'_, PyAny>, k0: u64, k1: u64) -> PyResult<Fingerprint> {
-    key_fp_by(key, |kind, bytes| crate::key::fingerprint_with(k0, k1, kind, bytes))
-}
-
-#[inline]
-fn key_fp_by(key: &Bound<'_, PyAny>, fp: impl Fn(KeyKind, &[u8]) -> Fingerprint) -> PyResult<Fingerprint> {
+pub fn key_fp_by(key: &Bound<'_, PyAny>, fp: impl Fn(KeyKind, &[u8]) -> Fingerprint) -> PyResult<Fingerprint> {
     if let Ok(s) = key.cast::<PyString>() {
         return Ok(fp(KeyKind::Str, s.to_str()?.as_bytes()));
     }
@@ -70,6 +65,22 @@ fn cost_error(v: &Bound<'_, PyAny>) -> PyResult<u64> {
         return Err(bad_value(format!("cost must be a non-negative integer, got {v}")));
     }
     Err(wrong_type("cost", "a non-negative int", v))
+}
+
+/// A token count: a non-negative `int` (not `bool`).
+pub fn tokens(value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(wrong_type("tokens", "a non-negative int", value));
+    }
+    value.extract().map_err(|_| bad_value(format!("tokens must be a non-negative integer, got {value}")))
+}
+
+/// `None` (absent) or a positive whole count.
+pub fn optional_count(name: &str, value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
+    match value {
+        Some(v) if !v.is_none() => Ok(Some(count(name, v)?)),
+        _ => Ok(None),
+    }
 }
 
 /// A positive whole count (burst, capacity, limit).

@@ -2,11 +2,11 @@
 
 use super::args;
 use super::errors::bad_value;
-use super::limiters::{key_names, log_shadow, top_rows};
+use super::report::{counters_dict, inspection_dict, log_shadow, process_key_names, top_rows};
 use super::types::{Decision, ManualClock};
 use crate::clock::ns_to_secs;
+use crate::concurrency::SHADOW_LEASE;
 use crate::key::Fingerprint;
-use crate::limiter::{self, SHADOW_LEASE};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,7 @@ use std::sync::Arc;
 /// so a holder that crashed cannot leak capacity.
 #[pyclass(frozen, subclass, module = "nexus_limits._core")]
 pub struct Concurrency {
-    inner: Arc<limiter::Concurrency>,
+    inner: Arc<crate::concurrency::Concurrency>,
     clock: Option<Py<ManualClock>>,
 }
 
@@ -27,7 +27,7 @@ pub struct Concurrency {
 /// object for as long as the work it guards runs.
 #[pyclass(frozen, module = "nexus_limits._core")]
 pub struct Lease {
-    owner: Arc<limiter::Concurrency>,
+    owner: Arc<crate::concurrency::Concurrency>,
     fp: Fingerprint,
     id: u64,
     #[pyo3(get)]
@@ -84,7 +84,7 @@ impl Concurrency {
             None => 300.0,
         };
         let (core_clock, clock) = args::clock(clock)?;
-        let inner = limiter::Concurrency::new(limit, lease_ttl, core_clock)?;
+        let inner = crate::concurrency::Concurrency::new(limit, lease_ttl, core_clock)?;
         if let Some(shadow) = shadow.filter(|s| !s.is_none()) {
             inner.set_shadow(args::flag("shadow", shadow)?);
         }
@@ -122,9 +122,7 @@ impl Concurrency {
 
     /// `(allowed, remaining)`: whether a lease is free now and how many are.
     fn get_limit(&self, key: &Bound<'_, PyAny>) -> PyResult<(bool, u64)> {
-        let d = self.inner.peek(&args::key_fp(key)?);
-        let free = if d.allowed { d.remaining + 1 } else { 0 };
-        Ok((d.allowed, free))
+        Ok(self.inner.get_limit(&args::key_fp(key)?))
     }
 
     /// Ends every lease of `key`.
@@ -186,25 +184,7 @@ impl Concurrency {
     /// One key's limit and leases now, with the fields of a rate limiter's `inspect`
     /// (`rate` is None; `used` counts the leases held).
     fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
-        let py = key.py();
-        let fp = args::key_fp(key)?;
-        let (limit, own) = self.inner.quota_of(&fp);
-        let d = self.inner.peek(&fp);
-        let held = self.inner.held(&fp);
-        let out = PyDict::new(py);
-        out.set_item("key", key)?;
-        out.set_item("algorithm", "concurrency")?;
-        out.set_item("rate", py.None())?;
-        out.set_item("limit", limit)?;
-        out.set_item("own_quota", own)?;
-        out.set_item("used", held)?;
-        out.set_item("remaining", limit.saturating_sub(held))?;
-        out.set_item("allowed", d.allowed)?;
-        out.set_item("retry_after", d.retry_after.map_or(f64::INFINITY, ns_to_secs))?;
-        out.set_item("reset_after", if held > 0 { ns_to_secs(d.reset_after) } else { 0.0 })?;
-        out.set_item("tracked", held > 0)?;
-        out.set_item("shadow", self.inner.shadow())?;
-        Ok(out)
+        inspection_dict(key, &self.inner.inspect(&args::key_fp(key)?))
     }
 
     /// The `n` keys holding the largest share of their limit now (`used`: leases held).
@@ -215,7 +195,7 @@ impl Concurrency {
         n: usize,
         keys: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let names = key_names(keys)?;
+        let names = process_key_names(keys)?;
         let inner = Arc::clone(&self.inner);
         let top = py.detach(move || inner.top(n));
         top_rows(py, &names, top)
@@ -226,11 +206,7 @@ impl Concurrency {
     /// out their lease_ttl), dropped (leases garbage-collected without release).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
-        let out = PyDict::new(py);
-        out.set_item("allowed", s.counters.allowed)?;
-        out.set_item("denied", s.counters.denied)?;
-        out.set_item("near_limit", s.counters.near_limit)?;
-        out.set_item("shadow_denied", s.counters.shadow_denied)?;
+        let out = counters_dict(py, &s.counters)?;
         out.set_item("keys", s.keys)?;
         out.set_item("own_quotas", s.overrides)?;
         out.set_item("held", s.held)?;

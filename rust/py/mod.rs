@@ -1,13 +1,17 @@
-//! The Python module `nexus_limits._core`. PyO3 stays in this folder: arguments are
-//! converted here, the core in `crate::limiter` does the work, and `errors` is the one
-//! place where core errors become Python exceptions.
+//! The Python module `nexus_limits._core`. PyO3 stays in this folder, and it only
+//! converts: arguments into core values here, the core decides, and its answers back
+//! into Python values (`report` for dicts and logs; `errors` is the one place where
+//! core errors become Python exceptions).
 
 mod args;
+mod budget;
+mod composite;
 mod concurrency;
 mod errors;
 mod limiters;
+mod quota;
+mod report;
 mod shm;
-mod tokens;
 mod types;
 
 use pyo3::prelude::*;
@@ -19,14 +23,15 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::Rate>()?;
     m.add_class::<types::Decision>()?;
     m.add_class::<types::ManualClock>()?;
+    m.add_class::<quota::Quota>()?;
     m.add_class::<limiters::TokenBucket>()?;
     m.add_class::<limiters::SlidingWindow>()?;
     m.add_class::<limiters::FixedWindow>()?;
     m.add_class::<limiters::LeakyBucket>()?;
-    m.add_class::<limiters::Composite>()?;
+    m.add_class::<composite::Composite>()?;
     m.add_class::<concurrency::Concurrency>()?;
     m.add_class::<concurrency::Lease>()?;
-    m.add_class::<tokens::TokenLimiter>()?;
+    m.add_class::<budget::TokenLimiter>()?;
     m.add_class::<shm::SharedMemoryStore>()?;
     Ok(())
 }

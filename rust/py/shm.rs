@@ -1,13 +1,9 @@
-//! `SharedMemoryStore`, and the part of a limiter that keeps its states there.
+//! `SharedMemoryStore`: a handle on a table in shared memory, given to limiters as
+//! `store=` (see `crate::limiter` for what a limiter does with it).
 
 use super::args;
 use super::errors::{bad_value, wrong_type};
-use crate::algorithms::{Algorithm, Decision};
-use crate::clock::{ns_to_secs, Clock};
-use crate::key::{fingerprint_with, Fingerprint, KeyKind};
-use crate::limiter::{Checked, Counters};
 use crate::store::shm::{Location, ShmTable};
-use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 use std::sync::Arc;
@@ -46,7 +42,9 @@ impl SharedMemoryStore {
             None => None,
             Some(v) => Some(match v.cast::<PyString>() {
                 Ok(s) => s.to_str()?.to_string(),
-                Err(_) => v.call_method0("__fspath__").map_err(|_| wrong_type("path", "a str or a path", v))?.extract()?,
+                Err(_) => {
+                    v.call_method0("__fspath__").map_err(|_| wrong_type("path", "a str or a path", v))?.extract()?
+                }
             }),
         };
         let capacity = match capacity.filter(|v| !v.is_none()) {
@@ -142,86 +140,5 @@ impl SharedMemoryStore {
                 self.ttl()
             ),
         }
-    }
-}
-
-/// The part of a limiter that keeps its states in a shared-memory store.
-pub struct ShmPart {
-    pub table: Arc<ShmTable>,
-    /// Mixed into every key's fingerprint, so limiters sharing a store never share keys.
-    salt: [u32; 3],
-    pub algo: Algorithm,
-    pub clock: Clock,
-    /// Counters of this process.
-    pub counters: Mutex<Counters>,
-    pub full: std::sync::atomic::AtomicU64,
-}
-
-impl ShmPart {
-    pub fn new(store: &Bound<'_, PyAny>, algo: Algorithm, clock: Clock) -> PyResult<ShmPart> {
-        let store = store.cast::<SharedMemoryStore>().map_err(|_| wrong_type("store", "a SharedMemoryStore", store))?;
-        let table = Arc::clone(&store.get().table);
-        let need = algo.time_to_fresh();
-        if need > table.ttl_secs.saturating_mul(crate::clock::NANOS) {
-            return Err(bad_value(format!(
-                "this limiter needs {}s to forget a key but the store's ttl is {}s: open the store with ttl >= {}",
-                ns_to_secs(need),
-                table.ttl_secs,
-                ns_to_secs(need).ceil()
-            )));
-        }
-        // Windows are read with the store's epoch offset, the same in every process.
-        let algo = algo.bound(if clock.is_manual() { 0 } else { table.epoch_offset });
-        let rate = algo.rate();
-        let mut id = format!("{}|{}|{}|{}", algo.name(), rate.count, rate.period_ns, algo.limit());
-        if let Some(align) = algo.align_ns() {
-            // Windows aligned elsewhere count other windows: another limit.
-            id += &format!("|{}", (align as i128).rem_euclid(rate.period_ns as i128));
-        }
-        let salt = fingerprint_with(table.k0, table.k1, KeyKind::Bytes, id.as_bytes()).0;
-        Ok(ShmPart {
-            table,
-            salt,
-            algo,
-            clock,
-            counters: Mutex::new(Counters::default()),
-            full: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    #[inline]
-    pub fn fp(&self, key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
-        let f = args::key_fp_with(key, self.table.k0, self.table.k1)?;
-        Ok(Fingerprint([f.0[0] ^ self.salt[0], f.0[1] ^ self.salt[1], f.0[2] ^ self.salt[2]]))
-    }
-
-    /// Decides (and with `charge`, charges and counts) a call, in shadow mode if `shadow`.
-    #[inline]
-    pub fn check(&self, key: &Bound<'_, PyAny>, cost: u64, charge: bool, shadow: bool) -> PyResult<Checked> {
-        let fp = self.fp(key)?;
-        let now = self.clock.now();
-        let d = match self.table.check(&fp, &self.algo, now, cost, charge) {
-            Some(d) => d,
-            None => {
-                self.full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Decision {
-                    allowed: false,
-                    limit: self.algo.limit(),
-                    remaining: 0,
-                    reset_after: 0,
-                    retry_after: Some(self.algo.time_to_fresh()),
-                    delay: 0,
-                }
-            }
-        };
-        if !charge {
-            return Ok(Checked { decision: d, shadowed: None });
-        }
-        Ok(self.counters.lock().judge(d, shadow))
-    }
-
-    pub fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.table.remove(&self.fp(key)?);
-        Ok(())
     }
 }

@@ -2,7 +2,6 @@
 
 use super::args;
 use super::errors::bad_value;
-use crate::algorithms;
 use crate::clock::{self, ns_to_secs, secs_to_ns};
 use pyo3::basic::CompareOp;
 use pyo3::prelude::*;
@@ -90,7 +89,7 @@ pub struct Decision {
 
 impl Decision {
     #[inline]
-    pub fn from_core(d: algorithms::Decision) -> Decision {
+    pub fn from_core(d: crate::decision::Decision) -> Decision {
         Decision {
             allowed: d.allowed,
             limit: d.limit,
@@ -108,7 +107,7 @@ impl Decision {
 impl Decision {
     /// The decision given by a check; `shadow` is set when shadow mode admitted it.
     #[inline]
-    pub fn from_checked(c: crate::limiter::Checked) -> Decision {
+    pub fn from_checked(c: crate::decision::Checked) -> Decision {
         let mut out = Decision::from_core(c.decision);
         out.shadow = c.shadowed.is_some();
         out

@@ -17,7 +17,7 @@
 
 pub mod shm;
 
-use crate::algorithms::State;
+use crate::algorithms::{State, FRESH};
 use crate::clock::NANOS;
 use crate::key::Fingerprint;
 use crossbeam_utils::CachePadded;
@@ -163,11 +163,6 @@ impl<E> Store<E> {
         evicted
     }
 
-    /// Gives back a capacity reservation that was not used.
-    pub fn unreserve(&self) {
-        self.len.fetch_sub(1, Ordering::Relaxed);
-    }
-
     fn try_reserve(&self) -> bool {
         if self.max_keys == usize::MAX {
             self.len.fetch_add(1, Ordering::Relaxed);
@@ -175,6 +170,42 @@ impl<E> Store<E> {
         }
         self.len.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_keys).then_some(n + 1)).is_ok()
     }
+}
+
+/// Room for one new key, counted in the store's size: given back when dropped unused.
+/// Checks of several stores at once take room in each before writing to any, so a
+/// check that finds one store full writes nothing.
+pub struct Reservation<'a> {
+    len: &'a AtomicUsize,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where [`ShardGuard::upsert`] finds room for a key it has to insert.
+pub enum Room<'a> {
+    /// Look for room now: sweep the shard when its sweep is due, and when the store is
+    /// full reclaim keys back at their fresh state first.
+    Find,
+    /// Look for room like `Find`, and take it even past `max_keys` when there is none:
+    /// for a charge that must not be lost.
+    Force,
+    /// Room taken beforehand with [`ShardGuard::reserve`].
+    Reserved(Reservation<'a>),
+}
+
+/// What [`ShardGuard::upsert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upserted {
+    /// Nothing to write.
+    Unchanged,
+    Updated,
+    Inserted,
+    /// A new key to write, and no room for it: nothing was written.
+    NoRoom,
 }
 
 /// A locked shard.
@@ -194,7 +225,7 @@ fn slot_hash(s: &Slot) -> u64 {
     Fingerprint(s.fp).table_hash()
 }
 
-impl<E> ShardGuard<'_, E> {
+impl<'a, E> ShardGuard<'a, E> {
     /// The shard's `extra`.
     #[inline]
     pub fn extra(&self) -> &E {
@@ -226,28 +257,66 @@ impl<E> ShardGuard<'_, E> {
         }
     }
 
-    /// The key's slot, if tracked.
+    /// The key's state, if tracked.
     #[inline]
-    pub fn slot(&mut self, fp: &Fingerprint) -> Option<&mut Slot> {
-        self.shard.table.find_mut(fp.table_hash(), matches(fp))
+    pub fn lookup(&self, fp: &Fingerprint) -> Option<State> {
+        self.shard.table.find(fp.table_hash(), matches(fp)).map(|s| s.state)
     }
 
-    /// The key's state (fresh when untracked).
-    #[inline]
-    pub fn state(&self, fp: &Fingerprint) -> State {
-        self.shard.table.find(fp.table_hash(), matches(fp)).map_or(0, |s| s.state)
-    }
-
-    /// Reserves room for one new key: sweeps the shard when its sweep is due and, when
-    /// the store is full, reclaims fresh keys first. False when there is no room.
-    pub fn reserve(&mut self, now: u64, fresh: Fresh<'_, E>) -> bool {
+    /// Takes room for one new key (see [`Room::Find`]); None when there is none.
+    pub fn reserve(&mut self, now: u64, fresh: Fresh<'_, E>) -> Option<Reservation<'a>> {
         if second_of(now) >= self.shard.next_sweep {
             self.sweep(now, fresh, false);
         }
-        if self.store.try_reserve() {
-            return true;
+        if self.store.try_reserve() || (self.reclaim(now, fresh) > 0 && self.store.try_reserve()) {
+            return Some(Reservation { len: &self.store.len });
         }
-        self.reclaim(now, fresh) > 0 && self.store.try_reserve()
+        None
+    }
+
+    /// The one way a key's state is written. `step` gets the shard's `extra`, the key's
+    /// state (fresh when untracked) and whether it is tracked; it returns the state to
+    /// keep (None: leave the key as it is) and an answer for the caller. A tracked key is
+    /// updated in place; a new key is inserted if `room` has room for it.
+    #[inline(always)]
+    pub fn upsert<T>(
+        &mut self,
+        fp: &Fingerprint,
+        now: u64,
+        fresh: Fresh<'_, E>,
+        room: Room<'_>,
+        step: impl FnOnce(&E, State, bool) -> (Option<State>, T),
+    ) -> (T, Upserted) {
+        let shard = &mut *self.shard;
+        let slot = shard.table.find_mut(fp.table_hash(), matches(fp));
+        let (state, tracked) = slot.as_ref().map_or((FRESH, false), |s| (s.state, true));
+        // One call of `step`, so that it is inlined here.
+        let (next, out) = step(&shard.extra, state, tracked);
+        let state = match (slot, next) {
+            (_, None) => return (out, Upserted::Unchanged),
+            (Some(slot), Some(state)) => {
+                slot.state = state;
+                slot.seen = second_of(now);
+                return (out, Upserted::Updated);
+            }
+            (None, Some(state)) => state,
+        };
+        let reservation = match room {
+            Room::Reserved(r) => r,
+            Room::Force => self.reserve(now, fresh).unwrap_or_else(|| {
+                self.store.len.fetch_add(1, Ordering::Relaxed);
+                Reservation { len: &self.store.len }
+            }),
+            Room::Find => match self.reserve(now, fresh) {
+                Some(r) => r,
+                None => return (out, Upserted::NoRoom),
+            },
+        };
+        // The room is used: the key now counts in the store's size.
+        std::mem::forget(reservation);
+        let slot = Slot { state, fp: fp.0, seen: second_of(now) };
+        self.shard.table.insert_unique(fp.table_hash(), slot, slot_hash);
+        (out, Upserted::Inserted)
     }
 
     /// Drops keys back at their fresh state (never a decision changer), walking the
@@ -278,18 +347,6 @@ impl<E> ShardGuard<'_, E> {
             }
         }
         freed
-    }
-
-    /// Takes room for a new key even past `max_keys`: for charges that must not be lost.
-    pub fn force_reserve(&mut self) {
-        self.store.len.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Inserts a new key into room taken with [`reserve`](Self::reserve).
-    #[inline]
-    pub fn insert_reserved(&mut self, fp: &Fingerprint, state: State, now: u64) {
-        let slot = Slot { state, fp: fp.0, seen: second_of(now) };
-        self.shard.table.insert_unique(fp.table_hash(), slot, slot_hash);
     }
 
     pub fn remove(&mut self, fp: &Fingerprint) -> bool {
@@ -340,17 +397,8 @@ mod tests {
 
     fn put(store: &Store, f: &Fingerprint, state: State, now: u64, fresh: &dyn Fn(State) -> bool) -> bool {
         let fresh = |_: &(), s: &Slot| fresh(s.state);
-        let mut g = store.lock(f);
-        if let Some(s) = g.slot(f) {
-            s.state = state;
-            s.seen = second_of(now);
-            return true;
-        }
-        if !g.reserve(now, &fresh) {
-            return false;
-        }
-        g.insert_reserved(f, state, now);
-        true
+        let (_, done) = store.lock(f).upsert(f, now, &fresh, Room::Find, |_, _, _| (Some(state), ()));
+        done != Upserted::NoRoom
     }
 
     #[test]
@@ -365,8 +413,8 @@ mod tests {
         assert!(put(&store, &fp(1), 42, 0, &never));
         assert!(put(&store, &fp(2), 43, 0, &never));
         assert_eq!(store.len(), 2);
-        assert_eq!(store.lock(&fp(1)).state(&fp(1)), 42);
-        assert_eq!(store.lock(&fp(3)).state(&fp(3)), 0);
+        assert_eq!(store.lock(&fp(1)).lookup(&fp(1)), Some(42));
+        assert_eq!(store.lock(&fp(3)).lookup(&fp(3)), None);
         assert!(store.remove(&fp(1)));
         assert!(!store.remove(&fp(1)));
         assert_eq!(store.len(), 1);
@@ -382,8 +430,8 @@ mod tests {
         assert_eq!(store.sweep(10 * NANOS, &|_, s| fresh(s.state)), 0, "idle for exactly ttl is kept");
         assert_eq!(store.sweep(11 * NANOS, &|_, s| fresh(s.state)), 500);
         assert_eq!(store.len(), 500);
-        assert_eq!(store.lock(&fp(1)).state(&fp(1)), 500);
-        assert_eq!(store.lock(&fp(0)).state(&fp(0)), 0);
+        assert_eq!(store.lock(&fp(1)).lookup(&fp(1)), Some(500));
+        assert_eq!(store.lock(&fp(0)).lookup(&fp(0)), None);
     }
 
     #[test]
@@ -426,24 +474,46 @@ mod tests {
     }
 
     #[test]
+    fn room_is_found_forced_or_reserved_and_given_back() {
+        let store = Store::new(3600 * NANOS, Some(2), || ());
+        let never = |_: &(), _: &Slot| false;
+        let keep = |s: State| move |_: &(), _: State, _: bool| (Some(s), ());
+        let (a, b, c) = (fp(1), fp(2), fp(3));
+        let reserved = store.lock(&a).reserve(0, &never).unwrap();
+        assert_eq!(store.len(), 1, "reserved room counts");
+        drop(reserved);
+        assert_eq!(store.len(), 0, "given back when dropped unused");
+        let r = store.lock(&a).reserve(0, &never).unwrap();
+        assert_eq!(store.lock(&a).upsert(&a, 0, &never, Room::Reserved(r), keep(5)).1, Upserted::Inserted);
+        assert_eq!(store.len(), 1, "used room stays counted");
+        assert_eq!(store.lock(&b).upsert(&b, 0, &never, Room::Find, keep(6)).1, Upserted::Inserted);
+        assert_eq!(store.lock(&c).upsert(&c, 0, &never, Room::Find, keep(7)).1, Upserted::NoRoom);
+        assert!(store.lock(&c).reserve(0, &never).is_none());
+        assert_eq!(store.lock(&c).upsert(&c, 0, &never, Room::Force, keep(7)).1, Upserted::Inserted);
+        assert_eq!((store.len(), store.lock(&c).lookup(&c)), (3, Some(7)), "forced past max_keys");
+        let tracked = |_: &(), s: State, tracked: bool| (tracked.then_some(s + 1), tracked);
+        assert_eq!(store.lock(&a).upsert(&a, 0, &never, Room::Find, tracked), (true, Upserted::Updated));
+        assert_eq!(store.lock(&a).lookup(&a), Some(6));
+        let untracked = fp(4);
+        assert_eq!(
+            store.lock(&untracked).upsert(&untracked, 0, &never, Room::Force, tracked),
+            (false, Upserted::Unchanged)
+        );
+    }
+
+    #[test]
     fn threads_share_the_store() {
         let store = Arc::new(Store::<()>::new(3600 * NANOS, None, || ()));
         let handles: Vec<_> = (0..4)
-            .map(|t| {
+            .map(|_| {
                 let store = Arc::clone(&store);
                 std::thread::spawn(move || {
                     for i in 0..10_000u64 {
                         let f = fp(i);
-                        let mut g = store.lock(&f);
-                        match g.slot(&f) {
-                            Some(s) => s.state += 1,
-                            None => {
-                                assert!(g.reserve(0, &|_, _| false));
-                                g.insert_reserved(&f, 1, 0);
-                            }
-                        }
-                        drop(g);
-                        let _ = t;
+                        let never = |_: &(), _: &Slot| false;
+                        let step = |_: &(), state: State, _| (Some(state + 1), ());
+                        let (_, done) = store.lock(&f).upsert(&f, 0, &never, Room::Find, step);
+                        assert_ne!(done, Upserted::NoRoom);
                     }
                 })
             })
@@ -453,7 +523,7 @@ mod tests {
         }
         assert_eq!(store.len(), 10_000);
         for i in 0..10_000u64 {
-            assert_eq!(store.lock(&fp(i)).state(&fp(i)), 4);
+            assert_eq!(store.lock(&fp(i)).lookup(&fp(i)), Some(4));
         }
     }
 }

@@ -233,7 +233,10 @@ impl ShmTable {
             header.magic = MAGIC;
         } else {
             if header.magic != MAGIC {
-                return Err(Error::InvalidArgument(format!("{} is not a nexus-limits shared-memory store", table.path)));
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a nexus-limits shared-memory store",
+                    table.path
+                )));
             }
             if header.version != VERSION || header.slot_size != SLOT as u32 {
                 return Err(Error::InvalidArgument(format!(
@@ -372,8 +375,8 @@ impl ShmTable {
                 return Some(i); // someone else inserted it meanwhile
             } else {
                 let s = state.load(SeqCst);
-                let free = s == TOMB
-                    || (self.idle(k, now_s) && state.compare_exchange(s, TOMB, SeqCst, SeqCst).is_ok());
+                let free =
+                    s == TOMB || (self.idle(k, now_s) && state.compare_exchange(s, TOMB, SeqCst, SeqCst).is_ok());
                 if free && key.compare_exchange(k, mine, SeqCst, SeqCst).is_ok() {
                     // Only the claimer of the key word turns its TOMB back into fresh.
                     let _ = state.compare_exchange(TOMB, 0, SeqCst, SeqCst);

@@ -1,0 +1,490 @@
+//! Token budgets for LLM calls: requests, tokens and daily tokens (token buckets whose
+//! burst is their rate's count) and an optional concurrency limit, reserved together in
+//! one step before a call and settled with the actual token count after it.
+//!
+//! A reservation charges one request and the estimated tokens to every limit and takes a
+//! concurrency lease, or does nothing. Settling charges the difference between the
+//! actual and the estimated tokens (a refund when the estimate was high; the key may go
+//! into debt when it was low) and ends the lease; cancelling refunds the request and the
+//! estimate. A reservation not settled within `lease_ttl` stands at its estimate: a late
+//! settle or cancel changes nothing.
+
+use crate::clock::Clock;
+use crate::composite::Group;
+use crate::concurrency::Concurrency;
+use crate::decision::{combine, Decision};
+use crate::error::{Error, Result};
+use crate::key::Fingerprint;
+use crate::limiter::Limiter;
+use crate::quota::{Kind, Quota};
+use crate::rate::Rate;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The rate limits of a budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Requests = 0,
+    Tokens = 1,
+    DailyTokens = 2,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 3] = [Limit::Requests, Limit::Tokens, Limit::DailyTokens];
+
+    /// `"requests"`, `"tokens"` or `"daily_tokens"`.
+    pub fn name(self) -> &'static str {
+        ["requests", "tokens", "daily_tokens"][self as usize]
+    }
+
+    pub fn parse(name: &str) -> Result<Limit> {
+        Limit::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
+            Error::InvalidArgument(format!("limit must be 'requests', 'tokens' or 'daily_tokens', got {name:?}"))
+        })
+    }
+
+    /// What one call costs on this limit.
+    fn cost(self, tokens: u64) -> u64 {
+        match self {
+            Limit::Requests => 1,
+            Limit::Tokens | Limit::DailyTokens => tokens,
+        }
+    }
+}
+
+/// A rate per limit (requests, tokens, daily tokens), any of them absent.
+pub type Rates = [Option<Rate>; 3];
+
+/// The answer to [`Budget::reserve`] (or [`Budget::peek`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reserved {
+    /// Every limit admitted (or, in shadow mode, would not deny).
+    pub allowed: bool,
+    /// The limits' decisions combined (see [`combine`]).
+    pub decision: Decision,
+    /// Admitted although a limit in shadow mode would have denied.
+    pub shadow: bool,
+    /// Each rate limit's own decision, by [`Limit`] (None for a limit that is not set).
+    pub limits: [Option<Decision>; 3],
+    pub concurrency: Option<Decision>,
+    /// The concurrency lease taken, if any.
+    pub lease: Option<u64>,
+    /// When the reservation was charged (the budget's clock, ns): settling needs it.
+    pub charged_at: u64,
+}
+
+/// Tokens counted for reporting, by what became of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Estimates of admitted reservations.
+    pub reserved: u64,
+    /// Actual counts of settled reservations.
+    pub settled: u64,
+    /// Estimates of cancelled reservations.
+    pub refunded: u64,
+}
+
+/// Request and token limits plus an optional concurrency limit, reserved together.
+pub struct Budget {
+    /// The rate limits that are set, decided together.
+    group: Group,
+    /// For each [`Limit`], its index in `group`, if it is set.
+    index: [Option<usize>; 3],
+    concurrency: Option<Arc<Concurrency>>,
+    clock: Clock,
+    lease_ttl_ns: u64,
+    tally: [AtomicU64; 3],
+}
+
+fn bucket(rate: Rate) -> Result<Quota> {
+    Quota::new(Kind::TokenBucket, rate, None, 0)
+}
+
+impl Budget {
+    /// `rates` and `concurrency` (at least one of them), every rate limit with `ttl_secs`
+    /// and `max_keys` as a [`Limiter`]'s; a reservation stands (and its lease lives)
+    /// `lease_ttl_secs`.
+    pub fn new(
+        rates: Rates,
+        concurrency: Option<u64>,
+        clock: Clock,
+        ttl_secs: f64,
+        max_keys: Option<usize>,
+        lease_ttl_secs: f64,
+    ) -> Result<Budget> {
+        let mut parts = Vec::new();
+        let mut index = [None; 3];
+        for limit in Limit::ALL {
+            if let Some(rate) = rates[limit as usize] {
+                index[limit as usize] = Some(parts.len());
+                parts.push(Arc::new(Limiter::new(bucket(rate)?, clock.clone(), ttl_secs, max_keys)?));
+            }
+        }
+        let concurrency =
+            concurrency.map(|n| Concurrency::new(n, lease_ttl_secs, clock.clone()).map(Arc::new)).transpose()?;
+        if parts.is_empty() && concurrency.is_none() {
+            return Err(Error::InvalidArgument(
+                "TokenLimiter needs at least one of requests, tokens, daily_tokens or concurrency".into(),
+            ));
+        }
+        if !(lease_ttl_secs.is_finite() && lease_ttl_secs > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "lease_ttl must be a finite number of seconds above 0, got {lease_ttl_secs}"
+            )));
+        }
+        Ok(Budget {
+            group: Group::new(parts)?,
+            index,
+            concurrency,
+            clock,
+            lease_ttl_ns: crate::clock::secs_to_ns(lease_ttl_secs).max(1),
+            tally: Default::default(),
+        })
+    }
+
+    /// The limiter of one rate limit, if it is set.
+    pub fn limiter(&self, limit: Limit) -> Option<&Arc<Limiter>> {
+        self.index[limit as usize].map(|i| &self.group.parts()[i])
+    }
+
+    /// The limiter of one rate limit, or an error naming it.
+    pub fn limiter_or_err(&self, limit: Limit) -> Result<&Arc<Limiter>> {
+        self.limiter(limit)
+            .ok_or_else(|| Error::InvalidArgument(format!("this TokenLimiter has no {} limit", limit.name())))
+    }
+
+    pub fn concurrency(&self) -> Option<&Arc<Concurrency>> {
+        self.concurrency.as_ref()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn lease_ttl_ns(&self) -> u64 {
+        self.lease_ttl_ns
+    }
+
+    fn costs(&self, tokens: u64) -> Vec<u64> {
+        let mut costs = vec![0; self.group.parts().len()];
+        for limit in Limit::ALL {
+            if let Some(i) = self.index[limit as usize] {
+                costs[i] = limit.cost(tokens);
+            }
+        }
+        costs
+    }
+
+    /// The rate limits' combined decision and each one's, charging them with `charge`.
+    fn check_rates(&self, fp: &Fingerprint, tokens: u64, charge: bool) -> Option<(Decision, Vec<Decision>)> {
+        if self.group.is_empty() {
+            return None;
+        }
+        let mut each = Vec::with_capacity(self.group.parts().len());
+        let d = self.group.check(fp, &self.costs(tokens), charge, Some(&mut each));
+        Some((d, each))
+    }
+
+    fn answer(
+        &self,
+        rates: Option<(Decision, Vec<Decision>)>,
+        concurrency: Option<Decision>,
+        lease: Option<u64>,
+        charged_at: u64,
+    ) -> Reserved {
+        let all: Vec<Decision> = rates.iter().map(|r| r.0).chain(concurrency).collect();
+        let decision = combine(&all);
+        let each = rates.map(|r| r.1);
+        let mut limits = [None; 3];
+        for limit in Limit::ALL {
+            if let (Some(i), Some(each)) = (self.index[limit as usize], &each) {
+                limits[limit as usize] = Some(each[i]);
+            }
+        }
+        // Admitted although a limit said no: that limit is in shadow mode.
+        let shadow = decision.allowed && each.as_ref().is_some_and(|e| e.iter().any(|d| !d.allowed));
+        Reserved { allowed: decision.allowed, decision, shadow, limits, concurrency, lease, charged_at }
+    }
+
+    /// Reserves one request and `tokens` tokens for the key against every limit at once,
+    /// with a concurrency lease: all of it, or nothing.
+    pub fn reserve(&self, fp: &Fingerprint, tokens: u64) -> Reserved {
+        let now = self.clock.now();
+        match &self.concurrency {
+            Some(c) => {
+                // The rate limits are charged under the lease's lock, only if a lease is
+                // free, and the lease is taken only if they admit.
+                let (lease, d, ran) = c.acquire_if(fp, || match self.check_rates(fp, tokens, true) {
+                    Some(rates) => (rates.0.allowed, Some(rates)),
+                    None => (true, None),
+                });
+                // No lease free: the rate limits are told, charging nothing.
+                let rates = ran.unwrap_or_else(|| self.check_rates(fp, tokens, false));
+                self.answer(rates, Some(d), lease, now)
+            }
+            None => self.answer(self.check_rates(fp, tokens, true), None, None, now),
+        }
+    }
+
+    /// What [`reserve`](Self::reserve) would decide now, charging nothing and taking no
+    /// lease.
+    pub fn peek(&self, fp: &Fingerprint, tokens: u64) -> Reserved {
+        let rates = self.check_rates(fp, tokens, false);
+        self.answer(rates, self.concurrency.as_ref().map(|c| c.peek(fp)), None, 0)
+    }
+
+    /// True when a reservation charged at `charged_at` has outlived `lease_ttl`: it stands
+    /// at its estimate.
+    pub fn expired(&self, charged_at: u64) -> bool {
+        self.clock.now() > charged_at.saturating_add(self.lease_ttl_ns)
+    }
+
+    /// Charges (`tokens > 0`) or refunds (`tokens < 0`) tokens of a reservation charged at
+    /// `charged_at` on the token limits, and `requests` requests.
+    pub fn adjust(&self, fp: &Fingerprint, tokens: i64, charged_at: u64, requests: i64) {
+        if tokens == 0 && requests == 0 {
+            return;
+        }
+        let mut deltas = vec![0i64; self.group.parts().len()];
+        for limit in Limit::ALL {
+            if let Some(i) = self.index[limit as usize] {
+                deltas[i] = if limit == Limit::Requests { requests } else { tokens };
+            }
+        }
+        self.group.adjust(fp, &deltas, charged_at);
+    }
+
+    /// Ends a reservation's concurrency lease; true if it was still held.
+    pub fn release(&self, fp: &Fingerprint, lease: u64) -> bool {
+        self.concurrency.as_ref().is_some_and(|c| c.release(fp, lease))
+    }
+
+    /// Ends a reservation charged at `charged_at`: adjusts the tokens and requests
+    /// charged (see [`adjust`](Self::adjust)) and ends its lease. False (and nothing
+    /// done) when it has expired.
+    pub fn finish(&self, fp: &Fingerprint, tokens: i64, requests: i64, charged_at: u64, lease: Option<u64>) -> bool {
+        if self.expired(charged_at) {
+            return false;
+        }
+        self.adjust(fp, tokens, charged_at, requests);
+        if let Some(lease) = lease {
+            self.release(fp, lease);
+        }
+        true
+    }
+
+    /// Settles a reservation of `estimate` tokens at the `actual` count.
+    pub fn settle(&self, fp: &Fingerprint, r: &Reserved, estimate: u64, actual: u64) -> bool {
+        let delta = (actual as i128 - estimate as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+        self.finish(fp, delta, 0, r.charged_at, r.lease)
+    }
+
+    /// Cancels a reservation of `estimate` tokens: refunds the request and the tokens.
+    pub fn cancel(&self, fp: &Fingerprint, r: &Reserved, estimate: u64) -> bool {
+        self.finish(fp, -(estimate.min(i64::MAX as u64) as i64), -1, r.charged_at, r.lease)
+    }
+
+    /// Adds to the token counts reported.
+    pub fn count(&self, tally: Tally) {
+        for (i, n) in [tally.reserved, tally.settled, tally.refunded].into_iter().enumerate() {
+            if n > 0 {
+                self.tally[i].fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn tally(&self) -> Tally {
+        let [reserved, settled, refunded] = [0, 1, 2].map(|i| self.tally[i].load(Ordering::Relaxed));
+        Tally { reserved, settled, refunded }
+    }
+
+    /// Forgets the key everywhere, its leases included.
+    pub fn reset(&self, fp: &Fingerprint) {
+        for p in self.group.parts() {
+            p.reset(fp);
+        }
+        if let Some(c) = &self.concurrency {
+            c.reset(fp);
+        }
+    }
+
+    pub fn sweep(&self) -> usize {
+        self.group.parts().iter().map(|p| p.sweep()).sum::<usize>() + self.concurrency.as_ref().map_or(0, |c| c.sweep())
+    }
+
+    /// The rate limits given a new rate, each with its limiter.
+    fn changes(&self, rates: Rates) -> Result<Vec<(&Arc<Limiter>, Quota)>> {
+        let mut out = Vec::new();
+        for limit in Limit::ALL {
+            if let Some(rate) = rates[limit as usize] {
+                let Some(limiter) = self.limiter(limit) else {
+                    return Err(Error::InvalidArgument(format!(
+                        "this TokenLimiter has no {} limit to change",
+                        limit.name()
+                    )));
+                };
+                out.push((limiter, bucket(rate)?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn none_given() -> Error {
+        Error::InvalidArgument("give at least one of requests, tokens, daily_tokens".into())
+    }
+
+    /// Gives the key its own rate for each limit given, keeping what it has used.
+    pub fn set_quota(&self, fp: &Fingerprint, rates: Rates) -> Result<()> {
+        let changes = self.changes(rates)?;
+        if changes.is_empty() {
+            return Err(Budget::none_given());
+        }
+        changes.into_iter().try_for_each(|(limiter, quota)| limiter.set_quota(fp, quota))
+    }
+
+    /// Puts the key back on the default rates; false if it had none of its own.
+    pub fn clear_quota(&self, fp: &Fingerprint) -> bool {
+        // Every limit is cleared (no short-circuit).
+        let mut any = false;
+        for p in self.group.parts() {
+            any |= p.clear_quota(fp).unwrap_or(false);
+        }
+        any
+    }
+
+    /// Changes the default rates given (keys with their own keep theirs) keeping usage,
+    /// and the concurrency limit (leases held stay held).
+    pub fn set_default(&self, rates: Rates, concurrency: Option<u64>) -> Result<()> {
+        let max = match (concurrency, &self.concurrency) {
+            (None, _) => None,
+            (Some(n), Some(c)) => Some((c, n)),
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument("this TokenLimiter has no concurrency limit to change".into()))
+            }
+        };
+        let changes = self.changes(rates)?;
+        if changes.is_empty() && max.is_none() {
+            return Err(Budget::none_given());
+        }
+        if let Some((c, n)) = max {
+            c.set_max(n)?;
+        }
+        changes.into_iter().try_for_each(|(limiter, quota)| limiter.set_default(quota))
+    }
+
+    /// Shadow mode of the rate limits (concurrency leases stay real).
+    pub fn shadow(&self) -> bool {
+        self.group.parts().iter().any(|p| p.shadow())
+    }
+
+    pub fn set_shadow(&self, on: bool) {
+        for p in self.group.parts() {
+            p.set_shadow(on);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, NANOS};
+    use crate::key::{fingerprint, KeyKind};
+
+    fn fp(s: &str) -> Fingerprint {
+        fingerprint(KeyKind::Str, s.as_bytes())
+    }
+
+    fn rate(s: &str) -> Option<Rate> {
+        Some(Rate::parse(s).unwrap())
+    }
+
+    fn budget(rates: Rates, concurrency: Option<u64>, clock: &ManualClock) -> Budget {
+        Budget::new(rates, concurrency, Clock::Manual(clock.clone()), 3600.0, None, 60.0).unwrap()
+    }
+
+    fn remaining(b: &Budget, limit: Limit, key: &str) -> u64 {
+        b.limiter(limit).unwrap().peek(&fp(key), 0).remaining
+    }
+
+    #[test]
+    fn reserves_everything_or_nothing() {
+        let clock = ManualClock::new(0);
+        let b = budget([rate("10/minute"), rate("1000/minute"), None], Some(1), &clock);
+        let r = b.reserve(&fp("k"), 600);
+        assert!(r.allowed && r.lease.is_some() && !r.shadow);
+        assert_eq!(r.limits[Limit::Tokens as usize].unwrap().remaining, 400);
+        assert_eq!(r.limits[Limit::DailyTokens as usize], None);
+        assert_eq!(r.decision.remaining, 0, "the concurrency limit is the tightest");
+        let busy = b.reserve(&fp("k"), 1);
+        assert!(!busy.allowed && busy.lease.is_none());
+        assert_eq!(remaining(&b, Limit::Requests, "k"), 9, "a refused lease charges nothing");
+        assert!(b.settle(&fp("k"), &r, 600, 100));
+        assert_eq!(remaining(&b, Limit::Tokens, "k"), 900, "the 500 tokens estimated too many are back");
+        let tight = b.reserve(&fp("k"), 950);
+        assert!(!tight.allowed && tight.lease.is_none(), "no lease taken when the tokens say no");
+        assert_eq!(tight.limits[Limit::Tokens as usize].unwrap().retry_after, Some(3 * NANOS));
+        assert!(b.concurrency().unwrap().held(&fp("k")) == 0);
+    }
+
+    #[test]
+    fn settles_cancels_and_expires() {
+        let clock = ManualClock::new(0);
+        let b = budget([rate("10/minute"), rate("1000/minute"), rate("5000/day")], None, &clock);
+        let r = b.reserve(&fp("k"), 100);
+        assert!(b.cancel(&fp("k"), &r, 100));
+        assert_eq!((remaining(&b, Limit::Requests, "k"), remaining(&b, Limit::DailyTokens, "k")), (10, 5000));
+        let r = b.reserve(&fp("k"), 100);
+        assert!(b.settle(&fp("k"), &r, 100, 1500), "an actual count above the estimate goes into debt");
+        assert!(!b.peek(&fp("k"), 0).allowed);
+        assert_eq!(remaining(&b, Limit::DailyTokens, "k"), 3500);
+        let late = b.reserve(&fp("other"), 10);
+        clock.advance(61 * NANOS);
+        assert!(b.expired(late.charged_at));
+        assert!(!b.cancel(&fp("other"), &late, 10), "past lease_ttl the estimate stands");
+        // 10 used, 3.5 of them refilled in 61 s at 5000/day; a refund would have left 5000.
+        assert_eq!(remaining(&b, Limit::DailyTokens, "other"), 4993);
+        b.count(Tally { reserved: 210, settled: 1500, refunded: 100 });
+        assert_eq!(b.tally(), Tally { reserved: 210, settled: 1500, refunded: 100 });
+    }
+
+    #[test]
+    fn quotas_shadow_and_validation() {
+        let clock = ManualClock::new(0);
+        let b = budget([None, rate("1000/minute"), None], Some(2), &clock);
+        assert!(b.reserve(&fp("k"), 500).allowed);
+        b.set_quota(&fp("k"), [None, rate("600/minute"), None]).unwrap();
+        assert_eq!(remaining(&b, Limit::Tokens, "k"), 100);
+        let err = b.set_quota(&fp("k"), [rate("1/s"), None, None]).unwrap_err().to_string();
+        assert_eq!(err, "this TokenLimiter has no requests limit to change");
+        assert!(b.set_quota(&fp("k"), [None; 3]).unwrap_err().to_string().contains("give at least one"));
+        assert!(b.clear_quota(&fp("k")) && !b.clear_quota(&fp("k")));
+        b.set_default([None, rate("2000/minute"), None], Some(3)).unwrap();
+        assert_eq!((remaining(&b, Limit::Tokens, "k"), b.concurrency().unwrap().max()), (1500, 3));
+        b.set_default([None; 3], Some(4)).unwrap();
+        assert!(b.set_default([None; 3], None).is_err());
+        b.set_shadow(true);
+        let r = b.reserve(&fp("k"), 1800);
+        assert!(r.allowed && r.shadow);
+        assert!(b.shadow());
+        assert!(b.limiter_or_err(Limit::Requests).err().unwrap().to_string().contains("no requests limit"));
+        assert_eq!(Limit::parse("daily_tokens").unwrap(), Limit::DailyTokens);
+        assert!(Limit::parse("dollars").is_err());
+        b.reset(&fp("k"));
+        assert_eq!(remaining(&b, Limit::Tokens, "k"), 2000);
+        let nothing = Budget::new([None; 3], None, Clock::Monotonic, 60.0, None, 1.0).err().unwrap();
+        assert!(nothing.to_string().contains("needs at least one"));
+        let bad_ttl = Budget::new([rate("1/s"), None, None], None, Clock::Monotonic, 60.0, None, 0.0).err().unwrap();
+        assert!(bad_ttl.to_string().contains("lease_ttl must be"));
+    }
+
+    #[test]
+    fn concurrency_only() {
+        let clock = ManualClock::new(0);
+        let b = budget([None; 3], Some(1), &clock);
+        let r = b.reserve(&fp("k"), 10);
+        assert!(r.allowed && r.limits == [None; 3]);
+        assert!(!b.reserve(&fp("k"), 10).allowed);
+        assert!(b.settle(&fp("k"), &r, 10, 10));
+        assert!(b.peek(&fp("k"), 10).allowed);
+    }
+}

@@ -1,0 +1,311 @@
+//! The native half of `TokenLimiter` (see `crate::budget`): request, token and
+//! daily-token buckets plus an optional concurrency limit, reserved together and settled
+//! later. The Python class (`nexus_limits.budget`) wraps the results in a `Reservation`.
+
+use super::args;
+use super::report::{inspection_dict, process_key_names, stats_dict, top_rows};
+use super::types::{Decision, ManualClock, Rate};
+use crate::budget::{Budget, Limit, Rates, Reserved, Tally};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyInt};
+use std::sync::Arc;
+
+#[pyclass(frozen, subclass, module = "nexus_limits._core")]
+pub struct TokenLimiter {
+    inner: Arc<Budget>,
+    clock: Option<Py<ManualClock>>,
+}
+
+/// (allowed, combined, requests, tokens, daily_tokens, concurrency, lease id, time charged).
+type ReservedTuple =
+    (bool, Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>, Option<u64>, u64);
+/// (combined, requests, tokens, daily_tokens, concurrency).
+type PeekedTuple = (Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>);
+
+fn given<'a, 'py>(v: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py, PyAny>> {
+    v.filter(|x| !x.is_none())
+}
+
+/// `daily_tokens`: a rate, or an int of tokens per day.
+fn daily_rate(value: &Bound<'_, PyAny>) -> PyResult<crate::rate::Rate> {
+    if value.is_instance_of::<PyInt>() {
+        let n = args::count("daily_tokens", value)?;
+        return Ok(crate::rate::Rate::new(n, 86_400 * crate::clock::NANOS)?);
+    }
+    args::rate(value)
+}
+
+fn rates(
+    requests: Option<&Bound<'_, PyAny>>,
+    tokens: Option<&Bound<'_, PyAny>>,
+    daily_tokens: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Rates> {
+    Ok([
+        given(requests).map(args::rate).transpose()?,
+        given(tokens).map(args::rate).transpose()?,
+        given(daily_tokens).map(daily_rate).transpose()?,
+    ])
+}
+
+impl TokenLimiter {
+    fn decision(r: &Reserved, limit: Limit) -> Option<Decision> {
+        r.limits[limit as usize].map(Decision::from_core)
+    }
+
+    fn combined(r: &Reserved) -> Decision {
+        let mut d = Decision::from_core(r.decision);
+        d.shadow = r.shadow;
+        d
+    }
+}
+
+#[pymethods]
+impl TokenLimiter {
+    #[new]
+    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None, clock=None, lease_ttl=None, ttl=None, max_keys=None, shadow=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        requests: Option<&Bound<'_, PyAny>>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        daily_tokens: Option<&Bound<'_, PyAny>>,
+        concurrency: Option<&Bound<'_, PyAny>>,
+        clock: Option<&Bound<'_, PyAny>>,
+        lease_ttl: Option<&Bound<'_, PyAny>>,
+        ttl: Option<&Bound<'_, PyAny>>,
+        max_keys: Option<&Bound<'_, PyAny>>,
+        shadow: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let (core_clock, clock) = args::clock(clock)?;
+        let ttl = ttl.map(|v| args::seconds("ttl", v)).transpose()?.unwrap_or(3600.0);
+        let lease_ttl = lease_ttl.map(|v| args::seconds("lease_ttl", v)).transpose()?.unwrap_or(600.0);
+        let max_keys = args::max_keys(max_keys)?;
+        let rates = rates(requests, tokens, daily_tokens)?;
+        let concurrency = given(concurrency).map(|v| args::count("concurrency", v)).transpose()?;
+        let inner = Budget::new(rates, concurrency, core_clock, ttl, max_keys, lease_ttl)?;
+        if let Some(v) = given(shadow) {
+            inner.set_shadow(args::flag("shadow", v)?);
+        }
+        Ok(TokenLimiter { inner: Arc::new(inner), clock })
+    }
+
+    /// Reserves one request and `tokens` tokens for `key` against every limit at once.
+    /// Returns (allowed, combined, requests, tokens, daily_tokens, concurrency, lease id,
+    /// time charged in ns).
+    fn _reserve(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<ReservedTuple> {
+        let fp = args::key_fp(key)?;
+        let r = self.inner.reserve(&fp, args::tokens(tokens)?);
+        Ok((
+            r.allowed,
+            Self::combined(&r),
+            Self::decision(&r, Limit::Requests),
+            Self::decision(&r, Limit::Tokens),
+            Self::decision(&r, Limit::DailyTokens),
+            r.concurrency.map(Decision::from_core),
+            r.lease,
+            r.charged_at,
+        ))
+    }
+
+    /// What `_reserve(key, tokens)` would decide now, charging nothing and taking no
+    /// lease: (combined, requests, tokens, daily_tokens, concurrency).
+    fn _peek(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<PeekedTuple> {
+        let fp = args::key_fp(key)?;
+        let r = self.inner.peek(&fp, args::tokens(tokens)?);
+        Ok((
+            Self::combined(&r),
+            Self::decision(&r, Limit::Requests),
+            Self::decision(&r, Limit::Tokens),
+            Self::decision(&r, Limit::DailyTokens),
+            r.concurrency.map(Decision::from_core),
+        ))
+    }
+
+    /// Charges (`delta > 0`) or refunds (`delta < 0`) tokens of a reservation made at
+    /// `charged_at` (ns) on the token and daily-token limits, and `requests` requests.
+    #[pyo3(signature = (key, delta, charged_at, requests=0))]
+    fn _adjust(&self, key: &Bound<'_, PyAny>, delta: i64, charged_at: u64, requests: i64) -> PyResult<()> {
+        self.inner.adjust(&args::key_fp(key)?, delta, charged_at, requests);
+        Ok(())
+    }
+
+    /// Ends a reservation made at `charged_at` (ns): adjusts its tokens and requests (see
+    /// `_adjust`) and ends its lease. False, doing nothing, once it has expired.
+    fn _settle(
+        &self,
+        key: &Bound<'_, PyAny>,
+        tokens_delta: i64,
+        requests_delta: i64,
+        charged_at: u64,
+        lease: Option<u64>,
+    ) -> PyResult<bool> {
+        Ok(self.inner.finish(&args::key_fp(key)?, tokens_delta, requests_delta, charged_at, lease))
+    }
+
+    /// True when a reservation made at `charged_at` (ns) has outlived `lease_ttl`.
+    fn _expired(&self, charged_at: u64) -> bool {
+        self.inner.expired(charged_at)
+    }
+
+    /// Adds to the token counters reported by `stats()`.
+    fn _tally(&self, reserved: u64, settled: u64, refunded: u64) {
+        self.inner.count(Tally { reserved, settled, refunded });
+    }
+
+    /// Ends the concurrency lease of a reservation; True if it was still held.
+    fn _release(&self, key: &Bound<'_, PyAny>, lease: u64) -> PyResult<bool> {
+        Ok(self.inner.release(&args::key_fp(key)?, lease))
+    }
+
+    /// The current time of the limiter's clock, in ns.
+    fn _now(&self) -> u64 {
+        self.inner.clock().now()
+    }
+
+    /// Forgets `key` everywhere (its leases included).
+    fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.reset(&args::key_fp(key)?);
+        Ok(())
+    }
+
+    fn sweep(&self, py: Python<'_>) -> usize {
+        let inner = Arc::clone(&self.inner);
+        py.detach(move || inner.sweep())
+    }
+
+    /// Gives `key` its own request, token or daily-token quota (rates as in the
+    /// constructor), keeping what it has used. Limits not given keep their quota.
+    #[pyo3(signature = (key, requests=None, tokens=None, daily_tokens=None))]
+    fn set_quota(
+        &self,
+        key: &Bound<'_, PyAny>,
+        requests: Option<&Bound<'_, PyAny>>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        daily_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fp = args::key_fp(key)?;
+        Ok(self.inner.set_quota(&fp, rates(requests, tokens, daily_tokens)?)?)
+    }
+
+    /// Puts `key` back on the default quotas; False if it had none of its own.
+    fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.inner.clear_quota(&args::key_fp(key)?))
+    }
+
+    /// Changes the default quotas (keys with their own keep theirs), keeping usage, and
+    /// the concurrency limit (leases held stay held).
+    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None))]
+    fn set_default_quota(
+        &self,
+        py: Python<'_>,
+        requests: Option<&Bound<'_, PyAny>>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        daily_tokens: Option<&Bound<'_, PyAny>>,
+        concurrency: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let concurrency = given(concurrency).map(|v| args::count("concurrency", v)).transpose()?;
+        let rates = rates(requests, tokens, daily_tokens)?;
+        let inner = Arc::clone(&self.inner);
+        Ok(py.detach(move || inner.set_default(rates, concurrency))?)
+    }
+
+    /// Counters of each limit: {"requests": {...}, "tokens": {...}, "daily_tokens": {...}}
+    /// with the keys of `TokenBucket.stats()`; "concurrency": {"keys": ...}.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for limit in Limit::ALL {
+            if let Some(l) = self.inner.limiter(limit) {
+                out.set_item(limit.name(), stats_dict(py, &l.stats(), false)?)?;
+            }
+        }
+        if let Some(c) = self.inner.concurrency() {
+            let d = PyDict::new(py);
+            d.set_item("keys", c.len())?;
+            out.set_item("concurrency", d)?;
+        }
+        let t = self.inner.tally();
+        out.set_item("tokens_reserved", t.reserved)?;
+        out.set_item("tokens_settled", t.settled)?;
+        out.set_item("tokens_refunded", t.refunded)?;
+        Ok(out)
+    }
+
+    /// Each limit's quota and usage for `key` (see `TokenBucket.inspect`).
+    fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let py = key.py();
+        let fp = args::key_fp(key)?;
+        let out = PyDict::new(py);
+        for limit in Limit::ALL {
+            if let Some(l) = self.inner.limiter(limit) {
+                out.set_item(limit.name(), inspection_dict(key, &l.inspect(&fp))?)?;
+            }
+        }
+        if let Some(c) = self.inner.concurrency() {
+            let (limit, in_flight) = c.in_flight(&fp);
+            let conc = PyDict::new(py);
+            conc.set_item("limit", limit)?;
+            conc.set_item("in_flight", in_flight)?;
+            out.set_item("concurrency", conc)?;
+        }
+        Ok(out)
+    }
+
+    /// The `n` keys using the largest share of one limit now ("tokens" by default, or
+    /// "requests", "daily_tokens"); pass candidate `keys` to get names back.
+    #[pyo3(signature = (n=10, keys=None, limit="tokens"))]
+    fn top_keys<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        keys: Option<&Bound<'py, PyAny>>,
+        limit: &str,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let limiter = Arc::clone(self.inner.limiter_or_err(Limit::parse(limit)?)?);
+        let names = process_key_names(keys)?;
+        let top = py.detach(move || limiter.top(n))?;
+        top_rows(py, &names, top)
+    }
+
+    /// Shadow mode for the request and token limits (concurrency leases stay real).
+    #[getter]
+    fn shadow(&self) -> bool {
+        self.inner.shadow()
+    }
+
+    #[setter(shadow)]
+    fn shadow_setter(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.set_shadow(args::flag("shadow", value)?);
+        Ok(())
+    }
+
+    #[getter]
+    fn requests(&self) -> Option<Rate> {
+        self.inner.limiter(Limit::Requests).map(|l| Rate(l.quota().rate()))
+    }
+
+    #[getter]
+    fn tokens(&self) -> Option<Rate> {
+        self.inner.limiter(Limit::Tokens).map(|l| Rate(l.quota().rate()))
+    }
+
+    #[getter]
+    fn daily_tokens(&self) -> Option<Rate> {
+        self.inner.limiter(Limit::DailyTokens).map(|l| Rate(l.quota().rate()))
+    }
+
+    #[getter]
+    fn concurrency(&self) -> Option<u64> {
+        self.inner.concurrency().map(|c| c.max())
+    }
+
+    /// Seconds after which an unsettled reservation settles at its estimate (and its
+    /// concurrency lease, if any, ends).
+    #[getter]
+    fn lease_ttl(&self) -> f64 {
+        crate::clock::ns_to_secs(self.inner.lease_ttl_ns())
+    }
+
+    #[getter]
+    fn clock(&self, py: Python<'_>) -> Option<Py<ManualClock>> {
+        self.clock.as_ref().map(|c| c.clone_ref(py))
+    }
+}
