@@ -259,10 +259,12 @@ impl Budget {
         self.concurrency.as_ref().is_some_and(|c| c.release(fp, lease))
     }
 
-    /// Ends a reservation charged at `charged_at`: adjusts the tokens and requests
-    /// charged (see [`adjust`](Self::adjust)) and ends its lease. False (and nothing
-    /// done) when it has expired.
-    pub fn finish(&self, fp: &Fingerprint, tokens: i64, requests: i64, charged_at: u64, lease: Option<u64>) -> bool {
+    /// Ends a reservation charged at `charged_at`: charges `tokens` more tokens (a refund
+    /// when negative) and `requests` more requests, and ends its lease. Settling at the
+    /// actual count is `tokens = actual - estimate, requests = 0`; cancelling refunds it
+    /// all, `tokens = -estimate, requests = -1`. False, doing nothing, once the
+    /// reservation has expired: its estimate stands.
+    pub fn settle(&self, fp: &Fingerprint, tokens: i64, requests: i64, charged_at: u64, lease: Option<u64>) -> bool {
         if self.expired(charged_at) {
             return false;
         }
@@ -271,17 +273,6 @@ impl Budget {
             self.release(fp, lease);
         }
         true
-    }
-
-    /// Settles a reservation of `estimate` tokens at the `actual` count.
-    pub fn settle(&self, fp: &Fingerprint, r: &Reserved, estimate: u64, actual: u64) -> bool {
-        let delta = (actual as i128 - estimate as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-        self.finish(fp, delta, 0, r.charged_at, r.lease)
-    }
-
-    /// Cancels a reservation of `estimate` tokens: refunds the request and the tokens.
-    pub fn cancel(&self, fp: &Fingerprint, r: &Reserved, estimate: u64) -> bool {
-        self.finish(fp, -(estimate.min(i64::MAX as u64) as i64), -1, r.charged_at, r.lease)
     }
 
     /// Adds to the token counts reported.
@@ -418,7 +409,7 @@ mod tests {
         let busy = b.reserve(&fp("k"), 1);
         assert!(!busy.allowed && busy.lease.is_none());
         assert_eq!(remaining(&b, Limit::Requests, "k"), 9, "a refused lease charges nothing");
-        assert!(b.settle(&fp("k"), &r, 600, 100));
+        assert!(b.settle(&fp("k"), 100 - 600, 0, r.charged_at, r.lease));
         assert_eq!(remaining(&b, Limit::Tokens, "k"), 900, "the 500 tokens estimated too many are back");
         let tight = b.reserve(&fp("k"), 950);
         assert!(!tight.allowed && tight.lease.is_none(), "no lease taken when the tokens say no");
@@ -431,16 +422,19 @@ mod tests {
         let clock = ManualClock::new(0);
         let b = budget([rate("10/minute"), rate("1000/minute"), rate("5000/day")], None, &clock);
         let r = b.reserve(&fp("k"), 100);
-        assert!(b.cancel(&fp("k"), &r, 100));
+        assert!(b.settle(&fp("k"), -100, -1, r.charged_at, r.lease), "cancelled");
         assert_eq!((remaining(&b, Limit::Requests, "k"), remaining(&b, Limit::DailyTokens, "k")), (10, 5000));
         let r = b.reserve(&fp("k"), 100);
-        assert!(b.settle(&fp("k"), &r, 100, 1500), "an actual count above the estimate goes into debt");
+        assert!(
+            b.settle(&fp("k"), 1400, 0, r.charged_at, r.lease),
+            "an actual count above the estimate goes into debt"
+        );
         assert!(!b.peek(&fp("k"), 0).allowed);
         assert_eq!(remaining(&b, Limit::DailyTokens, "k"), 3500);
         let late = b.reserve(&fp("other"), 10);
         clock.advance(61 * NANOS);
         assert!(b.expired(late.charged_at));
-        assert!(!b.cancel(&fp("other"), &late, 10), "past lease_ttl the estimate stands");
+        assert!(!b.settle(&fp("other"), -10, -1, late.charged_at, late.lease), "past lease_ttl the estimate stands");
         // 10 used, 3.5 of them refilled in 61 s at 5000/day; a refund would have left 5000.
         assert_eq!(remaining(&b, Limit::DailyTokens, "other"), 4993);
         b.count(Tally { reserved: 210, settled: 1500, refunded: 100 });
@@ -484,7 +478,7 @@ mod tests {
         let r = b.reserve(&fp("k"), 10);
         assert!(r.allowed && r.limits == [None; 3]);
         assert!(!b.reserve(&fp("k"), 10).allowed);
-        assert!(b.settle(&fp("k"), &r, 10, 10));
+        assert!(b.settle(&fp("k"), 0, 0, r.charged_at, r.lease));
         assert!(b.peek(&fp("k"), 10).allowed);
     }
 }

@@ -119,21 +119,6 @@ impl ManualClock {
         }
     }
 
-    /// Sets the clock to `ns` if that is not earlier than now (time never goes back).
-    /// Returns `false`, leaving the clock alone, when `ns` is in the past.
-    pub fn set(&self, ns: u64) -> bool {
-        let mut cur = self.0.load(Ordering::Acquire);
-        loop {
-            if ns < cur {
-                return false;
-            }
-            match self.0.compare_exchange_weak(cur, ns, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return true,
-                Err(seen) => cur = seen,
-            }
-        }
-    }
-
     /// True when both handles share one time.
     pub fn same(&self, other: &ManualClock) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
@@ -169,17 +154,13 @@ mod tests {
     }
 
     #[test]
-    fn manual_clock_advances_and_never_goes_back() {
+    fn manual_clock_advances_and_is_shared_by_its_clones() {
         let c = ManualClock::new(5);
         assert_eq!(c.now(), 5);
         assert_eq!(c.advance(10), 15);
-        assert!(!c.set(3));
-        assert_eq!(c.now(), 15);
-        assert!(c.set(20));
-        assert_eq!(c.now(), 20);
         let shared = c.clone();
         shared.advance(1);
-        assert_eq!(c.now(), 21);
+        assert_eq!(c.now(), 16);
         assert!(c.same(&shared));
         assert_eq!(c.advance(u64::MAX), u64::MAX);
     }

@@ -120,7 +120,7 @@ impl Rate {
         Rate::new(count, period.round() as u64).map_err(|e| bad(&e.to_string()))
     }
 
-    /// Nanoseconds between two units at this rate, as an exact fraction `period_ns / count`.
+    /// The period in seconds.
     pub fn period_secs(&self) -> f64 {
         self.period_ns as f64 / NANOS as f64
     }

@@ -78,3 +78,5 @@ def test_full_store_denies_composite_atomically(clock):
     d = both.hit("second")
     assert not d.allowed
     assert b.get_limit("second") == (True, 10), "no part was charged"
+    assert len(b) == 1, "nor did any part take room for the refused key"
+    assert both.stats()["denied"] == 1 and a.stats()["keys"] == 1

@@ -110,6 +110,8 @@ def test_limiters_on_the_store(store_name, clock):
     assert [lb.hit(7).allowed for _ in range(3)] == [True, True, False]
     assert lb.peek(7).retry_after > 0 and lb.get_limit(7) == (False, 0)
     assert "store=" in repr(tb)
+    assert tb.ttl == store.ttl == 120.0 and tb.max_keys is None, "the store's ttl evicts its keys"
+    assert tb.quota == nl.TokenBucket("5/minute").quota
     # What a shared store cannot do, and bad combinations.
     with pytest.raises(ValueError, match="not available with a SharedMemoryStore"):
         tb.set_quota("a", "1/s")

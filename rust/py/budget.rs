@@ -138,7 +138,7 @@ impl TokenLimiter {
         charged_at: u64,
         lease: Option<u64>,
     ) -> PyResult<bool> {
-        Ok(self.inner.finish(&args::key_fp(key)?, tokens_delta, requests_delta, charged_at, lease))
+        Ok(self.inner.settle(&args::key_fp(key)?, tokens_delta, requests_delta, charged_at, lease))
     }
 
     /// True when a reservation made at `charged_at` (ns) has outlived `lease_ttl`.

@@ -50,7 +50,7 @@ pub struct Slot {
 pub struct Shard<E> {
     table: HashTable<Slot>,
     next_sweep: u32,
-    pub extra: E,
+    extra: E,
 }
 
 /// Tells whether a slot is back at its fresh state, given its shard's `extra`.
@@ -274,10 +274,11 @@ impl<'a, E> ShardGuard<'a, E> {
         None
     }
 
-    /// The one way a key's state is written. `step` gets the shard's `extra`, the key's
-    /// state (fresh when untracked) and whether it is tracked; it returns the state to
-    /// keep (None: leave the key as it is) and an answer for the caller. A tracked key is
-    /// updated in place; a new key is inserted if `room` has room for it.
+    /// How a check writes a key: `step` gets the shard's `extra`, the key's state (fresh
+    /// when untracked) and whether it is tracked, and returns the state to keep (None:
+    /// leave the key as it is) with an answer for the caller. A tracked key is updated in
+    /// place; a new key is inserted if `room` has room for it. (Quota changes convert
+    /// tracked states in place with `slot_and_extra` and `update_all`: they insert none.)
     #[inline(always)]
     pub fn upsert<T>(
         &mut self,
