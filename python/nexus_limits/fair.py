@@ -828,7 +828,9 @@ class FairQueue:
         if reason is None:
             reason = "never" if math.isinf(need) else "deadline"
         limit = d.limit if d is not None else 0
-        decision = Decision(False, limit, 0, max(need, 0.0) if d is None else d.reset_after, max(need, 0.0))
+        need = max(need, 0.0)
+        reset = d.reset_after if d is not None else (0.0 if math.isinf(need) else need)
+        decision = Decision(False, limit, 0, reset, need)
         return QueueRefused(w.key, decision, w.timeout, reason, now - w.start)
 
     def _admitted(self, w: _Waiter, now: float) -> None:
@@ -859,17 +861,23 @@ class FairQueue:
         if head and (now + _EPS >= lane.ready_at or w.cost < lane.ready_cost):
             lane.checker = w
             return _CHECK, None
+        overtime = False
         if now + _EPS >= w.deadline:
             need = self._predict(lane, self._units_through(w), now) if self._kind != "lease" else 0.0
-            need = max(need, lane.retry_at - now if head else 0.0, _EPS)
-            self._remove(w)
-            self._stats["timed_out"] += 1
-            return _RAISE, self._refusal(w, None, need, now, "deadline")
+            if self._kind == "lease" or need > _EPS or lane.checker is None and lane.ready_at > now + _EPS:
+                need = max(need, lane.retry_at - now if head else 0.0, _EPS)
+                self._remove(w)
+                self._stats["timed_out"] += 1
+                return _RAISE, self._refusal(w, None, need, now, "deadline")
+            # The limit has room for it and everyone ahead now, and those are being admitted
+            # one after the other at this instant: it is in time, it waits for its turn (a
+            # sweep refuses it should that change).
+            overtime = True
         if lane.dirty and now - lane.swept_at >= _SWEEP_EVERY:
             self._sweep(lane, now)
             if w.outcome is not None:
                 return _RAISE, w.outcome
-        until = min(lane.ready_at, w.deadline) if head else w.deadline
+        until = min(lane.ready_at, w.deadline) if head else (math.inf if overtime else w.deadline)
         if w.loop is not None:
             w.fut = w.loop.create_future()
         w.slept = True
