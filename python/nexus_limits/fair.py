@@ -54,6 +54,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import random
 import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
@@ -81,6 +82,8 @@ _SWEEP_EVERY = 0.05
 # A head waiting for a Concurrency lease polls, from 1 ms doubling to this, as a release
 # in another process cannot wake it.
 _LEASE_POLL_MAX = 0.05
+# The most a head of a shared limit checks later than told (see FairQueue._jitter).
+_JITTER_MAX = 0.001
 # Times within this of each other are equal (a ManualClock counts whole nanoseconds).
 _EPS = 1e-9
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -348,6 +351,7 @@ class FairQueue:
         "_peek",
         "_per_unit",
         "_seq",
+        "_shared",
         "_stats",
         "_timeout",
         "_units",
@@ -385,6 +389,9 @@ class FairQueue:
         self._peek: Any = getattr(limiter, "peek", None)
         self._async = _is_coroutine_function(check)
         self._local = isinstance(limiter, _LOCAL_TYPES)
+        # Shared with other processes (a SharedMemoryStore, Redis): heads of other queues
+        # race this one's for each freed unit.
+        self._shared = not self._local or "store_full" in limiter.stats()
         clock = getattr(limiter, "clock", None)
         self._clock: Optional[ManualClock] = clock if isinstance(clock, ManualClock) else None
         self._per_unit = 0.0  # seconds per unit at the default rate, for the Redis model
@@ -864,7 +871,7 @@ class FairQueue:
         overtime = False
         if now + _EPS >= w.deadline:
             need = self._predict(lane, self._units_through(w), now) if self._kind != "lease" else 0.0
-            if self._kind == "lease" or need > _EPS or lane.checker is None and lane.ready_at > now + _EPS:
+            if self._kind == "lease" or need > _EPS or (lane.checker is None and lane.ready_at > now + _EPS):
                 need = max(need, lane.retry_at - now if head else 0.0, _EPS)
                 self._remove(w)
                 self._stats["timed_out"] += 1
@@ -877,7 +884,10 @@ class FairQueue:
             self._sweep(lane, now)
             if w.outcome is not None:
                 return _RAISE, w.outcome
-        until = min(lane.ready_at, w.deadline) if head else (math.inf if overtime else w.deadline)
+        if head:
+            until = min(lane.ready_at + self._jitter(lane.ready_at - now), w.deadline)
+        else:
+            until = math.inf if overtime else w.deadline
         if w.loop is not None:
             w.fut = w.loop.create_future()
         w.slept = True
@@ -916,6 +926,15 @@ class FairQueue:
         lane.dirty = True
         self._wake_head(lane)  # a request that came ahead meanwhile is the head now
         return _WAIT, None
+
+    def _jitter(self, wait: float) -> float:
+        """How much later than the limiter said a head checks a shared limit: up to 1 ms
+        (and a twentieth of the wait) at random. Queues in several processes whose heads
+        wait for the same freed unit then take turns; waking on the dot, the one whose
+        timer happens to fire first would win every race, and the others' keys starve."""
+        if not self._shared or self._clock is not None or wait <= 0:
+            return 0.0
+        return random.random() * min(_JITTER_MAX, wait / 20)
 
     def _check_failed(self, w: _Waiter, error: BaseException) -> None:
         lane = w.lane
