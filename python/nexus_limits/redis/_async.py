@@ -71,7 +71,7 @@ async def evalsha(
     except BACKEND_ERRORS as error:
         if not is_noscript(error):
             raise
-        await channel.call("SCRIPT LOAD", script.source)
+        await channel.script_load(script.source, keys[0])
         return await channel.evalsha(script.sha, keys, args, packed)
 
 

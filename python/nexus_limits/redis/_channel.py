@@ -14,9 +14,14 @@ within the client's socket timeouts, so its commands run without those retries:
   policy is set to a single attempt while the limiter holds it (and put back before
   the connection returns to the pool).
 
-Clients whose pool is of another kind (cluster, Sentinel, custom pools) run the
-command as usual: their retries apply to the first failing call, and the breaker
-answers the later ones at once.
+A Sentinel-managed client (``Sentinel(...).master_for(...)``) is handled the same way:
+its connections ask the sentinels for the primary when they connect, so after a
+failover the next connection reaches the new primary. A cluster client's commands
+that name a key go straight to the node that serves it, on that node's connections,
+once; a redirection (the slot moved) is left to the cluster client, which knows how
+to follow it. Clients whose pool is of another kind (custom pools) run the command
+as usual: their retries apply to the first failing call, and the breaker answers the
+later ones at once.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._breaker import Breaker
 
-_POOLS = ("ConnectionPool", "BlockingConnectionPool")
+_POOLS = ("ConnectionPool", "BlockingConnectionPool", "SentinelConnectionPool")
+# Replies that say a cluster's slot is served elsewhere (or is moving): the cluster client
+# follows them and refreshes its slot map.
+_REDIRECTIONS = ("MovedError", "AskError", "TryAgainError")
 
 
 def _single_attempt() -> Any:
@@ -62,22 +70,23 @@ class _Breakers:
         self.breaker = Breaker()
         self._nodes: Optional[Dict[str, Breaker]] = {} if hasattr(client, "nodes_manager") else None
 
-    def pick(self, args: Tuple[Any, ...]) -> Optional[Breaker]:
-        """The breaker guarding a command (None: a cluster command without a key, such as
-        SCRIPT LOAD, which goes to every node)."""
+    def pick(self, args: Tuple[Any, ...]) -> Tuple[Optional[Breaker], Any]:
+        """The breaker guarding a command and, on a cluster, the node serving its key
+        (None, None: a cluster command without a key, such as SCRIPT LOAD, which goes to
+        every node)."""
         if self._nodes is None:
-            return self.breaker
+            return self.breaker, None
         key = _first_key(args)
         if key is None:
-            return None
+            return None, None
         try:
-            name = self.client.get_node_from_key(key).name
-        except Exception:  # no slot map yet (an asyncio cluster client before its first command)
-            return None
-        found = self._nodes.get(name)
+            node = self.client.get_node_from_key(key)
+        except Exception:  # no slot map yet
+            return None, None
+        found = self._nodes.get(node.name)
         if found is None:
-            found = self._nodes.setdefault(name, Breaker())
-        return found
+            found = self._nodes.setdefault(node.name, Breaker())
+        return found, node
 
     def stats(self) -> Dict[str, int]:
         """breaker_open: 1 while the breaker is open (on a cluster: how many nodes' are);
@@ -95,6 +104,10 @@ def _first_key(args: Tuple[Any, ...]) -> Any:
     if name in ("DEL", "GET"):
         return args[1]
     return None
+
+
+def _redirected(error: BaseException) -> bool:
+    return type(error).__name__ in _REDIRECTIONS
 
 
 class _Idle:
@@ -133,13 +146,14 @@ class _Idle:
 class SyncChannel(_Breakers):
     """Commands of synchronous clients (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_idle", "_lock", "_make")
+    __slots__ = ("__weakref__", "_direct", "_idle", "_lock", "_make")
 
     def __init__(self, client: Any) -> None:
         super().__init__(client)
         self._lock = threading.Lock()
         self._make: Any = False  # False: not built yet; None: none (use the client)
         self._idle: List[_Idle] = []
+        self._direct: Dict[str, SyncChannel] = {}  # a cluster's nodes, by name
         _SYNC_CHANNELS.add(self)
 
     def _maker(self) -> Any:
@@ -174,35 +188,55 @@ class SyncChannel(_Breakers):
         self._idle = []
 
     def call(self, *args: Any, **options: Any) -> Any:
-        breaker = self.pick(args)
-        if breaker is None:
-            return self._run(args, None, options)
-        probe = breaker.admit()
-        try:
-            result = self._run(args, None, options)
-        except BaseException as error:
-            breaker.failed(error, probe)
-            raise
-        breaker.succeeded(probe)
-        return result
+        return self._guarded(args, None, options)
 
     def evalsha(self, sha: str, keys: Sequence[str], argv: Sequence[str], packed: Optional[bytes] = None) -> Any:
         """EVALSHA; ``packed`` is the same command already in the protocol's bytes, sent
         as is on the channel's own connections."""
-        args = ("EVALSHA", sha, len(keys), *keys, *argv)
-        breaker = self.pick(args)
+        return self._guarded(("EVALSHA", sha, len(keys), *keys, *argv), packed, {})
+
+    def script_load(self, source: str, key: str) -> Any:
+        """SCRIPT LOAD where ``key`` is served (on a cluster: that node only, so that a
+        dead node elsewhere does not fail it)."""
+        return self._guarded(("SCRIPT LOAD", source), None, {}, ("GET", key))
+
+    def _guarded(
+        self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any], route: Any = None
+    ) -> Any:
+        """Runs a command behind the breaker of the node serving ``route``'s key (by
+        default, the command's own)."""
+        breaker, node = self.pick(route or args)
         if breaker is None:
-            return self._run(args, packed, {})
+            return self._run(args, packed, options, node)
         probe = breaker.admit()
         try:
-            result = self._run(args, packed, {})
+            result = self._run(args, packed, options, node)
         except BaseException as error:
             breaker.failed(error, probe)
             raise
         breaker.succeeded(probe)
         return result
 
-    def _run(self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any]) -> Any:
+    def _node(self, node: Any) -> Optional[SyncChannel]:
+        """The channel of a cluster node's own client (None if it has none)."""
+        found = self._direct.get(node.name)
+        if found is None:
+            client = getattr(node, "redis_connection", None)
+            if client is None or _plain_pool(client) is None:
+                return None
+            found = self._direct.setdefault(node.name, SyncChannel(client))
+        return found
+
+    def _run(self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any], node: Any = None) -> Any:
+        if node is not None:
+            direct = self._node(node)
+            if direct is not None:
+                try:
+                    return direct._run(args, packed, options)
+                except Exception as error:
+                    if not _redirected(error):
+                        raise
+            return self.client.execute_command(*args, **options)
         make = self._maker()
         if make is None:
             return self.client.execute_command(*args, **options)
@@ -228,43 +262,54 @@ class SyncChannel(_Breakers):
 class AsyncChannel(_Breakers):
     """Commands of asyncio clients (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_once")
+    __slots__ = ("__weakref__", "_once", "_ready")
 
     def __init__(self, client: Any) -> None:
         super().__init__(client)
         self._once: Any = None
+        self._ready = self._nodes is None  # a cluster client learns its slot map first
 
     async def call(self, *args: Any, **options: Any) -> Any:
-        breaker = self.pick(args)
-        if breaker is None:
-            return await self._run(args, None, options)
-        probe = breaker.admit()
-        try:
-            result = await self._run(args, None, options)
-        except BaseException as error:
-            breaker.failed(error, probe)
-            raise
-        breaker.succeeded(probe)
-        return result
+        return await self._guarded(args, None, options)
 
     async def evalsha(self, sha: str, keys: Sequence[str], argv: Sequence[str], packed: Optional[bytes] = None) -> Any:
         """EVALSHA; ``packed`` is the same command already in the protocol's bytes, sent
         as is on a connection of the client's pool."""
-        args = ("EVALSHA", sha, len(keys), *keys, *argv)
-        breaker = self.pick(args)
+        return await self._guarded(("EVALSHA", sha, len(keys), *keys, *argv), packed, {})
+
+    async def script_load(self, source: str, key: str) -> Any:
+        """SCRIPT LOAD where ``key`` is served (on a cluster: that node only)."""
+        return await self._guarded(("SCRIPT LOAD", source), None, {}, ("GET", key))
+
+    async def _guarded(
+        self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any], route: Any = None
+    ) -> Any:
+        if not self._ready:
+            await self.client.initialize()  # the slot map, to know each key's node
+            self._ready = True
+        breaker, node = self.pick(route or args)
         if breaker is None:
-            return await self._run(args, packed, {})
+            return await self._run(args, packed, options, node)
         probe = breaker.admit()
         try:
-            result = await self._run(args, packed, {})
+            result = await self._run(args, packed, options, node)
         except BaseException as error:
             breaker.failed(error, probe)
             raise
         breaker.succeeded(probe)
         return result
 
-    async def _run(self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any]) -> Any:
-        pool = _plain_pool(self.client, ("ConnectionPool",))
+    async def _run(
+        self, args: Tuple[Any, ...], packed: Optional[bytes], options: Dict[str, Any], node: Any = None
+    ) -> Any:
+        if node is not None and hasattr(node, "acquire_connection"):
+            try:
+                return await self._on_node(node, args, packed)
+            except Exception as error:
+                if not _redirected(error):
+                    raise
+            return await self.client.execute_command(*args, **options)
+        pool = _plain_pool(self.client, ("ConnectionPool", "SentinelConnectionPool"))
         if pool is None or not hasattr(pool, "get_available_connection"):
             return await self.client.execute_command(*args, **options)
         if self._once is None:
@@ -286,6 +331,21 @@ class AsyncChannel(_Breakers):
         finally:
             conn.retry = kept
             await pool.release(conn)
+
+    @staticmethod
+    async def _on_node(node: Any, args: Tuple[Any, ...], packed: Optional[bytes]) -> Any:
+        """One attempt on a connection of the cluster node serving the key (its
+        connections make no retries of their own: the cluster client's do)."""
+        conn = node.acquire_connection()
+        try:
+            await conn.send_packed_command(packed if packed is not None else conn.pack_command(*args), False)
+            return await conn.read_response()
+        except BaseException as error:
+            if not _is_reply(error):
+                await conn.disconnect()
+            raise
+        finally:
+            node.release(conn)
 
 
 def _is_reply(error: BaseException) -> bool:

@@ -65,7 +65,7 @@ def evalsha(
     except BACKEND_ERRORS as error:
         if not is_noscript(error):
             raise
-        channel.call("SCRIPT LOAD", script.source)
+        channel.script_load(script.source, keys[0])
         return channel.evalsha(script.sha, keys, args, packed)
 
 
