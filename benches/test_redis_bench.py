@@ -137,3 +137,102 @@ def test_lease_hot_key_four_processes(benchmark, server):
     print(f"\nleasing: {out['ratio']:.1f}x", end="")
     rows = lease_bench.admitted_runs(server.port, 4, 0.5, 2, 5000)
     assert all(r["admitted"] <= r["quota"] for r in rows), rows
+
+
+def _outage_figures(make_client, outage: str, is_async: bool) -> dict:
+    """Seconds of the first check that meets the outage, and the median and slowest of
+    200 checks while the breaker is open (a server of its own, stopped or hung)."""
+    import asyncio
+    import statistics
+    import threading
+    import time
+
+    import nexus_limits.redis.asyncio as nla
+
+    srv = RedisServer().start()
+    sleeper = None
+    try:
+
+        def hang() -> None:
+            c = redis.Redis(port=srv.port, socket_timeout=30)
+            try:
+                c.execute_command("DEBUG", "SLEEP", 7)
+            except redis.RedisError:
+                pass
+            c.close()
+
+        def start_outage() -> None:
+            nonlocal sleeper
+            if outage == "stopped":
+                srv.stop()
+            else:
+                sleeper = threading.Thread(target=hang)
+                sleeper.start()
+                time.sleep(0.2)
+
+        async def run_async() -> dict:
+            client = make_client(srv.port)
+            lim = nla.TokenBucket(client, "100/s", on_error="allow")
+            await lim.hit("k")
+            await asyncio.to_thread(start_outage)
+            t = time.perf_counter()
+            await lim.hit("k")
+            first = time.perf_counter() - t
+            times = []
+            for _ in range(200):
+                t = time.perf_counter()
+                await lim.hit("k")
+                times.append(time.perf_counter() - t)
+            await client.aclose()
+            return {"first": first, "open_median": statistics.median(times), "open_max": max(times)}
+
+        if is_async:
+            return asyncio.run(run_async())
+        client = make_client(srv.port)
+        lim = nlr.TokenBucket(client, "100/s", on_error="allow")
+        lim.hit("k")
+        start_outage()
+        t = time.perf_counter()
+        lim.hit("k")
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(200):
+            t = time.perf_counter()
+            lim.hit("k")
+            times.append(time.perf_counter() - t)
+        client.close()
+        return {"first": first, "open_median": statistics.median(times), "open_max": max(times)}
+    finally:
+        if sleeper is not None:
+            sleeper.join()
+        srv.close()
+
+
+def test_outage_latency(benchmark):
+    """What a check costs during an outage: the first one that meets it (at most the
+    client's socket timeout: redis-py 8's default is 5 s) and those while the breaker is
+    open (no I/O). Default and tuned (0.3 s timeouts) clients, sync and asyncio."""
+    import redis.asyncio
+
+    tuned = {"socket_timeout": 0.3, "socket_connect_timeout": 0.3}
+    cases = [
+        ("sync, default client", lambda p: redis.Redis(port=p), False),
+        ("sync, tuned client", lambda p: redis.Redis(port=p, **tuned), False),
+        ("asyncio, default client", lambda p: redis.asyncio.Redis(port=p), True),
+        ("asyncio, tuned client", lambda p: redis.asyncio.Redis(port=p, **tuned), True),
+    ]
+    rows = []
+
+    def run() -> None:
+        for outage in ("stopped", "hung"):
+            for name, make, is_async in cases:
+                rows.append((f"{name}, {outage} server", _outage_figures(make, outage, is_async)))
+
+    benchmark.pedantic(run, rounds=1)
+    for name, f in rows:
+        text = (
+            f"first call {f['first'] * 1e3:.1f} ms; while open: median {f['open_median'] * 1e6:.1f} us, "
+            f"slowest {f['open_max'] * 1e6:.1f} us"
+        )
+        benchmark.extra_info[name] = text
+        print(f"\n{name}: {text}", end="")

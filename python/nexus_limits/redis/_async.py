@@ -196,13 +196,17 @@ class _RedisRateLimiter(AsyncRateLimiter):
         """Gives back the blocks of keys gone idle (and of blocks whose spending time is
         over), until none is held."""
         table: Any = self._leases
-        while True:
-            gives, wait = table.due()
-            await self._give_back(gives)
-            if wait is None:
-                return
-            pause = min(wait, table.policy.idle)
-            await asyncio.sleep(pause)  # unasync: time.sleep(pause)
+        try:
+            while True:
+                gives, wait = table.due()
+                await self._give_back(gives)
+                if wait is None:
+                    return
+                pause = min(wait, table.policy.idle)
+                await asyncio.sleep(pause)  # unasync: time.sleep(pause)
+        except BaseException:
+            table.reaping = False  # cancelled (its event loop closing): the next block starts another
+            raise
 
     async def _give_back(self, gives: List[Give]) -> None:
         table: Any = self._leases
