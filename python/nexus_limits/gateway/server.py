@@ -181,6 +181,10 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
             self.transport.close()
 
         def on_headers_complete(self) -> None:
+            if self.parser.get_http_version() not in ("1.0", "1.1"):
+                # HTTP/0.9 (a request line without a version): stops the parse, and
+                # uvicorn answers it through send_400_response.
+                raise ValueError("not an HTTP/1.x request")
             self._disarm()  # the app's own deadlines take over
             self._in_head = False
             self._head_bytes = 0

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, Deque, List, Optional, Tuple
+from typing import Any, Deque, List, Optional, Set, Tuple
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
 
@@ -276,6 +276,7 @@ class Upstream:
         self._idle: Deque[_Connection] = collections.deque()
         self._open = 0  # connections open or opening
         self._waiters: Deque[asyncio.Future[None]] = collections.deque()
+        self._all: Set[_Connection] = set()
         self.opened = 0  # connections ever opened (for tests and benchmarks)
         self._closing = False
 
@@ -365,6 +366,7 @@ class Upstream:
             self._wake_one()
             raise
         self.opened += 1
+        self._all.add(conn)
         return conn
 
     async def _connect(self) -> _Connection:
@@ -395,6 +397,7 @@ class Upstream:
 
     def _drop(self, conn: _Connection) -> None:
         conn._close()
+        self._all.discard(conn)
         self._open -= 1
         self._wake_one()
 
@@ -406,10 +409,14 @@ class Upstream:
                 return
 
     async def aclose(self) -> None:
-        """Closes every idle connection; those in use close when their answer ends."""
+        """Closes every connection (the server has finished its requests by then)."""
         self._closing = True
         while self._idle:
             self._drop(self._idle.pop())
+        for conn in list(self._all):
+            conn._close()
+        self._all.clear()
+        await asyncio.sleep(0)  # the transports close on the next turn
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
