@@ -206,7 +206,7 @@ class _Waiter:
         self.timeout = timeout
         self.loop = loop
         self.thread = threading.get_ident()
-        self.event: Optional[threading.Event] = threading.Event() if loop is None else None
+        self.event: Optional[threading.Event] = None  # a thread's, made when it first waits
         self.fut: Any = None
         self.outcome: Any = None  # set once: a _Done, or the exception to raise
         self.removed = False
@@ -476,6 +476,8 @@ class FairQueue:
             if cancel.cancelled:
                 raise QueueCancelled(f"the wait of key {key!r} was cancelled before it started")
         waiter = self._enter(key, cost, timeout, weight, None)
+        if waiter.outcome is None:
+            waiter.event = threading.Event()
         if cancel is not None and not cancel._add(self, waiter):
             self._cancel_waiter(waiter)
         try:
