@@ -665,3 +665,56 @@ def test_an_asgi_client_that_disconnects_leaves_the_queue_at_once():
             response = httpx.get(other.url + "/c", timeout=10)
         assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
         assert lease is not None
+
+
+# ---- edges ----------------------------------------------------------------------------------------
+
+
+def test_a_timeout_of_zero_checks_once(clock):
+    queue = FairQueue(nl.TokenBucket("10/s", burst=1, clock=clock), timeout=0)
+    assert queue.acquire_sync("k").allowed
+    with pytest.raises(QueueRefused) as refused:
+        queue.acquire_sync("k")
+    assert refused.value.retry_after == pytest.approx(0.1) and clock.now == 0.0
+    assert queue.stats()["refused_at_once"] == 1
+
+
+def test_lane_time_is_brought_back_to_zero_without_changing_the_order(clock, monkeypatch):
+    from nexus_limits import fair
+
+    monkeypatch.setattr(fair, "_REBASE_AT", 5.0)
+    queue = FairQueue(nl.TokenBucket("10/s", burst=1, clock=clock), limit_key="upstream", timeout=60)
+    admitted, _ = run(admit_all(queue, [("A", 1)] * 15 + [("B", 1)] * 15, clock))
+    keys = [key for key, _, _ in admitted]
+    assert keys[1:29] == ["A", "B"] * 14 and len(keys) == 30
+
+
+def test_predictions_past_any_cost_do_not_overflow(clock):
+    queue = FairQueue(nl.TokenBucket("10/s", burst=5, clock=clock), limit_key="upstream", timeout=60)
+
+    async def scenario():
+        queue.limiter.hit("upstream", cost=5)
+        waiting = asyncio.ensure_future(queue.acquire("a"))
+        await asyncio.sleep(0)
+        lane = queue._lanes["upstream"]
+        need = queue._predict(lane, 2**70, clock.now)
+        await waiting
+        return need
+
+    need = run(scenario())
+    assert need == pytest.approx(0.5 + (2**70 - 5) / 10)
+
+
+def test_acquire_asgi_before_the_body_was_read_is_an_error():
+    queue = FairQueue(nl.TokenBucket("1/minute"), limit_key="upstream", timeout=120)
+    queue.acquire_sync("first")
+    messages = [{"type": "http.request", "body": b"more", "more_body": True}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)
+
+    with pytest.raises(RuntimeError, match="before the request body was read"):
+        run(queue.acquire_asgi(receive, "k"))
+    assert queue.waiting() == 0 and queue.stats()["cancelled"] == 1

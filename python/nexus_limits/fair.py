@@ -84,6 +84,8 @@ _SWEEP_EVERY = 0.05
 _LEASE_POLL_MAX = 0.05
 # The most a head of a shared limit checks later than told (see FairQueue._jitter).
 _JITTER_MAX = 0.001
+# The largest cost of one request (and of what a peek is asked about).
+_MAX_COST = 2**63 - 1
 # Times within this of each other are equal (a ManualClock counts whole nanoseconds).
 _EPS = 1e-9
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -671,7 +673,7 @@ class FairQueue:
         _check_key(key, "key")
         if isinstance(cost, bool) or not isinstance(cost, int):
             raise TypeError(f"cost must be an int, got {type(cost).__name__}")
-        if cost < 0 or cost > 2**63 - 1:
+        if cost < 0 or cost > _MAX_COST:
             raise ValueError(f"cost must be from 0 to 2**63 - 1, got {cost}")
         if self._kind == "lease" and cost != 1:
             raise ValueError(f"a Concurrency limiter gives one lease at a time; cost must be 1, got {cost}")
@@ -740,6 +742,14 @@ class FairQueue:
         self._stats["peak_waiting"] = max(self._stats["peak_waiting"], self._waiting)
         if i == 0 and lane.checker is None and (now + _EPS >= lane.ready_at or w.cost < lane.ready_cost):
             return None  # at the head and the limit may have room: its check decides
+        try:
+            return self._judge_arrival(w, lane, i, now)
+        except BaseException:
+            self._remove(w)  # the limiter's peek failed: the request is not left behind
+            raise
+
+    def _judge_arrival(self, w: _Waiter, lane: _Lane, i: int, now: float) -> Optional[BaseException]:
+        """Refuses at once a request that has to wait and cannot make its deadline."""
         if self._kind != "lease":
             if self._never(lane, w.cost):
                 self._remove(w)
@@ -1115,7 +1125,7 @@ class FairQueue:
             if memo is None:
                 memo = {}
             if self._kind == "composite":
-                d = self._peek(lane.key, units)
+                d = self._peek(lane.key, min(units, _MAX_COST))
                 if d.allowed:
                     return 0.0
                 if not math.isinf(d.retry_after):
@@ -1123,7 +1133,7 @@ class FairQueue:
                 # Past the smallest part's capacity: each part's own time is a lower bound.
                 return max(self._single_wait(part, lane.key, units, memo) for part in self._limiter.parts)
             if self._kind == "budget":
-                d = _decision_of(self._peek(lane.key, units))
+                d = _decision_of(self._peek(lane.key, min(units, _MAX_COST)))
                 return 0.0 if d.allowed or math.isinf(d.retry_after) else float(d.retry_after)
             return self._single_wait(self._limiter, lane.key, units, memo)
         return self._model_wait(lane, units, now)
@@ -1132,7 +1142,7 @@ class FairQueue:
     def _single_wait(limiter: Any, key: Any, units: int, memo: Dict[Any, float]) -> float:
         """One algorithm, from its peeks: exact up to its capacity; past it, the time to
         fill the capacity plus the rest at the sustained rate."""
-        d = limiter.peek(key, units)
+        d = limiter.peek(key, min(units, _MAX_COST))
         if d.allowed:
             return 0.0
         if not math.isinf(d.retry_after):
