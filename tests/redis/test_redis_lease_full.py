@@ -49,11 +49,8 @@ def writes(admin) -> int:
 def test_leasing_on_a_full_server(admin, kind):
     clock = nl.ManualClock(T0)
     policy = nlr.LeasePolicy(hold=60)
-    lim = (
-        getattr(nlr, kind)(admin, "100000/hour", burst=100000, lease=policy, clock=clock)
-        if kind == "TokenBucket"
-        else (getattr(nlr, kind)(admin, "100000/hour", lease=policy, clock=clock))
-    )
+    extra = {"burst": 100000} if kind == "TokenBucket" else {}
+    lim = getattr(nlr, kind)(admin, "100000/hour", lease=policy, clock=clock, **extra)
     deny = getattr(nlr, kind)(admin, "100000/hour", lease=True, clock=clock, on_error="deny", prefix="d")
     for _ in range(200):
         clock.advance(0.0001)
