@@ -718,3 +718,144 @@ def test_acquire_asgi_before_the_body_was_read_is_an_error():
     with pytest.raises(RuntimeError, match="before the request body was read"):
         run(queue.acquire_asgi(receive, "k"))
     assert queue.waiting() == 0 and queue.stats()["cancelled"] == 1
+
+
+def test_on_a_manual_clock_time_moves_on_when_a_lane_empties(clock):
+    """Two keys waiting for their own limits in one queue, due at 0.1 s and 0.5 s: once the
+    first is admitted and gone, the clock moves on to the second."""
+    queue = FairQueue(nl.TokenBucket("10/s", burst=5, clock=clock), timeout=10)
+    queue.limiter.hit("a", cost=5)
+    queue.limiter.hit("b", cost=5)
+
+    async def scenario():
+        times = []
+
+        async def one(key, cost):
+            await queue.acquire(key, cost)
+            times.append((key, round(clock.now, 9)))
+
+        await asyncio.gather(one("a", 1), one("b", 5))
+        return times
+
+    assert run(scenario(), limit=10) == [("a", 0.1), ("b", 0.5)]
+
+    clock.advance(1.0)  # both buckets full again
+    assert queue.limiter.hit("a", cost=5).allowed and queue.limiter.hit("b", cost=5).allowed
+    start = clock.now
+    times = []
+
+    def in_thread(key, cost):
+        queue.acquire_sync(key, cost)
+        times.append((key, round(clock.now - start, 9)))
+
+    threads = [threading.Thread(target=in_thread, args=args) for args in (("a", 1), ("b", 5))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(times) == [("a", 0.1), ("b", 0.5)]
+
+
+def test_another_queue_on_the_same_limit_takes_the_capacity_first(clock):
+    """Two queues over one limit (as two processes would be): the head that loses the race is
+    told to wait again, and refused then if that is past its deadline."""
+    limiter = nl.TokenBucket("10/s", burst=1, clock=clock)
+    first = FairQueue(limiter, limit_key="upstream", timeout=10)
+    second = FairQueue(limiter, limit_key="upstream", timeout=0.15)
+
+    async def scenario():
+        limiter.hit("upstream")
+        winner = asyncio.ensure_future(first.acquire("a"))
+        loser = asyncio.ensure_future(second.acquire("b"))
+        results = await asyncio.gather(winner, loser, return_exceptions=True)
+        return results
+
+    decision, error = run(scenario())
+    assert decision.allowed
+    assert isinstance(error, QueueRefused) and error.reason == "deadline"
+    assert error.retry_after == pytest.approx(0.1) and error.waited == pytest.approx(0.1)
+    assert second.stats()["timed_out"] == 1 and second.stats()["waiting"] == 0
+
+
+class Flaky(nl.TokenBucket):
+    """A limiter whose store fails for its next check, as a Redis server that went away."""
+
+    __slots__ = ()
+    fail_next = threading.Event()
+
+    def hit(self, key, cost=1):
+        if self.fail_next.is_set():
+            self.fail_next.clear()
+            raise nl.BackendUnavailable("the store went away")
+        return super().hit(key, cost)
+
+
+def test_a_failing_check_raises_to_its_waiter_and_the_queue_goes_on(clock):
+    limiter = Flaky("10/s", burst=1, clock=clock)
+    queue = FairQueue(limiter, limit_key="upstream", timeout=10)
+
+    async def scenario():
+        limiter.hit("upstream")
+        waiting = [asyncio.ensure_future(queue.acquire(k)) for k in ("a", "b", "c")]
+        await asyncio.sleep(0)
+        Flaky.fail_next.set()
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    try:
+        error, *rest = run(scenario())
+    finally:
+        Flaky.fail_next.clear()
+    assert isinstance(error, nl.BackendUnavailable)  # the head's check failed: its waiter hears it
+    assert all(d.allowed for d in rest)  # the next ones were admitted in turn
+    assert clock.now == pytest.approx(0.2)
+    stats = queue.stats()
+    assert stats["errors"] == 1 and stats["admitted"] == 2 and stats["waiting"] == 0
+
+
+class Gated(nl.Concurrency):
+    """A Concurrency whose check can be held half-way, to cancel a wait while it runs."""
+
+    __slots__ = ()
+    entered = threading.Event()
+    go = threading.Event()
+    hold = threading.Event()
+
+    def hit(self, key, cost=1):
+        if self.hold.is_set():
+            self.entered.set()
+            self.go.wait(5)
+        return super().hit(key, cost)
+
+
+def test_a_wait_cancelled_while_its_check_runs_gives_back_what_it_got():
+    limiter = Gated(1)
+    queue = FairQueue(limiter, limit_key="model", timeout=10)
+    held = limiter.try_acquire("model")
+    token = CancelToken()
+    outcome = []
+
+    def wait():
+        try:
+            outcome.append(queue.acquire_sync("k", cancel=token))
+        except QueueCancelled as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    for _ in range(500):
+        if queue.waiting() == 1:
+            break
+        time.sleep(0.002)
+    Gated.hold.set()
+    try:
+        assert Gated.entered.wait(5)  # its check is under way now
+        held.release()  # the check will get the lease...
+        token.cancel()  # ...for a client that is gone
+        Gated.go.set()
+        thread.join(5)
+    finally:
+        Gated.hold.clear()
+        Gated.go.set()
+    assert isinstance(outcome[0], QueueCancelled)
+    assert limiter.inspect("model")["used"] == 0  # the lease went back
+    assert queue.stats()["cancelled"] == 1 and queue.stats()["admitted"] == 0 and queue.waiting() == 0

@@ -238,3 +238,31 @@ def test_exact_times_on_a_manual_clock(redis_client, async_redis_client):
     # in turn, 0.1 s apart.
     assert admitted == [("A", 0.0), ("B", 0.1), ("A", 0.2), ("B", 0.3), ("A", 0.4), ("A", 0.5)]
     assert error.reason == "deadline"
+
+
+def test_a_redis_outage_reaches_the_waiters_and_leaves_the_queue_empty():
+    import redis
+    from servers import RedisServer
+
+    server = RedisServer().start()
+    try:
+        client = redis.Redis(port=server.port, socket_timeout=0.2, socket_connect_timeout=0.2)
+        raising = FairQueue(nlr.TokenBucket(client, "10/s", burst=1, prefix="fq"), limit_key="upstream", timeout=5)
+        failing_closed = FairQueue(
+            nlr.TokenBucket(client, "10/s", burst=1, prefix="fq", on_error="deny"), limit_key="upstream", timeout=0.5
+        )
+        assert raising.acquire_sync("k").allowed
+        server.stop()
+        with pytest.raises(nl.BackendUnavailable):
+            raising.acquire_sync("k")
+        # Failing closed, the store's answer is "retry in 1 s": past the deadline, so refused at once.
+        with pytest.raises(QueueRefused) as refused:
+            failing_closed.acquire_sync("k")
+        assert refused.value.retry_after == pytest.approx(1.0)
+        for queue in (raising, failing_closed):
+            stats = queue.stats()
+            assert stats["waiting"] == 0 and stats["lanes"] == 0
+        assert raising.stats()["errors"] == 1
+        client.close()
+    finally:
+        server.close()

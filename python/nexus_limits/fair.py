@@ -86,6 +86,10 @@ _LEASE_POLL_MAX = 0.05
 _JITTER_MAX = 0.001
 # The largest cost of one request (and of what a peek is asked about).
 _MAX_COST = 2**63 - 1
+# With a ManualClock, how often (in real seconds) a blocked waiter looks at the clock
+# anyway: something else holding the same clock (another queue, a limiter's acquire) may
+# have moved it past the time the waiter waits for.
+_MANUAL_POLL = 0.01
 # Times within this of each other are equal (a ManualClock counts whole nanoseconds).
 _EPS = 1e-9
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -874,6 +878,7 @@ class FairQueue:
             return _RAISE, outcome
         if w.event is not None:
             w.event.clear()
+        self._blocked.discard(w)
         lane = w.lane
         now = self._now()
         head = lane.items[0] is w and lane.checker is None
@@ -1023,7 +1028,7 @@ class FairQueue:
                 w.wake_at = until
                 self._blocked.add(w)
                 self._advance_manual()
-            w.event.wait()
+            w.event.wait(_MANUAL_POLL)
             return
         delay = until - time.monotonic()
         if delay <= 0:
@@ -1050,7 +1055,11 @@ class FairQueue:
                     w.wake_at = until
                     self._blocked.add(w)
                     self._advance_manual()
-            await fut
+            handle = loop.call_later(_MANUAL_POLL, _resolve, fut)
+            try:
+                await fut
+            finally:
+                handle.cancel()
             return
         delay = until - time.monotonic()
         if delay <= 0:
