@@ -163,6 +163,7 @@ class OutboundProvider:
         self.refused: Dict[str, int] = {}
         # (monotonic time, model, charges) of every admitted request, for tests.
         self.log: List[Tuple[float, str, Dict[str, int]]] = []
+        self.refused_at: List[float] = []
         self.first_admitted: Optional[float] = None
         self.last_answered: Optional[float] = None
 
@@ -189,6 +190,7 @@ class OutboundProvider:
             self.admitted.clear()
             self.refused.clear()
             self.log.clear()
+            self.refused_at.clear()
             self.first_admitted = self.last_answered = None
 
     # --- limits -----------------------------------------------------------------------
@@ -229,6 +231,7 @@ class OutboundProvider:
                         worst, which = wait, dim
             if worst > 0:
                 self.refused[model] = self.refused.get(model, 0) + 1
+                self.refused_at.append(now)
                 return worst, which
             for dim, cost in charges.items():
                 bucket = self._bucket(model, dim, anthropic)
@@ -334,14 +337,22 @@ class OutboundProvider:
             return
         if self.latency:
             await asyncio.sleep(self.latency)
+        refunded = []
+
+        def generated() -> None:
+            """The answer is complete: Anthropic adjusts its output limit to the real
+            output (before the last bytes leave, as the usage they carry is final)."""
+            if anthropic and not refunded:
+                refunded.append(True)
+                self._refund_output(model, charges["output_tokens"] - output)
+
         try:
             if body.get("stream"):
-                await self._stream(send, path, model, body, charges, output)
+                await self._stream(send, path, model, body, charges, output, generated)
             else:
-                await self._json(send, path, model, body, charges, output)
+                await self._json(send, path, model, body, charges, output, generated)
         finally:
-            if anthropic:
-                self._refund_output(model, charges["output_tokens"] - output)
+            generated()
             self.last_answered = time.monotonic()
 
     async def _start(self, send: Callable[..., Any], status: int, ctype: str, extra: List[Tuple[str, str]]) -> None:
@@ -381,6 +392,7 @@ class OutboundProvider:
         body: Dict[str, Any],
         charges: Dict[str, int],
         output: int,
+        generated: Callable[[], None],
     ) -> None:
         anthropic = path == "/v1/messages"
         if anthropic:
@@ -428,6 +440,7 @@ class OutboundProvider:
         data = json.dumps(doc).encode()
         headers = [("content-length", str(len(data))), *self._rate_headers(model, anthropic)]
         await self._start(send, 200, "application/json", headers)
+        generated()
         await send({"type": "http.response.body", "body": data})
 
     async def _stream(
@@ -438,6 +451,7 @@ class OutboundProvider:
         body: Dict[str, Any],
         charges: Dict[str, int],
         output: int,
+        generated: Callable[[], None],
     ) -> None:
         anthropic = path == "/v1/messages"
         await self._start(
@@ -450,7 +464,9 @@ class OutboundProvider:
             events = self._anthropic_events(model, charges["input_tokens"], output)
         else:
             events = self._openai_events(model, body, output)
-        for event in events:
+        for n, event in enumerate(events):
+            if n == len(events) - 2:  # before the final usage (message_delta / usage chunk)
+                generated()
             await send({"type": "http.response.body", "body": event, "more_body": True})
             if self.stream_gap:
                 await asyncio.sleep(self.stream_gap)

@@ -3,11 +3,12 @@ go, what the answer proves, and how it settles. The transports drive it."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 import nexus_limits as nl
 
@@ -36,8 +37,11 @@ _ROUTES: Tuple[Tuple[str, str, str], ...] = (
     ("/responses", "openai", "responses"),
     ("/messages", "anthropic", "messages"),
 )
-# Poll while another call probes an unknown model's limits.
+# Poll while another call probes a model.
 _PROBE_POLL = 0.01
+# How long the others wait for the probe's whole answer (a long stream) once the
+# limits are known.
+PROBE_PATIENCE = 1.0
 # Without retry-after or reset headers, a 429 pauses the model this long.
 _DEFAULT_PAUSE = 1.0
 # The longest pause a provider's 429 may impose on its own (a longer retry-after is cut).
@@ -45,6 +49,9 @@ MAX_PROVIDER_PAUSE = 120.0
 # Learned limits above these are taken for garbage (no provider grants them per
 # window; the shared store's buckets could not hold them).
 _MAX_LEARNED = {"requests": 10**7, "tokens": 10**10, "input_tokens": 10**10, "output_tokens": 10**10}
+# The longest time a request is taken to need to reach the provider once sent: the
+# provider starts counting a call that much later than the local buckets.
+MAX_LEAD = 0.25
 # Bodies larger than this are counted on a worker thread by the async transport.
 LARGE_BODY = 64 << 10
 
@@ -195,7 +202,21 @@ class Deadline:
 class _Model:
     """What this process knows of one model."""
 
-    __slots__ = ("aimd", "async_locks", "gate", "given", "headerless", "learned", "lock", "name", "probing", "stats")
+    __slots__ = (
+        "aimd",
+        "async_locks",
+        "gate",
+        "given",
+        "headerless",
+        "learned",
+        "lock",
+        "name",
+        "probe_started",
+        "probed",
+        "probing",
+        "stats",
+        "ttfb",
+    )
 
     def __init__(self, name: str, given: Dict[str, nl.Rate], aimd: Optional[AIMD], window: float) -> None:
         self.name = name
@@ -204,9 +225,16 @@ class _Model:
         # True once an answer came without rate-limit headers: nothing to learn, so the
         # model is not held back (a 429 still pauses it).
         self.headerless = False
+        # The first call to a model goes alone (the probe): its answer teaches the
+        # limits (when not given) and calibrates the Claude estimator before the rest.
         self.probing = False
+        self.probed = False
+        self.probe_started = 0.0
         self.lock = threading.Lock()
         self.async_locks: Dict[int, Any] = {}
+        # Recent times from sending to the answer's headers: they bound how long a
+        # request takes to reach the provider (see lead() and _ledger.take).
+        self.ttfb: Deque[float] = collections.deque(maxlen=32)
         self.aimd = aimd
         self.gate: Optional[nl.TokenBucket] = None
         if aimd is not None:
@@ -226,6 +254,12 @@ class _Model:
 
     def rates(self) -> Dict[str, nl.Rate]:
         return {**self.learned, **self.given} if self.learned else self.given
+
+    def lead(self) -> float:
+        """How late the provider may count a call it is sent now: the longest recent
+        time to an answer's headers (which includes the way there), at most MAX_LEAD;
+        MAX_LEAD before any answer."""
+        return min(max(self.ttfb, default=MAX_LEAD), MAX_LEAD)
 
 
 class OutboundLimiter:
@@ -377,16 +411,32 @@ class OutboundLimiter:
         model.stats["calls"] += 1
         return model
 
-    def _unknown(self, model: _Model, call: Call) -> Optional[Ticket]:
-        """For a model without known limits: a ticket (unmetered, or the probe that will
-        learn the limits), or None to wait for the probe in flight."""
-        if not self.learn or model.headerless:
-            return Ticket(call, None)
+    def _step(self, model: _Model, call: Call, probe: bool) -> Tuple[str, Any]:
+        """What a call does next: ``("go", ticket)`` (sent unreserved: a model whose
+        limits are unknown and not learned, or the probe that will learn them),
+        ``("wait", seconds)`` (for the probe), or ``("take", (rates, costs, probe))``.
+        ``probe``: this call is already the probe."""
+        rates = model.rates()
+        if not rates and (not self.learn or model.headerless):
+            return "go", Ticket(call, None)
+        if not probe and (not rates or (call.provider == "anthropic" and call.base > 0 and not model.probed)):
+            with self._lock:
+                if not model.probing:
+                    model.probing = probe = True
+                    model.probe_started = time.monotonic()
+                elif not rates or time.monotonic() - model.probe_started < PROBE_PATIENCE:
+                    return "wait", _PROBE_POLL
+        if not rates:
+            return "go", Ticket(call, None, probe=True)
+        if call.provider == "anthropic" and call.base > 0:
+            # Estimated now, with what the estimator learnt while this call waited.
+            call.input = math.ceil(call.base * self.estimator.factor(call.model))
+        return "take", (rates, call.costs(rates, self.estimate_margin), probe)
+
+    def _end_probe(self, model: _Model) -> None:
         with self._lock:
-            if model.probing:
-                return None
-            model.probing = True
-        return Ticket(call, None, probe=True)
+            model.probing = False
+            model.probed = True
 
     def _gate_wait(self, model: _Model) -> float:
         if model.gate is None:
@@ -418,6 +468,7 @@ class OutboundLimiter:
         if not model.lock.acquire(timeout=-1 if math.isinf(deadline.left()) else max(0.0, deadline.left())):
             model.stats["timeouts"] += 1
             raise QuotaTimeout(call.model, "requests", deadline.left(), deadline.timeout)
+        probe = False
         try:
             while True:
                 pause = self.ledger.paused(model.name)
@@ -428,22 +479,25 @@ class OutboundLimiter:
                 if gate > 0:
                     time.sleep(self._check_wait(model, call, gate, "requests", deadline))
                     continue
-                rates = model.rates()
-                if not rates:
-                    ticket = self._unknown(model, call)
-                    if ticket is not None:
-                        self._gate_charge(model)
-                        return self._admitted(model, ticket)
-                    time.sleep(self._check_wait(model, call, _PROBE_POLL, "requests", deadline))
+                what, detail = self._step(model, call, probe)
+                if what == "go":
+                    self._gate_charge(model)
+                    return self._admitted(model, detail)
+                if what == "wait":
+                    time.sleep(self._check_wait(model, call, detail, "requests", deadline))
                     continue
-                costs = call.costs(rates, self.estimate_margin)
-                wait = self.ledger.take(model.name, rates, costs)
+                rates, costs, probe = detail
+                wait = self.ledger.take(model.name, rates, costs, model.lead())
                 if wait == 0:
                     self._gate_charge(model)
-                    return self._admitted(model, Ticket(call, costs))
+                    return self._admitted(model, Ticket(call, costs, probe=probe))
                 if math.isinf(wait):
                     raise self._too_large(model, call, rates, deadline)
                 time.sleep(self._check_wait(model, call, wait, self._binding(model, rates, costs), deadline))
+        except BaseException:
+            if probe:
+                self._end_probe(model)
+            raise
         finally:
             model.lock.release()
 
@@ -462,6 +516,7 @@ class OutboundLimiter:
         except asyncio.TimeoutError:
             model.stats["timeouts"] += 1
             raise QuotaTimeout(call.model, "requests", deadline.left(), deadline.timeout) from None
+        probe = False
         try:
             ledger = self.ledger
             while True:
@@ -473,23 +528,26 @@ class OutboundLimiter:
                 if gate > 0:
                     await asyncio.sleep(self._check_wait(model, call, gate, "requests", deadline))
                     continue
-                rates = model.rates()
-                if not rates:
-                    ticket = self._unknown(model, call)
-                    if ticket is not None:
-                        self._gate_charge(model)
-                        return self._admitted(model, ticket)
-                    await asyncio.sleep(self._check_wait(model, call, _PROBE_POLL, "requests", deadline))
+                what, detail = self._step(model, call, probe)
+                if what == "go":
+                    self._gate_charge(model)
+                    return self._admitted(model, detail)
+                if what == "wait":
+                    await asyncio.sleep(self._check_wait(model, call, detail, "requests", deadline))
                     continue
-                costs = call.costs(rates, self.estimate_margin)
-                wait = await ledger.take_async(model.name, rates, costs)
+                rates, costs, probe = detail
+                wait = await ledger.take_async(model.name, rates, costs, model.lead())
                 if wait == 0:
                     self._gate_charge(model)
-                    return self._admitted(model, Ticket(call, costs))
+                    return self._admitted(model, Ticket(call, costs, probe=probe))
                 if math.isinf(wait):
                     raise self._too_large(model, call, rates, deadline)
                 limit = self._binding(model, rates, costs)
                 await asyncio.sleep(self._check_wait(model, call, wait, limit, deadline))
+        except BaseException:
+            if probe:
+                self._end_probe(model)
+            raise
         finally:
             lock.release()
 
@@ -563,8 +621,10 @@ class OutboundLimiter:
         ticket: Ticket, rates: Mapping[str, nl.Rate], seen: Mapping[str, Any], pause: float
     ) -> Dict[str, Tuple[float, float]]:
         """After a 429: a limit the provider reports exhausted may be past empty (its
-        headers stop at 0). Its count is set so that, once the pause is over, exactly
-        the refused call fits again: what the provider promised by its retry-after."""
+        remaining stops at 0). Its reset time says how deep (OpenAI's, to the
+        millisecond: the count is reset x rate); without one, the count is set so that,
+        once the pause is over, exactly the refused call fits again: what the provider
+        promised by its retry-after."""
         floors: Dict[str, Tuple[float, float]] = {}
         costs = ticket.costs or {}
         for dim, limit in seen.items():
@@ -572,7 +632,11 @@ class OutboundLimiter:
             cost = costs.get(dim, 1 if dim == "requests" else 0)
             if rate is None or limit.remaining is None or limit.remaining >= max(cost, 1):
                 continue
-            target = rate.count + pause * rate.count / rate.period - cost
+            per_second = rate.count / rate.period
+            if limit.reset is not None and limit.reset > 0:
+                target = max(float(rate.count - limit.remaining), limit.reset * per_second)
+            else:
+                target = rate.count + pause * per_second - cost
             floors[dim] = (target, target)
         return floors
 
@@ -583,9 +647,10 @@ class OutboundLimiter:
         counted); successful ones are settled by :meth:`settle`."""
         call = ticket.call
         model = self._model(call.model)
+        model.ttfb.append(time.monotonic() - ticket.sent_at)
         limits, seen = self._learn(model, status, headers)
         rates = model.rates()
-        probe_charge = self._probe_end(model, ticket, rates)
+        probe_charge = self._probe_end(model, ticket, rates, status)
         if probe_charge:
             self.ledger.adjust(model.name, rates, probe_charge)
         if status >= 400:
@@ -613,9 +678,10 @@ class OutboundLimiter:
             return self.answered(ticket, status, headers)
         call = ticket.call
         model = self._model(call.model)
+        model.ttfb.append(time.monotonic() - ticket.sent_at)
         limits, seen = self._learn(model, status, headers)
         rates = model.rates()
-        probe_charge = self._probe_end(model, ticket, rates)
+        probe_charge = self._probe_end(model, ticket, rates, status)
         if probe_charge:
             await ledger.adjust_async(model.name, rates, probe_charge)
         if status >= 400:
@@ -637,14 +703,16 @@ class OutboundLimiter:
             self._aimd(model, status)
         return pause
 
-    def _probe_end(self, model: _Model, ticket: Ticket, rates: Mapping[str, nl.Rate]) -> Dict[str, int]:
-        """The probe went out unreserved: once its answer taught the limits, charge it
-        like any call (the provider counted it), so that it settles like one too."""
+    def _probe_end(self, model: _Model, ticket: Ticket, rates: Mapping[str, nl.Rate], status: int) -> Dict[str, int]:
+        """The probe's answer came. If it went out unreserved, charge it now that its
+        answer taught the limits (the provider counted it), so that it settles like any
+        call. An error answer ends the probe here; a good one when it settles (its
+        usage calibrates the estimates of the calls waiting for it)."""
         if not ticket.probe:
             return {}
-        ticket.probe = False
-        with self._lock:
-            model.probing = False
+        if status >= 400:
+            ticket.probe = False
+            self._end_probe(model)
         if not rates or ticket.costs is not None:
             return {}
         ticket.costs = ticket.call.costs(rates, self.estimate_margin)
@@ -686,11 +754,14 @@ class OutboundLimiter:
     def _settlement(self, ticket: Ticket, usage: Optional[Usage]) -> Dict[str, float]:
         """The adjustments that settle ``ticket`` at ``usage`` (None: at its estimate),
         after teaching the estimators."""
+        call = ticket.call
+        model = self._model(call.model)
+        if ticket.probe:
+            ticket.probe = False
+            self._end_probe(model)
         if ticket.done:
             return {}
         ticket.done = True
-        call = ticket.call
-        model = self._model(call.model)
         if usage is None:
             model.stats["settled_at_estimate"] += 1
             return {}
@@ -722,8 +793,8 @@ class OutboundLimiter:
 
     def _failure(self, ticket: Ticket, sent: bool) -> Dict[str, float]:
         if ticket.probe:
-            with self._lock:
-                self._model(ticket.call.model).probing = False
+            ticket.probe = False
+            self._end_probe(self._model(ticket.call.model))
         if ticket.done:
             return {}
         ticket.done = True

@@ -6,9 +6,13 @@ A ledger keeps, per model and per limit ("requests", "tokens", "input_tokens",
 the limit's rate. Every operation sees several buckets of one model at once and is
 atomic across them:
 
-- ``take(model, rates, costs)``: charge every bucket its cost if all of them have room,
-  else charge nothing and say how long to wait (``math.inf``: a cost above a limit's
-  capacity never fits);
+- ``take(model, rates, costs, lead)``: charge every bucket its cost if all of them
+  have room, else charge nothing and say how long to wait (``math.inf``: a cost above
+  a limit's capacity never fits). ``lead`` is how long the request takes to reach the
+  provider: a bucket with room starts draining a charge at once, the provider's only
+  when the request arrives, so the charge is counted as starting ``lead`` seconds
+  later (GCRA: ``tat = max(tat, now + lead) + cost``), or the local bucket would run
+  ``lead`` seconds of refill ahead of the provider's after every idle spell;
 - ``adjust(model, rates, deltas)``: settle — charge more (a bucket may go into debt) or
   refund (never below empty);
 - ``sync(model, rates, floors)``: for each bucket whose usage is below ``floors[dim][0]``
@@ -34,9 +38,10 @@ Rates = Mapping[str, nl.Rate]
 Costs = Mapping[str, float]
 Floors = Mapping[str, Tuple[float, float]]
 
-# A request is 1,000 units in shared memory, so that settling keeps fractions of a
-# request (the store's buckets count whole units).
-_SCALE = {"requests": 1000}
+# In shared memory a request or a token is up to 1,000 units of the store's bucket, so
+# that settling (which rewrites a bucket in whole units) keeps its fractions.
+_SCALE = 1000
+_MAX_UNITS = 2**50
 # The longest pause a shared ledger records (a provider's retry-after beyond it is cut).
 MAX_PAUSE = 600.0
 
@@ -45,7 +50,7 @@ class _Ledger:
     """What the sync and async transports call; the asyncio variants of a ledger whose
     operations never block for long (in-process, shared memory) run them directly."""
 
-    def take(self, model: str, rates: Rates, costs: Costs) -> float:
+    def take(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
         raise NotImplementedError
 
     def adjust(self, model: str, rates: Rates, deltas: Costs) -> None:
@@ -63,8 +68,8 @@ class _Ledger:
     def paused(self, model: str) -> float:
         raise NotImplementedError
 
-    async def take_async(self, model: str, rates: Rates, costs: Costs) -> float:
-        return self.take(model, rates, costs)
+    async def take_async(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
+        return self.take(model, rates, costs, lead)
 
     async def adjust_async(self, model: str, rates: Rates, deltas: Costs) -> None:
         self.adjust(model, rates, deltas)
@@ -83,6 +88,14 @@ class _Ledger:
 
 def _per_second(rate: nl.Rate) -> float:
     return rate.count / rate.period
+
+
+def _lead_units(lead: float, rate: nl.Rate, used: float, scale: int = 1) -> int:
+    """What charging ``lead`` seconds late adds, in units of ``1 / scale``:
+    ``max(used, lead x rate) - used``, rounded to the nearest unit."""
+    if lead <= 0:
+        return 0
+    return max(0, round((lead * _per_second(rate) - used) * scale))
 
 
 class LocalLedger(_Ledger):
@@ -114,7 +127,7 @@ class LocalLedger(_Ledger):
         state = limiter.inspect("b")["tokens"]
         return float(state["reset_after"]) * _per_second(rate)
 
-    def take(self, model: str, rates: Rates, costs: Costs) -> float:
+    def take(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
         with self._lock:
             wait = 0.0
             buckets = []
@@ -129,7 +142,7 @@ class LocalLedger(_Ledger):
                 decision = limiter._peek("b", units)[0]
                 if not decision.allowed:
                     wait = max(wait, float(decision.retry_after))
-                buckets.append((limiter, units))
+                buckets.append((limiter, units + _lead_units(lead, rate, self._used(limiter, rate))))
             if wait > 0:
                 return wait
             for limiter, units in buckets:
@@ -244,7 +257,7 @@ class SharedLedger(_Ledger):
         return f"{self.namespace}\x00{model}\x00{dim}"
 
     def _bucket(self, model: str, dim: str, rate: nl.Rate) -> Tuple[nl.TokenBucket, int]:
-        scale = _SCALE.get(dim, 1)
+        scale = max(1, min(_SCALE, _MAX_UNITS // rate.count))
         bucket = self._buckets.get((model, dim, rate))
         if bucket is None:
             bucket = nl.TokenBucket(nl.Rate(rate.count * scale, rate.period), store=self.store)
@@ -255,12 +268,13 @@ class SharedLedger(_Ledger):
         return float(bucket.peek(key, 0).reset_after) * _per_second(rate)
 
     def _set(self, bucket: nl.TokenBucket, key: str, rate: nl.Rate, scale: int, used: float) -> None:
-        units = min(round(used * scale), rate.count * scale)
+        # Rounded up: a count never drifts below what was charged.
+        units = min(math.ceil(used * scale - 1e-6), rate.count * scale)
         bucket.reset(key)
         if units > 0:
             bucket.hit(key, units)
 
-    def take(self, model: str, rates: Rates, costs: Costs) -> float:
+    def take(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
         with self._locked():
             wait = 0.0
             charges = []
@@ -276,6 +290,9 @@ class SharedLedger(_Ledger):
                     return math.inf
                 if not decision.allowed:
                     wait = max(wait, float(decision.retry_after))
+                if lead > 0:
+                    extra = _lead_units(lead, rate, self._used(bucket, key, rate), scale)
+                    units = min(units + extra, rate.count * scale)
                 charges.append((bucket, key, units))
             if wait > 0:
                 return wait

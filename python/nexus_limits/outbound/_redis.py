@@ -24,7 +24,8 @@ SCRIPT = r"""
 -- ARGV[1] op: take | adjust | sync | pause | paused | used
 -- ARGV[2] n buckets, then per bucket: t (us per unit), capacity (units), value and
 -- value2 (take: cost; adjust: delta; sync: below which usage is raised, and to
--- what, in units); pause: ARGV[3] seconds in us.
+-- what, in units); take: ARGV[3] the lead in us (charges start draining that late);
+-- pause: ARGV[3] seconds in us.
 local t = redis.call("TIME")
 local now = t[1] * 1000000 + t[2]
 local op = ARGV[1]
@@ -61,7 +62,7 @@ local raised = 0
 local wait = 0
 local writes = {}
 for i = 1, n do
-    local at = 3 + (i - 1) * 4
+    local at = 4 + (i - 1) * 4
     local per = tonumber(ARGV[at])
     local cap = tonumber(ARGV[at + 1])
     local value = tonumber(ARGV[at + 2])
@@ -70,8 +71,8 @@ for i = 1, n do
         out[i] = fmt(math.max(0, tat - now) / per)
     elseif op == "take" then
         if value > cap then return "-1" end
-        local after = math.max(tat, now) + value * per
-        local over = after - now - cap * per
+        local after = math.max(tat, now + tonumber(ARGV[3])) + value * per
+        local over = math.max(tat, now) + value * per - now - cap * per
         if over > cap * per * EPS then
             wait = math.max(wait, over)
         end
@@ -124,9 +125,9 @@ class RedisLedger(_Ledger):
         base = f"{self.prefix}:{self.namespace}:{{{tag}}}"
         return [f"{base}:{dim}" for dim in dims] + [f"{base}:pause"]
 
-    def _args(self, model: str, op: str, rates: Rates, values: Mapping[str, Any]) -> Any:
+    def _args(self, model: str, op: str, rates: Rates, values: Mapping[str, Any], lead: float = 0.0) -> Any:
         dims = [dim for dim in values if dim in rates] if op != "used" else list(rates)
-        args: List[Any] = [op, len(dims)]
+        args: List[Any] = [op, len(dims), repr(max(0.0, lead) * 1e6)]
         for dim in dims:
             rate = rates[dim]
             value = values.get(dim, 0)
@@ -149,12 +150,12 @@ class RedisLedger(_Ledger):
         value = float(reply)
         return math.inf if value < 0 else value / 1e6
 
-    def take(self, model: str, rates: Rates, costs: Costs) -> float:
-        keys, args, _ = self._args(model, "take", rates, {d: math.ceil(c) for d, c in costs.items()})
+    def take(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
+        keys, args, _ = self._args(model, "take", rates, {d: math.ceil(c) for d, c in costs.items()}, lead)
         return self._wait(self._run(keys, args))
 
-    async def take_async(self, model: str, rates: Rates, costs: Costs) -> float:
-        keys, args, _ = self._args(model, "take", rates, {d: math.ceil(c) for d, c in costs.items()})
+    async def take_async(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
+        keys, args, _ = self._args(model, "take", rates, {d: math.ceil(c) for d, c in costs.items()}, lead)
         return self._wait(await self._run_async(keys, args))
 
     def adjust(self, model: str, rates: Rates, deltas: Costs) -> None:
