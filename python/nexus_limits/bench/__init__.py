@@ -61,8 +61,8 @@ def bench_redis(url: str, quick: bool, out: Dict[str, Any]) -> None:
     calls, repeats = (500, 5) if quick else (2_000, 15)
     print(f"\nRedis at {url}: one round trip per check, same client (median of {repeats} turns of {calls:,} calls)")
     rt = stores.redis_round_trips(url, calls=calls, repeats=repeats)
-    rows = [[r["call"], f"{r['us']:.1f}", f"{r['vs_incr']:.2f}x"] for r in rt["rows"]]
-    print(report.table(["call", "us/call", "vs INCR"], rows))
+    rows = [[r["call"], f"{r['us']:.1f}", f"{r['vs_incr']:.2f}x", f"{r['vs_script']:.2f}x"] for r in rt["rows"]]
+    print(report.table(["call", "us/call", "vs INCR", "vs minimal script"], rows))
     seconds = 1.0 if quick else 3.0
     tp = [stores.redis_throughput(url, n, seconds) for n in (1, 4)]
     print(
