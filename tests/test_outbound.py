@@ -519,6 +519,38 @@ def test_streams_settle_from_their_usage_and_a_cut_one_from_what_was_read(fresh)
     assert fresh.total_refused() == 0
 
 
+def test_the_sdks_take_the_transport_through_their_http_client(fresh):
+    import anthropic
+    import openai
+
+    transport = LimitedTransport(window=2.0)
+    client = openai.OpenAI(api_key="k", base_url=fresh.url + "/v1", http_client=httpx.Client(transport=transport))
+    for _ in range(12):  # past the 10 requests per 2 s: waits, no 429
+        r = client.chat.completions.create(model="gpt-small", messages=[{"role": "user", "content": "x"}], max_tokens=5)
+        assert r.usage is not None and r.usage.completion_tokens == 5
+    client.close()
+
+    async def main() -> None:
+        async_transport = AsyncLimitedTransport(window=2.0)
+        # The SDK's own client class (httpx2 for this SDK, whose transport it then wraps).
+        aclient = anthropic.AsyncAnthropic(
+            api_key="k", base_url=fresh.url, http_client=anthropic.DefaultAsyncHttpxClient(transport=async_transport)
+        )
+        try:
+            for _ in range(12):
+                m = await aclient.messages.create(
+                    model="claude-small", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+                assert m.usage.output_tokens == 5
+        finally:
+            await aclient.close()
+        assert async_transport.stats()["models"]["claude-small"]["waited_seconds"] > 0
+
+    asyncio.run(main())
+    assert transport.stats()["models"]["gpt-small"]["waited_seconds"] > 0
+    assert fresh.total_refused() == 0 and fresh.total_admitted() == 24
+
+
 def test_wrap_keeps_the_clients_settings_and_shares_one_limiter():
     import anthropic
     import openai
