@@ -859,3 +859,12 @@ def test_a_wait_cancelled_while_its_check_runs_gives_back_what_it_got():
     assert isinstance(outcome[0], QueueCancelled)
     assert limiter.inspect("model")["used"] == 0  # the lease went back
     assert queue.stats()["cancelled"] == 1 and queue.stats()["admitted"] == 0 and queue.waiting() == 0
+
+
+def test_messages_show_a_long_key_cut_short():
+    queue = FairQueue(nl.TokenBucket("1/minute"), timeout=1)
+    key = "k" * 100_000
+    queue.acquire_sync(key)
+    with pytest.raises(QueueRefused) as refused:
+        queue.acquire_sync(key)
+    assert len(str(refused.value)) < 300 and refused.value.key == key

@@ -134,7 +134,7 @@ class QueueRefused(RateLimitExceeded):
             why = f"the queue is full and this key has the most waiting (admission was {need:.6g} s away)"
         else:
             why = f"admission needs {need:.6g} s more, past its timeout of {timeout!r} s"
-        self.args = (f"fair queue refused key {key!r} after waiting {waited:.6g} s: {why}",)
+        self.args = (f"fair queue refused key {_show(key)} after waiting {waited:.6g} s: {why}",)
 
 
 class QueueCancelled(NexusLimitsError):
@@ -279,6 +279,12 @@ class _Lane:
         self.dirty = False
         self.swept_at = -math.inf
         self.poll = 0.001
+
+
+def _show(key: Any) -> str:
+    """A key for a message: its repr, cut short (a key may be megabytes)."""
+    text = repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _resolve(fut: Any) -> None:
@@ -480,7 +486,7 @@ class FairQueue:
             if not isinstance(cancel, CancelToken):
                 raise TypeError(f"cancel must be a CancelToken, got {type(cancel).__name__}")
             if cancel.cancelled:
-                raise QueueCancelled(f"the wait of key {key!r} was cancelled before it started")
+                raise QueueCancelled(f"the wait of key {_show(key)} was cancelled before it started")
         waiter = self._enter(key, cost, timeout, weight, None)
         if waiter.outcome is None:
             waiter.event = threading.Event()
@@ -600,7 +606,7 @@ class FairQueue:
             problem = watcher.exception()
             if problem is not None:
                 raise problem
-            raise QueueCancelled(f"the client of key {key!r} disconnected while it waited in the queue")
+            raise QueueCancelled(f"the client of key {_show(key)} disconnected while it waited in the queue")
         return waiting.result()
 
     def waiting(self, key: Optional[Key] = None) -> int:
@@ -668,7 +674,7 @@ class FairQueue:
             value = self._weights.get(key)
             return 1.0 if value is None else float(value)
         value = self._weights(key)
-        return 1.0 if value is None else _check_weight(value, f"weights({key!r})")
+        return 1.0 if value is None else _check_weight(value, f"weights({_show(key)})")
 
     def _now(self) -> float:
         return self._clock.now if self._clock is not None else time.monotonic()
@@ -833,7 +839,7 @@ class FairQueue:
         with self._lock:
             if w.removed or isinstance(w.outcome, _Done):
                 return
-            error = QueueCancelled(f"the wait of key {w.key!r} was cancelled")
+            error = QueueCancelled(f"the wait of key {_show(w.key)} was cancelled")
             if w.lane is not None and w.lane.checker is w:
                 w.outcome = error  # its check is under way: it is judged when it returns
                 return
