@@ -193,6 +193,28 @@ def test_any_body_is_planned_never_raised(raw, path):
     assert call.costs({"requests": R("5/s"), "tokens": R("100000/s")}, 0.1)["requests"] == 1
 
 
+def test_model_names_from_bodies_cannot_grow_memory_without_end(monkeypatch):
+    monkeypatch.setattr(outbound._engine, "MAX_MODELS", 3)
+    limiter = OutboundLimiter({"*": {"requests": "100/s", "tokens": "10000/s"}})
+    for n in range(10):
+        call = limiter.plan("POST", "/v1/chat/completions", {}, json.dumps(chat(model=f"m{n}", max_tokens=1)).encode())
+        ticket = limiter.admit(call, outbound._engine.Deadline(1.0))
+        limiter.answered(ticket, 200, {})
+        limiter.settle(ticket, None)
+    models = limiter.stats()["models"]
+    assert sorted(models) == ["(other models)", "m0", "m1", "m2"]
+    assert models["(other models)"]["admitted"] == 7
+
+
+def test_n_answers_reserve_n_caps():
+    call = OutboundLimiter().plan("POST", "/v1/chat/completions", {}, json.dumps(chat(max_tokens=50, n=3)).encode())
+    assert call is not None and call.cap == 150 and call.output == 150
+    hostile = OutboundLimiter().plan(
+        "POST", "/v1/chat/completions", {}, json.dumps(chat(max_tokens=5, n=10**9)).encode()
+    )
+    assert hostile is not None and hostile.output == 5
+
+
 def test_an_output_guess_never_makes_a_call_too_large():
     call = OutboundLimiter(output_tokens=5000).plan("POST", "/v1/chat/completions", {}, json.dumps(chat()).encode())
     assert call is not None and call.cap is None
@@ -415,6 +437,32 @@ def test_a_provider_429_pauses_the_model_and_requeues_instead_of_every_caller_re
     assert fresh.total_admitted() == 5
     # Sent again only once the provider's retry-after (2 s) had passed.
     assert min(t for t, _, _ in fresh.log) - started >= 1.9
+
+
+def test_others_stop_waiting_for_a_slow_first_answer(monkeypatch):
+    """Unknown limits: the first call goes alone; if its answer is slow (a long
+    generation), the others go after PROBE_WAIT instead of waiting for it."""
+    import openai
+
+    monkeypatch.setattr(outbound._engine, "PROBE_WAIT", 0.2)
+    prov = OutboundProvider({"gpt-4o": {"requests": 100, "tokens": 10**6}}, window=2.0, latency=1.0)
+    with serve(prov) as server:
+
+        async def main():
+            client = outbound.wrap(openai.AsyncOpenAI(api_key="k", base_url=server.url + "/v1"), window=2.0)
+            try:
+                calls = [
+                    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+                    for _ in range(5)
+                ]
+                await asyncio.wait_for(asyncio.gather(*calls), 30)
+            finally:
+                await client.close()
+
+        asyncio.run(main())
+    first = prov.log[0][0]
+    assert len(prov.log) == 5 and all(t - first < 0.9 for t, _, _ in prov.log[1:])  # before its answer (1 s)
+    assert prov.total_refused() == 0
 
 
 def test_without_rate_limit_headers_the_model_is_not_held_back():

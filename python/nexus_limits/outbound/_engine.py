@@ -8,6 +8,7 @@ import json
 import math
 import threading
 import time
+import weakref
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 import nexus_limits as nl
@@ -42,6 +43,8 @@ _PROBE_POLL = 0.01
 # How long the others wait for the probe's whole answer (a long stream) once the
 # limits are known.
 PROBE_PATIENCE = 1.0
+# How long the others wait for the probe's headers when the limits are unknown.
+PROBE_WAIT = 5.0
 # Without retry-after or reset headers, a 429 pauses the model this long.
 _DEFAULT_PAUSE = 1.0
 # The longest pause a provider's 429 may impose on its own (a longer retry-after is cut).
@@ -52,6 +55,9 @@ _MAX_LEARNED = {"requests": 10**7, "tokens": 10**10, "input_tokens": 10**10, "ou
 # The longest time a request is taken to need to reach the provider once sent: the
 # provider starts counting a call that much later than the local buckets.
 MAX_LEAD = 0.25
+# The most models kept apart; calls to more share the state named OTHER_MODELS.
+MAX_MODELS = 4096
+OTHER_MODELS = "(other models)"
 # Bodies larger than this are counted on a worker thread by the async transport.
 LARGE_BODY = 64 << 10
 
@@ -178,10 +184,12 @@ class Call:
 class Ticket:
     """An admitted call: what it reserved, on which limits, and when it was sent."""
 
-    __slots__ = ("call", "costs", "done", "probe", "sent_at")
+    __slots__ = ("call", "costs", "done", "model", "probe", "sent_at")
 
     def __init__(self, call: Call, costs: Optional[Dict[str, int]], probe: bool = False) -> None:
         self.call = call
+        # The name the model's state is kept under (the call's model, or OTHER_MODELS).
+        self.model = call.model
         self.costs = costs
         self.probe = probe
         self.sent_at = time.monotonic()
@@ -231,7 +239,8 @@ class _Model:
         self.probed = False
         self.probe_started = 0.0
         self.lock = threading.Lock()
-        self.async_locks: Dict[int, Any] = {}
+        # One FIFO lock per event loop (an asyncio.Lock belongs to its loop).
+        self.async_locks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         # Recent times from sending to the answer's headers: they bound how long a
         # request takes to reach the provider (see lead() and _ledger.take).
         self.ttfb: Deque[float] = collections.deque(maxlen=32)
@@ -387,6 +396,11 @@ class OutboundLimiter:
         else:
             learned = self.outputs.learned(None, model)
             output = learned if learned is not None else self.outputs.default
+        choices = body.get("n") if body is not None else None
+        if type(choices) is int and 1 < choices <= 128 and output:
+            # n answers to one prompt: OpenAI counts the output cap once per answer.
+            output *= choices
+            cap = None if cap is None else cap * choices
         return Call(provider, kind, model, body, count, exact, base, cap, output)
 
     # --- models -----------------------------------------------------------------------
@@ -394,6 +408,10 @@ class OutboundLimiter:
         model = self._models.get(name)
         if model is None:
             with self._lock:
+                if name not in self._models and len(self._models) >= MAX_MODELS:
+                    # Model names come from request bodies: past this many, the rest
+                    # share one state rather than grow memory without end.
+                    name = OTHER_MODELS
                 model = self._models.get(name)
                 if model is None:
                     given = dict(self.limits.get(name, self.limits.get("*", {})))
@@ -421,10 +439,16 @@ class OutboundLimiter:
             return "go", Ticket(call, None)
         if not probe and (not rates or (call.provider == "anthropic" and call.base > 0 and not model.probed)):
             with self._lock:
+                waited = time.monotonic() - model.probe_started
                 if not model.probing:
                     model.probing = probe = True
                     model.probe_started = time.monotonic()
-                elif not rates or time.monotonic() - model.probe_started < PROBE_PATIENCE:
+                elif not rates and waited >= PROBE_WAIT:
+                    # The probe is slow to answer (a long generation): go unmetered
+                    # rather than wait longer; the answers' headers (a 429's too)
+                    # teach the limits soon enough.
+                    return "go", Ticket(call, None)
+                elif not rates or waited < PROBE_PATIENCE:
                     return "wait", _PROBE_POLL
         if not rates:
             return "go", Ticket(call, None, probe=True)
@@ -506,7 +530,7 @@ class OutboundLimiter:
         import asyncio
 
         model = self._begin(call)
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         lock = model.async_locks.get(loop)
         if lock is None:
             lock = model.async_locks.setdefault(loop, asyncio.Lock())
@@ -560,6 +584,7 @@ class OutboundLimiter:
 
     @staticmethod
     def _admitted(model: _Model, ticket: Ticket) -> Ticket:
+        ticket.model = model.name
         model.stats["admitted"] += 1
         ticket.sent_at = time.monotonic()
         return ticket
@@ -645,8 +670,7 @@ class OutboundLimiter:
         a 429 pause the model. Returns the pause (seconds) a 429 imposed, else 0. Error
         answers end the ticket here (their tokens are refunded, the request stays
         counted); successful ones are settled by :meth:`settle`."""
-        call = ticket.call
-        model = self._model(call.model)
+        model = self._model(ticket.model)
         model.ttfb.append(time.monotonic() - ticket.sent_at)
         limits, seen = self._learn(model, status, headers)
         rates = model.rates()
@@ -676,8 +700,7 @@ class OutboundLimiter:
         ledger = self.ledger
         if not getattr(ledger, "remote", False):
             return self.answered(ticket, status, headers)
-        call = ticket.call
-        model = self._model(call.model)
+        model = self._model(ticket.model)
         model.ttfb.append(time.monotonic() - ticket.sent_at)
         limits, seen = self._learn(model, status, headers)
         rates = model.rates()
@@ -749,13 +772,13 @@ class OutboundLimiter:
     def _refund_tokens(self, ticket: Ticket) -> None:
         deltas = self._token_refund(ticket)
         if deltas:
-            self.ledger.adjust(ticket.call.model, self.rates(ticket.call.model), deltas)
+            self.ledger.adjust(ticket.model, self.rates(ticket.model), deltas)
 
     def _settlement(self, ticket: Ticket, usage: Optional[Usage]) -> Dict[str, float]:
         """The adjustments that settle ``ticket`` at ``usage`` (None: at its estimate),
         after teaching the estimators."""
         call = ticket.call
-        model = self._model(call.model)
+        model = self._model(ticket.model)
         if ticket.probe:
             ticket.probe = False
             self._end_probe(model)
@@ -784,17 +807,17 @@ class OutboundLimiter:
         """Settle an admitted call at its real usage (None: keep its estimate)."""
         deltas = self._settlement(ticket, usage)
         if deltas:
-            self.ledger.adjust(ticket.call.model, self.rates(ticket.call.model), deltas)
+            self.ledger.adjust(ticket.model, self.rates(ticket.model), deltas)
 
     async def settle_async(self, ticket: Ticket, usage: Optional[Usage]) -> None:
         deltas = self._settlement(ticket, usage)
         if deltas:
-            await self.ledger.adjust_async(ticket.call.model, self.rates(ticket.call.model), deltas)
+            await self.ledger.adjust_async(ticket.model, self.rates(ticket.model), deltas)
 
     def _failure(self, ticket: Ticket, sent: bool) -> Dict[str, float]:
         if ticket.probe:
             ticket.probe = False
-            self._end_probe(self._model(ticket.call.model))
+            self._end_probe(self._model(ticket.model))
         if ticket.done:
             return {}
         ticket.done = True
@@ -808,15 +831,15 @@ class OutboundLimiter:
         reached the provider (then its estimate stands; else everything is refunded)."""
         deltas = self._failure(ticket, sent)
         if deltas:
-            self.ledger.adjust(ticket.call.model, self.rates(ticket.call.model), deltas)
+            self.ledger.adjust(ticket.model, self.rates(ticket.model), deltas)
 
     async def failed_async(self, ticket: Ticket, sent: bool) -> None:
         deltas = self._failure(ticket, sent)
         if deltas:
-            await self.ledger.adjust_async(ticket.call.model, self.rates(ticket.call.model), deltas)
+            await self.ledger.adjust_async(ticket.model, self.rates(ticket.model), deltas)
 
     def requeued(self, ticket: Ticket) -> None:
-        self._model(ticket.call.model).stats["requeued"] += 1
+        self._model(ticket.model).stats["requeued"] += 1
 
     # --- introspection ----------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
