@@ -94,7 +94,7 @@ _MANUAL_POLL = 0.01
 _EPS = 1e-9
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-_CHECK, _WAIT, _RAISE, _DONE = range(4)
+_CHECK, _WAIT, _RAISE, _DONE, _UNDO = range(5)
 
 # In-process and shared-memory limiters: their checks and peeks never block on I/O.
 _LOCAL_TYPES = (
@@ -507,6 +507,9 @@ class FairQueue:
                         action, arg = self._after_check(waiter, result)
                 if action == _DONE:
                     return arg
+                if action == _UNDO:
+                    _give_back(arg[0])
+                    raise arg[1]
                 if action == _RAISE:
                     raise arg
                 if action == _WAIT:
@@ -555,6 +558,9 @@ class FairQueue:
                         action, arg = self._after_check(waiter, result)
                 if action == _DONE:
                     return arg
+                if action == _UNDO:
+                    await _give_back_async(arg[0])
+                    raise arg[1]
                 if action == _RAISE:
                     raise arg
                 if action == _WAIT:
@@ -923,12 +929,11 @@ class FairQueue:
         now = self._now()
         d = _decision_of(result)
         if w.outcome is not None:  # cancelled while its check ran
-            if d.allowed:
-                _give_back(result)
             self._remove(w)
             self._stats["cancelled"] += 1
             self._wake_head(lane)
-            return _RAISE, w.outcome
+            # What it was given goes back, outside the lock (a Redis lease's release is I/O).
+            return (_UNDO, (result, w.outcome)) if d.allowed else (_RAISE, w.outcome)
         self._learn(lane, w, d, now)
         if d.allowed:
             self._remove(w)
