@@ -622,6 +622,12 @@ def test_wrap_keeps_the_clients_settings_and_shares_one_limiter():
     )
     plain = outbound.wrap(httpx.Client(base_url="http://127.0.0.1:9"))
     assert isinstance(plain, httpx.Client) and isinstance(plain._transport, LimitedTransport)
+    assert outbound.limiter_of(twin) is outbound.limiter_of(wrapped) is transport.limiter
+    assert outbound.limiter_of(plain) is plain._transport.limiter
+    with pytest.raises(TypeError, match="wrap"):
+        outbound.limiter_of(original)
+    with pytest.raises(TypeError, match="wrap"):
+        outbound.limiter_of(object())
     with pytest.raises(TypeError, match="not both"):
         outbound.wrap(original, limiter=transport.limiter, timeout=3)
 

@@ -20,7 +20,7 @@ from ._aimd import AIMD
 from ._engine import DIMENSIONS, OutboundLimiter, parse_limits
 from ._errors import CallTooLarge, OutboundRefused, QuotaTimeout
 from ._transport import AsyncLimitedTransport, LimitedTransport
-from ._wrap import wrap
+from ._wrap import limiter_of, wrap
 
 __all__ = [
     "AIMD",
@@ -31,6 +31,7 @@ __all__ = [
     "OutboundLimiter",
     "OutboundRefused",
     "QuotaTimeout",
+    "limiter_of",
     "parse_limits",
     "wrap",
 ]

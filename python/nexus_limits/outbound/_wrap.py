@@ -8,7 +8,7 @@ from typing import Any, Optional, TypeVar
 from ._engine import OutboundLimiter
 from ._transport import AsyncLimitedTransport, LimitedTransport, _flavour
 
-__all__ = ["wrap"]
+__all__ = ["limiter_of", "wrap"]
 
 T = TypeVar("T")
 
@@ -69,8 +69,8 @@ def wrap(client: T, *, limiter: Optional[OutboundLimiter] = None, refusal: str =
     ``refusal`` defaults to ``"response"``: a call refused before it is sent (too large
     for a limit, or past ``timeout``) comes back as a 429 with ``x-should-retry:
     false``, which the SDK raises at once as its own ``RateLimitError`` carrying the
-    reason. The transport is the client's ``_client._transport`` (``limiter`` and
-    ``stats()`` on it).
+    reason. :func:`limiter_of` gives the wrapped client's :class:`OutboundLimiter`
+    (its ``stats()``; ``limiter=`` for another client).
     """
     if limiter is None:
         limiter = OutboundLimiter(**options)
@@ -90,3 +90,22 @@ def wrap(client: T, *, limiter: Optional[OutboundLimiter] = None, refusal: str =
     new_http = _wrap_http(http, kind, limiter, refusal)
     copied: Any = client.copy(http_client=new_http)  # type: ignore[attr-defined]
     return copied  # type: ignore[no-any-return]
+
+
+def limiter_of(client: Any) -> OutboundLimiter:
+    """The :class:`OutboundLimiter` of a client returned by :func:`wrap` (or of an httpx
+    client whose transport is a LimitedTransport): ``limiter_of(client).stats()``, or
+    ``wrap(other, limiter=limiter_of(client))`` to share its state.
+
+    >>> import openai
+    >>> from nexus_limits import outbound
+    >>> client = outbound.wrap(openai.OpenAI(api_key="sk-test"))
+    >>> outbound.limiter_of(client).stats()
+    {'store': 'in-process', 'models': {}}
+    """
+    http = client if _http_kind(client) is not None else getattr(client, "_client", None)
+    transport = getattr(http, "_transport", None)
+    limiter = getattr(transport, "limiter", None)
+    if not isinstance(limiter, OutboundLimiter):
+        raise TypeError(f"{type(client).__name__} does not send through a LimitedTransport: wrap() it first")
+    return limiter
