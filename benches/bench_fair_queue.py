@@ -67,7 +67,7 @@ async def run(arrivals: List[Tuple[float, str]], args: argparse.Namespace, fifo:
         kind = "heavy" if key == "heavy" else "light"
         start = loop.time()
         try:
-            await queue.acquire("everyone" if fifo else key)
+            await queue.acquire_async("everyone" if fifo else key)
         except QueueRefused:
             refused[kind] += 1
             waits[kind].append(args.timeout)

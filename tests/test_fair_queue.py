@@ -31,7 +31,7 @@ async def admit_all(queue, requests, clock, **kw):
 
     async def one(i, key, cost):
         try:
-            await queue.acquire(key, cost, **kw)
+            await queue.acquire_async(key, cost, **kw)
         except QueueRefused as error:
             refused[i] = error
             return
@@ -117,7 +117,7 @@ def test_a_weight_per_call_and_a_weight_function(clock):
         order = []
 
         async def one(key, weight):
-            await queue.acquire(key, weight=weight)
+            await queue.acquire_async(key, weight=weight)
             order.append(key)
 
         await asyncio.gather(*[one("x", 1.0) for _ in range(6)], *[one("y", 2.0) for _ in range(6)])
@@ -146,18 +146,18 @@ def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_with_the_tim
     queue = FairQueue(nl.TokenBucket("10/s", burst=1, clock=clock), limit_key="upstream", timeout=10)
 
     async def scenario():
-        waiting = [asyncio.ensure_future(queue.acquire("A")) for _ in range(5)]  # at 0, 0.1 ... 0.4
+        waiting = [asyncio.ensure_future(queue.acquire_async("A")) for _ in range(5)]  # at 0, 0.1 ... 0.4
         await asyncio.sleep(0)
         assert queue.waiting() == 4
         before = clock.now
         with pytest.raises(QueueRefused) as refused:
-            await queue.acquire("A", timeout=0.45)  # 5 units ahead of it and its own: 0.5 s
+            await queue.acquire_async("A", timeout=0.45)  # 5 units ahead of it and its own: 0.5 s
         assert clock.now == before  # refused without waiting
         error = refused.value
         assert error.retry_after == pytest.approx(0.5) and error.reason == "deadline"
         assert isinstance(error, nl.RateLimitExceeded) and error.key == "A" and error.timeout == 0.45
         assert "0.5 s" in str(error) and "0.45" in str(error)
-        ok = asyncio.ensure_future(queue.acquire("A", timeout=0.5))  # exactly in time: admitted at 0.5
+        ok = asyncio.ensure_future(queue.acquire_async("A", timeout=0.5))  # exactly in time: admitted at 0.5
         await asyncio.gather(*waiting, ok)
         return ok.result()
 
@@ -171,9 +171,9 @@ def test_the_first_request_refused_needs_what_the_limiter_says(clock):
     queue = FairQueue(tb, timeout=5)
 
     async def scenario():
-        await queue.acquire("k")
+        await queue.acquire_async("k")
         with pytest.raises(QueueRefused) as refused:
-            await queue.acquire("k")
+            await queue.acquire_async("k")
         return refused.value
 
     error = run(scenario())
@@ -188,10 +188,10 @@ def test_a_cost_above_the_capacity_is_refused_at_once_as_never(clock):
         errors = []
         for _ in range(2):  # with nobody waiting, then with someone waiting
             with pytest.raises(QueueRefused) as refused:
-                await queue.acquire("k", cost=6)
+                await queue.acquire_async("k", cost=6)
             errors.append(refused.value)
             queue.limiter.hit("upstream", cost=5)
-            waiting = asyncio.ensure_future(queue.acquire("other"))
+            waiting = asyncio.ensure_future(queue.acquire_async("other"))
             await asyncio.sleep(0)
         await waiting
         return errors
@@ -212,13 +212,13 @@ def test_waiters_pushed_back_are_refused_as_soon_as_they_cannot_make_it(clock):
 
         async def heavy(i):
             try:
-                await queue.acquire("heavy", timeout=0.6)
+                await queue.acquire_async("heavy", timeout=0.6)
             except QueueRefused as error:
                 refused_at[i] = (clock.now, error)
 
         tasks = [asyncio.ensure_future(heavy(i)) for i in range(6)]  # 0.0 ... 0.5
         await asyncio.sleep(0)
-        tasks += [asyncio.ensure_future(queue.acquire(f"light-{n}")) for n in range(3)]
+        tasks += [asyncio.ensure_future(queue.acquire_async(f"light-{n}")) for n in range(3)]
         await asyncio.gather(*tasks)
         return refused_at
 
@@ -240,7 +240,7 @@ def test_a_deadline_that_passes_while_waiting_for_a_lease(clock):
 
     async def scenario():
         with pytest.raises(QueueRefused) as refused:
-            await queue.acquire("k")
+            await queue.acquire_async("k")
         return refused.value
 
     error = run(scenario())
@@ -256,9 +256,9 @@ def test_a_cancelled_task_leaves_the_queue_at_once():
     queue = FairQueue(nl.TokenBucket("2/s", burst=1), limit_key="upstream", timeout=10)
 
     async def scenario():
-        await queue.acquire("A")  # the token: the next one in 0.5 s
-        first = asyncio.ensure_future(queue.acquire("A"))
-        second = asyncio.ensure_future(queue.acquire("B"))
+        await queue.acquire_async("A")  # the token: the next one in 0.5 s
+        first = asyncio.ensure_future(queue.acquire_async("A"))
+        second = asyncio.ensure_future(queue.acquire_async("B"))
         for _ in range(100):
             if queue.waiting() == 2:
                 break
@@ -282,8 +282,8 @@ def test_cancelling_every_waiter_leaves_nothing_behind():
     queue = FairQueue(nl.TokenBucket("1/minute"), limit_key="upstream", timeout=math.inf)
 
     async def scenario():
-        await queue.acquire("x")
-        tasks = [asyncio.ensure_future(queue.acquire(f"k{i % 7}")) for i in range(50)]
+        await queue.acquire_async("x")
+        tasks = [asyncio.ensure_future(queue.acquire_async(f"k{i % 7}")) for i in range(50)]
         for _ in range(100):
             if queue.waiting() == 50:
                 break
@@ -299,15 +299,15 @@ def test_cancelling_every_waiter_leaves_nothing_behind():
 
 
 def test_a_cancel_token_from_another_thread_wakes_an_asyncio_free_wait():
-    """acquire_sync with a CancelToken: the waiting thread leaves at once."""
+    """acquire with a CancelToken: the waiting thread leaves at once."""
     queue = FairQueue(nl.TokenBucket("1/minute"), timeout=120)
-    queue.acquire_sync("k")
+    queue.acquire("k")
     token = CancelToken()
     outcome = []
 
     def wait():
         try:
-            queue.acquire_sync("k", cancel=token)
+            queue.acquire("k", cancel=token)
         except QueueCancelled as error:
             outcome.append((time.monotonic(), error))
 
@@ -324,7 +324,7 @@ def test_a_cancel_token_from_another_thread_wakes_an_asyncio_free_wait():
     assert outcome and outcome[0][0] - cancelled_at < 0.5
     assert token.cancelled and queue.stats()["cancelled"] == 1
     with pytest.raises(QueueCancelled):  # a cancelled token refuses new waits at once
-        queue.acquire_sync("other", cancel=token)
+        queue.acquire("other", cancel=token)
 
 
 # ---- a full queue ----------------------------------------------------------------------------
@@ -334,13 +334,13 @@ def test_a_full_queue_makes_room_from_the_key_with_the_most_waiting(clock):
     queue = FairQueue(nl.TokenBucket("10/s", burst=1, clock=clock), limit_key="upstream", timeout=10, max_waiting=4)
 
     async def scenario():
-        await queue.acquire("heavy")
-        heavy = [asyncio.ensure_future(queue.acquire("heavy")) for _ in range(4)]
+        await queue.acquire_async("heavy")
+        heavy = [asyncio.ensure_future(queue.acquire_async("heavy")) for _ in range(4)]
         await asyncio.sleep(0)
         assert queue.waiting() == 4
         with pytest.raises(QueueRefused) as own:  # the heavy key itself: refused at once
-            await queue.acquire("heavy")
-        light = asyncio.ensure_future(queue.acquire("light"))  # takes the heavy key's latest place
+            await queue.acquire_async("heavy")
+        light = asyncio.ensure_future(queue.acquire_async("light"))  # takes the heavy key's latest place
         results = await asyncio.gather(*heavy, light, return_exceptions=True)
         return own.value, results
 
@@ -381,12 +381,12 @@ def test_a_fixed_window_admits_a_whole_window_at_once(clock):
     async def scenario():
         clock.advance(5)  # 5 s into a window
         queue.limiter.hit("upstream", cost=30)
-        waiting = [asyncio.ensure_future(queue.acquire(f"k{i}")) for i in range(29)]
+        waiting = [asyncio.ensure_future(queue.acquire_async(f"k{i}")) for i in range(29)]
         await asyncio.sleep(0)
-        last = await queue.acquire("late", timeout=5.0)  # the 30th: at the window start, 5 s away
+        last = await queue.acquire_async("late", timeout=5.0)  # the 30th: at the window start, 5 s away
         await asyncio.gather(*waiting)
         with pytest.raises(QueueRefused) as refused:
-            await queue.acquire("later", timeout=5.0)
+            await queue.acquire_async("later", timeout=5.0)
         return last, refused.value
 
     last, error = run(scenario())
@@ -400,12 +400,12 @@ def test_a_composite_predicts_from_its_slowest_part(clock):
 
     async def scenario():
         limiter.hit("upstream", cost=2)
-        waiting = [asyncio.ensure_future(queue.acquire("a")) for _ in range(5)]
+        waiting = [asyncio.ensure_future(queue.acquire_async("a")) for _ in range(5)]
         await asyncio.sleep(0)
         with pytest.raises(QueueRefused) as refused:
             # 5 ahead and its own: past the token bucket's burst of 2, so the composite's own
             # peek says never; its slowest part says 0.2 s for 2 and 0.1 s for each more.
-            await queue.acquire("a", timeout=0.3)
+            await queue.acquire_async("a", timeout=0.3)
         await asyncio.gather(*waiting)
         return refused.value
 
@@ -421,7 +421,7 @@ def test_a_concurrency_limiter_hands_out_leases_in_turn():
 
     async def scenario():
         async def one(key):
-            lease = await queue.acquire(key)
+            lease = await queue.acquire_async(key)
             assert isinstance(lease, nl.Lease)
             order.append(key)
             await asyncio.sleep(0.01)
@@ -444,8 +444,8 @@ def test_a_token_limiter_queues_by_tokens_and_returns_the_reservation(clock):
     queue = FairQueue(tl, limit_key="tenant", timeout=120)
 
     async def scenario():
-        first = await queue.acquire("a", 900)
-        later = await queue.acquire("a", 600)  # 500 more tokens needed: 30 s
+        first = await queue.acquire_async("a", 900)
+        later = await queue.acquire_async("a", 600)  # 500 more tokens needed: 30 s
         return first, later
 
     first, later = run(scenario())
@@ -461,7 +461,7 @@ def test_a_leaky_bucket_decision_keeps_its_delay(clock):
 
     async def scenario():
         async def one():
-            decision = await queue.acquire("a")
+            decision = await queue.acquire_async("a")
             return round(clock.now, 9), round(decision.delay, 9)
 
         return await asyncio.gather(*[one() for _ in range(5)])
@@ -476,7 +476,7 @@ def test_a_shared_memory_limiter_in_one_process(clock):
 
         async def scenario():
             started = time.monotonic()
-            await asyncio.gather(*[queue.acquire(k) for k in ("a", "a", "b")])
+            await asyncio.gather(*[queue.acquire_async(k) for k in ("a", "a", "b")])
             return time.monotonic() - started
 
         assert 0.15 < run(scenario()) < 1.0
@@ -531,10 +531,10 @@ def test_bad_arguments_are_refused_with_a_clear_error(kwargs, error):
     queue = FairQueue(nl.TokenBucket("10/s"), timeout=1)
     args = {"key": "k", **kwargs}
     with pytest.raises(error) as raised:
-        queue.acquire_sync(**args)
+        queue.acquire(**args)
     assert str(raised.value)
     with pytest.raises(error):
-        run(queue.acquire(**args))
+        run(queue.acquire_async(**args))
     assert queue.stats()["waiting"] == 0 and queue.stats()["admitted"] == 0
 
 
@@ -566,23 +566,23 @@ def test_bad_queue_arguments_are_refused(kwargs, error):
 def test_bad_answers_from_the_weight_and_limit_key_functions():
     queue = FairQueue(nl.TokenBucket("10/s"), lambda key: float("nan"))
     with pytest.raises(ValueError):
-        queue.acquire_sync("k")
+        queue.acquire("k")
     queue = FairQueue(nl.TokenBucket("10/s"), limit_key=lambda key: None)
     with pytest.raises(TypeError):
-        queue.acquire_sync("k")
+        queue.acquire("k")
     assert queue.stats()["waiting"] == 0
 
 
 def test_a_concurrency_cost_must_be_one():
     queue = FairQueue(nl.Concurrency(2))
     with pytest.raises(ValueError, match="cost must be 1"):
-        queue.acquire_sync("k", cost=2)
+        queue.acquire("k", cost=2)
 
 
 def test_a_cancel_token_must_be_a_cancel_token():
     queue = FairQueue(nl.TokenBucket("10/s"))
     with pytest.raises(TypeError):
-        queue.acquire_sync("k", cancel=threading.Event())
+        queue.acquire("k", cancel=threading.Event())
     assert queue.stats()["waiting"] == 0
 
 
@@ -590,8 +590,8 @@ def test_huge_keys_and_many_keys_stay_bounded(clock):
     queue = FairQueue(nl.TokenBucket("1/minute", clock=clock), limit_key="upstream", timeout=1e9, max_waiting=100)
 
     async def scenario():
-        await queue.acquire(b"x" * 1_000_000)
-        tasks = [asyncio.ensure_future(queue.acquire(b"%d" % i + b"y" * 10_000)) for i in range(300)]
+        await queue.acquire_async(b"x" * 1_000_000)
+        tasks = [asyncio.ensure_future(queue.acquire_async(b"%d" % i + b"y" * 10_000)) for i in range(300)]
         await asyncio.sleep(0)
         assert queue.waiting() <= 100
         for task in tasks:
@@ -672,9 +672,9 @@ def test_an_asgi_client_that_disconnects_leaves_the_queue_at_once():
 
 def test_a_timeout_of_zero_checks_once(clock):
     queue = FairQueue(nl.TokenBucket("10/s", burst=1, clock=clock), timeout=0)
-    assert queue.acquire_sync("k").allowed
+    assert queue.acquire("k").allowed
     with pytest.raises(QueueRefused) as refused:
-        queue.acquire_sync("k")
+        queue.acquire("k")
     assert refused.value.retry_after == pytest.approx(0.1) and clock.now == 0.0
     assert queue.stats()["refused_at_once"] == 1
 
@@ -694,7 +694,7 @@ def test_predictions_past_any_cost_do_not_overflow(clock):
 
     async def scenario():
         queue.limiter.hit("upstream", cost=5)
-        waiting = asyncio.ensure_future(queue.acquire("a"))
+        waiting = asyncio.ensure_future(queue.acquire_async("a"))
         await asyncio.sleep(0)
         lane = queue._lanes["upstream"]
         need = queue._predict(lane, 2**70, clock.now)
@@ -707,7 +707,7 @@ def test_predictions_past_any_cost_do_not_overflow(clock):
 
 def test_acquire_asgi_before_the_body_was_read_is_an_error():
     queue = FairQueue(nl.TokenBucket("1/minute"), limit_key="upstream", timeout=120)
-    queue.acquire_sync("first")
+    queue.acquire("first")
     messages = [{"type": "http.request", "body": b"more", "more_body": True}]
 
     async def receive():
@@ -731,7 +731,7 @@ def test_on_a_manual_clock_time_moves_on_when_a_lane_empties(clock):
         times = []
 
         async def one(key, cost):
-            await queue.acquire(key, cost)
+            await queue.acquire_async(key, cost)
             times.append((key, round(clock.now, 9)))
 
         await asyncio.gather(one("a", 1), one("b", 5))
@@ -745,7 +745,7 @@ def test_on_a_manual_clock_time_moves_on_when_a_lane_empties(clock):
     times = []
 
     def in_thread(key, cost):
-        queue.acquire_sync(key, cost)
+        queue.acquire(key, cost)
         times.append((key, round(clock.now - start, 9)))
 
     threads = [threading.Thread(target=in_thread, args=args) for args in (("a", 1), ("b", 5))]
@@ -765,8 +765,8 @@ def test_another_queue_on_the_same_limit_takes_the_capacity_first(clock):
 
     async def scenario():
         limiter.hit("upstream")
-        winner = asyncio.ensure_future(first.acquire("a"))
-        loser = asyncio.ensure_future(second.acquire("b"))
+        winner = asyncio.ensure_future(first.acquire_async("a"))
+        loser = asyncio.ensure_future(second.acquire_async("b"))
         results = await asyncio.gather(winner, loser, return_exceptions=True)
         return results
 
@@ -796,7 +796,7 @@ def test_a_failing_check_raises_to_its_waiter_and_the_queue_goes_on(clock):
 
     async def scenario():
         limiter.hit("upstream")
-        waiting = [asyncio.ensure_future(queue.acquire(k)) for k in ("a", "b", "c")]
+        waiting = [asyncio.ensure_future(queue.acquire_async(k)) for k in ("a", "b", "c")]
         await asyncio.sleep(0)
         Flaky.fail_next.set()
         return await asyncio.gather(*waiting, return_exceptions=True)
@@ -836,7 +836,7 @@ def test_a_wait_cancelled_while_its_check_runs_gives_back_what_it_got():
 
     def wait():
         try:
-            outcome.append(queue.acquire_sync("k", cancel=token))
+            outcome.append(queue.acquire("k", cancel=token))
         except QueueCancelled as error:
             outcome.append(error)
 
@@ -864,7 +864,7 @@ def test_a_wait_cancelled_while_its_check_runs_gives_back_what_it_got():
 def test_messages_show_a_long_key_cut_short():
     queue = FairQueue(nl.TokenBucket("1/minute"), timeout=1)
     key = "k" * 100_000
-    queue.acquire_sync(key)
+    queue.acquire(key)
     with pytest.raises(QueueRefused) as refused:
-        queue.acquire_sync(key)
+        queue.acquire(key)
     assert len(str(refused.value)) < 300 and refused.value.key == key

@@ -35,7 +35,7 @@ def test_asyncio_queue_serves_keys_in_turn_with_two_round_trips_per_admission(re
             order = []
 
             async def one(key):
-                await queue.acquire(key)
+                await queue.acquire_async(key)
                 order.append(key)
 
             before = evals(redis_client)
@@ -60,7 +60,7 @@ def test_threads_with_a_sync_client(redis_client):
 
     def worker(key, n):
         for _ in range(n):
-            queue.acquire_sync(key)
+            queue.acquire(key)
             with lock:
                 order.append(key)
 
@@ -83,7 +83,7 @@ def test_a_refusal_is_predicted_without_a_round_trip(redis_client, async_redis_c
         try:
             limiter = nla.TokenBucket(client, "10/s", burst=1, prefix="fq")
             queue = FairQueue(limiter, limit_key="upstream", timeout=10)
-            waiting = [asyncio.ensure_future(queue.acquire("a")) for _ in range(6)]
+            waiting = [asyncio.ensure_future(queue.acquire_async("a")) for _ in range(6)]
             for _ in range(200):  # until the head has checked: the lane knows the limit's state
                 if queue.waiting() == 5 and queue.stats()["admitted"] == 1:
                     break
@@ -91,7 +91,7 @@ def test_a_refusal_is_predicted_without_a_round_trip(redis_client, async_redis_c
             before = evals(redis_client)
             started = time.monotonic()
             with pytest.raises(QueueRefused) as refused:
-                await queue.acquire("a", timeout=0.3)  # 5 waiting and itself: about 0.6 s
+                await queue.acquire_async("a", timeout=0.3)  # 5 waiting and itself: about 0.6 s
             elapsed = time.monotonic() - started
             trips = evals(redis_client) - before
             await asyncio.gather(*waiting)
@@ -110,9 +110,9 @@ def test_a_cancelled_waiter_leaves_and_the_next_one_moves_up(async_redis_client)
         try:
             limiter = nla.TokenBucket(client, "2/s", burst=1, prefix="fq")
             queue = FairQueue(limiter, limit_key="upstream", timeout=10)
-            await queue.acquire("a")
-            first = asyncio.ensure_future(queue.acquire("a"))
-            second = asyncio.ensure_future(queue.acquire("b"))
+            await queue.acquire_async("a")
+            first = asyncio.ensure_future(queue.acquire_async("a"))
+            second = asyncio.ensure_future(queue.acquire_async("b"))
             for _ in range(200):
                 if queue.waiting() == 2:
                     break
@@ -145,7 +145,7 @@ def test_queues_on_several_hosts_share_one_limit_exactly(redis_server):
 
     def worker(n):
         for _ in range(15):
-            queues[n].acquire_sync(f"host-{n}")
+            queues[n].acquire(f"host-{n}")
             with lock:
                 admitted[n].append(time.monotonic())
 
@@ -169,11 +169,11 @@ def test_a_redis_concurrency_lease_goes_to_the_next_in_turn(async_redis_client):
         try:
             limiter = nla.Concurrency(client, 1, prefix="fq")
             queue = FairQueue(limiter, limit_key="model", timeout=10)
-            held = await queue.acquire("first")
+            held = await queue.acquire_async("first")
             order = []
 
             async def one(key):
-                lease = await queue.acquire(key)
+                lease = await queue.acquire_async(key)
                 order.append(key)
                 await lease.release()
 
@@ -205,7 +205,7 @@ def test_a_sync_client_from_asyncio_does_not_block_the_loop(redis_client):
                 await asyncio.sleep(0.005)
 
         tick = asyncio.ensure_future(ticker())
-        await asyncio.gather(*[queue.acquire(k) for k in ("a", "b", "a", "b", "c")])
+        await asyncio.gather(*[queue.acquire_async(k) for k in ("a", "b", "a", "b", "c")])
         tick.cancel()
         return ticks
 
@@ -223,12 +223,12 @@ def test_exact_times_on_a_manual_clock(redis_client, async_redis_client):
             admitted = []
 
             async def one(key):
-                await queue.acquire(key)
+                await queue.acquire_async(key)
                 admitted.append((key, round(clock.now - 1_000_000.0, 6)))
 
             await asyncio.gather(*[one("A") for _ in range(4)], *[one("B") for _ in range(2)])
             with pytest.raises(QueueRefused) as refused:
-                await asyncio.gather(*[queue.acquire("C", timeout=0.25) for _ in range(4)])
+                await asyncio.gather(*[queue.acquire_async("C", timeout=0.25) for _ in range(4)])
             return admitted, refused.value
         finally:
             await client.aclose()
@@ -251,13 +251,13 @@ def test_a_redis_outage_reaches_the_waiters_and_leaves_the_queue_empty():
         failing_closed = FairQueue(
             nlr.TokenBucket(client, "10/s", burst=1, prefix="fq", on_error="deny"), limit_key="upstream", timeout=0.5
         )
-        assert raising.acquire_sync("k").allowed
+        assert raising.acquire("k").allowed
         server.stop()
         with pytest.raises(nl.BackendUnavailable):
-            raising.acquire_sync("k")
+            raising.acquire("k")
         # Failing closed, the store's answer is "retry in 1 s": past the deadline, so refused at once.
         with pytest.raises(QueueRefused) as refused:
-            failing_closed.acquire_sync("k")
+            failing_closed.acquire("k")
         assert refused.value.retry_after == pytest.approx(1.0)
         for queue in (raising, failing_closed):
             stats = queue.stats()

@@ -33,7 +33,7 @@ WORKER = textwrap.dedent(
     async def request(key):
         started = time.monotonic()
         try:
-            await queue.acquire(key)
+            await queue.acquire_async(key)
         except QueueRefused:
             out["heavy_refused" if key == "heavy" else "light_refused"] += 1
             return

@@ -38,7 +38,7 @@ def test_light_threads_are_not_held_behind_a_heavy_key():
 
     def request(key):
         started = time.monotonic()
-        queue.acquire_sync(key)
+        queue.acquire(key)
         now = time.monotonic()
         with lock:
             admitted_at.append(now)
@@ -72,10 +72,10 @@ def test_light_threads_are_not_held_behind_a_heavy_key():
 
 def test_a_thread_that_cannot_make_it_is_refused_at_once():
     queue = FairQueue(nl.TokenBucket("1/minute"), timeout=5)
-    queue.acquire_sync("k")
+    queue.acquire("k")
     started = time.monotonic()
     with pytest.raises(QueueRefused) as refused:
-        queue.acquire_sync("k")
+        queue.acquire("k")
     assert time.monotonic() - started < 0.1
     assert refused.value.retry_after == pytest.approx(60, abs=0.5)
 
@@ -86,7 +86,7 @@ def test_a_thread_waiting_for_a_lease_leaves_at_its_deadline():
     queue = FairQueue(limiter, timeout=0.3)
     started = time.monotonic()
     with pytest.raises(QueueRefused) as refused:
-        queue.acquire_sync("k")
+        queue.acquire("k")
     waited = time.monotonic() - started
     assert 0.29 < waited < 1.0
     assert refused.value.reason == "deadline" and 58 < refused.value.retry_after <= 60
@@ -98,7 +98,7 @@ def test_a_released_lease_goes_to_the_waiting_thread_at_once():
     held = limiter.try_acquire("k")
     queue = FairQueue(limiter, timeout=10)
     got = []
-    thread = start(lambda: got.append((queue.acquire_sync("k"), time.monotonic())))
+    thread = start(lambda: got.append((queue.acquire("k"), time.monotonic())))
     wait_until(lambda: queue.waiting() == 1)
     time.sleep(0.1)  # well into its wait
     released = time.monotonic()
@@ -110,13 +110,13 @@ def test_a_released_lease_goes_to_the_waiting_thread_at_once():
 
 def test_one_cancel_token_ends_several_waits():
     queue = FairQueue(nl.TokenBucket("1/minute"), limit_key="upstream", timeout=math.inf)
-    queue.acquire_sync("first")
+    queue.acquire("first")
     token = CancelToken()
     outcomes = []
 
     def wait(key):
         try:
-            queue.acquire_sync(key, cancel=token)
+            queue.acquire(key, cancel=token)
         except QueueCancelled:
             outcomes.append(key)
 
@@ -140,7 +140,7 @@ def test_threads_on_a_manual_clock_are_admitted_at_exact_times():
 
     def worker(key):
         for i in range(5):
-            queue.acquire_sync(key)
+            queue.acquire(key)
             with lock:
                 admitted.append((key, i, round(clock.now, 9)))
 
@@ -163,13 +163,13 @@ def test_threads_and_an_event_loop_wait_in_one_queue():
 
     def thread_worker():
         for _ in range(5):
-            queue.acquire_sync("thread")
+            queue.acquire("thread")
             with lock:
                 order.append("thread")
 
     async def loop_worker():
         async def one():
-            await queue.acquire("loop")
+            await queue.acquire_async("loop")
             with lock:
                 order.append("loop")
 

@@ -11,7 +11,7 @@ True
 
 from typing import TYPE_CHECKING, Any
 
-from ._core import Decision, Lease, ManualClock, Rate, SharedMemoryStore
+from ._core import Decision, Lease, ManualClock, Quota, Rate, SharedMemoryStore
 from ._core import __version__ as __version__
 from .base import AsyncRateLimiter, RateLimiter
 from .budget import Reservation, TokenLimiter
@@ -20,19 +20,34 @@ from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingW
 
 if TYPE_CHECKING:
     from .adapters.decorators import limit
+    from .fair import CancelToken, FairQueue, QueueCancelled, QueueRefused
+
+# Loaded on first use (see __getattr__), so that `import nexus_limits` stays light.
+_LAZY = {
+    "limit": "adapters.decorators",
+    "FairQueue": "fair",
+    "CancelToken": "fair",
+    "QueueRefused": "fair",
+    "QueueCancelled": "fair",
+}
 
 __all__ = [
     "AsyncRateLimiter",
     "BackendUnavailable",
     "BadRequest",
+    "CancelToken",
     "Composite",
     "Concurrency",
     "Decision",
+    "FairQueue",
     "FixedWindow",
     "LeakyBucket",
     "Lease",
     "ManualClock",
     "NexusLimitsError",
+    "QueueCancelled",
+    "QueueRefused",
+    "Quota",
     "Rate",
     "RateLimitExceeded",
     "RateLimiter",
@@ -47,14 +62,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # `limit` lives with the adapters, which load asyncio; importing it on first use keeps
-    # `import nexus_limits` light.
-    if name == "limit":
-        from .adapters.decorators import limit
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nexus_limits' has no attribute {name!r}")
+    import importlib
 
-        return limit
-    raise AttributeError(f"module 'nexus_limits' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "limit"})
+    return sorted({*globals(), *_LAZY})

@@ -10,8 +10,8 @@ queued does not delay a key with one::
 
     upstream = nl.TokenBucket("50/second", burst=10)
     queue = FairQueue(upstream, limit_key="upstream", timeout=5.0)  # every key shares one limit
-    decision = await queue.acquire("sk-ann")           # asyncio
-    decision = queue.acquire_sync("sk-ann", cost=3)    # threads
+    decision = await queue.acquire_async("sk-ann")           # asyncio
+    decision = queue.acquire("sk-ann", cost=3)    # threads
 
 How it works:
 
@@ -143,9 +143,9 @@ class QueueCancelled(NexusLimitsError):
 
 
 class CancelToken:
-    """Cancels :meth:`FairQueue.acquire_sync` waits from another thread.
+    """Cancels :meth:`FairQueue.acquire` waits from another thread.
 
-    Pass it as ``acquire_sync(..., cancel=token)``; ``token.cancel()`` makes every wait
+    Pass it as ``acquire(..., cancel=token)``; ``token.cancel()`` makes every wait
     using it leave its queue at once and raise :class:`QueueCancelled` (a wait that
     starts after the cancel raises at once). One token may serve several waits."""
 
@@ -462,7 +462,7 @@ class FairQueue:
     def max_waiting(self) -> int:
         return self._max_waiting
 
-    def acquire_sync(
+    def acquire(
         self,
         key: Key,
         cost: int = 1,
@@ -478,10 +478,12 @@ class FairQueue:
         ``timeout``: seconds this request may wait (default: the queue's; ``math.inf``:
         no deadline). Raises :class:`QueueRefused` (a ``RateLimitExceeded``) at once when
         the request cannot be admitted in time, and :class:`QueueCancelled` when
-        ``cancel`` is cancelled. Not for asyncio limiters (use :meth:`acquire`).
+        ``cancel`` is cancelled. Not for asyncio limiters (use :meth:`acquire_async`).
         """
         if self._async:
-            raise TypeError(f"{type(self._limiter).__name__} is an asyncio limiter: use `await queue.acquire(...)`")
+            raise TypeError(
+                f"{type(self._limiter).__name__} is an asyncio limiter: use `await queue.acquire_async(...)`"
+            )
         if cancel is not None:
             if not isinstance(cancel, CancelToken):
                 raise TypeError(f"cancel must be a CancelToken, got {type(cancel).__name__}")
@@ -521,7 +523,7 @@ class FairQueue:
             if cancel is not None:
                 cancel._discard(self, waiter)
 
-    async def acquire(
+    async def acquire_async(
         self, key: Key, cost: int = 1, timeout: Optional[float] = None, weight: Optional[float] = None
     ) -> Any:
         """Wait, without blocking the event loop, until the limiter admits ``cost`` for
@@ -577,7 +579,7 @@ class FairQueue:
         timeout: Optional[float] = None,
         weight: Optional[float] = None,
     ) -> Any:
-        """:meth:`acquire` for an ASGI request: leaves the queue as soon as the client
+        """:meth:`acquire_async` for an ASGI request: leaves the queue as soon as the client
         disconnects, and raises :class:`QueueCancelled` then.
 
         Call it once the request body has been read to its end (the last
@@ -596,7 +598,7 @@ class FairQueue:
                 if message.get("type") == "http.request" and (message.get("body") or message.get("more_body")):
                     raise RuntimeError("acquire_asgi was called before the request body was read to its end")
 
-        waiting = asyncio.ensure_future(self.acquire(key, cost, timeout, weight))
+        waiting = asyncio.ensure_future(self.acquire_async(key, cost, timeout, weight))
         watcher = asyncio.ensure_future(gone())
         try:
             await asyncio.wait((waiting, watcher), return_when=asyncio.FIRST_COMPLETED)
