@@ -36,10 +36,10 @@ def test_packed_bytes_are_what_redis_py_sends(redis_client, kind):
     conn = Connection()
     for key in KEYS:
         for mode in ("hit", "peek"):
-            keys, packed = lim._spec.unit_call(mode, key)
+            keys, packed = lim._plan.unit_call(mode, key)
             assert keys == [lim.redis_key(key), lim.redis_key(key) + ":q"]
             sha = lim._script.for_mode(mode).sha
-            expected = b"".join(conn.pack_command("EVALSHA", sha, 2, *keys, *lim._spec.unit))
+            expected = b"".join(conn.pack_command("EVALSHA", sha, 2, *keys, *lim._plan.unit))
             assert packed == expected, (key, mode)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 import nexus_limits as nl
 
 from .. import _wait
-from .._core import Decision, ManualClock
+from .._core import Decision, ManualClock, Quota
 from ..base import AsyncRateLimiter, Key
 from ..errors import RateLimitExceeded
 from . import _lease
@@ -27,7 +27,7 @@ from ._common import (
     BACKEND_ERRORS,
     LEASE_POLL,
     Fallback,
-    RateSpec,
+    RatePlan,
     check_client,
     check_clock,
     check_name,
@@ -43,6 +43,7 @@ from ._common import (
     is_noscript,
     judge,
     key_of,
+    leaky_quota,
     local_twin,
     new_lease_id,
     now_arg,
@@ -108,16 +109,15 @@ class _RedisRateLimiter(AsyncRateLimiter):
         "_hold_us",
         "_leases",
         "_parts",
+        "_plan",
         "_reaper",
         "_script",
-        "_spec",
     )
-    _algorithm = ""
 
     def __init__(
         self,
         client: Any,
-        model: Any,
+        quota: Quota,
         prefix: str,
         name: Optional[str],
         on_error: str,
@@ -128,25 +128,25 @@ class _RedisRateLimiter(AsyncRateLimiter):
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
         self._channel = channel_for(self._client, want_async=ASYNC)
-        self._spec = RateSpec(self._algorithm, model, prefix, name, on_error, clock)
-        self._spec.set_shadow(shadow)
-        self._spec.set_replicas(replicas)
-        self._script = self._spec.script
-        self._fallback = self._spec.fallback
+        self._plan = RatePlan(quota, prefix, name, on_error, clock)
+        self._plan.set_shadow(shadow)
+        self._plan.set_replicas(replicas)
+        self._script = self._plan.script
+        self._fallback = self._plan.fallback
         self._parts: Tuple[Any, ...] = (self,)
-        policy = check_lease(lease, self._algorithm, type(self).__name__)
-        self._leases = LeaseTable(policy, self._spec.clock) if policy is not None else None
+        policy = check_lease(lease, self._plan.algorithm, type(self).__name__)
+        self._leases = LeaseTable(policy, self._plan.clock) if policy is not None else None
         self._hold_us = repr(policy.hold * 1e6) if policy is not None else ""
         self._reaper: Any = None
 
     def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
         """KEYS, ARGV and (for the commonest check, cost 1 on the server's clock) the
         whole command as bytes."""
-        spec = self._spec
-        if cost == 1 and type(cost) is int and spec.clock is None:
-            keys, packed = spec.unit_call(mode, key)
-            return keys, spec.unit, packed
-        return spec.keys(key), spec.argv(cost), None
+        plan = self._plan
+        if cost == 1 and type(cost) is int and plan.clock is None:
+            keys, packed = plan.unit_call(mode, key)
+            return keys, plan.unit, packed
+        return plan.keys(key), plan.argv(cost), None
 
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
         if self._leases is not None and mode == "hit" and type(cost) is int and cost > 0:
@@ -170,23 +170,23 @@ class _RedisRateLimiter(AsyncRateLimiter):
         one, carrying back what is left of the last)."""
         table: Any = self._leases
         got = table.local(key, cost)
-        spec = self._spec
+        plan = self._plan
         if type(got) is Decision:
-            return self._fallback.tally.decision(got, spec.shadow, self, key)
+            return self._fallback.tally.decision(got, plan.shadow, self, key)
         if got.plain:
             d = await self._remote(key, cost, "hit")
             table.checked(key, got, d)
             return d
-        argv = got.argv(now_arg(spec.clock), spec.args[1], spec.args[2], self._hold_us)
+        argv = got.argv(now_arg(plan.clock), plan.quota_args, self._hold_us)
         try:
-            reply = await evalsha(self._channel, LEASE[spec.algorithm], spec.keys(key), argv)
+            reply = await evalsha(self._channel, LEASE[plan.algorithm], plan.keys(key), argv)
         except BACKEND_ERRORS as error:
             table.failed(key, got)
             return self._fallback.decision(error, self.limit, key, cost, "hit")
         d = table.answered(key, got, reply)
         if table.claim_reaper():
             self._start_reaper()
-        return self._fallback.tally.decision(d, spec.shadow, self, key)
+        return self._fallback.tally.decision(d, plan.shadow, self, key)
 
     def _start_reaper(self) -> None:
         # The task is kept here: an event loop holds its tasks only weakly.
@@ -210,11 +210,11 @@ class _RedisRateLimiter(AsyncRateLimiter):
 
     async def _give_back(self, gives: List[Give]) -> None:
         table: Any = self._leases
-        spec = self._spec
+        plan = self._plan
         for give in gives:
-            argv = [now_arg(spec.clock), spec.args[1], spec.args[2], "0", "0", "0", str(give.units), str(give.until)]
+            argv = [now_arg(plan.clock), *plan.quota_args, "0", "0", "0", str(give.units), str(give.until)]
             try:
-                reply = await evalsha(self._channel, LEASE[spec.algorithm], spec.keys(give.key), argv)
+                reply = await evalsha(self._channel, LEASE[plan.algorithm], plan.keys(give.key), argv)
             except BACKEND_ERRORS:
                 continue  # the units count as spent until the block's end: never more admitted
             table.returned(int(reply[7]))
@@ -253,7 +253,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
         may still be spent, as if before the reset, until their blocks end."""
         if self._leases is not None:
             self._leases.drop(key)
-        keys = [p._spec.key(key) for p in self._parts]
+        keys = [p._plan.key(key) for p in self._parts]
         try:
             await self._channel.call("DEL", *keys)
         except BACKEND_ERRORS as error:
@@ -281,21 +281,21 @@ class _RedisRateLimiter(AsyncRateLimiter):
             if len(found) >= scan:
                 break
         reader = self._script.for_mode("peek")
-        argv = self._spec.argv(0)
+        argv = self._plan.argv(0)
         if is_cluster(self._client):  # a cluster client refuses EVALSHA in a pipeline
-            replies = [await evalsha(self._channel, reader, self._spec.keys(k), argv) for k in found]
+            replies = [await evalsha(self._channel, reader, self._plan.keys(k), argv) for k in found]
         else:
             await self._client.script_load(reader.source)
             pipe = self._client.pipeline(transaction=False)
             for k in found:
-                pipe.evalsha(reader.sha, 2, *self._spec.keys(k), *argv)
+                pipe.evalsha(reader.sha, 2, *self._plan.keys(k), *argv)
             replies = await pipe.execute()
         return top_of([(k, to_decision(r)) for k, r in zip(found, replies)], n)
 
     async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Wait until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at
         once when the wait would pass ``timeout``."""
-        return await _wait.acquire_async(self.hit, self._spec.clock, key, cost, timeout)
+        return await _wait.acquire_async(self.hit, self._plan.clock, key, cost, timeout)
 
     acquire_async = acquire  # unasync: acquire_async = _threads.acquire_async
 
@@ -304,16 +304,21 @@ class _RedisRateLimiter(AsyncRateLimiter):
         return self._client
 
     @property
+    def quota(self) -> Quota:
+        """The limiter's quota (a key's own, set with ``set_quota``, is in Redis)."""
+        return self._plan.quota
+
+    @property
     def rate(self) -> nl.Rate:
-        return self._spec.model.rate  # type: ignore[no-any-return]
+        return self._plan.quota.rate
 
     @property
     def limit(self) -> int:
-        return self._spec.model.limit  # type: ignore[no-any-return]
+        return self._plan.quota.limit
 
     @property
     def prefix(self) -> str:
-        return self._spec.prefix
+        return self._plan.prefix
 
     @property
     def on_error(self) -> str:
@@ -321,31 +326,31 @@ class _RedisRateLimiter(AsyncRateLimiter):
 
     @property
     def clock(self) -> Optional[ManualClock]:
-        return self._spec.clock
+        return self._plan.clock
 
     def redis_key(self, key: Key) -> str:
         """The Redis key holding ``key``'s state."""
-        return self._spec.key(key)
+        return self._plan.key(key)
 
     @property
     def shadow(self) -> bool:
         """In shadow mode the limiter decides and counts, logs what it would deny (logger
         ``nexus_limits.shadow``), and never denies."""
-        return self._spec.shadow
+        return self._plan.shadow
 
     @shadow.setter
     def shadow(self, on: bool) -> None:
-        self._spec.set_shadow(on)
+        self._plan.set_shadow(on)
 
     async def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
         """Give ``key`` its own quota, for every process, from its next check on; what it
         has used is carried over. Kept in Redis (``redis_key(key) + ":q"``) until
         ``clear_quota``."""
-        model = self._spec.new_model(rate, burst)
+        quota = self._plan.new_quota(rate, burst)
         if self._leases is not None:
             self._leases.drop(key)
         try:
-            await evalsha(self._channel, REQUOTA, self._spec.keys(key), self._spec.requota_argv("set", model))
+            await evalsha(self._channel, REQUOTA, self._plan.keys(key), self._plan.requota_argv("set", quota))
         except BACKEND_ERRORS as error:
             self._fallback.decision(error, self.limit)
             raise
@@ -353,11 +358,11 @@ class _RedisRateLimiter(AsyncRateLimiter):
     async def clear_quota(self, key: Key) -> bool:
         """Put ``key`` back on the limiter's quota, carrying its usage over. False if it
         had no quota of its own."""
-        argv = self._spec.requota_argv("clear", self._spec.model)
+        argv = self._plan.requota_argv("clear", self._plan.quota)
         if self._leases is not None:
             self._leases.drop(key)
         try:
-            return bool(await evalsha(self._channel, REQUOTA, self._spec.keys(key), argv))
+            return bool(await evalsha(self._channel, REQUOTA, self._plan.keys(key), argv))
         except BACKEND_ERRORS as error:
             self._fallback.decision(error, self.limit)
             raise
@@ -365,7 +370,7 @@ class _RedisRateLimiter(AsyncRateLimiter):
     async def inspect(self, key: Key) -> Dict[str, Any]:
         """``key``'s quota and usage now, for support ("why was I limited?")."""
         zero, one = await self.peek(key, 0), await self.peek(key, 1)
-        return inspect_dict(self, key, zero, one, await self._channel.call("GET", self._spec.keys(key)[1]))
+        return inspect_dict(self, key, zero, one, await self._channel.call("GET", self._plan.keys(key)[1]))
 
     def __repr__(self) -> str:
         client = type(self._client).__name__
@@ -377,7 +382,6 @@ class TokenBucket(_RedisRateLimiter):
     ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
-    _algorithm = "gcra"
 
     def __init__(
         self,
@@ -393,8 +397,8 @@ class TokenBucket(_RedisRateLimiter):
         replicas: int = 1,
         lease: Any = False,
     ) -> None:
-        model = nl.TokenBucket(rate, burst=burst)
-        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas, lease)
+        quota = Quota("token_bucket", rate, burst)
+        super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 class LeakyBucket(_RedisRateLimiter):
@@ -403,7 +407,6 @@ class LeakyBucket(_RedisRateLimiter):
     ``lease=`` is refused."""
 
     __slots__ = ()
-    _algorithm = "leaky"
 
     def __init__(
         self,
@@ -419,8 +422,8 @@ class LeakyBucket(_RedisRateLimiter):
         replicas: int = 1,
         lease: Any = False,
     ) -> None:
-        model = nl.LeakyBucket(rate, capacity=capacity)
-        super().__init__(client, model, prefix, name, on_error, clock, shadow, replicas, lease)
+        quota = leaky_quota(rate, capacity)
+        super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 class FixedWindow(_RedisRateLimiter):
@@ -428,7 +431,6 @@ class FixedWindow(_RedisRateLimiter):
     ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
-    _algorithm = "fixed"
 
     def __init__(
         self,
@@ -443,7 +445,8 @@ class FixedWindow(_RedisRateLimiter):
         replicas: int = 1,
         lease: Any = False,
     ) -> None:
-        super().__init__(client, nl.FixedWindow(rate), prefix, name, on_error, clock, shadow, replicas, lease)
+        quota = Quota("fixed_window", rate)
+        super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 class SlidingWindow(_RedisRateLimiter):
@@ -451,7 +454,6 @@ class SlidingWindow(_RedisRateLimiter):
     ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
-    _algorithm = "sliding"
 
     def __init__(
         self,
@@ -466,7 +468,8 @@ class SlidingWindow(_RedisRateLimiter):
         replicas: int = 1,
         lease: Any = False,
     ) -> None:
-        super().__init__(client, nl.SlidingWindow(rate), prefix, name, on_error, clock, shadow, replicas, lease)
+        quota = Quota("sliding_window", rate)
+        super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
 _RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
@@ -485,17 +488,17 @@ class Composite(_RedisRateLimiter):
         self._channel = first._channel
         self._script = COMPOSITE
         self._parts = tuple(parts)
-        self._spec = first._spec
+        self._plan = first._plan
         self._leases = None  # each check decides every part in Redis: no blocks
         self._hold_us = ""
         self._reaper = None
         self._fallback = Fallback(check_on_error(on_error, local=True), "Composite on Redis")
         if self._fallback.on_error == "local":
             n = check_replicas(replicas)
-            self._fallback.local = nl.Composite([local_twin(p._spec.model, n, p._spec.clock) for p in parts])
+            self._fallback.local = nl.Composite([local_twin(p._plan.quota, n, p._plan.clock) for p in parts])
 
     def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
-        keys, args = script_arguments(self._parts, key, cost, mode, self._spec.clock)
+        keys, args = script_arguments(self._parts, key, cost, mode, self._plan.clock)
         return keys, args, None
 
     @property

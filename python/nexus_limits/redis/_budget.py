@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nexus_limits as nl
 
-from .._core import ManualClock
+from .._core import ManualClock, Quota
 from ..base import Key
 from ._common import (
     Fallback,
@@ -46,7 +46,7 @@ class BudgetPlan:
         self.fallback = Fallback(check_on_error(on_error), "TokenLimiter on Redis")
         named = check_name(name)
         base = named or "tl"
-        self.buckets: List[Tuple[str, str, str]] = []  # (kind, us per unit, burst) per bucket
+        self.buckets: List[Tuple[str, str, str]] = []  # (kind, micros per unit, burst) per bucket
         self.suffixes: List[str] = []
         for which, rate in (
             ("requests", self.model.requests),
@@ -54,12 +54,11 @@ class BudgetPlan:
             ("daily", self.model.daily_tokens),
         ):
             if rate is not None:
-                period_us = rate.period * 1e6
-                self.buckets.append(
-                    ("requests" if which == "requests" else "tokens", repr(period_us / rate.count), str(rate.count))
-                )
+                _, micros, burst = Quota("token_bucket", rate).script_args
+                self.buckets.append(("requests" if which == "requests" else "tokens", micros, burst))
                 # A named limiter keeps its keys when its quotas change (a config reload);
                 # an unnamed one is identified by its quotas.
+                period_us = rate.period * 1e6
                 self.suffixes.append(f":{base}-{which}" if named else f":{base}-{which}-{rate.count}-{period_us!r}")
         self.concurrency = self.model.concurrency or 0
         if self.concurrency:

@@ -14,7 +14,7 @@ from urllib.parse import quote_from_bytes
 
 import nexus_limits as nl
 
-from .._core import Decision, ManualClock
+from .._core import Decision, ManualClock, Quota
 from ..errors import BackendUnavailable
 from ._scripts import SINGLE
 
@@ -111,19 +111,43 @@ def check_replicas(replicas: Any) -> int:
     return replicas
 
 
-def local_twin(model: Any, replicas: int, clock: Optional[ManualClock]) -> Any:
-    """An in-process limiter of ``model``'s algorithm with its quota divided by
-    ``replicas`` (at least one unit): what this process may admit while Redis is away,
-    so that all replicas together stay near the shared quota."""
-    rate = model.rate
-    per = nl.Rate(max(rate.count // replicas, 1), rate.period)
-    share = max(model.limit // replicas, 1)
-    kind = type(model)
-    if kind is nl.TokenBucket:
-        return kind(per, burst=share, clock=clock)
-    if kind is nl.LeakyBucket:
-        return kind(per, capacity=share, clock=clock)
-    return kind(per, clock=clock)
+# The limiter class of each algorithm (Quota.algorithm), in messages.
+CLASS_NAMES = {
+    "token_bucket": "TokenBucket",
+    "leaky_bucket": "LeakyBucket",
+    "fixed_window": "FixedWindow",
+    "sliding_window": "SlidingWindow",
+}
+
+
+def in_process(quota: Quota, clock: Optional[ManualClock]) -> Any:
+    """The in-process limiter of ``quota``."""
+    algorithm = quota.algorithm
+    if algorithm == "token_bucket":
+        return nl.TokenBucket(quota.rate, burst=quota.limit, clock=clock)
+    if algorithm == "leaky_bucket":
+        return nl.LeakyBucket(quota.rate, capacity=quota.limit, clock=clock)
+    kind = nl.FixedWindow if algorithm == "fixed_window" else nl.SlidingWindow
+    return kind(quota.rate, clock=clock, align=quota.align)
+
+
+def local_twin(quota: Quota, replicas: int, clock: Optional[ManualClock]) -> Any:
+    """An in-process limiter of ``quota`` divided by ``replicas`` (at least one unit):
+    what this process may admit while Redis is away, so that all replicas together
+    stay near the shared quota."""
+    return in_process(quota.share(replicas), clock)
+
+
+def leaky_quota(rate: Any, capacity: Any) -> Quota:
+    """A leaky bucket's quota, refused with the in-process LeakyBucket's words (its
+    burst is called ``capacity``)."""
+    try:
+        return Quota("leaky_bucket", rate, capacity)
+    except (TypeError, ValueError) as error:
+        text = str(error)
+        if not text.startswith("burst "):
+            raise
+        raise type(error)("capacity " + text[len("burst ") :]) from None
 
 
 def check_clock(clock: Any) -> Optional[ManualClock]:
@@ -203,21 +227,17 @@ def to_decision(reply: Sequence[Any], lease: Any = None) -> Decision:
     return Decision(bool(allowed), limit, remaining, reset_us / 1e6, retry, delay_us / 1e6, lease)
 
 
-def parse_quota(value: Any, algorithm: str) -> Optional[Tuple[float, int]]:
-    """A quota key's "a b" as (a, b), or None."""
+def parse_quota(value: Any) -> Optional[Tuple[float, int]]:
+    """A quota key's "micros capacity" as (micros, capacity); None when there is none,
+    or it is not two numbers (the scripts then ignore it too)."""
     if value is None:
         return None
-    a, b = (value.decode() if isinstance(value, bytes) else str(value)).split()
-    return float(a), int(b)
-
-
-def quota_rate(a: float, b: int, algorithm: str) -> Tuple[Any, int]:
-    """(Rate, limit) of a script's a and b."""
-    if algorithm in ("gcra", "leaky"):
-        # a is microseconds per unit; the count is not stored, so report per-second units
-        # scaled to the burst: b units per b * a microseconds.
-        return nl.Rate(b, b * a / 1e6), b
-    return nl.Rate(b, a / 1e6), b
+    fields = (value.decode() if isinstance(value, bytes) else str(value)).split()
+    try:
+        micros, capacity = float(fields[0]), int(fields[1])
+    except (IndexError, ValueError):
+        return None
+    return (micros, capacity) if len(fields) == 2 else None
 
 
 def to_decisions(reply: Sequence[Any]) -> List[Decision]:
@@ -307,8 +327,10 @@ class Fallback:
         return Decision(allowed, limit, 0, 0.0, 0.0 if allowed else FALLBACK_RETRY, fallback=True)
 
 
-class RateSpec:
-    """One Redis-backed rate limiter's fixed part: its model, key suffix and script arguments."""
+class RatePlan:
+    """What one Redis rate limiter does without I/O: its quota (a core :class:`Quota`,
+    which validated it), its keys' names, its scripts' arguments, its shadow flag and
+    its on_error policy."""
 
     __slots__ = (
         "algorithm",
@@ -316,9 +338,10 @@ class RateSpec:
         "clock",
         "close",
         "fallback",
-        "model",
         "packs",
         "prefix",
+        "quota",
+        "quota_args",
         "replicas",
         "script",
         "shadow",
@@ -327,71 +350,45 @@ class RateSpec:
         "unit",
     )
 
-    def __init__(
-        self,
-        algorithm: str,
-        model: Any,
-        prefix: Any,
-        name: Any,
-        on_error: Any,
-        clock: Any,
-    ) -> None:
-        self.algorithm = algorithm
-        self.model = model
+    def __init__(self, quota: Quota, prefix: Any, name: Any, on_error: Any, clock: Any) -> None:
+        self.quota = quota
+        # The algorithm as the scripts name it ("gcra", "leaky", "fixed", "sliding").
+        self.algorithm = quota.script_args[0]
         self.prefix = check_prefix(prefix)
         self.clock = check_clock(clock)
-        rate = model.rate
-        period_us = rate.period * 1e6
-        limit = model.limit
-        a, b = self.quota_args(model)
-        if algorithm in ("gcra", "leaky"):
-            default_id = f"{'tb' if algorithm == 'gcra' else 'lb'}-{rate.count}-{period_us!r}-{limit}"
-        else:
-            default_id = f"{'fw' if algorithm == 'fixed' else 'sw'}-{rate.count}-{period_us!r}"
-        self.suffix = ":" + (check_name(name) or default_id)
+        # The quota names the keys (a named limiter keeps its keys when its quota changes).
+        self.suffix = ":" + (check_name(name) or quota.redis_id)
         self.tag = self.prefix + ":{"
         self.close = "}" + self.suffix
-        self.script = SINGLE[algorithm]
+        self.script = SINGLE[self.algorithm]
         self.shadow = False
-        self.set_args(a, b)
-        self.fallback = Fallback(check_on_error(on_error, local=True), f"{type(model).__name__} on Redis")
+        self._set_args()
+        self.fallback = Fallback(check_on_error(on_error, local=True), f"{CLASS_NAMES[quota.algorithm]} on Redis")
         self.replicas = 1
 
     def set_replicas(self, replicas: Any) -> None:
         """How many processes share the quota: on_error="local" gives each its share."""
         self.replicas = check_replicas(replicas)
         if self.fallback.on_error == "local":
-            self.fallback.local = local_twin(self.model, self.replicas, self.clock)
+            self.fallback.local = local_twin(self.quota, self.replicas, self.clock)
 
-    def set_args(self, a: str, b: str) -> None:
-        # A Composite's part: the fourth value tells its script the part is in shadow mode.
-        self.args = [self.algorithm, a, b, "1" if self.shadow else "0"]
+    def _set_args(self) -> None:
+        # The quota as every script takes it: micros, capacity (see header.lua).
+        self.quota_args = list(self.quota.script_args[1:])
+        # A Composite's part: the last value tells its script the part is in shadow mode.
+        self.args = [self.algorithm, *self.quota_args, "1" if self.shadow else "0"]
         # ARGV of the commonest check (server clock, cost 1), built once, and the whole
         # command in the protocol's bytes but for the key.
-        self.unit = ["", a, b, "1"]
+        self.unit = ["", *self.quota_args, "1"]
         self.packs = {mode: Packer(self.script.for_mode(mode).sha, self.unit) for mode in ("hit", "peek")}
 
     def set_shadow(self, on: Any) -> None:
-        if not isinstance(on, bool):
-            raise TypeError(f"shadow must be True or False, got {type(on).__name__}")
-        self.shadow = on
-        self.set_args(self.args[1], self.args[2])
+        self.shadow = check_shadow(on)
+        self._set_args()
 
-    def quota_args(self, model: Any) -> Tuple[str, str]:
-        """The script's a and b for a quota (given as an in-process model limiter)."""
-        rate = model.rate
-        period_us = rate.period * 1e6
-        a = period_us / rate.count if self.algorithm in ("gcra", "leaky") else period_us
-        return repr(a), str(model.limit)
-
-    def new_model(self, rate: Any, burst: Any) -> Any:
-        """An in-process limiter of this algorithm with the quota, which checks it."""
-        kind = type(self.model)
-        if burst is None:
-            return kind(rate)
-        if self.algorithm in ("fixed", "sliding"):
-            raise ValueError(f"a {kind.__name__} has no burst: its limit is the rate's count")
-        return kind(rate, burst)
+    def new_quota(self, rate: Any, burst: Any) -> Quota:
+        """A quota of this limiter's algorithm (and windows), validated by the core."""
+        return Quota(self.quota.algorithm, rate, burst, align=self.quota.align)
 
     def unit_call(self, mode: str, key: Any) -> Tuple[List[str], bytes]:
         """KEYS of a check of cost 1 on the server's clock, and its whole EVALSHA as bytes
@@ -399,9 +396,8 @@ class RateSpec:
         k = self.tag + encode_key(key) + self.close
         return [k, k + ":q"], self.packs[mode].pack(k)
 
-    def requota_argv(self, mode: str, model: Any) -> List[str]:
-        a, b = self.quota_args(model)
-        return [now_arg(self.clock), mode, self.algorithm, self.args[1], self.args[2], a, b]
+    def requota_argv(self, mode: str, quota: Quota) -> List[str]:
+        return [now_arg(self.clock), mode, self.algorithm, *self.quota_args, *quota.script_args[1:]]
 
     def key(self, key: Any) -> str:
         return f"{self.prefix}:{{{encode_key(key)}}}{self.suffix}"
@@ -415,7 +411,13 @@ class RateSpec:
         """ARGV for this limiter alone (single.lua's)."""
         if cost == 1 and self.clock is None and type(cost) is int:
             return self.unit
-        return [now_arg(self.clock), self.args[1], self.args[2], str(check_cost(cost))]
+        return [now_arg(self.clock), *self.quota_args, str(check_cost(cost))]
+
+
+def check_shadow(on: Any) -> bool:
+    if not isinstance(on, bool):
+        raise TypeError(f"shadow must be True or False, got {type(on).__name__}")
+    return on
 
 
 def _bulk(value: str) -> bytes:
@@ -461,7 +463,7 @@ def flatten(limiters: Any, kinds: Tuple[type, ...], composite: Any) -> List[Any]
         raise ValueError("the same limiter appears twice in Composite")
     if len({id(p._client) for p in parts}) != 1:
         raise ValueError("all Composite parts must use the same Redis client")
-    if len({id(p._spec.clock) for p in parts}) != 1:
+    if len({id(p._plan.clock) for p in parts}) != 1:
         raise ValueError("all Composite parts must use the same clock")
     return parts
 
@@ -486,7 +488,7 @@ def judge(limiter: Any, reply: Sequence[Any], key: Any) -> Decision:
         if d.allowed and any(int(reply[6 * (i + 1)]) == 0 for i in range(len(parts))):
             d = Decision(True, d.limit, d.remaining, d.reset_after, 0.0, d.delay, shadow=True)
         return tally.decision(d, False, limiter, key)
-    return tally.decision(d, limiter._spec.shadow, limiter, key)
+    return tally.decision(d, limiter._plan.shadow, limiter, key)
 
 
 def script_arguments(
@@ -495,11 +497,11 @@ def script_arguments(
     """KEYS and ARGV of a Composite's script: every part's state key, then every part's
     quota key; the arguments of each part."""
     c = str(check_cost(cost))
-    pairs = [p._spec.keys(key) for p in parts]
+    pairs = [p._plan.keys(key) for p in parts]
     keys = [k for k, _ in pairs] + [q for _, q in pairs]
     args = [now_arg(clock), mode]
     for p in parts:
-        args.extend(p._spec.args)
+        args.extend(p._plan.args)
         args.append(c)
     return keys, args
 
@@ -517,34 +519,41 @@ def decode_key(encoded: str) -> Any:
 
 def inspect_dict(limiter: Any, key: Any, zero: Decision, one: Decision, own: Any) -> Dict[str, Any]:
     """``inspect(key)`` of a Redis limiter, from two peeks and its quota key."""
-    spec = limiter._spec
-    quota = parse_quota(own, spec.algorithm)
-    if quota is None:
-        rate, limit = spec.model.rate, spec.model.limit
-    else:
-        rate, limit = quota_rate(quota[0], quota[1], spec.algorithm)
+    plan = limiter._plan
+    stored = parse_quota(own)
+    quota = plan.quota
+    if stored is not None:
+        try:
+            quota = Quota.from_script_args(plan.algorithm, *stored)
+        except ValueError:
+            stored = None  # not a quota the scripts can use either
     return {
         "key": key,
-        "algorithm": {"gcra": "token bucket", "leaky": "leaky bucket", "fixed": "fixed window"}.get(
-            spec.algorithm, "sliding window"
-        ),
-        "rate": rate,
-        "limit": limit,
-        "own_quota": quota is not None,
+        "algorithm": plan.quota.name,
+        "rate": quota.rate,
+        "limit": quota.limit,
+        "own_quota": stored is not None,
+        **from_peeks(zero, one),
+        "shadow": plan.shadow,
+    }
+
+
+def from_peeks(zero: Decision, one: Decision) -> Dict[str, Any]:
+    """The fields of ``inspect`` two peeks (of 0 and 1 unit) tell."""
+    return {
         "used": max(zero.limit - zero.remaining, 0),
         "remaining": zero.remaining,
         "allowed": one.allowed,
         "retry_after": one.retry_after,
         "reset_after": zero.reset_after,
         "tracked": zero.remaining < zero.limit,
-        "shadow": spec.shadow,
     }
 
 
 def scan_pattern(limiter: Any) -> str:
     """A SCAN pattern matching every state key of a limiter (prefixes and names hold no
     glob characters, and encoded keys no braces)."""
-    return f"{limiter._spec.prefix}:{{*}}{limiter._spec.suffix}"
+    return f"{limiter._plan.prefix}:{{*}}{limiter._plan.suffix}"
 
 
 def top_of(found: List[Tuple[Any, Decision]], n: int) -> List[Dict[str, Any]]:

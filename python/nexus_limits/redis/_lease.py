@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .._core import Decision, ManualClock
 from ._common import encode_key
@@ -131,9 +131,9 @@ class Request:
         self.sent = sent
         self.plain = want <= need and give == 0
 
-    def argv(self, now: str, a: str, b: str, hold_us: str) -> List[str]:
-        """lease.lua's ARGV."""
-        return [now, a, b, str(self.want), str(self.need), hold_us, str(self.give), str(self.give_until)]
+    def argv(self, now: str, quota_args: Sequence[str], hold_us: str) -> List[str]:
+        """lease.lua's ARGV (``quota_args``: the limiter's quota as the scripts take it)."""
+        return [now, *quota_args, str(self.want), str(self.need), hold_us, str(self.give), str(self.give_until)]
 
 
 class _Slot:

@@ -68,7 +68,7 @@ def _single(fn: str, shaping: str, charge: str) -> str:
     return _BASE + "\n" + _STEPS[fn] + "\n" + body
 
 
-# A single limiter's check, with ARGV [now, a, b, cost] (see single.lua); its read-only
+# A single limiter's check, with ARGV [now, micros, capacity, cost] (see single.lua); its read-only
 # twin peeks.
 SINGLE: Dict[str, Script] = {
     algo: Script(_single(fn, shaping, "true"), reader=_single(fn, shaping, "false"))

@@ -13,14 +13,17 @@ local function clock(arg)
     return tonumber(arg)
 end
 
--- The quota in force: the key's own ("a b" in its quota key) or the limiter's.
-local function quota(qkey, a, b)
+-- The quota in force, as (micros, capacity): the key's own ("micros capacity" in its
+-- quota key, written by set_quota) or the limiter's.
+local function quota(qkey, micros, capacity)
     if qkey then
         local q = redis.call("GET", qkey)
         if q then
-            local qa, qb = string.match(q, "^(%S+) (%S+)$")
-            if qa then return tonumber(qa), tonumber(qb) end
+            local own_micros, own_capacity = string.match(q, "^(%S+) (%S+)$")
+            own_micros, own_capacity = tonumber(own_micros), tonumber(own_capacity)
+            -- anything else in the key (not written by set_quota) is ignored
+            if own_micros and own_capacity then return own_micros, own_capacity end
         end
     end
-    return tonumber(a), tonumber(b)
+    return tonumber(micros), tonumber(capacity)
 end

@@ -5,17 +5,17 @@ local N = #KEYS / 2
 local function step(i)
     local at = 2 + (i - 1) * 5
     local algo = ARGV[at + 1]
-    local a, b = quota(KEYS[N + i], ARGV[at + 2], ARGV[at + 3])
+    local micros, capacity = quota(KEYS[N + i], ARGV[at + 2], ARGV[at + 3])
     local cost = tonumber(ARGV[at + 5])
     local state = redis.call("GET", KEYS[i]) or nil
     if algo == "gcra" then
-        return gcra(state, now, a, b, cost, false)
+        return gcra(state, now, micros, capacity, cost, false)
     elseif algo == "leaky" then
-        return gcra(state, now, a, b, cost, true)
+        return gcra(state, now, micros, capacity, cost, true)
     elseif algo == "fixed" then
-        return fixed(state, now, a, b, cost)
+        return fixed(state, now, micros, capacity, cost)
     elseif algo == "sliding" then
-        return sliding(state, now, a, b, cost)
+        return sliding(state, now, micros, capacity, cost)
     end
     error("nexus-limits: unknown algorithm " .. tostring(algo))
 end

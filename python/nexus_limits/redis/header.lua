@@ -10,14 +10,14 @@
 --
 -- KEYS[i]  the state key of part i; all parts share one hash tag (Redis Cluster).
 --          Then, for each part, its quota key (state key .. ":q"): a key's own quota
---          "a b" set by set_quota, used instead of the part's a and b below.
+--          "micros capacity" set by set_quota, used instead of the part's below.
 -- ARGV[1]  now in microseconds, or "" to read the server's TIME (the default: client
 --          clocks, and their skew, never matter).
 -- ARGV[2]  "hit" (decide and charge) or "peek" (decide only).
 -- Then five values per part (single limiters: one part):
 --   algorithm  "gcra" (token bucket), "leaky" (leaky bucket), "fixed" or "sliding"
---   a          gcra/leaky: microseconds per unit (period / count); fixed/sliding: period in us
---   b          gcra/leaky: burst or capacity; fixed/sliding: the window limit
+--   micros     gcra/leaky: microseconds per unit (period / count); fixed/sliding: period in us
+--   capacity   gcra/leaky: burst or capacity; fixed/sliding: the window limit
 --   shadow     "1" when the part is in shadow mode (a Composite then ignores its denial)
 --   cost       units this call charges the part
 --

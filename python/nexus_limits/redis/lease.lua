@@ -3,7 +3,7 @@
 -- it; and unspent units of an earlier block given back.
 --
 -- KEYS[1] the state key, KEYS[2] its quota key.
--- ARGV[1] now ("" for TIME), ARGV[2] a, ARGV[3] b (the limiter's quota, as single.lua),
+-- ARGV[1] now ("" for TIME), ARGV[2] micros, ARGV[3] capacity (the limiter's quota, as single.lua),
 -- ARGV[4] want: units wanted in all (>= need), ARGV[5] need: units the asking check
 -- spends now (0: only give back), ARGV[6] hold: the longest time (us) units may stay
 -- leased, ARGV[7] give: unspent units of an earlier block, ARGV[8] that block's end
@@ -30,7 +30,7 @@
 --   which a block keeps it from before its end).
 
 local now = clock(ARGV[1])
-local a, b = quota(KEYS[2], ARGV[2], ARGV[3])
+local micros, capacity = quota(KEYS[2], ARGV[2], ARGV[3])
 local want, need = tonumber(ARGV[4]), tonumber(ARGV[5])
 local hold = tonumber(ARGV[6])
 local give, give_until = tonumber(ARGV[7]), tonumber(ARGV[8])

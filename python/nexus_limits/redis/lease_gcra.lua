@@ -1,5 +1,5 @@
 -- Quota leasing on a token bucket (GCRA); see lease.lua.
-local t, burst = a, b
+local t, burst = micros, capacity
 local tau = burst * t
 local tat = 0
 if state then tat = tonumber(state) or 0 end

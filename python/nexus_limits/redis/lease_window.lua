@@ -1,5 +1,5 @@
 -- Quota leasing on a fixed or sliding window (STEP, SLIDING); see lease.lua.
-local period, limit = a, b
+local period, limit = micros, capacity
 local window = math.floor(now / period)
 local ends = (window + 1) * period
 local ttl = ends - now

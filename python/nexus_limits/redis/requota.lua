@@ -5,47 +5,47 @@
 --
 -- KEYS[1] the state key, KEYS[2] its quota key.
 -- ARGV[1] now ("" for TIME), ARGV[2] "set" or "clear", ARGV[3] the algorithm,
--- ARGV[4], ARGV[5] the limiter's default a and b, ARGV[6], ARGV[7] the new a and b
--- (for "clear": the defaults again).
+-- ARGV[4], ARGV[5] the limiter's micros and capacity (see header.lua), ARGV[6],
+-- ARGV[7] the new micros and capacity (for "clear": the limiter's again).
 -- Returns 1 if the key had a quota of its own before, else 0.
 
-local old_a, old_b = quota(KEYS[2], ARGV[4], ARGV[5])
+local old_micros = quota(KEYS[2], ARGV[4], ARGV[5])
 local had = redis.call("EXISTS", KEYS[2])
 local algo = ARGV[3]
-local a, b = tonumber(ARGV[6]), tonumber(ARGV[7])
+local micros = tonumber(ARGV[6])
 local state = redis.call("GET", KEYS[1])
 if state then
     local new, ttl
     if algo == "gcra" or algo == "leaky" then
         local backlog = math.max((tonumber(state) or 0) - now, 0)
         if backlog > 0 then
-            backlog = backlog * a / old_a
+            backlog = backlog * micros / old_micros
             new, ttl = string.format("%.17g", now + backlog), backlog
         end
-    elseif old_a == a then
+    elseif old_micros == micros then
         new = state
-        if algo == "fixed" then ttl = (math.floor(now / a) + 1) * a - now else ttl = 2 * a end
+        if algo == "fixed" then ttl = (math.floor(now / micros) + 1) * micros - now else ttl = 2 * micros end
     else
         local s = split(state)
-        local window = math.floor(now / old_a)
+        local window = math.floor(now / old_micros)
         local used = 0
         if algo == "fixed" then
             if s[1] == window then used = s[2] end
         else
-            local rest = (window + 1) * old_a - now
+            local rest = (window + 1) * old_micros - now
             if s[1] == window then
-                used = s[2] * rest / old_a + s[3]
+                used = s[2] * rest / old_micros + s[3]
             elseif s[1] == window - 1 then
-                used = s[3] * rest / old_a
+                used = s[3] * rest / old_micros
             end
             used = math.ceil(used - EPS)
         end
         if used > 0 then
-            local w = string.format("%.17g", math.floor(now / a))
+            local w = string.format("%.17g", math.floor(now / micros))
             if algo == "fixed" then
-                new, ttl = w .. ":" .. string.format("%.17g", used), (math.floor(now / a) + 1) * a - now
+                new, ttl = w .. ":" .. string.format("%.17g", used), (math.floor(now / micros) + 1) * micros - now
             else
-                new, ttl = w .. ":0:" .. string.format("%.17g", used), 2 * a
+                new, ttl = w .. ":0:" .. string.format("%.17g", used), 2 * micros
             end
         end
     end
