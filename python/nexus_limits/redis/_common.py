@@ -373,8 +373,8 @@ class RatePlan:
             self.fallback.local = local_twin(self.quota, self.replicas, self.clock)
 
     def _set_args(self) -> None:
-        # The quota as every script takes it: micros, capacity (see header.lua).
-        self.quota_args = list(self.quota.script_args[1:])
+        # The quota as every script takes it: micros, capacity, align_us (see header.lua).
+        self.quota_args = [*self.quota.script_args[1:], align_arg(self.quota)]
         # A Composite's part: the last value tells its script the part is in shadow mode.
         self.args = [self.algorithm, *self.quota_args, "1" if self.shadow else "0"]
         # ARGV of the commonest check (server clock, cost 1), built once, and the whole
@@ -412,6 +412,18 @@ class RatePlan:
         if cost == 1 and self.clock is None and type(cost) is int:
             return self.unit
         return [now_arg(self.clock), *self.quota_args, str(check_cost(cost))]
+
+
+def align_arg(quota: Quota) -> str:
+    """The scripts' align_us of ``quota``: where its windows start after the Unix epoch's
+    period boundaries (its align modulo its period), in microseconds; "0" for a bucket.
+    Modulo the limiter's period, as its keys are named: processes whose aligns differ by
+    whole periods share keys, so they must count the same windows."""
+    if quota.align is None:
+        return "0"
+    period_ns = round(quota.rate.period * 1e9)
+    phase_ns = round(quota.align * 1e9) % period_ns
+    return str(phase_ns // 1000) if phase_ns % 1000 == 0 else repr(phase_ns / 1000)
 
 
 def check_shadow(on: Any) -> bool:

@@ -420,8 +420,25 @@ class LeakyBucket(_RedisRateLimiter):
         super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
-class FixedWindow(_RedisRateLimiter):
-    """:class:`nexus_limits.FixedWindow` on Redis; windows aligned on the server's clock.
+class _Windows(_RedisRateLimiter):
+    """What the window limiters add: windows start ``align`` after Unix-time boundaries."""
+
+    __slots__ = ()
+
+    @property
+    def align(self) -> float:
+        """Where windows start: seconds after the Unix epoch's period boundaries (0.0: UTC)."""
+        return self._plan.quota.align or 0.0
+
+    def __repr__(self) -> str:
+        shown = super().__repr__()
+        return shown[:-1] + f", align={self.align!r})" if self.align else shown
+
+
+class FixedWindow(_Windows):
+    """:class:`nexus_limits.FixedWindow` on Redis: windows start on Unix-time boundaries
+    of the server's clock (UTC midnight for a day), moved by ``align`` (seconds, a
+    ``timedelta`` or a fixed-offset ``timezone``, as in-process).
     ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
@@ -431,6 +448,7 @@ class FixedWindow(_RedisRateLimiter):
         client: Any,
         rate: Any,
         *,
+        align: Any = None,
         prefix: str = "nl",
         name: Optional[str] = None,
         on_error: str = "raise",
@@ -439,12 +457,13 @@ class FixedWindow(_RedisRateLimiter):
         replicas: int = 1,
         lease: Any = False,
     ) -> None:
-        quota = Quota("fixed_window", rate)
+        quota = Quota("fixed_window", rate, align=align)
         super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 
-class SlidingWindow(_RedisRateLimiter):
-    """:class:`nexus_limits.SlidingWindow` on Redis; windows aligned on the server's clock.
+class SlidingWindow(_Windows):
+    """:class:`nexus_limits.SlidingWindow` on Redis: windows start on Unix-time boundaries
+    of the server's clock (UTC midnight for a day), moved by ``align`` (as in-process).
     ``lease=True`` (or a :class:`LeasePolicy`) turns quota leasing on."""
 
     __slots__ = ()
@@ -454,6 +473,7 @@ class SlidingWindow(_RedisRateLimiter):
         client: Any,
         rate: Any,
         *,
+        align: Any = None,
         prefix: str = "nl",
         name: Optional[str] = None,
         on_error: str = "raise",
@@ -462,7 +482,7 @@ class SlidingWindow(_RedisRateLimiter):
         replicas: int = 1,
         lease: Any = False,
     ) -> None:
-        quota = Quota("sliding_window", rate)
+        quota = Quota("sliding_window", rate, align=align)
         super().__init__(client, quota, prefix, name, on_error, clock, shadow, replicas, lease)
 
 

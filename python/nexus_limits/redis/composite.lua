@@ -3,19 +3,20 @@
 local N = #KEYS / 2
 
 local function step(i)
-    local at = 2 + (i - 1) * 5
+    local at = 2 + (i - 1) * 6
     local algo = ARGV[at + 1]
     local micros, capacity = quota(KEYS[N + i], ARGV[at + 2], ARGV[at + 3])
-    local cost = tonumber(ARGV[at + 5])
+    local align = tonumber(ARGV[at + 4])
+    local cost = tonumber(ARGV[at + 6])
     local state = redis.call("GET", KEYS[i]) or nil
     if algo == "gcra" then
         return gcra(state, now, micros, capacity, cost, false)
     elseif algo == "leaky" then
         return gcra(state, now, micros, capacity, cost, true)
     elseif algo == "fixed" then
-        return fixed(state, now, micros, capacity, cost)
+        return fixed(state, now - align, micros, capacity, cost)
     elseif algo == "sliding" then
-        return sliding(state, now, micros, capacity, cost)
+        return sliding(state, now - align, micros, capacity, cost)
     end
     error("nexus-limits: unknown algorithm " .. tostring(algo))
 end
@@ -26,7 +27,7 @@ for i = 1, N do
     local new, ttl, d = step(i)
     writes[i] = {new, ttl}
     decisions[i] = d
-    if d[1] == 0 and ARGV[2 + (i - 1) * 5 + 4] == "1" then
+    if d[1] == 0 and ARGV[2 + (i - 1) * 6 + 5] == "1" then
         -- a part in shadow mode never denies the whole (and is not charged)
         d = {1, d[2], d[3], d[4], 0, d[6]}
         writes[i] = {nil, 0}

@@ -14,10 +14,13 @@
 -- ARGV[1]  now in microseconds, or "" to read the server's TIME (the default: client
 --          clocks, and their skew, never matter).
 -- ARGV[2]  "hit" (decide and charge) or "peek" (decide only).
--- Then five values per part (single limiters: one part):
+-- Then six values per part (single.lua takes fewer arguments: see there):
 --   algorithm  "gcra" (token bucket), "leaky" (leaky bucket), "fixed" or "sliding"
 --   micros     gcra/leaky: microseconds per unit (period / count); fixed/sliding: period in us
 --   capacity   gcra/leaky: burst or capacity; fixed/sliding: the window limit
+--   align_us   fixed/sliding: where windows start, in us after the Unix epoch's period
+--              boundaries (the limiter's align modulo its period; windows are counted
+--              on now - align_us, also under a key's own quota); "0" for buckets
 --   shadow     "1" when the part is in shadow mode (a Composite then ignores its denial)
 --   cost       units this call charges the part
 --
@@ -25,7 +28,8 @@
 -- delay_us}, times rounded up to whole microseconds. Times inside are microseconds held
 -- in doubles: exact integers up to 2^53 us (285 years), fractions kept for GCRA.
 --
--- States (strings, written with "%.17g" so no digit is lost):
+-- States (strings, written with "%.17g" so no digit is lost; windows are numbered
+-- from the alignment):
 --   gcra/leaky  "tat"               the theoretical arrival time: when the bucket is full again
 --   fixed       "window:count"
 --   sliding     "window:prev:cur"

@@ -3,11 +3,11 @@
 -- it; and unspent units of an earlier block given back.
 --
 -- KEYS[1] the state key, KEYS[2] its quota key.
--- ARGV[1] now ("" for TIME), ARGV[2] micros, ARGV[3] capacity (the limiter's quota, as single.lua),
--- ARGV[4] want: units wanted in all (>= need), ARGV[5] need: units the asking check
--- spends now (0: only give back), ARGV[6] hold: the longest time (us) units may stay
--- leased, ARGV[7] give: unspent units of an earlier block, ARGV[8] that block's end
--- (us, as this script returned it).
+-- ARGV[1] now ("" for TIME), ARGV[2] micros, ARGV[3] capacity, ARGV[4] align_us (the
+-- limiter's quota, as single.lua), ARGV[5] want: units wanted in all (>= need),
+-- ARGV[6] need: units the asking check spends now (0: only give back), ARGV[7] hold:
+-- the longest time (us) units may stay leased, ARGV[8] give: unspent units of an
+-- earlier block, ARGV[9] that block's end (us, as this script returned it).
 --
 -- Returns {granted, limit, remaining, reset_after_us, retry_after_us (-1: never), now,
 -- expiry, returned}: granted 0 is a denial of `need` (decided as a check of cost `need`
@@ -31,9 +31,10 @@
 
 local now = clock(ARGV[1])
 local micros, capacity = quota(KEYS[2], ARGV[2], ARGV[3])
-local want, need = tonumber(ARGV[4]), tonumber(ARGV[5])
-local hold = tonumber(ARGV[6])
-local give, give_until = tonumber(ARGV[7]), tonumber(ARGV[8])
+local align = tonumber(ARGV[4])
+local want, need = tonumber(ARGV[5]), tonumber(ARGV[6])
+local hold = tonumber(ARGV[7])
+local give, give_until = tonumber(ARGV[8]), tonumber(ARGV[9])
 local state = redis.call("GET", KEYS[1]) or nil
 local returned = 0
 local refund = give > 0 and now < give_until and state ~= nil

@@ -1,7 +1,9 @@
 -- Quota leasing on a fixed or sliding window (STEP, SLIDING); see lease.lua.
 local period, limit = micros, capacity
-local window = math.floor(now / period)
-local ends = (window + 1) * period
+-- Windows are numbered from their alignment; `now` and a block's end stay server time.
+local at = now - align
+local window = math.floor(at / period)
+local ends = (window + 1) * period + align
 local ttl = ends - now
 if SLIDING then ttl = ttl + period end
 local prev, used = 0, 0
@@ -27,7 +29,7 @@ local granted, expiry, out = 0, now, nil
 local final = nil
 if returned > 0 then final = encode(used) end
 if need > 0 then
-    local new, _, d = STEP(encode(used), now, period, limit, need)
+    local new, _, d = STEP(encode(used), at, period, limit, need)
     out = d
     if new then
         granted = need
@@ -36,7 +38,7 @@ if need > 0 then
             granted = need + math.min(want - need, d[3])
             expiry = math.min(now + hold, ends)
         end
-        new, _, d = STEP(encode(used), now, period, limit, granted)
+        new, _, d = STEP(encode(used), at, period, limit, granted)
         out = d
         final = new
     end

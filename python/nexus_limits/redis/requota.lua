@@ -5,14 +5,17 @@
 --
 -- KEYS[1] the state key, KEYS[2] its quota key.
 -- ARGV[1] now ("" for TIME), ARGV[2] "set" or "clear", ARGV[3] the algorithm,
--- ARGV[4], ARGV[5] the limiter's micros and capacity (see header.lua), ARGV[6],
--- ARGV[7] the new micros and capacity (for "clear": the limiter's again).
+-- ARGV[4], ARGV[5], ARGV[6] the limiter's micros, capacity and align_us (see
+-- header.lua), ARGV[7], ARGV[8] the new micros and capacity (for "clear": the
+-- limiter's again). The alignment is the limiter's under every quota.
 -- Returns 1 if the key had a quota of its own before, else 0.
 
 local old_micros = quota(KEYS[2], ARGV[4], ARGV[5])
 local had = redis.call("EXISTS", KEYS[2])
 local algo = ARGV[3]
-local micros = tonumber(ARGV[6])
+local micros = tonumber(ARGV[7])
+-- Windows are numbered from their alignment (0 for buckets).
+local at = now - tonumber(ARGV[6])
 local state = redis.call("GET", KEYS[1])
 if state then
     local new, ttl
@@ -24,15 +27,15 @@ if state then
         end
     elseif old_micros == micros then
         new = state
-        if algo == "fixed" then ttl = (math.floor(now / micros) + 1) * micros - now else ttl = 2 * micros end
+        if algo == "fixed" then ttl = (math.floor(at / micros) + 1) * micros - at else ttl = 2 * micros end
     else
         local s = split(state)
-        local window = math.floor(now / old_micros)
+        local window = math.floor(at / old_micros)
         local used = 0
         if algo == "fixed" then
             if s[1] == window then used = s[2] end
         else
-            local rest = (window + 1) * old_micros - now
+            local rest = (window + 1) * old_micros - at
             if s[1] == window then
                 used = s[2] * rest / old_micros + s[3]
             elseif s[1] == window - 1 then
@@ -41,9 +44,9 @@ if state then
             used = math.ceil(used - EPS)
         end
         if used > 0 then
-            local w = string.format("%.17g", math.floor(now / micros))
+            local w = string.format("%.17g", math.floor(at / micros))
             if algo == "fixed" then
-                new, ttl = w .. ":" .. string.format("%.17g", used), (math.floor(now / micros) + 1) * micros - now
+                new, ttl = w .. ":" .. string.format("%.17g", used), (math.floor(at / micros) + 1) * micros - at
             else
                 new, ttl = w .. ":0:" .. string.format("%.17g", used), 2 * micros
             end
@@ -56,7 +59,7 @@ if state then
     end
 end
 if ARGV[2] == "set" then
-    redis.call("SET", KEYS[2], ARGV[6] .. " " .. ARGV[7])
+    redis.call("SET", KEYS[2], ARGV[7] .. " " .. ARGV[8])
 else
     redis.call("DEL", KEYS[2])
 end
