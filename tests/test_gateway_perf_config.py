@@ -136,6 +136,8 @@ class RawUpstream:
                 sent += len(piece)
                 await writer.drain()
             writer.write(b"0\r\n\r\n")
+        elif path == "/twice":
+            writer.write(answer() + answer())
         elif path == "/garbage":
             writer.write(b"NOT HTTP AT ALL\r\n\r\n")
             await writer.drain()
@@ -523,6 +525,26 @@ def test_workers_is_checked_with_file_line_and_field(tmp_path, extra, where):
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value).startswith(str(path)) and where in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("key", ["sk-1\r\nx-injected: 1", "sk 1", "", "caf\u00e9", "sk\t1"])
+def test_an_upstream_key_that_cannot_be_a_header_value_is_refused(tmp_path, monkeypatch, key):
+    monkeypatch.setenv("NL_TEST_UPSTREAM_KEY", key)
+    path = tmp_path / "gw.toml"
+    path.write_text(BASE.replace("[tiers.t]", 'api_key_env = "NL_TEST_UPSTREAM_KEY"\n[tiers.t]'))
+    with pytest.raises(ConfigError, match=":3: upstream.api_key_env: .*printable ASCII"):
+        load_config(str(path))
+
+
+def test_bytes_after_a_whole_answer_cost_only_the_connection(raw):
+    async def scenario(up):
+        # Two answers in one packet to one request: the first is read whole, the
+        # connection is not reused.
+        assert await fetch(up, "/twice") == (200, BODY)
+        assert await fetch(up, "/ok") == (200, BODY)
+
+    run(raw, scenario)
+    assert raw.accepted == 2
 
 
 def test_workers_default_and_with_redis(tmp_path):

@@ -282,7 +282,15 @@ def load_config(path: str) -> GatewayConfig:
     if env is not None:
         if env not in os.environ:
             raise loc.error("upstream", "api_key_env", f"the environment variable {env} is not set")
-        cfg.upstream_api_key = os.environ[env]
+        key = os.environ[env]
+        # The key goes into request headers as it is: a line break in it would add headers.
+        if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
+            raise loc.error(
+                "upstream",
+                "api_key_env",
+                f"the environment variable {env} must hold a key of printable ASCII without spaces",
+            )
+        cfg.upstream_api_key = key
     timeout = number("upstream", upstream, "timeout", 0, 86400)
     if timeout is not None:
         cfg.upstream_timeout = float(timeout)

@@ -117,6 +117,8 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.parser is None:
+            raise ValueError("a second answer to one request")  # stops the parse
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self.headers = []  # an interim answer (100 Continue, 103): the real one follows
@@ -194,10 +196,10 @@ class _Connection(asyncio.Protocol):
     async def read(self, timeout: float) -> bytes:
         body = self.body
         while not body:
+            if self.complete:
+                return b""  # whole (bytes after it, if any, only cost the connection)
             if self.error is not None:
                 raise self.error
-            if self.complete:
-                return b""
             self.waiter = self.loop.create_future()
             timer = self.loop.call_later(timeout, self._timed_out, self.waiter)
             try:
