@@ -434,6 +434,25 @@ def test_upstream_trouble_through_the_gateway(tmp_path, raw, path):
         assert http.get("/ok", headers={"authorization": "Bearer sk-pro"}).status_code == 200
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_access_log(tmp_path, raw, capsys, on):
+    """uvicorn's access line per request on stdout, or none with access_log = false."""
+    import logging
+
+    path = write_config(tmp_path, raw.url, server=f"access_log = {str(on).lower()}")
+    gw = GatewayServer(path)  # uvicorn sets its loggers up here (the harness: warnings only)
+    logger = logging.getLogger("uvicorn.access")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            assert http.get("/ok", headers={"authorization": "Bearer sk-pro"}).status_code == 200
+    finally:
+        logger.setLevel(level)
+    out = capsys.readouterr()
+    assert ('"GET /ok HTTP/1.1" 200' in out.out + out.err) == on, out
+
+
 def test_pipelined_requests_are_answered_in_order(tmp_path, raw):
     path = write_config(tmp_path, raw.url)
     with GatewayServer(path) as gw, connect(gw.port) as sock:
@@ -517,6 +536,8 @@ REDIS = '[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n'
         ("[server]\nworkers = nan\n", ":6: server.workers: must be a whole number"),
         ("[server]\nworkers = 100000\n", ":6: server.workers: must be at least 1 and at most 1024"),
         ("[server]\nworkers = 2\n", ":6: server.workers: 2 workers must share their limits: set [backend] type"),
+        ('[server]\naccess_log = "no"\n', ":6: server.access_log: must be true or false"),
+        ("[server]\naccess_log = 0\n", ":6: server.access_log: must be true or false"),
     ],
 )
 def test_workers_is_checked_with_file_line_and_field(tmp_path, extra, where):
@@ -550,7 +571,7 @@ def test_bytes_after_a_whole_answer_cost_only_the_connection(raw):
 def test_workers_default_and_with_redis(tmp_path):
     path = tmp_path / "gw.toml"
     path.write_text(BASE)
-    assert load_config(str(path)).workers == 1
+    assert load_config(str(path)).workers == 1 and load_config(str(path)).access_log is True
     path.write_text(BASE + "[server]\nworkers = 4\n" + REDIS)
     assert load_config(str(path)).workers == 4
 

@@ -96,6 +96,8 @@ _RESTART_FIELDS = (
     "keep_alive_timeout",
     "max_connections",
     "max_header_bytes",
+    "workers",
+    "access_log",
 )
 
 

@@ -58,6 +58,8 @@ class GatewayConfig:
     max_header_bytes: int = 32 * 1024
     # Server processes sharing the port (and, through the backend, every limit).
     workers: int = 1
+    # uvicorn's line per request on stdout.
+    access_log: bool = True
     key: Union[str, List[str]] = "bearer"
     max_in_flight_per_key: int = 32
     default_tier: Optional[str] = None
@@ -310,6 +312,7 @@ def load_config(path: str) -> GatewayConfig:
             "max_connections",
             "max_header_bytes",
             "workers",
+            "access_log",
         ),
     )
     cfg.host = typed("server", server, "host", str, "a host name or address") or cfg.host
@@ -330,6 +333,10 @@ def load_config(path: str) -> GatewayConfig:
         v = number("server", server, name, low, high, whole)
         if v is not None:
             setattr(cfg, name, v if whole else float(v))
+
+    access_log = typed("server", server, "access_log", bool, "true or false")
+    if access_log is not None:
+        cfg.access_log = access_log
 
     gateway = table("gateway")
     known(

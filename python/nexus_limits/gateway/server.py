@@ -233,6 +233,7 @@ def uvicorn_config(app: Gateway, host: Optional[str] = None, port: Optional[int]
         "server_header": False,
         "limit_concurrency": cfg.max_connections,
         "timeout_keep_alive": cfg.keep_alive_timeout,
+        "access_log": cfg.access_log,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
