@@ -48,6 +48,7 @@ class RawUpstream:
         self.max_open = 0
         self.paths: List[str] = []
         self.writers: set = set()
+        self.ssl: Any = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -57,7 +58,9 @@ class RawUpstream:
 
     def __enter__(self) -> RawUpstream:
         self.thread.start()
-        started = asyncio.run_coroutine_threadsafe(asyncio.start_server(self.serve, "127.0.0.1", self.port), self.loop)
+        started = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self.serve, "127.0.0.1", self.port, ssl=self.ssl), self.loop
+        )
         self.server = started.result(10)
         return self
 
@@ -381,6 +384,51 @@ def test_cancelling_a_request_frees_its_place(raw):
         assert await fetch(up, "/ok") == (200, BODY)
 
     run(raw, scenario, max_connections=1)
+
+
+@pytest.fixture
+def tls_upstream(tmp_path):
+    """An HTTPS upstream on loopback with a self-signed certificate for 127.0.0.1."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(cert), str(key))
+    upstream = RawUpstream()
+    upstream.ssl = server_ctx
+    with upstream:
+        yield upstream, str(cert)
+
+
+def test_an_https_upstream_is_verified(tls_upstream):
+    import ssl
+
+    server, cert = tls_upstream
+
+    async def scenario():
+        up = Upstream("https", "127.0.0.1", server.port, max_connections=2, timeout=5)
+        assert up.host_header == b"127.0.0.1:%d" % server.port
+        try:
+            with pytest.raises(UpstreamError, match="could not be reached"):
+                await fetch(up, "/ok")  # a certificate no CA signed: refused
+            await asyncio.sleep(0.1)  # asyncio closes the failed TLS connection's socket
+            up.ssl = ssl.create_default_context(cafile=cert)  # as if a CA had signed it
+            for _ in range(3):
+                assert await fetch(up, "/ok") == (200, BODY)
+            assert up.opened == 1, "kept alive over TLS too"
+        finally:
+            await up.aclose()
+
+    asyncio.run(scenario())
 
 
 # -- through the gateway ---------------------------------------------------------------------
