@@ -72,7 +72,7 @@ def test_a_quota_stored_by_an_earlier_release_is_read(redis_client, clock, kind,
 
 def test_a_stored_quota_that_is_not_one_is_ignored_by_scripts_and_inspect(redis_client, clock):
     tb = nlr.TokenBucket(redis_client, "10/minute", clock=clock)
-    for junk in ("nonsense", "1 2 3", "", "abc 5"):
+    for junk in ("nonsense", "1 2 3", "", "abc 5", "inf 5", "0 5", "-600000 5", "600000 0", "600000 2.5", "nan 5"):
         redis_client.set(tb.redis_key("k") + ":q", junk)
         assert tb.peek("k").limit == 10, junk
         assert tb.inspect("k")["own_quota"] is False, junk

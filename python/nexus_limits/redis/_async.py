@@ -34,10 +34,13 @@ from ._common import (
     check_on_error,
     check_prefix,
     check_replicas,
+    check_shadow,
     check_unit_cost,
+    concurrency_inspection,
     concurrency_model,
     encode_key,
     flatten,
+    from_peeks,
     inspect_dict,
     is_cluster,
     is_noscript,
@@ -51,7 +54,7 @@ from ._common import (
     script_arguments,
     to_decision,
     to_decisions,
-    top_of,
+    top_rows,
 )
 from ._lease import Give, LeaseTable, check_lease
 from ._scripts import COMPOSITE, CONCURRENCY, LEASE, RELEASE, REQUOTA, Script
@@ -93,13 +96,39 @@ async def wait_for_lease(hit: Any, clock: Optional[ManualClock], key: Key, cost:
         poll = min(poll * 2, LEASE_POLL)
 
 
+async def scan_keys(client: Any, pattern: str, most: int) -> List[Key]:
+    """The user keys of up to ``most`` state keys matching ``pattern`` (SCAN)."""
+    found = []
+    async for redis_key in client.scan_iter(match=pattern, count=1000):
+        found.append(key_of(redis_key))
+        if len(found) >= most:
+            break
+    return found
+
+
+async def peek_each(limiter: Any, script: Script, found: Sequence[Key], keys_of: Any, argv: List[str]) -> List[Any]:
+    """The replies of ``script``'s read-only twin for each key of ``found`` (KEYS from
+    ``keys_of``), pipelined but on a cluster (its client refuses EVALSHA in a pipeline)."""
+    reader = script.for_mode("peek")
+    client = limiter._client
+    if is_cluster(client):
+        return [await evalsha(limiter._channel, reader, keys_of(k), argv) for k in found]
+    await client.script_load(reader.source)
+    pipe = client.pipeline(transaction=False)
+    for k in found:
+        keys = keys_of(k)
+        pipe.evalsha(reader.sha, len(keys), *keys, *argv)
+    replies: List[Any] = await pipe.execute()
+    return replies
+
+
 class LeasePolicy(_lease.LeasePolicy):
     __doc__ = _lease.LeasePolicy.__doc__
     __slots__ = ()
 
 
-class _RedisRateLimiter(AsyncRateLimiter):
-    """The methods every Redis rate limiter shares."""
+class _RedisChecks(AsyncRateLimiter):
+    """The checks every Redis rate limiter and Composite share."""
 
     __slots__ = (
         "__weakref__",
@@ -113,40 +142,19 @@ class _RedisRateLimiter(AsyncRateLimiter):
         "_reaper",
         "_script",
     )
-
-    def __init__(
-        self,
-        client: Any,
-        quota: Quota,
-        prefix: str,
-        name: Optional[str],
-        on_error: str,
-        clock: Optional[ManualClock],
-        shadow: bool = False,
-        replicas: int = 1,
-        lease: Any = False,
-    ) -> None:
-        self._client = check_client(client, want_async=ASYNC)
-        self._channel = channel_for(self._client, want_async=ASYNC)
-        self._plan = RatePlan(quota, prefix, name, on_error, clock)
-        self._plan.set_shadow(shadow)
-        self._plan.set_replicas(replicas)
-        self._script = self._plan.script
-        self._fallback = self._plan.fallback
-        self._parts: Tuple[Any, ...] = (self,)
-        policy = check_lease(lease, self._plan.algorithm, type(self).__name__)
-        self._leases = LeaseTable(policy, self._plan.clock) if policy is not None else None
-        self._hold_us = repr(policy.hold * 1e6) if policy is not None else ""
-        self._reaper: Any = None
+    _channel: Any
+    _client: Any
+    _fallback: Fallback
+    _hold_us: str
+    _leases: Optional[LeaseTable]
+    _parts: Tuple[Any, ...]
+    _plan: RatePlan  # a Composite's is its first part's (for its clock)
+    _reaper: Any
+    _script: Script
 
     def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
-        """KEYS, ARGV and (for the commonest check, cost 1 on the server's clock) the
-        whole command as bytes."""
-        plan = self._plan
-        if cost == 1 and type(cost) is int and plan.clock is None:
-            keys, packed = plan.unit_call(mode, key)
-            return keys, plan.unit, packed
-        return plan.keys(key), plan.argv(cost), None
+        """KEYS, ARGV and, when prepacked, the whole command of a check."""
+        raise NotImplementedError
 
     async def _check(self, key: Key, cost: Any, mode: str) -> Decision:
         if self._leases is not None and mode == "hit" and type(cost) is int and cost > 0:
@@ -275,22 +283,9 @@ class _RedisRateLimiter(AsyncRateLimiter):
     async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
         """The ``n`` keys using the largest share of their limit now, from up to ``scan``
         of this limiter's keys found with SCAN (one peek each, pipelined but on a cluster)."""
-        found = []
-        async for redis_key in self._client.scan_iter(match=scan_pattern(self), count=1000):
-            found.append(key_of(redis_key))
-            if len(found) >= scan:
-                break
-        reader = self._script.for_mode("peek")
-        argv = self._plan.argv(0)
-        if is_cluster(self._client):  # a cluster client refuses EVALSHA in a pipeline
-            replies = [await evalsha(self._channel, reader, self._plan.keys(k), argv) for k in found]
-        else:
-            await self._client.script_load(reader.source)
-            pipe = self._client.pipeline(transaction=False)
-            for k in found:
-                pipe.evalsha(reader.sha, 2, *self._plan.keys(k), *argv)
-            replies = await pipe.execute()
-        return top_of([(k, to_decision(r)) for k, r in zip(found, replies)], n)
+        found = await scan_keys(self._client, scan_pattern(self), scan)
+        replies = await peek_each(self, self._script, found, self._plan.keys, self._plan.argv(0))
+        return top_rows([(k, int(r[1]) - int(r[2]), int(r[1])) for k, r in zip(found, replies)], n)
 
     async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Wait until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at
@@ -304,6 +299,58 @@ class _RedisRateLimiter(AsyncRateLimiter):
         return self._client
 
     @property
+    def limit(self) -> int:
+        return self._plan.quota.limit
+
+    @property
+    def on_error(self) -> str:
+        return self._fallback.on_error
+
+    @property
+    def clock(self) -> Optional[ManualClock]:
+        return self._plan.clock
+
+
+class _RedisRateLimiter(_RedisChecks):
+    """The methods every Redis rate limiter shares."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        client: Any,
+        quota: Quota,
+        prefix: str,
+        name: Optional[str],
+        on_error: str,
+        clock: Optional[ManualClock],
+        shadow: bool = False,
+        replicas: int = 1,
+        lease: Any = False,
+    ) -> None:
+        self._client = check_client(client, want_async=ASYNC)
+        self._channel = channel_for(self._client, want_async=ASYNC)
+        self._plan = RatePlan(quota, prefix, name, on_error, clock)
+        self._plan.set_shadow(shadow)
+        self._plan.set_replicas(replicas)
+        self._script = self._plan.script
+        self._fallback = self._plan.fallback
+        self._parts = (self,)
+        policy = check_lease(lease, self._plan.algorithm, type(self).__name__)
+        self._leases = LeaseTable(policy, self._plan.clock) if policy is not None else None
+        self._hold_us = repr(policy.hold * 1e6) if policy is not None else ""
+        self._reaper = None
+
+    def _arguments(self, key: Key, cost: Any, mode: str) -> Tuple[List[str], List[str], Optional[bytes]]:
+        """KEYS, ARGV and (for the commonest check, cost 1 on the server's clock) the
+        whole command as bytes."""
+        plan = self._plan
+        if cost == 1 and type(cost) is int and plan.clock is None:
+            keys, packed = plan.unit_call(mode, key)
+            return keys, plan.unit, packed
+        return plan.keys(key), plan.argv(cost), None
+
+    @property
     def quota(self) -> Quota:
         """The limiter's quota (a key's own, set with ``set_quota``, is in Redis)."""
         return self._plan.quota
@@ -313,20 +360,8 @@ class _RedisRateLimiter(AsyncRateLimiter):
         return self._plan.quota.rate
 
     @property
-    def limit(self) -> int:
-        return self._plan.quota.limit
-
-    @property
     def prefix(self) -> str:
         return self._plan.prefix
-
-    @property
-    def on_error(self) -> str:
-        return self._fallback.on_error
-
-    @property
-    def clock(self) -> Optional[ManualClock]:
-        return self._plan.clock
 
     def redis_key(self, key: Key) -> str:
         """The Redis key holding ``key``'s state."""
@@ -495,13 +530,18 @@ class SlidingWindow(_Windows):
 _RATE_KINDS = (TokenBucket, LeakyBucket, FixedWindow, SlidingWindow)
 
 
-class Composite(_RedisRateLimiter):
-    """Several Redis limiters on one key, all or nothing, in one atomic script. Parts in
-    shadow mode never deny the whole (the Decision then has ``shadow=True``)."""
+class Composite(_RedisChecks):
+    """Several Redis limiters on one key, all or nothing, in one atomic script.
 
-    __slots__ = ()
+    Like :class:`nexus_limits.Composite`: it counts its own checks (``stats()``, each
+    part's under ``"parts"``), has its own ``shadow`` mode (a denial is admitted, with
+    ``shadow=True``, and charges no part), and ``inspect`` and ``top_keys`` across the
+    parts. A part in shadow mode never denies the whole; the other parts enforce and
+    are charged. Quotas belong to the parts."""
 
-    def __init__(self, limiters: Any, *, on_error: str = "raise", replicas: int = 1) -> None:
+    __slots__ = ("_shadow",)
+
+    def __init__(self, limiters: Any, *, on_error: str = "raise", replicas: int = 1, shadow: bool = False) -> None:
         parts = flatten(limiters, _RATE_KINDS, Composite)
         first = parts[0]
         self._client = first._client
@@ -512,6 +552,7 @@ class Composite(_RedisRateLimiter):
         self._leases = None  # each check decides every part in Redis: no blocks
         self._hold_us = ""
         self._reaper = None
+        self._shadow = check_shadow(shadow)
         self._fallback = Fallback(check_on_error(on_error, local=True), "Composite on Redis")
         if self._fallback.on_error == "local":
             n = check_replicas(replicas)
@@ -526,26 +567,57 @@ class Composite(_RedisRateLimiter):
         return min(int(p.limit) for p in self._parts)
 
     async def set_quota(self, key: Key, rate: Any, burst: Optional[int] = None) -> None:
-        raise TypeError("a Composite has no quota of its own: call set_quota on its parts")
+        raise TypeError("a Composite has no quota of its own: call set_quota on its parts (composite.parts[i])")
 
     async def clear_quota(self, key: Key) -> bool:
-        raise TypeError("a Composite has no quota of its own: call clear_quota on its parts")
+        raise TypeError("a Composite has no quota of its own: call clear_quota on its parts (composite.parts[i])")
+
+    def stats(self) -> Dict[str, Any]:
+        """The Composite's own counters (as a part's), its client's circuit breaker, and
+        each part's ``stats()`` under ``"parts"`` (a part counts its own decisions in
+        the Composite's checks too)."""
+        return {**super().stats(), "parts": [p.stats() for p in self._parts]}
 
     async def inspect(self, key: Key) -> Dict[str, Any]:
-        """Each part's ``inspect(key)``, under ``"parts"``."""
-        return {"key": key, "parts": [await p.inspect(key) for p in self._parts]}
+        """``key`` across the parts now: the combined answer for a call of one unit (the
+        fields of a part's ``inspect``, ``algorithm`` "composite", ``rate`` None), and each
+        part's ``inspect(key)`` under ``"parts"``."""
+        zero, one = await self.peek(key, 0), await self.peek(key, 1)
+        parts = [await p.inspect(key) for p in self._parts]
+        whole: Dict[str, Any] = {
+            "key": key,
+            "algorithm": "composite",
+            "rate": None,
+            "limit": zero.limit,
+            "own_quota": False,
+        }
+        whole.update(from_peeks(zero, one))
+        whole["tracked"] = any(p["tracked"] for p in parts)
+        whole["shadow"] = self._shadow
+        whole["parts"] = parts
+        return whole
 
     async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
-        raise TypeError("call top_keys on a Composite's parts")
+        """The ``n`` keys using the largest share of their limit in any part (each with the
+        part where that share is largest), from up to ``scan`` keys of each part."""
+        best: Dict[Any, Tuple[int, int]] = {}
+        for p in self._parts:
+            for row in await p.top_keys(n, keys, scan):
+                used, limit = row["used"], max(row["limit"], 1)
+                old = best.get(row["key"])
+                if old is None or used * old[1] > old[0] * limit:
+                    best[row["key"]] = (used, limit)
+        return top_rows([(k, used, limit) for k, (used, limit) in best.items()], n)
 
     @property
     def shadow(self) -> bool:
-        """True when any part is in shadow mode (set it on the parts)."""
-        return any(p.shadow for p in self._parts)
+        """In shadow mode the Composite decides and counts, logs what it would deny (logger
+        ``nexus_limits.shadow``), and never denies; its parts keep their own flags."""
+        return self._shadow
 
     @shadow.setter
     def shadow(self, on: bool) -> None:
-        raise TypeError("set shadow mode on a Composite's parts")
+        self._shadow = check_shadow(on)
 
     async def hit_each(self, key: Key, cost: int = 1) -> Tuple[Decision, List[Decision]]:
         """``hit``, also returning each part's own Decision (in the order of ``parts``)."""
@@ -562,34 +634,46 @@ class Composite(_RedisRateLimiter):
         return self._parts
 
     def __repr__(self) -> str:
-        return f"Composite([{', '.join(repr(p) for p in self._parts)}])"
+        shadow = ", shadow=True" if self._shadow else ""
+        return f"Composite([{', '.join(repr(p) for p in self._parts)}]{shadow})"
 
 
 class Lease:
     """A place held in a Redis :class:`Concurrency` limit; release it, or hold it for a
-    block (``with`` on the synchronous side, ``async with`` on the asyncio side)."""
+    block (``with`` on the synchronous side, ``async with`` on the asyncio side).
 
-    __slots__ = ("_done", "_limiter", "_local", "fallback", "id", "key")
+    Releasing is a round trip, so it is never done on garbage collection: a Lease
+    dropped unreleased holds its place until ``lease_ttl`` ends it. A Lease given in
+    shadow mode past the limit (``shadow`` True) holds no place."""
+
+    __slots__ = ("_done", "_limiter", "_local", "fallback", "id", "key", "shadow")
 
     def __init__(
-        self, limiter: Concurrency, key: Key, lease_id: str, fallback: bool = False, local: Any = None
+        self,
+        limiter: Concurrency,
+        key: Key,
+        lease_id: str,
+        fallback: bool = False,
+        local: Any = None,
+        shadow: bool = False,
     ) -> None:
         self._limiter = limiter
         self.key = key
         self.id = lease_id
         self.fallback = fallback
+        self.shadow = shadow
         self._local = local  # the in-process lease of an on_error="local" answer
         self._done = False
 
     async def release(self) -> bool:
         """End the lease. True if this call ended it (False: already released, expired,
-        reset, or a fail-open lease that was never stored)."""
+        reset, a fail-open lease that was never stored, or a shadow lease)."""
         if self._done:
             return False
         self._done = True
         if self._local is not None:
             return bool(self._local.release())
-        if self.fallback:
+        if self.fallback or self.shadow:
             return False
         return await self._limiter._release(self.key, self.id)
 
@@ -606,7 +690,8 @@ class Lease:
         await self.release()
 
     def __repr__(self) -> str:
-        return f"Lease(key={self.key!r}, released={self._done})"
+        shadow = ", shadow=True" if self.shadow else ""
+        return f"Lease(key={self.key!r}, released={self._done}{shadow})"
 
 
 class _LeaseContext:
@@ -632,10 +717,16 @@ class _LeaseContext:
 
 
 class Concurrency(AsyncRateLimiter):
-    """:class:`nexus_limits.Concurrency` on Redis: at most ``limit`` leases per key across every
-    process; each lease expires after ``lease_ttl`` seconds if never released."""
+    """:class:`nexus_limits.Concurrency` on Redis: at most ``limit`` leases per key across
+    every process; each lease expires after ``lease_ttl`` seconds if never released.
 
-    __slots__ = ("_channel", "_client", "_fallback", "_model", "_suffix", "clock", "prefix")
+    A lease is a round trip to take and one to release, and is **not** released when
+    its object is garbage-collected (that would be I/O in a finalizer): keep it and
+    release it (``with``/``async with``), or ``lease_ttl`` ends it. ``set_quota(key,
+    limit)`` gives a key its own limit, for every process (kept in Redis until
+    ``clear_quota``); ``shadow``, ``inspect`` and ``top_keys`` work as in-process."""
+
+    __slots__ = ("_channel", "_client", "_fallback", "_model", "_shadow", "_suffix", "clock", "prefix")
 
     def __init__(
         self,
@@ -647,6 +738,7 @@ class Concurrency(AsyncRateLimiter):
         name: Optional[str] = None,
         on_error: str = "raise",
         clock: Optional[ManualClock] = None,
+        shadow: bool = False,
         replicas: int = 1,
     ) -> None:
         self._client = check_client(client, want_async=ASYNC)
@@ -656,6 +748,7 @@ class Concurrency(AsyncRateLimiter):
         self._suffix = ":" + (check_name(name) or f"cc-{self._model.limit}")
         self._fallback = Fallback(check_on_error(on_error, local=True), "Concurrency on Redis")
         self.clock = check_clock(clock)
+        self._shadow = check_shadow(shadow)
         n = check_replicas(replicas)
         if self._fallback.on_error == "local":
             share = max(self._model.limit // n, 1)
@@ -673,21 +766,38 @@ class Concurrency(AsyncRateLimiter):
     def on_error(self) -> str:
         return self._fallback.on_error
 
+    @property
+    def shadow(self) -> bool:
+        """In shadow mode a call past the limit gets a Lease that holds no place
+        (``lease.shadow``), is counted (``shadow_denied``) and logged (logger
+        ``nexus_limits.shadow``)."""
+        return self._shadow
+
+    @shadow.setter
+    def shadow(self, on: bool) -> None:
+        self._shadow = check_shadow(on)
+
     def redis_key(self, key: Key) -> str:
+        """The Redis key of ``key``'s leases (a sorted set); its own limit, if set, is at
+        ``redis_key(key) + ":q"``."""
         return f"{self.prefix}:{{{encode_key(key)}}}{self._suffix}"
+
+    def _keys(self, key: Key) -> List[str]:
+        k = self.redis_key(key)
+        return [k, k + ":q"]
 
     def stats(self) -> Dict[str, int]:
         """Counters of this limiter object (this process): leases given (allowed) and
-        refused (denied), store errors, on_error answers, and its client's circuit
-        breaker (breaker_open, breaker_trips)."""
-        counts = self._fallback.tally.snapshot()
-        del counts["near_limit"], counts["shadow_denied"]
-        return {**counts, **self._channel.stats()}
+        refused (denied), near_limit, shadow_denied, store errors, on_error answers, and
+        its client's circuit breaker (breaker_open, breaker_trips)."""
+        return {**self._fallback.tally.snapshot(), **self._channel.stats()}
+
+    def _argv(self, op: str, lease_id: str = "") -> List[str]:
+        return [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
 
     async def _run(self, key: Key, op: str, lease_id: str = "") -> Any:
-        args = [now_arg(self.clock), op, str(self.limit), repr(self.lease_ttl * 1e6), lease_id]
         script = CONCURRENCY.for_mode("hit" if op == "acquire" else op)
-        return await evalsha(self._channel, script, [self.redis_key(key)], args)
+        return await evalsha(self._channel, script, self._keys(key), self._argv(op, lease_id))
 
     async def _release(self, key: Key, lease_id: str) -> bool:
         try:
@@ -710,9 +820,14 @@ class Concurrency(AsyncRateLimiter):
                 return d
             held = Lease(self, key, lease_id, fallback=True, local=d.lease)
             return Decision(True, d.limit, d.remaining, d.reset_after, 0.0, lease=held, fallback=True)
-        lease = Lease(self, key, lease_id) if reply[0] else None
-        self._fallback.tally.add("allowed" if lease else "denied")
-        return to_decision(reply, lease)
+        d = self._fallback.tally.decision(to_decision(reply), self._shadow, self, key)
+        if d.shadow:
+            lease = Lease(self, key, "", shadow=True)
+        elif d.allowed:
+            lease = Lease(self, key, lease_id)
+        else:
+            return d
+        return Decision(True, d.limit, d.remaining, d.reset_after, 0.0, d.delay, lease, shadow=d.shadow)
 
     async def try_acquire(self, key: Key, cost: int = 1) -> Optional[Lease]:
         lease: Optional[Lease] = (await self.hit(key, cost)).lease
@@ -730,11 +845,44 @@ class Concurrency(AsyncRateLimiter):
         return d.allowed, (d.remaining + 1 if d.allowed else 0)
 
     async def reset(self, key: Key) -> None:
+        """End every lease of ``key`` (a limit of its own stays)."""
         try:
             await self._channel.call("DEL", self.redis_key(key))
         except BACKEND_ERRORS as error:
             if self._fallback.on_error == "raise":
                 self._fallback.decision(error, self.limit)
+
+    async def set_quota(self, key: Key, limit: int) -> None:
+        """Give ``key`` a lease limit of its own, for every process, from its next lease
+        on (leases held stay held). Kept in Redis (``redis_key(key) + ":q"``) until
+        ``clear_quota``."""
+        limit = concurrency_model(limit, self.lease_ttl).limit
+        try:
+            await self._channel.call("SET", self._keys(key)[1], str(limit))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    async def clear_quota(self, key: Key) -> bool:
+        """Put ``key`` back on the limiter's limit. False if it had none of its own."""
+        try:
+            return bool(await self._channel.call("DEL", self._keys(key)[1]))
+        except BACKEND_ERRORS as error:
+            self._fallback.decision(error, self.limit)
+            raise
+
+    async def inspect(self, key: Key) -> Dict[str, Any]:
+        """``key``'s limit and leases now, for support: the rate limiters' fields, with
+        ``used`` the leases held and ``rate`` None."""
+        reply = await evalsha(self._channel, CONCURRENCY.for_mode("peek"), self._keys(key), self._argv("peek"))
+        return concurrency_inspection(key, reply, self._shadow)
+
+    async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
+        """The ``n`` keys holding the largest share of their limit now, from up to ``scan``
+        of this limiter's keys found with SCAN (one peek each, pipelined but on a cluster)."""
+        found = await scan_keys(self._client, f"{self.prefix}:{{*}}{self._suffix}", scan)
+        replies = await peek_each(self, CONCURRENCY, found, self._keys, self._argv("peek"))
+        return top_rows([(k, int(r[6]), int(r[1])) for k, r in zip(found, replies)], n)
 
     async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
         """Wait until a lease is free (polling 1 ms, doubling to 50 ms) and return it."""
@@ -751,4 +899,5 @@ class Concurrency(AsyncRateLimiter):
 
     def __repr__(self) -> str:
         client = type(self._client).__name__
-        return f"Concurrency(<{client}>, {self.limit}, lease_ttl={self.lease_ttl}, prefix={self.prefix!r})"
+        shadow = ", shadow=True" if self._shadow else ""
+        return f"Concurrency(<{client}>, {self.limit}, lease_ttl={self.lease_ttl}, prefix={self.prefix!r}{shadow})"

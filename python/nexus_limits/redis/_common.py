@@ -490,17 +490,16 @@ def concurrency_model(limit: Any, lease_ttl: Any) -> Any:
 
 
 def judge(limiter: Any, reply: Sequence[Any], key: Any) -> Decision:
-    """The Decision of a script's reply, counted in the limiter's tally; in shadow mode
-    (of the limiter, or of a Composite's part) a denial is logged and admitted."""
+    """The Decision of a check script's reply, counted in the limiter's tally; in shadow
+    mode a denial is logged and admitted. A Composite's reply also holds each part's
+    Decision (its script already admitted past the parts in shadow mode): each part
+    counts its own, as in-process."""
     d = to_decision(reply)
-    parts = limiter._parts
-    tally: Tally = limiter._fallback.tally
     if len(reply) > 6:
-        # A Composite's script already admitted past its shadow-mode parts; tell it.
-        if d.allowed and any(int(reply[6 * (i + 1)]) == 0 for i in range(len(parts))):
-            d = Decision(True, d.limit, d.remaining, d.reset_after, 0.0, d.delay, shadow=True)
-        return tally.decision(d, False, limiter, key)
-    return tally.decision(d, limiter._plan.shadow, limiter, key)
+        for part, mine in zip(limiter._parts, to_decisions(reply[6:])):
+            part._fallback.tally.decision(mine, part._plan.shadow, part, key)
+    tally: Tally = limiter._fallback.tally
+    return tally.decision(d, limiter.shadow, limiter, key)
 
 
 def script_arguments(
@@ -568,15 +567,32 @@ def scan_pattern(limiter: Any) -> str:
     return f"{limiter._plan.prefix}:{{*}}{limiter._plan.suffix}"
 
 
-def top_of(found: List[Tuple[Any, Decision]], n: int) -> List[Dict[str, Any]]:
-    """The ``n`` most used of (key, peek) pairs, as ``top_keys`` returns them."""
-    rows = []
-    for key, d in found:
-        used = d.limit - d.remaining
-        if used > 0:
-            rows.append((used / max(d.limit, 1), used, d.limit, key))
+def top_rows(found: Sequence[Tuple[Any, int, int]], n: int) -> List[Dict[str, Any]]:
+    """The ``n`` most used of (key, used, limit) rows, as ``top_keys`` returns them: by
+    share of the limit, then by units used."""
+    rows = [(used / max(limit, 1), used, limit, key) for key, used, limit in found if used > 0]
     rows.sort(key=lambda r: (-r[0], -r[1]))
     return [{"key": k, "id": None, "used": u, "limit": lim} for _, u, lim, k in rows[:n]]
+
+
+def concurrency_inspection(key: Any, reply: Sequence[Any], shadow: bool) -> Dict[str, Any]:
+    """A Redis Concurrency's ``inspect(key)``, from concurrency.lua's peek."""
+    d = to_decision(reply)
+    held, own = int(reply[6]), bool(int(reply[7]))
+    return {
+        "key": key,
+        "algorithm": "concurrency",
+        "rate": None,
+        "limit": d.limit,
+        "own_quota": own,
+        "used": held,
+        "remaining": max(d.limit - held, 0),
+        "allowed": d.allowed,
+        "retry_after": d.retry_after,
+        "reset_after": d.reset_after if held else 0.0,
+        "tracked": held > 0,
+        "shadow": shadow,
+    }
 
 
 def key_of(redis_key: Any) -> Any:

@@ -22,7 +22,10 @@ local function quota(qkey, micros, capacity)
             local own_micros, own_capacity = string.match(q, "^(%S+) (%S+)$")
             own_micros, own_capacity = tonumber(own_micros), tonumber(own_capacity)
             -- anything else in the key (not written by set_quota) is ignored
-            if own_micros and own_capacity then return own_micros, own_capacity end
+            if own_micros and own_capacity and own_micros > 0 and own_micros < math.huge
+                and own_capacity >= 1 and own_capacity < 2^53 and own_capacity == math.floor(own_capacity) then
+                return own_micros, own_capacity
+            end
         end
     end
     return tonumber(micros), tonumber(capacity)
