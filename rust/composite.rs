@@ -76,9 +76,10 @@ impl Group {
         self.parts[i].in_process_store().expect("Group::new admits in-process limiters only")
     }
 
-    /// Locks the key's shard in every part, in store-id order; returned in part order.
-    fn lock(&self, fp: &Fingerprint) -> Vec<(usize, ShardGuard<'_, ShardQuotas>)> {
-        let mut guards: Vec<_> = self.order.iter().map(|&i| (i, self.store(i).lock(fp))).collect();
+    /// Locks the shard of part `i`'s key `key(i)` in every part, in store-id order;
+    /// returned in part order.
+    fn lock(&self, key: &impl Fn(usize) -> Fingerprint) -> Vec<(usize, ShardGuard<'_, ShardQuotas>)> {
+        let mut guards: Vec<_> = self.order.iter().map(|&i| (i, self.store(i).lock(&key(i)))).collect();
         guards.sort_unstable_by_key(|(i, _)| *i);
         guards
     }
@@ -89,9 +90,24 @@ impl Group {
     /// decision. The group must have a part.
     #[inline]
     pub fn check(&self, fp: &Fingerprint, costs: &[u64], charge: bool, each: Option<&mut Vec<Decision>>) -> Decision {
+        self.check_keys(|_| *fp, costs, charge, each)
+    }
+
+    /// [`check`](Self::check) with a key of its own for each part: part `i` decides the key
+    /// `key(i)` (the nodes of a [`crate::hierarchy`] path, one per level). The shards are
+    /// locked in store-id order as always, one per part. When a part's store has no room
+    /// for its new key, `each` gets that part's answer for a full store in its place.
+    #[inline]
+    pub fn check_keys(
+        &self,
+        key: impl Fn(usize) -> Fingerprint,
+        costs: &[u64],
+        charge: bool,
+        each: Option<&mut Vec<Decision>>,
+    ) -> Decision {
         let mut steps: Vec<Step<'_>> = Vec::with_capacity(self.parts.len());
         for &i in &self.order {
-            let guard = self.store(i).lock(fp);
+            let guard = self.store(i).lock(&key(i));
             let decision = Decision::never(0, 0, 0);
             steps.push(Step { index: i, guard, tracked: false, next: FRESH, decision, room: None });
         }
@@ -99,6 +115,7 @@ impl Group {
         let now = self.parts[0].clock().now();
         let mut whole: Option<Decision> = None;
         for s in steps.iter_mut() {
+            let fp = &key(s.index);
             let state = s.guard.lookup(fp);
             s.tracked = state.is_some();
             let q = s.guard.extra_mut();
@@ -115,33 +132,44 @@ impl Group {
                 q.counters.shadow_denied += shadowed as u64;
             }
         }
-        if let Some(each) = each {
-            each.extend(steps.iter().map(|s| s.decision));
-        }
         let decision = finish(whole.expect("a group checks at least one part"));
         if !decision.allowed || !charge {
+            if let Some(each) = each {
+                each.extend(steps.iter().map(|s| s.decision));
+            }
             return decision;
         }
         let fresh = fresh_at(now);
         // Room for the parts that do not track the key yet, in every store before writing
         // to any: the rooms taken are given back (dropped) when one store is full.
+        let mut full_part = None;
         for s in steps.iter_mut() {
             if !s.tracked && s.decision.allowed {
                 match s.guard.reserve(now, &fresh) {
                     Some(room) => s.room = Some(room),
                     None => {
-                        let full = self.parts[s.index].full(s.guard.extra().for_key(fp));
-                        return Decision { limit: decision.limit, ..full };
+                        let full = self.parts[s.index].full(s.guard.extra().for_key(&key(s.index)));
+                        full_part = Some((s.index, full));
+                        break;
                     }
                 }
             }
+        }
+        if let Some(each) = each {
+            each.extend(steps.iter().map(|s| match full_part {
+                Some((i, full)) if i == s.index => full,
+                _ => s.decision,
+            }));
+        }
+        if let Some((_, full)) = full_part {
+            return Decision { limit: decision.limit, ..full };
         }
         for s in steps.iter_mut() {
             // A part in shadow mode that would have denied is not charged.
             if s.decision.allowed {
                 let next = s.next;
                 let room = s.room.take().map_or(Room::Find, Room::Reserved);
-                s.guard.upsert(fp, now, &fresh, room, |_, _, _| (Some(next), ()));
+                s.guard.upsert(&key(s.index), now, &fresh, room, |_, _, _| (Some(next), ()));
             }
         }
         decision
@@ -151,10 +179,16 @@ impl Group {
     /// refunded, when negative) for a call made at `charged_at`. A charge is never lost:
     /// a key the store has no room for is tracked anyway.
     pub fn adjust(&self, fp: &Fingerprint, deltas: &[i64], charged_at: u64) {
+        self.adjust_keys(|_| *fp, deltas, charged_at)
+    }
+
+    /// [`adjust`](Self::adjust) with a key of its own for each part (see
+    /// [`check_keys`](Self::check_keys)).
+    pub fn adjust_keys(&self, key: impl Fn(usize) -> Fingerprint, deltas: &[i64], charged_at: u64) {
         if self.parts.is_empty() {
             return;
         }
-        let mut guards = self.lock(fp);
+        let mut guards = self.lock(&key);
         let now = self.parts[0].clock().now();
         let fresh = fresh_at(now);
         for (i, g) in guards.iter_mut() {
@@ -162,6 +196,7 @@ impl Group {
             if delta == 0 {
                 continue;
             }
+            let fp = &key(*i);
             g.upsert(fp, now, &fresh, Room::Force, |q, state, tracked| {
                 let quota = q.for_key(fp);
                 let next = quota.adjust(state, now, delta, charged_at);

@@ -16,7 +16,8 @@ from ._core import __version__ as __version__
 from .base import AsyncRateLimiter, RateLimiter
 from .budget import Reservation, TokenLimiter
 from .errors import BackendUnavailable, BadRequest, NexusLimitsError, RateLimitExceeded
-from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, SlidingWindow, TokenBucket
+from .hierarchy import Hierarchy, HierarchyDecision, HierarchyReservation
+from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, Priority, SlidingWindow, TokenBucket
 
 if TYPE_CHECKING:
     from .adapters.decorators import limit
@@ -41,10 +42,14 @@ __all__ = [
     "Decision",
     "FairQueue",
     "FixedWindow",
+    "Hierarchy",
+    "HierarchyDecision",
+    "HierarchyReservation",
     "LeakyBucket",
     "Lease",
     "ManualClock",
     "NexusLimitsError",
+    "Priority",
     "QueueCancelled",
     "QueueRefused",
     "Quota",

@@ -22,6 +22,7 @@ __all__ = [
     "Concurrency",
     "FixedWindow",
     "LeakyBucket",
+    "Priority",
     "SlidingWindow",
     "TokenBucket",
 ]
@@ -134,6 +135,47 @@ class Composite(_WaitsForQuota, _core.Composite, RateLimiter):
     """
 
     __slots__ = ()
+
+
+class Priority(_core.Priority, RateLimiter):
+    """A rate limiter shared by priority classes, with capacity held back for the higher
+    ones.
+
+    ``classes`` maps each class to the share of the limit it may use: with
+    ``{"interactive": 1.0, "batch": 0.7}`` a batch call is admitted only if, after it,
+    at least 30% of the key's capacity is still free, so batch traffic can never take the
+    last 30%; interactive calls may use all of it. The rule is checked and charged in
+    the same atomic step as any call of the limiter (in-process, in a
+    :class:`~nexus_limits.SharedMemoryStore`), so it holds exactly under any
+    concurrency. One class must have share 1.0.
+
+    Every check takes ``cls=``, the class's name; a call that names none gets
+    ``default`` (by default the class with the smallest share, so that unlabelled
+    traffic never eats into the reserve). A class's Decision is its own view of the
+    limit: ``limit`` is the part it may use, ``remaining`` what it may still take,
+    ``retry_after`` when its call would fit. ``stats()["classes"]`` counts each class's
+    checks. The limiter keeps its own store, quotas (``set_quota``...), shadow mode
+    and counters; ``priority.limiter`` is it.
+
+    >>> import nexus_limits as nl
+    >>> p = nl.Priority(nl.FixedWindow("10/minute"), {"interactive": 1.0, "batch": 0.7})
+    >>> sum(p.try_acquire("api-key", cls="batch") for _ in range(10))
+    7
+    >>> p.hit("api-key", cls="interactive").remaining
+    2
+    """
+
+    __slots__ = ()
+
+    def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None, cls: Optional[str] = None) -> Decision:
+        """Block until ``cost`` of class ``cls`` is admitted (see the limiters' ``acquire``)."""
+        return _wait.acquire(lambda k, c: self.hit(k, c, cls), self.clock, key, cost, timeout)
+
+    async def acquire_async(
+        self, key: Key, cost: int = 1, timeout: Optional[float] = None, cls: Optional[str] = None
+    ) -> Decision:
+        """``acquire`` for asyncio: waits with ``asyncio.sleep``, never blocking the loop."""
+        return await _wait.acquire_async(lambda k, c: self.hit(k, c, cls), self.clock, key, cost, timeout)
 
 
 class _AsyncLease:

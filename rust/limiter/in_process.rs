@@ -3,7 +3,7 @@
 //! check takes one lock and no atomic operation beyond it).
 
 use super::{effective_ttl, Stats};
-use crate::algorithms::FRESH;
+use crate::algorithms::{State, FRESH};
 use crate::clock::Clock;
 use crate::decision::Decision;
 use crate::error::{Error, Result};
@@ -68,16 +68,33 @@ impl InProcess {
     /// new, admitted, and the store has no room for it.
     #[inline(always)]
     pub fn step(g: &mut ShardGuard<'_, ShardQuotas>, fp: &Fingerprint, now: u64, cost: u64) -> Option<Decision> {
+        Self::step_by(g, fp, now, |q, state| q.step(state, now, cost))
+    }
+
+    /// [`step`](Self::step) with a step function of the key's quota and state (e.g. one
+    /// that keeps a priority class's floor free).
+    #[inline(always)]
+    pub fn step_by(
+        g: &mut ShardGuard<'_, ShardQuotas>,
+        fp: &Fingerprint,
+        now: u64,
+        step: impl FnOnce(&Quota, State) -> (State, Decision),
+    ) -> Option<Decision> {
         let (d, done) = g.upsert(fp, now, &fresh_at(now), Room::Find, |q, state, _| {
-            let (next, d) = q.for_key(fp).step(state, now, cost);
+            let (next, d) = step(q.for_key(fp), state);
             (d.allowed.then_some(next), d)
         });
         (done != Upserted::NoRoom).then_some(d)
     }
 
     pub fn peek(&self, fp: &Fingerprint, now: u64, cost: u64) -> Decision {
+        self.peek_by(fp, |q, state| q.step(state, now, cost))
+    }
+
+    /// The decision of `step` on the key's quota and state, writing nothing.
+    pub fn peek_by(&self, fp: &Fingerprint, step: impl FnOnce(&Quota, State) -> (State, Decision)) -> Decision {
         let g = self.store.lock(fp);
-        g.extra().for_key(fp).step(g.lookup(fp).unwrap_or(FRESH), now, cost).1
+        step(g.extra().for_key(fp), g.lookup(fp).unwrap_or(FRESH)).1
     }
 
     pub fn quota_of(&self, fp: &Fingerprint) -> (Quota, bool) {

@@ -14,11 +14,13 @@ mod shared;
 mod tests;
 
 pub use in_process::{fresh_at, ShardQuotas};
+pub use shared::check_store_ttl;
 
 use crate::clock::{Clock, NANOS};
 use crate::decision::{Checked, Decision};
 use crate::error::{Error, Result};
 use crate::key::{Fingerprint, Fingerprinter, KeyKind};
+use crate::priority::{step_share, Share};
 use crate::quota::Quota;
 use crate::report::{Counters, Inspection, TopRow};
 use crate::store::shm::ShmTable;
@@ -156,6 +158,40 @@ impl Limiter {
     pub(crate) fn full(&self, quota: &Quota) -> Decision {
         self.store_full.fetch_add(1, Ordering::Relaxed);
         quota.full()
+    }
+
+    /// [`check`](Self::check) for a priority class that may use only `share` of the
+    /// key's quota (see [`crate::priority`]): admitted only if what the call leaves free
+    /// is at least the rest. Counted and shadowed like any check.
+    pub fn check_share(&self, fp: &Fingerprint, cost: u64, share: Share) -> Checked {
+        let now = self.clock.now();
+        let shadow = self.shadow();
+        match &self.states {
+            States::InProcess(s) => {
+                let mut g = s.store.lock(fp);
+                let d = match InProcess::step_by(&mut g, fp, now, |q, state| step_share(q, state, now, cost, share)) {
+                    Some(d) => d,
+                    None => self.full(g.extra().for_key(fp)),
+                };
+                g.extra_mut().counters.count_check(d, shadow)
+            }
+            States::Shared(s) => {
+                let d = match s.step_share(fp, now, cost, share, true) {
+                    Some(d) => d,
+                    None => self.full(&s.quota),
+                };
+                s.counters.count_check(d, shadow)
+            }
+        }
+    }
+
+    /// The decision [`check_share`](Self::check_share) would give now, charging nothing.
+    pub fn peek_share(&self, fp: &Fingerprint, cost: u64, share: Share) -> Decision {
+        let now = self.clock.now();
+        match &self.states {
+            States::InProcess(s) => s.peek_by(fp, |q, state| step_share(q, state, now, cost, share)),
+            States::Shared(s) => s.step_share(fp, now, cost, share, false).unwrap_or_else(|| s.quota.full()),
+        }
     }
 
     #[inline]

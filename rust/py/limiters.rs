@@ -70,7 +70,7 @@ impl LimiterHandle {
 
     /// The key's fingerprint in this limiter's store.
     #[inline(always)]
-    fn fp(&self, key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
+    pub fn fp(&self, key: &Bound<'_, PyAny>) -> PyResult<Fingerprint> {
         args::key_fp_by(key, |kind, bytes| self.limiter.fingerprint(kind, bytes))
     }
 

@@ -8,7 +8,9 @@ mod budget;
 mod composite;
 mod concurrency;
 mod errors;
+mod hierarchy;
 mod limiters;
+mod priority;
 mod quota;
 mod report;
 mod shm;
@@ -33,5 +35,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<concurrency::Lease>()?;
     m.add_class::<budget::TokenLimiter>()?;
     m.add_class::<shm::SharedMemoryStore>()?;
+    m.add_class::<priority::Priority>()?;
+    m.add_class::<hierarchy::Hierarchy>()?;
     Ok(())
 }

@@ -38,6 +38,9 @@ use portable_atomic::AtomicU128;
 use std::ffi::CString;
 use std::sync::atomic::Ordering::SeqCst;
 
+mod txn;
+pub use txn::{Transaction, Write, MAX_WRITES};
+
 pub const MAGIC: [u8; 8] = *b"NXLIMSHM";
 /// 2: the header keeps the epoch offset, and windows start on Unix-time boundaries.
 pub const VERSION: u32 = 2;
@@ -216,6 +219,7 @@ impl ShmTable {
         // process touches the header while it holds the lock.
         let header = unsafe { &mut *(table.base as *mut Header) };
         let unfinished = header.magic == [0; 8] && capacity.is_power_of_two() && size == len as u64;
+        let mut cleared = fresh || unfinished;
         if fresh || unfinished {
             // New, or a creator died before finishing: (re)initialise under the lock.
             let mut keys = [0u8; 16];
@@ -275,9 +279,13 @@ impl ShmTable {
                 table.clear_slots();
                 header.boot_id = boot_id();
                 header.epoch_offset = crate::clock::measure_epoch_offset();
+                cleared = true;
             }
             table.ttl_secs = header.ttl_secs;
         }
+        // The lock of multi-key checks: set up when the slots are (a lock held before a
+        // reboot belongs to nobody now), or once in a store made by an older build.
+        table.prepare_transactions(cleared)?;
         table.k0 = header.k0;
         table.k1 = header.k1;
         table.epoch_offset = header.epoch_offset;
@@ -443,6 +451,20 @@ impl ShmTable {
     /// the limiter's id). `None` when a new key finds no room (the store is full).
     #[inline]
     pub fn check(&self, fp: &Fingerprint, algo: &Algorithm, now: u64, cost: u64, charge: bool) -> Option<Decision> {
+        self.check_by(fp, algo, now, charge, |state| algo.step(state, now, cost))
+    }
+
+    /// [`check`](Self::check) deciding with `step` (the key's state to its next state and
+    /// decision) instead of `algo`'s own step of one cost; `algo` still merges duplicates.
+    #[inline(always)]
+    pub fn check_by(
+        &self,
+        fp: &Fingerprint,
+        algo: &Algorithm,
+        now: u64,
+        charge: bool,
+        step: impl Fn(State) -> (State, Decision),
+    ) -> Option<Decision> {
         let fp = pack_fp(fp);
         let m = mask_of(fp);
         let now_s = stamp(now);
@@ -454,7 +476,7 @@ impl ShmTable {
                     if raw == TOMB {
                         continue;
                     }
-                    let (next, d) = algo.step(decode(raw, m), now, cost);
+                    let (next, d) = step(decode(raw, m));
                     if !d.allowed || !charge {
                         return Some(d);
                     }
@@ -467,7 +489,7 @@ impl ShmTable {
                     }
                 }
                 None => {
-                    let (_, d) = algo.step(0, now, cost);
+                    let (_, d) = step(0);
                     if !d.allowed || !charge {
                         return Some(d);
                     }

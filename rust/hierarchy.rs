@@ -1,0 +1,1218 @@
+//! Hierarchical quotas: a call is charged at every level of its path (org > team > key,
+//! any depth), all or nothing.
+//!
+//! Each level has its own quotas: requests, tokens, daily tokens and spend (token
+//! buckets whose burst is their rate's count, like a [`crate::budget::Budget`]'s) and a
+//! concurrency limit. A path names one node per level (`("acme", "search", "sk-1")`: the
+//! org `acme`, its team `search`, the team's key `sk-1`), and a call is decided on every
+//! node of its path as one step: admitted only if every quota of every level admits
+//! it, and then charged to all of them; refused, it is charged nowhere.
+//!
+//! - In this process every (level, quota) pair is a [`Limiter`] with a store of its
+//!   own, and a check is a [`Group`] check over them with one key per part (the part's
+//!   node): the shards are locked in one global order (store id), so concurrent calls
+//!   can neither deadlock nor overspend. Concurrency leases are taken under the
+//!   leases' locks, level by level from the top, around the rate check: a lease is taken
+//!   only if every level has one free and every rate quota admits.
+//! - In a shared-memory store the check runs as one [`Transaction`] of the store (a
+//!   robust process-shared lock and a redo journal): every process of the host sees the
+//!   whole path change at once, and a process killed mid-check leaves it applied in full
+//!   or not at all.
+//!
+//! A node's quotas can be changed at run time (in this process), for one node or for a
+//! whole level, keeping what each node has used.
+
+use crate::algorithms::State;
+use crate::clock::Clock;
+use crate::composite::{Group, MAX_PARTS};
+use crate::concurrency::{Concurrency, ConcurrencyStats};
+use crate::decision::{finish, fold, Decision};
+use crate::error::{Error, Result};
+use crate::key::{fingerprint_with, Fingerprint, Fingerprinter, KeyKind};
+use crate::limiter::{Limiter, Stats};
+use crate::quota::{Kind, Quota};
+use crate::rate::Rate;
+use crate::report::{AtomicCounters, Counters, Inspection};
+use crate::store::shm::{ShmTable, Write, MAX_WRITES};
+use crossbeam_utils::CachePadded;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The most levels a hierarchy has.
+pub const MAX_LEVELS: usize = 16;
+
+/// What a quota counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Requests = 0,
+    Tokens = 1,
+    DailyTokens = 2,
+    /// Money, in whatever whole unit the caller counts it (micro-dollars, say).
+    Spend = 3,
+}
+
+impl Unit {
+    pub const ALL: [Unit; 4] = [Unit::Requests, Unit::Tokens, Unit::DailyTokens, Unit::Spend];
+
+    /// `"requests"`, `"tokens"`, `"daily_tokens"` or `"spend"`.
+    pub fn name(self) -> &'static str {
+        ["requests", "tokens", "daily_tokens", "spend"][self as usize]
+    }
+
+    pub fn parse(name: &str) -> Result<Unit> {
+        Unit::ALL.into_iter().find(|u| u.name() == name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "a quota is one of 'requests', 'tokens', 'daily_tokens', 'spend', 'concurrency', got {name:?}"
+            ))
+        })
+    }
+}
+
+/// What one call costs: requests, tokens (on the token and daily-token quotas) and spend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub requests: u64,
+    pub tokens: u64,
+    pub spend: u64,
+}
+
+impl Amounts {
+    pub fn of(&self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Requests => self.requests,
+            Unit::Tokens | Unit::DailyTokens => self.tokens,
+            Unit::Spend => self.spend,
+        }
+    }
+}
+
+/// Charges (positive) or refunds (negative) of a settlement, by unit as in [`Amounts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deltas {
+    pub requests: i64,
+    pub tokens: i64,
+    pub spend: i64,
+}
+
+impl Deltas {
+    pub fn of(&self, unit: Unit) -> i64 {
+        match unit {
+            Unit::Requests => self.requests,
+            Unit::Tokens | Unit::DailyTokens => self.tokens,
+            Unit::Spend => self.spend,
+        }
+    }
+}
+
+/// A rate per [`Unit`], any of them absent.
+pub type Rates = [Option<Rate>; 4];
+
+/// One level as given: its name and quotas.
+#[derive(Clone, Debug)]
+pub struct LevelSpec {
+    pub name: String,
+    pub rates: Rates,
+    pub concurrency: Option<u64>,
+}
+
+/// A path's nodes, as bytes: the bytes of the node of level `i` are a prefix of those of
+/// level `i + 1`, and no two paths share a node's bytes unless they share the whole
+/// prefix (each element is written with its kind and length).
+#[derive(Clone, Debug, Default)]
+pub struct Path {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Path {
+    pub fn new() -> Path {
+        Path { bytes: b"nl-hierarchy\0".to_vec(), ends: Vec::new() }
+    }
+
+    /// Appends the next element (a key as the limiters take it).
+    pub fn push(&mut self, kind: KeyKind, bytes: &[u8]) {
+        self.bytes.push(kind as u8);
+        self.bytes.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.bytes.extend_from_slice(bytes);
+        self.ends.push(self.bytes.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The node of level `level`.
+    pub fn node(&self, level: usize) -> &[u8] {
+        &self.bytes[..self.ends[level]]
+    }
+}
+
+/// A (level, quota) pair stepped in a shared-memory store.
+struct ShmPart {
+    quota: Quota,
+    /// XORed into the node's fingerprint: sets this part's keys apart in the store.
+    salt: [u32; 3],
+    counters: CachePadded<AtomicCounters>,
+}
+
+enum Parts {
+    InProcess(Group),
+    Shared { table: Arc<ShmTable>, parts: Vec<ShmPart> },
+}
+
+struct Level {
+    name: String,
+    /// The parts of this level, by index.
+    parts: Vec<usize>,
+    concurrency: Option<Arc<Concurrency>>,
+}
+
+/// Which quota refused a call: a unit's, or (None) the level's concurrency limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub level: usize,
+    pub unit: Option<Unit>,
+}
+
+/// The answer to a check or a reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub allowed: bool,
+    /// Every quota's decision combined (see [`crate::decision::combine`]).
+    pub decision: Decision,
+    /// Admitted although a quota would have refused (shadow mode).
+    pub shadow: bool,
+    /// Each part's own decision, by part index (see [`Hierarchy::part`]).
+    pub parts: Vec<Decision>,
+    /// Each level's concurrency decision (None: no limit, or not asked).
+    pub concurrency: Vec<Option<Decision>>,
+    /// The lease taken at each level with a concurrency limit.
+    pub leases: Vec<Option<u64>>,
+    /// The quota that refused (or, in shadow mode, would have): the one whose
+    /// `retry_after` is the longest, the highest level of those tied.
+    pub refused: Option<Refusal>,
+    /// When the call was charged (the hierarchy's clock, ns): settling needs it.
+    pub charged_at: u64,
+}
+
+/// One node as [`Hierarchy::inspect`] reports it: each rate quota of its level, and its
+/// leases as (limit, held) when the level has a concurrency limit.
+pub type NodeInspection = (Vec<(Unit, Inspection)>, Option<(u64, u64)>);
+
+/// A hierarchy's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HierarchyStats {
+    pub counters: Counters,
+    /// Calls refused, by the level that refused them.
+    pub refused_by: Vec<u64>,
+    /// Each part's stats (its counters count its own decisions).
+    pub parts: Vec<Stats>,
+    pub concurrency: Vec<Option<ConcurrencyStats>>,
+}
+
+/// Quotas charged at every level of a path (see the module's documentation).
+pub struct Hierarchy {
+    levels: Vec<Level>,
+    /// (level, unit) of each part.
+    part_of: Vec<(usize, Unit)>,
+    parts: Parts,
+    clock: Clock,
+    lease_ttl_ns: u64,
+    shadow: AtomicBool,
+    counters: CachePadded<AtomicCounters>,
+    refused_by: Vec<AtomicU64>,
+}
+
+fn bucket(rate: Rate) -> Result<Quota> {
+    Quota::new(Kind::TokenBucket, rate, None, 0)
+}
+
+/// The salt of a part in a shared-memory store: what it is (so hierarchies, levels and
+/// quotas that count differently never share a key) under the store's secret.
+fn shm_salt(table: &ShmTable, name: &str, level: usize, spec: &LevelSpec, unit: Unit, quota: &Quota) -> [u32; 3] {
+    let id = format!("hierarchy|{name}|{level}|{}|{}|{}", spec.name, unit.name(), quota.shared_memory_id());
+    fingerprint_with(table.k0, table.k1, KeyKind::Bytes, id.as_bytes()).0
+}
+
+#[inline]
+fn salted(fp: Fingerprint, salt: [u32; 3]) -> Fingerprint {
+    Fingerprint([fp.0[0] ^ salt[0], fp.0[1] ^ salt[1], fp.0[2] ^ salt[2]])
+}
+
+impl Hierarchy {
+    /// `levels` from the top (1 to [`MAX_LEVELS`], names unique and not empty, each with
+    /// at least one quota, at most [`MAX_PARTS`] rate quotas in all). In this process
+    /// (`store` None) each rate quota keeps its nodes with `ttl_secs` and `max_keys` as a
+    /// [`Limiter`]'s; in a shared-memory store (rate quotas only) the nodes are set apart
+    /// from those of other hierarchies by `name`. A reservation stands (and its leases
+    /// live) `lease_ttl_secs`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        levels: Vec<LevelSpec>,
+        store: Option<Arc<ShmTable>>,
+        name: &str,
+        clock: Clock,
+        ttl_secs: f64,
+        max_keys: Option<usize>,
+        lease_ttl_secs: f64,
+    ) -> Result<Hierarchy> {
+        if levels.is_empty() || levels.len() > MAX_LEVELS {
+            return Err(Error::InvalidArgument(format!(
+                "a Hierarchy has from 1 to {MAX_LEVELS} levels, got {}",
+                levels.len()
+            )));
+        }
+        if !(lease_ttl_secs.is_finite() && lease_ttl_secs > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "lease_ttl must be a finite number of seconds above 0, got {lease_ttl_secs}"
+            )));
+        }
+        let mut part_of = Vec::new();
+        let mut built = Vec::new();
+        for (i, spec) in levels.iter().enumerate() {
+            if spec.name.is_empty() {
+                return Err(Error::InvalidArgument("a level name must not be empty".into()));
+            }
+            if levels[..i].iter().any(|l| l.name == spec.name) {
+                return Err(Error::InvalidArgument(format!("level {:?} is given twice", spec.name)));
+            }
+            if spec.rates.iter().all(Option::is_none) && spec.concurrency.is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "level {:?} has no quota: give it at least one of requests, tokens, daily_tokens, spend, \
+                     concurrency",
+                    spec.name
+                )));
+            }
+            if store.is_some() && spec.concurrency.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "level {:?}: a concurrency limit keeps its leases in this process; it is not available with a \
+                     SharedMemoryStore (use the Redis Hierarchy to share leases between processes)",
+                    spec.name
+                )));
+            }
+            for unit in Unit::ALL {
+                if let Some(rate) = spec.rates[unit as usize] {
+                    part_of.push((i, unit));
+                    built.push(bucket(rate)?);
+                }
+            }
+        }
+        if built.len() > MAX_PARTS.min(MAX_WRITES) {
+            return Err(Error::InvalidArgument(format!(
+                "a Hierarchy has at most {} rate quotas in all, got {}",
+                MAX_PARTS.min(MAX_WRITES),
+                built.len()
+            )));
+        }
+        let parts = match store {
+            None => {
+                let limiters = built
+                    .into_iter()
+                    .map(|q| Limiter::new(q, clock.clone(), ttl_secs, max_keys).map(Arc::new))
+                    .collect::<Result<Vec<_>>>()?;
+                Parts::InProcess(Group::new(limiters)?)
+            }
+            Some(table) => {
+                let mut parts = Vec::with_capacity(built.len());
+                for (quota, &(level, unit)) in built.into_iter().zip(&part_of) {
+                    crate::limiter::check_store_ttl(&quota, &table)?;
+                    let quota = quota.bound(if clock.is_manual() { 0 } else { table.epoch_offset });
+                    let salt = shm_salt(&table, name, level, &levels[level], unit, &quota);
+                    parts.push(ShmPart { quota, salt, counters: Default::default() });
+                }
+                Parts::Shared { table, parts }
+            }
+        };
+        let lease_ttl_ns = crate::clock::secs_to_ns(lease_ttl_secs).max(1);
+        let levels = levels
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let concurrency = spec
+                    .concurrency
+                    .map(|n| Concurrency::new(n, lease_ttl_secs, clock.clone()).map(Arc::new))
+                    .transpose()?;
+                let parts = (0..part_of.len()).filter(|&p| part_of[p].0 == i).collect();
+                Ok(Level { name: spec.name, parts, concurrency })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refused_by = (0..levels.len()).map(|_| AtomicU64::new(0)).collect();
+        Ok(Hierarchy {
+            levels,
+            part_of,
+            parts,
+            clock,
+            lease_ttl_ns,
+            shadow: AtomicBool::new(false),
+            counters: Default::default(),
+            refused_by,
+        })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.levels.len()
+    }
+
+    pub fn level_name(&self, level: usize) -> &str {
+        &self.levels[level].name
+    }
+
+    /// The level named `name`, or an error naming the levels.
+    pub fn level(&self, name: &str) -> Result<usize> {
+        self.levels.iter().position(|l| l.name == name).ok_or_else(|| {
+            let names: Vec<String> = self.levels.iter().map(|l| format!("{:?}", l.name)).collect();
+            Error::InvalidArgument(format!("unknown level {name:?}: the levels are {}", names.join(", ")))
+        })
+    }
+
+    /// The number of rate quotas (parts) over all levels.
+    pub fn n_parts(&self) -> usize {
+        self.part_of.len()
+    }
+
+    /// Part `i`'s level and unit.
+    pub fn part(&self, i: usize) -> (usize, Unit) {
+        self.part_of[i]
+    }
+
+    /// The part of `level` counting `unit`, if the level has that quota.
+    pub fn find_part(&self, level: usize, unit: Unit) -> Option<usize> {
+        self.levels[level].parts.iter().copied().find(|&p| self.part_of[p].1 == unit)
+    }
+
+    /// The level's concurrency limit, if it has one.
+    pub fn concurrency(&self, level: usize) -> Option<&Arc<Concurrency>> {
+        self.levels[level].concurrency.as_ref()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn lease_ttl_ns(&self) -> u64 {
+        self.lease_ttl_ns
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self.parts, Parts::Shared { .. })
+    }
+
+    pub fn store_path(&self) -> Option<&str> {
+        match &self.parts {
+            Parts::Shared { table, .. } => Some(&table.path),
+            Parts::InProcess(_) => None,
+        }
+    }
+
+    pub fn shadow(&self) -> bool {
+        self.shadow.load(Ordering::Relaxed)
+    }
+
+    /// Shadow mode for the rate quotas (leases stay real): calls are decided, counted and
+    /// charged as usual but never refused; the outcome says when one would have been.
+    pub fn set_shadow(&self, on: bool) {
+        self.shadow.store(on, Ordering::Relaxed);
+        if let Parts::InProcess(group) = &self.parts {
+            for p in group.parts() {
+                p.set_shadow(on);
+            }
+        }
+    }
+
+    fn check_path(&self, path: &Path) -> Result<()> {
+        if path.len() != self.levels.len() {
+            return Err(self.path_error(path.len(), "a path names one node per level"));
+        }
+        Ok(())
+    }
+
+    /// The level of a node: its path from the top, 1 to `depth` elements.
+    pub fn node_level(&self, node: &Path) -> Result<usize> {
+        if node.is_empty() || node.len() > self.levels.len() {
+            return Err(self.path_error(node.len(), "a node is named by its path from the top, one element or more"));
+        }
+        Ok(node.len() - 1)
+    }
+
+    fn path_error(&self, got: usize, what: &str) -> Error {
+        let names: Vec<&str> = self.levels.iter().map(|l| l.name.as_str()).collect();
+        Error::InvalidArgument(format!(
+            "{what} ({}): expected {} element{}, got {got}",
+            names.join(" > "),
+            self.levels.len(),
+            if self.levels.len() == 1 { "" } else { "s" },
+        ))
+    }
+
+    /// Each part's key for the nodes of `path` (levels `0..path.len()`).
+    fn keys(&self, path: &Path) -> Vec<Fingerprint> {
+        match &self.parts {
+            Parts::InProcess(_) => {
+                let f = Fingerprinter::process();
+                let levels: Vec<Fingerprint> =
+                    (0..path.len()).map(|l| f.fingerprint(KeyKind::Bytes, path.node(l))).collect();
+                self.part_of.iter().map(|&(l, _)| levels.get(l).copied().unwrap_or_default()).collect()
+            }
+            Parts::Shared { table, parts } => {
+                let levels: Vec<Fingerprint> = (0..path.len())
+                    .map(|l| fingerprint_with(table.k0, table.k1, KeyKind::Bytes, path.node(l)))
+                    .collect();
+                parts
+                    .iter()
+                    .zip(&self.part_of)
+                    .map(|(p, &(l, _))| levels.get(l).map_or_else(Fingerprint::default, |&fp| salted(fp, p.salt)))
+                    .collect()
+            }
+        }
+    }
+
+    /// The node's key in this process (for the concurrency limits).
+    fn process_key(path: &Path, level: usize) -> Fingerprint {
+        Fingerprinter::process().fingerprint(KeyKind::Bytes, path.node(level))
+    }
+
+    fn costs(&self, amounts: &Amounts) -> Vec<u64> {
+        self.part_of.iter().map(|&(_, unit)| amounts.of(unit)).collect()
+    }
+
+    /// Decides a call costing `amounts` on every node of `path` and, with `charge`,
+    /// charges every rate quota or none. Takes no lease (see [`reserve`](Self::reserve)).
+    pub fn check(&self, path: &Path, amounts: Amounts, charge: bool) -> Result<Outcome> {
+        self.check_path(path)?;
+        let keys = self.keys(path);
+        let now = self.clock.now();
+        let (rates, parts) = self.check_rates(&keys, &self.costs(&amounts), charge)?;
+        Ok(self.outcome(rates, parts, vec![None; self.levels.len()], vec![None; self.levels.len()], now, charge))
+    }
+
+    /// What [`reserve`](Self::reserve) would decide now, charging nothing and taking no
+    /// lease.
+    pub fn peek(&self, path: &Path, amounts: Amounts) -> Result<Outcome> {
+        self.check_path(path)?;
+        let keys = self.keys(path);
+        let (rates, parts) = self.check_rates(&keys, &self.costs(&amounts), false)?;
+        let concurrency = self
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(l, level)| level.concurrency.as_ref().map(|c| c.peek(&Self::process_key(path, l))))
+            .collect();
+        Ok(self.outcome(rates, parts, concurrency, vec![None; self.levels.len()], 0, false))
+    }
+
+    /// Reserves `amounts` on every node of `path` with a lease at every level that has a
+    /// concurrency limit: all of it, or nothing. A lease is taken only if every level has
+    /// one free and every rate quota admits.
+    pub fn reserve(&self, path: &Path, amounts: Amounts) -> Result<Outcome> {
+        self.check_path(path)?;
+        let keys = self.keys(path);
+        let costs = self.costs(&amounts);
+        let now = self.clock.now();
+        let limited: Vec<(usize, &Concurrency, Fingerprint)> = self
+            .levels
+            .iter()
+            .enumerate()
+            .filter_map(|(l, level)| level.concurrency.as_deref().map(|c| (l, c, Self::process_key(path, l))))
+            .collect();
+        let n = self.levels.len();
+        let (mut concurrency, mut leases) = (vec![None; n], vec![None; n]);
+        let mut rates: Option<Result<(Option<Decision>, Vec<Decision>)>> = None;
+        let mut inner = || {
+            let r = self.check_rates(&keys, &costs, true);
+            let ok = matches!(&r, Ok((d, _)) if d.is_none_or(|d| d.allowed));
+            rates = Some(r);
+            ok
+        };
+        Self::nest(&limited, &mut concurrency, &mut leases, &mut inner);
+        // Not run (a level had no lease free): the rate quotas are told, charging nothing.
+        let (rates, parts) = match rates {
+            Some(r) => r?,
+            None => self.check_rates(&keys, &costs, false)?,
+        };
+        Ok(self.outcome(rates, parts, concurrency, leases, now, true))
+    }
+
+    /// Takes the leases of `limited` (level, limit, node) from the first on, each under
+    /// its node's lock, and runs `inner` inside the last one: a lease is taken only if
+    /// every deeper one was and `inner` agreed. Fills each level's decision and lease.
+    fn nest(
+        limited: &[(usize, &Concurrency, Fingerprint)],
+        decisions: &mut [Option<Decision>],
+        leases: &mut [Option<u64>],
+        inner: &mut dyn FnMut() -> bool,
+    ) -> bool {
+        let Some(((level, c, fp), rest)) = limited.split_first() else {
+            return inner();
+        };
+        let (lease, d, _) = c.acquire_if(fp, || {
+            let ok = Self::nest(rest, decisions, leases, inner);
+            (ok, ())
+        });
+        decisions[*level] = Some(d);
+        leases[*level] = lease;
+        lease.is_some()
+    }
+
+    /// The rate quotas' combined decision (None when there is none) and each one's.
+    fn check_rates(
+        &self,
+        keys: &[Fingerprint],
+        costs: &[u64],
+        charge: bool,
+    ) -> Result<(Option<Decision>, Vec<Decision>)> {
+        match &self.parts {
+            Parts::InProcess(group) => {
+                if group.is_empty() {
+                    return Ok((None, Vec::new()));
+                }
+                let mut each = Vec::with_capacity(keys.len());
+                let d = group.check_keys(|i| keys[i], costs, charge, Some(&mut each));
+                Ok((Some(d), each))
+            }
+            Parts::Shared { table, parts } => {
+                self.check_shared(table, parts, keys, costs, charge).map(|(d, e)| (Some(d), e))
+            }
+        }
+    }
+
+    /// The rate quotas in a shared-memory store, as one transaction.
+    fn check_shared(
+        &self,
+        table: &ShmTable,
+        parts: &[ShmPart],
+        keys: &[Fingerprint],
+        costs: &[u64],
+        charge: bool,
+    ) -> Result<(Decision, Vec<Decision>)> {
+        let mut txn = table.transaction()?;
+        // Read under the lock: checks are then ordered in time as they are by the lock.
+        let now = self.clock.now();
+        let shadow = self.shadow();
+        let mut steps: Vec<(Option<State>, State, Decision)> = Vec::with_capacity(parts.len());
+        let mut whole: Option<Decision> = None;
+        for (i, p) in parts.iter().enumerate() {
+            let state = txn.read(&keys[i]);
+            let (next, d) = p.quota.step(state.unwrap_or(0), now, costs[i]);
+            let effective = if !d.allowed && shadow { d.shadow_admitted() } else { d };
+            whole = Some(whole.map_or(effective, |w| fold(w, &effective)));
+            if charge {
+                p.counters.count_check(d, shadow);
+            }
+            steps.push((state, next, d));
+        }
+        let mut each: Vec<Decision> = steps.iter().map(|s| s.2).collect();
+        let decision = finish(whole.expect("a hierarchy in shared memory has a rate quota"));
+        if !decision.allowed || !charge {
+            return Ok((decision, each));
+        }
+        let writes: Vec<Write> = steps
+            .iter()
+            .zip(parts)
+            .enumerate()
+            .filter(|(_, ((state, next, d), p))| d.allowed && (state.is_some() || !p.quota.is_fresh(*next, now)))
+            .map(|(i, ((_, next, _), _))| (keys[i], Some(*next)))
+            .collect();
+        if !txn.write(&writes, now) {
+            // A node new to the store found no room: nothing was written.
+            let i = steps.iter().position(|s| s.0.is_none() && s.2.allowed).unwrap_or(0);
+            let full = parts[i].quota.full();
+            each[i] = full;
+            return Ok((Decision { limit: decision.limit, ..full }, each));
+        }
+        Ok((decision, each))
+    }
+
+    fn outcome(
+        &self,
+        rates: Option<Decision>,
+        parts: Vec<Decision>,
+        concurrency: Vec<Option<Decision>>,
+        leases: Vec<Option<u64>>,
+        charged_at: u64,
+        count: bool,
+    ) -> Outcome {
+        let mut all: Option<Decision> = rates;
+        for d in concurrency.iter().flatten() {
+            all = Some(all.map_or(*d, |w| fold(w, d)));
+        }
+        // A hierarchy with concurrency limits only, checked without a lease: nothing limits.
+        let decision = finish(all.unwrap_or(Decision {
+            allowed: true,
+            limit: u64::MAX,
+            remaining: u64::MAX,
+            reset_after: 0,
+            retry_after: Some(0),
+            delay: 0,
+        }));
+        let refused = self.refusal(&parts, &concurrency);
+        // Admitted although a part said no: that part is in shadow mode.
+        let shadow = decision.allowed && parts.iter().any(|d| !d.allowed);
+        if count {
+            // Counted as the limiters count: a shadow admission is a denial and a shadow denial.
+            self.counters.count_check(Decision { allowed: decision.allowed && !shadow, ..decision }, shadow);
+            if !decision.allowed || shadow {
+                if let Some(r) = refused {
+                    self.refused_by[r.level].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Outcome {
+            allowed: decision.allowed,
+            decision,
+            shadow,
+            parts,
+            concurrency,
+            leases,
+            refused: if decision.allowed && !shadow { None } else { refused },
+            charged_at,
+        }
+    }
+
+    /// Each level's decision: its rate quotas' and its concurrency limit's combined
+    /// (None for a level with nothing decided, such as a concurrency-only level checked
+    /// without a lease).
+    pub fn level_decisions(&self, o: &Outcome) -> Vec<Option<Decision>> {
+        self.levels
+            .iter()
+            .enumerate()
+            .map(|(l, level)| {
+                let own = level.parts.iter().filter_map(|&p| o.parts.get(p)).chain(o.concurrency[l].as_ref());
+                own.fold(None, |w: Option<Decision>, d| Some(w.map_or(*d, |w| fold(w, d)))).map(finish)
+            })
+            .collect()
+    }
+
+    /// The quota that refused: the longest `retry_after` (never is longest), the highest
+    /// level of those tied; concurrency after the rate quotas of its level.
+    fn refusal(&self, parts: &[Decision], concurrency: &[Option<Decision>]) -> Option<Refusal> {
+        let mut best: Option<(Refusal, Option<u64>)> = None;
+        let mut consider = |r: Refusal, d: &Decision| {
+            if d.allowed {
+                return;
+            }
+            let longer = match (&best, d.retry_after) {
+                (None, _) => true,
+                (Some((_, None)), _) => false,
+                (Some(_), None) => true,
+                (Some((_, Some(b))), Some(a)) => a > *b,
+            };
+            if longer {
+                best = Some((r, d.retry_after));
+            }
+        };
+        for (l, level) in self.levels.iter().enumerate() {
+            for &p in &level.parts {
+                if let Some(d) = parts.get(p) {
+                    consider(Refusal { level: l, unit: Some(self.part_of[p].1) }, d);
+                }
+            }
+            if let Some(d) = &concurrency[l] {
+                consider(Refusal { level: l, unit: None }, d);
+            }
+        }
+        best.map(|b| b.0)
+    }
+
+    /// True when a reservation charged at `charged_at` has outlived `lease_ttl`: it stands
+    /// as charged.
+    pub fn expired(&self, charged_at: u64) -> bool {
+        self.clock.now() > charged_at.saturating_add(self.lease_ttl_ns)
+    }
+
+    /// Charges (positive) or refunds (negative) `deltas` on every node of `path` for a
+    /// call charged at `charged_at`. A charge is never lost in this process (a node the
+    /// store has no room for is tracked anyway).
+    pub fn adjust(&self, path: &Path, deltas: Deltas, charged_at: u64) -> Result<()> {
+        self.check_path(path)?;
+        if deltas == Deltas::default() {
+            return Ok(());
+        }
+        let keys = self.keys(path);
+        let by_part: Vec<i64> = self.part_of.iter().map(|&(_, u)| deltas.of(u)).collect();
+        match &self.parts {
+            Parts::InProcess(group) => group.adjust_keys(|i| keys[i], &by_part, charged_at),
+            Parts::Shared { table, parts } => {
+                let mut txn = table.transaction()?;
+                let now = self.clock.now();
+                let mut writes: Vec<Write> = Vec::new();
+                let mut tracked: Vec<Write> = Vec::new();
+                for (i, p) in parts.iter().enumerate() {
+                    if by_part[i] == 0 {
+                        continue;
+                    }
+                    let state = txn.read(&keys[i]);
+                    let next = p.quota.adjust(state.unwrap_or(0), now, by_part[i], charged_at);
+                    if state.is_some() {
+                        tracked.push((keys[i], Some(next)));
+                        writes.push((keys[i], Some(next)));
+                    } else if !p.quota.is_fresh(next, now) {
+                        writes.push((keys[i], Some(next)));
+                    }
+                }
+                // With no room for a new node, the nodes already tracked are still settled.
+                if !txn.write(&writes, now) {
+                    txn.write(&tracked, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a reservation charged at `charged_at`: adjusts it by `deltas` and ends its
+    /// leases. Settling at the actual count is `tokens = actual - estimate`; cancelling
+    /// refunds it all (`requests = -1`, `tokens = -estimate`...). False, doing nothing,
+    /// once the reservation has expired: it stands as charged.
+    pub fn settle(&self, path: &Path, deltas: Deltas, charged_at: u64, leases: &[Option<u64>]) -> Result<bool> {
+        self.check_path(path)?;
+        if self.expired(charged_at) {
+            return Ok(false);
+        }
+        self.adjust(path, deltas, charged_at)?;
+        self.release(path, leases)?;
+        Ok(true)
+    }
+
+    /// Ends the leases of a reservation (by level); how many were still held.
+    pub fn release(&self, path: &Path, leases: &[Option<u64>]) -> Result<usize> {
+        self.check_path(path)?;
+        let mut released = 0;
+        for (l, level) in self.levels.iter().enumerate() {
+            if let (Some(c), Some(Some(id))) = (&level.concurrency, leases.get(l)) {
+                released += c.release(&Self::process_key(path, l), *id) as usize;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Puts one node (not the nodes below it) back to its fresh state, its leases ended.
+    pub fn reset(&self, node: &Path) -> Result<()> {
+        let level = self.node_level(node)?;
+        let keys = self.keys(node);
+        let level_parts = &self.levels[level].parts;
+        match &self.parts {
+            Parts::InProcess(group) => {
+                for &p in level_parts {
+                    group.parts()[p].reset(&keys[p]);
+                }
+            }
+            Parts::Shared { table, .. } => {
+                let writes: Vec<Write> = level_parts.iter().map(|&p| (keys[p], None)).collect();
+                table.transaction()?.write(&writes, self.clock.now());
+            }
+        }
+        if let Some(c) = &self.levels[level].concurrency {
+            c.reset(&Self::process_key(node, level));
+        }
+        Ok(())
+    }
+
+    fn in_process(&self, what: &str) -> Result<&Group> {
+        match &self.parts {
+            Parts::InProcess(group) => Ok(group),
+            Parts::Shared { .. } => Err(Error::InvalidArgument(format!(
+                "{what} is not available with a SharedMemoryStore: the quotas are part of the nodes' identity in the \
+                 store; build the Hierarchy with the new quotas in every process"
+            ))),
+        }
+    }
+
+    /// The changes `rates` and `concurrency` make to `level`: each given quota must exist
+    /// there.
+    fn changes(&self, level: usize, rates: &Rates, concurrency: Option<u64>) -> Result<Vec<(usize, Quota)>> {
+        let name = &self.levels[level].name;
+        let mut out = Vec::new();
+        for unit in Unit::ALL {
+            if let Some(rate) = rates[unit as usize] {
+                let Some(p) = self.find_part(level, unit) else {
+                    return Err(Error::InvalidArgument(format!(
+                        "level {name:?} has no {} quota to change",
+                        unit.name()
+                    )));
+                };
+                out.push((p, bucket(rate)?));
+            }
+        }
+        if concurrency.is_some() && self.levels[level].concurrency.is_none() {
+            return Err(Error::InvalidArgument(format!("level {name:?} has no concurrency limit to change")));
+        }
+        if out.is_empty() && concurrency.is_none() {
+            return Err(Error::InvalidArgument(
+                "give at least one of requests, tokens, daily_tokens, spend, concurrency".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Gives one node quotas of its own (those given; the others stay), keeping what it
+    /// has used. In this process only.
+    pub fn set_quota(&self, node: &Path, rates: Rates, concurrency: Option<u64>) -> Result<()> {
+        let group = self.in_process("set_quota")?;
+        let level = self.node_level(node)?;
+        let changes = self.changes(level, &rates, concurrency)?;
+        let keys = self.keys(node);
+        for (p, quota) in changes {
+            group.parts()[p].set_quota(&keys[p], quota)?;
+        }
+        if let (Some(n), Some(c)) = (concurrency, &self.levels[level].concurrency) {
+            c.set_quota(&Self::process_key(node, level), n)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a node back on its level's quotas; false if it had none of its own.
+    pub fn clear_quota(&self, node: &Path) -> Result<bool> {
+        let group = self.in_process("clear_quota")?;
+        let level = self.node_level(node)?;
+        let keys = self.keys(node);
+        let mut any = false;
+        for &p in &self.levels[level].parts {
+            any |= group.parts()[p].clear_quota(&keys[p])?;
+        }
+        if let Some(c) = &self.levels[level].concurrency {
+            any |= c.clear_quota(&Self::process_key(node, level));
+        }
+        Ok(any)
+    }
+
+    /// Changes a level's quotas (nodes with their own keep theirs), keeping usage.
+    pub fn set_default(&self, level: usize, rates: Rates, concurrency: Option<u64>) -> Result<()> {
+        let group = self.in_process("set_default_quota")?;
+        let changes = self.changes(level, &rates, concurrency)?;
+        if let (Some(n), Some(c)) = (concurrency, &self.levels[level].concurrency) {
+            c.set_max(n)?;
+        }
+        changes.into_iter().try_for_each(|(p, quota)| group.parts()[p].set_default(quota))
+    }
+
+    /// The quota in force for part `p` at `node`'s level, and whether it is the node's own.
+    pub fn quota_of(&self, node: &Path, p: usize) -> Result<(Quota, bool)> {
+        self.node_level(node)?;
+        let keys = self.keys(node);
+        Ok(match &self.parts {
+            Parts::InProcess(group) => group.parts()[p].quota_of(&keys[p]),
+            Parts::Shared { parts, .. } => (parts[p].quota.clone(), false),
+        })
+    }
+
+    /// Part `p`'s quota for nodes without one of their own.
+    pub fn default_quota(&self, p: usize) -> Quota {
+        match &self.parts {
+            Parts::InProcess(group) => group.parts()[p].quota(),
+            Parts::Shared { parts, .. } => parts[p].quota.clone(),
+        }
+    }
+
+    /// The concurrency limit in force at `node`, and whether it is the node's own.
+    pub fn concurrency_of(&self, node: &Path) -> Result<Option<(u64, bool)>> {
+        let level = self.node_level(node)?;
+        Ok(self.levels[level].concurrency.as_ref().map(|c| c.quota_of(&Self::process_key(node, level))))
+    }
+
+    /// One node's quotas and usage: each of its level's rate quotas, and its leases as
+    /// (limit, held).
+    pub fn inspect(&self, node: &Path) -> Result<NodeInspection> {
+        let level = self.node_level(node)?;
+        let keys = self.keys(node);
+        let mut out = Vec::new();
+        for &p in &self.levels[level].parts {
+            let unit = self.part_of[p].1;
+            let inspection = match &self.parts {
+                Parts::InProcess(group) => group.parts()[p].inspect(&keys[p]),
+                Parts::Shared { table, parts } => {
+                    let q = &parts[p].quota;
+                    let txn = table.transaction()?;
+                    let now = self.clock.now();
+                    let state = txn.read(&keys[p]);
+                    let (zero, one) = (q.step(state.unwrap_or(0), now, 0).1, q.step(state.unwrap_or(0), now, 1).1);
+                    Inspection {
+                        algorithm: q.kind().name(),
+                        rate: Some(q.rate()),
+                        limit: q.limit(),
+                        own_quota: false,
+                        tracked: state.is_some(),
+                        shadow: self.shadow(),
+                        ..Inspection::from_peeks(&zero, &one)
+                    }
+                }
+            };
+            out.push((unit, inspection));
+        }
+        let leases = self.levels[level].concurrency.as_ref().map(|c| c.in_flight(&Self::process_key(node, level)));
+        Ok((out, leases))
+    }
+
+    /// Evicts idle nodes; returns how many.
+    pub fn sweep(&self) -> usize {
+        let leases: usize = self.levels.iter().filter_map(|l| l.concurrency.as_ref()).map(|c| c.sweep()).sum();
+        match &self.parts {
+            Parts::InProcess(group) => group.parts().iter().map(|p| p.sweep()).sum::<usize>() + leases,
+            Parts::Shared { table, .. } => table.sweep(self.clock.now()) + leases,
+        }
+    }
+
+    pub fn stats(&self) -> HierarchyStats {
+        let parts = match &self.parts {
+            Parts::InProcess(group) => group.parts().iter().map(|p| p.stats()).collect(),
+            Parts::Shared { table, parts } => parts
+                .iter()
+                .map(|p| Stats { counters: p.counters.get(), keys: table.count(), ..Stats::default() })
+                .collect(),
+        };
+        HierarchyStats {
+            counters: self.counters.get(),
+            refused_by: self.refused_by.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
+            parts,
+            concurrency: self.levels.iter().map(|l| l.concurrency.as_ref().map(|c| c.stats())).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, NANOS};
+    use crate::store::shm::Location;
+
+    fn rate(s: &str) -> Option<Rate> {
+        Some(Rate::parse(s).unwrap())
+    }
+
+    fn level(name: &str, requests: Option<Rate>, tokens: Option<Rate>, concurrency: Option<u64>) -> LevelSpec {
+        LevelSpec { name: name.into(), rates: [requests, tokens, None, None], concurrency }
+    }
+
+    fn path(elements: &[&str]) -> Path {
+        let mut p = Path::new();
+        for e in elements {
+            p.push(KeyKind::Str, e.as_bytes());
+        }
+        p
+    }
+
+    fn three(clock: &ManualClock, store: Option<Arc<ShmTable>>) -> Hierarchy {
+        let conc = |n| if store.is_some() { None } else { Some(n) };
+        let levels = vec![
+            level("org", rate("10/minute"), rate("1000/minute"), None),
+            level("team", rate("6/minute"), None, conc(2)),
+            level("key", rate("4/minute"), None, conc(1)),
+        ];
+        Hierarchy::new(levels, store, "", Clock::Manual(clock.clone()), 3600.0, None, 60.0).unwrap()
+    }
+
+    fn one(requests: u64) -> Amounts {
+        Amounts { requests, ..Amounts::default() }
+    }
+
+    fn shm(name: &str) -> (Arc<ShmTable>, String) {
+        let p = std::env::temp_dir().join(format!("nl-hier-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let p = p.to_string_lossy().into_owned();
+        (Arc::new(ShmTable::open(Location::Path(&p), Some(4096), Some(3600)).unwrap()), p)
+    }
+
+    #[test]
+    fn every_level_is_charged_or_none() {
+        for store in [None, Some(shm("levels"))] {
+            let clock = ManualClock::new(0);
+            let h = three(&clock, store.as_ref().map(|s| Arc::clone(&s.0)));
+            let (a, b) = (path(&["acme", "search", "k1"]), path(&["acme", "search", "k2"]));
+            assert_eq!((0..5).filter(|_| h.check(&a, one(1), true).unwrap().allowed).count(), 4);
+            let refused = h.check(&a, one(1), true).unwrap();
+            assert_eq!(refused.refused, Some(Refusal { level: 2, unit: Some(Unit::Requests) }));
+            assert_eq!(refused.decision.retry_after, Some(15 * NANOS), "the key frees up first in 15 s");
+            // The team has 2 of its 6 left: k2 gets 2, then the team refuses, and the key
+            // refused was charged nowhere.
+            assert_eq!((0..3).filter(|_| h.check(&b, one(1), true).unwrap().allowed).count(), 2);
+            let team = h.check(&b, one(1), true).unwrap();
+            assert_eq!(team.refused.unwrap().level, 1);
+            let k2 = h.peek(&b, Amounts::default()).unwrap();
+            assert_eq!(k2.parts[h.find_part(2, Unit::Requests).unwrap()].remaining, 2, "k2 spent 2 of 4");
+            let org = h.peek(&a, Amounts::default()).unwrap();
+            assert_eq!(org.parts[h.find_part(0, Unit::Requests).unwrap()].remaining, 4, "the org spent 6 of 10");
+            // A path with the wrong number of elements names the levels.
+            let err = h.check(&path(&["acme"]), one(1), true).unwrap_err().to_string();
+            assert!(err.contains("org > team > key") && err.contains("expected 3 elements, got 1"), "{err}");
+            let stats = h.stats();
+            assert_eq!(
+                (stats.counters.allowed, stats.counters.denied, stats.refused_by.clone()),
+                (6, 4, vec![0, 2, 2])
+            );
+            if let Some((_, p)) = store {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn reservations_take_a_lease_at_every_level_and_settle_every_level() {
+        let clock = ManualClock::new(0);
+        let h = three(&clock, None);
+        let k = path(&["acme", "search", "k1"]);
+        let tokens = |t| Amounts { requests: 1, tokens: t, spend: 0 };
+        let r = h.reserve(&k, tokens(600)).unwrap();
+        assert!(r.allowed);
+        assert!(r.leases[0].is_none() && r.leases[1].is_some() && r.leases[2].is_some());
+        let busy = h.reserve(&k, tokens(1)).unwrap();
+        assert_eq!(busy.refused, Some(Refusal { level: 2, unit: None }), "the key's one lease is held");
+        assert!(busy.leases.iter().all(Option::is_none), "no lease is kept by a refused reservation");
+        assert_eq!(h.concurrency(1).unwrap().held(&Hierarchy::process_key(&k, 1)), 1);
+        // The org's tokens: 600 reserved of 1000; settled at 100, 500 come back.
+        let settled = h.settle(&k, Deltas { tokens: -500, ..Deltas::default() }, r.charged_at, &r.leases).unwrap();
+        assert!(settled);
+        let org_tokens = h.find_part(0, Unit::Tokens).unwrap();
+        assert_eq!(h.peek(&k, Amounts::default()).unwrap().parts[org_tokens].remaining, 900);
+        assert_eq!(h.concurrency(2).unwrap().held(&Hierarchy::process_key(&k, 2)), 0);
+        // Another key of the team takes the team's two leases; a third key waits for the team.
+        let (k2, k3) = (path(&["acme", "search", "k2"]), path(&["acme", "search", "k3"]));
+        let r1 = h.reserve(&k, tokens(1)).unwrap();
+        let r2 = h.reserve(&k2, tokens(1)).unwrap();
+        assert!(r1.allowed && r2.allowed);
+        let third = h.reserve(&k3, tokens(1)).unwrap();
+        assert_eq!(third.refused, Some(Refusal { level: 1, unit: None }));
+        assert_eq!(third.concurrency[2], None, "the key's lock is not even taken");
+        let org_requests = h.find_part(0, Unit::Requests).unwrap();
+        assert_eq!(third.parts[org_requests].remaining, 6, "told, charging nothing: 3 of 10 used, 1 asked");
+        // Cancelled: the request and its tokens come back at every level.
+        assert!(h.settle(&k2, Deltas { requests: -1, tokens: -1, spend: 0 }, r2.charged_at, &r2.leases).unwrap());
+        assert_eq!(h.peek(&k, Amounts::default()).unwrap().parts[org_requests].remaining, 8);
+        // Past lease_ttl a reservation stands as charged.
+        clock.advance(61 * NANOS);
+        assert!(!h.settle(&k, Deltas { tokens: -1, ..Deltas::default() }, r1.charged_at, &r1.leases).unwrap());
+    }
+
+    #[test]
+    fn node_quotas_change_at_run_time() {
+        let clock = ManualClock::new(0);
+        let h = three(&clock, None);
+        let acme = path(&["acme"]);
+        let k = path(&["acme", "search", "k1"]);
+        assert!(h.check(&k, one(3), true).unwrap().allowed);
+        h.set_quota(&acme, [rate("4/minute"), None, None, None], None).unwrap();
+        let d = h.check(&k, one(1), true).unwrap();
+        assert!(d.allowed, "3 of the org's new 4 were used");
+        let d = h.check(&k, one(1), true).unwrap();
+        assert_eq!(d.refused, Some(Refusal { level: 0, unit: Some(Unit::Requests) }));
+        let (q, own) = h.quota_of(&acme, h.find_part(0, Unit::Requests).unwrap()).unwrap();
+        assert!(own && q.limit() == 4);
+        // Another org keeps the level's quota.
+        assert!(h.check(&path(&["other", "t", "k"]), one(4), true).unwrap().allowed);
+        let err = h.set_quota(&acme, [None, None, None, rate("5/day")], None).unwrap_err().to_string();
+        assert_eq!(err, "level \"org\" has no spend quota to change");
+        assert!(h.set_quota(&acme, [None; 4], Some(3)).unwrap_err().to_string().contains("no concurrency limit"));
+        h.set_quota(&path(&["acme", "search"]), [None; 4], Some(5)).unwrap();
+        assert_eq!(h.concurrency_of(&path(&["acme", "search"])).unwrap(), Some((5, true)));
+        assert!(h.clear_quota(&acme).unwrap() && !h.clear_quota(&acme).unwrap());
+        h.set_default(h.level("key").unwrap(), [rate("100/minute"), None, None, None], Some(2)).unwrap();
+        // The key has used 4 of the level's new 100; its team has 2 of 6 left.
+        assert!(h.check(&k, one(2), true).unwrap().allowed, "the key level was raised");
+        assert_eq!(h.check(&k, one(1), true).unwrap().refused.unwrap().level, 1);
+        assert!(h.level("nope").unwrap_err().to_string().contains("\"org\", \"team\", \"key\""));
+        h.reset(&acme).unwrap();
+        assert_eq!(h.inspect(&acme).unwrap().0[0].1.used, 0);
+        assert!(h.inspect(&path(&["a", "b", "c", "d"])).is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let clock = Clock::Manual(ManualClock::new(0));
+        let new = |levels: Vec<LevelSpec>| Hierarchy::new(levels, None, "", clock.clone(), 60.0, None, 60.0);
+        assert!(new(vec![]).is_err());
+        assert!(new(vec![level("a", None, None, None)]).err().unwrap().to_string().contains("has no quota"));
+        let twice = new(vec![level("a", rate("1/s"), None, None), level("a", rate("1/s"), None, None)]);
+        assert!(twice.err().unwrap().to_string().contains("given twice"));
+        assert!(new(vec![level("", rate("1/s"), None, None)]).is_err());
+        let deep: Vec<LevelSpec> = (0..17).map(|i| level(&format!("l{i}"), rate("1/s"), None, None)).collect();
+        assert!(new(deep).is_err());
+        let (table, p) = shm("validation");
+        let conc = Hierarchy::new(vec![level("a", None, None, Some(1))], Some(table), "", clock, 60.0, None, 60.0);
+        assert!(conc.err().unwrap().to_string().contains("not available with a SharedMemoryStore"));
+        std::fs::remove_file(p).unwrap();
+        assert_eq!(Unit::parse("daily_tokens").unwrap(), Unit::DailyTokens);
+        assert!(Unit::parse("dollars").is_err());
+    }
+
+    #[test]
+    fn shadow_mode_admits_and_names_the_level() {
+        let clock = ManualClock::new(0);
+        let h = three(&clock, None);
+        let k = path(&["acme", "search", "k1"]);
+        h.set_shadow(true);
+        let outcomes: Vec<Outcome> = (0..5).map(|_| h.check(&k, one(1), true).unwrap()).collect();
+        assert!(outcomes.iter().all(|o| o.allowed));
+        assert!(outcomes[4].shadow && outcomes[4].refused.unwrap().level == 2);
+        let c = h.stats().counters;
+        assert_eq!((c.allowed, c.denied, c.shadow_denied), (4, 1, 1));
+    }
+
+    /// Threads on many keys of one team: no level ever admits past its quota, and every
+    /// admitted call is charged at every level.
+    fn exact_under_threads(store: Option<Arc<ShmTable>>) {
+        let clock = ManualClock::new(0);
+        let levels = vec![
+            level("org", rate("300/hour"), None, None),
+            level("team", rate("200/hour"), None, None),
+            level("key", rate("30/hour"), None, None),
+        ];
+        let h = Arc::new(Hierarchy::new(levels, store, "t", Clock::Manual(clock), 3600.0, None, 60.0).unwrap());
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let h = Arc::clone(&h);
+                std::thread::spawn(move || {
+                    let mut admitted = vec![0u64; 20];
+                    for i in 0..400 {
+                        let k = (i * 7 + t) % 20;
+                        let team = if k < 10 { "a" } else { "b" };
+                        if h.check(&path(&["o", team, &format!("k{k}")]), one(1), true).unwrap().allowed {
+                            admitted[k] += 1;
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let mut per_key = vec![0u64; 20];
+        for handle in handles {
+            for (k, n) in handle.join().unwrap().into_iter().enumerate() {
+                per_key[k] += n;
+            }
+        }
+        let (a, b): (u64, u64) = (per_key[..10].iter().sum(), per_key[10..].iter().sum());
+        assert!(per_key.iter().all(|&n| n <= 30), "{per_key:?}");
+        assert!(a <= 200 && b <= 200 && a + b == 300, "the org's 300 all went, no more: {a} + {b}");
+        let peek = |p: &[&str], level: usize| {
+            let d = h.peek(&path(p), Amounts::default()).unwrap();
+            d.parts[h.find_part(level, Unit::Requests).unwrap()].remaining
+        };
+        assert_eq!(peek(&["o", "a", "k0"], 0), 0);
+        assert_eq!(peek(&["o", "a", "k0"], 1), 200 - a, "the team was charged what its keys were");
+        assert_eq!(peek(&["o", "b", "k10"], 2), 30 - per_key[10]);
+    }
+
+    #[test]
+    fn exact_under_threads_in_process() {
+        exact_under_threads(None);
+    }
+
+    #[test]
+    fn exact_under_threads_in_shared_memory() {
+        let (table, p) = shm("threads");
+        exact_under_threads(Some(table));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_full_store_refuses_the_whole_path() {
+        let clock = Clock::Manual(ManualClock::new(0));
+        let levels = vec![level("org", rate("10/minute"), None, None), level("key", rate("5/minute"), None, None)];
+        let h = Hierarchy::new(levels, None, "", clock, 3600.0, Some(1), 60.0).unwrap();
+        assert!(h.check(&path(&["o", "k1"]), one(1), true).unwrap().allowed);
+        let full = h.check(&path(&["o", "k2"]), one(1), true).unwrap();
+        assert!(!full.allowed);
+        assert_eq!(full.refused.unwrap().level, 1, "the key level's store is full");
+        assert_eq!(h.peek(&path(&["o", "k1"]), Amounts::default()).unwrap().parts[0].remaining, 9);
+    }
+}
