@@ -69,6 +69,22 @@ class TokenLimiter:
         plan.count(reservation, tokens)
         return reservation
 
+    async def peek(self, key: Key, tokens: int = 0) -> AsyncReservation:
+        """What ``reserve(key, tokens)`` would decide now, charging nothing and taking no
+        lease: a Reservation that is already ``done`` (its ``allowed``, per-limit
+        decisions and ``headers()`` are those a reservation would get; ``settle`` and
+        ``cancel`` do nothing). One round trip of a read-only script, which a full server
+        runs too. ``peek(key)`` (no tokens) tells whether the key could be admitted at
+        all (request limit, concurrency, a token limit in debt) before its request body
+        is even read: the LLM middleware asks it first."""
+        plan = self._plan
+        args, _ = plan.reserve_args(tokens, "peek")
+        try:
+            reply = plan.reserved(await evalsha(self._channel, RESERVE.for_mode("peek"), plan.keys(key), args), "")
+        except BACKEND_ERRORS as error:
+            reply = plan.fallback_reply(error)
+        return AsyncReservation(self, key, tokens, (False, *reply[1:6], None, None))
+
     async def _settle(
         self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]
     ) -> bool:

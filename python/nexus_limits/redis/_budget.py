@@ -90,15 +90,16 @@ class BudgetPlan:
         tag = f"{self.prefix}:{{{encode_key(key)}}}"
         return [tag + s for s in self.suffixes]
 
-    def reserve_args(self, tokens: Any) -> Tuple[List[str], str]:
+    def reserve_args(self, tokens: Any, mode: str = "hit") -> Tuple[List[str], str]:
+        """reserve.lua's ARGV for a reservation ("hit") or a peek, and the lease id."""
         if isinstance(tokens, bool) or not isinstance(tokens, int):
             raise TypeError(f"tokens must be a non-negative int, got {type(tokens).__name__}")
         if tokens < 0:
             raise ValueError(f"tokens must be a non-negative integer, got {tokens}")
-        lease = new_lease_id() if self.concurrency else ""
+        lease = new_lease_id() if self.concurrency and mode == "hit" else ""
         args = [
             now_arg(self.clock),
-            "hit",
+            mode,
             str(tokens),
             str(len(self.buckets)),
             str(self.concurrency),

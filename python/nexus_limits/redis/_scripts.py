@@ -79,7 +79,7 @@ COMPOSITE = Script(_HEADER + "\n" + _ALL_STEPS + "\n" + _piece("composite.lua"),
 CONCURRENCY = Script(_piece("concurrency.lua"), reader=True)
 RELEASE = Script(_piece("release.lua"), "allow-oom")
 REQUOTA = Script(_HEADER + "\n" + _SPLIT + "\n" + _piece("requota.lua"))
-RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"))
+RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"), reader=True)
 SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("settle.lua"))
 
 
