@@ -11,8 +11,9 @@ import nexus_limits as nl
 from .._core import ManualClock
 from ..base import Key
 from ..budget import AsyncReservation
-from ..spend import PriceTable, SpendReservation, parse_budget
+from ..spend import PriceTable, parse_budget
 from ..spend import SpendLimiter as _InProcessSpend
+from ..spend._limiter import AsyncSpendReservation  # unasync: from ..spend import SpendReservation
 from ._async import ASYNC, evalsha
 from ._budget import BudgetPlan
 from ._channel import channel_for
@@ -182,11 +183,11 @@ class SpendLimiter(_InProcessSpend):
 
     async def reserve(  # type: ignore[override]  # unasync: def reserve(
         self, key: Key, model: Optional[str], input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
-    ) -> SpendReservation:
+    ) -> AsyncSpendReservation:
         """Reserve the estimated cost of a call for ``key``; settle it with the actual usage."""
         micros = self.estimate(model, input_tokens, output_tokens, cached_input_tokens)
         engine: Any = self._engine  # this module's TokenLimiter
-        return SpendReservation(self, await engine.reserve(key, micros), model)
+        return AsyncSpendReservation(self, await engine.reserve(key, micros), model)
 
     async def reset(self, key: Key) -> None:  # type: ignore[override]  # unasync: def reset(self, key: Key) -> None:
         engine: Any = self._engine  # this module's TokenLimiter

@@ -40,6 +40,7 @@ RENAMES: Dict[str, str] = {
     "_async": "_sync",  # from ._async import ... (the budget source uses the limiters')
     "AsyncRateLimiter": "RateLimiter",
     "AsyncReservation": "Reservation",
+    "AsyncSpendReservation": "SpendReservation",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "acquire_async": "acquire",  # _wait.acquire_async -> _wait.acquire

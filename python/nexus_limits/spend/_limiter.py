@@ -16,7 +16,7 @@ from ..budget import Reservation, go_duration
 from ..tokens import Usage, parse_rate_limit_headers
 from ._prices import MICROS, PriceTable, default_prices
 
-__all__ = ["SpendLimiter", "SpendReservation", "UpstreamGuard", "parse_budget"]
+__all__ = ["AsyncSpendReservation", "SpendLimiter", "SpendReservation", "UpstreamGuard", "parse_budget"]
 
 _BUDGET = re.compile(r"^\s*\$?\s*(\d+(?:\.\d{1,6})?)\s*(?:/|per\s)\s*(.+?)\s*$", re.IGNORECASE)
 
@@ -106,6 +106,23 @@ class SpendReservation:
                 f"spend budget {budget}: the estimated cost ${dollars(self.estimate_micros)} is above the whole budget"
             )
         return f"spend budget {budget} exhausted; enough is restored in {math.ceil(self.retry_after)} s"
+
+
+class AsyncSpendReservation(SpendReservation):
+    """A :class:`SpendReservation` of an asyncio backend
+    (``nexus_limits.redis.asyncio.SpendLimiter``): ``settle`` and ``cancel`` are
+    coroutines."""
+
+    __slots__ = ()
+
+    async def settle(self, actual: Union[Usage, int]) -> bool:  # type: ignore[override]
+        micros = self._limiter.cost(self.model, actual) if isinstance(actual, Usage) else actual
+        inner: Any = self._inner  # an AsyncReservation
+        return bool(await inner.settle(micros))
+
+    async def cancel(self) -> bool:  # type: ignore[override]
+        inner: Any = self._inner  # an AsyncReservation
+        return bool(await inner.cancel())
 
 
 class SpendLimiter:
