@@ -10,7 +10,9 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server faketime >/dev/null
 fi
-# Debian starts a system-wide server on 6379 after installing; the tests do not use it.
+# Debian may start a system-wide server on 6379 after installing: the README test uses it
+# when it is there (a pasted `redis.Redis()` reaches it), else starts its own on 6379; the
+# other tests start their own servers on free ports.
 
 if ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add clippy
