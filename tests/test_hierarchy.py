@@ -55,6 +55,20 @@ def used(h, node, quota="requests"):
     return h.inspect(node)[quota]["used"]
 
 
+_SPAWNED: list = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left():
+    """Whatever a test spawned is gone after it, passed or failed."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @pytest.fixture
 def store_name():
     name = f"test-h-{uuid.uuid4().hex[:12]}"
@@ -485,8 +499,10 @@ def _worker(store_name, calls, record, seed, forever):
     h = big(store) if forever else daily(store)
     rng = random.Random(seed)
     fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    # "forever" until killed, and never past a minute should the test fail to kill it.
+    deadline = time.monotonic() + 60
     i = 0
-    while forever or i < calls:
+    while (forever and time.monotonic() < deadline) or i < calls:
         p = rng.choice(paths())
         if h.try_acquire(p):
             os.write(fd, (",".join(p) + "\n").encode())
@@ -495,7 +511,9 @@ def _worker(store_name, calls, record, seed, forever):
 
 def _spawn(store_name, calls, record, seed, forever=False):
     args = [sys.executable, __file__, "worker", store_name, str(calls), str(record), str(seed)]
-    return subprocess.Popen(args + (["--forever"] if forever else []))
+    proc = subprocess.Popen(args + (["--forever"] if forever else []))
+    _SPAWNED.append(proc)
+    return proc
 
 
 def _records(files):
@@ -540,10 +558,12 @@ def test_processes_killed_mid_check_leave_every_level_consistent(store_name, tmp
     for i in range(VICTIMS):
         record = tmp_path / f"victim{i}"
         victim = _spawn(store_name, 0, record, 100 + i, forever=True)
-        _wait_for_file(record)
-        time.sleep(random.uniform(0.01, 0.1))
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=10)
+        try:
+            _wait_for_file(record)
+            time.sleep(random.uniform(0.01, 0.1))
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
     h = big(nl.SharedMemoryStore(store_name))
     teams = {t: used(h, ("o", t)) for t in TEAMS}
     assert used(h, ("o",)) == sum(teams.values()) > 0

@@ -29,6 +29,20 @@ ALGORITHMS = {
 }
 
 
+_SPAWNED: list = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left():
+    """Whatever a test spawned is gone after it, passed or failed."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @pytest.fixture
 def store_name():
     name = f"test-p-{uuid.uuid4().hex[:12]}"
@@ -179,7 +193,9 @@ def _worker(store_name, cls, calls, record):
 
 
 def _spawn(store_name, cls, calls, record):
-    return subprocess.Popen([sys.executable, __file__, "worker", store_name, cls, str(calls), str(record)])
+    proc = subprocess.Popen([sys.executable, __file__, "worker", store_name, cls, str(calls), str(record)])
+    _SPAWNED.append(proc)
+    return proc
 
 
 def test_processes_keep_the_reserve_exactly(store_name, tmp_path):
