@@ -449,8 +449,10 @@ def test_the_gateway_reuses_its_upstream_connections_and_bounds_them(tmp_path, r
     with GatewayServer(path) as gw:
         asyncio.run(load(gw.url))
         assert gw.app.proxy.client.max_connections == 8, "the pool is as large as the server's connections"
-    # No more upstream connections than requests at once, each reused.
-    assert raw.max_open <= 3 and raw.accepted <= 3, (raw.accepted, raw.max_open)
+    # No more upstream connections open than requests at once, and reused: 40 requests
+    # on a handful of connections (an idle one is dropped after 4 s, so a slow machine
+    # may open one again).
+    assert raw.max_open <= 3 and raw.accepted <= 6, (raw.accepted, raw.max_open)
     assert len(raw.paths) == 40
 
 

@@ -216,11 +216,22 @@ def test_a_worker_that_dies_is_replaced(tmp_path, upstream, redis_server):
         gw.wait_ready(2)
         first = gw.workers()
         os.kill(first[0], signal.SIGKILL)
+        # Replaced: another worker serves requests (a process seen listening for an
+        # instant may be one being started, not yet the new worker: ask it).
+        replaced = None
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (len(gw.workers()) != 2 or first[0] in gw.workers()):
-            time.sleep(0.1)
-        now = gw.workers()
-        assert len(now) == 2 and first[0] not in now and first[1] in now, (first, now)
+        while time.monotonic() < deadline and replaced is None:
+            pids = gw.workers()
+            if len(pids) == 2 and first[0] not in pids:
+                with connect(gw.port) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert read_response(sock)[0] == 200
+                    held = [pid for pid in pids if sock.getsockname()[1] in _tcp(pid, gw.port, "01").values()]
+                if held and held[0] not in first:
+                    replaced = held[0]
+            time.sleep(0.05)
+        assert replaced is not None, (first, gw.workers(), gw.output())
+        assert first[1] in gw.workers()
         with httpx.Client(base_url=f"http://127.0.0.1:{gw.port}", timeout=10) as http:
             assert http.get("/v1/models", headers={"authorization": "Bearer sk-two"}).status_code == 200
     finally:
@@ -232,6 +243,15 @@ def test_sighup_reloads_every_worker(tmp_path, upstream, redis_server):
     try:
         gw.wait_ready(2)
         pids = gw.workers()
+        # Both workers have started (each answered): their reload handlers are set.
+        answered: set = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and answered != set(pids):
+            with connect(gw.port) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0] == 200
+                answered.add(owner(pids, gw.port, sock))
+        assert answered == set(pids)
         gw.write(upstream, redis_server, 2, "30/hour", reload="sighup")
         gw.proc.send_signal(signal.SIGHUP)
         # Every worker answers with the new limit (fresh connections until each worker

@@ -304,7 +304,13 @@ class Supervisor:
                 name=f"nexus-limits-gateway-{i}",
                 daemon=False,
             )
-            proc.start()
+            # A worker ignores SIGHUP until its app installs the reload handler (the
+            # disposition passes through exec): one sent while it starts would kill it.
+            previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            try:
+                proc.start()
+            finally:
+                signal.signal(signal.SIGHUP, previous)
             if i < len(procs):
                 procs[i], started[i] = proc, time.monotonic()
             else:
