@@ -184,7 +184,7 @@ max_connections = 1024
 key = "bearer"
 reload = "off"
 max_in_flight_per_key = 1024
-
+{backend}
 [tiers.bench]
 requests = "100000000/minute"
 tokens = "100000000000/minute"
@@ -196,13 +196,15 @@ default_output_tokens = 16
 
 
 class Gateway:
-    def __init__(self, upstream: int, workers: int, tmp: str) -> None:
+    def __init__(self, upstream: int, workers: int, tmp: str, redis: Optional[int] = None) -> None:
         self.port = free_port()
-        self.path = os.path.join(tmp, f"gateway-{workers}.toml")
+        self.name = f"{'redis' if redis else 'memory'} w={workers}"
+        self.path = os.path.join(tmp, f"gateway-{workers}-{redis}.toml")
+        backend = f'\n[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis}/0"\n' if redis else ""
         with open(self.path, "w") as f:
-            f.write(CONFIG.format(upstream=upstream, port=self.port, workers=workers, key=KEY))
+            f.write(CONFIG.format(upstream=upstream, port=self.port, workers=workers, key=KEY, backend=backend))
         args = [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", self.path]
-        self.log = open(os.path.join(tmp, f"gateway-{workers}.log"), "wb")
+        self.log = open(os.path.join(tmp, f"gateway-{workers}-{redis}.log"), "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
         wait_listening(self.port, self.proc)
         # Every worker up: a few requests answered.
@@ -316,16 +318,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(LUA.format(body=json.dumps(REQUEST), key=KEY))
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
-    gateways: Dict[int, Gateway] = {}
+    redis: Optional[subprocess.Popen] = None
+    redis_port = free_port()
+    gateways: List[Gateway] = []
     runs: Dict[Tuple[str, int], List[Dict[str, float]]] = {}
     try:
         wait_listening(up_port, upstream)
-        for n in args.workers:
-            gateways[n] = Gateway(up_port, n, tmp)
+        # The default (one process, limits in memory); then, when more workers are
+        # asked for, the redis backend they share their limits through, at each count.
+        if 1 in args.workers:
+            gateways.append(Gateway(up_port, 1, tmp))
+        if any(n > 1 for n in args.workers):
+            redis = subprocess.Popen(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+            )
+            wait_listening(redis_port, redis)
+            gateways += [Gateway(up_port, n, tmp, redis_port) for n in args.workers]
         for round_ in range(args.rounds):
             for c in args.connections:
                 targets: List[Tuple[str, int, Optional[Gateway]]] = [("direct", up_port, None)]
-                targets += [(f"gateway w={n}", g.port, g) for n, g in gateways.items()]
+                targets += [(g.name, g.port, g) for g in gateways]
                 for name, port, gateway in targets:
                     before = upstream_stats(up_port)
                     cpu = gateway.cpu_seconds() if gateway else 0.0
@@ -338,14 +351,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                         got["cpu_us"] = 1e6 * used / max(1.0, got["upstream_requests"])
                     runs.setdefault((name, c), []).append(got)
                     print(
-                        f"  round {round_ + 1} {name:<13} c={c:<3} {got['rps']:>9,.0f} req/s"
+                        f"  round {round_ + 1} {name:<14} c={c:<3} {got['rps']:>9,.0f} req/s"
                         f"  p50 {got['p50']:7.2f} ms  p99 {got['p99']:7.2f} ms  errors {got['errors']:.0f}",
                         file=sys.stderr,
                     )
     finally:
-        for g in gateways.values():
+        for g in gateways:
             g.close()
         stop(upstream)
+        if redis is not None:
+            stop(redis)
 
     def median(name: str, c: int, field: str) -> float:
         return statistics.median(r[field] for r in runs[(name, c)])
@@ -358,7 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     for c in args.connections:
         direct_p50 = median("direct", c, "p50")
-        for name in ["direct"] + [f"gateway w={n}" for n in args.workers]:
+        for name in ["direct"] + [g.name for g in gateways]:
             rps, p50, p99 = median(name, c, "rps"), median(name, c, "p50"), median(name, c, "p99")
             added = "" if name == "direct" else f"{p50 - direct_p50:+.3f}"
             reuse = cpu = ""
