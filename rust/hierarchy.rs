@@ -156,7 +156,31 @@ struct ShmPart {
     quota: Quota,
     /// XORed into the node's fingerprint: sets this part's keys apart in the store.
     salt: [u32; 3],
+    /// The same for the key holding a node's own quota (see [`Hierarchy::set_quota`]).
+    quota_salt: [u32; 3],
     counters: CachePadded<AtomicCounters>,
+}
+
+impl ShmPart {
+    /// The quota in force for a node whose own-quota key reads `own`, and whether it is
+    /// the node's own.
+    fn quota_for(&self, own: Option<State>) -> (Quota, bool) {
+        match own.and_then(decode_quota) {
+            Some(q) => (q, true),
+            None => (self.quota.clone(), false),
+        }
+    }
+}
+
+/// A node's own quota as a shared-memory state: a bucket's count and period (its burst
+/// is its count). Never 0.
+fn encode_quota(q: &Quota) -> State {
+    let rate = q.rate();
+    rate.count as u128 | (rate.period_ns as u128) << 64
+}
+
+fn decode_quota(state: State) -> Option<Quota> {
+    Rate::new(state as u64, (state >> 64) as u64).and_then(bucket).ok()
 }
 
 enum Parts {
@@ -322,7 +346,9 @@ impl Hierarchy {
                     crate::limiter::check_store_ttl(&quota, &table)?;
                     let quota = quota.bound(if clock.is_manual() { 0 } else { table.epoch_offset });
                     let salt = shm_salt(&table, name, level, &levels[level], unit, &quota);
-                    parts.push(ShmPart { quota, salt, counters: Default::default() });
+                    let quota_salt =
+                        shm_salt(&table, &format!("{name}|own quota"), level, &levels[level], unit, &quota);
+                    parts.push(ShmPart { quota, salt, quota_salt, counters: Default::default() });
                 }
                 Parts::Shared { table, parts }
             }
@@ -448,6 +474,21 @@ impl Hierarchy {
         ))
     }
 
+    /// In a shared-memory store, each part's key holding the own quota of its node of
+    /// `path` (levels `0..path.len()`); none in this process.
+    fn quota_keys(&self, path: &Path) -> Vec<Fingerprint> {
+        let Parts::Shared { table, parts } = &self.parts else {
+            return Vec::new();
+        };
+        let levels: Vec<Fingerprint> =
+            (0..path.len()).map(|l| fingerprint_with(table.k0, table.k1, KeyKind::Bytes, path.node(l))).collect();
+        parts
+            .iter()
+            .zip(&self.part_of)
+            .map(|(p, &(l, _))| levels.get(l).map_or_else(Fingerprint::default, |&fp| salted(fp, p.quota_salt)))
+            .collect()
+    }
+
     /// Each part's key for the nodes of `path` (levels `0..path.len()`).
     fn keys(&self, path: &Path) -> Vec<Fingerprint> {
         match &self.parts {
@@ -483,9 +524,9 @@ impl Hierarchy {
     /// charges every rate quota or none. Takes no lease (see [`reserve`](Self::reserve)).
     pub fn check(&self, path: &Path, amounts: Amounts, charge: bool) -> Result<Outcome> {
         self.check_path(path)?;
-        let keys = self.keys(path);
+        let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let now = self.clock.now();
-        let (rates, parts) = self.check_rates(&keys, &self.costs(&amounts), charge)?;
+        let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), charge)?;
         Ok(self.outcome(rates, parts, vec![None; self.levels.len()], vec![None; self.levels.len()], now, charge))
     }
 
@@ -493,8 +534,8 @@ impl Hierarchy {
     /// lease.
     pub fn peek(&self, path: &Path, amounts: Amounts) -> Result<Outcome> {
         self.check_path(path)?;
-        let keys = self.keys(path);
-        let (rates, parts) = self.check_rates(&keys, &self.costs(&amounts), false)?;
+        let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
+        let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), false)?;
         let concurrency = self
             .levels
             .iter()
@@ -509,7 +550,7 @@ impl Hierarchy {
     /// one free and every rate quota admits.
     pub fn reserve(&self, path: &Path, amounts: Amounts) -> Result<Outcome> {
         self.check_path(path)?;
-        let keys = self.keys(path);
+        let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let costs = self.costs(&amounts);
         let now = self.clock.now();
         let limited: Vec<(usize, &Concurrency, Fingerprint)> = self
@@ -522,7 +563,7 @@ impl Hierarchy {
         let (mut concurrency, mut leases) = (vec![None; n], vec![None; n]);
         let mut rates: Option<Result<(Option<Decision>, Vec<Decision>)>> = None;
         let mut inner = || {
-            let r = self.check_rates(&keys, &costs, true);
+            let r = self.check_rates(&keys, &quota_keys, &costs, true);
             let ok = matches!(&r, Ok((d, _)) if d.is_none_or(|d| d.allowed));
             rates = Some(r);
             ok
@@ -531,7 +572,7 @@ impl Hierarchy {
         // Not run (a level had no lease free): the rate quotas are told, charging nothing.
         let (rates, parts) = match rates {
             Some(r) => r?,
-            None => self.check_rates(&keys, &costs, false)?,
+            None => self.check_rates(&keys, &quota_keys, &costs, false)?,
         };
         Ok(self.outcome(rates, parts, concurrency, leases, now, true))
     }
@@ -561,6 +602,7 @@ impl Hierarchy {
     fn check_rates(
         &self,
         keys: &[Fingerprint],
+        quota_keys: &[Fingerprint],
         costs: &[u64],
         charge: bool,
     ) -> Result<(Option<Decision>, Vec<Decision>)> {
@@ -574,7 +616,7 @@ impl Hierarchy {
                 Ok((Some(d), each))
             }
             Parts::Shared { table, parts } => {
-                self.check_shared(table, parts, keys, costs, charge).map(|(d, e)| (Some(d), e))
+                self.check_shared(table, parts, keys, quota_keys, costs, charge).map(|(d, e)| (Some(d), e))
             }
         }
     }
@@ -585,6 +627,7 @@ impl Hierarchy {
         table: &ShmTable,
         parts: &[ShmPart],
         keys: &[Fingerprint],
+        quota_keys: &[Fingerprint],
         costs: &[u64],
         charge: bool,
     ) -> Result<(Decision, Vec<Decision>)> {
@@ -592,17 +635,18 @@ impl Hierarchy {
         // Read under the lock: checks are then ordered in time as they are by the lock.
         let now = self.clock.now();
         let shadow = self.shadow();
-        let mut steps: Vec<(Option<State>, State, Decision)> = Vec::with_capacity(parts.len());
+        let mut steps: Vec<(Option<State>, State, Decision, Quota)> = Vec::with_capacity(parts.len());
         let mut whole: Option<Decision> = None;
         for (i, p) in parts.iter().enumerate() {
             let state = txn.read(&keys[i]);
-            let (next, d) = p.quota.step(state.unwrap_or(0), now, costs[i]);
+            let (quota, _) = p.quota_for(txn.read(&quota_keys[i]));
+            let (next, d) = quota.step(state.unwrap_or(0), now, costs[i]);
             let effective = if !d.allowed && shadow { d.shadow_admitted() } else { d };
             whole = Some(whole.map_or(effective, |w| fold(w, &effective)));
             if charge {
                 p.counters.count_check(d, shadow);
             }
-            steps.push((state, next, d));
+            steps.push((state, next, d, quota));
         }
         let mut each: Vec<Decision> = steps.iter().map(|s| s.2).collect();
         let decision = finish(whole.expect("a hierarchy in shared memory has a rate quota"));
@@ -611,19 +655,39 @@ impl Hierarchy {
         }
         let writes: Vec<Write> = steps
             .iter()
-            .zip(parts)
             .enumerate()
-            .filter(|(_, ((state, next, d), p))| d.allowed && (state.is_some() || !p.quota.is_fresh(*next, now)))
-            .map(|(i, ((_, next, _), _))| (keys[i], Some(*next)))
+            .filter(|(_, (state, next, d, quota))| d.allowed && (state.is_some() || !quota.is_fresh(*next, now)))
+            .map(|(i, (_, next, _, _))| Write::Set(keys[i], *next))
             .collect();
         if !txn.write(&writes, now) {
             // A node new to the store found no room: nothing was written.
             let i = steps.iter().position(|s| s.0.is_none() && s.2.allowed).unwrap_or(0);
-            let full = parts[i].quota.full();
+            let full = steps[i].3.full();
             each[i] = full;
             return Ok((Decision { limit: decision.limit, ..full }, each));
         }
         Ok((decision, each))
+    }
+
+    /// The outcome of decisions made elsewhere (by the Redis script): each part's and
+    /// each level's concurrency decision, combined as a check here combines them (a
+    /// part's denial admitted in `shadow` mode). Not counted.
+    pub fn combine(&self, parts: Vec<Decision>, concurrency: Vec<Option<Decision>>, shadow: bool) -> Result<Outcome> {
+        if parts.len() != self.part_of.len() || concurrency.len() != self.levels.len() {
+            return Err(Error::InvalidArgument(format!(
+                "expected {} quota decisions and {} concurrency decisions, got {} and {}",
+                self.part_of.len(),
+                self.levels.len(),
+                parts.len(),
+                concurrency.len()
+            )));
+        }
+        let rates = parts
+            .iter()
+            .map(|d| if !d.allowed && shadow { d.shadow_admitted() } else { *d })
+            .reduce(|w, d| fold(w, &d));
+        let leases = vec![None; self.levels.len()];
+        Ok(self.outcome(rates.map(finish), parts, concurrency, leases, 0, false))
     }
 
     fn outcome(
@@ -731,7 +795,7 @@ impl Hierarchy {
         if deltas == Deltas::default() {
             return Ok(());
         }
-        let keys = self.keys(path);
+        let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let by_part: Vec<i64> = self.part_of.iter().map(|&(_, u)| deltas.of(u)).collect();
         match &self.parts {
             Parts::InProcess(group) => group.adjust_keys(|i| keys[i], &by_part, charged_at),
@@ -745,12 +809,13 @@ impl Hierarchy {
                         continue;
                     }
                     let state = txn.read(&keys[i]);
-                    let next = p.quota.adjust(state.unwrap_or(0), now, by_part[i], charged_at);
+                    let (quota, _) = p.quota_for(txn.read(&quota_keys[i]));
+                    let next = quota.adjust(state.unwrap_or(0), now, by_part[i], charged_at);
                     if state.is_some() {
-                        tracked.push((keys[i], Some(next)));
-                        writes.push((keys[i], Some(next)));
-                    } else if !p.quota.is_fresh(next, now) {
-                        writes.push((keys[i], Some(next)));
+                        tracked.push(Write::Set(keys[i], next));
+                        writes.push(Write::Set(keys[i], next));
+                    } else if !quota.is_fresh(next, now) {
+                        writes.push(Write::Set(keys[i], next));
                     }
                 }
                 // With no room for a new node, the nodes already tracked are still settled.
@@ -800,7 +865,7 @@ impl Hierarchy {
                 }
             }
             Parts::Shared { table, .. } => {
-                let writes: Vec<Write> = level_parts.iter().map(|&p| (keys[p], None)).collect();
+                let writes: Vec<Write> = level_parts.iter().map(|&p| Write::Remove(keys[p])).collect();
                 table.transaction()?.write(&writes, self.clock.now());
             }
         }
@@ -814,8 +879,9 @@ impl Hierarchy {
         match &self.parts {
             Parts::InProcess(group) => Ok(group),
             Parts::Shared { .. } => Err(Error::InvalidArgument(format!(
-                "{what} is not available with a SharedMemoryStore: the quotas are part of the nodes' identity in the \
-                 store; build the Hierarchy with the new quotas in every process"
+                "{what} is not available with a SharedMemoryStore: a level's quotas are part of its nodes' identity \
+                 in the store; build the Hierarchy with the new quotas in every process (set_quota gives one node \
+                 quotas of its own)"
             ))),
         }
     }
@@ -848,12 +914,38 @@ impl Hierarchy {
     }
 
     /// Gives one node quotas of its own (those given; the others stay), keeping what it
-    /// has used. In this process only.
+    /// has used. In a shared-memory store the node's own quotas are kept in the store (for
+    /// every process, until cleared) and the change is one transaction.
     pub fn set_quota(&self, node: &Path, rates: Rates, concurrency: Option<u64>) -> Result<()> {
-        let group = self.in_process("set_quota")?;
         let level = self.node_level(node)?;
         let changes = self.changes(level, &rates, concurrency)?;
         let keys = self.keys(node);
+        let group = match &self.parts {
+            Parts::InProcess(group) => group,
+            Parts::Shared { table, parts } => {
+                let quota_keys = self.quota_keys(node);
+                for (_, quota) in &changes {
+                    crate::limiter::check_store_ttl(quota, table)?;
+                }
+                let mut txn = table.transaction()?;
+                let now = self.clock.now();
+                let mut writes = Vec::new();
+                for (p, quota) in changes {
+                    let (old, _) = parts[p].quota_for(txn.read(&quota_keys[p]));
+                    if let Some(state) = txn.read(&keys[p]) {
+                        writes.push(Write::Set(keys[p], old.convert(&quota, state, now)));
+                    }
+                    writes.push(Write::Pin(quota_keys[p], encode_quota(&quota)));
+                }
+                if !txn.write(&writes, now) {
+                    return Err(Error::InvalidArgument(format!(
+                        "the shared-memory store {} has no room for this node's quotas",
+                        table.path
+                    )));
+                }
+                return Ok(());
+            }
+        };
         for (p, quota) in changes {
             group.parts()[p].set_quota(&keys[p], quota)?;
         }
@@ -865,9 +957,30 @@ impl Hierarchy {
 
     /// Puts a node back on its level's quotas; false if it had none of its own.
     pub fn clear_quota(&self, node: &Path) -> Result<bool> {
-        let group = self.in_process("clear_quota")?;
         let level = self.node_level(node)?;
         let keys = self.keys(node);
+        let group = match &self.parts {
+            Parts::InProcess(group) => group,
+            Parts::Shared { table, parts } => {
+                let quota_keys = self.quota_keys(node);
+                let mut txn = table.transaction()?;
+                let now = self.clock.now();
+                let mut writes = Vec::new();
+                for &p in &self.levels[level].parts {
+                    let (own, is_own) = parts[p].quota_for(txn.read(&quota_keys[p]));
+                    if !is_own {
+                        continue;
+                    }
+                    if let Some(state) = txn.read(&keys[p]) {
+                        writes.push(Write::Set(keys[p], own.convert(&parts[p].quota, state, now)));
+                    }
+                    writes.push(Write::Remove(quota_keys[p]));
+                }
+                // Removals and updates of tracked keys need no room.
+                txn.write(&writes, now);
+                return Ok(!writes.is_empty());
+            }
+        };
         let mut any = false;
         for &p in &self.levels[level].parts {
             any |= group.parts()[p].clear_quota(&keys[p])?;
@@ -894,7 +1007,10 @@ impl Hierarchy {
         let keys = self.keys(node);
         Ok(match &self.parts {
             Parts::InProcess(group) => group.parts()[p].quota_of(&keys[p]),
-            Parts::Shared { parts, .. } => (parts[p].quota.clone(), false),
+            Parts::Shared { table, parts } => {
+                let own = table.transaction()?.read(&self.quota_keys(node)[p]);
+                parts[p].quota_for(own)
+            }
         })
     }
 
@@ -923,8 +1039,8 @@ impl Hierarchy {
             let inspection = match &self.parts {
                 Parts::InProcess(group) => group.parts()[p].inspect(&keys[p]),
                 Parts::Shared { table, parts } => {
-                    let q = &parts[p].quota;
                     let txn = table.transaction()?;
+                    let (q, own_quota) = parts[p].quota_for(txn.read(&self.quota_keys(node)[p]));
                     let now = self.clock.now();
                     let state = txn.read(&keys[p]);
                     let (zero, one) = (q.step(state.unwrap_or(0), now, 0).1, q.step(state.unwrap_or(0), now, 1).1);
@@ -932,7 +1048,7 @@ impl Hierarchy {
                         algorithm: q.kind().name(),
                         rate: Some(q.rate()),
                         limit: q.limit(),
-                        own_quota: false,
+                        own_quota,
                         tracked: state.is_some(),
                         shadow: self.shadow(),
                         ..Inspection::from_peeks(&zero, &one)
@@ -1114,6 +1230,54 @@ mod tests {
         h.reset(&acme).unwrap();
         assert_eq!(h.inspect(&acme).unwrap().0[0].1.used, 0);
         assert!(h.inspect(&path(&["a", "b", "c", "d"])).is_err());
+    }
+
+    #[test]
+    fn decisions_made_elsewhere_combine_alike() {
+        let clock = ManualClock::new(0);
+        let h = three(&clock, None);
+        let k = path(&["acme", "search", "k1"]);
+        for _ in 0..4 {
+            h.check(&k, one(1), true).unwrap();
+        }
+        let here = h.peek(&k, one(1)).unwrap();
+        let there = h.combine(here.parts.clone(), here.concurrency.clone(), false).unwrap();
+        assert_eq!((there.decision, there.refused), (here.decision, here.refused));
+        let shadowed = h.combine(here.parts.clone(), here.concurrency.clone(), true).unwrap();
+        assert!(shadowed.allowed && shadowed.shadow && shadowed.refused.unwrap().level == 2);
+        assert!(h.combine(vec![], here.concurrency, false).is_err());
+        assert_eq!(h.stats().counters.allowed, 4, "combining counts nothing");
+    }
+
+    #[test]
+    fn node_quotas_in_shared_memory_are_kept_in_the_store() {
+        let (table, p) = shm("node-quotas");
+        let clock = ManualClock::new(0);
+        let build = || three(&clock, Some(Arc::clone(&table)));
+        let (h, other) = (build(), build());
+        let acme = path(&["acme"]);
+        let k = path(&["acme", "search", "k1"]);
+        assert!(h.check(&k, one(3), true).unwrap().allowed);
+        h.set_quota(&acme, [rate("4/minute"), None, None, None], None).unwrap();
+        // Another process (here another Hierarchy on the same store) sees it.
+        assert!(other.check(&k, one(1), true).unwrap().allowed, "3 of acme's new 4 were used");
+        assert_eq!(
+            other.check(&k, one(1), true).unwrap().refused,
+            Some(Refusal { level: 0, unit: Some(Unit::Requests) })
+        );
+        let requests = h.find_part(0, Unit::Requests).unwrap();
+        let (q, own) = other.quota_of(&acme, requests).unwrap();
+        assert!(own && q.limit() == 4);
+        assert!(other.inspect(&acme).unwrap().0[0].1.own_quota);
+        // The own quota outlives the store's ttl; the node's usage does not.
+        table.sweep(10 * 3600 * NANOS);
+        assert!(h.quota_of(&acme, requests).unwrap().1);
+        assert!(other.clear_quota(&acme).unwrap() && !h.clear_quota(&acme).unwrap());
+        assert!(!h.quota_of(&acme, requests).unwrap().1);
+        assert!(h.set_quota(&acme, [None, None, None, rate("1/s")], None).is_err(), "no spend quota at the org");
+        let err = h.set_default(0, [rate("1/s"), None, None, None], None).unwrap_err().to_string();
+        assert!(err.contains("set_default_quota is not available with a SharedMemoryStore"), "{err}");
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

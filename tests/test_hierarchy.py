@@ -578,6 +578,28 @@ def test_processes_killed_mid_check_leave_every_level_consistent(store_name, tmp
     assert daily(nl.SharedMemoryStore(store_name)).try_acquire(("o", "a", "a-0"))
 
 
+def test_node_quotas_in_a_shared_memory_store(store_name):
+    """set_quota on a shared-memory store: kept in the store for every process, the
+    node's usage carried over."""
+    store = nl.SharedMemoryStore(store_name, capacity=256, ttl=3600)
+    a = nl.Hierarchy([("org", "10/hour"), ("key", "5/hour")], store=store)
+    code = f"""
+import nexus_limits as nl
+h = nl.Hierarchy([("org", "10/hour"), ("key", "5/hour")], store=nl.SharedMemoryStore({store_name!r}))
+h.set_quota(("acme",), requests="3/hour")
+"""
+    assert a.hit(("acme", "k"), cost=2)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert a.inspect(("acme",))["requests"]["own_quota"]
+    assert a.try_acquire(("acme", "k")) and a.hit(("acme", "k")).policy == "org.requests", "2 of 3 were used"
+    assert a.try_acquire(("other", "k"), cost=5), "another org keeps the level's quota"
+    assert a.clear_quota(("acme",)) and not a.clear_quota(("acme",))
+    assert a.try_acquire(("acme", "j"), cost=5) and a.try_acquire(("acme", "i"), cost=2), "back to 10: 7 left"
+    assert a.hit(("acme", "i")).policy == "org.requests"
+    with pytest.raises(ValueError, match='level "org" has no tokens quota'):
+        a.set_quota(("acme",), tokens="1/s")
+
+
 def test_hierarchies_in_one_store_are_apart(store_name, clock):
     store = nl.SharedMemoryStore(store_name, capacity=256, ttl=3600)
     a = nl.Hierarchy([("org", "2/hour"), ("key", "2/hour")], store=store, name="a", clock=clock)
@@ -587,8 +609,8 @@ def test_hierarchies_in_one_store_are_apart(store_name, clock):
     assert again.try_acquire(("o", "k")) and not a.try_acquire(("o", "k")), "built alike: the same nodes"
     assert a.hit(("o", "j")).policy == "org.requests"
     assert a.store_path == store.path
-    with pytest.raises(ValueError, match="not available with a SharedMemoryStore"):
-        a.set_quota(("o",), requests="5/hour")
+    with pytest.raises(ValueError, match="set_default_quota is not available with a SharedMemoryStore"):
+        a.set_default_quota("org", requests="5/hour")
     a.reset(("o",))
     assert a.try_acquire(("o", "j"))
     r = a.reserve(("o", "j"))

@@ -217,8 +217,10 @@ class Hierarchy(_core.Hierarchy):
     answer says which level refused and when each level frees up.
 
     ``set_quota(("acme",), tokens="500000/minute")`` gives one node (here the org
-    ``acme``) quotas of its own at run time, keeping what it has used;
-    ``set_default_quota("team", ...)`` changes a level.
+    ``acme``) quotas of its own at run time, keeping what it has used (in a
+    shared-memory store, for every process, kept in the store until ``clear_quota``);
+    ``set_default_quota("team", ...)`` changes a level (in this process; in a
+    shared-memory store a level's quotas are fixed when it is built).
     """
 
     __slots__ = ()

@@ -36,6 +36,10 @@ type OutcomeTuple = (
     u64,
 );
 
+/// A decision as the Redis scripts reply it: (allowed, limit, remaining, reset_after us,
+/// retry_after us or -1 for never, delay us).
+type ScriptDecision = (i64, u64, u64, u64, i64, u64);
+
 fn given<'a, 'py>(v: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py, PyAny>> {
     v.filter(|x| !x.is_none())
 }
@@ -288,6 +292,29 @@ impl Hierarchy {
     fn _release(&self, path: &Bound<'_, PyAny>, leases: &Bound<'_, PyAny>) -> PyResult<usize> {
         let path = self.path(path)?;
         Ok(self.inner.release(&path, &Self::leases(leases)?)?)
+    }
+
+    /// The outcome of decisions made by a Redis script: each quota's decision and each
+    /// level's concurrency decision (None: no limit) as the scripts reply them,
+    /// `(allowed, limit, remaining, reset_after us, retry_after us or -1 for never,
+    /// delay us)`, combined as a check here combines them. Counts nothing.
+    fn _combine(
+        &self,
+        parts: Vec<ScriptDecision>,
+        concurrency: Vec<Option<ScriptDecision>>,
+        shadow: bool,
+    ) -> PyResult<OutcomeTuple> {
+        let us = |d: ScriptDecision| crate::decision::Decision {
+            allowed: d.0 != 0,
+            limit: d.1,
+            remaining: d.2,
+            reset_after: d.3.saturating_mul(1_000),
+            retry_after: u64::try_from(d.4).ok().map(|r| r.saturating_mul(1_000)),
+            delay: d.5.saturating_mul(1_000),
+        };
+        let parts = parts.into_iter().map(us).collect();
+        let concurrency = concurrency.into_iter().map(|d| d.map(us)).collect();
+        Ok(self.tuple(self.inner.combine(parts, concurrency, shadow)?))
     }
 
     /// True when a reservation made at `charged_at` (ns) has outlived `lease_ttl`.

@@ -42,13 +42,73 @@ pub const MAX_WRITES: usize = 64;
 const ENTRY: usize = 32;
 /// Set in a journal entry's key word when the write removes the key.
 const REMOVE: u128 = 1 << 100;
+/// Set in a journal entry's key word when the write pins the key.
+const PIN: u128 = 1 << 101;
+/// The last-seen second of a pinned key: never idle, so never swept nor claimed by
+/// another key (see [`Write::Pin`]).
+const PINNED: u32 = u32::MAX;
 
 const _: () = assert!(std::mem::size_of::<libc::pthread_mutex_t>() <= COUNT_AT - MUTEX_AT);
 const _: () = assert!(ENTRIES_AT + MAX_WRITES * ENTRY <= HEADER);
 const _: () = assert!(ENTRIES_AT % 16 == 0 && MUTEX_AT % 16 == 0);
 
-/// One write of a transaction: a key's new state, or its removal (`None`).
-pub type Write = (Fingerprint, Option<State>);
+/// One write of a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// The key's new state.
+    Set(Fingerprint, State),
+    /// The key's new state, kept until removed: a pinned key is never idle, so neither
+    /// sweeps nor other keys take its slot (for settings, such as a node's own quota,
+    /// that must outlive the store's ttl). Its state must not be 0.
+    Pin(Fingerprint, State),
+    /// The key forgotten.
+    Remove(Fingerprint),
+}
+
+impl Write {
+    fn parts(&self) -> (u128, Op) {
+        match *self {
+            Write::Set(fp, s) => (pack_fp(&fp), Op::Set(s)),
+            Write::Pin(fp, s) => (pack_fp(&fp), Op::Pin(s)),
+            Write::Remove(fp) => (pack_fp(&fp), Op::Remove),
+        }
+    }
+}
+
+/// What [`ShmTable::apply`] does to a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Set(State),
+    Pin(State),
+    Remove,
+}
+
+impl Op {
+    fn flags(self) -> u128 {
+        match self {
+            Op::Set(_) => 0,
+            Op::Pin(_) => PIN,
+            Op::Remove => REMOVE,
+        }
+    }
+
+    fn state(self) -> State {
+        match self {
+            Op::Set(s) | Op::Pin(s) => s,
+            Op::Remove => 0,
+        }
+    }
+
+    fn from_journal(key: u128, state: State) -> Op {
+        if key & REMOVE != 0 {
+            Op::Remove
+        } else if key & PIN != 0 {
+            Op::Pin(state)
+        } else {
+            Op::Set(state)
+        }
+    }
+}
 
 impl ShmTable {
     fn at<T>(&self, offset: usize) -> *mut T {
@@ -142,39 +202,46 @@ impl ShmTable {
         for i in 0..n.min(MAX_WRITES) {
             let (key, state) = self.journal_entry(i);
             let (key, state) = (key.load(SeqCst), state.load(SeqCst));
-            let fp = key & FP_MASK;
-            self.apply(fp, (key & REMOVE == 0).then_some(state), now_s);
+            self.apply(key & FP_MASK, Op::from_journal(key, state), now_s);
         }
         self.journal_count().store(0, SeqCst);
     }
 
-    /// Sets the key's state (claiming a slot if it has none) or removes it. A key that
-    /// finds no slot free (only possible when replaying into a full store) is left out.
-    fn apply(&self, fp: u128, state: Option<State>, now_s: u32) {
+    /// Sets the key's state (claiming a slot if it has none), pins it, or removes it. A
+    /// key that finds no slot free (only possible when replaying into a full store) is
+    /// left out.
+    fn apply(&self, fp: u128, op: Op, now_s: u32) {
         let m = mask_of(fp);
+        let seen = if let Op::Pin(_) = op { PINNED } else { now_s };
         loop {
             let Some(i) = self.find(fp) else {
-                if state.is_none() || self.claim(fp, now_s).is_none() {
+                if op == Op::Remove || self.claim(fp, now_s).is_none() {
                     return;
                 }
                 continue;
             };
             let (key, word) = self.words(i);
-            // The key is seen now before its state changes, so an idle sweep does not
-            // free the slot under the new state.
+            // The key is seen before its state changes, so an idle sweep does not free the
+            // slot under the new state. A pinned key stays pinned until removed.
             let k = key.load(SeqCst);
-            if k & FP_MASK == fp && super::seen_of(k) != now_s {
-                let _ = key.compare_exchange(k, fp | (now_s as u128) << 96, SeqCst, SeqCst);
+            let was = super::seen_of(k);
+            if k & FP_MASK == fp && was != seen && was != PINNED {
+                let _ = key.compare_exchange(k, fp | (seen as u128) << 96, SeqCst, SeqCst);
             }
             let raw = word.load(SeqCst);
             if raw == TOMB {
                 continue;
             }
-            let new = match state {
-                Some(s) => encode(s, m),
-                None => TOMB,
+            let new = match op {
+                Op::Set(s) | Op::Pin(s) => encode(s, m),
+                Op::Remove => TOMB,
             };
             if word.compare_exchange(raw, new, SeqCst, SeqCst).is_ok() {
+                if op == Op::Remove && was == PINNED {
+                    // Unpinned, so the slot can be reused once free.
+                    let _ =
+                        key.compare_exchange(k | (PINNED as u128) << 96, fp | (now_s as u128) << 96, SeqCst, SeqCst);
+                }
                 return;
             }
         }
@@ -217,9 +284,9 @@ impl Transaction<'_> {
         // holds the fresh state, which changes no decision if the check stops here.
         let mut claimed = [0usize; MAX_WRITES];
         let mut n_claimed = 0;
-        for (fp, state) in writes {
-            let fp = pack_fp(fp);
-            if state.is_some() && t.find(fp).is_none() {
+        for write in writes {
+            let (fp, op) = write.parts();
+            if op != Op::Remove && t.find(fp).is_none() {
                 match t.claim(fp, now_s) {
                     Some(i) => {
                         claimed[n_claimed] = i;
@@ -234,14 +301,16 @@ impl Transaction<'_> {
                 }
             }
         }
-        for (i, (fp, state)) in writes.iter().enumerate() {
+        for (i, write) in writes.iter().enumerate() {
+            let (fp, op) = write.parts();
             let (key, word) = t.journal_entry(i);
-            key.store(pack_fp(fp) | if state.is_none() { REMOVE } else { 0 }, SeqCst);
-            word.store(state.unwrap_or(0), SeqCst);
+            key.store(fp | op.flags(), SeqCst);
+            word.store(op.state(), SeqCst);
         }
         t.journal_count().store(writes.len() as u64, Ordering::SeqCst);
-        for (fp, state) in writes {
-            t.apply(pack_fp(fp), *state, now_s);
+        for write in writes {
+            let (fp, op) = write.parts();
+            t.apply(fp, op, now_s);
         }
         t.journal_count().store(0, Ordering::SeqCst);
         true
@@ -251,10 +320,11 @@ impl Transaction<'_> {
     /// if the process died before making them.
     #[cfg(test)]
     pub fn journal_only(&mut self, writes: &[Write]) {
-        for (i, (fp, state)) in writes.iter().enumerate() {
+        for (i, write) in writes.iter().enumerate() {
+            let (fp, op) = write.parts();
             let (key, word) = self.table.journal_entry(i);
-            key.store(pack_fp(fp), SeqCst);
-            word.store(state.unwrap_or(0), SeqCst);
+            key.store(fp | op.flags(), SeqCst);
+            word.store(op.state(), SeqCst);
         }
         self.table.journal_count().store(writes.len() as u64, SeqCst);
     }
@@ -284,20 +354,20 @@ mod tests {
         let table = ShmTable::open(Location::Path(&p), Some(32), Some(3600)).unwrap();
         let mut t = table.transaction().unwrap();
         assert_eq!(t.read(&fp(1)), None);
-        assert!(t.write(&[(fp(1), Some(5)), (fp(2), Some(7))], NANOS));
+        assert!(t.write(&[Write::Set(fp(1), 5), Write::Set(fp(2), 7)], NANOS));
         assert_eq!((t.read(&fp(1)), t.read(&fp(2))), (Some(5), Some(7)));
-        assert!(t.write(&[(fp(1), None), (fp(2), Some(8))], NANOS));
+        assert!(t.write(&[Write::Remove(fp(1)), Write::Set(fp(2), 8)], NANOS));
         assert_eq!((t.read(&fp(1)), t.read(&fp(2))), (None, Some(8)));
         drop(t);
         // A store of 32 slots has room for 32 keys: a write of two new keys when only one
         // slot is left writes neither.
         let mut t = table.transaction().unwrap();
         for i in 10..41 {
-            assert!(t.write(&[(fp(i), Some(1))], NANOS), "{i}");
+            assert!(t.write(&[Write::Set(fp(i), 1)], NANOS), "{i}");
         }
         assert_eq!(table.count(), 32);
         let before = table.count();
-        assert!(!t.write(&[(fp(2), Some(9)), (fp(100), Some(1)), (fp(101), Some(1))], NANOS));
+        assert!(!t.write(&[Write::Set(fp(2), 9), Write::Set(fp(100), 1), Write::Set(fp(101), 1)], NANOS));
         assert_eq!(t.read(&fp(2)), Some(8), "an existing key is not written either");
         assert_eq!(table.count(), before);
         drop(t);
@@ -308,13 +378,13 @@ mod tests {
     fn a_dead_owners_journal_is_replayed() {
         let p = path("dead");
         let table = ShmTable::open(Location::Path(&p), Some(64), Some(3600)).unwrap();
-        assert!(table.transaction().unwrap().write(&[(fp(1), Some(3))], NANOS));
+        assert!(table.transaction().unwrap().write(&[Write::Set(fp(1), 3)], NANOS));
         // A thread dies holding the lock, its writes journaled but not made: the robust
         // mutex goes to the next locker, which makes them.
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut t = table.transaction().unwrap();
-                t.journal_only(&[(fp(1), Some(11)), (fp(2), Some(12))]);
+                t.journal_only(&[Write::Set(fp(1), 11), Write::Pin(fp(2), 12)]);
                 std::mem::forget(t);
             });
         });
@@ -326,6 +396,33 @@ mod tests {
         // Reopened, the area is kept (a store made by an older build is set up once).
         let again = ShmTable::open(Location::Path(&p), None, None).unwrap();
         assert_eq!(again.transaction().unwrap().read(&fp(2)), Some(12));
+        assert_eq!(again.sweep(1_000_000 * NANOS), 1, "the pinned key outlives the ttl, the other does not");
+        assert_eq!(again.transaction().unwrap().read(&fp(2)), Some(12));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_pinned_key_is_never_idle_until_removed() {
+        let p = path("pin");
+        let table = ShmTable::open(Location::Path(&p), Some(32), Some(1)).unwrap();
+        let mut t = table.transaction().unwrap();
+        assert!(t.write(&[Write::Pin(fp(1), 7), Write::Set(fp(2), 8)], NANOS));
+        drop(t);
+        // Much later, every slot of the store is claimed by new keys but the pinned one.
+        let algo = crate::algorithms::Algorithm::FixedWindow(
+            crate::algorithms::FixedWindow::new(crate::rate::Rate::parse("5/s").unwrap()).unwrap(),
+        );
+        let later = 100 * NANOS;
+        let placed = (100..200).filter(|&i| table.check(&fp(i), &algo, later, 1, true).is_some()).count();
+        assert_eq!(placed, 31);
+        let mut t = table.transaction().unwrap();
+        assert_eq!((t.read(&fp(1)), t.read(&fp(2))), (Some(7), None));
+        assert!(t.write(&[Write::Pin(fp(1), 9)], later));
+        assert_eq!(t.read(&fp(1)), Some(9));
+        assert!(t.write(&[Write::Remove(fp(1))], later));
+        assert_eq!(t.read(&fp(1)), None);
+        drop(t);
+        assert!(table.check(&fp(500), &algo, 200 * NANOS, 1, true).is_some(), "its slot is free again");
         std::fs::remove_file(p).unwrap();
     }
 
@@ -340,7 +437,7 @@ mod tests {
                     for _ in 0..2000 {
                         let mut t = table.transaction().unwrap();
                         let (a, b) = (t.read(&fp(1)).unwrap_or(0), t.read(&fp(2)).unwrap_or(0));
-                        assert!(t.write(&[(fp(1), Some(a + 1)), (fp(2), Some(b + 2))], NANOS));
+                        assert!(t.write(&[Write::Set(fp(1), a + 1), Write::Set(fp(2), b + 2)], NANOS));
                     }
                 })
             })
