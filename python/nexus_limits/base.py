@@ -29,6 +29,22 @@ class RateLimiter(abc.ABC):
 
     __slots__ = ()
 
+    def middleware(self, app: Any, key: Any = "ip", **options: Any) -> Any:
+        """``app`` wrapped with this limiter: an ASGI or a WSGI app, detected (an ASGI
+        app's call is a coroutine function). ``key`` and ``options`` are those of the
+        adapters' middleware (``"ip"``, ``"bearer"``, ``"header:<name>"``, a list of
+        them or a callable; ``exempt=``, ``cost=``, ``trusted_proxies=``...).
+
+        >>> import nexus_limits as nl
+        >>> def hello(environ, start_response):
+        ...     start_response("200 OK", [("Content-Type", "text/plain")])
+        ...     return [b"hello"]
+        >>> app = nl.TokenBucket("100/minute").middleware(hello, key="header:x-api-key")
+        >>> type(app).__module__
+        'nexus_limits.adapters.wsgi'
+        """
+        return _wrap(self, app, key, options)
+
     @abc.abstractmethod
     def hit(self, key: Key, cost: int = 1) -> Any:
         """Decide a call of ``cost`` units for ``key``; charge it only if admitted."""
@@ -63,6 +79,14 @@ class AsyncRateLimiter(abc.ABC):
 
     __slots__ = ()
 
+    def middleware(self, app: Any, key: Any = "ip", **options: Any) -> Any:
+        """``app`` wrapped with this limiter: an ASGI app (an asyncio limiter can
+        only serve one). ``key`` and ``options`` are those of the
+        adapters' middleware (``"ip"``, ``"bearer"``, ``"header:<name>"``, a list of
+        them or a callable; ``exempt=``, ``cost=``, ``trusted_proxies=``...).
+        """
+        return _wrap(self, app, key, options)
+
     @abc.abstractmethod
     async def hit(self, key: Key, cost: int = 1) -> Any:
         """Decide a call of ``cost`` units for ``key``; charge it only if admitted."""
@@ -90,3 +114,23 @@ class AsyncRateLimiter(abc.ABC):
     @abc.abstractmethod
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Any:
         """The same as ``acquire`` (both names exist so sync and async code read alike)."""
+
+
+def _wrap(limiter: Any, app: Any, key: Any, options: Any) -> Any:
+    """The adapter middleware for ``app``: ASGI when its call is a coroutine function
+    (Starlette, FastAPI, Quart, Django's ASGI handler), WSGI otherwise (Flask, Django's
+    WSGI handler); an asyncio limiter needs an ASGI app."""
+    import inspect
+
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", None)  # noqa: B004
+    if call is None:
+        raise TypeError(f"app must be an ASGI or a WSGI application, got {type(app).__name__}")
+    if inspect.iscoroutinefunction(call):
+        from .adapters.asgi import RateLimitMiddleware as Asgi
+
+        return Asgi(app, limiter, key, **options)
+    if isinstance(limiter, AsyncRateLimiter):
+        raise TypeError("an asyncio limiter can only wrap an ASGI app (its __call__ is a coroutine function)")
+    from .adapters.wsgi import RateLimitMiddleware as Wsgi
+
+    return Wsgi(app, limiter, key, **options)
