@@ -183,7 +183,7 @@ def test_connections_beyond_max_connections_get_a_503(tmp_path, upstream):
         time.sleep(0.2)
         status, _, _ = raw_request(gw.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + AUTH)
         assert status == 200
-    assert gw.app.proxy.client._transport._pool._max_connections == 4, "the upstream pool is as large"
+    assert gw.app.proxy.client.max_connections == 4, "the upstream pool is as large"
 
 
 def test_websocket_upgrades_are_not_served(tmp_path, upstream):
