@@ -53,19 +53,16 @@ def _prices(cfg: GatewayConfig) -> Any:
     return prices
 
 
-def _spend(cfg: GatewayConfig, tier: Tier) -> Any:
+def _spend(cfg: GatewayConfig, tier: Tier, redis_client: Any) -> Any:
+    """The tier's spend budget: in-process, or on Redis through the gateway's asyncio
+    client, so that no spend check ever blocks the event loop."""
     if tier.spend is None:
         return None
-    from ..spend import SpendLimiter
+    if redis_client is not None:
+        from ..redis.asyncio import SpendLimiter as RedisSpend
 
-    if cfg.backend == "redis":
-        import redis
-
-        from ..redis import SpendLimiter as RedisSpend
-
-        client = redis.Redis.from_url(str(cfg.redis_url))
         return RedisSpend(
-            client,
+            redis_client,
             tier.spend,
             prices=_prices(cfg),
             prefix=cfg.redis_prefix,
@@ -73,6 +70,8 @@ def _spend(cfg: GatewayConfig, tier: Tier) -> Any:
             on_error=cfg.on_error,
             lease_ttl=cfg.lease_ttl,
         )
+    from ..spend import SpendLimiter
+
     return SpendLimiter(tier.spend, prices=_prices(cfg), lease_ttl=cfg.lease_ttl)
 
 
@@ -166,10 +165,10 @@ class Gateway:
             if tier.spend is None:
                 spend = None
             elif before is None or before.spend is None or spend is None:
-                spend = _spend(cfg, tier)
+                spend = _spend(cfg, tier, self.redis)
             elif tier.spend != before.spend:
                 if cfg.backend == "redis":
-                    spend = _spend(cfg, tier)  # the same name: the same keys, the new budget
+                    spend = _spend(cfg, tier, self.redis)  # the same name: the same keys, the new budget
                 else:
                     spend.set_budget(tier.spend)
             if old is not None and cfg.prices != old.prices and spend is not None:
