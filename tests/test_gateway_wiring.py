@@ -102,3 +102,70 @@ def test_redis_spend_refuses_when_spent(tmp_path, upstream, redis_server):
             codes.append(http.post("/v1/chat/completions", json=CHAT, headers=headers).status_code)
             time.sleep(0.05)
         assert codes[0] == 200 and 429 in codes, codes
+
+
+MEMORY_CONFIG = """
+[upstream]
+url = "{url}"
+
+[gateway]
+key = "bearer"
+
+[tiers.pro]
+requests = "100/minute"
+tokens = "100000/hour"
+
+[keys]
+"sk-pro" = "pro"
+"""
+
+
+def test_startup_warms_encodings_in_a_thread_without_waiting(tmp_path, upstream, monkeypatch):
+    import threading
+
+    from nexus_limits.gateway import app as gateway_app
+
+    release = threading.Event()
+    started = threading.Event()
+    threads = []
+
+    def slow_warm() -> None:
+        threads.append(threading.current_thread())
+        started.set()
+        release.wait(10)
+
+    monkeypatch.setattr(gateway_app, "warm_encodings", slow_warm)
+    path = tmp_path / "gw.toml"
+    path.write_text(MEMORY_CONFIG.format(url=upstream.url))
+    app = build_app(str(path))
+    try:
+        with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            assert started.wait(5), "startup began warming the encodings"
+            # The warm-up is still running: the gateway started and serves anyway.
+            r = http.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-pro"})
+            assert r.status_code == 200
+            assert not release.is_set()
+            assert threads and threads[0] is not threading.main_thread()
+            release.set()
+    finally:
+        release.set()
+
+
+def test_a_failing_warm_up_is_logged_and_harmless(tmp_path, upstream, monkeypatch, caplog):
+    from nexus_limits.gateway import app as gateway_app
+
+    def broken() -> None:
+        raise OSError("no network to fetch the encoding")
+
+    monkeypatch.setattr(gateway_app, "warm_encodings", broken)
+    path = tmp_path / "gw.toml"
+    path.write_text(MEMORY_CONFIG.format(url=upstream.url))
+    app = build_app(str(path))
+    with caplog.at_level("WARNING", logger="nexus_limits.gateway"):
+        with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            r = http.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-pro"})
+            assert r.status_code == 200
+            deadline = time.monotonic() + 5
+            while "warming the tokenizer" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.02)
+    assert "warming the tokenizer encodings failed: no network" in caplog.text

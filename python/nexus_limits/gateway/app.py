@@ -16,6 +16,7 @@ from ..adapters.asgi import Message, Receive, Scope, Send, request_of
 from ..adapters.llm import LLMLimitMiddleware
 from ..errors import BadRequest
 from ..tokens import OutputEstimate
+from ..tokens._encodings import warm_encodings
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
@@ -129,6 +130,7 @@ class Gateway:
         # requests being served).
         self.in_flight: Dict[Any, int] = {}
         self._watcher: Optional[asyncio.Task[None]] = None
+        self._warming: Optional[asyncio.Task[None]] = None
 
     def _output(self, cfg: GatewayConfig, tier: Tier) -> OutputEstimate:
         """The tier's output estimate; kept across reloads (a learned one keeps what it learned)."""
@@ -261,15 +263,27 @@ class Gateway:
         if self.cfg.reload == "watch":
             self._watcher = asyncio.ensure_future(self._watch())
 
+    async def _warm(self) -> None:
+        """Builds the tokenizer encodings in a worker thread, so that the first requests
+        do not pay for it (about a second each); until then the LLM middleware judges
+        requests in a thread, so nothing waits on the event loop meanwhile."""
+        try:
+            await asyncio.to_thread(warm_encodings)
+        except Exception as error:  # e.g. tiktoken cannot fetch an encoding: requests build it later
+            log.warning("warming the tokenizer encodings failed: %s", error)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._start_reloading()
+                # Not awaited: startup does not wait for the encodings.
+                self._warming = asyncio.ensure_future(self._warm())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._watcher is not None:
-                    self._watcher.cancel()
+                for task in (self._watcher, self._warming):
+                    if task is not None:
+                        task.cancel()
                 await self.proxy.client.aclose()
                 if self.redis is not None:
                     await self.redis.aclose()
