@@ -17,7 +17,7 @@ from . import _core, _wait
 from ._core import Decision, ManualClock
 from .base import Key
 
-__all__ = ["Hierarchy", "HierarchyDecision", "HierarchyReservation"]
+__all__ = ["AsyncHierarchyReservation", "Hierarchy", "HierarchyDecision", "HierarchyReservation"]
 
 Path = Union[Tuple[Key, ...], List[Key]]
 _MAX_LEVELS = 16
@@ -100,9 +100,12 @@ class HierarchyDecision:
         from .budget import go_duration
 
         entries: List[Tuple[Any, Decision]] = []
-        for level, unit, quota, window in self._owner._policies(self.path):
+        for level, unit, _quota, window in self._owner._policies(self.path):
             name = f"{level}.{unit}"
-            entries.append((Policy(name, quota, max(1, math.ceil(window))), self.quotas[name]))
+            d = self.quotas.get(name)
+            if d is None:
+                continue  # a fallback answer (the store was away) decided no quota
+            entries.append((Policy(name, int(d.limit), max(1, math.ceil(window))), d))
         for level, d in self.concurrency.items():
             entries.append((Policy(f"{level}.concurrency", int(d.limit), 0), d))
         entries.sort(key=lambda e: e[0].name != self.policy)
@@ -190,6 +193,34 @@ class HierarchyReservation(HierarchyDecision):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, estimate={self.estimate}, {'done' if self.done else 'open'})"
+
+
+class AsyncHierarchyReservation(HierarchyReservation):
+    """A :class:`HierarchyReservation` of an asyncio backend
+    (:class:`nexus_limits.redis.asyncio.Hierarchy`): ``settle`` and ``cancel`` are
+    coroutines."""
+
+    __slots__ = ()
+
+    async def settle(self, actual_tokens: int, actual_spend: Optional[int] = None) -> bool:  # type: ignore[override]
+        tokens = self._amount("actual_tokens", actual_tokens)
+        spend = self.spend_estimate if actual_spend is None else self._amount("actual_spend", actual_spend)
+        if not self._take():
+            return False
+        return bool(
+            await self._owner._settle(
+                self.path, 0, tokens - self.estimate, spend - self.spend_estimate, self._charged_at, self._leases
+            )
+        )
+
+    async def cancel(self) -> bool:  # type: ignore[override]
+        if not self._take():
+            return False
+        return bool(
+            await self._owner._settle(
+                self.path, -1, -self.estimate, -self.spend_estimate, self._charged_at, self._leases
+            )
+        )
 
 
 class Hierarchy(_core.Hierarchy):
