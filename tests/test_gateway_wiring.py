@@ -169,3 +169,149 @@ def test_a_failing_warm_up_is_logged_and_harmless(tmp_path, upstream, monkeypatc
             while "warming the tokenizer" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.02)
     assert "warming the tokenizer encodings failed: no network" in caplog.text
+
+
+# -- per-tier fair queues ------------------------------------------------------------
+
+QUEUE_CONFIG = """
+[upstream]
+url = "{url}"
+
+[gateway]
+key = "bearer"
+
+[tiers.q]
+requests = "{rate}"
+queue = "{queue}"
+
+[tiers.plain]
+requests = "{rate}"
+
+[keys]
+"sk-q" = "q"
+"sk-q2" = "q"
+"sk-plain" = "plain"
+"""
+
+
+def queue_app(tmp_path, upstream, rate="1/second", queue="5s"):
+    path = tmp_path / "gw.toml"
+    path.write_text(QUEUE_CONFIG.format(url=upstream.url, rate=rate, queue=queue))
+    return build_app(str(path))
+
+
+def test_queue_config_is_read(tmp_path, upstream):
+    from nexus_limits.gateway import load_config
+
+    for text, seconds in (("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("2.5s", 2.5)):
+        path = tmp_path / "gw.toml"
+        path.write_text(QUEUE_CONFIG.format(url=upstream.url, rate="1/second", queue=text))
+        cfg = load_config(str(path))
+        assert cfg.tiers["q"].queue == seconds and cfg.tiers["plain"].queue is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['"0s"', '"-1s"', '"5h"', '"abc"', '""', '"nan"', '"inf"', "nan", "inf", "1e9", "true", "[1]", '"301s"', "0"],
+)
+def test_queue_config_errors(tmp_path, value):
+    from nexus_limits.gateway import ConfigError, load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text("[upstream]\nurl = 'http://x'\n[tiers.a]\ntokens = '1/s'\nqueue = " + value + "\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml:5: tiers\.a\.queue: must be a wait above 0"):
+        load_config(str(path))
+
+
+def test_queue_needs_a_limit(tmp_path):
+    from nexus_limits.gateway import ConfigError, load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text("[upstream]\nurl = 'http://x'\n[tiers.a]\nspend = '1.00/day'\nqueue = '5s'\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml:5: tiers\.a\.queue: needs one of requests"):
+        load_config(str(path))
+
+
+def test_llm_middleware_refuses_a_queue_over_another_limiter():
+    import nexus_limits as nl
+    from nexus_limits.adapters.llm import LLMLimitMiddleware
+    from nexus_limits.fair import FairQueue
+
+    limiter = nl.TokenLimiter(requests="1/second")
+    other = FairQueue(nl.TokenLimiter(requests="1/second"))
+    with pytest.raises(ValueError, match="queue must be a nexus_limits.fair.FairQueue over"):
+        LLMLimitMiddleware(fake_llm.app, limiter=limiter, queue=other)
+    from nexus_limits.spend import SpendLimiter
+
+    with pytest.raises(ValueError, match="queue must be a nexus_limits.fair.FairQueue over"):
+        LLMLimitMiddleware(fake_llm.app, spend=SpendLimiter("1.00/day"), queue=other)
+    assert LLMLimitMiddleware(fake_llm.app, limiter=limiter, queue=FairQueue(limiter)).queue is not None
+
+
+def _post_many(url, key, n):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_):
+        with httpx.Client(base_url=url, timeout=15) as http:
+            return http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_queued_tier_waits_instead_of_refusing(tmp_path, upstream):
+    app = queue_app(tmp_path, upstream, rate="1/second", queue="5s")
+    with ASGIServer(app, lifespan="on") as gw:
+        plain = [r.status_code for r in _post_many(gw.url, "sk-plain", 3)]
+        queued = [r.status_code for r in _post_many(gw.url, "sk-q", 3)]
+        assert sorted(plain) == [200, 429, 429], "without a queue: refused at once"
+        assert queued == [200, 200, 200], "with a queue: each waits for its turn"
+        text = app.metrics.render().decode()
+    assert 'nexus_limits_queue_admitted_total{queue="tier-q"} 3.0' in text
+    assert 'nexus_limits_queue_waiting{queue="tier-q"} 0.0' in text
+    assert 'nexus_limits_queue_wait_seconds_count{queue="tier-q"} 3.0' in text
+    assert 'nexus_limits_queue_refused_total{queue="tier-q",reason="at_once"} 0.0' in text
+    assert 'queue="tier-plain"' not in text
+    stats = app.tiers["q"].queue.stats()
+    assert stats["admitted"] == 3 and stats["wait_seconds_max"] > 0.5
+
+
+def test_queue_refuses_what_cannot_make_its_deadline(tmp_path, upstream):
+    app = queue_app(tmp_path, upstream, rate="1/minute", queue="500ms")
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        headers = {"authorization": "Bearer sk-q"}
+        assert http.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+        r = http.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert r.status_code == 429
+        assert 55 <= int(r.headers["retry-after"]) <= 60
+        body = r.json()
+        assert "fair queue refused" in body["error"]["message"]
+        text = app.metrics.render().decode()
+    assert 'nexus_limits_queue_refused_total{queue="tier-q",reason="at_once"} 1.0' in text
+
+
+def test_a_client_that_leaves_while_queued_leaves_the_queue(tmp_path, upstream):
+    import json
+    import socket
+
+    app = queue_app(tmp_path, upstream, rate="1/minute", queue="60s")
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        headers = {"authorization": "Bearer sk-q"}
+        assert http.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+        body = json.dumps(CHAT).encode()
+        host, port = gw.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-q\r\n"
+            b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        queue = app.tiers["q"].queue
+        deadline = time.monotonic() + 5
+        while queue.waiting() != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queue.waiting() == 1, "the request waits in the queue"
+        sock.close()
+        deadline = time.monotonic() + 5
+        while queue.waiting() != 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queue.waiting() == 0 and queue.stats()["cancelled"] == 1

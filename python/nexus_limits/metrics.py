@@ -25,6 +25,14 @@ Two kinds of numbers, both with low-cardinality labels only (never a raw API key
   TokenLimiter's part (``requests``, ``tokens``, ``daily_tokens``) and is empty for
   other limiters.
 
+- **Per fair queue** (:class:`nexus_limits.fair.FairQueue`, watched with
+  ``metrics.watch_queue(queue, name)``), read from ``queue.stats()`` at each scrape:
+  ``nexus_limits_queue_waiting{queue}`` (requests waiting now),
+  ``nexus_limits_queue_admitted_total{queue}``,
+  ``nexus_limits_queue_refused_total{queue,reason}`` (``at_once``: refused on arrival;
+  ``timed_out``: refused after waiting; ``pushed_out``: made room in a full queue) and
+  the histogram ``nexus_limits_queue_wait_seconds{queue}`` of admitted requests' waits.
+
 The ``limiter`` label of the per-request numbers is the name the limiter is watched
 under (``metrics.watch(api, "api")``), so that both kinds of numbers about one limiter
 carry one name; a limiter that is not watched is labelled with the adapter's policy
@@ -125,6 +133,7 @@ class Metrics:
         self.namespace = namespace
         self.registry = registry
         self._watched: Dict[str, Any] = {}
+        self._queues: Dict[str, Any] = {}
         # id(limiter) -> the name it is watched under, for the per-request label.
         self._names: Dict[int, str] = {}
         # The labelled series of each (limiter, tier, route), looked up once.
@@ -173,6 +182,22 @@ class Metrics:
             limiter = self._watched.pop(name, None)
             if limiter is not None and self._names.get(id(limiter)) == name:
                 del self._names[id(limiter)]
+
+    def watch_queue(self, queue: Any, name: str) -> Any:
+        """Report a :class:`~nexus_limits.fair.FairQueue`'s ``stats()`` under ``queue=name``
+        at every scrape; returns the queue. Watching another under a name replaces it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if not callable(getattr(queue, "stats", None)) or not callable(getattr(queue, "acquire_async", None)):
+            raise TypeError(f"queue must be a nexus_limits.fair.FairQueue, got {type(queue).__name__}")
+        with self._lock:
+            self._queues[name] = queue
+        return queue
+
+    def unwatch_queue(self, name: str) -> None:
+        """Stop reporting the queue watched under ``name``."""
+        with self._lock:
+            self._queues.pop(name, None)
 
     def label_of(self, limiter: Any, default: str) -> str:
         """The ``limiter`` label for a limiter: the name it is watched under, else ``default``."""
@@ -266,6 +291,35 @@ class Metrics:
                 if stat in stats:
                     leases.add_metric((name, kind), stats[stat])
         yield from (checks, near, keys, evicted, own, tokens, errors, fallback, breaker_open, breaker_trips, leases)
+        yield from self._collect_queues()
+
+    def _collect_queues(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        ns = self.namespace
+        waiting = GaugeMetricFamily(f"{ns}_queue_waiting", "Requests waiting in a fair queue now", labels=("queue",))
+        admitted = CounterMetricFamily(f"{ns}_queue_admitted", "Requests a fair queue admitted", labels=("queue",))
+        refused = CounterMetricFamily(
+            f"{ns}_queue_refused", "Requests a fair queue refused, by when", labels=("queue", "reason")
+        )
+        waits = HistogramMetricFamily(
+            f"{ns}_queue_wait_seconds", "How long admitted requests waited in a fair queue", labels=("queue",)
+        )
+        with self._lock:
+            queues = list(self._queues.items())
+        for name, queue in queues:
+            stats = queue.stats()
+            waiting.add_metric((name,), stats["waiting"])
+            admitted.add_metric((name,), stats["admitted"])
+            for reason, stat in (
+                ("at_once", "refused_at_once"),
+                ("timed_out", "timed_out"),
+                ("pushed_out", "pushed_out"),
+            ):
+                refused.add_metric((name, reason), stats[stat])
+            buckets = [(_bound(bound), count) for bound, count in stats["wait_seconds_buckets"]]
+            waits.add_metric((name,), buckets, stats["wait_seconds_sum"])
+        yield from (waiting, admitted, refused, waits)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format (what a /metrics endpoint serves)."""
@@ -279,6 +333,11 @@ _LEASE_STATS = (
     ("returned", "units_returned"),
     ("saved", "round_trips_saved"),
 )
+
+
+def _bound(bound: float) -> str:
+    """A histogram bucket's ``le`` label, as prometheus-client writes it."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 def _parts(stats: Dict[str, Any]) -> Iterable[Tuple[str, Dict[str, Any]]]:

@@ -376,6 +376,12 @@ class LLMLimitMiddleware:
     bounds of the Retry-After of a concurrency refusal, which is the median time
     recent calls held their place.
 
+    ``queue``: a :class:`~nexus_limits.fair.FairQueue` over ``limiter``: an LLM call the
+    limiter would refuse waits, up to the queue's timeout, for its turn in
+    weighted-fair order across keys, instead of an immediate 429 (a 429 with
+    Retry-After when it cannot be admitted in time; nothing, when the client leaves
+    while it waits).
+
     Every request the middleware cannot judge gets a 4xx naming the problem (a target
     that is not a plain path, a body that is not a JSON object, a field of the wrong
     type, a cap that is negative, fractional or above 2^53 - 1...), in the provider's
@@ -403,6 +409,7 @@ class LLMLimitMiddleware:
         max_body: int = MAX_BODY,
         max_retry_after: float = 60.0,
         retry_after_range: Tuple[float, float] = RETRY_RANGE,
+        queue: Any = None,
     ) -> None:
         if limiter is None and spend is None:
             raise ValueError("give a TokenLimiter (limiter=), a SpendLimiter (spend=) or both")
@@ -417,11 +424,14 @@ class LLMLimitMiddleware:
         low, high = retry_after_range
         if not (0 < low <= high < math.inf):
             raise ValueError(f"retry_after_range must be (low, high) with 0 < low <= high, got {retry_after_range!r}")
+        if queue is not None and (limiter is None or getattr(queue, "limiter", None) is not limiter):
+            raise ValueError("queue must be a nexus_limits.fair.FairQueue over this middleware's limiter")
         if meter_all and limiter is None:
             raise ValueError("meter_all needs a TokenLimiter (limiter=) to charge the requests to")
         self.app = app
         self.limiter = limiter
         self.spend = spend
+        self.queue = queue
         self.key_func: KeyFunc = parse_key_spec(
             key, trusted_proxies, forwarded_header=forwarded_header, ipv6_prefix=ipv6_prefix
         )
@@ -668,7 +678,7 @@ class LLMLimitMiddleware:
             await _refuse(send, fmt, 401, "no client key in the request", code="invalid_api_key")
             return
         peek = getattr(self.limiter, "peek", None)
-        if callable(peek):
+        if callable(peek) and self.queue is None:  # a queued request may wait instead
             # Decided by the request limit, the concurrency limit or a token debt: the
             # body cannot change the answer, so it is not read.
             early = await _call(self.limiter, peek, key)
@@ -702,7 +712,33 @@ class LLMLimitMiddleware:
         reservation: Optional[Reservation] = None
         if self.limiter is not None:
             started = time.perf_counter()
-            reservation = await _call(self.limiter, self.limiter.reserve, key, judged.estimate)
+            if self.queue is not None:
+                from ..fair import QueueCancelled, QueueRefused
+
+                try:
+                    # The body has been read: the queue watches receive() for a disconnect.
+                    reservation = await self.queue.acquire_asgi(receive, key, judged.estimate)
+                except QueueCancelled:
+                    return  # the client left while it waited: nobody to answer
+                except QueueRefused as error:
+                    self._observe(path, started, error.decision)
+                    wait = float(error.retry_after)
+                    await _refuse(
+                        send,
+                        fmt,
+                        429,
+                        str(error),
+                        code="rate_limit_exceeded",
+                        headers=self._retry_headers(wait),
+                        extra={
+                            "budget": "queue",
+                            "reason": error.reason,
+                            "retry_after": None if math.isinf(wait) else round(wait, 3),
+                        },
+                    )
+                    return
+            else:
+                reservation = await _call(self.limiter, self.limiter.reserve, key, judged.estimate)
             self._observe(path, started, reservation.decision)
             if not reservation.allowed:
                 await self._refuse_reservation(send, fmt, reservation)

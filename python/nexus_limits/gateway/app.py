@@ -15,6 +15,7 @@ from ..adapters._common import problem
 from ..adapters.asgi import Message, Receive, Scope, Send, request_of
 from ..adapters.llm import LLMLimitMiddleware
 from ..errors import BadRequest
+from ..fair import FairQueue
 from ..tokens import OutputEstimate
 from ..tokens._encodings import warm_encodings
 from .admin import admin
@@ -175,6 +176,13 @@ class Gateway:
                     spend.set_budget(tier.spend)
             if old is not None and cfg.prices != old.prices and spend is not None:
                 spend.prices = _prices(cfg)
+            queue = None
+            if tier.queue is not None and limiter is not None:
+                kept = current.queue if current is not None else None
+                if kept is not None and kept.limiter is limiter and kept.timeout == tier.queue:
+                    queue = kept  # its waiting requests stay in it
+                else:
+                    queue = FairQueue(limiter, timeout=tier.queue)
             tiers[name] = LLMLimitMiddleware(
                 self.proxy,
                 limiter=limiter,
@@ -188,7 +196,12 @@ class Gateway:
                 # prices LLM calls only.
                 meter_all=limiter is not None,
                 max_body=cfg.max_body_bytes,
+                queue=queue,
             )
+            if queue is not None:
+                self.metrics.watch_queue(queue, f"tier-{name}")
+            else:
+                self.metrics.unwatch_queue(f"tier-{name}")
             for label, watched in ((f"tier-{name}", limiter), (f"spend-{name}", spend)):
                 if watched is not None:
                     self.metrics.watch(watched, label)
@@ -197,6 +210,7 @@ class Gateway:
         for name in set(self.tiers) - set(tiers):
             self.metrics.unwatch(f"tier-{name}")
             self.metrics.unwatch(f"spend-{name}")
+            self.metrics.unwatch_queue(f"tier-{name}")
         self.tiers = tiers
 
     @staticmethod

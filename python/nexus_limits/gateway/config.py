@@ -26,6 +26,8 @@ class Tier:
     default_output_tokens: int = 1024
     spend: Optional[str] = None
     shadow: bool = False
+    # Seconds a refused LLM call may wait for its turn (a fair queue) instead of a 429.
+    queue: Optional[float] = None
 
     def shape(self) -> Tuple[bool, ...]:
         """Which limits the tier has: a reload keeps a tier's counters when this stays."""
@@ -213,6 +215,25 @@ def _upstream_url_problem(url: Any) -> Optional[str]:
 
 
 _SECTIONS = ("upstream", "server", "gateway", "backend", "tiers", "prices", "keys")
+
+
+# The longest a request may wait in a tier's queue: a client holds a connection meanwhile.
+MAX_QUEUE_SECONDS = 300.0
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)?")
+
+
+def _duration(value: Any) -> Optional[float]:
+    """Seconds from "5s", "500ms", "1m" or a plain number of seconds; None when malformed."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str) or len(value) > 32:
+        return None
+    match = _DURATION.fullmatch(value.strip())
+    if match is None:
+        return None
+    return float(match.group(1)) * {"ms": 0.001, "m": 60.0}.get(match.group(2) or "s", 1.0)
 
 
 def _toml() -> Any:
@@ -415,7 +436,16 @@ def load_config(path: str) -> GatewayConfig:
         known(
             where,
             spec,
-            ("requests", "tokens", "daily_tokens", "concurrency", "default_output_tokens", "spend", "shadow"),
+            (
+                "requests",
+                "tokens",
+                "daily_tokens",
+                "concurrency",
+                "default_output_tokens",
+                "spend",
+                "shadow",
+                "queue",
+            ),
         )
         tier = Tier(name)
         shadow = typed(where, spec, "shadow", bool, "true or false")
@@ -460,6 +490,18 @@ def load_config(path: str) -> GatewayConfig:
             tier.spend = spend
         if not (tier.has_limits() or tier.spend):
             raise loc.error("tiers", name, "set at least one of requests, tokens, daily_tokens, concurrency, spend")
+        if "queue" in spec:
+            seconds = _duration(spec["queue"])
+            if seconds is None or not 0 < seconds <= MAX_QUEUE_SECONDS:  # NaN fails both
+                raise loc.error(
+                    where,
+                    "queue",
+                    f'must be a wait above 0 and at most {MAX_QUEUE_SECONDS:g} s, such as "5s" or "500ms", '
+                    f"got {spec['queue']!r}",
+                )
+            if not tier.has_limits():
+                raise loc.error(where, "queue", "needs one of requests, tokens, daily_tokens, concurrency to wait for")
+            tier.queue = seconds
         cfg.tiers[name] = tier
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
         raise loc.error("gateway", "default_tier", f"{cfg.default_tier!r} is not a tier")
