@@ -315,3 +315,148 @@ def test_a_client_that_leaves_while_queued_leaves_the_queue(tmp_path, upstream):
         while queue.waiting() != 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert queue.waiting() == 0 and queue.stats()["cancelled"] == 1
+
+
+# -- the adaptive upstream limit (AIMD) ------------------------------------------------
+
+
+class Throttling:
+    """A fake upstream: answers 429 to the first ``refuse`` requests, then 200."""
+
+    def __init__(self, refuse: int) -> None:
+        self.refuse = refuse
+        self.seen = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.seen += 1
+        status = 429 if self.seen <= self.refuse else 200
+        body = b'{"object": "list", "data": []}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 429:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+ADAPTIVE_CONFIG = """
+[upstream]
+url = "{url}"
+timeout = {timeout}
+
+[upstream.adaptive]
+ceiling = "{ceiling}"
+floor = "{floor}"
+increase = "{increase}"
+decrease = 0.5
+interval = 0
+cooldown = 0
+
+[gateway]
+key = "bearer"
+admin_token_env = "WIRING_ADMIN"
+
+[tiers.t]
+requests = "1000/minute"
+
+[keys]
+"sk-t" = "t"
+"""
+
+
+def adaptive_app(tmp_path, url, monkeypatch, ceiling="600/minute", floor="60/minute", increase="60/minute", timeout=30):
+    monkeypatch.setenv("WIRING_ADMIN", "admin-secret")
+    path = tmp_path / "gw.toml"
+    path.write_text(ADAPTIVE_CONFIG.format(url=url, ceiling=ceiling, floor=floor, increase=increase, timeout=timeout))
+    return build_app(str(path))
+
+
+def test_adaptive_limit_backs_off_on_429_and_recovers(tmp_path, monkeypatch):
+    fake = Throttling(refuse=2)
+    with ASGIServer(fake) as up:
+        app = adaptive_app(tmp_path, up.url, monkeypatch)
+        host = up.url.removeprefix("http://")
+        with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            key = {"authorization": "Bearer sk-t"}
+            admin = {"authorization": "Bearer admin-secret"}
+            assert http.get("/_nexus/upstream", headers=admin).json()["adaptive"]["value"] == 600
+            assert [http.get("/v1/models", headers=key).status_code for _ in range(2)] == [429, 429]
+            assert app.proxy.aimd.value == 150  # 600 halved twice
+            assert app.proxy.gate.peek("upstream").limit == 150, "the gate follows the limit"
+            doc = http.get("/_nexus/upstream", headers=admin).json()
+            assert doc["upstream"] == host and doc["adaptive"]["value"] == 150 and doc["adaptive"]["window"] == 60
+            assert f'nexus_limits_upstream_limit{{upstream="{host}"}} 150.0' in app.metrics.render().decode()
+            assert http.get("/v1/models", headers=key).status_code == 200
+            assert app.proxy.aimd.value == 210  # + increase per healthy answer
+            for _ in range(10):
+                assert http.get("/v1/models", headers=key).status_code == 200
+            assert app.proxy.aimd.value == 600, "climbs back, never above the ceiling"
+            assert app.proxy.gate.peek("upstream").limit == 600
+            assert f'nexus_limits_upstream_limit{{upstream="{host}"}} 600.0' in app.metrics.render().decode()
+
+
+def test_adaptive_gate_holds_calls_to_its_rate(tmp_path, monkeypatch):
+    fake = Throttling(refuse=0)
+    with ASGIServer(fake) as up:
+        app = adaptive_app(tmp_path, up.url, monkeypatch, ceiling="2/minute", floor="1/minute", timeout=1)
+        with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            key = {"authorization": "Bearer sk-t"}
+            codes = [http.get("/v1/models", headers=key) for _ in range(3)]
+            assert [r.status_code for r in codes] == [200, 200, 503]
+            assert "adaptive limit" in codes[2].json()["detail"]
+            assert int(codes[2].headers["retry-after"]) >= 1
+        assert fake.seen == 2, "the third call never reached the upstream"
+
+
+def test_no_adaptive_limit_by_default(tmp_path, upstream, monkeypatch):
+    monkeypatch.setenv("WIRING_ADMIN", "admin-secret")
+    path = tmp_path / "gw.toml"
+    text = MEMORY_CONFIG.format(url=upstream.url).replace(
+        'key = "bearer"', 'key = "bearer"\nadmin_token_env = "WIRING_ADMIN"'
+    )
+    path.write_text(text)
+    app = build_app(str(path))
+    assert app.proxy.aimd is None and app.proxy.gate is None
+    assert "nexus_limits_upstream_limit{" not in app.metrics.render().decode()
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        doc = http.get("/_nexus/upstream", headers={"authorization": "Bearer admin-secret"}).json()
+    assert doc["adaptive"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ('floor = "1/minute"\n', r":\d+: upstream\.adaptive: needs ceiling"),
+        ('ceiling = "lots"\n', r"upstream\.adaptive\.ceiling: invalid rate"),
+        ("ceiling = 500\n", r"upstream\.adaptive\.ceiling: must be a rate"),
+        ('ceiling = "10/minute"\nfloor = "20/minute"\n', r"upstream\.adaptive\.floor: must not be above the ceiling"),
+        ('ceiling = "10/minute"\ndecrease = 1.5\n', r"upstream\.adaptive\.decrease: must be above 0 and at most 0\.99"),
+        ('ceiling = "10/minute"\ndecrease = nan\n', r"upstream\.adaptive\.decrease: must be above 0"),
+        ('ceiling = "10/minute"\nlow_water = inf\n', r"upstream\.adaptive\.low_water: must be a fraction"),
+        ('ceiling = "10/minute"\ninterval = -1\n', r"upstream\.adaptive\.interval: must be from 0 to 3600"),
+        ('ceiling = "10/minute"\ncooldown = true\n', r"upstream\.adaptive\.cooldown: must be a number of seconds"),
+        ('ceiling = "10/minute"\nspeed = 1\n', r"upstream\.adaptive\.speed: unknown field"),
+    ],
+)
+def test_adaptive_config_errors(tmp_path, body, where):
+    from nexus_limits.gateway import ConfigError, load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text("[upstream]\nurl = 'http://x'\n[upstream.adaptive]\n" + body + "[tiers.a]\ntokens = '1/s'\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml:\d+: " + where.removeprefix(r":\d+: ")):
+        load_config(str(path))
+
+
+def test_adaptive_config_converts_rates_to_the_ceilings_window(tmp_path):
+    from nexus_limits.gateway import load_config
+
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        "[upstream]\nurl = 'http://x'\n[upstream.adaptive]\nceiling = '600/minute'\nfloor = '1/second'\n"
+        "increase = '120/hour'\n[tiers.a]\ntokens = '1/s'\n"
+    )
+    adaptive = load_config(str(path)).upstream_adaptive
+    assert adaptive == {"window": 60.0, "ceiling": 600.0, "floor": 60.0, "increase": 2.0}

@@ -32,6 +32,9 @@ Two kinds of numbers, both with low-cardinality labels only (never a raw API key
   ``nexus_limits_queue_refused_total{queue,reason}`` (``at_once``: refused on arrival;
   ``timed_out``: refused after waiting; ``pushed_out``: made room in a full queue) and
   the histogram ``nexus_limits_queue_wait_seconds{queue}`` of admitted requests' waits.
+- **Per adaptive upstream limit** (:class:`nexus_limits.outbound.AIMD`, watched with
+  ``metrics.watch_upstream(aimd, name)``): ``nexus_limits_upstream_limit{upstream}``,
+  its value now.
 
 The ``limiter`` label of the per-request numbers is the name the limiter is watched
 under (``metrics.watch(api, "api")``), so that both kinds of numbers about one limiter
@@ -134,6 +137,7 @@ class Metrics:
         self.registry = registry
         self._watched: Dict[str, Any] = {}
         self._queues: Dict[str, Any] = {}
+        self._upstreams: Dict[str, Any] = {}
         # id(limiter) -> the name it is watched under, for the per-request label.
         self._names: Dict[int, str] = {}
         # The labelled series of each (limiter, tier, route), looked up once.
@@ -193,6 +197,17 @@ class Metrics:
         with self._lock:
             self._queues[name] = queue
         return queue
+
+    def watch_upstream(self, aimd: Any, name: str) -> Any:
+        """Report an :class:`~nexus_limits.outbound.AIMD`'s value under ``upstream=name``
+        at every scrape; returns it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if not isinstance(getattr(aimd, "value", None), (int, float)):
+            raise TypeError(f"aimd must be a nexus_limits.outbound.AIMD, got {type(aimd).__name__}")
+        with self._lock:
+            self._upstreams[name] = aimd
+        return aimd
 
     def unwatch_queue(self, name: str) -> None:
         """Stop reporting the queue watched under ``name``."""
@@ -307,6 +322,13 @@ class Metrics:
         )
         with self._lock:
             queues = list(self._queues.items())
+            upstreams = list(self._upstreams.items())
+        limit = GaugeMetricFamily(
+            f"{ns}_upstream_limit", "An upstream's adaptive limit now (requests per its window)", labels=("upstream",)
+        )
+        for name, aimd in upstreams:
+            limit.add_metric((name,), aimd.value)
+        yield limit
         for name, queue in queues:
             stats = queue.stats()
             waiting.add_metric((name,), stats["waiting"])

@@ -18,7 +18,8 @@ __all__ = ["admin", "json_reply"]
 async def admin(gateway: Any, scope: Scope, send: Send) -> None:
     """``GET /_nexus/keys/<key>`` (or ``/_nexus/keys?key=<key>``): one key's tier and
     limits; ``GET /_nexus/top?tier=<t>&n=<n>``: the keys using the largest share of the
-    tier's token limit. Every path under ``/_nexus`` needs the bearer admin token (and
+    tier's token limit; ``GET /_nexus/upstream``: the upstream's adaptive limit now
+    (``adaptive``: null without ``[upstream.adaptive]``). Every path under ``/_nexus`` needs the bearer admin token (and
     is a 404 when none is configured); none is ever forwarded upstream."""
     req = request_of(scope)
     token = gateway.cfg.admin_token
@@ -93,6 +94,9 @@ async def admin(gateway: Any, scope: Scope, send: Send) -> None:
             return
         names = [k for k, t in gateway.cfg.keys.items() if t == tier]
         await json_reply(send, 200, {"tier": tier, "limit": which, "top": limiter.top_keys(n, names, limit=which)})
+        return
+    if path == "/_nexus/upstream":
+        await json_reply(send, 200, {"upstream": gateway.proxy.name, "adaptive": gateway.proxy.adaptive_stats()})
         return
     await reply(send, 404, problem(404, "Not Found", "unknown admin endpoint"))
 

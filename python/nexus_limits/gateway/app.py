@@ -82,6 +82,7 @@ _RESTART_FIELDS = (
     "upstream_url",
     "upstream_api_key",
     "upstream_timeout",
+    "upstream_adaptive",
     "host",
     "port",
     "backend",
@@ -123,6 +124,8 @@ class Gateway:
             "config_reloads", "Config reloads by result", ("result",), namespace="nexus_limits", registry=None
         )
         self.metrics.registry.register(self.reloads)
+        if self.proxy.aimd is not None:
+            self.metrics.watch_upstream(self.proxy.aimd, self.proxy.name)
         self.tiers: Dict[str, Any] = {}
         self._outputs: Dict[str, Tuple[Tuple[Any, ...], OutputEstimate]] = {}
         self._build(cfg, None)

@@ -46,6 +46,9 @@ class GatewayConfig:
     upstream_url: str
     upstream_api_key: Optional[str] = None
     upstream_timeout: float = 600.0
+    # [upstream.adaptive]: the AIMD settings of the outbound limit (None: no limit).
+    # Limits are requests per ``window`` seconds (the ceiling's period).
+    upstream_adaptive: Optional[Dict[str, float]] = None
     # Whether Set-Cookie from the upstream reaches clients, and clients' Cookie the
     # upstream: off by default, as one upstream session would be shared by every client.
     forward_cookies: bool = False
@@ -236,6 +239,61 @@ def _duration(value: Any) -> Optional[float]:
     return float(match.group(1)) * {"ms": 0.001, "m": 60.0}.get(match.group(2) or "s", 1.0)
 
 
+_ADAPTIVE_FIELDS = ("ceiling", "floor", "increase", "decrease", "low_water", "interval", "cooldown")
+
+
+def _adaptive(spec: Any, loc: _Locator, typed: Any, number: Any) -> Dict[str, float]:
+    """``[upstream.adaptive]``: an AIMD limit on the calls to the upstream, in requests
+    per the ceiling's period; ``floor`` and ``increase`` are rates too, converted to it."""
+    import nexus_limits as nl
+
+    where = "upstream.adaptive"
+    if not isinstance(spec, dict):
+        raise loc.error("upstream", "adaptive", "must be a table")
+    for key in spec:
+        if key not in _ADAPTIVE_FIELDS:
+            raise loc.error(where, key, f"unknown field (expected one of: {', '.join(_ADAPTIVE_FIELDS)})")
+    if "ceiling" not in spec:
+        raise loc.error(where, None, 'needs ceiling, the most requests ever sent, such as "500/minute"')
+
+    def rate(key: str) -> Optional[Any]:
+        text = typed(where, spec, key, str, 'a rate such as "500/minute"')
+        if text is None:
+            return None
+        try:
+            return nl.Rate.parse(text)
+        except ValueError as error:
+            raise loc.error(where, key, str(error)) from None
+
+    ceiling = rate("ceiling")
+    assert ceiling is not None
+    window = float(ceiling.period)
+    out: Dict[str, float] = {"window": window, "ceiling": float(ceiling.count)}
+    for key in ("floor", "increase"):
+        r = rate(key)
+        if r is not None:
+            out[key] = r.count * window / r.period
+            if not out[key] > 0:
+                raise loc.error(where, key, f"must be above 0, got {spec[key]!r}")
+    if out.get("floor", 0.0) > out["ceiling"]:
+        raise loc.error(where, "floor", f"must not be above the ceiling, got {spec['floor']!r}")
+    decrease = number(where, spec, "decrease", 0, 0.99)
+    if decrease is not None:
+        out["decrease"] = float(decrease)
+    low_water = typed(where, spec, "low_water", (int, float), "a fraction from 0 to 0.99")
+    if low_water is not None:
+        if not 0 <= low_water <= 0.99:  # NaN fails
+            raise loc.error(where, "low_water", f"must be a fraction from 0 to 0.99, got {low_water!r}")
+        out["low_water"] = float(low_water)
+    for key in ("interval", "cooldown"):
+        seconds = typed(where, spec, key, (int, float), "a number of seconds")
+        if seconds is not None:
+            if not 0 <= seconds <= 3600:
+                raise loc.error(where, key, f"must be from 0 to 3600 seconds, got {seconds!r}")
+            out[key] = float(seconds)
+    return out
+
+
 def _toml() -> Any:
     try:
         import tomllib
@@ -295,7 +353,7 @@ def load_config(path: str) -> GatewayConfig:
         return v
 
     upstream = table("upstream", required=True)
-    known("upstream", upstream, ("url", "api_key_env", "timeout", "forward_cookies"))
+    known("upstream", upstream, ("url", "api_key_env", "timeout", "forward_cookies", "adaptive"))
     url = typed("upstream", upstream, "url", str, "a URL string")
     problem = _upstream_url_problem(url)
     if problem:
@@ -318,6 +376,8 @@ def load_config(path: str) -> GatewayConfig:
     if timeout is not None:
         cfg.upstream_timeout = float(timeout)
     cfg.forward_cookies = bool(typed("upstream", upstream, "forward_cookies", bool, "true or false"))
+    if "adaptive" in upstream:
+        cfg.upstream_adaptive = _adaptive(upstream["adaptive"], loc, typed, number)
 
     server = table("server")
     known(

@@ -13,8 +13,9 @@ or its cookies (unless ``forward_cookies``).
 
 from __future__ import annotations
 
+import math
 import re
-from typing import FrozenSet, Iterable, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from ..adapters._common import PROBLEM_TYPE, problem
@@ -139,6 +140,34 @@ class Proxy:
             max_connections=cfg.max_connections,
             timeout=cfg.upstream_timeout,
         )
+        # The upstream's name in metrics and the admin stats: its host (and port).
+        self.name = base.netloc.rsplit("@", 1)[-1]
+        # [upstream.adaptive]: an AIMD limit on the calls sent upstream, fed every
+        # answer, enforced by an in-process bucket whose rate follows it.
+        self.aimd: Any = None
+        self.gate: Any = None
+        self.window = 60.0
+        if cfg.upstream_adaptive is not None:
+            import nexus_limits as nl
+
+            from ..outbound import AIMD
+
+            settings = dict(cfg.upstream_adaptive)
+            self.window = settings.pop("window")
+            self.gate = nl.TokenBucket(nl.Rate(max(1, round(settings["ceiling"])), self.window))
+            self.aimd = AIMD(**settings, on_change=self._follow)
+
+    def _follow(self, value: float) -> None:
+        """The AIMD value changed: the gate's rate follows (never above the ceiling)."""
+        import nexus_limits as nl
+
+        self.gate.set_default_quota(nl.Rate(max(1, round(value)), self.window))
+
+    def adaptive_stats(self) -> Optional[Dict[str, Any]]:
+        """The adaptive limit now (requests per ``window`` seconds), or None without one."""
+        if self.aimd is None:
+            return None
+        return {"upstream": self.name, "window": self.window, **self.aimd.stats()}
 
     def url(self, raw_path: bytes, query: bytes) -> bytes:
         """The upstream target (``[upstream] url``'s path, the normalised path, the
@@ -205,11 +234,28 @@ class Proxy:
                 await reply(send, 400, problem(400, "Bad Request", str(error)))
                 return
         headers = self.request_headers(scope.get("headers") or ())
+        if self.gate is not None:
+            from ..errors import RateLimitExceeded
+
+            try:
+                await self.gate.acquire_async("upstream", timeout=self.cfg.upstream_timeout)
+            except RateLimitExceeded as error:
+                wait = float(error.retry_after)
+                detail = f"the upstream's adaptive limit has no room within {self.cfg.upstream_timeout:g} s"
+                extra = [("retry-after", str(max(1, math.ceil(wait))))] if math.isfinite(wait) else []
+                await reply(send, 503, problem(503, "Service Unavailable", detail), extra)
+                return
         try:
             response = await self.client.request(method, target, headers, body)
         except Exception as error:  # UpstreamError, and anything else the connect raised
             await reply(send, 502, problem(502, "Bad Gateway", f"the upstream could not be reached: {error}"))
             return
+        if self.aimd is not None:
+            try:
+                seen = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
+                self.aimd.observe(response.status, seen)
+            except Exception:  # the upstream's headers must never break the answer
+                self.aimd.observe(response.status)
         # A client that goes away needs no watch here: the LLM middleware, which every
         # request passes through, cancels this at once (and the connection with it).
         try:
