@@ -460,3 +460,53 @@ def test_adaptive_config_converts_rates_to_the_ceilings_window(tmp_path):
     )
     adaptive = load_config(str(path)).upstream_adaptive
     assert adaptive == {"window": 60.0, "ceiling": 600.0, "floor": 60.0, "increase": 2.0}
+
+
+async def slow_llm(scope, receive, send):
+    """A fake upstream that takes 0.5 s to answer a chat completion."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await asyncio.sleep(0.5)
+    body = b'{"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_concurrency_refusal_is_not_queued(tmp_path):
+    """Documented: a concurrency refusal names no time a place frees up, so a queued
+    tier answers it at once (429, x-should-retry false), as an unqueued one does."""
+    with ASGIServer(slow_llm) as up:
+        path = tmp_path / "gw.toml"
+        path.write_text(
+            f'[upstream]\nurl = "{up.url}"\n[tiers.c]\nrequests = "100/second"\nconcurrency = 1\nqueue = "5s"\n'
+            '[keys]\n"sk-c" = "c"\n'
+        )
+        app = build_app(str(path))
+        with ASGIServer(app, lifespan="on") as gw:
+            assert sorted(r.status_code for r in _post_many(gw.url, "sk-c", 2)) == [200, 429]
+        stats = app.tiers["c"].queue.stats()
+        assert stats["admitted"] == 1 and stats["refused_at_once"] == 1
+
+
+def test_queue_needs_a_rate_not_only_concurrency(tmp_path):
+    from nexus_limits.gateway import ConfigError, load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text("[upstream]\nurl = 'http://x'\n[tiers.a]\nconcurrency = 2\nqueue = '5s'\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml:5: tiers\.a\.queue: needs one of requests, tokens, daily_tokens"):
+        load_config(str(path))
+
+
+def test_the_example_config_shows_the_new_fields():
+    from pathlib import Path
+
+    from nexus_limits.gateway import config
+
+    text = (Path(config.__file__).parent / "example.toml").read_text()
+    assert "# [upstream.adaptive]" in text
+    for field in config._ADAPTIVE_FIELDS:
+        assert f"# {field} = " in text, field
+    assert '# queue = "5s"' in text

@@ -559,8 +559,10 @@ def load_config(path: str) -> GatewayConfig:
                     f'must be a wait above 0 and at most {MAX_QUEUE_SECONDS:g} s, such as "5s" or "500ms", '
                     f"got {spec['queue']!r}",
                 )
-            if not tier.has_limits():
-                raise loc.error(where, "queue", "needs one of requests, tokens, daily_tokens, concurrency to wait for")
+            # A TokenLimiter's concurrency refusal names no time a place frees up (its
+            # retry_after is the lease TTL): a queue can only wait for rates.
+            if not (tier.requests or tier.tokens or tier.daily_tokens is not None):
+                raise loc.error(where, "queue", "needs one of requests, tokens, daily_tokens to wait for")
             tier.queue = seconds
         cfg.tiers[name] = tier
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
