@@ -110,6 +110,9 @@ class HierarchyDecision:
             entries.append((Policy(f"{level}.concurrency", int(d.limit), 0), d))
         entries.sort(key=lambda e: e[0].name != self.policy)
         out = dict(rate_limit_headers(entries, denied_by=None if self.allowed else self.decision))
+        if not entries and not self.allowed and not math.isinf(self.retry_after):
+            # A fallback refusal (the store was away) decided no quota but still says when to retry.
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         for unit in ("requests", "tokens"):
             mine = [d for name, d in self.quotas.items() if name.endswith(f".{unit}")]
             if mine:
@@ -120,7 +123,7 @@ class HierarchyDecision:
         return out
 
     def __repr__(self) -> str:
-        state = "allowed" if self.allowed else f"refused by {self.policy}"
+        state = "allowed" if self.allowed else f"refused by {self.policy}" if self.policy else "refused"
         return f"{type(self).__name__}(path={self.path!r}, {state}, retry_after={self.retry_after:.6g})"
 
 
