@@ -19,8 +19,9 @@
 //!   whole path change at once, and a process killed mid-check leaves it applied in full
 //!   or not at all.
 //!
-//! A node's quotas can be changed at run time (in this process), for one node or for a
-//! whole level, keeping what each node has used.
+//! A node's quotas can be changed at run time, keeping what it has used: for one node
+//! (in this process, or kept in the shared-memory store for every process) or, in this
+//! process, for a whole level.
 
 use crate::algorithms::State;
 use crate::clock::Clock;

@@ -171,14 +171,20 @@ impl ShmTable {
         Ok(())
     }
 
-    /// Locks the store for a multi-key check. A journal left by a process that died
-    /// holding the lock is replayed first.
+    /// Locks the store for a multi-key check. A journal left by a holder that died (or
+    /// panicked) before its last write is replayed first.
     pub fn transaction(&self) -> Result<Transaction<'_>> {
         // SAFETY: the mutex was initialised by `prepare_transactions` when the store was
         // opened, and stays mapped as long as `self`.
         let rc = unsafe { libc::pthread_mutex_lock(self.mutex()) };
         match rc {
-            0 => {}
+            0 => {
+                // A holder that panicked between its journal and its last write unlocked
+                // normally (unwinding), its journal still set: finish its writes.
+                if self.journal_count().load(SeqCst) != 0 {
+                    self.replay();
+                }
+            }
             libc::EOWNERDEAD => {
                 self.replay();
                 // SAFETY: this thread holds the mutex (EOWNERDEAD hands it over).
@@ -423,6 +429,18 @@ mod tests {
         assert_eq!(t.read(&fp(1)), None);
         drop(t);
         assert!(table.check(&fp(500), &algo, 200 * NANOS, 1, true).is_some(), "its slot is free again");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_journal_left_behind_by_a_panic_is_replayed() {
+        let p = path("panic");
+        let table = ShmTable::open(Location::Path(&p), Some(64), Some(3600)).unwrap();
+        let mut t = table.transaction().unwrap();
+        t.journal_only(&[Write::Set(fp(3), 33)]);
+        drop(t); // unlocked normally, as unwinding does
+        assert_eq!(table.transaction().unwrap().read(&fp(3)), Some(33));
+        assert_eq!(table.journal_count().load(SeqCst), 0);
         std::fs::remove_file(p).unwrap();
     }
 
