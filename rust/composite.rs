@@ -11,6 +11,7 @@ use crate::decision::{finish, fold, Checked, Decision};
 use crate::error::{Error, Result};
 use crate::key::{Fingerprint, FingerprintMap};
 use crate::limiter::{fresh_at, Limiter, ShardQuotas, Stats};
+use crate::quota::Quota;
 use crate::report::{top_n, AtomicCounters, Counters, Inspection, TopRow};
 use crate::store::{Reservation, Room, ShardGuard, Store};
 use crossbeam_utils::CachePadded;
@@ -105,6 +106,20 @@ impl Group {
         charge: bool,
         each: Option<&mut Vec<Decision>>,
     ) -> Decision {
+        self.check_with(key, costs, charge, each, |q, state, now, cost| q.step(state, now, cost))
+    }
+
+    /// [`check_keys`](Self::check_keys) deciding each part with `step` (its quota, its
+    /// key's state, now, its cost): a priority class's floor on every part, say.
+    #[inline]
+    pub fn check_with(
+        &self,
+        key: impl Fn(usize) -> Fingerprint,
+        costs: &[u64],
+        charge: bool,
+        each: Option<&mut Vec<Decision>>,
+        step: impl Fn(&Quota, State, u64, u64) -> (State, Decision),
+    ) -> Decision {
         let mut steps: Vec<Step<'_>> = Vec::with_capacity(self.parts.len());
         for &i in &self.order {
             let guard = self.store(i).lock(&key(i));
@@ -119,7 +134,7 @@ impl Group {
             let state = s.guard.lookup(fp);
             s.tracked = state.is_some();
             let q = s.guard.extra_mut();
-            let (next, d) = q.for_key(fp).step(state.unwrap_or(FRESH), now, costs[s.index]);
+            let (next, d) = step(q.for_key(fp), state.unwrap_or(FRESH), now, costs[s.index]);
             (s.next, s.decision) = (next, d);
             let shadowed = !d.allowed && self.parts[s.index].shadow();
             let effective = if shadowed { d.shadow_admitted() } else { d };

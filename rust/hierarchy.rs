@@ -31,6 +31,7 @@ use crate::decision::{finish, fold, Decision};
 use crate::error::{Error, Result};
 use crate::key::{fingerprint_with, Fingerprint, Fingerprinter, KeyKind};
 use crate::limiter::{Limiter, Stats};
+use crate::priority::{check_classes, step_share, Share};
 use crate::quota::{Kind, Quota};
 use crate::rate::Rate;
 use crate::report::{AtomicCounters, Counters, Inspection};
@@ -69,12 +70,14 @@ impl Unit {
     }
 }
 
-/// What one call costs: requests, tokens (on the token and daily-token quotas) and spend.
+/// What one call costs: requests, tokens (on the token and daily-token quotas) and spend;
+/// and its priority class, when the hierarchy has classes (None: the default class).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Amounts {
     pub requests: u64,
     pub tokens: u64,
     pub spend: u64,
+    pub class: Option<usize>,
 }
 
 impl Amounts {
@@ -237,6 +240,8 @@ pub struct HierarchyStats {
     /// Each part's stats (its counters count its own decisions).
     pub parts: Vec<Stats>,
     pub concurrency: Vec<Option<ConcurrencyStats>>,
+    /// Each priority class's name, share and counters.
+    pub classes: Vec<(String, Share, Counters)>,
 }
 
 /// Quotas charged at every level of a path (see the module's documentation).
@@ -250,6 +255,18 @@ pub struct Hierarchy {
     shadow: AtomicBool,
     counters: CachePadded<AtomicCounters>,
     refused_by: Vec<AtomicU64>,
+    /// Priority classes (see [`crate::priority`]): each may use its share of every rate
+    /// quota of every level. None: every call may use all of them.
+    classes: Vec<HierarchyClass>,
+    /// The class of a call that names none.
+    default_class: usize,
+}
+
+/// One priority class of a hierarchy: its name, share and counters.
+struct HierarchyClass {
+    name: String,
+    share: Share,
+    counters: CachePadded<AtomicCounters>,
 }
 
 fn bucket(rate: Rate) -> Result<Quota> {
@@ -285,6 +302,38 @@ impl Hierarchy {
         max_keys: Option<usize>,
         lease_ttl_secs: f64,
     ) -> Result<Hierarchy> {
+        Hierarchy::with_classes(levels, store, name, clock, ttl_secs, max_keys, lease_ttl_secs, Vec::new(), None)
+    }
+
+    /// [`new`](Self::new) with priority classes, as a [`crate::priority::Priority`]
+    /// takes them (none: no classes), and the class of a call that names none (by
+    /// default the one with the smallest share).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_classes(
+        levels: Vec<LevelSpec>,
+        store: Option<Arc<ShmTable>>,
+        name: &str,
+        clock: Clock,
+        ttl_secs: f64,
+        max_keys: Option<usize>,
+        lease_ttl_secs: f64,
+        classes: Vec<(String, Share)>,
+        default_class: Option<&str>,
+    ) -> Result<Hierarchy> {
+        if !classes.is_empty() {
+            check_classes(&classes)?;
+        }
+        let default_class = match default_class {
+            None => crate::priority::lowest(classes.iter().map(|c| c.1)),
+            Some(d) => classes
+                .iter()
+                .position(|c| c.0 == d)
+                .ok_or_else(|| Error::InvalidArgument(format!("default class {d:?} is not one of the classes")))?,
+        };
+        let classes = classes
+            .into_iter()
+            .map(|(name, share)| HierarchyClass { name, share, counters: Default::default() })
+            .collect();
         if levels.is_empty() || levels.len() > MAX_LEVELS {
             return Err(Error::InvalidArgument(format!(
                 "a Hierarchy has from 1 to {MAX_LEVELS} levels, got {}",
@@ -377,7 +426,41 @@ impl Hierarchy {
             shadow: AtomicBool::new(false),
             counters: Default::default(),
             refused_by,
+            classes,
+            default_class,
         })
+    }
+
+    /// The priority classes as (name, share), none when the hierarchy has none.
+    pub fn classes(&self) -> Vec<(String, Share)> {
+        self.classes.iter().map(|c| (c.name.clone(), c.share)).collect()
+    }
+
+    /// The class named `name`, or an error naming the classes.
+    pub fn class(&self, name: &str) -> Result<usize> {
+        if self.classes.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "this Hierarchy has no priority classes (build it with classes=) and was given class {name:?}"
+            )));
+        }
+        self.classes.iter().position(|c| c.name == name).ok_or_else(|| {
+            let names: Vec<String> = self.classes.iter().map(|c| format!("{:?}", c.name)).collect();
+            Error::InvalidArgument(format!("unknown class {name:?}: the classes are {}", names.join(", ")))
+        })
+    }
+
+    /// The class of a call that names none, if the hierarchy has classes.
+    pub fn default_class(&self) -> Option<usize> {
+        (!self.classes.is_empty()).then_some(self.default_class)
+    }
+
+    /// The class a call of `amounts` is decided as, and its share.
+    fn share_of(&self, amounts: &Amounts) -> (Option<usize>, Share) {
+        if self.classes.is_empty() {
+            return (None, Share::ALL);
+        }
+        let c = amounts.class.filter(|&c| c < self.classes.len()).unwrap_or(self.default_class);
+        (Some(c), self.classes[c].share)
     }
 
     pub fn depth(&self) -> usize {
@@ -527,8 +610,14 @@ impl Hierarchy {
         self.check_path(path)?;
         let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let now = self.clock.now();
-        let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), charge)?;
-        Ok(self.outcome(rates, parts, vec![None; self.levels.len()], vec![None; self.levels.len()], now, charge))
+        let (class, share) = self.share_of(&amounts);
+        let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), share, charge)?;
+        let n = self.levels.len();
+        let o = self.outcome(rates, parts, vec![None; n], vec![None; n], now, charge);
+        if charge {
+            self.count_class(class, &o);
+        }
+        Ok(o)
     }
 
     /// What [`reserve`](Self::reserve) would decide now, charging nothing and taking no
@@ -536,7 +625,8 @@ impl Hierarchy {
     pub fn peek(&self, path: &Path, amounts: Amounts) -> Result<Outcome> {
         self.check_path(path)?;
         let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
-        let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), false)?;
+        let (_, share) = self.share_of(&amounts);
+        let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), share, false)?;
         let concurrency = self
             .levels
             .iter()
@@ -553,6 +643,7 @@ impl Hierarchy {
         self.check_path(path)?;
         let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let costs = self.costs(&amounts);
+        let (class, share) = self.share_of(&amounts);
         let now = self.clock.now();
         let limited: Vec<(usize, &Concurrency, Fingerprint)> = self
             .levels
@@ -564,7 +655,7 @@ impl Hierarchy {
         let (mut concurrency, mut leases) = (vec![None; n], vec![None; n]);
         let mut rates: Option<Result<(Option<Decision>, Vec<Decision>)>> = None;
         let mut inner = || {
-            let r = self.check_rates(&keys, &quota_keys, &costs, true);
+            let r = self.check_rates(&keys, &quota_keys, &costs, share, true);
             let ok = matches!(&r, Ok((d, _)) if d.is_none_or(|d| d.allowed));
             rates = Some(r);
             ok
@@ -573,9 +664,11 @@ impl Hierarchy {
         // Not run (a level had no lease free): the rate quotas are told, charging nothing.
         let (rates, parts) = match rates {
             Some(r) => r?,
-            None => self.check_rates(&keys, &quota_keys, &costs, false)?,
+            None => self.check_rates(&keys, &quota_keys, &costs, share, false)?,
         };
-        Ok(self.outcome(rates, parts, concurrency, leases, now, true))
+        let o = self.outcome(rates, parts, concurrency, leases, now, true);
+        self.count_class(class, &o);
+        Ok(o)
     }
 
     /// Takes the leases of `limited` (level, limit, node) from the first on, each under
@@ -605,6 +698,7 @@ impl Hierarchy {
         keys: &[Fingerprint],
         quota_keys: &[Fingerprint],
         costs: &[u64],
+        share: Share,
         charge: bool,
     ) -> Result<(Option<Decision>, Vec<Decision>)> {
         match &self.parts {
@@ -613,16 +707,18 @@ impl Hierarchy {
                     return Ok((None, Vec::new()));
                 }
                 let mut each = Vec::with_capacity(keys.len());
-                let d = group.check_keys(|i| keys[i], costs, charge, Some(&mut each));
+                let step = |q: &Quota, state, now, cost| step_share(q, state, now, cost, share);
+                let d = group.check_with(|i| keys[i], costs, charge, Some(&mut each), step);
                 Ok((Some(d), each))
             }
             Parts::Shared { table, parts } => {
-                self.check_shared(table, parts, keys, quota_keys, costs, charge).map(|(d, e)| (Some(d), e))
+                self.check_shared(table, parts, keys, quota_keys, costs, share, charge).map(|(d, e)| (Some(d), e))
             }
         }
     }
 
     /// The rate quotas in a shared-memory store, as one transaction.
+    #[allow(clippy::too_many_arguments)]
     fn check_shared(
         &self,
         table: &ShmTable,
@@ -630,6 +726,7 @@ impl Hierarchy {
         keys: &[Fingerprint],
         quota_keys: &[Fingerprint],
         costs: &[u64],
+        share: Share,
         charge: bool,
     ) -> Result<(Decision, Vec<Decision>)> {
         let mut txn = table.transaction()?;
@@ -641,7 +738,7 @@ impl Hierarchy {
         for (i, p) in parts.iter().enumerate() {
             let state = txn.read(&keys[i]);
             let (quota, _) = p.quota_for(txn.read(&quota_keys[i]));
-            let (next, d) = quota.step(state.unwrap_or(0), now, costs[i]);
+            let (next, d) = step_share(&quota, state.unwrap_or(0), now, costs[i], share);
             let effective = if !d.allowed && shadow { d.shadow_admitted() } else { d };
             whole = Some(whole.map_or(effective, |w| fold(w, &effective)));
             if charge {
@@ -668,6 +765,14 @@ impl Hierarchy {
             return Ok((Decision { limit: decision.limit, ..full }, each));
         }
         Ok((decision, each))
+    }
+
+    /// Counts a call's outcome in its class's counters.
+    fn count_class(&self, class: Option<usize>, o: &Outcome) {
+        if let Some(c) = class {
+            let real = Decision { allowed: o.allowed && !o.shadow, ..o.decision };
+            self.classes[c].counters.count_check(real, o.shadow);
+        }
     }
 
     /// The outcome of decisions made elsewhere (by the Redis script): each part's and
@@ -1084,6 +1189,7 @@ impl Hierarchy {
             refused_by: self.refused_by.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
             parts,
             concurrency: self.levels.iter().map(|l| l.concurrency.as_ref().map(|c| c.stats())).collect(),
+            classes: self.classes.iter().map(|c| (c.name.clone(), c.share, c.counters.get())).collect(),
         }
     }
 }
@@ -1169,7 +1275,7 @@ mod tests {
         let clock = ManualClock::new(0);
         let h = three(&clock, None);
         let k = path(&["acme", "search", "k1"]);
-        let tokens = |t| Amounts { requests: 1, tokens: t, spend: 0 };
+        let tokens = |t| Amounts { requests: 1, tokens: t, ..Amounts::default() };
         let r = h.reserve(&k, tokens(600)).unwrap();
         assert!(r.allowed);
         assert!(r.leases[0].is_none() && r.leases[1].is_some() && r.leases[2].is_some());
@@ -1279,6 +1385,45 @@ mod tests {
         let err = h.set_default(0, [rate("1/s"), None, None, None], None).unwrap_err().to_string();
         assert!(err.contains("set_default_quota is not available with a SharedMemoryStore"), "{err}");
         std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn classes_keep_a_reserve_at_every_level() {
+        for store in [None, Some(shm("classes"))] {
+            let clock = ManualClock::new(0);
+            let levels = vec![
+                level("org", rate("10/hour"), None, None),
+                level("key", rate("100/hour"), None, if store.is_some() { None } else { Some(5) }),
+            ];
+            let classes =
+                vec![("interactive".to_string(), Share::ALL), ("batch".to_string(), Share::new(0.7).unwrap())];
+            let table = store.as_ref().map(|s| Arc::clone(&s.0));
+            let h = Hierarchy::with_classes(levels, table, "", Clock::Manual(clock), 3600.0, None, 60.0, classes, None)
+                .unwrap();
+            let (top, batch) = (h.class("interactive").unwrap(), h.class("batch").unwrap());
+            assert_eq!(h.default_class(), Some(batch));
+            let call = |class| Amounts { requests: 1, class: Some(class), ..Amounts::default() };
+            let k = path(&["o", "k"]);
+            let admitted = (0..10).filter(|_| h.check(&k, call(batch), true).unwrap().allowed).count();
+            assert_eq!(admitted, 7, "batch stops at 70% of the org");
+            let refused = h.check(&k, Amounts { requests: 1, ..Amounts::default() }, true).unwrap();
+            assert_eq!(refused.refused, Some(Refusal { level: 0, unit: Some(Unit::Requests) }), "the default is batch");
+            assert_eq!(refused.parts[0].limit, 7, "the class's view of the org");
+            assert_eq!((0..10).filter(|_| h.check(&k, call(top), true).unwrap().allowed).count(), 3);
+            if store.is_none() {
+                let r = h.reserve(&path(&["p", "k"]), call(batch)).unwrap();
+                assert!(r.allowed && r.leases[1].is_some());
+            }
+            let stats = h.stats().classes;
+            assert_eq!((stats[0].2.allowed, stats[1].2.allowed, stats[1].2.denied), (3, 7 + store.is_none() as u64, 4));
+            assert!(h.class("gold").unwrap_err().to_string().contains("\"interactive\", \"batch\""));
+            if let Some((_, p)) = store {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let plain = three(&ManualClock::new(0), None);
+        assert!(plain.class("batch").unwrap_err().to_string().contains("no priority classes"));
+        assert_eq!(plain.default_class(), None);
     }
 
     #[test]

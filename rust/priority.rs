@@ -101,8 +101,40 @@ pub fn step_floor(
 /// capacity (a key with a quota of its own gets the share of its own capacity).
 #[inline(always)]
 pub fn step_share(quota: &Quota, state: State, now: u64, cost: u64, share: Share) -> (State, Decision) {
-    let floor = share.floor(quota.limit());
+    let floor = if share == Share::ALL { 0 } else { share.floor(quota.limit()) };
     step_floor(|s, c| quota.step(s, now, c), state, cost, floor)
+}
+
+/// Checks classes as given: 1 to [`MAX_CLASSES`], names unique and not empty, and at
+/// least one class with the whole limit (share 1), else part of the limit could never
+/// be used.
+pub fn check_classes(classes: &[(String, Share)]) -> Result<()> {
+    if classes.is_empty() || classes.len() > MAX_CLASSES {
+        return Err(Error::InvalidArgument(format!("give from 1 to {MAX_CLASSES} classes, got {}", classes.len())));
+    }
+    for (i, (name, _)) in classes.iter().enumerate() {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("a class name must not be empty".into()));
+        }
+        if classes[..i].iter().any(|(other, _)| other == name) {
+            return Err(Error::InvalidArgument(format!("class {name:?} is given twice")));
+        }
+    }
+    if !classes.iter().any(|(_, s)| *s == Share::ALL) {
+        return Err(Error::InvalidArgument(
+            "one class must have share 1.0 (the whole limit): the highest class may use all of it, else the rest \
+             of the limit could never be used"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The class with the smallest share (the first of them when several tie).
+pub fn lowest(shares: impl Iterator<Item = Share>) -> usize {
+    let shares: Vec<Share> = shares.collect();
+    let min = shares.iter().min().copied().unwrap_or(Share::ALL);
+    shares.iter().position(|&s| s == min).unwrap_or(0)
 }
 
 /// One class of a [`Priority`]: its name, share and counters.
@@ -128,24 +160,7 @@ impl Priority {
     /// and at least one class with the whole limit (share 1), else part of the limit
     /// could never be used.
     pub fn new(limiter: Arc<Limiter>, classes: Vec<(String, Share)>) -> Result<Priority> {
-        if classes.is_empty() || classes.len() > MAX_CLASSES {
-            return Err(Error::InvalidArgument(format!("give from 1 to {MAX_CLASSES} classes, got {}", classes.len())));
-        }
-        for (i, (name, _)) in classes.iter().enumerate() {
-            if name.is_empty() {
-                return Err(Error::InvalidArgument("a class name must not be empty".into()));
-            }
-            if classes[..i].iter().any(|(other, _)| other == name) {
-                return Err(Error::InvalidArgument(format!("class {name:?} is given twice")));
-            }
-        }
-        if !classes.iter().any(|(_, s)| *s == Share::ALL) {
-            return Err(Error::InvalidArgument(
-                "one class must have share 1.0 (the whole limit): the highest class may use all of it, else the \
-                 rest of the limit could never be used"
-                    .into(),
-            ));
-        }
+        check_classes(&classes)?;
         let classes =
             classes.into_iter().map(|(name, share)| Class { name, share, counters: Default::default() }).collect();
         Ok(Priority { limiter, classes })
@@ -170,8 +185,7 @@ impl Priority {
     /// The class with the smallest share (the first of them when several tie): what a
     /// call that names no class gets.
     pub fn lowest(&self) -> usize {
-        let min = self.classes.iter().map(|c| c.share).min().expect("at least one class");
-        self.classes.iter().position(|c| c.share == min).expect("the minimum is one of them")
+        lowest(self.classes.iter().map(|c| c.share))
     }
 
     /// Decides (and charges, if admitted) a call of `cost` of class `class` on the key,

@@ -215,6 +215,65 @@ def test_quotas_per_node_at_run_time(clock):
     assert used(h, ("acme",)) == 0 and used(h, ("acme", "search")) == 6, "one node only"
 
 
+def test_priority_classes_keep_a_reserve_at_every_level(clock, tmp_path):
+    for store in (None, nl.SharedMemoryStore(path=str(tmp_path / "s"), capacity=256, ttl=3600)):
+        h = nl.Hierarchy(
+            [("org", "10/hour"), ("key", "100/hour")],
+            store=store,
+            clock=clock,
+            classes={"interactive": 1.0, "batch": 0.7},
+        )
+        assert (h.classes, h.default_class) == ({"interactive": 1.0, "batch": 0.7}, "batch")
+        assert [h.try_acquire(("o", "k"), cls="batch") for _ in range(8)] == [True] * 7 + [False]
+        refused = h.hit(("o", "j"))
+        assert refused.policy == "org.requests" and refused.quotas["org.requests"].limit == 7, "the default: batch"
+        assert sum(h.try_acquire(("o", "k"), cls="interactive") for _ in range(5)) == 3
+        classes = h.stats()["classes"]
+        assert (classes["batch"]["allowed"], classes["batch"]["denied"], classes["interactive"]["allowed"]) == (7, 2, 3)
+        r = h.reserve(("p", "k"), cls="batch")
+        assert r and r.cancel()
+        with pytest.raises(ValueError, match='unknown class "gold": the classes are "interactive", "batch"'):
+            h.hit(("o", "k"), cls="gold")
+        with pytest.raises(TypeError, match="cls must be a class name"):
+            h.hit(("o", "k"), cls=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no priority classes"):
+        three(clock).hit(("a", "b", "c"), cls="batch")
+    with pytest.raises(ValueError, match=r"one class must have share 1\.0"):
+        nl.Hierarchy([("a", "1/s")], classes={"batch": 0.5})
+    with pytest.raises(ValueError, match='default class "gold" is not one of the classes'):
+        nl.Hierarchy([("a", "1/s")], classes={"top": 1.0}, default_class="gold")
+    with pytest.raises(ValueError, match="default_class needs classes="):
+        nl.Hierarchy([("a", "1/s")], default_class="top")
+
+
+def test_threads_keep_the_class_reserve_at_the_org(store_name):
+    h = nl.Hierarchy(
+        [("org", "1000/day"), ("key", "1000/day")],
+        store=nl.SharedMemoryStore(store_name, capacity=1024, ttl=86400),
+        classes={"interactive": 1.0, "batch": 0.7},
+    )
+    counts, lock = {}, threading.Lock()
+
+    def run(cls, calls, seed):
+        rng = random.Random(seed)
+        n = sum(h.try_acquire(("o", f"k{rng.randrange(4)}"), cls=cls) for _ in range(calls))
+        with lock:
+            counts[cls] = counts.get(cls, 0) + n
+
+    threads = [threading.Thread(target=run, args=("batch", 300, i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert counts["batch"] == 700
+    threads = [threading.Thread(target=run, args=(c, 200, i)) for i, c in enumerate(["batch", "interactive"] * 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert (counts["batch"], counts["interactive"]) == (700, 300)
+
+
 def test_shadow_mode_admits_and_names_the_level(clock, caplog):
     h = three(clock, shadow=True)
     results = [h.hit(("a", "b", "c")) for _ in range(5)]

@@ -250,6 +250,13 @@ class Hierarchy(_core.Hierarchy):
     quotas only) as one transaction of the store, for every process of the host. The
     answer says which level refused and when each level frees up.
 
+    ``classes={"interactive": 1.0, "batch": 0.7}`` shares every quota of every level
+    between priority classes, as :class:`~nexus_limits.Priority` shares one limiter: a
+    call of class ``cls`` (``hit(path, cls="batch")``, ``reserve(..., cls=...)``; by
+    default ``default_class``, else the class with the smallest share) is admitted only
+    if every quota it is charged to keeps the part its class may not use free.
+    ``stats()["classes"]`` counts each class's calls.
+
     ``set_quota(("acme",), tokens="500000/minute")`` gives one node (here the org
     ``acme``) quotas of its own at run time, keeping what it has used (in a
     shared-memory store, for every process, kept in the store until ``clear_quota``);
@@ -270,41 +277,54 @@ class Hierarchy(_core.Hierarchy):
         ttl: Optional[float] = None,
         max_keys: Optional[int] = None,
         shadow: Optional[bool] = None,
+        classes: Optional[Dict[str, float]] = None,
+        default_class: Optional[str] = None,
     ) -> Hierarchy:
         if not isinstance(levels, (str, bytes, dict)) and hasattr(levels, "__iter__"):
             # One level past the most the native class takes is enough for it to refuse
             # the list; an endless iterable is never read to its end.
             levels = [_level(level) for level in itertools.islice(levels, _MAX_LEVELS + 1)]
-        return super().__new__(cls, levels, store, name, clock, lease_ttl, ttl, max_keys, shadow)
+        return super().__new__(
+            cls, levels, store, name, clock, lease_ttl, ttl, max_keys, shadow, classes, default_class
+        )
 
-    def hit(self, path: Path, cost: int = 1) -> HierarchyDecision:
-        """Decide ``cost`` requests at every level of ``path``; charge all or none."""
-        return HierarchyDecision(self, path, self._check(path, cost, 0, 0, True))
+    def hit(self, path: Path, cost: int = 1, *, cls: Optional[str] = None) -> HierarchyDecision:
+        """Decide ``cost`` requests at every level of ``path``; charge all or none.
+        ``cls``: the call's priority class (with ``classes=``)."""
+        return HierarchyDecision(self, path, self._check(path, cost, 0, 0, True, cls))
 
-    def try_acquire(self, path: Path, cost: int = 1) -> bool:
+    def try_acquire(self, path: Path, cost: int = 1, *, cls: Optional[str] = None) -> bool:
         """``hit(path, cost).allowed``."""
-        return bool(self._check(path, cost, 0, 0, True)[0])
+        return bool(self._check(path, cost, 0, 0, True, cls)[0])
 
-    def peek(self, path: Path, cost: int = 1, *, tokens: int = 0, spend: int = 0) -> HierarchyDecision:
+    def peek(
+        self, path: Path, cost: int = 1, *, tokens: int = 0, spend: int = 0, cls: Optional[str] = None
+    ) -> HierarchyDecision:
         """What a call of ``cost`` requests, ``tokens`` and ``spend`` would get now
         (leases included), charging nothing."""
-        return HierarchyDecision(self, path, self._check(path, cost, tokens, spend, False))
+        return HierarchyDecision(self, path, self._check(path, cost, tokens, spend, False, cls))
 
-    def reserve(self, path: Path, tokens: int = 0, *, spend: int = 0) -> HierarchyReservation:
+    def reserve(
+        self, path: Path, tokens: int = 0, *, spend: int = 0, cls: Optional[str] = None
+    ) -> HierarchyReservation:
         """Reserve one request, ``tokens`` and ``spend`` at every level of ``path``, with
         a lease at every level that has a concurrency limit; see
         :class:`HierarchyReservation`."""
-        return HierarchyReservation(self, path, tokens, spend, self._reserve(path, 1, tokens, spend))
+        return HierarchyReservation(self, path, tokens, spend, self._reserve(path, 1, tokens, spend, cls))
 
-    def acquire(self, path: Path, cost: int = 1, timeout: Optional[float] = None) -> HierarchyDecision:
+    def acquire(
+        self, path: Path, cost: int = 1, timeout: Optional[float] = None, *, cls: Optional[str] = None
+    ) -> HierarchyDecision:
         """Block until ``cost`` requests are admitted at every level (sleeping exactly the
         ``retry_after`` of each refusal). Raises :class:`~nexus_limits.RateLimitExceeded`
         at once when the wait would pass ``timeout`` or can never end."""
-        return _wait.acquire(self.hit, self.clock, path, cost, timeout)  # type: ignore[arg-type, return-value]
+        return _wait.acquire(lambda p, c: self.hit(p, c, cls=cls), self.clock, path, cost, timeout)  # type: ignore[arg-type, return-value]
 
-    async def acquire_async(self, path: Path, cost: int = 1, timeout: Optional[float] = None) -> HierarchyDecision:
+    async def acquire_async(
+        self, path: Path, cost: int = 1, timeout: Optional[float] = None, *, cls: Optional[str] = None
+    ) -> HierarchyDecision:
         """``acquire`` for asyncio: waits with ``asyncio.sleep``, never blocking the loop."""
-        return await _wait.acquire_async(self.hit, self.clock, path, cost, timeout)  # type: ignore[arg-type, return-value]
+        return await _wait.acquire_async(lambda p, c: self.hit(p, c, cls=cls), self.clock, path, cost, timeout)  # type: ignore[arg-type, return-value]
 
     def __repr__(self) -> str:
         parts = []

@@ -155,11 +155,25 @@ impl Hierarchy {
         path(value, self.inner.depth())
     }
 
-    fn amounts(requests: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>, spend: &Bound<'_, PyAny>) -> PyResult<Amounts> {
+    fn amounts(
+        &self,
+        requests: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        spend: &Bound<'_, PyAny>,
+        cls: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Amounts> {
+        let class = match given(cls) {
+            None => None,
+            Some(c) => {
+                let name = c.cast::<PyString>().map_err(|_| wrong_type("cls", "a class name (str)", c))?;
+                Some(self.inner.class(name.to_str()?)?)
+            }
+        };
         Ok(Amounts {
             requests: amount("cost", requests)?,
             tokens: amount("tokens", tokens)?,
             spend: amount("spend", spend)?,
+            class,
         })
     }
 
@@ -190,7 +204,7 @@ impl Hierarchy {
 #[pymethods]
 impl Hierarchy {
     #[new]
-    #[pyo3(signature = (levels, store=None, name=None, clock=None, lease_ttl=None, ttl=None, max_keys=None, shadow=None))]
+    #[pyo3(signature = (levels, store=None, name=None, clock=None, lease_ttl=None, ttl=None, max_keys=None, shadow=None, classes=None, default_class=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         levels: &Bound<'_, PyAny>,
@@ -201,6 +215,8 @@ impl Hierarchy {
         ttl: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
+        classes: Option<&Bound<'_, PyAny>>,
+        default_class: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         if levels.is_instance_of::<PyString>() || levels.is_instance_of::<PyDict>() {
             return Err(wrong_type("levels", "a list of (name, quotas) pairs", levels));
@@ -234,7 +250,28 @@ impl Hierarchy {
                 Some(Arc::clone(&s.get().table))
             }
         };
-        let inner = Core::new(specs, table, &name, core_clock, ttl.unwrap_or(3600.0), max_keys, lease_ttl)?;
+        let classes = given(classes).map(super::priority::classes).transpose()?.unwrap_or_default();
+        let default_class = match given(default_class) {
+            None => None,
+            Some(d) => {
+                Some(d.cast::<PyString>().map_err(|_| wrong_type("default_class", "a str", d))?.to_str()?.to_owned())
+            }
+        };
+        if default_class.is_some() && classes.is_empty() {
+            return Err(bad_value("default_class needs classes="));
+        }
+        let ttl = ttl.unwrap_or(3600.0);
+        let inner = Core::with_classes(
+            specs,
+            table,
+            &name,
+            core_clock,
+            ttl,
+            max_keys,
+            lease_ttl,
+            classes,
+            default_class.as_deref(),
+        )?;
         if let Some(v) = given(shadow) {
             inner.set_shadow(args::flag("shadow", v)?);
         }
@@ -243,7 +280,7 @@ impl Hierarchy {
 
     /// Decides `cost` requests (and `tokens` tokens, `spend` units of spend) on every
     /// node of `path`, charging every quota or none with `charge`; takes no lease.
-    #[pyo3(signature = (path, cost, tokens, spend, charge))]
+    #[pyo3(signature = (path, cost, tokens, spend, charge, cls=None))]
     fn _check(
         &self,
         path: &Bound<'_, PyAny>,
@@ -251,24 +288,27 @@ impl Hierarchy {
         tokens: &Bound<'_, PyAny>,
         spend: &Bound<'_, PyAny>,
         charge: bool,
+        cls: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<OutcomeTuple> {
         let path = self.path(path)?;
-        let amounts = Self::amounts(cost, tokens, spend)?;
+        let amounts = self.amounts(cost, tokens, spend, cls)?;
         let o = if charge { self.inner.check(&path, amounts, true)? } else { self.inner.peek(&path, amounts)? };
         Ok(self.tuple(o))
     }
 
     /// Reserves `requests`, `tokens` and `spend` on every node of `path`, with a lease at
     /// every level that has a concurrency limit: all of it or nothing.
+    #[pyo3(signature = (path, requests, tokens, spend, cls=None))]
     fn _reserve(
         &self,
         path: &Bound<'_, PyAny>,
         requests: &Bound<'_, PyAny>,
         tokens: &Bound<'_, PyAny>,
         spend: &Bound<'_, PyAny>,
+        cls: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<OutcomeTuple> {
         let path = self.path(path)?;
-        let o = self.inner.reserve(&path, Self::amounts(requests, tokens, spend)?)?;
+        let o = self.inner.reserve(&path, self.amounts(requests, tokens, spend, cls)?)?;
         Ok(self.tuple(o))
     }
 
@@ -453,6 +493,15 @@ impl Hierarchy {
         }
         out.set_item("refused_by", refused)?;
         out.set_item("levels", levels)?;
+        if !s.classes.is_empty() {
+            let classes = PyDict::new(py);
+            for (name, share, counters) in &s.classes {
+                let c = counters_dict(py, counters)?;
+                c.set_item("share", share.fraction())?;
+                classes.set_item(name, c)?;
+            }
+            out.set_item("classes", classes)?;
+        }
         Ok(out)
     }
 
@@ -460,6 +509,22 @@ impl Hierarchy {
     fn sweep(&self, py: Python<'_>) -> usize {
         let inner = Arc::clone(&self.inner);
         py.detach(move || inner.sweep())
+    }
+
+    /// The priority classes, {name: share} (empty without classes).
+    #[getter]
+    fn classes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (name, share) in self.inner.classes() {
+            out.set_item(name, share.fraction())?;
+        }
+        Ok(out)
+    }
+
+    /// The class of a call that names none (None without classes).
+    #[getter]
+    fn default_class(&self) -> Option<String> {
+        self.inner.default_class().map(|c| self.inner.classes()[c].0.clone())
     }
 
     /// The level names, from the top.

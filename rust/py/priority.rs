@@ -19,7 +19,7 @@ pub struct Priority {
 }
 
 /// `classes`: a dict (or iterable of pairs) of class name to share.
-fn classes(value: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Share)>> {
+pub fn classes(value: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Share)>> {
     let items = match value.cast::<PyDict>() {
         Ok(d) => d.items().into_any(),
         Err(_) if value.is_instance_of::<PyString>() => {
