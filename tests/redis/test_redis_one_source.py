@@ -21,7 +21,7 @@ from nexus_limits.redis import _generate
 PACKAGE = Path(nlr.__file__).parent
 # Methods that are plain functions on both sides (no I/O), and lease(), which returns a
 # context manager on both sides (the synchronous one has taken the lease already).
-PLAIN = {"stats", "redis_key", "redis_keys", "lease", "lease_async", "estimate", "cost", "set_budget"}
+PLAIN = {"stats", "redis_key", "redis_keys", "lease", "lease_async", "estimate", "cost", "set_budget", "middleware"}
 
 
 def test_generated_files_are_fresh():
