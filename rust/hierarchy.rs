@@ -661,6 +661,13 @@ impl Hierarchy {
             ok
         };
         Self::nest(&limited, &mut concurrency, &mut leases, &mut inner);
+        // The levels below one that had no lease free were not asked: they are told,
+        // taking nothing, so the answer says when each level frees up.
+        for (l, c, fp) in &limited {
+            if concurrency[*l].is_none() {
+                concurrency[*l] = Some(c.peek(fp));
+            }
+        }
         // Not run (a level had no lease free): the rate quotas are told, charging nothing.
         let (rates, parts) = match rates {
             Some(r) => r?,
@@ -1296,7 +1303,8 @@ mod tests {
         assert!(r1.allowed && r2.allowed);
         let third = h.reserve(&k3, tokens(1)).unwrap();
         assert_eq!(third.refused, Some(Refusal { level: 1, unit: None }));
-        assert_eq!(third.concurrency[2], None, "the key's lock is not even taken");
+        assert!(third.concurrency[2].unwrap().allowed, "the key's lease is told, not taken");
+        assert_eq!(h.concurrency(2).unwrap().held(&Hierarchy::process_key(&k3, 2)), 0);
         let org_requests = h.find_part(0, Unit::Requests).unwrap();
         assert_eq!(third.parts[org_requests].remaining, 6, "told, charging nothing: 3 of 10 used, 1 asked");
         // Cancelled: the request and its tokens come back at every level.
