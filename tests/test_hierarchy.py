@@ -187,6 +187,10 @@ def test_spend_is_a_budget_at_every_level(clock):
     assert h.reserve(("o", "k2"), spend=400_000).settle(0)
     assert h.reserve(("o", "k3"), spend=200_000).policy == "org.spend", "$0.85 of the org's $1 spent"
     assert h.reserve(("o", "k3"), spend=150_000)
+    h.set_quota(("o",), spend="2.00/day")
+    assert h.reserve(("o", "k4"), spend=500_000), "the org's own $2: $1 spent"
+    h.set_default_quota("key", spend="0.10/day")
+    assert h.reserve(("o", "k5"), spend=200_000).policy == "key.spend"
 
 
 def test_quotas_per_node_at_run_time(clock):

@@ -23,17 +23,24 @@ Path = Union[Tuple[Key, ...], List[Key]]
 _MAX_LEVELS = 16
 
 
+def _spend(spend: Any) -> Any:
+    """A dollar budget (``"25.00/day"``) as a rate of micro-dollars; anything else as given
+    (the native class checks it)."""
+    if isinstance(spend, str):
+        from .spend import parse_budget  # here: the spend package is not needed otherwise
+
+        return parse_budget(spend)
+    return spend
+
+
 def _level(level: Any) -> Any:
     """A level as the native class takes it: dollar budgets (``spend="25.00/day"``) become
     rates of micro-dollars; everything else is checked there."""
     if not isinstance(level, tuple) or len(level) != 2 or not isinstance(level[1], dict):
         return level
     name, quotas = level
-    spend = quotas.get("spend")
-    if isinstance(spend, str):
-        from .spend import parse_budget  # here: the spend package is not needed otherwise
-
-        quotas = {**quotas, "spend": parse_budget(spend)}
+    if isinstance(quotas.get("spend"), str):
+        quotas = {**quotas, "spend": _spend(quotas["spend"])}
     return (name, quotas)
 
 
@@ -77,7 +84,8 @@ class HierarchyDecision:
 
     @property
     def policy(self) -> Optional[str]:
-        """The refusing quota as ``"level.quota"`` (None when admitted)."""
+        """The refusing quota as ``"level.quota"`` (None when admitted, unless in shadow
+        mode: then the quota that would have refused)."""
         return None if self.level is None else f"{self.level}.{self.quota}"
 
     @property
@@ -311,6 +319,34 @@ class Hierarchy(_core.Hierarchy):
         a lease at every level that has a concurrency limit; see
         :class:`HierarchyReservation`."""
         return HierarchyReservation(self, path, tokens, spend, self._reserve(path, 1, tokens, spend, cls))
+
+    def set_quota(
+        self,
+        node: Path,
+        requests: Any = None,
+        tokens: Any = None,
+        daily_tokens: Any = None,
+        spend: Any = None,
+        concurrency: Optional[int] = None,
+    ) -> None:
+        """Give one node (its path from the top: ``("acme",)`` is the org acme) quotas of
+        its own, keeping what it has used: ``requests``, ``tokens``, ``daily_tokens``
+        (rates), ``spend`` (dollars, ``"10.00/day"``) and ``concurrency``, each of a quota
+        its level has; the others stay."""
+        super().set_quota(node, requests, tokens, daily_tokens, _spend(spend), concurrency)
+
+    def set_default_quota(
+        self,
+        level: str,
+        requests: Any = None,
+        tokens: Any = None,
+        daily_tokens: Any = None,
+        spend: Any = None,
+        concurrency: Optional[int] = None,
+    ) -> None:
+        """Change the quotas of every node of ``level`` (nodes with their own keep theirs),
+        keeping what each has used; as :meth:`set_quota` takes them."""
+        super().set_default_quota(level, requests, tokens, daily_tokens, _spend(spend), concurrency)
 
     def acquire(
         self, path: Path, cost: int = 1, timeout: Optional[float] = None, *, cls: Optional[str] = None
