@@ -169,12 +169,13 @@ def request_on(sock, key: str) -> int:
 @pytest.mark.parametrize("workers", [2, 3])
 def test_workers_enforce_one_exact_limit_together(tmp_path, upstream, redis_server, workers):
     gw = Gateway(tmp_path, upstream, redis_server, workers)
+    socks: Dict[int, list] = {}
     try:
         gw.wait_ready(workers)
         pids = gw.workers()
         # Kept-alive connections, each accepted by one worker, until every worker holds
         # some (the kernel hands them out).
-        socks: Dict[int, list] = {pid: [] for pid in pids}
+        socks.update({pid: [] for pid in pids})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not all(len(held) >= 2 for held in socks.values()):
             sock = connect(gw.port)
@@ -202,11 +203,13 @@ def test_workers_enforce_one_exact_limit_together(tmp_path, upstream, redis_serv
         assert len(every) == 10 * len(threads)
         assert every.count(200) == 40, f"{every.count(200)} admitted by {workers} workers for a quota of 40"
         assert every.count(429) == len(every) - 40
-        assert all(200 in codes[pid] for pid in pids), "every worker admitted some"
+        # Every worker answered part of the traffic (which worker wins the quota's last
+        # units is a race, so some worker may have admitted none).
+        assert all(len(codes[pid]) == 20 for pid in pids), {pid: len(c) for pid, c in codes.items()}
+    finally:
         for held in socks.values():
             for s in held:
                 s.close()
-    finally:
         assert gw.stop() == 0, gw.output()
 
 
