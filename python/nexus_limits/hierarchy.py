@@ -59,21 +59,44 @@ class HierarchyDecision:
     - ``quotas``: each quota's own decision, ``{"org.requests": Decision, ...}``.
     """
 
-    __slots__ = ("_owner", "concurrency", "decision", "level", "levels", "path", "quota", "quotas")
+    __slots__ = ("_concurrency", "_levels", "_owner", "_quotas", "_reply", "decision", "level", "path", "quota")
 
     def __init__(self, owner: Any, path: Path, reply: Tuple[Any, ...]) -> None:
-        _allowed, combined, refused, parts, levels, concurrency, _leases, _charged_at = reply
         self._owner = owner
+        self._reply = reply
         self.path = tuple(path)
-        self.decision: Decision = combined
+        self.decision: Decision = reply[1]
+        refused = reply[2]
         self.level: Optional[str] = refused[0] if refused is not None else None
         self.quota: Optional[str] = refused[1] if refused is not None else None
-        names: List[str] = owner.levels
-        self.levels: Dict[str, Decision] = {n: d for n, d in zip(names, levels) if d is not None}
-        self.quotas: Dict[str, Decision] = {f"{level}.{unit}": d for level, unit, d in parts}
-        self.concurrency: Dict[str, Decision] = {n: d for n, d in zip(names, concurrency) if d is not None}
-        for name, d in self.concurrency.items():
-            self.quotas[f"{name}.concurrency"] = d
+        # Built when first asked for: most callers only look at the decision.
+        self._levels: Optional[Dict[str, Decision]] = None
+        self._quotas: Optional[Dict[str, Decision]] = None
+        self._concurrency: Optional[Dict[str, Decision]] = None
+
+    @property
+    def levels(self) -> Dict[str, Decision]:
+        """Each level's own decision, ``{"org": Decision, ...}``."""
+        if self._levels is None:
+            self._levels = {n: d for n, d in zip(self._owner.levels, self._reply[4]) if d is not None}
+        return self._levels
+
+    @property
+    def concurrency(self) -> Dict[str, Decision]:
+        """Each level's concurrency decision (levels with a limit, when asked)."""
+        if self._concurrency is None:
+            self._concurrency = {n: d for n, d in zip(self._owner.levels, self._reply[5]) if d is not None}
+        return self._concurrency
+
+    @property
+    def quotas(self) -> Dict[str, Decision]:
+        """Each quota's own decision, ``{"org.requests": Decision, ..., "team.concurrency": ...}``."""
+        if self._quotas is None:
+            quotas = {f"{level}.{unit}": d for level, unit, d in self._reply[3]}
+            for name, d in self.concurrency.items():
+                quotas[f"{name}.concurrency"] = d
+            self._quotas = quotas
+        return self._quotas
 
     @property
     def allowed(self) -> bool:
@@ -303,7 +326,7 @@ class Hierarchy(_core.Hierarchy):
 
     def try_acquire(self, path: Path, cost: int = 1, *, cls: Optional[str] = None) -> bool:
         """``hit(path, cost).allowed``."""
-        return bool(self._check(path, cost, 0, 0, True, cls)[0])
+        return self._try(path, cost, cls)
 
     def peek(
         self, path: Path, cost: int = 1, *, tokens: int = 0, spend: int = 0, cls: Optional[str] = None

@@ -19,17 +19,19 @@ use std::sync::Arc;
 pub struct Hierarchy {
     inner: Arc<Core>,
     clock: Option<Py<ManualClock>>,
+    /// The level names as Python strings, made once: every answer names levels.
+    names: Vec<Py<PyString>>,
 }
 
 /// (level name, unit name or "concurrency").
-type Refused = Option<(String, &'static str)>;
+type Refused = Option<(Py<PyString>, Py<PyString>)>;
 /// (allowed, combined, refused, [(level, unit, decision)], [level decision], [concurrency
 /// decision], [lease id], charged at ns).
 type OutcomeTuple = (
     bool,
     Decision,
     Refused,
-    Vec<(String, &'static str, Decision)>,
+    Vec<(Py<PyString>, Py<PyString>, Decision)>,
     Vec<Option<Decision>>,
     Vec<Option<Decision>>,
     Vec<Option<u64>>,
@@ -138,6 +140,18 @@ fn path(value: &Bound<'_, PyAny>, max: usize) -> PyResult<Path> {
     Ok(out.into_inner())
 }
 
+/// A unit's name (None: "concurrency"), interned: answers name them often.
+fn unit_name(py: Python<'_>, unit: Option<Unit>) -> Py<PyString> {
+    let name = match unit {
+        Some(Unit::Requests) => pyo3::intern!(py, "requests"),
+        Some(Unit::Tokens) => pyo3::intern!(py, "tokens"),
+        Some(Unit::DailyTokens) => pyo3::intern!(py, "daily_tokens"),
+        Some(Unit::Spend) => pyo3::intern!(py, "spend"),
+        None => pyo3::intern!(py, "concurrency"),
+    };
+    name.clone().unbind()
+}
+
 fn too_long(got: usize, max: usize) -> PyErr {
     bad_value(format!("a path has at most one element per level ({max}), got {got}"))
 }
@@ -162,33 +176,37 @@ impl Hierarchy {
         spend: &Bound<'_, PyAny>,
         cls: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Amounts> {
-        let class = match given(cls) {
-            None => None,
-            Some(c) => {
-                let name = c.cast::<PyString>().map_err(|_| wrong_type("cls", "a class name (str)", c))?;
-                Some(self.inner.class(name.to_str()?)?)
-            }
-        };
         Ok(Amounts {
             requests: amount("cost", requests)?,
             tokens: amount("tokens", tokens)?,
             spend: amount("spend", spend)?,
-            class,
+            class: self.class_of(cls)?,
         })
     }
 
-    fn tuple(&self, o: Outcome) -> OutcomeTuple {
+    /// The class named by `cls` (None: the default).
+    fn class_of(&self, cls: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+        match given(cls) {
+            None => Ok(None),
+            Some(c) => {
+                let name = c.cast::<PyString>().map_err(|_| wrong_type("cls", "a class name (str)", c))?;
+                Ok(Some(self.inner.class(name.to_str()?)?))
+            }
+        }
+    }
+
+    fn tuple(&self, py: Python<'_>, o: Outcome) -> OutcomeTuple {
         let h = &self.inner;
         let mut combined = Decision::from_core(o.decision);
         combined.shadow = o.shadow;
-        let refused = o.refused.map(|r| (h.level_name(r.level).to_owned(), r.unit.map_or("concurrency", Unit::name)));
+        let refused = o.refused.map(|r| (self.names[r.level].clone_ref(py), unit_name(py, r.unit)));
         let parts = o
             .parts
             .iter()
             .enumerate()
             .map(|(i, d)| {
                 let (level, unit) = h.part(i);
-                (h.level_name(level).to_owned(), unit.name(), Decision::from_core(*d))
+                (self.names[level].clone_ref(py), unit_name(py, Some(unit)), Decision::from_core(*d))
             })
             .collect();
         let levels = h.level_decisions(&o).into_iter().map(|d| d.map(Decision::from_core)).collect();
@@ -275,7 +293,9 @@ impl Hierarchy {
         if let Some(v) = given(shadow) {
             inner.set_shadow(args::flag("shadow", v)?);
         }
-        Ok(Hierarchy { inner: Arc::new(inner), clock })
+        let py = levels.py();
+        let names = (0..inner.depth()).map(|l| PyString::new(py, inner.level_name(l)).unbind()).collect();
+        Ok(Hierarchy { inner: Arc::new(inner), clock, names })
     }
 
     /// Decides `cost` requests (and `tokens` tokens, `spend` units of spend) on every
@@ -290,10 +310,20 @@ impl Hierarchy {
         charge: bool,
         cls: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<OutcomeTuple> {
+        let py = path.py();
         let path = self.path(path)?;
         let amounts = self.amounts(cost, tokens, spend, cls)?;
         let o = if charge { self.inner.check(&path, amounts, true)? } else { self.inner.peek(&path, amounts)? };
-        Ok(self.tuple(o))
+        Ok(self.tuple(py, o))
+    }
+
+    /// `_check(path, cost, 0, 0, True, cls)[0]`, without building the answer: whether
+    /// `cost` requests were admitted (and charged) at every level.
+    #[pyo3(signature = (path, cost, cls=None))]
+    fn _try(&self, path: &Bound<'_, PyAny>, cost: &Bound<'_, PyAny>, cls: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let path = self.path(path)?;
+        let amounts = Amounts { requests: amount("cost", cost)?, class: self.class_of(cls)?, ..Amounts::default() };
+        Ok(self.inner.check(&path, amounts, true)?.allowed)
     }
 
     /// Reserves `requests`, `tokens` and `spend` on every node of `path`, with a lease at
@@ -307,9 +337,10 @@ impl Hierarchy {
         spend: &Bound<'_, PyAny>,
         cls: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<OutcomeTuple> {
+        let py = path.py();
         let path = self.path(path)?;
         let o = self.inner.reserve(&path, self.amounts(requests, tokens, spend, cls)?)?;
-        Ok(self.tuple(o))
+        Ok(self.tuple(py, o))
     }
 
     /// Ends a reservation made at `charged_at` (ns): charges (or refunds, when negative)
@@ -340,6 +371,7 @@ impl Hierarchy {
     /// delay us)`, combined as a check here combines them. Counts nothing.
     fn _combine(
         &self,
+        py: Python<'_>,
         parts: Vec<ScriptDecision>,
         concurrency: Vec<Option<ScriptDecision>>,
         shadow: bool,
@@ -354,7 +386,7 @@ impl Hierarchy {
         };
         let parts = parts.into_iter().map(us).collect();
         let concurrency = concurrency.into_iter().map(|d| d.map(us)).collect();
-        Ok(self.tuple(self.inner.combine(parts, concurrency, shadow)?))
+        Ok(self.tuple(py, self.inner.combine(parts, concurrency, shadow)?))
     }
 
     /// True when a reservation made at `charged_at` (ns) has outlived `lease_ttl`.
@@ -529,8 +561,8 @@ impl Hierarchy {
 
     /// The level names, from the top.
     #[getter]
-    fn levels(&self) -> Vec<String> {
-        (0..self.inner.depth()).map(|l| self.inner.level_name(l).to_owned()).collect()
+    fn levels(&self, py: Python<'_>) -> Vec<Py<PyString>> {
+        self.names.iter().map(|n| n.clone_ref(py)).collect()
     }
 
     /// Shadow mode for the rate quotas (leases stay real).
