@@ -1,7 +1,7 @@
 """Soak: a mixed workload for a long time, watching resident memory.
 
     python benches/soak.py --seconds 1800          # the documented 30-minute run
-    python benches/soak.py --seconds 60            # what CI runs (tests/test_soak.py)
+    python benches/soak.py --seconds 60            # what CI runs (tests/package/test_soak.py)
 
 Threads keep going at once, for the whole time:
 - in-process limiters of every algorithm, a Composite and a TokenLimiter (reserve,

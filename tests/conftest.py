@@ -27,7 +27,7 @@ def clock() -> nl.ManualClock:
 @pytest.fixture(scope="session")
 def redis_server():
     """One Redis server for the session (tests that stop servers start their own)."""
-    from servers import RedisServer
+    from support.servers import RedisServer
 
     server = RedisServer().start()
     yield server
@@ -54,7 +54,7 @@ def async_redis_client(redis_server):
 
 @pytest.fixture(scope="session")
 def redis_cluster():
-    from servers import RedisCluster
+    from support.servers import RedisCluster
 
     cluster = RedisCluster().start()
     yield cluster

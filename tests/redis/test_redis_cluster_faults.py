@@ -18,7 +18,7 @@ import pytest
 import redis
 import redis.asyncio.cluster
 import redis.cluster
-from servers import RedisCluster
+from support.servers import RedisCluster
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import redis
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 import redis.asyncio
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

@@ -11,7 +11,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

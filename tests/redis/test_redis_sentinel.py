@@ -23,7 +23,7 @@ import pytest
 import redis
 import redis.asyncio.sentinel
 import redis.sentinel
-from servers import RedisServer, free_port, redis_binary
+from support.servers import RedisServer, free_port, redis_binary
 
 import nexus_limits.redis as nlr
 import nexus_limits.redis.asyncio as nla

@@ -14,7 +14,7 @@ import pytest
 import redis
 import redis.asyncio
 from redis.connection import Connection
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

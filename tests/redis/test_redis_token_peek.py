@@ -13,7 +13,7 @@ import time
 
 import pytest
 import redis
-from servers import ASGIServer, RedisServer
+from support.servers import ASGIServer, RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

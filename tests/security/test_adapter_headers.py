@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from servers import ASGIServer, WSGIServer
+from support.servers import ASGIServer, WSGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.asgi import RateLimitMiddleware as ASGILimit

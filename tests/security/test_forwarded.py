@@ -15,7 +15,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from servers import ASGIServer, free_port
+from support.servers import ASGIServer, free_port
 
 import nexus_limits as nl
 from nexus_limits.adapters import Request, client_ip, parse_key_spec
@@ -159,7 +159,7 @@ def test_ipv4_mapped_peers_and_proxies():
 
 
 def test_wsgi_reads_the_chosen_header_too():
-    from servers import WSGIServer
+    from support.servers import WSGIServer
 
     def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])

@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 import uvicorn
-from gateway_harness import GatewayServer, Upstream, connect, raw_request, wait_until, write_config
-from servers import ASGIServer, free_port
+from support.gateway_harness import GatewayServer, Upstream, connect, raw_request, wait_until, write_config
+from support.servers import ASGIServer, free_port
 
 from nexus_limits.gateway import build_app
 

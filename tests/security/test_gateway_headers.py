@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from gateway_harness import GatewayServer, Upstream, raw_request, write_config
-from servers import ASGIServer
+from support.gateway_harness import GatewayServer, Upstream, raw_request, write_config
+from support.servers import ASGIServer
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 PRO = {"authorization": "Bearer sk-pro"}

@@ -10,8 +10,8 @@ import time
 
 import httpx
 import pytest
-from gateway_harness import GatewayServer, Upstream, closed_within, connect, raw_request, read_response, write_config
-from servers import ASGIServer
+from support.gateway_harness import GatewayServer, Upstream, closed_within, connect, raw_request, read_response, write_config
+from support.servers import ASGIServer
 
 from nexus_limits import cli
 from nexus_limits.gateway import ConfigError, load_config

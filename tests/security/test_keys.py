@@ -10,7 +10,7 @@ import json
 
 import httpx
 import pytest
-from servers import ASGIServer, WSGIServer
+from support.servers import ASGIServer, WSGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters import Request, parse_key_spec

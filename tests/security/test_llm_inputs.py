@@ -15,12 +15,12 @@ import time
 import tracemalloc
 from typing import Any, Dict, List, Tuple
 
-import fake_llm
+from support import fake_llm
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.llm import LLMLimitMiddleware

@@ -20,7 +20,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.llm import LLMLimitMiddleware

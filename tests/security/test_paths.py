@@ -18,7 +18,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from servers import ASGIServer, WSGIServer
+from support.servers import ASGIServer, WSGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters import normalize_target

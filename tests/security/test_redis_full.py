@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import pytest
 import redis
 import redis.asyncio
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

@@ -72,7 +72,7 @@ def gateway(
 ) -> Iterator[Tuple[Any, Any]]:
     """The gateway app and its server (real uvicorn, lifespan on, as ``nexus-limits
     gateway`` runs it), in front of ``upstream_url``."""
-    from servers import ASGIServer
+    from support.servers import ASGIServer
 
     path = write_config(tmp_path, upstream_url, tiers, keys, key=key, gateway=options)
     app = build(path)

@@ -758,7 +758,7 @@ def _named(kind: str, doc: Any) -> bytes:
 def serve(app: Any) -> Any:
     """An :class:`servers.ASGIServer` for ``app`` whose uvicorn adds no ``server`` or
     ``date`` header of its own: the provider sends its own, as a real one does."""
-    from servers import ASGIServer
+    from support.servers import ASGIServer
 
     server = ASGIServer(app)
     server.server.config.server_header = False

@@ -540,6 +540,6 @@ def _text(tokens: int) -> str:
 
 def serve(app: Any) -> Any:
     """An ASGIServer (tests/servers.py) running ``app`` under uvicorn on loopback."""
-    from servers import ASGIServer
+    from support.servers import ASGIServer
 
     return ASGIServer(app)

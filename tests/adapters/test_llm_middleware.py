@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-import fake_llm
+from support import fake_llm
 import httpx
 import pytest
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.llm import LLMLimitMiddleware

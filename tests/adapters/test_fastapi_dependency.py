@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from servers import ASGIServer
+from support.servers import ASGIServer
 from starlette.applications import Starlette
 from starlette.routing import Route
 

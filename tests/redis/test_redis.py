@@ -215,7 +215,7 @@ def test_processes_share_one_limit(redis_server, redis_client):
 
 
 def test_outage_and_recovery():
-    from servers import RedisServer
+    from support.servers import RedisServer
 
     server = RedisServer().start()
     try:

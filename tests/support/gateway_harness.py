@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from servers import free_port
+from support.servers import free_port
 
 # What a real provider puts on its answers, and what a client must never see of it.
 PROVIDER_HEADERS: List[Tuple[bytes, bytes]] = [

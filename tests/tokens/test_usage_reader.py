@@ -19,7 +19,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 import nexus_limits.tokens as nt
 from nexus_limits.tokens._response import UsageReader

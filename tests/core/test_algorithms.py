@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import nexus_limits as nl
 from conftest import NS, as_tuple
-from reference import FixedWindowRef, SlidingWindowRef, TokenBucketRef
+from support.reference import FixedWindowRef, SlidingWindowRef, TokenBucketRef
 
 PERIODS_NS = [1_000_000, 1 * NS, 7 * NS, 60 * NS, 3_600 * NS, 86_400 * NS]
 

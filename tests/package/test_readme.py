@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # Fences a reader would take for Python that this test would not run.
 _OTHER_PYTHON_FENCE = re.compile(r"^```\s*(py|python3|pycon|ipython|Python)\b", re.M)
@@ -155,7 +155,7 @@ def default_redis():
     """A client of the Redis on 6379 for the blocks that use one: the machine's if it already
     runs one, else a throwaway server started here."""
     import redis
-    from servers import RedisServer
+    from support.servers import RedisServer
 
     server: Optional[RedisServer] = None
     if not _port_open(6379):

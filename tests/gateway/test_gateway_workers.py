@@ -14,11 +14,10 @@ from typing import Dict, List
 
 import httpx
 import pytest
-from servers import ASGIServer, free_port
+from support.servers import ASGIServer, free_port
 
 HERE = os.path.dirname(__file__)
-sys.path.insert(0, os.path.join(HERE, "security"))
-from gateway_harness import Upstream, connect, read_response  # noqa: E402
+from support.gateway_harness import Upstream, connect, read_response  # noqa: E402
 
 CONFIG = """
 [upstream]

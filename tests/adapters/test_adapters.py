@@ -9,7 +9,7 @@ import threading
 
 import httpx
 import pytest
-from servers import ASGIServer, WSGIServer
+from support.servers import ASGIServer, WSGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters import HeaderOptions, Request, client_ip, parse_key_spec, policy_of, rate_limit_headers

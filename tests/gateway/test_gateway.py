@@ -5,10 +5,10 @@ from __future__ import annotations
 import textwrap
 import time
 
-import fake_llm
+from support import fake_llm
 import httpx
 import pytest
-from servers import ASGIServer, free_port
+from support.servers import ASGIServer, free_port
 
 from nexus_limits import cli
 from nexus_limits.gateway import ConfigError, build_app, load_config

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-SOAK = os.path.join(os.path.dirname(__file__), "..", "benches", "soak.py")
+SOAK = os.path.join(os.path.dirname(__file__), "..", "..", "benches", "soak.py")
 
 
 def test_one_minute_soak_keeps_memory_stable():

@@ -12,11 +12,11 @@ import uuid
 
 import httpx
 import pytest
-from servers import free_port
+from support.servers import free_port
 
 import nexus_limits as nl
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
 WORKER = os.path.join(HERE, "shm_worker.py")
 
 

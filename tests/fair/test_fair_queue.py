@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 import nexus_limits as nl
 from nexus_limits.fair import CancelToken, FairQueue, QueueCancelled, QueueRefused

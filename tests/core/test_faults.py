@@ -12,7 +12,7 @@ import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import RedisCluster, RedisServer
+from support.servers import RedisCluster, RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr

@@ -517,7 +517,7 @@ def test_hostile_rate_limit_headers_neither_crash_nor_stall(headers):
 
 def test_an_unreachable_provider_refunds_the_reservation():
     limiter = OutboundLimiter(limits={"gpt-4o": {"requests": "10/2s", "tokens": "1000/2s"}})
-    from servers import free_port
+    from support.servers import free_port
 
     with httpx.Client(transport=LimitedTransport(limiter=limiter), base_url=f"http://127.0.0.1:{free_port()}") as c:
         with pytest.raises(httpx.ConnectError):

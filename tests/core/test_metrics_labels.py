@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from flask import Flask
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.fastapi import RateLimit as FastAPIRateLimit

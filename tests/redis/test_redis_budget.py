@@ -109,7 +109,7 @@ def test_outage_policies():
 
 
 def test_settle_during_an_outage_reports_it(redis_server):
-    from servers import RedisServer
+    from support.servers import RedisServer
 
     server = RedisServer().start()
     try:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 from flask import Flask, Response, g, jsonify, request
-from servers import WSGIServer
+from support.servers import WSGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.flask import RateLimit, RateLimitRefused, install, rate_limit_exceeded_handler

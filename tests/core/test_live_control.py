@@ -416,7 +416,7 @@ def test_metrics_collect_limiter_stats(clock, redis_client):
 
 def test_metrics_from_the_asgi_middleware(clock):
     import httpx
-    from servers import ASGIServer
+    from support.servers import ASGIServer
 
     from nexus_limits.adapters.asgi import RateLimitMiddleware
 
@@ -455,7 +455,7 @@ def test_metrics_from_the_asgi_middleware(clock):
 
 def test_metrics_from_wsgi_with_shadow(clock):
     import httpx
-    from servers import WSGIServer
+    from support.servers import WSGIServer
 
     from nexus_limits.adapters.wsgi import RateLimitMiddleware
 

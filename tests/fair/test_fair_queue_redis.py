@@ -242,7 +242,7 @@ def test_exact_times_on_a_manual_clock(redis_client, async_redis_client):
 
 def test_a_redis_outage_reaches_the_waiters_and_leaves_the_queue_empty():
     import redis
-    from servers import RedisServer
+    from support.servers import RedisServer
 
     server = RedisServer().start()
     try:

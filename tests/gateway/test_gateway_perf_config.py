@@ -15,10 +15,9 @@ from typing import Any, List, Optional
 
 import httpx
 import pytest
-from servers import free_port
+from support.servers import free_port
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0] + "/security")
-from gateway_harness import GatewayServer, connect, raw_request, read_response, write_config
+from support.gateway_harness import GatewayServer, connect, raw_request, read_response, write_config
 
 from nexus_limits.gateway import ConfigError, load_config
 from nexus_limits.gateway.config import GatewayConfig

@@ -14,7 +14,7 @@ import pytest
 
 import nexus_limits as nl
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 INSPECT_KEYS = {
     "key",
     "algorithm",

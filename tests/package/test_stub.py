@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nexus_limits as nl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stub_matches_the_native_module():

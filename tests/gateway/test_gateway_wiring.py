@@ -7,11 +7,11 @@ import asyncio
 import inspect
 import time
 
-import fake_llm
+from support import fake_llm
 import httpx
 import pytest
 import redis
-from servers import ASGIServer
+from support.servers import ASGIServer
 
 from nexus_limits.gateway import build_app
 from nexus_limits.redis.asyncio import SpendLimiter as AsyncSpendLimiter
