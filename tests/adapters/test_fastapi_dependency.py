@@ -14,9 +14,9 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from support.servers import ASGIServer
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.servers import ASGIServer
 
 import nexus_limits as nl
 from nexus_limits.adapters.asgi import RateLimitMiddleware

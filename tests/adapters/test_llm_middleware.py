@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from support import fake_llm
 import httpx
 import pytest
+from support import fake_llm
 from support.servers import ASGIServer
 
 import nexus_limits as nl

@@ -7,10 +7,10 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.reference import FixedWindowRef, SlidingWindowRef, TokenBucketRef
 
 import nexus_limits as nl
 from conftest import NS, as_tuple
-from support.reference import FixedWindowRef, SlidingWindowRef, TokenBucketRef
 
 PERIODS_NS = [1_000_000, 1 * NS, 7 * NS, 60 * NS, 3_600 * NS, 86_400 * NS]
 

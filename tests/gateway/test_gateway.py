@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 import time
 
-from support import fake_llm
 import httpx
 import pytest
+from support import fake_llm
 from support.servers import ASGIServer, free_port
 
 from nexus_limits import cli

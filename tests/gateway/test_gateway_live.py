@@ -10,10 +10,10 @@ import sys
 import textwrap
 import time
 
-from support import fake_llm
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import fake_llm
 from support.servers import ASGIServer, free_port
 
 from nexus_limits.gateway import ConfigError, build_app, load_config

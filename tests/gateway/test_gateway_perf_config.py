@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import threading
 import time
 from typing import Any, List, Optional
 
 import httpx
 import pytest
-from support.servers import free_port
-
 from support.gateway_harness import GatewayServer, connect, raw_request, read_response, write_config
+from support.servers import free_port
 
 from nexus_limits.gateway import ConfigError, load_config
 from nexus_limits.gateway.config import GatewayConfig

@@ -7,10 +7,10 @@ import asyncio
 import inspect
 import time
 
-from support import fake_llm
 import httpx
 import pytest
 import redis
+from support import fake_llm
 from support.servers import ASGIServer
 
 from nexus_limits.gateway import build_app

@@ -10,7 +10,15 @@ import time
 
 import httpx
 import pytest
-from support.gateway_harness import GatewayServer, Upstream, closed_within, connect, raw_request, read_response, write_config
+from support.gateway_harness import (
+    GatewayServer,
+    Upstream,
+    closed_within,
+    connect,
+    raw_request,
+    read_response,
+    write_config,
+)
 from support.servers import ASGIServer
 
 from nexus_limits import cli

@@ -15,11 +15,11 @@ import time
 import tracemalloc
 from typing import Any, Dict, List, Tuple
 
-from support import fake_llm
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import fake_llm
 from support.servers import ASGIServer
 
 import nexus_limits as nl
