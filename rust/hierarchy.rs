@@ -155,8 +155,8 @@ impl Path {
     }
 }
 
-/// A (level, quota) pair stepped in a shared-memory store.
-struct ShmPart {
+/// A (level, quota) pair whose state lives in a shared-memory store.
+struct StoredQuota {
     quota: Quota,
     /// XORed into the node's fingerprint: sets this part's keys apart in the store.
     salt: [u32; 3],
@@ -165,7 +165,7 @@ struct ShmPart {
     counters: CachePadded<AtomicCounters>,
 }
 
-impl ShmPart {
+impl StoredQuota {
     /// The quota in force for a node whose own-quota key reads `own`, and whether it is
     /// the node's own.
     fn quota_for(&self, own: Option<State>) -> (Quota, bool) {
@@ -189,7 +189,7 @@ fn decode_quota(state: State) -> Option<Quota> {
 
 enum Parts {
     InProcess(Group),
-    Shared { table: Arc<ShmTable>, parts: Vec<ShmPart> },
+    SharedMemory { table: Arc<ShmTable>, parts: Vec<StoredQuota> },
 }
 
 struct Level {
@@ -398,9 +398,9 @@ impl Hierarchy {
                     let salt = shm_salt(&table, name, level, &levels[level], unit, &quota);
                     let quota_salt =
                         shm_salt(&table, &format!("{name}|own quota"), level, &levels[level], unit, &quota);
-                    parts.push(ShmPart { quota, salt, quota_salt, counters: Default::default() });
+                    parts.push(StoredQuota { quota, salt, quota_salt, counters: Default::default() });
                 }
-                Parts::Shared { table, parts }
+                Parts::SharedMemory { table, parts }
             }
         };
         let lease_ttl_ns = crate::clock::secs_to_ns(lease_ttl_secs).max(1);
@@ -508,12 +508,12 @@ impl Hierarchy {
     }
 
     pub fn is_shared(&self) -> bool {
-        matches!(self.parts, Parts::Shared { .. })
+        matches!(self.parts, Parts::SharedMemory { .. })
     }
 
     pub fn store_path(&self) -> Option<&str> {
         match &self.parts {
-            Parts::Shared { table, .. } => Some(&table.path),
+            Parts::SharedMemory { table, .. } => Some(&table.path),
             Parts::InProcess(_) => None,
         }
     }
@@ -561,7 +561,7 @@ impl Hierarchy {
     /// In a shared-memory store, each part's key holding the own quota of its node of
     /// `path` (levels `0..path.len()`); none in this process.
     fn quota_keys(&self, path: &Path) -> Vec<Fingerprint> {
-        let Parts::Shared { table, parts } = &self.parts else {
+        let Parts::SharedMemory { table, parts } = &self.parts else {
             return Vec::new();
         };
         let levels: Vec<Fingerprint> =
@@ -582,7 +582,7 @@ impl Hierarchy {
                     (0..path.len()).map(|l| f.fingerprint(KeyKind::Bytes, path.node(l))).collect();
                 self.part_of.iter().map(|&(l, _)| levels.get(l).copied().unwrap_or_default()).collect()
             }
-            Parts::Shared { table, parts } => {
+            Parts::SharedMemory { table, parts } => {
                 let levels: Vec<Fingerprint> = (0..path.len())
                     .map(|l| fingerprint_with(table.k0, table.k1, KeyKind::Bytes, path.node(l)))
                     .collect();
@@ -718,7 +718,7 @@ impl Hierarchy {
                 let d = group.check_with(|i| keys[i], costs, charge, Some(&mut each), step);
                 Ok((Some(d), each))
             }
-            Parts::Shared { table, parts } => {
+            Parts::SharedMemory { table, parts } => {
                 self.check_shared(table, parts, keys, quota_keys, costs, share, charge).map(|(d, e)| (Some(d), e))
             }
         }
@@ -729,7 +729,7 @@ impl Hierarchy {
     fn check_shared(
         &self,
         table: &ShmTable,
-        parts: &[ShmPart],
+        parts: &[StoredQuota],
         keys: &[Fingerprint],
         quota_keys: &[Fingerprint],
         costs: &[u64],
@@ -912,7 +912,7 @@ impl Hierarchy {
         let by_part: Vec<i64> = self.part_of.iter().map(|&(_, u)| deltas.of(u)).collect();
         match &self.parts {
             Parts::InProcess(group) => group.adjust_keys(|i| keys[i], &by_part, charged_at),
-            Parts::Shared { table, parts } => {
+            Parts::SharedMemory { table, parts } => {
                 let mut txn = table.transaction()?;
                 let now = self.clock.now();
                 let mut writes: Vec<Write> = Vec::new();
@@ -977,7 +977,7 @@ impl Hierarchy {
                     group.parts()[p].reset(&keys[p]);
                 }
             }
-            Parts::Shared { table, .. } => {
+            Parts::SharedMemory { table, .. } => {
                 let writes: Vec<Write> = level_parts.iter().map(|&p| Write::Remove(keys[p])).collect();
                 table.transaction()?.write(&writes, self.clock.now());
             }
@@ -991,7 +991,7 @@ impl Hierarchy {
     fn in_process(&self, what: &str) -> Result<&Group> {
         match &self.parts {
             Parts::InProcess(group) => Ok(group),
-            Parts::Shared { .. } => Err(Error::InvalidArgument(format!(
+            Parts::SharedMemory { .. } => Err(Error::InvalidArgument(format!(
                 "{what} is not available with a SharedMemoryStore: a level's quotas are part of its nodes' identity \
                  in the store; build the Hierarchy with the new quotas in every process (set_quota gives one node \
                  quotas of its own)"
@@ -1035,7 +1035,7 @@ impl Hierarchy {
         let keys = self.keys(node);
         let group = match &self.parts {
             Parts::InProcess(group) => group,
-            Parts::Shared { table, parts } => {
+            Parts::SharedMemory { table, parts } => {
                 let quota_keys = self.quota_keys(node);
                 for (_, quota) in &changes {
                     crate::limiter::check_store_ttl(quota, table)?;
@@ -1074,7 +1074,7 @@ impl Hierarchy {
         let keys = self.keys(node);
         let group = match &self.parts {
             Parts::InProcess(group) => group,
-            Parts::Shared { table, parts } => {
+            Parts::SharedMemory { table, parts } => {
                 let quota_keys = self.quota_keys(node);
                 let mut txn = table.transaction()?;
                 let now = self.clock.now();
@@ -1120,7 +1120,7 @@ impl Hierarchy {
         let keys = self.keys(node);
         Ok(match &self.parts {
             Parts::InProcess(group) => group.parts()[p].quota_of(&keys[p]),
-            Parts::Shared { table, parts } => {
+            Parts::SharedMemory { table, parts } => {
                 let own = table.transaction()?.read(&self.quota_keys(node)[p]);
                 parts[p].quota_for(own)
             }
@@ -1131,7 +1131,7 @@ impl Hierarchy {
     pub fn default_quota(&self, p: usize) -> Quota {
         match &self.parts {
             Parts::InProcess(group) => group.parts()[p].quota(),
-            Parts::Shared { parts, .. } => parts[p].quota.clone(),
+            Parts::SharedMemory { parts, .. } => parts[p].quota.clone(),
         }
     }
 
@@ -1151,7 +1151,7 @@ impl Hierarchy {
             let unit = self.part_of[p].1;
             let inspection = match &self.parts {
                 Parts::InProcess(group) => group.parts()[p].inspect(&keys[p]),
-                Parts::Shared { table, parts } => {
+                Parts::SharedMemory { table, parts } => {
                     let txn = table.transaction()?;
                     let (q, own_quota) = parts[p].quota_for(txn.read(&self.quota_keys(node)[p]));
                     let now = self.clock.now();
@@ -1179,14 +1179,14 @@ impl Hierarchy {
         let leases: usize = self.levels.iter().filter_map(|l| l.concurrency.as_ref()).map(|c| c.sweep()).sum();
         match &self.parts {
             Parts::InProcess(group) => group.parts().iter().map(|p| p.sweep()).sum::<usize>() + leases,
-            Parts::Shared { table, .. } => table.sweep(self.clock.now()) + leases,
+            Parts::SharedMemory { table, .. } => table.sweep(self.clock.now()) + leases,
         }
     }
 
     pub fn stats(&self) -> HierarchyStats {
         let parts = match &self.parts {
             Parts::InProcess(group) => group.parts().iter().map(|p| p.stats()).collect(),
-            Parts::Shared { table, parts } => parts
+            Parts::SharedMemory { table, parts } => parts
                 .iter()
                 .map(|p| Stats { counters: p.counters.get(), keys: table.count(), ..Stats::default() })
                 .collect(),
