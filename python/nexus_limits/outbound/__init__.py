@@ -18,7 +18,7 @@ providers that do not say their limits.
 
 from ._aimd import AIMD
 from ._engine import DIMENSIONS, OutboundLimiter, parse_limits
-from ._errors import CallTooLarge, OutboundRefused, QuotaTimeout
+from ._errors import CallTooLarge, OutboundRefused, QuotaTimeout, StoreUnavailable
 from ._transport import AsyncLimitedTransport, LimitedTransport
 from ._wrap import limiter_of, wrap
 
@@ -31,6 +31,7 @@ __all__ = [
     "OutboundLimiter",
     "OutboundRefused",
     "QuotaTimeout",
+    "StoreUnavailable",
     "limiter_of",
     "parse_limits",
     "wrap",

@@ -62,6 +62,8 @@ OTHER_MODELS = "(other models)"
 LARGE_BODY = 64 << 10
 
 RateLike = Union[str, int, nl.Rate]
+# A ticket charged on the limiter's own ledger.
+_MAIN: Any = object()
 
 
 def _rate(value: Any, window: float, where: str) -> nl.Rate:
@@ -184,10 +186,13 @@ class Call:
 class Ticket:
     """An admitted call: what it reserved, on which limits, and when it was sent."""
 
-    __slots__ = ("call", "costs", "done", "model", "probe", "sent_at")
+    __slots__ = ("call", "costs", "done", "ledger", "model", "probe", "sent_at")
 
-    def __init__(self, call: Call, costs: Optional[Dict[str, int]], probe: bool = False) -> None:
+    def __init__(self, call: Call, costs: Optional[Dict[str, int]], probe: bool = False, ledger: Any = _MAIN) -> None:
         self.call = call
+        # Where the call is charged: _MAIN (the limiter's ledger), another ledger (the
+        # local one that answered while Redis was away) or None (charged nowhere).
+        self.ledger = ledger
         # The name the model's state is kept under (the call's model, or OTHER_MODELS).
         self.model = call.model
         self.costs = costs
@@ -291,6 +296,8 @@ class OutboundLimiter:
         output_tokens: int = 1024,
         aimd: Optional[AIMD] = None,
         namespace: str = "outbound",
+        on_error: str = "raise",
+        replicas: int = 1,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, (int, float)) or not (0 < window < math.inf):
             raise ValueError(f"window must be a positive number of seconds, got {window!r}")
@@ -319,7 +326,7 @@ class OutboundLimiter:
         self.max_requeue = max_requeue
         self.estimate_margin = float(estimate_margin)
         self.aimd = aimd
-        self.ledger: _Ledger = ledger_for(store, namespace)
+        self.ledger: _Ledger = ledger_for(store, namespace, on_error=on_error, replicas=replicas)
         self.estimator = AnthropicEstimator()
         from ..spend import LearnedOutputEstimate
 
@@ -511,10 +518,10 @@ class OutboundLimiter:
                     time.sleep(self._check_wait(model, call, detail, "requests", deadline))
                     continue
                 rates, costs, probe = detail
-                wait = self.ledger.take(model.name, rates, costs, model.lead())
+                wait, where = self.ledger.charge(model.name, rates, costs, model.lead())
                 if wait == 0:
                     self._gate_charge(model)
-                    return self._admitted(model, Ticket(call, costs, probe=probe))
+                    return self._admitted(model, self._ticket(call, costs, probe, where))
                 if math.isinf(wait):
                     raise self._too_large(model, call, rates, deadline)
                 time.sleep(self._check_wait(model, call, wait, self._binding(model, rates, costs), deadline))
@@ -560,10 +567,10 @@ class OutboundLimiter:
                     await asyncio.sleep(self._check_wait(model, call, detail, "requests", deadline))
                     continue
                 rates, costs, probe = detail
-                wait = await ledger.take_async(model.name, rates, costs, model.lead())
+                wait, where = await ledger.charge_async(model.name, rates, costs, model.lead())
                 if wait == 0:
                     self._gate_charge(model)
-                    return self._admitted(model, Ticket(call, costs, probe=probe))
+                    return self._admitted(model, self._ticket(call, costs, probe, where))
                 if math.isinf(wait):
                     raise self._too_large(model, call, rates, deadline)
                 limit = self._binding(model, rates, costs)
@@ -581,6 +588,13 @@ class OutboundLimiter:
             return "requests"  # not worth a round trip: only for a message
         used = self.ledger.used(model.name, rates)
         return max(rates, key=lambda d: (used.get(d, 0.0) + costs.get(d, 0)) / rates[d].count)
+
+    def _ticket(self, call: Call, costs: Dict[str, int], probe: bool, where: Optional[_Ledger]) -> Ticket:
+        return Ticket(call, costs, probe=probe, ledger=_MAIN if where is self.ledger else where)
+
+    def _ledger_of(self, ticket: Ticket) -> Optional[_Ledger]:
+        """The ledger that holds ``ticket``'s charge (None: none does)."""
+        return self.ledger if ticket.ledger is _MAIN else ticket.ledger
 
     @staticmethod
     def _admitted(model: _Model, ticket: Ticket) -> Ticket:
@@ -709,8 +723,9 @@ class OutboundLimiter:
             await ledger.adjust_async(model.name, rates, probe_charge)
         if status >= 400:
             deltas = self._token_refund(ticket)
-            if deltas:
-                await ledger.adjust_async(model.name, rates, deltas)
+            held = self._ledger_of(ticket)
+            if deltas and held is not None:
+                await held.adjust_async(model.name, rates, deltas)
         floors = self._floors(model, seen, ticket.sent_at)
         if floors:
             model.stats["resynced"] += await ledger.sync_async(model.name, rates, floors)
@@ -771,8 +786,9 @@ class OutboundLimiter:
 
     def _refund_tokens(self, ticket: Ticket) -> None:
         deltas = self._token_refund(ticket)
-        if deltas:
-            self.ledger.adjust(ticket.model, self.rates(ticket.model), deltas)
+        held = self._ledger_of(ticket)
+        if deltas and held is not None:
+            held.adjust(ticket.model, self.rates(ticket.model), deltas)
 
     def _settlement(self, ticket: Ticket, usage: Optional[Usage]) -> Dict[str, float]:
         """The adjustments that settle ``ticket`` at ``usage`` (None: at its estimate),
@@ -806,13 +822,15 @@ class OutboundLimiter:
     def settle(self, ticket: Ticket, usage: Optional[Usage]) -> None:
         """Settle an admitted call at its real usage (None: keep its estimate)."""
         deltas = self._settlement(ticket, usage)
-        if deltas:
-            self.ledger.adjust(ticket.model, self.rates(ticket.model), deltas)
+        held = self._ledger_of(ticket)
+        if deltas and held is not None:
+            held.adjust(ticket.model, self.rates(ticket.model), deltas)
 
     async def settle_async(self, ticket: Ticket, usage: Optional[Usage]) -> None:
         deltas = self._settlement(ticket, usage)
-        if deltas:
-            await self.ledger.adjust_async(ticket.model, self.rates(ticket.model), deltas)
+        held = self._ledger_of(ticket)
+        if deltas and held is not None:
+            await held.adjust_async(ticket.model, self.rates(ticket.model), deltas)
 
     def _failure(self, ticket: Ticket, sent: bool) -> Dict[str, float]:
         if ticket.probe:
@@ -830,13 +848,15 @@ class OutboundLimiter:
         """The call raised before an answer. ``sent``: whether the request may have
         reached the provider (then its estimate stands; else everything is refunded)."""
         deltas = self._failure(ticket, sent)
-        if deltas:
-            self.ledger.adjust(ticket.model, self.rates(ticket.model), deltas)
+        held = self._ledger_of(ticket)
+        if deltas and held is not None:
+            held.adjust(ticket.model, self.rates(ticket.model), deltas)
 
     async def failed_async(self, ticket: Ticket, sent: bool) -> None:
         deltas = self._failure(ticket, sent)
-        if deltas:
-            await self.ledger.adjust_async(ticket.model, self.rates(ticket.model), deltas)
+        held = self._ledger_of(ticket)
+        if deltas and held is not None:
+            await held.adjust_async(ticket.model, self.rates(ticket.model), deltas)
 
     def requeued(self, ticket: Ticket) -> None:
         self._model(ticket.model).stats["requeued"] += 1
@@ -848,7 +868,9 @@ class OutboundLimiter:
         provider 429), ``provider_429``, ``too_large`` and ``timeouts`` (refused before
         sending), ``settled`` (from the answer's usage), ``settled_at_estimate`` (no
         usage could be read), ``resynced`` (local usage raised to the provider's); with
-        ``aimd``, the controller's stats."""
+        ``aimd``, the controller's stats. With a Redis store, ``"redis"`` holds the
+        ``on_error`` policy, the circuit breaker's state and the fallbacks (see
+        :meth:`RedisLedger.stats <nexus_limits.outbound._redis.RedisLedger.stats>`)."""
         out: Dict[str, Any] = {}
         for name, model in list(self._models.items()):
             entry: Dict[str, Any] = dict(model.stats)
@@ -859,7 +881,11 @@ class OutboundLimiter:
             if model.aimd is not None:
                 entry["aimd"] = model.aimd.stats()
             out[name] = entry
-        return {"store": self.ledger.where, "models": out}
+        result: Dict[str, Any] = {"store": self.ledger.where, "models": out}
+        backend = getattr(self.ledger, "stats", None)
+        if backend is not None:
+            result["redis"] = backend()
+        return result
 
     def refusal_body(self, call: Call, error: OutboundRefused) -> bytes:
         """The error document a provider would send, in its own format."""

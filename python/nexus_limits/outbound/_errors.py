@@ -8,7 +8,7 @@ from typing import Optional
 from .._core import Decision
 from ..errors import NexusLimitsError, RateLimitExceeded
 
-__all__ = ["CallTooLarge", "OutboundRefused", "QuotaTimeout"]
+__all__ = ["CallTooLarge", "OutboundRefused", "QuotaTimeout", "StoreUnavailable"]
 
 
 class OutboundRefused(RateLimitExceeded):
@@ -65,5 +65,26 @@ class QuotaTimeout(OutboundRefused):
             f"nexus-limits: the {limit.replace('_', ' ')} limit of {model} would admit this call in "
             f"{wait:.3g} s, past the wait allowed (timeout={timeout!r} s)",
             wait,
+            timeout,
+        )
+
+
+class StoreUnavailable(OutboundRefused):
+    """The shared store (Redis) could not be reached and the limiter was built with
+    ``on_error="deny"``: calls are refused rather than sent unmetered while it is away.
+    ``retry_after`` is a second (the breaker tries the store again about then);
+    ``__cause__`` is the store's error."""
+
+    code = "store_unavailable"
+
+    def __init__(self, model: str, cause: BaseException, retry_after: float, timeout: Optional[float]) -> None:
+        what = f"{type(cause).__name__}: {cause}"[:300]
+        super().__init__(
+            model,
+            "store",
+            f"nexus-limits: the shared store (Redis) that holds {model}'s limits could not be reached ({what}); "
+            "with on_error='deny' calls are refused until it answers again (on_error='local' would admit them "
+            "against this process's share of the limits)",
+            retry_after,
             timeout,
         )

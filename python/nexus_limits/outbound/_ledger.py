@@ -20,6 +20,10 @@ atomic across them:
   ``floors[dim][1]`` (what they say it counts);
 - ``pause(model, seconds)`` / ``paused(model)``: hold the model until a 429's
   ``retry-after`` has passed, for every process sharing the ledger.
+
+``charge`` is ``take`` that also says which ledger holds the charge (the Redis ledger
+answers from an in-process one while Redis is away, or charges nowhere), so that the
+call settles where it was charged.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import nexus_limits as nl
 
@@ -68,8 +72,20 @@ class _Ledger:
     def paused(self, model: str) -> float:
         raise NotImplementedError
 
+    def charge(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> Tuple[float, Optional[_Ledger]]:
+        """``take``, and the ledger that holds the charge (None: none does)."""
+        return self.take(model, rates, costs, lead), self
+
     async def take_async(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
         return self.take(model, rates, costs, lead)
+
+    async def charge_async(
+        self, model: str, rates: Rates, costs: Costs, lead: float = 0.0
+    ) -> Tuple[float, Optional[_Ledger]]:
+        return await self.take_async(model, rates, costs, lead), self
+
+    async def used_async(self, model: str, rates: Rates) -> Dict[str, float]:
+        return self.used(model, rates)
 
     async def adjust_async(self, model: str, rates: Rates, deltas: Costs) -> None:
         self.adjust(model, rates, deltas)
@@ -360,17 +376,24 @@ class SharedLedger(_Ledger):
         return float(bucket.peek(self._key(model, "pause"), 0).reset_after)
 
 
-def ledger_for(store: Any, namespace: str = "outbound", *, want_async: bool = False) -> _Ledger:
+def ledger_for(store: Any, namespace: str = "outbound", *, on_error: str = "raise", replicas: int = 1) -> _Ledger:
     """The ledger for ``store``: None (this process), a SharedMemoryStore, or a Redis
-    client (``redis.Redis`` / ``redis.asyncio.Redis``, or a Redis Cluster client)."""
+    client (``redis.Redis`` / ``redis.asyncio.Redis``, or a Redis Cluster client).
+    ``on_error`` and ``replicas`` say what a Redis ledger does while Redis is away (see
+    :class:`~nexus_limits.outbound._redis.RedisLedger`); other stores cannot be away."""
+    if store is not None and hasattr(store, "evalsha") and hasattr(store, "script_load"):
+        from ._redis import RedisLedger
+
+        return RedisLedger(store, namespace, on_error=on_error, replicas=replicas)
+    if on_error != "raise" or replicas != 1:
+        raise ValueError(
+            "on_error= and replicas= say what to do while Redis is away: they apply only when store= is a "
+            f"Redis client, not {type(store).__name__ if store is not None else 'None (this process)'}"
+        )
     if store is None:
         return LocalLedger()
     if isinstance(store, nl.SharedMemoryStore):
         return SharedLedger(store, namespace)
-    if hasattr(store, "evalsha") and hasattr(store, "script_load"):
-        from ._redis import RedisLedger
-
-        return RedisLedger(store, namespace)
     raise TypeError(
         "store must be None (this process), a nexus_limits.SharedMemoryStore (the processes of one host) "
         f"or a Redis client (every host), got {type(store).__name__}"

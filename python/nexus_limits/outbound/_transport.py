@@ -267,7 +267,15 @@ class LimitedTransport(_Options):
     - ``store``: where the buckets live — None (this process), a
       :class:`~nexus_limits.SharedMemoryStore` (every process of the host that opens
       it), or a Redis client (every host; a ``redis.asyncio`` client for the async
-      transport).
+      transport; a Redis Cluster client works too: a model's keys share one slot).
+    - ``on_error`` (Redis only): what a call does while Redis cannot be reached —
+      ``"raise"`` (the default) raises :class:`~nexus_limits.BackendUnavailable`;
+      ``"deny"`` refuses it (:class:`StoreUnavailable`, an :class:`OutboundRefused`);
+      ``"allow"`` sends it unmetered; ``"local"`` meters it in this process against
+      every limit divided by ``replicas`` (how many processes share the limits).
+      The client's circuit breaker (shared with the library's other Redis limiters)
+      makes the first call that meets the outage wait at most the client's socket
+      timeouts and the next ones answer at once; ``stats()["redis"]`` shows it.
     - ``timeout``: the longest wait for quota, in seconds (None: no limit).
     - ``refusal``: ``"raise"`` (the default) raises :class:`OutboundRefused`; with
       ``"response"`` the transport answers a 429 in the provider's own error format

@@ -62,7 +62,7 @@ def wrap(client: T, *, limiter: Optional[OutboundLimiter] = None, refusal: str =
     with its transport (and those of its proxy mounts) wrapped, sharing the original's
     connection pool. ``options`` are those of :class:`LimitedTransport` (``limits``,
     ``store``, ``timeout``, ``window``, ``learn``, ``max_requeue``,
-    ``estimate_margin``, ``output_tokens``, ``aimd``); ``limiter=`` shares the state
+    ``estimate_margin``, ``output_tokens``, ``aimd``, ``on_error``, ``replicas``); ``limiter=`` shares the state
     of another wrapped client instead (e.g. a sync and an async client of one
     application: ``wrap(other, limiter=first_transport.limiter)``).
 
