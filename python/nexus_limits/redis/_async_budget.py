@@ -11,9 +11,9 @@ import nexus_limits as nl
 from .._core import ManualClock
 from ..base import Key
 from ..budget import AsyncReservation
-from ..spend import PriceTable, parse_budget
-from ..spend import SpendLimiter as _InProcessSpend
-from ..spend._limiter import AsyncSpendReservation  # unasync: from ..spend import SpendReservation
+from ..budget._prices import PriceTable
+from ..budget._spend import AsyncSpendReservation, parse_budget
+from ..budget._spend import SpendLimiter as _InProcessSpend
 from ._async import ASYNC, evalsha
 from ._budget import BudgetPlan
 from ._channel import channel_for
@@ -84,7 +84,7 @@ class TokenLimiter:
             reply = plan.reserved(await evalsha(self._channel, RESERVE.for_mode("peek"), plan.keys(key), args), "")
         except BACKEND_ERRORS as error:
             reply = plan.fallback_reply(error)
-        return AsyncReservation(self, key, tokens, (False, *reply[1:6], None, None))
+        return AsyncReservation(self, key, tokens, reply._replace(held=False, lease=None, charged_at=None))
 
     async def _settle(
         self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]

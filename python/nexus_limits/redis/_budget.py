@@ -1,5 +1,6 @@
 """What a Redis TokenLimiter does without I/O: its keys, the reserve and settle scripts'
-arguments, their replies as a Reservation takes them, and its counters."""
+arguments, their replies as a Reservation takes them (a :class:`Reserved`), and its
+counters."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import nexus_limits as nl
 
 from .._core import ManualClock, Quota
 from ..base import Key
+from ..budget._protocol import Reserved
 from ._common import (
     Fallback,
     check_clock,
@@ -110,8 +112,8 @@ class BudgetPlan:
             args.extend(bucket)
         return args, lease
 
-    def reserved(self, reply: Sequence[Any], lease: str) -> Tuple[Any, ...]:
-        """The script's reply in the shape Reservation takes."""
+    def reserved(self, reply: Sequence[Any], lease: str) -> Reserved:
+        """The script's reply as a Reservation takes it."""
         combined = to_decision(reply[0:6])
         each = [to_decision(reply[6 + 6 * i : 12 + 6 * i]) for i in range(len(self.buckets))]
         at = 6 + 6 * len(self.buckets)
@@ -127,21 +129,21 @@ class BudgetPlan:
             if rate is not None:
                 named[which] = each[i]
                 i += 1
-        charged = (now_us, time.monotonic())
-        return (
-            combined.allowed,
-            combined,
-            named.get("requests"),
-            named.get("tokens"),
-            named.get("daily"),
-            conc,
-            lease or None,
-            charged,
+        return Reserved(
+            held=combined.allowed,
+            decision=combined,
+            requests=named.get("requests"),
+            tokens=named.get("tokens"),
+            daily_tokens=named.get("daily"),
+            concurrency=conc,
+            lease=lease or None,
+            charged_at=(now_us, time.monotonic()),
         )
 
-    def fallback_reply(self, error: BaseException) -> Tuple[Any, ...]:
+    def fallback_reply(self, error: BaseException) -> Reserved:
+        """A store's fallback answer: it decided no limit and charged nothing."""
         d = self.fallback.decision(error, 0)
-        return (d.allowed, d, None, None, None, None, None, None)
+        return Reserved(held=d.allowed, decision=d)
 
     def settle_args(self, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]) -> List[str]:
         args = [

@@ -14,8 +14,9 @@ import nexus_limits as nl
 from .._core import ManualClock
 from ..base import Key
 from ..budget import Reservation
-from ..spend import PriceTable, SpendReservation, parse_budget
-from ..spend import SpendLimiter as _InProcessSpend
+from ..budget._prices import PriceTable
+from ..budget._spend import SpendLimiter as _InProcessSpend
+from ..budget._spend import SpendReservation, parse_budget
 from ._budget import BudgetPlan
 from ._channel import channel_for
 from ._common import BACKEND_ERRORS, check_client, is_full, now_arg
@@ -86,7 +87,7 @@ class TokenLimiter:
             reply = plan.reserved(evalsha(self._channel, RESERVE.for_mode("peek"), plan.keys(key), args), "")
         except BACKEND_ERRORS as error:
             reply = plan.fallback_reply(error)
-        return Reservation(self, key, tokens, (False, *reply[1:6], None, None))
+        return Reservation(self, key, tokens, reply._replace(held=False, lease=None, charged_at=None))
 
     def _settle(self, key: Key, tokens_delta: int, requests_delta: int, charged_at: Any, lease: Optional[str]) -> bool:
         plan = self._plan

@@ -1,6 +1,9 @@
 """Spend control: dollar budgets per key (in integer micro-dollars), model prices,
 learned output estimates, and limits that follow the upstream's own.
 
+The code lives in :mod:`nexus_limits.budget`; this module keeps the names where they
+have always been imported from.
+
 >>> from nexus_limits.spend import SpendLimiter
 >>> spend = SpendLimiter("25.00/day")
 >>> res = spend.reserve("api-key", model="gpt-4o", input_tokens=1000, output_tokens=500)
@@ -8,9 +11,9 @@ learned output estimates, and limits that follow the upstream's own.
 7500
 """
 
-from ._limiter import SpendLimiter, SpendReservation, UpstreamGuard, parse_budget
-from ._prices import Price, PriceTable, UnknownModel, default_prices, price_source
-from ._quantile import LearnedOutputEstimate, P2Quantile
+from ..budget._prices import Price, PriceTable, UnknownModel, default_prices, price_source
+from ..budget._quantile import LearnedOutputEstimate, P2Quantile
+from ..budget._spend import SpendLimiter, SpendReservation, UpstreamGuard, parse_budget
 
 __all__ = [
     "LearnedOutputEstimate",
