@@ -1,5 +1,11 @@
 """The gateway's config: a TOML (or YAML) file read and checked once, with every mistake
-reported by file, line and field."""
+reported by file, line and field.
+
+The config's shape is data: :data:`SCHEMA` lists every table and, for each, its fields
+(:class:`~.schema.Field`: type, bounds or choices, a parser for rates and durations,
+whether it is required, where its value goes). The one loader of :mod:`.schema` walks a
+document against it; the rules that tie fields together (a queue needs a rate, a key's
+tier must exist...) run after the walk, in :func:`_cross_checks`."""
 
 from __future__ import annotations
 
@@ -9,11 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "GatewayConfig", "Tier", "load_config"]
+from .schema import MIB, ConfigError, Field, FieldError, Loader, Locator, Table, read, sections, show
 
-
-class ConfigError(ValueError):
-    """A mistake in the gateway's config, located by file, line and field."""
+__all__ = ["SCHEMA", "ConfigError", "GatewayConfig", "Tier", "load_config"]
 
 
 @dataclass
@@ -35,9 +39,6 @@ class Tier:
 
     def has_limits(self) -> bool:
         return bool(self.requests or self.tokens or self.daily_tokens or self.concurrency)
-
-
-MIB = 1024 * 1024
 
 
 @dataclass
@@ -83,85 +84,59 @@ class GatewayConfig:
     admin_token: Optional[str] = None
 
 
-class _Locator:
-    """Finds the line of a field in the TOML text, for error messages."""
-
-    def __init__(self, path: str, text: str) -> None:
-        self.path = path
-        self.lines = text.splitlines()
-
-    def line(self, table: str, key: Optional[str]) -> int:
-        current = ""
-        found_table = 0
-        subtable = 0
-        for number, raw in enumerate(self.lines, 1):
-            line = raw.strip()
-            header = re.match(r"^\[\s*([^\]]+?)\s*\]$", line)
-            if header:
-                current = header.group(1).replace('"', "")
-                if current == table:
-                    found_table = number
-                if key is not None and current == f"{table}.{key}" and not subtable:
-                    subtable = number
-                continue
-            if key is not None and current == table:
-                name = line.split("=", 1)[0].strip().strip('"')
-                if "=" in line and name == key:
-                    return number
-        return subtable or found_table or 1
-
-    def error(self, table: str, key: Optional[str], message: str) -> ConfigError:
-        where = ".".join(p for p in (table, key) if p)
-        return ConfigError(f"{self.path}:{self.line(table, key)}: {where}: {message}")
+# -- field parsers ------------------------------------------------------------------------
 
 
-class _YamlLocator(_Locator):
-    """Finds the line of a field in a YAML document, from the parser's marks."""
+def _rate(text: str) -> str:
+    """A rate such as "100/minute", kept as written once it parses."""
+    import nexus_limits as nl
 
-    def __init__(self, path: str, text: str) -> None:
-        import yaml
-
-        self.path = path
-        self.marks: Dict[str, int] = {}
-
-        def walk(node: Any, prefix: str) -> None:
-            if isinstance(node, yaml.MappingNode):
-                for k, v in node.value:
-                    name = f"{prefix}.{k.value}" if prefix else str(k.value)
-                    self.marks.setdefault(name, k.start_mark.line + 1)
-                    walk(v, name)
-
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
-
-    def line(self, table: str, key: Optional[str]) -> int:
-        return self.marks.get(f"{table}.{key}" if key else table) or self.marks.get(table) or 1
+    nl.Rate.parse(text)  # ValueError names the mistake
+    return text
 
 
-def _parse(path: str, text: str) -> Tuple[Any, _Locator]:
-    """The document and its line finder, for TOML or (by the file's suffix) YAML."""
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path}: YAML configs need PyYAML: pip install 'nexus-limits[yaml]'") from None
-        try:
-            doc = yaml.safe_load(text)
-            loc: _Locator = _YamlLocator(path, text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f"{mark.line + 1}:" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(error, 'problem', None) or error}") from None
-        if doc is None:
-            doc = {}
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{path}:1: the config must be a mapping of sections")
-        return doc, loc
-    toml = _toml()
+def _daily_tokens(value: Any) -> Any:
+    import nexus_limits as nl
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise FieldError(f"must be an int or a rate, got {show(value)}")
     try:
-        doc = toml.loads(text)
-    except toml.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return doc, _Locator(path, text)
+        nl.TokenLimiter(daily_tokens=value)
+    except (TypeError, OverflowError) as error:
+        raise FieldError(str(error)) from None
+    return value
+
+
+def _budget(text: str) -> str:
+    from ..spend import parse_budget
+
+    parse_budget(text)
+    return text
+
+
+def _env_value(name: str) -> str:
+    """The value of the environment variable ``name``, which must hold a key usable as
+    a header value: a line break in it would add headers."""
+    if name not in os.environ:
+        raise FieldError(f"the environment variable {name} is not set")
+    value = os.environ[name]
+    if not value or not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise FieldError(f"the environment variable {name} must hold a key of printable ASCII without spaces")
+    return value
+
+
+def _admin_token(name: str) -> str:
+    if not os.environ.get(name):
+        raise FieldError(f"the environment variable {name} is not set")
+    return os.environ[name]
+
+
+def _metrics_path(value: Any) -> Optional[str]:
+    if value is False or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise FieldError(f"must be a path such as '/metrics' or false, got {show(value)}")
+    return value
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -179,7 +154,7 @@ def _key_problem(value: Any) -> Optional[str]:
             return f"must be {_KEY_FORMS}"
         kind, sep, name = spec.partition(":")
         if spec != "bearer" and not (kind == "header" and sep and _TOKEN.match(name)):
-            return f"must be {_KEY_FORMS}; {spec!r} is neither"
+            return f"must be {_KEY_FORMS}; {show(spec)} is neither"
     lowered = [s.lower() for s in specs]
     if len(set(lowered)) != len(lowered):
         return "names the same source twice"
@@ -190,6 +165,13 @@ def _key_problem(value: Any) -> Optional[str]:
     except (ValueError, TypeError) as error:
         return str(error)
     return None
+
+
+def _key(value: Any) -> Any:
+    problem = _key_problem(value)
+    if problem:
+        raise FieldError(f"{problem}, got {show(value)}")
+    return value
 
 
 def _upstream_url_problem(url: Any) -> Optional[str]:
@@ -217,7 +199,11 @@ def _upstream_url_problem(url: Any) -> Optional[str]:
     return None
 
 
-_SECTIONS = ("upstream", "server", "gateway", "backend", "tiers", "prices", "keys")
+def _upstream_url(url: str) -> str:
+    problem = _upstream_url_problem(url)
+    if problem:
+        raise FieldError(f"{problem}, got {show(url)}")
+    return url.rstrip("/")
 
 
 # The longest a request may wait in a tier's queue: a client holds a connection meanwhile.
@@ -239,362 +225,185 @@ def _duration(value: Any) -> Optional[float]:
     return float(match.group(1)) * {"ms": 0.001, "m": 60.0}.get(match.group(2) or "s", 1.0)
 
 
-_ADAPTIVE_FIELDS = ("ceiling", "floor", "increase", "decrease", "low_water", "interval", "cooldown")
+def _queue(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds is None or not 0 < seconds <= MAX_QUEUE_SECONDS:  # NaN fails both
+        raise FieldError(
+            f'must be a wait above 0 and at most {MAX_QUEUE_SECONDS:g} s, such as "5s" or "500ms", got {show(value)}'
+        )
+    return seconds
 
 
-def _adaptive(spec: Any, loc: _Locator, typed: Any, number: Any) -> Dict[str, float]:
+def _adaptive(spec: Dict[str, Any]) -> Dict[str, float]:
     """``[upstream.adaptive]``: an AIMD limit on the calls to the upstream, in requests
     per the ceiling's period; ``floor`` and ``increase`` are rates too, converted to it."""
     import nexus_limits as nl
 
-    where = "upstream.adaptive"
-    if not isinstance(spec, dict):
-        raise loc.error("upstream", "adaptive", "must be a table")
-    for key in spec:
-        if key not in _ADAPTIVE_FIELDS:
-            raise loc.error(where, key, f"unknown field (expected one of: {', '.join(_ADAPTIVE_FIELDS)})")
-    if "ceiling" not in spec:
-        raise loc.error(where, None, 'needs ceiling, the most requests ever sent, such as "500/minute"')
-
-    def rate(key: str) -> Optional[Any]:
-        text = typed(where, spec, key, str, 'a rate such as "500/minute"')
-        if text is None:
-            return None
-        try:
-            return nl.Rate.parse(text)
-        except ValueError as error:
-            raise loc.error(where, key, str(error)) from None
-
-    ceiling = rate("ceiling")
-    assert ceiling is not None
+    ceiling = nl.Rate.parse(spec["ceiling"])
     window = float(ceiling.period)
     out: Dict[str, float] = {"window": window, "ceiling": float(ceiling.count)}
     for key in ("floor", "increase"):
-        r = rate(key)
-        if r is not None:
+        if key in spec:
+            r = nl.Rate.parse(spec[key])
             out[key] = r.count * window / r.period
             if not out[key] > 0:
-                raise loc.error(where, key, f"must be above 0, got {spec[key]!r}")
+                raise FieldError(key, f"must be above 0, got {show(spec[key])}")
     if out.get("floor", 0.0) > out["ceiling"]:
-        raise loc.error(where, "floor", f"must not be above the ceiling, got {spec['floor']!r}")
-    decrease = number(where, spec, "decrease", 0, 0.99)
-    if decrease is not None:
-        out["decrease"] = float(decrease)
-    low_water = typed(where, spec, "low_water", (int, float), "a fraction from 0 to 0.99")
-    if low_water is not None:
-        if not 0 <= low_water <= 0.99:  # NaN fails
-            raise loc.error(where, "low_water", f"must be a fraction from 0 to 0.99, got {low_water!r}")
-        out["low_water"] = float(low_water)
-    for key in ("interval", "cooldown"):
-        seconds = typed(where, spec, key, (int, float), "a number of seconds")
-        if seconds is not None:
-            if not 0 <= seconds <= 3600:
-                raise loc.error(where, key, f"must be from 0 to 3600 seconds, got {seconds!r}")
-            out[key] = float(seconds)
+        raise FieldError("floor", f"must not be above the ceiling, got {show(spec['floor'])}")
+    for key in ("decrease", "low_water", "interval", "cooldown"):
+        if key in spec:
+            out[key] = float(spec[key])
     return out
 
 
-def _toml() -> Any:
-    try:
-        import tomllib
+_RATE = 'a rate such as "100/minute"'
 
-        return tomllib
-    except ImportError:  # pragma: no cover - Python < 3.11
-        import tomli  # type: ignore[import-not-found]
+ADAPTIVE = Table(
+    "adaptive",
+    (
+        Field(
+            "ceiling", "str", 'a rate such as "500/minute"', parse=_rate,
+            required='needs ceiling, the most requests ever sent, such as "500/minute"',
+        ),
+        Field("floor", "str", 'a rate such as "500/minute"', parse=_rate),
+        Field("increase", "str", 'a rate such as "500/minute"', parse=_rate),
+        Field("decrease", "number", "a number", low=0, high=0.99, above=True),
+        Field("low_water", "number", "a fraction from 0 to 0.99", low=0, high=0.99, range="a fraction from 0 to 0.99"),
+        Field("interval", "number", "a number of seconds", low=0, high=3600, range="from 0 to 3600 seconds"),
+        Field("cooldown", "number", "a number of seconds", low=0, high=3600, range="from 0 to 3600 seconds"),
+    ),
+    finish=_adaptive,
+)  # fmt: skip
+_ADAPTIVE_FIELDS = ADAPTIVE.names
 
-        return tomli
+TIER_FIELDS = (
+    Field("requests", "str", _RATE, parse=_rate),
+    Field("tokens", "str", _RATE, parse=_rate),
+    Field("daily_tokens", "any", parse=_daily_tokens),
+    Field("concurrency", "int", "a whole number", low=1, high=1_000_000),
+    Field("default_output_tokens", "int", "a whole number", low=0, high=10_000_000),
+    Field("spend", "str", 'dollars per period, such as "25.00/day"', parse=_budget),
+    Field("shadow", "bool", "true or false"),
+    Field("queue", "any", parse=_queue),
+)
+_SHAPE_FIELDS = ("requests", "tokens", "daily_tokens", "concurrency", "spend")
+
+PRICE = Table(
+    "prices",
+    tuple(
+        Field(name, "any")  # PriceTable checks the values, in _cross_checks
+        for name in ("input", "output", "cached_input", "cache_write")
+    ),
+)
+
+SCHEMA: Tuple[Table, ...] = (
+    Table(
+        "upstream",
+        (
+            Field("url", "str", "a URL string", parse=_upstream_url, attr="upstream_url",
+                  required="needs url, the upstream API's http:// or https:// URL"),
+            Field("api_key_env", "str", "the name of an environment variable", parse=_env_value,
+                  attr="upstream_api_key"),
+            Field("timeout", "number", "a number", low=0, high=86400, above=True, attr="upstream_timeout"),
+            Field("forward_cookies", "bool", "true or false"),
+            Field("adaptive", "table", "a table", table=ADAPTIVE, attr="upstream_adaptive"),
+        ),
+        required=True,
+    ),
+    Table(
+        "server",
+        (
+            Field("host", "str", "a host name or address"),
+            Field("port", "int", "a port number", low=1, high=65535, range="from 1 to 65535"),
+            Field("max_body_bytes", "int", "a whole number", low=1, high=2**40),
+            Field("body_timeout", "number", "a number", low=0, high=86400, above=True),
+            Field("header_timeout", "number", "a number", low=0, high=3600, above=True),
+            Field("keep_alive_timeout", "int", "a whole number", low=1, high=3600),
+            Field("max_connections", "int", "a whole number", low=1, high=1_000_000),
+            Field("max_header_bytes", "int", "a whole number", low=1024, high=16 * MIB),
+            Field("workers", "int", "a whole number", low=1, high=1024),
+            Field("access_log", "bool", "true or false"),
+        ),
+    ),
+    Table(
+        "gateway",
+        (
+            Field("key", "any", parse=_key),
+            Field("default_tier", "str", "a tier name"),
+            Field("lease_ttl", "number", "a number", low=0, high=7 * 86400, above=True),
+            Field("learn_output", "bool", "true or false"),
+            Field("reload", "str", "'sighup', 'watch' or 'off'", choices=("sighup", "watch", "off")),
+            Field("reload_interval", "number", "a number", low=0, high=3600, above=True),
+            Field("metrics_path", "any", parse=_metrics_path),
+            Field("admin_token_env", "str", "the name of an environment variable", parse=_admin_token,
+                  attr="admin_token"),
+            Field("max_in_flight_per_key", "int", "a whole number", low=1, high=1_000_000),
+        ),
+    ),
+    Table(
+        "backend",
+        (
+            Field("type", "str", "'memory' or 'redis'", choices=("memory", "redis"), attr="backend"),
+            Field("url", "str", "a redis:// URL", attr="redis_url"),
+            Field("prefix", "str", "a key prefix", attr="redis_prefix"),
+            Field("on_error", "str", "'allow', 'deny' or 'raise'", choices=("allow", "deny", "raise")),
+        ),
+    ),
+    Table("tiers", TIER_FIELDS, named=True, required=True, nonempty="define at least one tier"),
+    Table("prices", PRICE.fields, named=True),
+    Table("keys", named=True, value=Field("tier", "any")),
+)  # fmt: skip
+_SECTIONS = tuple(t.name for t in SCHEMA)
 
 
 def load_config(path: str) -> GatewayConfig:
     """Reads and checks a gateway config; every mistake names the file, line and field."""
-    import nexus_limits as nl
+    doc, loc = read(path)
+    sections(doc, loc, SCHEMA)
+    loader = Loader(path, loc)
+    values = {spec.name: loader.section(spec, doc) for spec in SCHEMA}
+    cfg = GatewayConfig(path=path, **values["upstream"])
+    for name in ("server", "gateway", "backend"):
+        for attr, value in values[name].items():
+            setattr(cfg, attr, value)
+    cfg.tiers = {name: Tier(name, **spec) for name, spec in values["tiers"].items()}
+    cfg.prices = values["prices"]
+    cfg.keys = values["keys"]
+    _cross_checks(cfg, doc, loc)
+    return cfg
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config: {error.strerror}") from None
-    doc, loc = _parse(path, text)
-    for section in doc:
-        if section not in _SECTIONS:
-            raise loc.error(str(section), None, f"unknown section (expected one of: {', '.join(_SECTIONS)})")
 
-    def table(name: str, required: bool = False) -> Dict[str, Any]:
-        value = doc.get(name, {})
-        if required and name not in doc:
-            raise ConfigError(f"{path}:1: [{name}] is missing")
-        if not isinstance(value, dict):
-            raise loc.error(name, None, "must be a table")
-        return value
-
-    def known(name: str, value: Mapping[str, Any], allowed: Tuple[str, ...]) -> None:
-        for key in value:
-            if key not in allowed:
-                raise loc.error(name, key, f"unknown field (expected one of: {', '.join(allowed)})")
-
-    def typed(name: str, value: Mapping[str, Any], key: str, kind: Any, what: str) -> Any:
-        if key not in value:
-            return None
-        v = value[key]
-        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
-            raise loc.error(name, key, f"must be {what}, got {v!r}")
-        return v
-
-    def number(name: str, value: Mapping[str, Any], key: str, low: float, high: float, whole: bool = False) -> Any:
-        """A number of seconds or bytes from ``low`` (excluded when 0) to ``high``; NaN,
-        infinities and booleans are refused."""
-        kind: Any = int if whole else (int, float)
-        v = typed(name, value, key, kind, "a whole number" if whole else "a number")
-        if v is None:
-            return None
-        if not (v > low if low == 0 else v >= low) or not v <= high:
-            bound = "above 0" if low == 0 else f"at least {low}"
-            raise loc.error(name, key, f"must be {bound} and at most {high}, got {v!r}")
-        return v
-
-    upstream = table("upstream", required=True)
-    known("upstream", upstream, ("url", "api_key_env", "timeout", "forward_cookies", "adaptive"))
-    url = typed("upstream", upstream, "url", str, "a URL string")
-    problem = _upstream_url_problem(url)
-    if problem:
-        raise loc.error("upstream", "url", f"{problem}, got {url!r}")
-    cfg = GatewayConfig(path=path, upstream_url=url.rstrip("/"))
-    env = typed("upstream", upstream, "api_key_env", str, "the name of an environment variable")
-    if env is not None:
-        if env not in os.environ:
-            raise loc.error("upstream", "api_key_env", f"the environment variable {env} is not set")
-        key = os.environ[env]
-        # The key goes into request headers as it is: a line break in it would add headers.
-        if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
-            raise loc.error(
-                "upstream",
-                "api_key_env",
-                f"the environment variable {env} must hold a key of printable ASCII without spaces",
-            )
-        cfg.upstream_api_key = key
-    timeout = number("upstream", upstream, "timeout", 0, 86400)
-    if timeout is not None:
-        cfg.upstream_timeout = float(timeout)
-    cfg.forward_cookies = bool(typed("upstream", upstream, "forward_cookies", bool, "true or false"))
-    if "adaptive" in upstream:
-        cfg.upstream_adaptive = _adaptive(upstream["adaptive"], loc, typed, number)
-
-    server = table("server")
-    known(
-        "server",
-        server,
-        (
-            "host",
-            "port",
-            "max_body_bytes",
-            "body_timeout",
-            "header_timeout",
-            "keep_alive_timeout",
-            "max_connections",
-            "max_header_bytes",
-            "workers",
-            "access_log",
-        ),
-    )
-    cfg.host = typed("server", server, "host", str, "a host name or address") or cfg.host
-    port = typed("server", server, "port", int, "a port number")
-    if port is not None:
-        if not 0 < port < 65536:
-            raise loc.error("server", "port", f"must be from 1 to 65535, got {port}")
-        cfg.port = port
-    for name, low, high, whole in (
-        ("max_body_bytes", 1, 2**40, True),
-        ("body_timeout", 0, 86400, False),
-        ("header_timeout", 0, 3600, False),
-        ("keep_alive_timeout", 1, 3600, True),
-        ("max_connections", 1, 1_000_000, True),
-        ("max_header_bytes", 1024, 16 * MIB, True),
-        ("workers", 1, 1024, True),
-    ):
-        v = number("server", server, name, low, high, whole)
-        if v is not None:
-            setattr(cfg, name, v if whole else float(v))
-
-    access_log = typed("server", server, "access_log", bool, "true or false")
-    if access_log is not None:
-        cfg.access_log = access_log
-
-    gateway = table("gateway")
-    known(
-        "gateway",
-        gateway,
-        (
-            "key",
-            "default_tier",
-            "lease_ttl",
-            "learn_output",
-            "reload",
-            "reload_interval",
-            "metrics_path",
-            "admin_token_env",
-            "max_in_flight_per_key",
-        ),
-    )
-    reload = typed("gateway", gateway, "reload", str, "'sighup', 'watch' or 'off'")
-    if reload is not None:
-        if reload not in ("sighup", "watch", "off"):
-            raise loc.error("gateway", "reload", f"must be 'sighup', 'watch' or 'off', got {reload!r}")
-        cfg.reload = reload
-    interval = number("gateway", gateway, "reload_interval", 0, 3600)
-    if interval is not None:
-        cfg.reload_interval = float(interval)
-    if "metrics_path" in gateway:
-        metrics_path = gateway["metrics_path"]
-        if metrics_path is False or metrics_path == "":
-            cfg.metrics_path = None
-        elif not isinstance(metrics_path, str) or not metrics_path.startswith("/"):
-            raise loc.error(
-                "gateway", "metrics_path", f"must be a path such as '/metrics' or false, got {metrics_path!r}"
-            )
-        else:
-            cfg.metrics_path = metrics_path
-    admin_env = typed("gateway", gateway, "admin_token_env", str, "the name of an environment variable")
-    if admin_env is not None:
-        if not os.environ.get(admin_env):
-            raise loc.error("gateway", "admin_token_env", f"the environment variable {admin_env} is not set")
-        cfg.admin_token = os.environ[admin_env]
-    learn = typed("gateway", gateway, "learn_output", bool, "true or false")
-    cfg.learn_output = bool(learn)
-    if "key" in gateway:
-        key_problem = _key_problem(gateway["key"])
-        if key_problem:
-            raise loc.error("gateway", "key", f"{key_problem}, got {gateway['key']!r}")
-        cfg.key = gateway["key"]
-    in_flight = number("gateway", gateway, "max_in_flight_per_key", 1, 1_000_000, whole=True)
-    if in_flight is not None:
-        cfg.max_in_flight_per_key = in_flight
-    cfg.default_tier = typed("gateway", gateway, "default_tier", str, "a tier name")
-    lease_ttl = number("gateway", gateway, "lease_ttl", 0, 7 * 86400)
-    if lease_ttl is not None:
-        cfg.lease_ttl = float(lease_ttl)
-
-    backend = table("backend")
-    known("backend", backend, ("type", "url", "prefix", "on_error"))
-    cfg.backend = typed("backend", backend, "type", str, "'memory' or 'redis'") or "memory"
-    if cfg.backend not in ("memory", "redis"):
-        raise loc.error("backend", "type", f"must be 'memory' or 'redis', got {cfg.backend!r}")
-    cfg.redis_url = typed("backend", backend, "url", str, "a redis:// URL")
+def _cross_checks(cfg: GatewayConfig, doc: Mapping[str, Any], loc: Locator) -> None:
+    """The rules that tie fields together, each reported at the field that breaks it."""
     if cfg.backend == "redis" and not (cfg.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
-        raise loc.error("backend", "url", f"must be a redis:// URL for the redis backend, got {cfg.redis_url!r}")
-    cfg.redis_prefix = typed("backend", backend, "prefix", str, "a key prefix") or cfg.redis_prefix
-    cfg.on_error = typed("backend", backend, "on_error", str, "'allow', 'deny' or 'raise'") or cfg.on_error
-    if cfg.on_error not in ("allow", "deny", "raise"):
-        raise loc.error("backend", "on_error", f"must be 'allow', 'deny' or 'raise', got {cfg.on_error!r}")
-
-    tiers = table("tiers", required=True)
-    if not tiers:
-        raise loc.error("tiers", None, "define at least one tier")
-    for name, spec in tiers.items():
-        where = f"tiers.{name}"
-        if not isinstance(spec, dict):
-            raise loc.error("tiers", name, "must be a table")
-        known(
-            where,
-            spec,
-            (
-                "requests",
-                "tokens",
-                "daily_tokens",
-                "concurrency",
-                "default_output_tokens",
-                "spend",
-                "shadow",
-                "queue",
-            ),
-        )
-        tier = Tier(name)
-        shadow = typed(where, spec, "shadow", bool, "true or false")
-        if shadow:
-            if cfg.backend == "redis":
-                raise loc.error(where, "shadow", "shadow mode needs the memory backend (type = 'memory')")
-            tier.shadow = True
-        for key in ("requests", "tokens"):
-            rate = typed(where, spec, key, str, 'a rate such as "100/minute"')
-            if rate is not None:
-                try:
-                    nl.Rate.parse(rate)
-                except ValueError as error:
-                    raise loc.error(where, key, str(error)) from None
-                setattr(tier, key, rate)
-        daily = spec.get("daily_tokens")
-        if daily is not None:
-            if isinstance(daily, bool) or not isinstance(daily, (int, str)):
-                raise loc.error(where, "daily_tokens", f"must be an int or a rate, got {daily!r}")
-            try:
-                nl.TokenLimiter(daily_tokens=daily)
-            except (ValueError, TypeError) as error:
-                raise loc.error(where, "daily_tokens", str(error)) from None
-            tier.daily_tokens = daily
-        concurrency = typed(where, spec, "concurrency", int, "a whole number")
-        if concurrency is not None and concurrency < 1:
-            raise loc.error(where, "concurrency", f"must be at least 1, got {concurrency}")
-        tier.concurrency = concurrency
-        out = typed(where, spec, "default_output_tokens", int, "a whole number")
-        if out is not None:
-            if out < 0:
-                raise loc.error(where, "default_output_tokens", f"must be non-negative, got {out}")
-            tier.default_output_tokens = out
-        spend = typed(where, spec, "spend", str, 'dollars per period, such as "25.00/day"')
-        if spend is not None:
-            from ..spend import parse_budget
-
-            try:
-                parse_budget(spend)
-            except ValueError as error:
-                raise loc.error(where, "spend", str(error)) from None
-            tier.spend = spend
+        raise loc.error(("backend", "url"), f"must be a redis:// URL for the redis backend, got {show(cfg.redis_url)}")
+    for name, tier in cfg.tiers.items():
+        if tier.shadow and cfg.backend == "redis":
+            raise loc.error(("tiers", name, "shadow"), "shadow mode needs the memory backend (type = 'memory')")
         if not (tier.has_limits() or tier.spend):
-            raise loc.error("tiers", name, "set at least one of requests, tokens, daily_tokens, concurrency, spend")
-        if "queue" in spec:
-            seconds = _duration(spec["queue"])
-            if seconds is None or not 0 < seconds <= MAX_QUEUE_SECONDS:  # NaN fails both
-                raise loc.error(
-                    where,
-                    "queue",
-                    f'must be a wait above 0 and at most {MAX_QUEUE_SECONDS:g} s, such as "5s" or "500ms", '
-                    f"got {spec['queue']!r}",
-                )
-            # A TokenLimiter's concurrency refusal names no time a place frees up (its
-            # retry_after is the lease TTL): a queue can only wait for rates.
-            if not (tier.requests or tier.tokens or tier.daily_tokens is not None):
-                raise loc.error(where, "queue", "needs one of requests, tokens, daily_tokens to wait for")
-            tier.queue = seconds
-        cfg.tiers[name] = tier
+            raise loc.error(("tiers", name), f"set at least one of {', '.join(_SHAPE_FIELDS)}")
+        # A TokenLimiter's concurrency refusal names no time a place frees up (its
+        # retry_after is the lease TTL): a queue can only wait for rates.
+        if tier.queue is not None and not (tier.requests or tier.tokens or tier.daily_tokens is not None):
+            raise loc.error(("tiers", name, "queue"), "needs one of requests, tokens, daily_tokens to wait for")
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
-        raise loc.error("gateway", "default_tier", f"{cfg.default_tier!r} is not a tier")
-
+        raise loc.error(("gateway", "default_tier"), f"{cfg.default_tier!r} is not a tier")
     if cfg.workers > 1 and cfg.backend != "redis":
         # Each worker would count on its own: every limit would be multiplied by N.
         # TokenLimiter and SpendLimiter do not take a SharedMemoryStore, so the
         # processes share their limits through Redis.
         raise loc.error(
-            "server",
-            "workers",
+            ("server", "workers"),
             f"{cfg.workers} workers must share their limits: set [backend] type = 'redis' "
             "(with the memory backend each worker would count alone, multiplying every limit)",
         )
-
-    prices = table("prices")
     from ..spend import PriceTable
 
-    for model, price in prices.items():
-        if not isinstance(price, dict):
-            raise loc.error("prices", model, "must be a table with input and output (dollars per 1M tokens)")
-        known(f"prices.{model}", price, ("input", "output", "cached_input", "cache_write"))
+    for model, price in cfg.prices.items():
         try:
             PriceTable({model: price})
-        except (ValueError, TypeError) as error:
-            raise loc.error(f"prices.{model}", None, str(error)) from None
-        cfg.prices[model] = price
-
-    keys = table("keys")
-    for api_key, tier_name in keys.items():
+        except (ValueError, TypeError, OverflowError) as error:
+            raise loc.error(("prices", model), str(error)) from None
+    for api_key, tier_name in cfg.keys.items():
         if not isinstance(tier_name, str) or tier_name not in cfg.tiers:
-            raise loc.error("keys", api_key, f"tier {tier_name!r} is not defined")
-        cfg.keys[api_key] = tier_name
-    return cfg
+            raise loc.error(("keys", api_key), f"tier {show(tier_name)} is not defined")

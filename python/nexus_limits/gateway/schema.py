@@ -1,0 +1,423 @@
+"""A declarative config schema and the one loader that walks a document against it.
+
+A config is tables of fields described as data (:class:`Table`, :class:`Field`: type,
+bounds or choices, a parser, whether required, where the value goes). :class:`Loader`
+checks a parsed TOML or YAML document against them and reports every mistake as
+``<file>:<line>: <table>.<field>: <message>``, an unknown name with the closest known
+one. :func:`read` reads a file into a document and its line finder, refusing what no
+config is (not UTF-8, too large, nested past the parser's depth, a key given twice)."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "ConfigError",
+    "Field",
+    "FieldError",
+    "Loader",
+    "Locator",
+    "Parts",
+    "Table",
+    "read",
+    "sections",
+    "show",
+]
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A mistake in a config, located by file, line and field."""
+
+
+class FieldError(ValueError):
+    """A field's value is wrong; the message is reported as is."""
+
+
+Parser = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a table.
+
+    ``kind`` is the type a value must have: ``"bool"``, ``"int"`` (a whole number),
+    ``"number"`` (int or float), ``"str"``, ``"table"`` (a sub-table described by
+    ``table``) or ``"any"`` (the parser decides). Booleans are never numbers. A wrong
+    type is told ``must be <what>, got <value>``.
+
+    ``low``/``high`` bound numbers (``above``: ``low`` itself excluded; NaN and the
+    infinities fail); ``range`` words the bounds in the message instead of the
+    computed ``"at least L and at most H"``. ``choices`` lists the strings allowed.
+    ``parse`` turns the checked value into the one kept (a rate checked, a duration in
+    seconds...) and raises ValueError with the message to report. ``required`` is the
+    message when the field is missing (None: optional). ``attr`` names the attribute
+    the value goes to (default: the field's name)."""
+
+    name: str
+    kind: str
+    what: str = ""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    above: bool = False
+    range: Optional[str] = None
+    choices: Tuple[str, ...] = ()
+    parse: Optional[Parser] = None
+    required: Optional[str] = None
+    attr: Optional[str] = None
+    table: Optional[Table] = None
+
+    @property
+    def target(self) -> str:
+        return self.attr or self.name
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of the config.
+
+    A plain table holds ``fields``. A ``named`` table holds entries by name
+    (``[tiers.<name>]``): each entry a table of ``fields`` or, when ``value`` is given,
+    one value checked by it (``[keys] "sk-1" = "pro"``); ``shorthand`` names the field
+    that an entry given as a plain value sets (``"sk-1" = "pro"`` is
+    ``{ tier = "pro" }``). ``nonempty``: the message when a named table has no entry.
+    ``required``: the table must be there. ``finish`` turns the checked values of a
+    table (or of one entry) into what is kept; it raises :class:`FieldError` with
+    ``(field, message)`` arguments to report a rule across the fields."""
+
+    name: str
+    fields: Tuple[Field, ...] = ()
+    named: bool = False
+    value: Optional[Field] = None
+    shorthand: Optional[str] = None
+    nonempty: Optional[str] = None
+    required: bool = False
+    finish: Optional[Callable[[Dict[str, Any]], Any]] = None
+
+    def field(self, name: str) -> Optional[Field]:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        return None
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+
+# The largest config read: a bound on what one mistyped path (a log file...) costs.
+MAX_CONFIG_BYTES = 64 * MIB
+
+
+# -- where a field is in the file ---------------------------------------------------------
+
+Parts = Tuple[Union[str, int], ...]
+
+
+def _where(parts: Parts) -> str:
+    """``("tiers", "a", "queue")`` as ``tiers.a.queue``; an index of an array of tables
+    as ``routes[0]``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut short: an error message never carries a whole huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+class Locator:
+    """Finds the line of a field in the TOML text, for error messages: the line of the
+    key under its table's header, else the header of the table, else its parent's."""
+
+    _HEADER = re.compile(r"^\[(\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        # (line, header or None, key or None, occurrence of the header)
+        self.entries: List[Tuple[int, str, Optional[str], int]] = []
+        current = ""
+        seen: Dict[str, int] = {}
+        occurrence = 0
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            header = self._HEADER.match(line)
+            if header:
+                current = _unquote(header.group(2))
+                occurrence = seen.get(current, -1) + 1
+                seen[current] = occurrence
+                self.entries.append((number, current, None, occurrence))
+            elif "=" in line and not line.startswith("#"):
+                self.entries.append((number, current, _unquote(line.split("=", 1)[0]), occurrence))
+
+    def line(self, parts: Parts) -> int:
+        names = [p for p in parts if isinstance(p, str)]
+        index = next((p for p in parts if isinstance(p, int)), None)
+        for cut in range(len(names), 0, -1):
+            head, key = ".".join(names[: cut - 1]), names[cut - 1]
+            table = ".".join(names[:cut])
+            for number, header, name, occurrence in self.entries:
+                if index is not None and occurrence != index and names[0] == header.split(".")[0]:
+                    continue
+                if header == head and name == key:
+                    return number
+            # The table's own header, else a deeper one that declares it ([a.b.c] declares a.b).
+            for exact in (True, False):
+                for number, header, name, occurrence in self.entries:
+                    if index is not None and occurrence != index and names[0] == header.split(".")[0]:
+                        continue
+                    if name is None and (header == table if exact else header.startswith(table + ".")):
+                        return number
+        return 1
+
+    def error(self, parts: Parts, message: str) -> ConfigError:
+        where = _where(parts)
+        return ConfigError(f"{self.path}:{self.line(parts)}: {where + ': ' if where else ''}{message}")
+
+
+def _unquote(name: str) -> str:
+    return ".".join(p.strip().strip("\"'") for p in re.split(r"\.(?=(?:[^\"']*[\"'][^\"']*[\"'])*[^\"']*$)", name))
+
+
+class _YamlLocator(Locator):
+    """Finds the line of a field in a YAML document, from the parser's marks; refuses a
+    key given twice in one mapping (YAML would keep the last silently)."""
+
+    def __init__(self, path: str, text: str) -> None:
+        import yaml
+
+        self.path = path
+        self.marks: Dict[Parts, int] = {}
+        walked = set()
+
+        def walk(node: Any, prefix: Parts) -> None:
+            if id(node) in walked:  # an alias: walked once (aliases of aliases stay linear)
+                return
+            walked.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                names = set()
+                for k, v in node.value:
+                    name = (*prefix, str(k.value))
+                    if k.value in names:
+                        raise ConfigError(f"{path}:{k.start_mark.line + 1}: {_where(name)}: given twice (keep one)")
+                    names.add(k.value)
+                    self.marks.setdefault(name, k.start_mark.line + 1)
+                    walk(v, name)
+            elif isinstance(node, yaml.SequenceNode):
+                for i, v in enumerate(node.value):
+                    self.marks.setdefault((*prefix, i), v.start_mark.line + 1)
+                    walk(v, (*prefix, i))
+
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+
+    def line(self, parts: Parts) -> int:
+        for cut in range(len(parts), 0, -1):
+            found = self.marks.get(parts[:cut])
+            if found:
+                return found
+        return 1
+
+
+def _toml() -> Any:
+    try:
+        import tomllib
+
+        return tomllib
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import tomli  # type: ignore[import-not-found]
+
+        return tomli
+
+
+def _parse(path: str, text: str) -> Tuple[Any, Locator]:
+    """The document and its line finder, for TOML or (by the file's suffix) YAML."""
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: YAML configs need PyYAML: pip install 'nexus-limits[yaml]'") from None
+        try:
+            doc = yaml.safe_load(text)
+            loc: Locator = _YamlLocator(path, text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f"{mark.line + 1}:" if mark is not None else ""
+            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(error, 'problem', None) or error}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}:1: invalid YAML: nested too deeply") from None
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}:1: the config must be a mapping of sections")
+        return doc, loc
+    toml = _toml()
+    try:
+        doc = toml.loads(text)
+    except toml.TOMLDecodeError as error:
+        raise _toml_error(path, text, str(error)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}:1: invalid TOML: nested too deeply") from None
+    return doc, Locator(path, text)
+
+
+def _toml_error(path: str, text: str, message: str) -> ConfigError:
+    """A TOML syntax error at its line; a key given twice is named."""
+    found = re.search(r"\(at line (\d+), column \d+\)", message)
+    if found is None:
+        return ConfigError(f"{path}: invalid TOML: {message}")
+    line = int(found.group(1))
+    if message.startswith("Cannot overwrite a value") or "twice" in message:
+        for number, header, key, _ in Locator(path, text).entries:
+            if number == line:
+                where = ".".join(p for p in (header, key) if p)
+                return ConfigError(f"{path}:{line}: {where}: given twice (keep one)")
+    return ConfigError(f"{path}:{line}: invalid TOML: {message}")
+
+
+# -- the loader ---------------------------------------------------------------------------
+
+
+def _unknown(name: Any, known: Sequence[str], what: str) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what}{hint} (expected one of: {', '.join(known)})"
+
+
+_KINDS: Dict[str, Callable[[Any], bool]] = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "any": lambda v: True,
+}
+
+
+class Loader:
+    """Checks a document's tables against their :class:`Table` specs."""
+
+    def __init__(self, path: str, loc: Locator) -> None:
+        self.path = path
+        self.loc = loc
+
+    def value(self, spec: Field, value: Any, parts: Parts) -> Any:
+        """One field's value checked against its spec, or a ConfigError naming it."""
+        kind = spec.kind
+        if kind == "table":
+            if not isinstance(value, dict):
+                raise self.loc.error(parts, "must be a table")
+            assert spec.table is not None
+            return self.table(spec.table, value, parts)
+        if not _KINDS[kind](value):
+            raise self.loc.error(parts, f"must be {spec.what}, got {show(value)}")
+        if spec.choices and value not in spec.choices:
+            listed = ", ".join(repr(c) for c in spec.choices[:-1]) + f" or {spec.choices[-1]!r}"
+            raise self.loc.error(parts, f"must be {listed}, got {show(value)}")
+        if spec.low is not None or spec.high is not None:
+            low = -math.inf if spec.low is None else spec.low
+            high = math.inf if spec.high is None else spec.high
+            # Written so that NaN fails: every comparison with it is false.
+            fits = (value > low if spec.above else value >= low) and value <= high
+            if not fits:
+                if spec.range is not None:
+                    bounds = spec.range
+                else:
+                    bound = f"above {low:g}" if spec.above else f"at least {low:g}"
+                    bounds = f"{bound} and at most {high:g}"
+                raise self.loc.error(parts, f"must be {bounds}, got {show(value)}")
+        if spec.parse is not None:
+            try:
+                return spec.parse(value)
+            except (ValueError, TypeError, OverflowError) as error:
+                raise self.loc.error(parts, str(error)) from None
+        return float(value) if kind == "number" else value
+
+    def table(self, spec: Table, doc: Mapping[Any, Any], parts: Parts) -> Any:
+        """A table's fields checked: unknown names refused (with the closest known one),
+        required ones asked for, each value checked; ``finish`` applied."""
+        for name in doc:
+            if spec.field(str(name)) is None or not isinstance(name, str):
+                raise self.loc.error((*parts, str(name)), _unknown(name, spec.names, "field"))
+        out: Dict[str, Any] = {}
+        for f in spec.fields:
+            if f.name in doc:
+                out[f.target] = self.value(f, doc[f.name], (*parts, f.name))
+            elif f.required is not None:
+                raise self.loc.error(parts, f.required)
+        return self.finished(spec, out, parts)
+
+    def finished(self, spec: Table, values: Dict[str, Any], parts: Parts) -> Any:
+        if spec.finish is None:
+            return values
+        try:
+            return spec.finish(values)
+        except FieldError as error:
+            where, message = error.args if len(error.args) == 2 else (None, error.args[0])
+            raise self.loc.error(parts + ((where,) if where else ()), message) from None
+        except (ValueError, TypeError, OverflowError) as error:
+            raise self.loc.error(parts, str(error)) from None
+
+    def section(self, spec: Table, doc: Mapping[str, Any]) -> Any:
+        """A top-level table: plain, or named entries."""
+        parts: Parts = (spec.name,)
+        if spec.name not in doc:
+            if spec.required:
+                raise ConfigError(f"{self.path}:1: [{spec.name}] is missing")
+            return {}
+        raw = doc[spec.name]
+        if not isinstance(raw, dict):
+            raise self.loc.error(parts, "must be a table")
+        if not spec.named:
+            return self.table(spec, raw, parts)
+        if not raw and spec.nonempty:
+            raise self.loc.error(parts, spec.nonempty)
+        entries: Dict[str, Any] = {}
+        for name, entry in raw.items():
+            where = (*parts, str(name))
+            if not isinstance(name, str):
+                raise self.loc.error(where, f"names must be strings, got {show(name)}")
+            if spec.value is not None:
+                entries[name] = self.value(spec.value, entry, where)
+                continue
+            if spec.shorthand is not None and not isinstance(entry, dict):
+                entry = {spec.shorthand: entry}
+            if not isinstance(entry, dict):
+                raise self.loc.error(where, "must be a table")
+            entries[name] = self.table(spec, entry, where)
+        return entries
+
+
+def read(path: str) -> Tuple[Dict[str, Any], Locator]:
+    """A config file's document and its line finder (TOML, or YAML by the suffix)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config: {error.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: the config is larger than {MAX_CONFIG_BYTES // MIB} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the config must be UTF-8 text") from None
+    return _parse(path, text)
+
+
+def sections(doc: Mapping[Any, Any], loc: Locator, schema: Sequence[Table]) -> None:
+    """Refuses a top-level name the schema does not have, naming the closest."""
+    known = [t.name for t in schema]
+    for name in doc:
+        if name not in known:
+            raise loc.error((str(name),), _unknown(name, known, "section"))
