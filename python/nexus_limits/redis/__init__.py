@@ -35,14 +35,17 @@ from ._sync import (
     TokenBucket,
 )
 from ._sync_budget import SpendLimiter, TokenLimiter
+from ._sync_hierarchy import Hierarchy, Priority
 
 __all__ = [
     "Composite",
     "Concurrency",
     "FixedWindow",
+    "Hierarchy",
     "LeakyBucket",
     "Lease",
     "LeasePolicy",
+    "Priority",
     "SlidingWindow",
     "SpendLimiter",
     "TokenBucket",

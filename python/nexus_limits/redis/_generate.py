@@ -30,10 +30,11 @@ from typing import Dict, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 # source -> generated file
-FILES = {"_async.py": "_sync.py", "_async_budget.py": "_sync_budget.py"}
+FILES = {"_async.py": "_sync.py", "_async_budget.py": "_sync_budget.py", "_async_hierarchy.py": "_sync_hierarchy.py"}
 TITLES = {
     "_async.py": "The synchronous Redis limiters.",
     "_async_budget.py": "Token and spend budgets on Redis, synchronous.",
+    "_async_hierarchy.py": "Hierarchical quotas and priority classes on Redis, synchronous.",
 }
 
 RENAMES: Dict[str, str] = {
@@ -41,6 +42,7 @@ RENAMES: Dict[str, str] = {
     "AsyncRateLimiter": "RateLimiter",
     "AsyncReservation": "Reservation",
     "AsyncSpendReservation": "SpendReservation",
+    "AsyncHierarchyReservation": "HierarchyReservation",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "acquire_async": "acquire",  # _wait.acquire_async -> _wait.acquire

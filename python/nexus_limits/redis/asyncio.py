@@ -22,14 +22,17 @@ from ._async import (
     TokenBucket,
 )
 from ._async_budget import SpendLimiter, TokenLimiter
+from ._async_hierarchy import Hierarchy, Priority
 
 __all__ = [
     "Composite",
     "Concurrency",
     "FixedWindow",
+    "Hierarchy",
     "LeakyBucket",
     "Lease",
     "LeasePolicy",
+    "Priority",
     "SlidingWindow",
     "SpendLimiter",
     "TokenBucket",
