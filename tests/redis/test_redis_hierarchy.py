@@ -550,3 +550,87 @@ def test_sync_acquire_async_runs_in_threads(redis_client):
         return {"ok": True}
 
     assert asyncio.run(main()) == {"ok": True}
+
+
+def _close(a: nl.Decision, b: nl.Decision) -> bool:
+    """The same decision, times to the microsecond (the scripts count in whole us)."""
+    near = lambda x, y: x == y or abs(x - y) <= 2e-6  # noqa: E731
+    return (a.allowed, a.limit, a.remaining) == (b.allowed, b.limit, b.remaining) and all(
+        near(x, y) for x, y in ((a.reset_after, b.reset_after), (a.retry_after, b.retry_after), (a.delay, b.delay))
+    )
+
+
+def _same(m: Any, r: Any, what: str) -> None:
+    assert (m.allowed, m.policy) == (r.allowed, r.policy), what
+    assert _close(m.decision, r.decision), (what, m.decision, r.decision)
+    for name in ("levels", "quotas", "concurrency"):
+        mine, theirs = getattr(m, name), getattr(r, name)
+        assert mine.keys() == theirs.keys(), (what, name)
+        for k in mine:
+            assert _close(mine[k], theirs[k]), (what, name, k, mine[k], theirs[k])
+    assert m.headers()["RateLimit-Policy"] == r.headers()["RateLimit-Policy"], what
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_calls_get_the_in_process_answers(redis_client, seed):
+    """Hits, reservations, settlements, cancellations, peeks, classes, time passing and
+    quota changes drawn at random: every answer is the in-process class's."""
+    import random
+
+    rng = random.Random(seed)
+    levels = [
+        ("org", {"requests": "50/minute", "tokens": "5000/minute", "spend": "1.00/hour"}),
+        ("team", {"requests": "20/minute", "tokens": "2000/minute", "concurrency": 3}),
+        ("key", {"requests": "8/minute", "daily_tokens": 20000, "concurrency": 2}),
+    ]
+    classes = {"gold": 1.0, "silver": 0.75, "bronze": 0.4}
+    c1, c2 = nl.ManualClock(1_000_000.0), nl.ManualClock(1_000_000.0)
+    mem = nl.Hierarchy(levels, clock=c1, classes=classes, lease_ttl=90)
+    red = nlr.Hierarchy(redis_client, levels, clock=c2, classes=classes, lease_ttl=90)
+    paths = [(o, t, k) for o in "ab" for t in "xy" for k in "12"]
+    held: List[Any] = []
+    for step in range(400):
+        op, path, cls = rng.random(), rng.choice(paths), rng.choice([None, *classes])
+        what = f"step {step}"
+        if op < 0.3:
+            cost = rng.randint(0, 4)
+            _same(mem.hit(path, cost, cls=cls), red.hit(path, cost, cls=cls), what)
+        elif op < 0.6:
+            tokens, spend = rng.randint(0, 1500), rng.randint(0, 400_000)
+            m, r = mem.reserve(path, tokens, spend=spend, cls=cls), red.reserve(path, tokens, spend=spend, cls=cls)
+            _same(m, r, what)
+            if m.allowed:
+                held.append((m, r))
+        elif op < 0.75 and held:
+            m, r = held.pop(rng.randrange(len(held)))
+            if rng.random() < 0.5:
+                actual, spent = rng.randint(0, 2500), rng.randint(0, 500_000)
+                assert m.settle(actual, actual_spend=spent) == r.settle(actual, actual_spend=spent), what
+            else:
+                assert m.cancel() == r.cancel(), what
+        elif op < 0.85:
+            tokens = rng.randint(0, 3000)
+            _same(mem.peek(path, 1, tokens=tokens, cls=cls), red.peek(path, 1, tokens=tokens, cls=cls), what)
+        elif op < 0.9:
+            node = path[: rng.randint(1, 3)]
+            quota = {1: {"tokens": "8000/minute"}, 2: {"requests": "30/minute"}, 3: {"concurrency": 1}}[len(node)]
+            if rng.random() < 0.5:
+                mem.set_quota(node, **quota)
+                red.set_quota(node, **quota)
+            else:
+                assert mem.clear_quota(node) == red.clear_quota(node), what
+        else:
+            dt = rng.uniform(0, 8)
+            c1.advance(dt)
+            c2.advance(dt)
+        if step % 50 == 0:
+            for node in (path[:1], path[:2], path):
+                mi, ri = mem.inspect(node), red.inspect(node)
+                for unit in mi:
+                    if unit in ("level", "concurrency"):
+                        assert mi[unit] == ri[unit], (what, node, unit)
+                    else:
+                        assert (mi[unit]["used"], mi[unit]["limit"]) == (ri[unit]["used"], ri[unit]["limit"])
+    ms, rs = mem.stats(), red.stats()
+    for name in ("allowed", "denied", "near_limit", "refused_by", "classes"):
+        assert ms[name] == rs[name], name

@@ -95,10 +95,11 @@ def _lease(algo: str) -> str:
 LEASE: Dict[str, Script] = {algo: Script(_lease(algo)) for algo in ("gcra", "fixed", "sliding")}
 
 # Hierarchy (hierarchy*.lua): a path decided and charged as one script, its settlement,
-# and the read-only inspection of one node.
+# one node's own quotas, and the read-only inspection of one node.
 _HIERARCHY = "\n".join((_BASE, _piece("gcra.lua"), _piece("hierarchy_lib.lua")))
 HIERARCHY = Script(_HIERARCHY + "\n" + _piece("hierarchy.lua"), reader=True)
 HIERARCHY_SETTLE = Script(_HIERARCHY + "\n" + _piece("hierarchy_settle.lua"))
+HIERARCHY_REQUOTA = Script(_HIERARCHY + "\n" + _piece("hierarchy_requota.lua"))
 HIERARCHY_INSPECT = Script(_HIERARCHY + "\n" + _piece("hierarchy_inspect.lua"), "no-writes")
 # Priority (priority.lua): one limiter's step with a class's floor; its twin peeks.
 PRIORITY = Script(_HEADER + "\n" + _ALL_STEPS + "\n" + _piece("priority.lua"), reader=True)

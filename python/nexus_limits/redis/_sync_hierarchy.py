@@ -40,7 +40,7 @@ from ._common import (
     now_arg,
     to_decision,
 )
-from ._scripts import HIERARCHY, HIERARCHY_INSPECT, HIERARCHY_SETTLE, PRIORITY, RELEASE
+from ._scripts import HIERARCHY, HIERARCHY_INSPECT, HIERARCHY_REQUOTA, HIERARCHY_SETTLE, PRIORITY, RELEASE
 from ._sync import ASYNC, _RedisRateLimiter, evalsha
 
 __all__ = ["Hierarchy", "Priority"]
@@ -629,19 +629,22 @@ class Hierarchy:
         level = len(nodes) - 1
         values = dict(requests=requests, tokens=tokens, daily_tokens=daily_tokens, spend=spend, concurrency=concurrency)
         fields = self._changes(level, values)
-        key = self._keys(nodes, only=level)[0]
-        try:
-            self._channel.call("HSET", key, *[x for kv in fields.items() for x in kv])
-        except BACKEND_ERRORS as error:
-            raise self._admin_error(error, "set_quota") from error
+        pairs = [x for kv in fields.items() for x in kv]
+        self._requota(nodes, "set", pairs)
 
     def clear_quota(self, node: Any) -> bool:
         """Put a node back on its level's quotas; False if it had none of its own."""
-        nodes = self._nodes(node, whole=False)
+        return self._requota(self._nodes(node, whole=False), "clear", [])
+
+    def _requota(self, nodes: List[str], op: str, pairs: List[str]) -> bool:
+        """One node's own quotas set or cleared, its states carried over (one script)."""
+        level = len(nodes) - 1
+        self._fresh()
+        argv = [now_arg(self._clock), op, *self._level_args(level), *pairs]
         try:
-            return bool(self._channel.call("DEL", self._keys(nodes, only=len(nodes) - 1)[0]))
+            return bool(evalsha(self._channel, HIERARCHY_REQUOTA, self._keys(nodes, only=level), argv))
         except BACKEND_ERRORS as error:
-            raise self._admin_error(error, "clear_quota") from error
+            raise self._admin_error(error, f"{op}_quota") from error
 
     def set_default_quota(
         self,

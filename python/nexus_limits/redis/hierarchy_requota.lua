@@ -1,0 +1,47 @@
+-- Hierarchy.set_quota / clear_quota: one node's own quotas, kept in its quota hash for
+-- every process, its states carried over to the new quotas at once (the twin of
+-- Algorithm::convert for a token bucket: the backlog of units is kept), so what the
+-- node has used is kept.
+--
+-- KEYS: the six keys of the node's level (see hierarchy_lib.lua).
+-- ARGV[1] now ("" for the server's TIME), ARGV[2] "set" or "clear", ARGV[3..11] the
+-- level's defaults (see hierarchy_lib.lua); for "set", then field, value pairs
+-- ("requests" -> "micros capacity period_s", ..., "concurrency" -> a whole number).
+-- Returns 1 if the node had a quota of its own before, else 0.
+
+local now = clock(ARGV[1])
+local had = redis.call("EXISTS", KEYS[1])
+local own = own_quotas(KEYS[1])
+local after = {}
+if ARGV[2] == "set" then
+    for i = 12, #ARGV, 2 do
+        for u = 1, 5 do
+            if ARGV[i] == UNITS[u] or (u == 5 and ARGV[i] == "concurrency") then after[u] = ARGV[i + 1] end
+        end
+    end
+    for u = 1, 5 do
+        if after[u] == nil then after[u] = own[u] end
+    end
+end
+for u = 1, 4 do
+    local old = quota_of(own, u, 3)
+    local new = quota_of(after, u, 3)
+    local state = redis.call("GET", KEYS[2 + u])
+    if old and new and state and math.abs(old - new) > EPS * new then
+        local backlog = math.max((tat_of(state, old, now) or now) - now, 0)
+        if backlog > 0 then
+            backlog = backlog * new / old
+            put(KEYS[2 + u], string.format("%.17g", now + backlog) .. " " .. string.format("%.17g", new), backlog)
+        else
+            redis.call("DEL", KEYS[2 + u])
+        end
+    end
+end
+redis.call("DEL", KEYS[1])
+if ARGV[2] == "set" then
+    for u = 1, 5 do
+        local field = UNITS[u] or "concurrency"
+        if after[u] then redis.call("HSET", KEYS[1], field, after[u]) end
+    end
+end
+return had
