@@ -9,27 +9,36 @@ True
 (True, 14)
 """
 
-from typing import TYPE_CHECKING, Any
-
 from ._core import Decision, Lease, ManualClock, Quota, Rate, SharedMemoryStore
 from ._core import __version__ as __version__
 from .base import AsyncRateLimiter, RateLimiter
-from .budget import Reservation, TokenLimiter
 from .errors import BackendUnavailable, BadRequest, NexusLimitsError, RateLimitExceeded
-from .hierarchy import Hierarchy, HierarchyDecision, HierarchyReservation
 from .limiters import Composite, Concurrency, FixedWindow, LeakyBucket, Priority, SlidingWindow, TokenBucket
 
+# Not `from typing import TYPE_CHECKING`: typing alone costs `import nexus_limits` more
+# than everything else it loads. Type checkers take this name as True.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .adapters.decorators import limit
-    from .fair import CancelToken, FairQueue, QueueCancelled, QueueRefused
+    from typing import Any
 
-# Loaded on first use (see __getattr__), so that `import nexus_limits` stays light.
+    from .adapters.decorators import limit
+    from .budget import Reservation, TokenLimiter
+    from .fair import CancelToken, FairQueue, QueueCancelled, QueueRefused
+    from .hierarchy import Hierarchy, HierarchyDecision, HierarchyReservation
+
+# Loaded on first use (see __getattr__), so that `import nexus_limits` stays light: the
+# plain limiters above are all a program that only checks rates loads.
 _LAZY = {
     "limit": "adapters.decorators",
     "FairQueue": "fair",
     "CancelToken": "fair",
     "QueueRefused": "fair",
     "QueueCancelled": "fair",
+    "Hierarchy": "hierarchy",
+    "HierarchyDecision": "hierarchy",
+    "HierarchyReservation": "hierarchy",
+    "Reservation": "budget",
+    "TokenLimiter": "budget",
 }
 
 __all__ = [
@@ -66,7 +75,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
+    """The names of ``_LAZY``, imported when first asked for (then kept here)."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'nexus_limits' has no attribute {name!r}")

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Awaitable, Callable, Optional, Union
 
-from ._core import Decision, ManualClock
 from .errors import RateLimitExceeded
 
-__all__ = ["Deadline", "acquire", "acquire_async", "check_timeout"]
+TYPE_CHECKING = False  # typing is for type checkers only: see base.py
+if TYPE_CHECKING:
+    from typing import Any, Awaitable, Callable, Optional, Union
 
-Hit = Callable[[Any, int], Union[Decision, Awaitable[Decision]]]
+    from ._core import Decision, ManualClock
+
+    Hit = Callable[[Any, int], Union[Decision, Awaitable[Decision]]]
+
+__all__ = ["Deadline", "acquire", "acquire_async", "check_timeout"]
 
 
 def check_timeout(timeout: Optional[float]) -> Optional[float]:

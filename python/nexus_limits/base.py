@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional, Tuple, Union
 
-Key = Union[str, bytes, int]
+# typing is not imported at run time (it costs `import nexus_limits` several
+# milliseconds); mypy reads the imports below. TYPE_CHECKING is False when the program
+# runs and taken as True by type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional, Tuple, Union
+
+    Key = Union[str, bytes, int]
+else:
+    # Annotations are strings (``from __future__ import annotations``): at run time the
+    # alias is only a name that other modules import.
+    Key = "Union[str, bytes, int]"
 
 __all__ = ["Key", "RateLimiter"]
 

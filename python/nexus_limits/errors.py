@@ -8,10 +8,13 @@ requests the framework adapters cannot judge.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+TYPE_CHECKING = False  # typing is for type checkers only: see base.py
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 __all__ = ["BackendUnavailable", "BadRequest", "NexusLimitsError", "RateLimitExceeded"]
+
+_INF = float("inf")  # math.inf, without importing math at `import nexus_limits`
 
 
 class NexusLimitsError(Exception):
@@ -35,8 +38,8 @@ class RateLimitExceeded(NexusLimitsError):
         self.key = key
         self.decision = decision
         self.timeout = timeout
-        retry = getattr(decision, "retry_after", math.inf)
-        if math.isinf(retry):
+        retry = getattr(decision, "retry_after", _INF)
+        if retry == _INF:
             why = "the cost is above the limit, so it can never be admitted"
         else:
             why = f"admission needs {retry:.6g} s more, past timeout={timeout!r}"
@@ -45,7 +48,7 @@ class RateLimitExceeded(NexusLimitsError):
     @property
     def retry_after(self) -> float:
         """Seconds until the call could be admitted (``math.inf`` when never)."""
-        return float(getattr(self.decision, "retry_after", math.inf))
+        return float(getattr(self.decision, "retry_after", _INF))
 
 
 class BackendUnavailable(NexusLimitsError):

@@ -9,13 +9,19 @@ context managers of :class:`Concurrency`.
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Optional, Type
-
-from . import _core, _wait
-from ._core import Decision, Lease
-from .base import Key, RateLimiter
+# _wait is imported by the methods that wait (not at import: a program that only checks
+# rates never loads it).
+from . import _core
+from .base import RateLimiter
 from .errors import RateLimitExceeded
+
+TYPE_CHECKING = False  # typing is for type checkers only: see base.py
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any, Optional, Type
+
+    from ._core import Decision, Lease
+    from .base import Key
 
 __all__ = [
     "Composite",
@@ -45,10 +51,14 @@ class _WaitsForQuota:
         :class:`~nexus_limits.RateLimitExceeded` at once, without sleeping, when the wait
         would pass ``timeout`` or when ``cost`` is above the capacity.
         """
+        from . import _wait
+
         return _wait.acquire(self.hit, self.clock, key, cost, timeout)  # type: ignore[attr-defined]
 
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """``acquire`` for asyncio: waits with ``asyncio.sleep``, never blocking the loop."""
+        from . import _wait
+
         return await _wait.acquire_async(self.hit, self.clock, key, cost, timeout)  # type: ignore[attr-defined]
 
 
@@ -169,12 +179,16 @@ class Priority(_core.Priority, RateLimiter):
 
     def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None, cls: Optional[str] = None) -> Decision:
         """Block until ``cost`` of class ``cls`` is admitted (see the limiters' ``acquire``)."""
+        from . import _wait
+
         return _wait.acquire(lambda k, c: self.hit(k, c, cls), self.clock, key, cost, timeout)
 
     async def acquire_async(
         self, key: Key, cost: int = 1, timeout: Optional[float] = None, cls: Optional[str] = None
     ) -> Decision:
         """``acquire`` for asyncio: waits with ``asyncio.sleep``, never blocking the loop."""
+        from . import _wait
+
         return await _wait.acquire_async(lambda k, c: self.hit(k, c, cls), self.clock, key, cost, timeout)
 
 
@@ -184,6 +198,8 @@ class _AsyncLease:
     __slots__ = ("_key", "_lease", "_limiter", "_timeout")
 
     def __init__(self, limiter: Any, key: Key, timeout: Optional[float]) -> None:
+        from . import _wait
+
         self._limiter = limiter
         self._key = key
         self._timeout = _wait.check_timeout(timeout)
@@ -236,6 +252,8 @@ class Concurrency(_core.Concurrency, RateLimiter):
         Wakes as soon as a lease of this limiter is released. Raises
         :class:`~nexus_limits.RateLimitExceeded` when ``timeout`` passes first.
         """
+        from . import _wait
+
         deadline = _wait.Deadline(self.clock, timeout)
         while True:
             decision = self.hit(key, cost)
@@ -252,6 +270,8 @@ class Concurrency(_core.Concurrency, RateLimiter):
     async def acquire_async(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
         """``acquire`` for asyncio: polls with ``asyncio.sleep`` (1 ms, doubling to 50 ms)."""
         import asyncio  # here, so that `import nexus_limits` does not load asyncio
+
+        from . import _wait
 
         deadline = _wait.Deadline(self.clock, timeout)
         poll = 0.001
