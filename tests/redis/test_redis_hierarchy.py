@@ -277,7 +277,13 @@ def test_node_names_empty_binary_or_huge(make, redis_server):
     assert h.hit(odd).allowed and h.inspect(odd)["requests"]["used"] == 1
     assert h.inspect(("", b"\x00{}:/", 2**63))["requests"]["used"] == 0, "another node"
     assert h.inspect(("",))["requests"]["used"] == 1 and h.inspect((b"",))["requests"]["used"] == 0
+    with pytest.raises(ValueError, match="128 bits"):
+        h.hit(("acme", 2**200, "k"))
     if make.kind != "memory":
+        long = ("o" * 1000, "t" * 1000, b"k" * 1000)
+        assert h.hit(long).allowed and h.inspect(long)["requests"]["used"] == 1
+        assert h.inspect(long[:2])["requests"]["used"] == 1 and h.inspect(("o" * 999,))["requests"]["used"] == 0
+        assert max(len(k) for k in h.redis_keys(long)) < 400, "a long path is named by its digest"
         before = redis.Redis(port=redis_server.port).dbsize()
         with pytest.raises(ValueError, match="too long"):
             h.hit(("acme", "x" * 5000, "k"))

@@ -51,6 +51,8 @@ _SUFFIX = (":r", ":t", ":d", ":s")
 _SCALE = 1_000_000
 _MAX_AMOUNT = 2**64 - 1
 _LEVEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+# The longest run of names below the org kept readable in a key (see Hierarchy._keys).
+_MAX_READABLE = 256
 
 
 def _quoted(name: str) -> str:
@@ -303,16 +305,27 @@ class Hierarchy:
         for item in path:
             if isinstance(item, bool) or not isinstance(item, (str, bytes, int)):
                 raise TypeError(f"each element of a path must be a key (str, bytes or int), got {type(item).__name__}")
+            if isinstance(item, int) and not -(2**127) <= item < 2**128:
+                raise ValueError(
+                    "int keys must fit in 128 bits: from -2**127 to 2**128 - 1 (any signed or unsigned 128-bit "
+                    f"value), got an int of {item.bit_length()} bits; pass str(key) or bytes for larger numbers"
+                )
             out.append(encode_key(item))
         return out
 
     def _keys(self, nodes: Sequence[str], only: Optional[int] = None) -> List[str]:
         """Six keys for each level of ``nodes`` (own quotas, leases, four states), all
         under the org's hash tag; with ``only``, that level's alone."""
-        head = f"{self._prefix}:{{{nodes[0]}}}:{self._name}:"
+        org = nodes[0] if len(nodes[0]) <= _MAX_READABLE else "#" + hashlib.sha256(nodes[0].encode()).hexdigest()
+        head = f"{self._prefix}:{{{org}}}:{self._name}:"
         keys: List[str] = []
         for level in range(len(nodes)) if only is None else (only,):
-            base = head + str(level) + (":" + "/".join(nodes[1 : level + 1]) if level else "")
+            below = "/".join(nodes[1 : level + 1])
+            if len(below) > _MAX_READABLE:
+                # A deep path of long names is named by its digest ("#" is in no encoded
+                # name): a key stays short however long the path.
+                below = "#" + hashlib.sha256(below.encode()).hexdigest()
+            base = head + str(level) + (":" + below if level else "")
             keys.extend((base + ":q", base + ":c", *(base + s for s in _SUFFIX)))
         return keys
 
