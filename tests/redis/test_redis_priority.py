@@ -296,3 +296,18 @@ def test_on_a_cluster(redis_cluster):
                 assert p.peek(key, cls="top").remaining == 4
     finally:
         client.close()
+
+
+def test_sync_acquire_async_runs_in_threads(redis_client):
+    clock = nl.ManualClock(0.0)
+    p = nlr.Priority(nlr.TokenBucket(redis_client, "10/minute", clock=clock), CLASSES)
+    assert p.hit("k", None, "interactive").remaining == 9, "cost None is 1, as in-process"
+
+    async def main() -> None:
+        assert sum([(await p.acquire_async("k", 1, 1, "batch")).allowed for _ in range(6)]) == 6
+        d = await p.acquire_async("k", 1, 60, "batch")
+        assert d.allowed and clock.now == pytest.approx(6.0)
+        with pytest.raises(nl.RateLimitExceeded):
+            await p.acquire_async("k", 1, 1, "batch")
+
+    asyncio.run(main())

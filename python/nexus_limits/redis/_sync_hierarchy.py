@@ -846,6 +846,8 @@ class Priority:
 
     def _check(self, key: Any, cost: Any, cls: Any, mode: str) -> Decision:
         name = self._class(cls)
+        if cost is None:
+            cost = 1  # as the in-process class takes it
         limiter = self._limiter
         plan = limiter._plan
         keys = plan.keys(key)
