@@ -640,3 +640,61 @@ def test_random_calls_get_the_in_process_answers(redis_client, seed):
     ms, rs = mem.stats(), red.stats()
     for name in ("allowed", "denied", "near_limit", "refused_by", "classes"):
         assert ms[name] == rs[name], name
+
+
+def test_leases_never_exceed_the_limit_under_threads_and_tasks(redis_server):
+    """Threads and asyncio tasks reserve (a lease at the team, 3 at most), mark the work
+    as running in a Redis counter, and settle: the counter never passes 3."""
+    levels = [("org", {"tokens": "1000000/day"}), ("team", {"concurrency": 3})]
+    redis.Redis(port=redis_server.port).flushall()
+    client = redis.Redis(port=redis_server.port, socket_timeout=10)
+    h = nlr.Hierarchy(client, levels, prefix="lc")
+    peak: List[int] = [0]
+    settled: List[bool] = []
+    lock = threading.Lock()
+
+    def work(res: Any, running: int) -> None:
+        with lock:
+            peak[0] = max(peak[0], running)
+
+    def thread() -> None:
+        for _ in range(40):
+            res = h.reserve(("acme", "search"), tokens=1)
+            if res.allowed:
+                work(res, client.incr("lc-running"))
+                time.sleep(0.001)
+                client.decr("lc-running")
+                settled.append(res.settle(1))
+
+    async def tasks() -> None:
+        aclient = redis.asyncio.Redis(port=redis_server.port, socket_timeout=10)
+        ah = nla.Hierarchy(aclient, levels, prefix="lc")
+
+        async def task() -> None:
+            for _ in range(40):
+                res = await ah.reserve(("acme", "search"), tokens=1)
+                if res.allowed:
+                    work(res, await aclient.incr("lc-running"))
+                    await asyncio.sleep(0.001)
+                    await aclient.decr("lc-running")
+                    settled.append(await res.settle(1))
+
+        try:
+            await asyncio.gather(*(task() for _ in range(4)))
+        finally:
+            await aclient.aclose()
+
+    threads = [threading.Thread(target=thread) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        asyncio.run(tasks())
+        for t in threads:
+            t.join(60)
+        assert all(not t.is_alive() for t in threads)
+        assert 1 <= peak[0] <= 3, peak
+        assert settled and all(settled), "every admitted reservation settled"
+        assert h.inspect(("acme", "search"))["concurrency"]["in_flight"] == 0
+        assert h.stats()["allowed"] > 0
+    finally:
+        client.close()

@@ -184,10 +184,12 @@ class Hierarchy:
     - ``concurrency``: each node's leases are a sorted set of expiry times; a lease not
       settled within ``lease_ttl`` (its process died) expires by itself.
     - ``set_quota(node, ...)`` is kept in Redis (until ``clear_quota``) and seen by every
-      process at its next check; ``set_default_quota(level, ...)`` too, each process
-      reading the levels' quotas again at most every ``refresh`` seconds (at once in the
-      process that set them). What a node has used is kept: its usage is carried over to
-      the new quota when it is next read.
+      process at its next check; the node's usage is carried over to its new quotas at
+      once (one script). ``set_default_quota(level, ...)`` is kept in Redis too, each
+      process reading the levels' quotas again at most every ``refresh`` seconds (at once
+      in the process that set them); every node of the level keeps what it has used,
+      carried over to the new quota when the node is next checked (until then it refills
+      at the old rate).
     - ``name`` sets the keys of this hierarchy apart from other hierarchies' under the
       same ``prefix`` (by default a name made of the level names).
     - When the server cannot be reached, ``on_error`` answers as for the other Redis
@@ -254,15 +256,11 @@ class Hierarchy:
         self._ttl_us = str(round(self._spec.lease_ttl * 1e6))
         self._shares = {c: round(s * _SCALE) for c, s in self._spec.classes.items()}
         self._defaults_key = f"{self._prefix}:{{{self._name}}}:hierarchy-defaults"
-        # Each level's quotas as built: {unit: (micros, capacity, Rate), "concurrency": n}.
+        # Each level's quotas: {unit: (micros, capacity, Rate), "concurrency": n}, and
+        # the same as the scripts take them.
         self._defaults: List[Dict[str, Any]] = []
-        for level in self._levels:
-            built: Dict[str, Any] = {}
-            for unit, value in self._spec.quotas(level).items():
-                built[unit] = value if unit == "concurrency" else _script_quota(value)
-            self._defaults.append(built)
         self._args: List[str] = []
-        self._set_args(self._defaults)
+        self._set_args(self._spec_defaults())
         self._read_at = -math.inf
         self._lock = threading.Lock()
         self._counts = _Counts()
