@@ -17,10 +17,12 @@ __all__ = ["admin", "json_reply"]
 
 async def admin(gateway: Any, scope: Scope, send: Send) -> None:
     """``GET /_nexus/keys/<key>`` (or ``/_nexus/keys?key=<key>``): one key's tier and
-    limits; ``GET /_nexus/top?tier=<t>&n=<n>``: the keys using the largest share of the
-    tier's token limit; ``GET /_nexus/upstream``: the upstream's adaptive limit now
-    (``adaptive``: null without ``[upstream.adaptive]``). Every path under ``/_nexus`` needs the bearer admin token (and
-    is a 404 when none is configured); none is ever forwarded upstream."""
+    limits (for a key of a team, also its team and org, and the state of each level);
+    ``GET /_nexus/top?tier=<t>&n=<n>``: the keys using the largest share of the tier's
+    token limit; ``GET /_nexus/upstream``: the upstream's adaptive limit now
+    (``adaptive``: null without ``[upstream.adaptive]``). Every path under ``/_nexus``
+    needs the bearer admin token (and is a 404 when none is configured); none is ever
+    forwarded upstream."""
     req = request_of(scope)
     token = gateway.cfg.admin_token
     given = req.headers.get("authorization", "")
@@ -61,9 +63,16 @@ async def admin(gateway: Any, scope: Scope, send: Send) -> None:
             detail = "the key must be 1 to 4096 printable characters"
             await reply(send, 400, problem(400, "Bad Request", detail))
             return
-        tier = gateway.cfg.keys.get(key, gateway.cfg.default_tier)
+        cfg = gateway.cfg
+        tier = cfg.keys.get(key, cfg.default_tier)
         doc: Dict[str, Any] = {"key": key, "tier": tier}
         middleware = gateway.tiers.get(tier) if tier is not None else None
+        team = cfg.key_teams.get(key)
+        if team is not None:
+            # "limits" holds each level's state: {"org": ..., "team": ..., "key": ...}.
+            doc["team"] = team
+            doc["org"] = cfg.teams[team].org
+            middleware = gateway.team_tiers.get(tier)
         if middleware is not None and middleware.limiter is not None:
             inspect = getattr(middleware.limiter, "inspect", None)
             if inspect is None:

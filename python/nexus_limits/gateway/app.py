@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..adapters import normalize_target, parse_key_spec
 from ..adapters._common import problem
@@ -21,6 +21,7 @@ from ..tokens._encodings import warm_encodings
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
+from .tree import REQUEST_CLASS, TeamTree, TreeLimiter, requota_tier, tier_limiter
 
 __all__ = ["Gateway", "build_app"]
 
@@ -127,6 +128,9 @@ class Gateway:
         if self.proxy.aimd is not None:
             self.metrics.watch_upstream(self.proxy.aimd, self.proxy.name)
         self.tiers: Dict[str, Any] = {}
+        # Keys of a team: their tier's middleware over the org > team > key hierarchy.
+        self.team_tree: Optional[TeamTree] = None
+        self.team_tiers: Dict[str, Any] = {}
         self._outputs: Dict[str, Tuple[Tuple[Any, ...], OutputEstimate]] = {}
         self._build(cfg, None)
         self.key_func = parse_key_spec(cfg.key)
@@ -156,15 +160,18 @@ class Gateway:
         """Builds every tier's middleware; on a reload (``old`` given) a tier whose set of
         limits is unchanged keeps its limiters, and so its counters, with the new quotas."""
         tiers: Dict[str, Any] = {}
+        # Priority classes are part of each tier's hierarchy: changing them builds anew.
+        classes = (cfg.classes, cfg.default_class)
+        reclassed = old is not None and classes != (old.classes, old.default_class)
         for name, tier in cfg.tiers.items():
             before = old.tiers.get(name) if old is not None else None
             current = self.tiers.get(name)
             limiter = current.limiter if current is not None else None
             spend = current.spend if current is not None else None
-            if before is None or current is None or before.shape() != tier.shape():
+            if before is None or current is None or before.shape() != tier.shape() or reclassed:
                 if before is not None:
-                    log.warning("tier %s: its set of limits changed; its counters start again", name)
-                limiter = _limiter(cfg, tier, self.redis) if tier.has_limits() else None
+                    log.warning("tier %s: its set of limits or classes changed; its counters start again", name)
+                limiter = self._tier_limiter(cfg, tier) if tier.has_limits() else None
             elif limiter is not None and before != tier:
                 self._requota(cfg, tier, limiter)
                 limiter = limiter if self.redis is None else _limiter(cfg, tier, self.redis)
@@ -214,10 +221,56 @@ class Gateway:
             self.metrics.unwatch(f"tier-{name}")
             self.metrics.unwatch(f"spend-{name}")
             self.metrics.unwatch_queue(f"tier-{name}")
+        self._build_teams(cfg, tiers)
         self.tiers = tiers
+
+    def _tier_limiter(self, cfg: GatewayConfig, tier: Tier) -> Any:
+        """A tier's limiter: a TokenLimiter, or with [classes] a one-level hierarchy
+        whose quotas the classes share."""
+        if cfg.classes:
+            return tier_limiter(cfg, tier)
+        return _limiter(cfg, tier, self.redis)
+
+    def _build_teams(self, cfg: GatewayConfig, tiers: Dict[str, Any]) -> None:
+        """The hierarchy of orgs, teams and their keys, and a middleware over it for each
+        tier its keys are in. A reload applies the new quotas to the same hierarchy,
+        keeping every node's usage, unless the kinds of quota of a level or the classes
+        changed (then its counters start again)."""
+        if not cfg.key_teams:
+            self.team_tree = None
+            self.team_tiers = {}
+            self.metrics.unwatch("teams")
+            return
+        tree = self.team_tree
+        if tree is not None and tree.fits(cfg):
+            tree.apply(cfg)
+        else:
+            if tree is not None:
+                log.warning("teams: the kinds of quota of a level or the classes changed; their counters start again")
+            tree = TeamTree(cfg)
+        self.team_tree = tree
+        self.metrics.watch(tree.limiter, "teams")
+        team_tiers: Dict[str, Any] = {}
+        for name in sorted({cfg.keys[k] for k in cfg.key_teams}):
+            tier = cfg.tiers[name]
+            team_tiers[name] = LLMLimitMiddleware(
+                self.proxy,
+                limiter=tree.limiter,
+                spend=tiers[name].spend,  # a key's own spend budget: the tier's, per key
+                key=cfg.key,
+                output=self._output(cfg, tier),
+                metrics=self.metrics,
+                metrics_labels=("teams", name),
+                meter_all=True,
+                max_body=cfg.max_body_bytes,
+            )
+        self.team_tiers = team_tiers
 
     @staticmethod
     def _requota(cfg: GatewayConfig, tier: Tier, limiter: Any) -> None:
+        if isinstance(limiter, TreeLimiter):
+            requota_tier(limiter, tier)
+            return
         if callable(getattr(limiter, "set_default_quota", None)):
             limiter.set_default_quota(
                 requests=tier.requests,
@@ -226,6 +279,43 @@ class Gateway:
                 concurrency=tier.concurrency,
             )
             limiter.shadow = tier.shadow
+
+    # The longest class name a class header may carry.
+    MAX_CLASS_BYTES = 64
+
+    @staticmethod
+    def _class_of(scope: Scope, path: str, cfg: GatewayConfig, tier: Tier) -> Optional[str]:
+        """A request's priority class: the trusted class header's, else the longest
+        route's that matches the path, else its tier's; "" for the hierarchy's default;
+        None when the header is not one known class (a 400)."""
+        if cfg.class_header is not None:
+            values = _class_header(scope, cfg.class_header.encode("latin-1"))
+            if values:
+                if len(values) != 1 or len(values[0]) > Gateway.MAX_CLASS_BYTES:
+                    return None
+                value = values[0].decode("latin-1").strip()
+                return value if value in cfg.classes else None
+        best: Optional[Tuple[str, str]] = None
+        for prefix, cls in cfg.routes:
+            if (path == prefix or path.startswith(prefix + "/")) and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, cls)
+        if best is not None:
+            return best[1]
+        return tier.cls or ""
+
+    @staticmethod
+    async def _bad_class(scope: Scope, send: Send, cfg: GatewayConfig) -> None:
+        name = str(cfg.class_header)
+        values = _class_header(scope, name.encode("latin-1"))
+        known = ", ".join(cfg.classes)
+        if len(values) != 1:
+            detail = f"give the {name} header once (it was given {len(values)} times)"
+        elif len(values[0]) > Gateway.MAX_CLASS_BYTES:
+            detail = f"the {name} header is longer than {Gateway.MAX_CLASS_BYTES} bytes; it must be one of: {known}"
+        else:
+            shown = values[0].decode("latin-1")
+            detail = f"the {name} header must be one of: {known}; got {shown!r}"
+        await reply(send, 400, problem(400, "Bad Request", detail))
 
     def reload(self) -> bool:
         """Reads the config again and applies it, keeping every counter. A broken config
@@ -366,6 +456,14 @@ class Gateway:
         if tier is None:
             await reply(send, 401, problem(401, "Unauthorized", "unknown or missing API key"))
             return
+        middleware = self.tiers[tier]
+        if key in cfg.key_teams:
+            middleware = self.team_tiers[tier]
+        if cfg.classes:
+            cls = self._class_of(scope, path, cfg, cfg.tiers[tier])
+            if cls is None:
+                return await self._bad_class(scope, send, cfg)
+            REQUEST_CLASS.set(cls or None)
         declared = request.headers.get("content-length")
         if declared is not None and (len(declared) > 18 or (declared.isdigit() and int(declared) > cfg.max_body_bytes)):
             await _too_large(send, cfg.max_body_bytes)
@@ -378,7 +476,7 @@ class Gateway:
             return
         in_flight[key] = held + 1
         try:
-            await self.tiers[tier](scope, _Deadline(receive, cfg.body_timeout), send)
+            await middleware(scope, _Deadline(receive, cfg.body_timeout), send)
         except _BodyTimeout:
             detail = f"the request body did not arrive within {cfg.body_timeout:g} s"
             await reply(send, 408, problem(408, "Request Timeout", detail), [("connection", "close")])
@@ -433,6 +531,10 @@ class _Deadline:
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.done = True
         return message
+
+
+def _class_header(scope: Scope, name: bytes) -> List[bytes]:
+    return [value for header, value in scope.get("headers") or () if header.lower() == name]
 
 
 def build_app(config_path: str) -> Gateway:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
-from .schema import MIB, ConfigError, Field, FieldError, Loader, Locator, Table, read, sections, show
+from .schema import MIB, ConfigError, Field, FieldError, Loader, Locator, Parts, Table, read, sections, show
 
 __all__ = ["SCHEMA", "ConfigError", "GatewayConfig", "Tier", "load_config"]
 
@@ -32,6 +32,8 @@ class Tier:
     shadow: bool = False
     # Seconds a refused LLM call may wait for its turn (a fair queue) instead of a 429.
     queue: Optional[float] = None
+    # The priority class of the tier's requests (one of [classes]; None: the default).
+    cls: Optional[str] = None
 
     def shape(self) -> Tuple[bool, ...]:
         """Which limits the tier has: a reload keeps a tier's counters when this stays."""
@@ -39,6 +41,34 @@ class Tier:
 
     def has_limits(self) -> bool:
         return bool(self.requests or self.tokens or self.daily_tokens or self.concurrency)
+
+    def quotas(self) -> Dict[str, Any]:
+        """The tier's limits as a hierarchy level takes them (spend stays apart)."""
+        return {k: v for k, v in _quotas(self).items() if k != "spend"}
+
+
+QUOTA_NAMES = ("requests", "tokens", "daily_tokens", "spend", "concurrency")
+
+
+def _quotas(node: Any) -> Dict[str, Any]:
+    return {k: getattr(node, k) for k in QUOTA_NAMES if getattr(node, k) is not None}
+
+
+@dataclass
+class Group:
+    """An org (``[orgs.<name>]``) or a team (``[teams.<name>]``, in ``org`` if given):
+    quotas shared by every key below it."""
+
+    name: str
+    org: Optional[str] = None
+    requests: Optional[str] = None
+    tokens: Optional[str] = None
+    daily_tokens: Optional[Any] = None
+    spend: Optional[str] = None
+    concurrency: Optional[int] = None
+
+    def quotas(self) -> Dict[str, Any]:
+        return _quotas(self)
 
 
 @dataclass
@@ -82,6 +112,19 @@ class GatewayConfig:
     reload_interval: float = 2.0
     metrics_path: Optional[str] = "/metrics"
     admin_token: Optional[str] = None
+    # [orgs], [teams] and the keys mapped to a team: quotas charged at org > team > key.
+    orgs: Dict[str, Group] = field(default_factory=dict)
+    teams: Dict[str, Group] = field(default_factory=dict)
+    key_teams: Dict[str, str] = field(default_factory=dict)
+    # [classes]: each priority class's share of every quota; how a request gets its class.
+    classes: Dict[str, float] = field(default_factory=dict)
+    default_class: Optional[str] = None
+    class_header: Optional[str] = None
+    routes: List[Tuple[str, str]] = field(default_factory=list)
+
+    def uses_tree(self) -> bool:
+        """Whether limits go through hierarchies (teams or priority classes)."""
+        return bool(self.teams or self.classes)
 
 
 # -- field parsers ------------------------------------------------------------------------
@@ -206,6 +249,20 @@ def _upstream_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _header_name(name: str) -> str:
+    if not _TOKEN.match(name) or len(name) > 256:
+        raise FieldError(f"must be a header name such as 'x-nexus-priority', got {show(name)}")
+    return name.lower()
+
+
+def _route_path(path: str) -> str:
+    if not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?", path) or len(path) > 1024:
+        raise FieldError(f"must be a path such as '/v1/batches', got {show(path)}")
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise FieldError(f"must not have . or .. segments, got {show(path)}")
+    return path.rstrip("/")
+
+
 # The longest a request may wait in a tier's queue: a client holds a connection meanwhile.
 MAX_QUEUE_SECONDS = 300.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)?")
@@ -285,8 +342,13 @@ TIER_FIELDS = (
     Field("spend", "str", 'dollars per period, such as "25.00/day"', parse=_budget),
     Field("shadow", "bool", "true or false"),
     Field("queue", "any", parse=_queue),
+    Field("class", "str", "a class name from [classes]", attr="cls"),
 )
 _SHAPE_FIELDS = ("requests", "tokens", "daily_tokens", "concurrency", "spend")
+
+# The quotas of an org or a team: as a tier's, charged at that level for every key below.
+QUOTA_FIELDS = tuple(f for f in TIER_FIELDS if f.name in QUOTA_NAMES)
+KEY_FIELDS = (Field("tier", "any"), Field("team", "str", "a team name from [teams]"))
 
 PRICE = Table(
     "prices",
@@ -338,6 +400,8 @@ SCHEMA: Tuple[Table, ...] = (
             Field("admin_token_env", "str", "the name of an environment variable", parse=_admin_token,
                   attr="admin_token"),
             Field("max_in_flight_per_key", "int", "a whole number", low=1, high=1_000_000),
+            Field("class_header", "str", "a header name", parse=_header_name),
+            Field("default_class", "str", "a class name from [classes]"),
         ),
     ),
     Table(
@@ -351,7 +415,16 @@ SCHEMA: Tuple[Table, ...] = (
     ),
     Table("tiers", TIER_FIELDS, named=True, required=True, nonempty="define at least one tier"),
     Table("prices", PRICE.fields, named=True),
-    Table("keys", named=True, value=Field("tier", "any")),
+    Table("keys", KEY_FIELDS, named=True, shorthand="tier"),
+    Table("orgs", QUOTA_FIELDS, named=True),
+    Table("teams", (Field("org", "str", "an org name from [orgs]"), *QUOTA_FIELDS), named=True),
+    Table("classes", named=True, value=Field(
+        "share", "number", "a share of every quota from 0 to 1, such as 0.7", low=0, high=1, above=True,
+        range="a share above 0 and at most 1 (1.0: the whole quota)")),
+    Table("routes", (
+        Field("path", "str", "a path such as '/v1/batches'", parse=_route_path, required="needs path"),
+        Field("class", "str", "a class name from [classes]", attr="cls", required="needs class"),
+    ), array=True),
 )  # fmt: skip
 _SECTIONS = tuple(t.name for t in SCHEMA)
 
@@ -368,8 +441,19 @@ def load_config(path: str) -> GatewayConfig:
             setattr(cfg, attr, value)
     cfg.tiers = {name: Tier(name, **spec) for name, spec in values["tiers"].items()}
     cfg.prices = values["prices"]
-    cfg.keys = values["keys"]
+    cfg.orgs = {name: Group(name, **spec) for name, spec in values["orgs"].items()}
+    cfg.teams = {name: Group(name, **spec) for name, spec in values["teams"].items()}
+    cfg.classes = values["classes"]
+    cfg.routes = [(route["path"], route["cls"]) for route in values["routes"]]
+    for api_key, spec in values["keys"].items():
+        tier = spec.get("tier", cfg.default_tier)
+        if tier is None:
+            raise loc.error(("keys", api_key), "needs a tier (or set [gateway] default_tier)")
+        cfg.keys[api_key] = tier
+        if "team" in spec:
+            cfg.key_teams[api_key] = spec["team"]
     _cross_checks(cfg, doc, loc)
+    _tree_checks(cfg, loc)
     return cfg
 
 
@@ -407,3 +491,56 @@ def _cross_checks(cfg: GatewayConfig, doc: Mapping[str, Any], loc: Locator) -> N
     for api_key, tier_name in cfg.keys.items():
         if not isinstance(tier_name, str) or tier_name not in cfg.tiers:
             raise loc.error(("keys", api_key), f"tier {show(tier_name)} is not defined")
+
+
+def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
+    """The rules of orgs, teams and priority classes."""
+    for kind, groups in (("orgs", cfg.orgs), ("teams", cfg.teams)):
+        for name in groups:
+            if not name:
+                raise loc.error((kind,), "names must not be empty")
+    for name, team in cfg.teams.items():
+        if team.org is not None and team.org not in cfg.orgs:
+            raise loc.error(("teams", name, "org"), f"org {show(team.org)} is not defined in [orgs]")
+    for api_key, team_name in cfg.key_teams.items():
+        if team_name not in cfg.teams:
+            raise loc.error(("keys", api_key, "team"), f"team {show(team_name)} is not defined in [teams]")
+        tier = cfg.tiers[cfg.keys[api_key]]
+        # A hierarchy decides for every level at once: one tier's options cannot change
+        # how the others' levels are charged.
+        for option, value in (("queue", tier.queue), ("shadow", tier.shadow or None)):
+            if value is not None:
+                raise loc.error(
+                    ("tiers", tier.name, option),
+                    f"{option} is not available for keys in a team (key {show(api_key)} is in team {show(team_name)})",
+                )
+    if cfg.classes:
+        if not any(share == 1.0 for share in cfg.classes.values()):
+            raise loc.error(("classes",), "one class must have the whole quota (a share of 1.0)")
+        if len(cfg.classes) > 16:
+            raise loc.error(("classes",), f"at most 16 classes, got {len(cfg.classes)}")
+    uses: List[Tuple[Parts, Optional[str]]] = [(("gateway", "default_class"), cfg.default_class)]
+    uses += [(("tiers", name, "class"), tier.cls) for name, tier in cfg.tiers.items()]
+    uses += [(("routes", i, "class"), cls) for i, (_, cls) in enumerate(cfg.routes)]
+    for where, cls in uses:
+        if cls is not None and cls not in cfg.classes:
+            known = ", ".join(cfg.classes) or "none: add a [classes] table"
+            raise loc.error(where, f"class {show(cls)} is not defined in [classes] (defined: {known})")
+    if cfg.class_header is not None and not cfg.classes:
+        raise loc.error(("gateway", "class_header"), "needs a [classes] table")
+    if cfg.classes:
+        for name, tier in cfg.tiers.items():
+            if tier.queue is not None:
+                raise loc.error(("tiers", name, "queue"), "queue is not available with [classes]")
+    spent = [("orgs", n) for n, g in cfg.orgs.items() if g.spend] + [
+        ("teams", n) for n, g in cfg.teams.items() if g.spend
+    ]
+    for kind, name in spent:
+        raise loc.error((kind, name, "spend"), "spend at the org or team level is not available yet")
+    if cfg.backend == "redis" and (cfg.teams or cfg.orgs or cfg.classes):
+        what = "teams" if cfg.teams else "orgs" if cfg.orgs else "classes"
+        raise loc.error(
+            (what,),
+            f"[{what}] needs the memory backend for now: the gateway has no Redis hierarchy "
+            "(org > team > key charged in one step) to share them between processes",
+        )

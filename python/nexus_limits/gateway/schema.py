@@ -82,7 +82,8 @@ class Field:
 class Table:
     """One table of the config.
 
-    A plain table holds ``fields``. A ``named`` table holds entries by name
+    A plain table holds ``fields``; an ``array`` is a list of such tables (``[[routes]]``,
+    at most ``max_items``). A ``named`` table holds entries by name
     (``[tiers.<name>]``): each entry a table of ``fields`` or, when ``value`` is given,
     one value checked by it (``[keys] "sk-1" = "pro"``); ``shorthand`` names the field
     that an entry given as a plain value sets (``"sk-1" = "pro"`` is
@@ -94,6 +95,8 @@ class Table:
     name: str
     fields: Tuple[Field, ...] = ()
     named: bool = False
+    array: bool = False
+    max_items: int = 1000
     value: Optional[Field] = None
     shorthand: Optional[str] = None
     nonempty: Optional[str] = None
@@ -369,13 +372,19 @@ class Loader:
             raise self.loc.error(parts, str(error)) from None
 
     def section(self, spec: Table, doc: Mapping[str, Any]) -> Any:
-        """A top-level table: plain, or named entries."""
+        """A top-level table: plain, an array of tables, or named entries."""
         parts: Parts = (spec.name,)
         if spec.name not in doc:
             if spec.required:
                 raise ConfigError(f"{self.path}:1: [{spec.name}] is missing")
             return {}
         raw = doc[spec.name]
+        if spec.array:
+            if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+                raise self.loc.error(parts, f"must be a list of tables ([[{spec.name}]])")
+            if len(raw) > spec.max_items:
+                raise self.loc.error(parts, f"at most {spec.max_items} entries, got {len(raw)}")
+            return [self.table(spec, item, (*parts, i)) for i, item in enumerate(raw)]
         if not isinstance(raw, dict):
             raise self.loc.error(parts, "must be a table")
         if not spec.named:

@@ -1,0 +1,383 @@
+"""Orgs, teams and priority classes for the gateway: a key's call charged at org > team >
+key in one :class:`nexus_limits.Hierarchy` step, with the request's priority class.
+
+The LLM middleware (:class:`nexus_limits.adapters.llm.LLMLimitMiddleware`) speaks to a
+TokenLimiter: ``reserve(key, tokens)`` and ``peek(key)``, whose answer has ``allowed``,
+``decision``, the ``requests``/``tokens``/``daily_tokens``/``concurrency`` decisions,
+``headers()``, ``settle(tokens)`` and ``cancel()``. :class:`TreeLimiter` gives it that
+interface over a Hierarchy: it maps the key to its path, and takes the request's class
+from :data:`REQUEST_CLASS`, which the gateway sets for each request before calling the
+middleware (a context variable: each request's task sees its own).
+
+Levels every node of which must have a quota of each kind its level has: a node with
+no quota of a kind gets :data:`UNLIMITED` of it (never the one refusing), and those
+quotas are left out of the headers and of the refusal's words.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+
+from ..base import Key
+
+if TYPE_CHECKING:
+    from .config import GatewayConfig, Tier
+
+__all__ = ["REQUEST_CLASS", "UNLIMITED", "Route", "TeamTree", "TreeLimiter", "TreeReservation", "tier_limiter"]
+
+log = logging.getLogger("nexus_limits.gateway")
+
+# The priority class of the request being served (None: the hierarchy's default).
+REQUEST_CLASS: ContextVar[Optional[str]] = ContextVar("nexus_limits_gateway_class", default=None)
+# The answer of the last refusal in this request, for the words of the 429 (see TreeLimiter.requests).
+_REFUSED: ContextVar[Optional[TreeReservation]] = ContextVar("nexus_limits_gateway_refused", default=None)
+
+# A quota no call reaches: what a node has of a kind its level has and it does not.
+_NEVER = "1000000000000000/second"
+UNLIMITED: Dict[str, Any] = {
+    "requests": _NEVER,
+    "tokens": _NEVER,
+    "daily_tokens": _NEVER,
+    "concurrency": 1_000_000_000,
+}
+_UNITS = ("requests", "tokens", "daily_tokens")
+
+
+class Route:
+    """Where one key's calls are charged: its path in the hierarchy, the quotas of that
+    path that are real (``"team.tokens"``...) and their rates as configured, for words."""
+
+    __slots__ = ("names", "path", "rates")
+
+    def __init__(self, path: Tuple[Key, ...], rates: Dict[str, str]) -> None:
+        self.path = path
+        self.rates = rates
+        self.names: FrozenSet[str] = frozenset(rates)
+
+
+class TreeReservation:
+    """A :class:`~nexus_limits.HierarchyReservation` (or a peek's
+    :class:`~nexus_limits.HierarchyDecision`) seen as a TokenLimiter reservation: the
+    decision of each unit is the one of the level that refused it (else the tightest)."""
+
+    __slots__ = ("estimate", "outcome", "route")
+
+    def __init__(self, outcome: Any, route: Route, estimate: int) -> None:
+        self.outcome = outcome
+        self.route = route
+        self.estimate = estimate
+
+    @property
+    def allowed(self) -> bool:
+        return bool(self.outcome.allowed)
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+    @property
+    def decision(self) -> Any:
+        return self.outcome.decision
+
+    @property
+    def retry_after(self) -> float:
+        return float(self.outcome.retry_after)
+
+    @property
+    def policy(self) -> Optional[str]:
+        """The refusing quota as ``"team.tokens"`` (None when admitted)."""
+        return self.outcome.policy if not self.allowed else None
+
+    def _pick(self, decisions: List[Tuple[str, Any]]) -> Optional[Tuple[str, Any]]:
+        mine = [(n, d) for n, d in decisions if n in self.route.names]
+        if not mine:
+            return None
+        refused = [(n, d) for n, d in mine if not d.allowed]
+        if refused:
+            return max(refused, key=lambda e: (e[0] == self.outcome.policy, e[1].retry_after))
+        return min(mine, key=lambda e: (e[1].remaining, -e[1].retry_after))
+
+    def unit(self, unit: str) -> Optional[Tuple[str, Any]]:
+        """``(policy, Decision)`` for one unit: the refusing level's, else the tightest."""
+        if unit == "concurrency":
+            return self._pick([(f"{level}.concurrency", d) for level, d in self.outcome.concurrency.items()])
+        suffix = f".{unit}"
+        return self._pick([(n, d) for n, d in self.outcome.quotas.items() if n.endswith(suffix)])
+
+    @property
+    def requests(self) -> Any:
+        found = self.unit("requests")
+        return found[1] if found else None
+
+    @property
+    def tokens(self) -> Any:
+        found = self.unit("tokens")
+        return found[1] if found else None
+
+    @property
+    def daily_tokens(self) -> Any:
+        found = self.unit("daily_tokens")
+        return found[1] if found else None
+
+    @property
+    def concurrency(self) -> Any:
+        found = self.unit("concurrency")
+        return found[1] if found else None
+
+    def headers(self) -> Dict[str, str]:
+        """The hierarchy's headers without the quotas no node was given: every real
+        quota of the path as ``"level.quota"`` in ``RateLimit-Policy``/``RateLimit``,
+        the refusing one first."""
+        out: Dict[str, str] = dict(self.outcome.headers())
+        for name in ("RateLimit-Policy", "RateLimit"):
+            if name in out:
+                kept = [e for e in out[name].split(", ") if e.split(";", 1)[0].strip('"') in self.route.names]
+                if kept:
+                    out[name] = ", ".join(kept)
+                else:
+                    del out[name]
+        for unit in ("requests", "tokens"):
+            if not any(n.endswith(f".{unit}") for n in self.route.names):
+                for part in ("limit", "remaining", "reset"):
+                    out.pop(f"x-ratelimit-{part}-{unit}", None)
+        if not self.allowed and self.outcome.policy:
+            out["x-nexus-limit-policy"] = self.outcome.policy
+        return out
+
+    def settle(self, actual_tokens: int) -> Any:
+        return self.outcome.settle(actual_tokens)
+
+    def cancel(self) -> Any:
+        return self.outcome.cancel()
+
+    def __repr__(self) -> str:
+        return f"TreeReservation({self.outcome!r})"
+
+
+class TreeLimiter:
+    """The TokenLimiter interface the LLM middleware uses, over a Hierarchy.
+
+    ``route_of(key)`` gives the key's :class:`Route` (None: the key is not in this
+    hierarchy, and is refused as if over a limit of 0). Each call uses the class in
+    :data:`REQUEST_CLASS`. ``describe(policy)`` words a quota's holder for refusals
+    (``"team search"``)."""
+
+    def __init__(
+        self,
+        hierarchy: Any,
+        route_of: Callable[[Key], Optional[Route]],
+        describe: Callable[[str, Route], str],
+    ) -> None:
+        self.hierarchy = hierarchy
+        self.route_of = route_of
+        self.describe = describe
+
+    def _route(self, key: Key) -> Route:
+        route = self.route_of(key)
+        if route is None:
+            raise KeyError(f"the key is not in the hierarchy: {key!r}")
+        return route
+
+    def _answer(self, outcome: Any, route: Route, estimate: int) -> TreeReservation:
+        answer = TreeReservation(outcome, route, estimate)
+        if not answer.allowed:
+            _REFUSED.set(answer)
+        return answer
+
+    def reserve(self, key: Key, tokens: int) -> TreeReservation:
+        """Reserve one request and ``tokens`` at every level of the key's path, with a
+        lease at each level that has a concurrency limit."""
+        route = self._route(key)
+        outcome = self.hierarchy.reserve(route.path, tokens, cls=REQUEST_CLASS.get())
+        return self._answer(outcome, route, tokens)
+
+    def peek(self, key: Key) -> TreeReservation:
+        """Whether a request would be admitted now at every level (charging nothing)."""
+        route = self._route(key)
+        return self._answer(self.hierarchy.peek(route.path, cls=REQUEST_CLASS.get()), route, 0)
+
+    # The middleware words a refusal with ``limiter.<unit>``: with a hierarchy the limit
+    # that refused depends on the call, so these name the one that refused the call
+    # being answered in this request (the context variable is per request).
+    def _words(self, unit: str) -> Optional[str]:
+        refused = _REFUSED.get()
+        if refused is None:
+            return None
+        found = refused.unit(unit)
+        if found is None:
+            return None
+        policy = found[0]
+        return f"{refused.route.rates.get(policy, '')} of {self.describe(policy, refused.route)}".strip()
+
+    @property
+    def requests(self) -> Optional[str]:
+        return self._words("requests")
+
+    @property
+    def tokens(self) -> Optional[str]:
+        return self._words("tokens")
+
+    @property
+    def daily_tokens(self) -> Optional[str]:
+        return self._words("daily_tokens")
+
+    def inspect(self, key: Key) -> Optional[Dict[str, Any]]:
+        """Each level's state for the key's path, ``{"org": {...}, "team": ..., "key": ...}``,
+        the quotas no node was given left out."""
+        route = self.route_of(key)
+        if route is None:
+            return None
+        out: Dict[str, Any] = {}
+        path = route.path
+        for depth, level in enumerate(self.hierarchy.levels, 1):
+            state = self.hierarchy.inspect(path[:depth])
+            out[level] = {
+                "node": path[depth - 1],
+                **{
+                    unit: value for unit, value in state.items() if unit != "level" and f"{level}.{unit}" in route.names
+                },
+            }
+        return out
+
+    def stats(self) -> Dict[str, Any]:
+        """The hierarchy's counters as the metrics read them: totals, each level's quota
+        as a part ``"org.tokens"``, each class as ``"class.batch"``."""
+        stats = self.hierarchy.stats()
+        out: Dict[str, Any] = {k: v for k, v in stats.items() if not isinstance(v, dict)}
+        for level, units in stats.get("levels", {}).items():
+            for unit, numbers in units.items():
+                out[f"{level}.{unit}"] = numbers
+        for cls, numbers in stats.get("classes", {}).items():
+            out[f"class.{cls}"] = {k: v for k, v in numbers.items() if k != "share"}
+        return out
+
+
+# -- what the gateway builds from its config -----------------------------------------------
+
+LEVELS = ("org", "team", "key")
+# The org of a team that names none: no org's name is empty (the config refuses it).
+NO_ORG = ""
+_KINDS = ("requests", "tokens", "daily_tokens", "concurrency")
+
+
+def _full(kinds: Tuple[str, ...], quotas: Dict[str, Any]) -> Dict[str, Any]:
+    """Every kind of a level for one node: its own quota, else unlimited."""
+    return {kind: quotas.get(kind, UNLIMITED[kind]) for kind in kinds}
+
+
+def _kinds(quotas: List[Dict[str, Any]]) -> Tuple[str, ...]:
+    """The kinds of quota a level has: those any of its nodes has (requests, unlimited,
+    when none has any: a level must have one)."""
+    found = tuple(kind for kind in _KINDS if any(kind in q for q in quotas))
+    return found or ("requests",)
+
+
+class TeamTree:
+    """The hierarchy of the config's orgs, teams and their keys: a key of a team is
+    charged at its org (if any), its team and itself (its tier's quotas), all at once.
+
+    ``apply(cfg)`` sets every node's quotas from a config (at build and on each
+    reload), keeping what each node has used; ``fits(cfg)`` says whether a new config
+    can be applied to this hierarchy (the same kinds of quota at each level and the
+    same classes) or needs a new one."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        import nexus_limits as nl
+
+        self.signature = self._signature(cfg)
+        shape, classes, default_class, lease_ttl = self.signature
+        self.hierarchy = nl.Hierarchy(
+            levels=[(level, {kind: UNLIMITED[kind] for kind in kinds}) for level, kinds in zip(LEVELS, shape)],
+            classes=dict(classes) or None,
+            default_class=default_class,
+            lease_ttl=lease_ttl,
+        )
+        self.routes: Dict[Key, Route] = {}
+        self.nodes: Set[Tuple[Key, ...]] = set()
+        self.limiter = TreeLimiter(self.hierarchy, self.routes.get, _describe)
+        self.apply(cfg)
+
+    @staticmethod
+    def _signature(cfg: GatewayConfig) -> Tuple[Any, ...]:
+        tiers = {cfg.keys[k] for k in cfg.key_teams}
+        shape = (
+            _kinds([g.quotas() for g in cfg.orgs.values()]),
+            _kinds([g.quotas() for g in cfg.teams.values()]),
+            _kinds([cfg.tiers[t].quotas() for t in sorted(tiers)]),
+        )
+        return shape, tuple(cfg.classes.items()), cfg.default_class, cfg.lease_ttl
+
+    def fits(self, cfg: GatewayConfig) -> bool:
+        return self._signature(cfg) == self.signature
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        org_kinds, team_kinds, key_kinds = self.signature[0]
+        nodes: Dict[Tuple[Key, ...], Dict[str, Any]] = {}
+        for name, org in cfg.orgs.items():
+            nodes[(name,)] = _full(org_kinds, org.quotas())
+        for name, team in cfg.teams.items():
+            nodes[(team.org or NO_ORG, name)] = _full(team_kinds, team.quotas())
+        routes: Dict[Key, Route] = {}
+        for api_key, team_name in cfg.key_teams.items():
+            team = cfg.teams[team_name]
+            tier = cfg.tiers[cfg.keys[api_key]]
+            path = (team.org or NO_ORG, team_name, api_key)
+            nodes[path] = _full(key_kinds, tier.quotas())
+            rates: Dict[str, str] = {}
+            for level, quotas in (
+                ("org", cfg.orgs[team.org].quotas() if team.org else {}),
+                ("team", team.quotas()),
+                ("key", tier.quotas()),
+            ):
+                rates.update({f"{level}.{kind}": str(value) for kind, value in quotas.items() if kind in _KINDS})
+            routes[api_key] = Route(path, rates)
+        for node, quotas in nodes.items():
+            self.hierarchy.set_quota(node, **quotas)
+        for node in self.nodes - set(nodes):
+            self.hierarchy.clear_quota(node)
+        self.nodes = set(nodes)
+        self.routes.clear()
+        self.routes.update(routes)
+
+
+def _describe(policy: str, route: Route) -> str:
+    level = policy.split(".", 1)[0]
+    if level in ("org", "team"):
+        name: str = str(route.path[0 if level == "org" else 1])
+        return f"{level} {name}"
+    return "this key"
+
+
+class _TierRoute:
+    """Every key of a tier is its own node: ``(key,)``."""
+
+    __slots__ = ("rates",)
+
+    def __init__(self, tier: Tier) -> None:
+        self.rates = {f"key.{kind}": str(value) for kind, value in tier.quotas().items()}
+
+    def __call__(self, key: Key) -> Route:
+        return Route((key,), self.rates)
+
+
+def tier_limiter(cfg: GatewayConfig, tier: Tier) -> TreeLimiter:
+    """A tier's limits as a one-level hierarchy, so that [classes] share them: each key
+    of the tier its own node, with the tier's quotas."""
+    import nexus_limits as nl
+
+    hierarchy = nl.Hierarchy(
+        levels=[("key", tier.quotas())],
+        classes=cfg.classes,
+        default_class=cfg.default_class,
+        lease_ttl=cfg.lease_ttl,
+        shadow=tier.shadow,
+    )
+    return TreeLimiter(hierarchy, _TierRoute(tier), lambda policy, route: "this key")
+
+
+def requota_tier(limiter: TreeLimiter, tier: Tier) -> None:
+    """New quotas for a tier's one-level hierarchy (the same kinds), keeping usage."""
+    limiter.hierarchy.set_default_quota("key", **tier.quotas())
+    limiter.hierarchy.shadow = tier.shadow
+    limiter.route_of = _TierRoute(tier)

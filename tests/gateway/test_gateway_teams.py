@@ -1,0 +1,358 @@
+"""Orgs, teams and priority classes in the gateway: a key of a team is charged at org >
+team > key in one step; classes share every quota. Real uvicorn (and a real gateway
+process for SIGHUP), the fake LLM upstream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from support import fake_llm
+from support.servers import ASGIServer, free_port
+
+from nexus_limits.gateway import ConfigError, build_app, load_config
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10}
+ADMIN = {"authorization": "Bearer team-admin"}
+
+BASE = """
+[server]
+port = {port}
+
+[upstream]
+url = "{url}"
+
+[gateway]
+admin_token_env = "NL_TEAMS_ADMIN"
+{gateway}
+
+[tiers.pro]
+requests = "100/minute"
+tokens = "100000/minute"
+{tier}
+"""
+
+
+def auth(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def upstream():
+    with ASGIServer(fake_llm.app) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch):
+    monkeypatch.setenv("NL_TEAMS_ADMIN", "team-admin")
+
+
+def write(tmp_path, url, extra, gateway="", tier="", port=0):
+    path = tmp_path / "gw.toml"
+    path.write_text(BASE.format(url=url, gateway=gateway, tier=tier, port=port or free_port()) + extra)
+    return path
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+TEAM = """
+[orgs.acme]
+requests = "1000/minute"
+
+[teams.search]
+org = "acme"
+requests = "10/minute"
+
+[keys]
+"sk-1" = { tier = "pro", team = "search" }
+"sk-2" = { tier = "pro", team = "search" }
+"sk-solo" = "pro"
+"""
+
+
+def test_two_keys_of_a_team_share_its_quota_exactly_under_concurrency(tmp_path, upstream):
+    app = build_app(str(write(tmp_path, upstream.url, TEAM)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        keys = ["sk-1", "sk-2"] * 12
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda k: http.post("/v1/chat/completions", json=CHAT, headers=auth(k)), keys))
+        assert sorted(r.status_code for r in answers).count(200) == 10, [r.status_code for r in answers]
+        refused = [r for r in answers if r.status_code == 429]
+        assert len(refused) == 14
+        for r in refused:
+            # The refusing level's policy first in the headers, named in the body.
+            assert r.headers["ratelimit-policy"].startswith('"team.requests";q=10;w=60'), r.headers
+            assert r.headers["x-nexus-limit-policy"] == "team.requests"
+            assert "10/minute of team search" in r.json()["error"]["message"]
+            assert 1 <= int(r.headers["retry-after"]) <= 7
+        # Both keys were served: the quota is the team's, not each key's.
+        served = {k for k, r in zip(keys, answers) if r.status_code == 200}
+        assert served == {"sk-1", "sk-2"}
+        # A key outside the team is not charged there.
+        assert http.post("/v1/chat/completions", json=CHAT, headers=auth("sk-solo")).status_code == 200
+        doc = http.get("/_nexus/keys/sk-2", headers=ADMIN).json()
+    assert doc["team"] == "search" and doc["org"] == "acme" and doc["tier"] == "pro"
+    assert doc["limits"]["team"]["requests"]["remaining"] == 0
+    assert doc["limits"]["org"]["requests"]["limit"] == 1000
+    assert "tokens" not in doc["limits"]["org"], "quotas no org was given are not shown"
+
+
+def test_an_org_quota_refuses_across_teams(tmp_path, upstream):
+    extra = """
+[orgs.acme]
+requests = "4/minute"
+
+[teams.a]
+org = "acme"
+[teams.b]
+org = "acme"
+requests = "100/minute"
+
+[keys]
+"sk-a" = { tier = "pro", team = "a" }
+"sk-b" = { tier = "pro", team = "b" }
+"""
+    app = build_app(str(write(tmp_path, upstream.url, extra)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        codes = [http.get("/v1/models", headers=auth(k)).status_code for k in ("sk-a", "sk-b") * 3]
+        assert codes == [200, 200, 200, 200, 429, 429]
+        r = http.get("/v1/models", headers=auth("sk-b"))
+        assert r.status_code == 429 and r.headers["x-nexus-limit-policy"] == "org.requests"
+        assert "request limit 4/minute of org acme reached" in r.json()["detail"], r.text
+
+
+def test_tokens_settle_at_every_level(tmp_path, upstream):
+    extra = """
+[orgs.acme]
+tokens = "100000/day"
+
+[teams.search]
+org = "acme"
+tokens = "50000/day"
+
+[keys]
+"sk-1" = { tier = "pro", team = "search" }
+"""
+    app = build_app(str(write(tmp_path, upstream.url, extra, tier="")))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        r = http.post("/v1/chat/completions", json=CHAT, headers=auth("sk-1"))
+        assert r.status_code == 200
+        assert '"team.tokens";q=50000;w=86400' in r.headers["ratelimit-policy"]
+
+        def used():
+            limits = http.get("/_nexus/keys/sk-1", headers=ADMIN).json()["limits"]
+            return limits["org"]["tokens"]["used"], limits["team"]["tokens"]["used"]
+
+        # The fake upstream reports 50 tokens: the estimate is replaced by them at every level.
+        wait_for(lambda: used() == (50, 50))
+        r = http.post("/v1/chat/completions", json={**CHAT, "model": "broken"}, headers=auth("sk-1"))
+        assert r.status_code == 500
+        wait_for(lambda: used() == (50, 50))  # an upstream error refunds every level
+
+
+CLASSES = """
+[classes]
+interactive = 1.0
+batch = 0.7
+
+[[routes]]
+path = "/v1/batches"
+class = "batch"
+
+[teams.search]
+requests = "10/minute"
+
+[tiers.small]
+requests = "10/minute"
+
+[keys]
+"sk-1" = { tier = "pro", team = "search" }
+"sk-solo" = "small"
+"""
+
+
+def test_batch_is_refused_at_its_share_while_interactive_is_served(tmp_path, upstream):
+    path = write(
+        tmp_path, upstream.url, CLASSES, gateway='class_header = "x-nexus-priority"', tier='class = "interactive"'
+    )
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        # A route's class: batch may use 70% of the team's 10.
+        batch = [http.post("/v1/batches", json={}, headers=auth("sk-1")) for _ in range(10)]
+        assert [r.status_code for r in batch].count(200) == 7
+        assert batch[-1].headers["x-nexus-limit-policy"] == "team.requests"
+        # The tier's class: interactive takes the reserve.
+        codes = [http.get("/v1/models", headers=auth("sk-1")).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        # A key with no team: its tier's quota is shared by the classes too (header).
+        batch = {"x-nexus-priority": "batch", **auth("sk-solo")}
+        assert [http.get("/v1/models", headers=batch).status_code for _ in range(8)].count(200) == 7
+        # No header, no route, a tier with no class: the smallest share (batch) by default.
+        assert http.get("/v1/models", headers=auth("sk-solo")).status_code == 429
+        top = {"x-nexus-priority": "interactive", **auth("sk-solo")}
+        assert [http.get("/v1/models", headers=top).status_code for _ in range(4)] == [200, 200, 200, 429]
+    stats = app.team_tree.limiter.stats()
+    assert stats["class.batch"]["allowed"] == 7 and stats["class.batch"]["denied"] == 3
+    assert stats["class.interactive"]["allowed"] == 3
+    assert "nexus_limits_checks_total" in app.metrics.render().decode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ([("x-nexus-priority", "vip")], "must be one of: interactive, batch; got 'vip'"),
+        ([("x-nexus-priority", "")], "must be one of: interactive, batch; got ''"),
+        ([("x-nexus-priority", "Batch")], "got 'Batch'"),
+        ([("x-nexus-priority", "batch"), ("x-nexus-priority", "batch")], "give the x-nexus-priority header once"),
+        ([("X-Nexus-Priority", "batch"), ("x-nexus-priority", "interactive")], "given 2 times"),
+        ([("x-nexus-priority", "b" * 10_000)], "longer than 64 bytes"),
+        ([("x-nexus-priority", b"batch\xff")], "got 'batch\xff'"),
+    ],
+)
+def test_a_class_header_that_is_not_one_known_class_is_a_400(tmp_path, upstream, headers, detail):
+    path = write(tmp_path, upstream.url, CLASSES, gateway='class_header = "x-nexus-priority"')
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        seen = len(fake_llm.SEEN)
+        for key in ("sk-1", "sk-solo"):
+            r = http.get("/v1/models", headers=[*auth(key).items(), *headers])
+            assert r.status_code == 400 and detail in r.json()["detail"], r.text
+        assert len(fake_llm.SEEN) == seen, "nothing was forwarded"
+        # Nothing was charged: the whole quota is still there.
+        codes = [http.get("/v1/models", headers=auth("sk-solo")).status_code for _ in range(8)]
+        assert codes.count(200) == 7, "batch (the default) still has its whole share"
+
+
+def test_sighup_applies_new_team_quotas_keeping_usage(tmp_path, upstream):
+    port = free_port()
+    extra = TEAM.replace('requests = "10/minute"', 'requests = "TEAM"')
+    path = write(tmp_path, upstream.url, extra.replace("TEAM", "3/minute"), port=port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", str(path)],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            def up():
+                try:
+                    return http.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_for(up, 30)
+            codes = [http.get("/v1/models", headers=auth(k)).status_code for k in ("sk-1", "sk-2", "sk-1", "sk-2")]
+            assert codes == [200, 200, 200, 429]
+            write(tmp_path, upstream.url, extra.replace("TEAM", "5/minute"), port=port)
+            os.kill(proc.pid, signal.SIGHUP)
+
+            def reloaded():
+                doc = http.get("/_nexus/keys/sk-1", headers=ADMIN).json()
+                return doc["limits"]["team"]["requests"]["limit"] == 5
+
+            wait_for(reloaded)
+            codes = [http.get("/v1/models", headers=auth(k)).status_code for k in ("sk-2", "sk-1", "sk-2")]
+            assert codes == [200, 200, 429], "2 more fit in 5/minute, not 5: the team's usage was kept"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def test_reload_moves_a_key_between_teams(tmp_path, upstream):
+    path = write(tmp_path, upstream.url, TEAM)
+    app = build_app(str(path))
+    tree = app.team_tree
+    assert tree.limiter.route_of("sk-1").path == ("acme", "search", "sk-1")
+    path.write_text(path.read_text().replace('"sk-2" = { tier = "pro", team = "search" }', '"sk-2" = "pro"'))
+    assert app.reload()
+    assert app.team_tree is tree, "the same hierarchy: usage kept"
+    assert tree.limiter.route_of("sk-2") is None and "pro" in app.team_tiers
+    path.write_text(path.read_text().replace('[orgs.acme]\nrequests = "1000/minute"', "[orgs.acme]\nconcurrency = 4"))
+    assert app.reload()
+    assert app.team_tree is not tree, "a level's kinds of quota changed: a new hierarchy"
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ('[teams.t]\norg = "nope"\n', ":17: teams.t.org: org 'nope' is not defined in [orgs]"),
+        ('[keys]\nk = { tier = "pro", team = "nope" }\n', ":17: keys.k.team: team 'nope' is not defined"),
+        ('[keys]\nk = { team = "t" }\n[teams.t]\n', ":17: keys.k: needs a tier"),
+        ('[keys]\nk = { tier = "pro", teem = "t" }\n', ":17: keys.k.teem: unknown field; did you mean 'team'?"),
+        ('[teams.t]\nrequests = "lots"\n', ":17: teams.t.requests: invalid rate"),
+        ("[teams.t]\nconcurrency = 0\n", ":17: teams.t.concurrency: must be at least 1"),
+        ('[orgs.o]\nrequest = "1/s"\n', ":17: orgs.o.request: unknown field; did you mean 'requests'?"),
+        ('[orgs.o]\nspend = "5.00/day"\n', ":17: orgs.o.spend: spend at the org or team level is not available"),
+        ("[orgs.o]\ntokens = 5\n", ":17: orgs.o.tokens: must be a rate"),
+        ('[orgs.""]\n', "orgs: names must not be empty"),
+        ("[classes]\nbatch = 0.7\n", ":16: classes: one class must have the whole quota"),
+        ("[classes]\na = 1.0\nb = 0\n", ":18: classes.b: must be a share above 0 and at most 1"),
+        ("[classes]\na = 1.0\nb = nan\n", ":18: classes.b: must be a share above 0"),
+        ('[classes]\na = 1.0\nb = "0.5"\n', ":18: classes.b: must be a share of every quota"),
+        ('[[routes]]\npath = "/v1/batches"\nclass = "batch"\n', ":18: routes[0].class: class 'batch' is not defined"),
+        ('[classes]\na = 1.0\n[[routes]]\nclass = "a"\n', ":18: routes[0]: needs path"),
+        ('[classes]\na = 1.0\n[[routes]]\npath = "v1"\nclass = "a"\n', ":19: routes[0].path: must be a path"),
+        ('[classes]\na = 1.0\n[[routes]]\npath = "/a/../b"\nclass = "a"\n', ":19: routes[0].path: must"),
+        ('[classes]\na = 1.0\n[routes]\npath = "/a"\n', ":18: routes: must be a list of tables"),
+        ('[classes]\na = 1.0\n[tiers.x]\nrequests = "1/s"\nclass = "b"\n', ":20: tiers.x.class: class 'b' is not"),
+        (
+            '[classes]\na = 1.0\n[tiers.x]\nrequests = "1/s"\nqueue = "5s"\n',
+            ":20: tiers.x.queue: queue is not available",
+        ),
+    ],
+)
+def test_team_and_class_config_errors(tmp_path, extra, where):
+    path = write(tmp_path, "http://127.0.0.1:1", extra)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(str(path)) and where in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "where"),
+    [
+        ('class_header = "x-prio"', "gateway.class_header: needs a [classes] table"),
+        ('class_header = "x prio"', "gateway.class_header: must be a header name"),
+        ('default_class = "x"', "gateway.default_class: class 'x' is not defined in [classes]"),
+    ],
+)
+def test_class_options_of_the_gateway_table(tmp_path, gateway, where):
+    path = write(tmp_path, "http://127.0.0.1:1", "", gateway=gateway)
+    with pytest.raises(ConfigError, match=r"gw\.toml:\d+: " + where.replace("[", r"\[").replace("]", r"\]")):
+        load_config(str(path))
+
+
+def test_a_team_tier_refuses_queue_and_shadow_and_redis_refuses_teams(tmp_path):
+    team = '[teams.t]\n[keys]\nk = { tier = "pro", team = "t" }\n'
+    for option in ('queue = "5s"', "shadow = true"):
+        path = write(tmp_path, "http://127.0.0.1:1", team, tier=option)
+        with pytest.raises(ConfigError, match=r"tiers\.pro\.(queue|shadow): .* is not available for keys in a team"):
+            load_config(str(path))
+    redis = '[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n'
+    path = write(tmp_path, "http://127.0.0.1:1", redis + team)
+    with pytest.raises(ConfigError, match=r":\d+: teams: \[teams\] needs the memory backend"):
+        load_config(str(path))
+
+
+def test_plain_keys_keep_working_and_team_keys_keep_their_tier(tmp_path):
+    path = write(tmp_path, "http://127.0.0.1:1", TEAM)
+    cfg = load_config(str(path))
+    assert cfg.keys == {"sk-1": "pro", "sk-2": "pro", "sk-solo": "pro"}
+    assert cfg.key_teams == {"sk-1": "search", "sk-2": "search"}
+    assert cfg.teams["search"].org == "acme" and cfg.teams["search"].quotas() == {"requests": "10/minute"}
