@@ -216,3 +216,84 @@ def test_three_processes_sync_and_asyncio_share_one_limit_through_the_cluster(re
     assert [r["results"] for r in out] == [[5] * 15] * 3
     assert all(r["redis"]["errors"] == 0 and r["redis"]["breaker_open"] == 0 for r in out)
     check_run(prov, 45, 15)
+
+
+# -- a hung node ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_cluster():
+    """A cluster of this module's own: a node is made to hang."""
+    from support.servers import RedisCluster
+
+    c = RedisCluster().start()
+    yield c
+    c.close()
+
+
+def test_a_hung_node_costs_one_socket_timeout_and_holds_back_only_its_models(own_cluster):
+    """A cluster client with short socket timeouts (and its 10 retries by default): while
+    the node serving one model hangs (DEBUG SLEEP), that model's first call waits one
+    socket timeout, and its next calls answer at once from this process's share
+    (on_error="local"); a model served by another node keeps its buckets on Redis."""
+    import threading
+
+    prov = OutboundProvider(default={"requests": 1000, "tokens": 10**6}, window=WINDOW)
+    store = redis.cluster.RedisCluster(
+        host="127.0.0.1", port=own_cluster.port, socket_timeout=0.3, socket_connect_timeout=0.3
+    )
+    with serve(prov) as server:
+        client = outbound.wrap(
+            openai.OpenAI(api_key="sk-test", base_url=server.url + "/v1"),
+            store=store,
+            limits={"*": {"requests": "100/minute", "tokens": "100000/minute"}},
+            on_error="local",
+            replicas=3,
+        )
+        limiter = outbound.limiter_of(client)
+        ledger: Any = limiter.ledger
+        by_port: Dict[int, str] = {}
+        for i in range(200):
+            model = f"model-{i}"
+            by_port.setdefault(store.get_node_from_key(ledger._keys(model, [])[0]).port, model)
+        assert len(by_port) == 3
+        victim, hurt = next(iter(by_port.items()))
+        healthy = [m for p, m in by_port.items() if p != victim]
+
+        def ask(model: str) -> float:
+            start = time.monotonic()
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+            assert r.usage.completion_tokens == 5
+            return time.monotonic() - start
+
+        def sleep_node() -> None:
+            c = redis.Redis(port=victim)
+            c.execute_command("DEBUG", "SLEEP", 3)
+            c.close()
+
+        try:
+            for model in by_port.values():
+                ask(model)
+            sleeper = threading.Thread(target=sleep_node)
+            sleeper.start()
+            time.sleep(0.1)
+            first = ask(hurt)
+            assert first < 1.0, f"{first:.2f} s: one attempt, not the cluster client's retries"
+            assert max(ask(hurt) for _ in range(5)) < 0.5
+            stats = limiter.stats()["redis"]
+            assert stats["breaker_open"] == 1, "the hung node's breaker only"
+            errors = stats["errors"]
+            for model in healthy:
+                before = ledger.used(model, limiter.rates(model))["requests"]
+                ask(model)
+                assert ledger.used(model, limiter.rates(model))["requests"] > before, "counted on Redis"
+            assert limiter.stats()["redis"]["errors"] == errors, "the other nodes answered"
+            sleeper.join(10)
+            deadline = time.monotonic() + 10
+            while limiter.stats()["redis"]["breaker_open"] and time.monotonic() < deadline:
+                ask(hurt)
+                time.sleep(0.1)
+            assert limiter.stats()["redis"]["breaker_open"] == 0
+        finally:
+            client.close()
+            store.close()
