@@ -380,3 +380,26 @@ def test_hung_server_asyncio_costs_one_socket_timeout(server, provider):
             await store.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_local_share_while_redis_is_away():
+    """The in-process ledger of on_error="local": each limit divided by replicas; a call
+    above a share but within the whole limit goes when the share is full and leaves it
+    in debt; one above the whole limit never fits (as on Redis); the provider's counts
+    (every replica's) count for a replica's share."""
+    import math
+
+    from nexus_limits.outbound._redis import _Shares
+
+    shares = _Shares(4)
+    rates = {"requests": nl.Rate(8, 60), "tokens": nl.Rate(1000, 60)}
+    assert shares.take("m", rates, {"requests": 1, "tokens": 1001}) == math.inf
+    assert shares.take("m", rates, {"requests": 1, "tokens": 600}) == 0
+    used = shares.used("m", rates)
+    assert round(used["tokens"]) == 600 and round(used["requests"]) == 1
+    wait = shares.take("m", rates, {"requests": 1, "tokens": 10})
+    assert 80 < wait < 90, "600 + 10 tokens against a share of 250 per minute: (610 - 250) / (250 / 60 s)"
+    assert shares.sync("m", rates, {"requests": (6.0, 8.0)}) == 1, "8 of 8 counted by the provider: 2 of this share"
+    assert round(shares.used("m", rates)["requests"]) == 2
+    shares.pause("m", 5)
+    assert 4 < shares.paused("m") <= 5

@@ -152,6 +152,8 @@ class _Shares(_Ledger):
         return {dim: self._share(rate) for dim, rate in rates.items()}
 
     def take(self, model: str, rates: Rates, costs: Costs, lead: float = 0.0) -> float:
+        if any(math.ceil(cost) > rates[dim].count for dim, cost in costs.items() if dim in rates):
+            return math.inf  # above the whole limit: Redis would refuse it too
         shares = self._rates(rates)
         fits = {dim: min(cost, shares[dim].count) if dim in shares else cost for dim, cost in costs.items()}
         wait = self.local.take(model, shares, fits, lead)
