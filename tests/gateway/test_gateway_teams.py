@@ -338,16 +338,15 @@ def test_class_options_of_the_gateway_table(tmp_path, gateway, where):
         load_config(str(path))
 
 
-def test_a_team_tier_refuses_queue_and_shadow_and_redis_refuses_teams(tmp_path):
+def test_a_team_tier_refuses_queue_and_shadow(tmp_path):
     team = '[teams.t]\n[keys]\nk = { tier = "pro", team = "t" }\n'
     for option in ('queue = "5s"', "shadow = true"):
         path = write(tmp_path, "http://127.0.0.1:1", team, tier=option)
         with pytest.raises(ConfigError, match=r"tiers\.pro\.(queue|shadow): .* is not available for keys in a team"):
             load_config(str(path))
     redis = '[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n'
-    path = write(tmp_path, "http://127.0.0.1:1", redis + team)
-    with pytest.raises(ConfigError, match=r":\d+: teams: \[teams\] needs the memory backend"):
-        load_config(str(path))
+    cfg = load_config(str(write(tmp_path, "http://127.0.0.1:1", redis + team)))
+    assert cfg.backend == "redis" and cfg.key_teams == {"k": "t"}, "teams on Redis: nexus_limits.redis Hierarchy"
 
 
 def test_plain_keys_keep_working_and_team_keys_keep_their_tier(tmp_path):
@@ -356,3 +355,53 @@ def test_plain_keys_keep_working_and_team_keys_keep_their_tier(tmp_path):
     assert cfg.keys == {"sk-1": "pro", "sk-2": "pro", "sk-solo": "pro"}
     assert cfg.key_teams == {"sk-1": "search", "sk-2": "search"}
     assert cfg.teams["search"].org == "acme" and cfg.teams["search"].quotas() == {"requests": "10/minute"}
+
+
+def test_on_redis_two_gateways_share_a_team_quota_exactly(tmp_path, upstream, redis_server, redis_client):
+    """[backend] type = "redis": the org > team > key hierarchy lives in Redis (one script
+    per check), so two gateway processes share the team's quota exactly; the classes
+    of a tier's one-level hierarchy too."""
+    backend = f'[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\nprefix = "gwteams"\n'
+    path = write(tmp_path, upstream.url, TEAM + backend)
+    first, second = build_app(str(path)), build_app(str(path))
+    with ASGIServer(first, lifespan="on") as a, ASGIServer(second, lifespan="on") as b:
+        with httpx.Client(timeout=10) as http:
+            urls = [a.url, b.url] * 12
+
+            def call(i):
+                return http.post(f"{urls[i]}/v1/chat/completions", json=CHAT, headers=auth(("sk-1", "sk-2")[i % 2]))
+
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(call, range(len(urls))))
+            assert [r.status_code for r in answers].count(200) == 10, [r.status_code for r in answers]
+            refused = [r for r in answers if r.status_code == 429]
+            assert all(r.headers["x-nexus-limit-policy"] == "team.requests" for r in refused)
+            doc = http.get(f"{a.url}/_nexus/keys/sk-1", headers=ADMIN).json()
+            assert doc["limits"]["team"]["requests"]["remaining"] == 0
+    keys = [k.decode() for k in redis_client.keys("gwteams:*")]
+    assert keys and all("{acme}" in k or "teams-" in k for k in keys), keys
+
+
+def test_on_redis_reload_and_classes(tmp_path, upstream, redis_server, redis_client):
+    backend = f'[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\nprefix = "gwclasses"\n'
+    # reload = "watch": the reload runs on the gateway's loop, its Redis writes in a thread.
+    gateway = 'class_header = "x-nexus-priority"\nreload = "watch"\nreload_interval = 0.1'
+    path = write(tmp_path, upstream.url, CLASSES + backend, gateway=gateway)
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        batch = {"x-nexus-priority": "batch", **auth("sk-solo")}
+        assert [http.get("/v1/models", headers=batch).status_code for _ in range(8)].count(200) == 7
+        top = {"x-nexus-priority": "interactive", **auth("sk-solo")}
+        assert [http.get("/v1/models", headers=top).status_code for _ in range(4)] == [200, 200, 200, 429]
+        # The team's quota raised by a reload (in a worker thread), its usage kept.
+        assert [http.post("/v1/batches", json={}, headers=auth("sk-1")).status_code for _ in range(8)].count(200) == 7
+        path.write_text(
+            path.read_text().replace('[teams.search]\nrequests = "10/minute"', '[teams.search]\nrequests = "20/minute"')
+        )
+
+        def raised():
+            return http.get("/_nexus/keys/sk-1", headers=ADMIN).json()["limits"]["team"]["requests"]["limit"] == 20
+
+        wait_for(raised)
+        codes = [http.post("/v1/batches", json={}, headers=auth("sk-1")).status_code for _ in range(10)]
+        assert codes.count(200) == 7, "batch may use 14 of 20, 7 of which were used before the reload"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from inspect import isawaitable
 from typing import Any, Dict, Optional
 from urllib.parse import parse_qs, unquote
 
@@ -79,7 +80,8 @@ async def admin(gateway: Any, scope: Scope, send: Send) -> None:
                 doc["limits"] = None
                 doc["detail"] = "per-key state is available with the memory backend"
             else:
-                doc["limits"] = inspect(key)
+                limits = inspect(key)
+                doc["limits"] = await limits if isawaitable(limits) else limits
         await json_reply(send, 200, doc)
         return
     if path == "/_nexus/top":

@@ -21,7 +21,7 @@ from ..tokens._encodings import warm_encodings
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
-from .tree import REQUEST_CLASS, TeamTree, TreeLimiter, requota_tier, tier_limiter
+from .tree import REQUEST_CLASS, RedisPlace, TeamTree, TreeLimiter, requota_tier, tier_limiter
 
 __all__ = ["Gateway", "build_app"]
 
@@ -120,6 +120,8 @@ class Gateway:
 
             redis_client = redis.asyncio.Redis.from_url(str(cfg.redis_url))
         self.redis = redis_client
+        # Where hierarchies (teams, classes) live on Redis.
+        self.place = RedisPlace(cfg, redis_client) if redis_client is not None else None
         self.metrics = Metrics(registry=CollectorRegistry())
         self.reloads = Counter(
             "config_reloads", "Config reloads by result", ("result",), namespace="nexus_limits", registry=None
@@ -228,7 +230,7 @@ class Gateway:
         """A tier's limiter: a TokenLimiter, or with [classes] a one-level hierarchy
         whose quotas the classes share."""
         if cfg.classes:
-            return tier_limiter(cfg, tier)
+            return tier_limiter(cfg, tier, self.place)
         return _limiter(cfg, tier, self.redis)
 
     def _build_teams(self, cfg: GatewayConfig, tiers: Dict[str, Any]) -> None:
@@ -247,7 +249,7 @@ class Gateway:
         else:
             if tree is not None:
                 log.warning("teams: the kinds of quota of a level or the classes changed; their counters start again")
-            tree = TeamTree(cfg)
+            tree = TeamTree(cfg, self.place)
         self.team_tree = tree
         self.metrics.watch(tree.limiter, "teams")
         team_tiers: Dict[str, Any] = {}
@@ -394,6 +396,8 @@ class Gateway:
                 await self.proxy.client.aclose()
                 if self.redis is not None:
                     await self.redis.aclose()
+                if self.place is not None:
+                    self.place.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -537,10 +537,3 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
     ]
     for kind, name in spent:
         raise loc.error((kind, name, "spend"), "spend at the org or team level is not available yet")
-    if cfg.backend == "redis" and (cfg.teams or cfg.orgs or cfg.classes):
-        what = "teams" if cfg.teams else "orgs" if cfg.orgs else "classes"
-        raise loc.error(
-            (what,),
-            f"[{what}] needs the memory backend for now: the gateway has no Redis hierarchy "
-            "(org > team > key charged in one step) to share them between processes",
-        )

@@ -16,6 +16,8 @@ quotas are left out of the headers and of the refusal's words.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
@@ -172,6 +174,8 @@ class TreeLimiter:
         self.hierarchy = hierarchy
         self.route_of = route_of
         self.describe = describe
+        # The synchronous twin that changes a Redis hierarchy's quotas (None in-process).
+        self.admin: Any = None
 
     def _route(self, key: Key) -> Route:
         route = self.route_of(key)
@@ -185,17 +189,26 @@ class TreeLimiter:
             _REFUSED.set(answer)
         return answer
 
-    def reserve(self, key: Key, tokens: int) -> TreeReservation:
+    async def _later(self, outcome: Any, route: Route, estimate: int) -> TreeReservation:
+        return self._answer(await outcome, route, estimate)
+
+    def reserve(self, key: Key, tokens: int) -> Any:
         """Reserve one request and ``tokens`` at every level of the key's path, with a
-        lease at each level that has a concurrency limit."""
+        lease at each level that has a concurrency limit: a :class:`TreeReservation`
+        (a coroutine giving one on Redis)."""
         route = self._route(key)
         outcome = self.hierarchy.reserve(route.path, tokens, cls=REQUEST_CLASS.get())
+        if inspect.isawaitable(outcome):
+            return self._later(outcome, route, tokens)
         return self._answer(outcome, route, tokens)
 
-    def peek(self, key: Key) -> TreeReservation:
+    def peek(self, key: Key) -> Any:
         """Whether a request would be admitted now at every level (charging nothing)."""
         route = self._route(key)
-        return self._answer(self.hierarchy.peek(route.path, cls=REQUEST_CLASS.get()), route, 0)
+        outcome = self.hierarchy.peek(route.path, cls=REQUEST_CLASS.get())
+        if inspect.isawaitable(outcome):
+            return self._later(outcome, route, 0)
+        return self._answer(outcome, route, 0)
 
     # The middleware words a refusal with ``limiter.<unit>``: with a hierarchy the limit
     # that refused depends on the call, so these name the one that refused the call
@@ -222,7 +235,7 @@ class TreeLimiter:
     def daily_tokens(self) -> Optional[str]:
         return self._words("daily_tokens")
 
-    def inspect(self, key: Key) -> Optional[Dict[str, Any]]:
+    async def inspect(self, key: Key) -> Optional[Dict[str, Any]]:
         """Each level's state for the key's path, ``{"org": {...}, "team": ..., "key": ...}``,
         the quotas no node was given left out."""
         route = self.route_of(key)
@@ -232,6 +245,8 @@ class TreeLimiter:
         path = route.path
         for depth, level in enumerate(self.hierarchy.levels, 1):
             state = self.hierarchy.inspect(path[:depth])
+            if inspect.isawaitable(state):
+                state = await state
             out[level] = {
                 "node": path[depth - 1],
                 **{
@@ -273,6 +288,63 @@ def _kinds(quotas: List[Dict[str, Any]]) -> Tuple[str, ...]:
     return found or ("requests",)
 
 
+class RedisPlace:
+    """Where the gateway's hierarchies live with ``[backend] type = "redis"``: checks
+    go through the gateway's asyncio client (``nexus_limits.redis.asyncio.Hierarchy``);
+    quota changes through a twin on a synchronous client, at startup (before anything
+    is served) and, on a reload, in a worker thread (never blocking the event loop)."""
+
+    def __init__(self, cfg: GatewayConfig, client: Any) -> None:
+        self.cfg = cfg
+        self.client = client
+        self._sync: Any = None
+
+    def sync_client(self) -> Any:
+        if self._sync is None:
+            import redis
+
+            self._sync = redis.Redis.from_url(str(self.cfg.redis_url))
+        return self._sync
+
+    def build(self, levels: List[Tuple[str, Dict[str, Any]]], name: str, **options: Any) -> Tuple[Any, Any]:
+        """The hierarchy that checks (asyncio) and its twin that changes quotas (sync)."""
+        from ..redis import Hierarchy as SyncHierarchy
+        from ..redis.asyncio import Hierarchy as AsyncHierarchy
+
+        common = {"prefix": self.cfg.redis_prefix, "name": name, "on_error": self.cfg.on_error, **options}
+        return AsyncHierarchy(self.client, levels, **common), SyncHierarchy(self.sync_client(), levels, **common)
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+def _change(work: Callable[[], Any], then: Callable[[], None]) -> None:
+    """Runs a blocking quota change, then ``then``: at once without an event loop
+    (startup), else in a worker thread with ``then`` back on the loop."""
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            work()
+        except Exception as error:  # the store is away: nothing can be served without the quotas
+            raise RuntimeError(f"the gateway's quotas could not be written to Redis: {error}") from error
+        then()
+        return
+
+    def done(future: Any) -> None:
+        error = future.exception()
+        if error is not None:
+            log.error("config reload: the new quotas could not be written to Redis: %s", error)
+            return
+        then()
+
+    loop.run_in_executor(None, work).add_done_callback(done)
+
+
 class TeamTree:
     """The hierarchy of the config's orgs, teams and their keys: a key of a team is
     charged at its org (if any), its team and itself (its tier's quotas), all at once.
@@ -280,19 +352,29 @@ class TeamTree:
     ``apply(cfg)`` sets every node's quotas from a config (at build and on each
     reload), keeping what each node has used; ``fits(cfg)`` says whether a new config
     can be applied to this hierarchy (the same kinds of quota at each level and the
-    same classes) or needs a new one."""
+    same classes) or needs a new one. On Redis (``place``) the quotas live in Redis,
+    shared by every gateway process."""
 
-    def __init__(self, cfg: GatewayConfig) -> None:
+    def __init__(self, cfg: GatewayConfig, place: Optional[RedisPlace] = None) -> None:
         import nexus_limits as nl
 
         self.signature = self._signature(cfg)
         shape, classes, default_class, lease_ttl = self.signature
-        self.hierarchy = nl.Hierarchy(
-            levels=[(level, {kind: UNLIMITED[kind] for kind in kinds}) for level, kinds in zip(LEVELS, shape)],
-            classes=dict(classes) or None,
-            default_class=default_class,
-            lease_ttl=lease_ttl,
-        )
+        levels = [(level, {kind: UNLIMITED[kind] for kind in kinds}) for level, kinds in zip(LEVELS, shape)]
+        options: Dict[str, Any] = {
+            "classes": dict(classes) or None,
+            "default_class": default_class,
+            "lease_ttl": lease_ttl,
+        }
+        if place is None:
+            self.hierarchy = nl.Hierarchy(levels=levels, **options)
+            self.admin = self.hierarchy
+        else:
+            # The keys are named after the shape: a config whose levels have other kinds of
+            # quota starts on keys of its own, as an in-process hierarchy starts anew.
+            digest = hashlib.sha1(repr(self.signature).encode()).hexdigest()[:12]
+            self.hierarchy, self.admin = place.build(levels, f"teams-{digest}", **options)
+        self.place = place
         self.routes: Dict[Key, Route] = {}
         self.nodes: Set[Tuple[Key, ...]] = set()
         self.limiter = TreeLimiter(self.hierarchy, self.routes.get, _describe)
@@ -312,6 +394,8 @@ class TeamTree:
         return self._signature(cfg) == self.signature
 
     def apply(self, cfg: GatewayConfig) -> None:
+        """Every node's quotas from ``cfg``, keeping usage; the keys' routes follow once
+        the quotas are in place."""
         org_kinds, team_kinds, key_kinds = self.signature[0]
         nodes: Dict[Tuple[Key, ...], Dict[str, Any]] = {}
         for name, org in cfg.orgs.items():
@@ -332,13 +416,25 @@ class TeamTree:
             ):
                 rates.update({f"{level}.{kind}": str(value) for kind, value in quotas.items() if kind in _KINDS})
             routes[api_key] = Route(path, rates)
-        for node, quotas in nodes.items():
-            self.hierarchy.set_quota(node, **quotas)
-        for node in self.nodes - set(nodes):
-            self.hierarchy.clear_quota(node)
-        self.nodes = set(nodes)
-        self.routes.clear()
-        self.routes.update(routes)
+        gone = self.nodes - set(nodes)
+        admin = self.admin
+
+        def work() -> None:
+            for node, quotas in nodes.items():
+                admin.set_quota(node, **quotas)
+            for node in gone:
+                admin.clear_quota(node)
+
+        def then() -> None:
+            self.nodes = set(nodes)
+            self.routes.clear()
+            self.routes.update(routes)
+
+        if self.place is None:
+            work()
+            then()
+        else:
+            _change(work, then)
 
 
 def _describe(policy: str, route: Route) -> str:
@@ -361,23 +457,41 @@ class _TierRoute:
         return Route((key,), self.rates)
 
 
-def tier_limiter(cfg: GatewayConfig, tier: Tier) -> TreeLimiter:
+def tier_limiter(cfg: GatewayConfig, tier: Tier, place: Optional[RedisPlace] = None) -> TreeLimiter:
     """A tier's limits as a one-level hierarchy, so that [classes] share them: each key
-    of the tier its own node, with the tier's quotas."""
+    of the tier its own node, with the tier's quotas (on Redis with ``place``)."""
     import nexus_limits as nl
 
-    hierarchy = nl.Hierarchy(
-        levels=[("key", tier.quotas())],
-        classes=cfg.classes,
-        default_class=cfg.default_class,
-        lease_ttl=cfg.lease_ttl,
-        shadow=tier.shadow,
-    )
-    return TreeLimiter(hierarchy, _TierRoute(tier), lambda policy, route: "this key")
+    levels = [("key", tier.quotas())]
+    options: Dict[str, Any] = {"classes": cfg.classes, "default_class": cfg.default_class, "lease_ttl": cfg.lease_ttl}
+    if place is None:
+        hierarchy = nl.Hierarchy(levels=levels, shadow=tier.shadow, **options)
+        limiter = TreeLimiter(hierarchy, _TierRoute(tier), _this_key)
+    else:
+        hierarchy, admin = place.build(levels, f"tier-{tier.name}-classes", **options)
+        limiter = TreeLimiter(hierarchy, _TierRoute(tier), _this_key)
+        limiter.admin = admin
+        # Quotas a reload stored in Redis outlive the process: this config's win.
+        quotas = tier.quotas()
+        _change(lambda: admin.set_default_quota("key", **quotas), lambda: None)
+    return limiter
+
+
+def _this_key(policy: str, route: Route) -> str:
+    return "this key"
 
 
 def requota_tier(limiter: TreeLimiter, tier: Tier) -> None:
     """New quotas for a tier's one-level hierarchy (the same kinds), keeping usage."""
-    limiter.hierarchy.set_default_quota("key", **tier.quotas())
-    limiter.hierarchy.shadow = tier.shadow
-    limiter.route_of = _TierRoute(tier)
+    admin = limiter.admin
+    if admin is None:
+        limiter.hierarchy.set_default_quota("key", **tier.quotas())
+        limiter.hierarchy.shadow = tier.shadow
+        limiter.route_of = _TierRoute(tier)
+        return
+    route = _TierRoute(tier)
+
+    def then() -> None:
+        limiter.route_of = route
+
+    _change(lambda: admin.set_default_quota("key", **tier.quotas()), then)
