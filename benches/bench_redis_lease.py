@@ -144,7 +144,7 @@ def cold_key(port: int, checks: int = 30, every: float = 0.1) -> float:
 
 
 def main(argv: List[str]) -> int:
-    from servers import RedisServer
+    from support.servers import RedisServer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--processes", type=int, default=4)

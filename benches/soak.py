@@ -47,7 +47,7 @@ def main(argv: Any = None) -> int:
 
     import httpx
     import redis
-    from servers import ASGIServer, RedisServer
+    from support.servers import ASGIServer, RedisServer
 
     import nexus_limits as nl
     import nexus_limits.redis as nlr

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits.redis as nlr
 from nexus_limits.bench import measure, stores

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 from nexus_limits.bench import measure, stores

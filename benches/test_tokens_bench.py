@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import redis
-from servers import RedisServer
+from support.servers import RedisServer
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
