@@ -298,7 +298,7 @@ def test_reload_moves_a_key_between_teams(tmp_path, upstream):
         ('[teams.t]\nrequests = "lots"\n', ":17: teams.t.requests: invalid rate"),
         ("[teams.t]\nconcurrency = 0\n", ":17: teams.t.concurrency: must be at least 1"),
         ('[orgs.o]\nrequest = "1/s"\n', ":17: orgs.o.request: unknown field; did you mean 'requests'?"),
-        ('[orgs.o]\nspend = "5.00/day"\n', ":17: orgs.o.spend: spend at the org or team level is not available"),
+        ('[orgs.o]\nspend = "lots"\n', ":17: orgs.o.spend: invalid budget"),
         ("[orgs.o]\ntokens = 5\n", ":17: orgs.o.tokens: must be a rate"),
         ('[orgs.""]\n', "orgs: names must not be empty"),
         ("[classes]\nbatch = 0.7\n", ":16: classes: one class must have the whole quota"),
@@ -405,3 +405,57 @@ def test_on_redis_reload_and_classes(tmp_path, upstream, redis_server, redis_cli
         wait_for(raised)
         codes = [http.post("/v1/batches", json={}, headers=auth("sk-1")).status_code for _ in range(10)]
         assert codes.count(200) == 7, "batch may use 14 of 20, 7 of which were used before the reload"
+
+
+def test_org_and_team_dollar_budgets_are_charged_at_every_level(tmp_path, upstream):
+    extra = """
+[orgs.acme]
+spend = "0.002/day"
+
+[teams.a]
+org = "acme"
+spend = "1.00/day"
+[teams.b]
+org = "acme"
+
+[keys]
+"sk-a" = { tier = "pro", team = "a" }
+"sk-b" = { tier = "pro", team = "b" }
+
+[prices."gpt-4o"]
+input = "5"
+output = "20"
+"""
+    app = build_app(str(write(tmp_path, upstream.url, extra)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        r = http.post("/v1/chat/completions", json=CHAT, headers=auth("sk-a"))
+        assert r.status_code == 200 and r.headers["x-budget-limit"] == "0.002", r.headers
+
+        def spent():
+            h = app.spend_tree.hierarchy
+            return h.inspect(("acme",))["spend"]["used"], h.inspect(("acme", "a"))["spend"]["used"]
+
+        # 30 tokens in at $5/1M and 20 out at $20/1M: 550 micro-dollars, at the org and the team.
+        wait_for(lambda: spent() == (550, 550))
+        codes = []
+        for key in ("sk-b", "sk-a") * 4:
+            codes.append(http.post("/v1/chat/completions", json=CHAT, headers=auth(key)))
+            if codes[-1].status_code == 429:
+                break
+        refused = codes[-1]
+        assert refused.status_code == 429, [c.status_code for c in codes]
+        assert refused.headers["x-nexus-limit-policy"] == "org.spend"
+        assert "spend budget 0.002/day of org acme" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["budget"] == "spend"
+        # The org's budget, not a team's, refused: team b has none, team a has $1.
+        assert spent()[0] >= 2000 - 550
+
+
+def test_an_unknown_model_costs_no_level_anything(tmp_path, upstream):
+    extra = '[orgs.acme]\nspend = "1.00/day"\n[teams.a]\norg = "acme"\n[keys]\n"sk-a" = { tier = "pro", team = "a" }\n'
+    app = build_app(str(write(tmp_path, upstream.url, extra)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        r = http.post("/v1/chat/completions", json={**CHAT, "model": "no-such-model"}, headers=auth("sk-a"))
+        assert r.status_code == 400 and "no-such-model" in r.text
+        key = app.team_tree.hierarchy.inspect(("acme", "a", "sk-a"))
+    assert key["requests"]["used"] == 0, "the request reserved before pricing was refunded"

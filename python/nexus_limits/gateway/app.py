@@ -21,7 +21,7 @@ from ..tokens._encodings import warm_encodings
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
-from .tree import REQUEST_CLASS, RedisPlace, TeamTree, TreeLimiter, requota_tier, tier_limiter
+from .tree import REQUEST_CLASS, RedisPlace, TeamTree, TreeLimiter, TreeSpend, requota_tier, tier_limiter
 
 __all__ = ["Gateway", "build_app"]
 
@@ -132,6 +132,8 @@ class Gateway:
         self.tiers: Dict[str, Any] = {}
         # Keys of a team: their tier's middleware over the org > team > key hierarchy.
         self.team_tree: Optional[TeamTree] = None
+        # The dollar budgets of orgs and teams (and their keys' tiers), when one has any.
+        self.spend_tree: Optional[TeamTree] = None
         self.team_tiers: Dict[str, Any] = {}
         self._outputs: Dict[str, Tuple[Tuple[Any, ...], OutputEstimate]] = {}
         self._build(cfg, None)
@@ -239,26 +241,30 @@ class Gateway:
         keeping every node's usage, unless the kinds of quota of a level or the classes
         changed (then its counters start again)."""
         if not cfg.key_teams:
-            self.team_tree = None
+            self.team_tree = self.spend_tree = None
             self.team_tiers = {}
             self.metrics.unwatch("teams")
+            self.metrics.unwatch("teams-spend")
             return
-        tree = self.team_tree
-        if tree is not None and tree.fits(cfg):
-            tree.apply(cfg)
-        else:
-            if tree is not None:
-                log.warning("teams: the kinds of quota of a level or the classes changed; their counters start again")
-            tree = TeamTree(cfg, self.place)
+        tree = self._tree(cfg, self.team_tree, spend=False)
         self.team_tree = tree
         self.metrics.watch(tree.limiter, "teams")
+        spend_tree: Optional[TeamTree] = None
+        if any(g.spend for g in (*cfg.orgs.values(), *cfg.teams.values())):
+            spend_tree = self._tree(cfg, self.spend_tree, spend=True)
+            self.metrics.watch(spend_tree.limiter, "teams-spend")
+        else:
+            self.metrics.unwatch("teams-spend")
+        self.spend_tree = spend_tree
         team_tiers: Dict[str, Any] = {}
         for name in sorted({cfg.keys[k] for k in cfg.key_teams}):
             tier = cfg.tiers[name]
             team_tiers[name] = LLMLimitMiddleware(
                 self.proxy,
                 limiter=tree.limiter,
-                spend=tiers[name].spend,  # a key's own spend budget: the tier's, per key
+                # Dollar budgets at org > team > key when an org or a team has one; else
+                # the key's own budget, its tier's.
+                spend=TreeSpend(spend_tree, _prices(cfg)) if spend_tree is not None else tiers[name].spend,
                 key=cfg.key,
                 output=self._output(cfg, tier),
                 metrics=self.metrics,
@@ -267,6 +273,17 @@ class Gateway:
                 max_body=cfg.max_body_bytes,
             )
         self.team_tiers = team_tiers
+
+    def _tree(self, cfg: GatewayConfig, tree: Optional[TeamTree], spend: bool) -> TeamTree:
+        """The hierarchy of the teams' limits (or dollar budgets) with ``cfg``'s quotas:
+        the one given, its usage kept, unless a level's kinds of quota or the classes
+        changed (then a new one, whose counters start again)."""
+        if tree is not None and tree.fits(cfg):
+            tree.apply(cfg)
+            return tree
+        if tree is not None:
+            log.warning("teams: the kinds of quota of a level or the classes changed; their counters start again")
+        return TeamTree(cfg, self.place, spend=spend)
 
     @staticmethod
     def _requota(cfg: GatewayConfig, tier: Tier, limiter: Any) -> None:

@@ -532,8 +532,3 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
         for name, tier in cfg.tiers.items():
             if tier.queue is not None:
                 raise loc.error(("tiers", name, "queue"), "queue is not available with [classes]")
-    spent = [("orgs", n) for n, g in cfg.orgs.items() if g.spend] + [
-        ("teams", n) for n, g in cfg.teams.items() if g.spend
-    ]
-    for kind, name in spent:
-        raise loc.error((kind, name, "spend"), "spend at the org or team level is not available yet")

@@ -19,15 +19,27 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
 from contextvars import ContextVar
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ..base import Key
+from .config import Tier
 
 if TYPE_CHECKING:
-    from .config import GatewayConfig, Tier
+    from .config import GatewayConfig
 
-__all__ = ["REQUEST_CLASS", "UNLIMITED", "Route", "TeamTree", "TreeLimiter", "TreeReservation", "tier_limiter"]
+__all__ = [
+    "REQUEST_CLASS",
+    "UNLIMITED",
+    "Route",
+    "TeamTree",
+    "TreeLimiter",
+    "TreeReservation",
+    "TreeSpend",
+    "tier_limiter",
+]
 
 log = logging.getLogger("nexus_limits.gateway")
 
@@ -43,6 +55,7 @@ UNLIMITED: Dict[str, Any] = {
     "tokens": _NEVER,
     "daily_tokens": _NEVER,
     "concurrency": 1_000_000_000,
+    "spend": _NEVER,  # micro-dollars
 }
 _UNITS = ("requests", "tokens", "daily_tokens")
 
@@ -277,15 +290,21 @@ _KINDS = ("requests", "tokens", "daily_tokens", "concurrency")
 
 
 def _full(kinds: Tuple[str, ...], quotas: Dict[str, Any]) -> Dict[str, Any]:
-    """Every kind of a level for one node: its own quota, else unlimited."""
-    return {kind: quotas.get(kind, UNLIMITED[kind]) for kind in kinds}
+    """Every kind of a level for one node: its own quota, else unlimited (a dollar
+    budget unlimited is already micro-dollars: no parsing)."""
+    out = {kind: quotas.get(kind, UNLIMITED[kind]) for kind in kinds}
+    if out.get("spend") == _NEVER:
+        import nexus_limits as nl
+
+        out["spend"] = nl.Rate.parse(_NEVER)
+    return out
 
 
-def _kinds(quotas: List[Dict[str, Any]]) -> Tuple[str, ...]:
-    """The kinds of quota a level has: those any of its nodes has (requests, unlimited,
-    when none has any: a level must have one)."""
-    found = tuple(kind for kind in _KINDS if any(kind in q for q in quotas))
-    return found or ("requests",)
+def _kinds(quotas: List[Dict[str, Any]], units: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The kinds of quota a level has: those any of its nodes has (the first of
+    ``units``, unlimited, when none has any: a level must have one)."""
+    found = tuple(kind for kind in units if any(kind in q for q in quotas))
+    return found or units[:1]
 
 
 class RedisPlace:
@@ -355,12 +374,15 @@ class TeamTree:
     same classes) or needs a new one. On Redis (``place``) the quotas live in Redis,
     shared by every gateway process."""
 
-    def __init__(self, cfg: GatewayConfig, place: Optional[RedisPlace] = None) -> None:
+    def __init__(self, cfg: GatewayConfig, place: Optional[RedisPlace] = None, spend: bool = False) -> None:
         import nexus_limits as nl
 
+        # The limits (requests, tokens, daily_tokens, concurrency) or the dollar budgets:
+        # the LLM middleware charges the two apart (a spend estimate needs the model).
+        self.units = ("spend",) if spend else _KINDS
         self.signature = self._signature(cfg)
         shape, classes, default_class, lease_ttl = self.signature
-        levels = [(level, {kind: UNLIMITED[kind] for kind in kinds}) for level, kinds in zip(LEVELS, shape)]
+        levels = [(level, _full(kinds, {})) for level, kinds in zip(LEVELS, shape)]
         options: Dict[str, Any] = {
             "classes": dict(classes) or None,
             "default_class": default_class,
@@ -373,22 +395,34 @@ class TeamTree:
             # The keys are named after the shape: a config whose levels have other kinds of
             # quota starts on keys of its own, as an in-process hierarchy starts anew.
             digest = hashlib.sha1(repr(self.signature).encode()).hexdigest()[:12]
-            self.hierarchy, self.admin = place.build(levels, f"teams-{digest}", **options)
+            name = f"{'spend' if spend else 'teams'}-{digest}"
+            self.hierarchy, self.admin = place.build(levels, name, **options)
         self.place = place
         self.routes: Dict[Key, Route] = {}
         self.nodes: Set[Tuple[Key, ...]] = set()
         self.limiter = TreeLimiter(self.hierarchy, self.routes.get, _describe)
         self.apply(cfg)
 
-    @staticmethod
-    def _signature(cfg: GatewayConfig) -> Tuple[Any, ...]:
+    def _quotas(self, node: Any) -> Dict[str, Any]:
+        """A node's quotas of this tree's units (a key's are its tier's)."""
+        if node is None:
+            return {}
+        if isinstance(node, Tier):
+            quotas = {**node.quotas(), "spend": node.spend} if node.spend else node.quotas()
+        else:
+            quotas = node.quotas()
+        return {k: v for k, v in quotas.items() if k in self.units}
+
+    def _signature(self, cfg: GatewayConfig) -> Tuple[Any, ...]:
         tiers = {cfg.keys[k] for k in cfg.key_teams}
         shape = (
-            _kinds([g.quotas() for g in cfg.orgs.values()]),
-            _kinds([g.quotas() for g in cfg.teams.values()]),
-            _kinds([cfg.tiers[t].quotas() for t in sorted(tiers)]),
+            _kinds([self._quotas(g) for g in cfg.orgs.values()], self.units),
+            _kinds([self._quotas(g) for g in cfg.teams.values()], self.units),
+            _kinds([self._quotas(cfg.tiers[t]) for t in sorted(tiers)], self.units),
         )
-        return shape, tuple(cfg.classes.items()), cfg.default_class, cfg.lease_ttl
+        # Priority classes share the limits, not the dollar budgets.
+        classes = () if self.units == ("spend",) else tuple(cfg.classes.items())
+        return shape, classes, cfg.default_class if classes else None, cfg.lease_ttl
 
     def fits(self, cfg: GatewayConfig) -> bool:
         return self._signature(cfg) == self.signature
@@ -399,22 +433,18 @@ class TeamTree:
         org_kinds, team_kinds, key_kinds = self.signature[0]
         nodes: Dict[Tuple[Key, ...], Dict[str, Any]] = {}
         for name, org in cfg.orgs.items():
-            nodes[(name,)] = _full(org_kinds, org.quotas())
+            nodes[(name,)] = _full(org_kinds, self._quotas(org))
         for name, team in cfg.teams.items():
-            nodes[(team.org or NO_ORG, name)] = _full(team_kinds, team.quotas())
+            nodes[(team.org or NO_ORG, name)] = _full(team_kinds, self._quotas(team))
         routes: Dict[Key, Route] = {}
         for api_key, team_name in cfg.key_teams.items():
             team = cfg.teams[team_name]
             tier = cfg.tiers[cfg.keys[api_key]]
             path = (team.org or NO_ORG, team_name, api_key)
-            nodes[path] = _full(key_kinds, tier.quotas())
+            nodes[path] = _full(key_kinds, self._quotas(tier))
             rates: Dict[str, str] = {}
-            for level, quotas in (
-                ("org", cfg.orgs[team.org].quotas() if team.org else {}),
-                ("team", team.quotas()),
-                ("key", tier.quotas()),
-            ):
-                rates.update({f"{level}.{kind}": str(value) for kind, value in quotas.items() if kind in _KINDS})
+            for level, node in (("org", cfg.orgs.get(team.org or "")), ("team", team), ("key", tier)):
+                rates.update({f"{level}.{kind}": str(value) for kind, value in self._quotas(node).items()})
             routes[api_key] = Route(path, rates)
         gone = self.nodes - set(nodes)
         admin = self.admin
@@ -495,3 +525,119 @@ def requota_tier(limiter: TreeLimiter, tier: Tier) -> None:
         limiter.route_of = route
 
     _change(lambda: admin.set_default_quota("key", **tier.quotas()), then)
+
+
+def _dollars(micros: int) -> str:
+    """Micro-dollars as dollars: "0.01", or every digit needed ("0.000550")."""
+    text = f"{Decimal(micros) / 1_000_000:.6f}"
+    return f"{micros / 1_000_000:.2f}" if micros % 10_000 == 0 else text.rstrip("0")
+
+
+class TreeSpendReservation:
+    """A dollar reservation at every level of a key's path, as the LLM middleware
+    finishes a SpendLimiter's: ``settle(usage or micros)``, ``cancel()``, ``headers()``
+    (``x-budget-*`` of the tightest level) and ``detail()`` naming the level that refused."""
+
+    __slots__ = ("_owner", "model", "outcome", "route")
+
+    def __init__(self, owner: TreeSpend, outcome: Any, route: Route, model: Optional[str]) -> None:
+        self._owner = owner
+        self.outcome = outcome
+        self.route = route
+        self.model = model
+
+    @property
+    def allowed(self) -> bool:
+        return bool(self.outcome.allowed)
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+    @property
+    def estimate_micros(self) -> int:
+        return int(self.outcome.spend_estimate)
+
+    @property
+    def retry_after(self) -> float:
+        return float(self.outcome.retry_after)
+
+    def _tightest(self) -> Optional[Tuple[str, Any]]:
+        return TreeReservation(self.outcome, self.route, 0).unit("spend")
+
+    @property
+    def decision(self) -> Any:
+        found = self._tightest()
+        return found[1] if found else None
+
+    def settle(self, actual: Any) -> Any:
+        micros = actual if isinstance(actual, int) else self._owner.cost(self.model, actual)
+        return self.outcome.settle(0, actual_spend=micros)
+
+    def cancel(self) -> Any:
+        return self.outcome.cancel()
+
+    def headers(self) -> Dict[str, str]:
+        from ..budget import go_duration
+
+        out: Dict[str, str] = {}
+        d = self.decision
+        if d is not None:
+            out["x-budget-limit"] = _dollars(d.limit)
+            out["x-budget-remaining"] = _dollars(d.remaining)
+            out["x-budget-reset"] = go_duration(d.reset_after)
+        if not self.allowed:
+            found = self._tightest()
+            if found is not None:
+                out["x-nexus-limit-policy"] = found[0]
+            if self.retry_after != float("inf"):
+                out["retry-after"] = str(max(1, math.ceil(self.retry_after)))
+        return out
+
+    def detail(self) -> str:
+        found = self._tightest()
+        if found is None:
+            return "spend budget exhausted"
+        policy = found[0]
+        budget = f"{self.route.rates.get(policy, '')} of {_describe(policy, self.route)}"
+        if math.isinf(self.retry_after):
+            return (
+                f"spend budget {budget}: the estimated cost ${_dollars(self.estimate_micros)} is above the whole budget"
+            )
+        return f"spend budget {budget} exhausted; enough is restored in {math.ceil(self.retry_after)} s"
+
+
+class TreeSpend:
+    """The SpendLimiter interface the LLM middleware uses, over the dollar budgets of a
+    key's org, team and tier (a :class:`TeamTree` of spend): ``reserve(key, model,
+    input_tokens, output_tokens)`` prices the call (``prices``) and reserves its cost at
+    every level, all or nothing."""
+
+    def __init__(self, tree: TeamTree, prices: Any) -> None:
+        self.tree = tree
+        self.prices = prices
+
+    def estimate(
+        self, model: Optional[str], input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    ) -> int:
+        return int(self.prices.get(model).micros(input_tokens, output_tokens, cached_input_tokens))
+
+    def cost(self, model: Optional[str], usage: Any) -> int:
+        return int(self.prices.cost(model, usage))
+
+    def reserve(self, key: Key, model: Optional[str], input_tokens: int, output_tokens: int) -> Any:
+        # Priced first: an unknown model (KeyError) is answered before anything is charged.
+        micros = self.estimate(model, input_tokens, output_tokens)
+        route = self.tree.routes.get(key)
+        if route is None:
+            raise LookupError(f"the key is not in a team: {key!r}")
+        outcome = self.tree.hierarchy.reserve(route.path, 0, spend=micros)
+        if inspect.isawaitable(outcome):
+
+            async def later() -> TreeSpendReservation:
+                return TreeSpendReservation(self, await outcome, route, model)
+
+            return later()
+        return TreeSpendReservation(self, outcome, route, model)
+
+    def stats(self) -> Dict[str, Any]:
+        return self.tree.limiter.stats()
