@@ -17,7 +17,10 @@
 //! - In a shared-memory store the check runs as one [`Transaction`] of the store (a
 //!   robust process-shared lock and a redo journal): every process of the host sees the
 //!   whole path change at once, and a process killed mid-check leaves it applied in full
-//!   or not at all.
+//!   or not at all. Concurrency leases can live there too ([`SharedLeases`]), taken in
+//!   the same transaction as the rate quotas; so far only a token budget
+//!   ([`crate::budget`], a one-level hierarchy) uses them: [`Hierarchy::new`] still
+//!   refuses a concurrency limit with a store.
 //!
 //! A node's quotas can be changed at run time, keeping what it has used: for one node
 //! (in this process, or kept in the shared-memory store for every process) or, in this
@@ -35,7 +38,7 @@ use crate::priority::{check_classes, step_share, Share};
 use crate::quota::{Kind, Quota};
 use crate::rate::Rate;
 use crate::report::{AtomicCounters, Counters, Inspection};
-use crate::store::shm::{ShmTable, Write, MAX_WRITES};
+use crate::store::shm::{Held, SharedLeases, ShmTable, Transaction, Write, MAX_WRITES};
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -197,6 +200,30 @@ struct Level {
     /// The parts of this level, by index.
     parts: Vec<usize>,
     concurrency: Option<Arc<Concurrency>>,
+    /// The level's concurrency limit when its leases live in a shared-memory store.
+    shared_leases: Option<SharedLeases>,
+}
+
+/// The rate quotas of a call stepped inside a transaction, not yet written.
+struct Stepped {
+    /// The quotas' combined decision (None: the hierarchy has none).
+    decision: Option<Decision>,
+    each: Vec<Decision>,
+    /// What charging them writes (nothing unless charged and admitted).
+    writes: Vec<Write>,
+    /// The part a full store answers for (the first new key admitted), and its answer.
+    full: Option<(usize, Decision)>,
+}
+
+impl Stepped {
+    /// The store had no room for a key to write: the call is refused as the limiters
+    /// refuse a new key in a full store.
+    fn refuse_full(&mut self) {
+        if let (Some((i, full)), Some(d)) = (self.full, self.decision) {
+            self.each[i] = full;
+            self.decision = Some(Decision { limit: d.limit, ..full });
+        }
+    }
 }
 
 /// Which quota refused a call: a unit's, or (None) the level's concurrency limit.
@@ -262,6 +289,16 @@ pub struct Hierarchy {
     default_class: usize,
 }
 
+/// What [`Hierarchy::build`] takes besides the levels and the store.
+pub(crate) struct Options<'a> {
+    /// Priority classes, as [`Hierarchy::with_classes`] takes them.
+    pub classes: Vec<(String, Share)>,
+    pub default_class: Option<&'a str>,
+    /// Concurrency limits keep their leases in the shared-memory store (see
+    /// [`SharedLeases`]) instead of being refused there.
+    pub shared_leases: bool,
+}
+
 /// One priority class of a hierarchy: its name, share and counters.
 struct HierarchyClass {
     name: String,
@@ -320,6 +357,23 @@ impl Hierarchy {
         classes: Vec<(String, Share)>,
         default_class: Option<&str>,
     ) -> Result<Hierarchy> {
+        let options = Options { classes, default_class, shared_leases: false };
+        Hierarchy::build(levels, store, name, clock, ttl_secs, max_keys, lease_ttl_secs, options)
+    }
+
+    /// [`with_classes`](Self::with_classes) with the options of [`Options`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build(
+        levels: Vec<LevelSpec>,
+        store: Option<Arc<ShmTable>>,
+        name: &str,
+        clock: Clock,
+        ttl_secs: f64,
+        max_keys: Option<usize>,
+        lease_ttl_secs: f64,
+        options: Options<'_>,
+    ) -> Result<Hierarchy> {
+        let Options { classes, default_class, shared_leases } = options;
         if !classes.is_empty() {
             check_classes(&classes)?;
         }
@@ -361,7 +415,7 @@ impl Hierarchy {
                     spec.name
                 )));
             }
-            if store.is_some() && spec.concurrency.is_some() {
+            if store.is_some() && spec.concurrency.is_some() && !shared_leases {
                 return Err(Error::InvalidArgument(format!(
                     "level {:?}: a concurrency limit keeps its leases in this process; it is not available with a \
                      SharedMemoryStore (use the Redis Hierarchy to share leases between processes)",
@@ -379,6 +433,15 @@ impl Hierarchy {
             return Err(Error::InvalidArgument(format!(
                 "a Hierarchy has at most {} rate quotas in all, got {}",
                 MAX_PARTS.min(MAX_WRITES),
+                built.len()
+            )));
+        }
+        // A reservation in a store writes each rate quota and two keys per lease taken.
+        let leased = levels.iter().filter(|l| l.concurrency.is_some()).count();
+        if store.is_some() && built.len() + 2 * leased > MAX_WRITES {
+            return Err(Error::InvalidArgument(format!(
+                "with a SharedMemoryStore a Hierarchy has at most {MAX_WRITES} rate quotas and twice its \
+                 concurrency limits in all, got {} and {leased}",
                 built.len()
             )));
         }
@@ -404,16 +467,30 @@ impl Hierarchy {
             }
         };
         let lease_ttl_ns = crate::clock::secs_to_ns(lease_ttl_secs).max(1);
+        let table = match &parts {
+            Parts::SharedMemory { table, .. } => Some(Arc::clone(table)),
+            Parts::InProcess(_) => None,
+        };
         let levels = levels
             .into_iter()
             .enumerate()
             .map(|(i, spec)| {
-                let concurrency = spec
-                    .concurrency
-                    .map(|n| Concurrency::new(n, lease_ttl_secs, clock.clone()).map(Arc::new))
-                    .transpose()?;
+                let (mut concurrency, mut leases) = (None, None);
+                if let Some(n) = spec.concurrency {
+                    match &table {
+                        None => concurrency = Some(Arc::new(Concurrency::new(n, lease_ttl_secs, clock.clone())?)),
+                        Some(t) => {
+                            let salt = |what: &str| {
+                                let id = format!("hierarchy|{name}|{i}|{}|{what}", spec.name);
+                                fingerprint_with(t.k0, t.k1, KeyKind::Bytes, id.as_bytes()).0
+                            };
+                            let (s, own) = (salt("concurrency"), salt("own concurrency"));
+                            leases = Some(SharedLeases::new(n, lease_ttl_ns, t.ttl_secs, s, own)?);
+                        }
+                    }
+                }
                 let parts = (0..part_of.len()).filter(|&p| part_of[p].0 == i).collect();
-                Ok(Level { name: spec.name, parts, concurrency })
+                Ok(Level { name: spec.name, parts, concurrency, shared_leases: leases })
             })
             .collect::<Result<Vec<_>>>()?;
         let refused_by = (0..levels.len()).map(|_| AtomicU64::new(0)).collect();
@@ -558,14 +635,18 @@ impl Hierarchy {
         ))
     }
 
+    /// The nodes of `path` as a shared-memory store fingerprints them, by level.
+    fn shared_nodes(table: &ShmTable, path: &Path) -> Vec<Fingerprint> {
+        (0..path.len()).map(|l| fingerprint_with(table.k0, table.k1, KeyKind::Bytes, path.node(l))).collect()
+    }
+
     /// In a shared-memory store, each part's key holding the own quota of its node of
     /// `path` (levels `0..path.len()`); none in this process.
     fn quota_keys(&self, path: &Path) -> Vec<Fingerprint> {
         let Parts::SharedMemory { table, parts } = &self.parts else {
             return Vec::new();
         };
-        let levels: Vec<Fingerprint> =
-            (0..path.len()).map(|l| fingerprint_with(table.k0, table.k1, KeyKind::Bytes, path.node(l))).collect();
+        let levels = Self::shared_nodes(table, path);
         parts
             .iter()
             .zip(&self.part_of)
@@ -583,9 +664,7 @@ impl Hierarchy {
                 self.part_of.iter().map(|&(l, _)| levels.get(l).copied().unwrap_or_default()).collect()
             }
             Parts::SharedMemory { table, parts } => {
-                let levels: Vec<Fingerprint> = (0..path.len())
-                    .map(|l| fingerprint_with(table.k0, table.k1, KeyKind::Bytes, path.node(l)))
-                    .collect();
+                let levels = Self::shared_nodes(table, path);
                 parts
                     .iter()
                     .zip(&self.part_of)
@@ -626,6 +705,9 @@ impl Hierarchy {
         self.check_path(path)?;
         let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let (_, share) = self.share_of(&amounts);
+        if let Parts::SharedMemory { table, parts } = &self.parts {
+            return self.reserve_shared(table, parts, path, &keys, &quota_keys, &self.costs(&amounts), share, false);
+        }
         let (rates, parts) = self.check_rates(&keys, &quota_keys, &self.costs(&amounts), share, false)?;
         let concurrency = self
             .levels
@@ -644,6 +726,11 @@ impl Hierarchy {
         let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
         let costs = self.costs(&amounts);
         let (class, share) = self.share_of(&amounts);
+        if let Parts::SharedMemory { table, parts } = &self.parts {
+            let o = self.reserve_shared(table, parts, path, &keys, &quota_keys, &costs, share, true)?;
+            self.count_class(class, &o);
+            return Ok(o);
+        }
         let now = self.clock.now();
         let limited: Vec<(usize, &Concurrency, Fingerprint)> = self
             .levels
@@ -719,7 +806,7 @@ impl Hierarchy {
                 Ok((Some(d), each))
             }
             Parts::SharedMemory { table, parts } => {
-                self.check_shared(table, parts, keys, quota_keys, costs, share, charge).map(|(d, e)| (Some(d), e))
+                self.check_shared(table, parts, keys, quota_keys, costs, share, charge)
             }
         }
     }
@@ -735,10 +822,31 @@ impl Hierarchy {
         costs: &[u64],
         share: Share,
         charge: bool,
-    ) -> Result<(Decision, Vec<Decision>)> {
+    ) -> Result<(Option<Decision>, Vec<Decision>)> {
         let mut txn = table.transaction()?;
         // Read under the lock: checks are then ordered in time as they are by the lock.
         let now = self.clock.now();
+        let mut stepped = self.step_shared(&txn, parts, keys, quota_keys, costs, share, charge, now);
+        if !txn.write(&stepped.writes, now) {
+            // A node new to the store found no room: nothing was written.
+            stepped.refuse_full();
+        }
+        Ok((stepped.decision, stepped.each))
+    }
+
+    /// Steps the rate quotas of a call inside `txn`, writing nothing yet.
+    #[allow(clippy::too_many_arguments)]
+    fn step_shared(
+        &self,
+        txn: &Transaction<'_>,
+        parts: &[StoredQuota],
+        keys: &[Fingerprint],
+        quota_keys: &[Fingerprint],
+        costs: &[u64],
+        share: Share,
+        charge: bool,
+        now: u64,
+    ) -> Stepped {
         let shadow = self.shadow();
         let mut steps: Vec<(Option<State>, State, Decision, Quota)> = Vec::with_capacity(parts.len());
         let mut whole: Option<Decision> = None;
@@ -753,25 +861,74 @@ impl Hierarchy {
             }
             steps.push((state, next, d, quota));
         }
-        let mut each: Vec<Decision> = steps.iter().map(|s| s.2).collect();
-        let decision = finish(whole.expect("a hierarchy in shared memory has a rate quota"));
-        if !decision.allowed || !charge {
-            return Ok((decision, each));
+        let each: Vec<Decision> = steps.iter().map(|s| s.2).collect();
+        let decision = whole.map(finish);
+        let mut writes = Vec::new();
+        if charge && decision.is_some_and(|d| d.allowed) {
+            writes = steps
+                .iter()
+                .enumerate()
+                .filter(|(_, (state, next, d, quota))| d.allowed && (state.is_some() || !quota.is_fresh(*next, now)))
+                .map(|(i, (_, next, _, _))| Write::Set(keys[i], *next))
+                .collect();
         }
-        let writes: Vec<Write> = steps
-            .iter()
-            .enumerate()
-            .filter(|(_, (state, next, d, quota))| d.allowed && (state.is_some() || !quota.is_fresh(*next, now)))
-            .map(|(i, (_, next, _, _))| Write::Set(keys[i], *next))
-            .collect();
-        if !txn.write(&writes, now) {
-            // A node new to the store found no room: nothing was written.
-            let i = steps.iter().position(|s| s.0.is_none() && s.2.allowed).unwrap_or(0);
-            let full = steps[i].3.full();
-            each[i] = full;
-            return Ok((Decision { limit: decision.limit, ..full }, each));
+        let i = steps.iter().position(|s| s.0.is_none() && s.2.allowed).unwrap_or(0);
+        let full = steps.get(i).map(|s| (i, s.3.full()));
+        Stepped { decision, each, writes, full }
+    }
+
+    /// A reservation (`take`) or a peek in a shared-memory store: the leases of every
+    /// level with a concurrency limit and the rate quotas, decided and written as one
+    /// transaction. As in this process, the rate quotas are charged only if every level
+    /// has a lease free, and the leases are taken only if the rate quotas admit.
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_shared(
+        &self,
+        table: &ShmTable,
+        parts: &[StoredQuota],
+        path: &Path,
+        keys: &[Fingerprint],
+        quota_keys: &[Fingerprint],
+        costs: &[u64],
+        share: Share,
+        take: bool,
+    ) -> Result<Outcome> {
+        let n = self.levels.len();
+        let nodes = Self::shared_nodes(table, path);
+        let mut txn = table.transaction()?;
+        let now = self.clock.now();
+        let mut concurrency = vec![None; n];
+        let mut held: Vec<Option<Held>> = vec![None; n];
+        for (l, level) in self.levels.iter().enumerate() {
+            if let Some(leases) = &level.shared_leases {
+                let h = leases.read(&txn, &nodes[l], now);
+                concurrency[l] = Some(leases.decide(&h, now));
+                held[l] = Some(h);
+            }
         }
-        Ok((decision, each))
+        let free = concurrency.iter().flatten().all(|d| d.allowed);
+        let mut stepped = self.step_shared(&txn, parts, keys, quota_keys, costs, share, take && free, now);
+        let mut leases = vec![None; n];
+        if take && free && stepped.decision.is_none_or(|d| d.allowed) {
+            for (l, level) in self.levels.iter().enumerate() {
+                if let (Some(shared), Some(h)) = (&level.shared_leases, &held[l]) {
+                    leases[l] = Some(shared.take(h, &nodes[l], now, &mut stepped.writes));
+                }
+            }
+            if !txn.write(&stepped.writes, now) {
+                // No room in the store for a key to write: nothing was written.
+                leases = vec![None; n];
+                if stepped.full.is_some() {
+                    stepped.refuse_full();
+                } else if let Some(l) = held.iter().position(Option::is_some) {
+                    let shared = self.levels[l].shared_leases.as_ref().expect("a level with leases");
+                    concurrency[l] = Some(shared.full(held[l].as_ref().expect("read above")));
+                }
+            }
+        }
+        drop(txn);
+        let charged_at = if take { now } else { 0 };
+        Ok(self.outcome(stepped.decision, stepped.each, concurrency, leases, charged_at, take))
     }
 
     /// Counts a call's outcome in its class's counters.
@@ -915,22 +1072,7 @@ impl Hierarchy {
             Parts::SharedMemory { table, parts } => {
                 let mut txn = table.transaction()?;
                 let now = self.clock.now();
-                let mut writes: Vec<Write> = Vec::new();
-                let mut tracked: Vec<Write> = Vec::new();
-                for (i, p) in parts.iter().enumerate() {
-                    if by_part[i] == 0 {
-                        continue;
-                    }
-                    let state = txn.read(&keys[i]);
-                    let (quota, _) = p.quota_for(txn.read(&quota_keys[i]));
-                    let next = quota.adjust(state.unwrap_or(0), now, by_part[i], charged_at);
-                    if state.is_some() {
-                        tracked.push(Write::Set(keys[i], next));
-                        writes.push(Write::Set(keys[i], next));
-                    } else if !quota.is_fresh(next, now) {
-                        writes.push(Write::Set(keys[i], next));
-                    }
-                }
+                let (writes, tracked) = Self::adjust_writes(&txn, parts, &keys, &quota_keys, &by_part, charged_at, now);
                 // With no room for a new node, the nodes already tracked are still settled.
                 if !txn.write(&writes, now) {
                     txn.write(&tracked, now);
@@ -938,6 +1080,58 @@ impl Hierarchy {
             }
         }
         Ok(())
+    }
+
+    /// The writes adjusting each part by `by_part` in a shared-memory store, and those of
+    /// them that need no room (the nodes the store tracks already).
+    fn adjust_writes(
+        txn: &Transaction<'_>,
+        parts: &[StoredQuota],
+        keys: &[Fingerprint],
+        quota_keys: &[Fingerprint],
+        by_part: &[i64],
+        charged_at: u64,
+        now: u64,
+    ) -> (Vec<Write>, Vec<Write>) {
+        let mut writes: Vec<Write> = Vec::new();
+        let mut tracked: Vec<Write> = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            if by_part[i] == 0 {
+                continue;
+            }
+            let state = txn.read(&keys[i]);
+            let (quota, _) = p.quota_for(txn.read(&quota_keys[i]));
+            let next = quota.adjust(state.unwrap_or(0), now, by_part[i], charged_at);
+            if state.is_some() {
+                tracked.push(Write::Set(keys[i], next));
+                writes.push(Write::Set(keys[i], next));
+            } else if !quota.is_fresh(next, now) {
+                writes.push(Write::Set(keys[i], next));
+            }
+        }
+        (writes, tracked)
+    }
+
+    /// The writes ending the shared-memory leases of a reservation (by level) at the
+    /// nodes of `path`; how many were still held.
+    fn release_writes(
+        &self,
+        txn: &Transaction<'_>,
+        table: &ShmTable,
+        path: &Path,
+        leases: &[Option<u64>],
+        now: u64,
+        writes: &mut Vec<Write>,
+    ) -> usize {
+        let mut nodes: Option<Vec<Fingerprint>> = None;
+        let mut released = 0;
+        for (l, level) in self.levels.iter().enumerate() {
+            if let (Some(shared), Some(Some(id))) = (&level.shared_leases, leases.get(l)) {
+                let nodes = nodes.get_or_insert_with(|| Self::shared_nodes(table, path));
+                released += shared.release(txn, &nodes[l], *id, now, writes) as usize;
+            }
+        }
+        released
     }
 
     /// Ends a reservation charged at `charged_at`: adjusts it by `deltas` and ends its
@@ -949,6 +1143,23 @@ impl Hierarchy {
         if self.expired(charged_at) {
             return Ok(false);
         }
+        if let Parts::SharedMemory { table, parts } = &self.parts {
+            // The charge and the end of the leases as one transaction.
+            let (keys, quota_keys) = (self.keys(path), self.quota_keys(path));
+            let by_part: Vec<i64> = self.part_of.iter().map(|&(_, u)| deltas.of(u)).collect();
+            let mut txn = table.transaction()?;
+            let now = self.clock.now();
+            let (mut writes, mut tracked) =
+                Self::adjust_writes(&txn, parts, &keys, &quota_keys, &by_part, charged_at, now);
+            let mut ends = Vec::new();
+            self.release_writes(&txn, table, path, leases, now, &mut ends);
+            writes.extend_from_slice(&ends);
+            tracked.extend_from_slice(&ends);
+            if !txn.write(&writes, now) {
+                txn.write(&tracked, now);
+            }
+            return Ok(true);
+        }
         self.adjust(path, deltas, charged_at)?;
         self.release(path, leases)?;
         Ok(true)
@@ -957,6 +1168,15 @@ impl Hierarchy {
     /// Ends the leases of a reservation (by level); how many were still held.
     pub fn release(&self, path: &Path, leases: &[Option<u64>]) -> Result<usize> {
         self.check_path(path)?;
+        if let Parts::SharedMemory { table, .. } = &self.parts {
+            let mut txn = table.transaction()?;
+            let now = self.clock.now();
+            let mut writes = Vec::new();
+            let released = self.release_writes(&txn, table, path, leases, now, &mut writes);
+            // Removals and updates of tracked keys need no room.
+            txn.write(&writes, now);
+            return Ok(released);
+        }
         let mut released = 0;
         for (l, level) in self.levels.iter().enumerate() {
             if let (Some(c), Some(Some(id))) = (&level.concurrency, leases.get(l)) {
@@ -978,8 +1198,17 @@ impl Hierarchy {
                 }
             }
             Parts::SharedMemory { table, .. } => {
-                let writes: Vec<Write> = level_parts.iter().map(|&p| Write::Remove(keys[p])).collect();
-                table.transaction()?.write(&writes, self.clock.now());
+                let mut txn = table.transaction()?;
+                let mut removed: Vec<Fingerprint> = level_parts.iter().map(|&p| keys[p]).collect();
+                if let Some(shared) = &self.levels[level].shared_leases {
+                    // Its lease slots, then the key that says how many there are.
+                    removed.extend(shared.keys(&txn, &Self::shared_nodes(table, node)[level]));
+                }
+                let now = self.clock.now();
+                for chunk in removed.chunks(MAX_WRITES) {
+                    let writes: Vec<Write> = chunk.iter().map(|&k| Write::Remove(k)).collect();
+                    txn.write(&writes, now);
+                }
             }
         }
         if let Some(c) = &self.levels[level].concurrency {
@@ -1015,7 +1244,8 @@ impl Hierarchy {
                 out.push((p, bucket(rate)?));
             }
         }
-        if concurrency.is_some() && self.levels[level].concurrency.is_none() {
+        let limited = self.levels[level].concurrency.is_some() || self.levels[level].shared_leases.is_some();
+        if concurrency.is_some() && !limited {
             return Err(Error::InvalidArgument(format!("level {name:?} has no concurrency limit to change")));
         }
         if out.is_empty() && concurrency.is_none() {
@@ -1049,6 +1279,9 @@ impl Hierarchy {
                         writes.push(Write::Set(keys[p], old.convert(&quota, state, now)));
                     }
                     writes.push(Write::Pin(quota_keys[p], encode_quota(&quota)));
+                }
+                if let (Some(n), Some(shared)) = (concurrency, &self.levels[level].shared_leases) {
+                    writes.push(shared.set_own(&Self::shared_nodes(table, node)[level], n)?);
                 }
                 if !txn.write(&writes, now) {
                     return Err(Error::InvalidArgument(format!(
@@ -1088,6 +1321,9 @@ impl Hierarchy {
                         writes.push(Write::Set(keys[p], own.convert(&parts[p].quota, state, now)));
                     }
                     writes.push(Write::Remove(quota_keys[p]));
+                }
+                if let Some(shared) = &self.levels[level].shared_leases {
+                    writes.extend(shared.clear_own(&txn, &Self::shared_nodes(table, node)[level]));
                 }
                 // Removals and updates of tracked keys need no room.
                 txn.write(&writes, now);
@@ -1138,7 +1374,21 @@ impl Hierarchy {
     /// The concurrency limit in force at `node`, and whether it is the node's own.
     pub fn concurrency_of(&self, node: &Path) -> Result<Option<(u64, bool)>> {
         let level = self.node_level(node)?;
+        if let Some(held) = self.shared_held(node, level)? {
+            return Ok(Some((held.limit, held.own)));
+        }
         Ok(self.levels[level].concurrency.as_ref().map(|c| c.quota_of(&Self::process_key(node, level))))
+    }
+
+    /// The leases of the node of `level` when they live in the shared-memory store.
+    fn shared_held(&self, node: &Path, level: usize) -> Result<Option<Held>> {
+        match (&self.levels[level].shared_leases, &self.parts) {
+            (Some(shared), Parts::SharedMemory { table, .. }) => {
+                let txn = table.transaction()?;
+                Ok(Some(shared.read(&txn, &Self::shared_nodes(table, node)[level], self.clock.now())))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// One node's quotas and usage: each of its level's rate quotas, and its leases as
@@ -1170,7 +1420,10 @@ impl Hierarchy {
             };
             out.push((unit, inspection));
         }
-        let leases = self.levels[level].concurrency.as_ref().map(|c| c.in_flight(&Self::process_key(node, level)));
+        let leases = match self.shared_held(node, level)? {
+            Some(held) => Some((held.limit, (held.live.len() as u64).min(held.limit))),
+            None => self.levels[level].concurrency.as_ref().map(|c| c.in_flight(&Self::process_key(node, level))),
+        };
         Ok((out, leases))
     }
 
@@ -1195,7 +1448,18 @@ impl Hierarchy {
             counters: self.counters.get(),
             refused_by: self.refused_by.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
             parts,
-            concurrency: self.levels.iter().map(|l| l.concurrency.as_ref().map(|c| c.stats())).collect(),
+            concurrency: self
+                .levels
+                .iter()
+                .map(|l| match (&l.concurrency, &l.shared_leases, &self.parts) {
+                    (Some(c), _, _) => Some(c.stats()),
+                    // Leases in the store are keys of the store, counted with the others.
+                    (None, Some(_), Parts::SharedMemory { table, .. }) => {
+                        Some(ConcurrencyStats { keys: table.count(), ..ConcurrencyStats::default() })
+                    }
+                    _ => None,
+                })
+                .collect(),
             classes: self.classes.iter().map(|c| (c.name.clone(), c.share, c.counters.get())).collect(),
         }
     }

@@ -304,6 +304,8 @@ class TokenLimiter:
         ttl: Optional[float] = None,
         max_keys: Optional[int] = None,
         shadow: Optional[bool] = None,
+        store: Optional[SharedMemoryStore] = None,
+        name: Optional[str] = None,
     ) -> Self: ...
     def _reserve(
         self, key: _Key, tokens: int
@@ -366,6 +368,8 @@ class TokenLimiter:
     def lease_ttl(self) -> float: ...
     @property
     def clock(self) -> Optional[ManualClock]: ...
+    @property
+    def store_path(self) -> Optional[str]: ...
 
 @final
 class SharedMemoryStore:

@@ -1,13 +1,18 @@
 //! The native half of `TokenLimiter` (see `crate::budget`): request, token and
 //! daily-token buckets plus an optional concurrency limit, reserved together and settled
-//! later. The Python class (`nexus_limits.budget`) wraps the results in a `Reservation`.
+//! later, in this process or in a `SharedMemoryStore`. The Python class
+//! (`nexus_limits.budget`) wraps the results in a `Reservation`.
 
 use super::args;
+use super::errors::{bad_value, wrong_type};
 use super::report::{inspection_dict, process_key_names, stats_dict, top_rows};
+use super::shm::SharedMemoryStore;
 use super::types::{Decision, ManualClock, Rate};
-use crate::budget::{Budget, Limit, Rates, Reserved, Tally};
+use crate::budget::{Budget, BudgetKey, Limit, Rates, Reserved, Tally};
+use crate::key::Fingerprint;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt};
+use pyo3::types::{PyDict, PyInt, PyString};
+use std::cell::RefCell;
 use std::sync::Arc;
 
 #[pyclass(frozen, subclass, module = "nexus_limits._core")]
@@ -48,6 +53,19 @@ fn rates(
 }
 
 impl TokenLimiter {
+    /// The key as the budget takes it (in a store: named, not fingerprinted here).
+    fn key(&self, key: &Bound<'_, PyAny>) -> PyResult<BudgetKey> {
+        if !self.inner.is_shared() {
+            return Ok(BudgetKey::InProcess(args::key_fp(key)?));
+        }
+        let out = RefCell::new(None);
+        args::key_fp_by(key, |kind, bytes| {
+            *out.borrow_mut() = Some(self.inner.key(kind, bytes));
+            Fingerprint::default()
+        })?;
+        Ok(out.into_inner().expect("a key was read"))
+    }
+
     fn decision(r: &Reserved, limit: Limit) -> Option<Decision> {
         r.limits[limit as usize].map(Decision::from_core)
     }
@@ -62,7 +80,7 @@ impl TokenLimiter {
 #[pymethods]
 impl TokenLimiter {
     #[new]
-    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None, clock=None, lease_ttl=None, ttl=None, max_keys=None, shadow=None))]
+    #[pyo3(signature = (requests=None, tokens=None, daily_tokens=None, concurrency=None, clock=None, lease_ttl=None, ttl=None, max_keys=None, shadow=None, store=None, name=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         requests: Option<&Bound<'_, PyAny>>,
@@ -74,14 +92,38 @@ impl TokenLimiter {
         ttl: Option<&Bound<'_, PyAny>>,
         max_keys: Option<&Bound<'_, PyAny>>,
         shadow: Option<&Bound<'_, PyAny>>,
+        store: Option<&Bound<'_, PyAny>>,
+        name: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let (core_clock, clock) = args::clock(clock)?;
-        let ttl = ttl.map(|v| args::seconds("ttl", v)).transpose()?.unwrap_or(3600.0);
+        let ttl = given(ttl).map(|v| args::seconds("ttl", v)).transpose()?;
         let lease_ttl = lease_ttl.map(|v| args::seconds("lease_ttl", v)).transpose()?.unwrap_or(600.0);
         let max_keys = args::max_keys(max_keys)?;
         let rates = rates(requests, tokens, daily_tokens)?;
         let concurrency = given(concurrency).map(|v| args::count("concurrency", v)).transpose()?;
-        let inner = Budget::new(rates, concurrency, core_clock, ttl, max_keys, lease_ttl)?;
+        let name = match given(name) {
+            None => None,
+            Some(n) => Some(n.cast::<PyString>().map_err(|_| wrong_type("name", "a str", n))?.to_str()?.to_owned()),
+        };
+        let inner = match given(store) {
+            None => {
+                if name.is_some() {
+                    return Err(bad_value("name applies with store=: it names the limiter's keys in the store"));
+                }
+                Budget::new(rates, concurrency, core_clock, ttl.unwrap_or(3600.0), max_keys, lease_ttl)?
+            }
+            Some(s) => {
+                if max_keys.is_some() {
+                    return Err(bad_value("max_keys does not apply with store=: the store's capacity bounds the keys"));
+                }
+                if ttl.is_some() {
+                    return Err(bad_value("ttl does not apply with store=: give it to the SharedMemoryStore"));
+                }
+                let s = s.cast::<SharedMemoryStore>().map_err(|_| wrong_type("store", "a SharedMemoryStore", s))?;
+                let table = Arc::clone(&s.get().table);
+                Budget::shared(rates, concurrency, table, name.as_deref().unwrap_or(""), core_clock, lease_ttl)?
+            }
+        };
         if let Some(v) = given(shadow) {
             inner.set_shadow(args::flag("shadow", v)?);
         }
@@ -92,8 +134,8 @@ impl TokenLimiter {
     /// Returns (allowed, combined, requests, tokens, daily_tokens, concurrency, lease id,
     /// time charged in ns).
     fn _reserve(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<ReservedTuple> {
-        let fp = args::key_fp(key)?;
-        let r = self.inner.reserve(&fp, args::tokens(tokens)?);
+        let key = self.key(key)?;
+        let r = self.inner.reserve(&key, args::tokens(tokens)?)?;
         Ok((
             r.allowed,
             Self::combined(&r),
@@ -109,8 +151,8 @@ impl TokenLimiter {
     /// What `_reserve(key, tokens)` would decide now, charging nothing and taking no
     /// lease: (combined, requests, tokens, daily_tokens, concurrency).
     fn _peek(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<PeekedTuple> {
-        let fp = args::key_fp(key)?;
-        let r = self.inner.peek(&fp, args::tokens(tokens)?);
+        let key = self.key(key)?;
+        let r = self.inner.peek(&key, args::tokens(tokens)?)?;
         Ok((
             Self::combined(&r),
             Self::decision(&r, Limit::Requests),
@@ -124,8 +166,7 @@ impl TokenLimiter {
     /// `charged_at` (ns) on the token and daily-token limits, and `requests` requests.
     #[pyo3(signature = (key, delta, charged_at, requests=0))]
     fn _adjust(&self, key: &Bound<'_, PyAny>, delta: i64, charged_at: u64, requests: i64) -> PyResult<()> {
-        self.inner.adjust(&args::key_fp(key)?, delta, charged_at, requests);
-        Ok(())
+        Ok(self.inner.adjust(&self.key(key)?, delta, charged_at, requests)?)
     }
 
     /// Ends a reservation made at `charged_at` (ns): adjusts its tokens and requests (see
@@ -138,7 +179,7 @@ impl TokenLimiter {
         charged_at: u64,
         lease: Option<u64>,
     ) -> PyResult<bool> {
-        Ok(self.inner.settle(&args::key_fp(key)?, tokens_delta, requests_delta, charged_at, lease))
+        Ok(self.inner.settle(&self.key(key)?, tokens_delta, requests_delta, charged_at, lease)?)
     }
 
     /// True when a reservation made at `charged_at` (ns) has outlived `lease_ttl`.
@@ -153,7 +194,7 @@ impl TokenLimiter {
 
     /// Ends the concurrency lease of a reservation; True if it was still held.
     fn _release(&self, key: &Bound<'_, PyAny>, lease: u64) -> PyResult<bool> {
-        Ok(self.inner.release(&args::key_fp(key)?, lease))
+        Ok(self.inner.release(&self.key(key)?, lease)?)
     }
 
     /// The current time of the limiter's clock, in ns.
@@ -163,8 +204,7 @@ impl TokenLimiter {
 
     /// Forgets `key` everywhere (its leases included).
     fn reset(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner.reset(&args::key_fp(key)?);
-        Ok(())
+        Ok(self.inner.reset(&self.key(key)?)?)
     }
 
     fn sweep(&self, py: Python<'_>) -> usize {
@@ -182,13 +222,13 @@ impl TokenLimiter {
         tokens: Option<&Bound<'_, PyAny>>,
         daily_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let fp = args::key_fp(key)?;
-        Ok(self.inner.set_quota(&fp, rates(requests, tokens, daily_tokens)?)?)
+        let key = self.key(key)?;
+        Ok(self.inner.set_quota(&key, rates(requests, tokens, daily_tokens)?)?)
     }
 
     /// Puts `key` back on the default quotas; False if it had none of its own.
     fn clear_quota(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self.inner.clear_quota(&args::key_fp(key)?))
+        Ok(self.inner.clear_quota(&self.key(key)?)?)
     }
 
     /// Changes the default quotas (keys with their own keep theirs), keeping usage, and
@@ -209,17 +249,19 @@ impl TokenLimiter {
     }
 
     /// Counters of each limit: {"requests": {...}, "tokens": {...}, "daily_tokens": {...}}
-    /// with the keys of `TokenBucket.stats()`; "concurrency": {"keys": ...}.
+    /// with the keys of `TokenBucket.stats()`; "concurrency": {"keys": ...} (in a store:
+    /// the keys the store holds).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
+        let stats = self.inner.stats();
         for limit in Limit::ALL {
-            if let Some(l) = self.inner.limiter(limit) {
-                out.set_item(limit.name(), stats_dict(py, &l.stats(), false)?)?;
+            if let Some(s) = &stats.limits[limit as usize] {
+                out.set_item(limit.name(), stats_dict(py, s, false)?)?;
             }
         }
-        if let Some(c) = self.inner.concurrency() {
+        if let Some(keys) = stats.concurrency_keys {
             let d = PyDict::new(py);
-            d.set_item("keys", c.len())?;
+            d.set_item("keys", keys)?;
             out.set_item("concurrency", d)?;
         }
         let t = self.inner.tally();
@@ -232,15 +274,14 @@ impl TokenLimiter {
     /// Each limit's quota and usage for `key` (see `TokenBucket.inspect`).
     fn inspect<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let py = key.py();
-        let fp = args::key_fp(key)?;
+        let found = self.inner.inspect(&self.key(key)?)?;
         let out = PyDict::new(py);
         for limit in Limit::ALL {
-            if let Some(l) = self.inner.limiter(limit) {
-                out.set_item(limit.name(), inspection_dict(key, &l.inspect(&fp))?)?;
+            if let Some(i) = &found.limits[limit as usize] {
+                out.set_item(limit.name(), inspection_dict(key, i)?)?;
             }
         }
-        if let Some(c) = self.inner.concurrency() {
-            let (limit, in_flight) = c.in_flight(&fp);
+        if let Some((limit, in_flight)) = found.concurrency {
             let conc = PyDict::new(py);
             conc.set_item("limit", limit)?;
             conc.set_item("in_flight", in_flight)?;
@@ -250,7 +291,8 @@ impl TokenLimiter {
     }
 
     /// The `n` keys using the largest share of one limit now ("tokens" by default, or
-    /// "requests", "daily_tokens"); pass candidate `keys` to get names back.
+    /// "requests", "daily_tokens"); pass candidate `keys` to get names back. In this
+    /// process only.
     #[pyo3(signature = (n=10, keys=None, limit="tokens"))]
     fn top_keys<'py>(
         &self,
@@ -259,9 +301,10 @@ impl TokenLimiter {
         keys: Option<&Bound<'py, PyAny>>,
         limit: &str,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let limiter = Arc::clone(self.inner.limiter_or_err(Limit::parse(limit)?)?);
+        let limit = Limit::parse(limit)?;
         let names = process_key_names(keys)?;
-        let top = py.detach(move || limiter.top(n))?;
+        let inner = Arc::clone(&self.inner);
+        let top = py.detach(move || inner.top(limit, n))?;
         top_rows(py, &names, top)
     }
 
@@ -279,22 +322,28 @@ impl TokenLimiter {
 
     #[getter]
     fn requests(&self) -> Option<Rate> {
-        self.inner.limiter(Limit::Requests).map(|l| Rate(l.quota().rate()))
+        self.inner.rate(Limit::Requests).map(Rate)
     }
 
     #[getter]
     fn tokens(&self) -> Option<Rate> {
-        self.inner.limiter(Limit::Tokens).map(|l| Rate(l.quota().rate()))
+        self.inner.rate(Limit::Tokens).map(Rate)
     }
 
     #[getter]
     fn daily_tokens(&self) -> Option<Rate> {
-        self.inner.limiter(Limit::DailyTokens).map(|l| Rate(l.quota().rate()))
+        self.inner.rate(Limit::DailyTokens).map(Rate)
     }
 
     #[getter]
     fn concurrency(&self) -> Option<u64> {
-        self.inner.concurrency().map(|c| c.max())
+        self.inner.concurrency_max()
+    }
+
+    /// The shared-memory store's file, with `store=` (None in this process).
+    #[getter]
+    fn store_path(&self) -> Option<String> {
+        self.inner.store_path().map(str::to_owned)
     }
 
     /// Seconds after which an unsettled reservation settles at its estimate (and its

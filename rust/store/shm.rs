@@ -38,7 +38,9 @@ use portable_atomic::AtomicU128;
 use std::ffi::CString;
 use std::sync::atomic::Ordering::SeqCst;
 
+mod leases;
 mod txn;
+pub use leases::{Held, SharedLeases, MAX_SHARED_LEASES};
 pub use txn::{Transaction, Write, MAX_WRITES};
 
 pub const MAGIC: [u8; 8] = *b"NXLIMSHM";

@@ -8,7 +8,7 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Dict, Optional, Union, cast
 
-from .._core import Decision, ManualClock, Rate
+from .._core import Decision, ManualClock, Rate, SharedMemoryStore
 from ..base import Key
 from ..tokens import Usage, parse_rate_limit_headers
 from ._prices import MICROS, PriceTable, default_prices
@@ -129,7 +129,11 @@ class SpendLimiter:
     reservation settles at the actual cost from the response's usage. Money is kept as
     integer micro-dollars, rounded up, never floats. The budget is a bucket holding the
     whole amount, refilled continuously over the period (a rolling day, not a calendar
-    day). In-process; ``nexus_limits.redis.SpendLimiter`` shares it through Redis.
+    day). In-process by default; with ``store=`` a
+    :class:`~nexus_limits.SharedMemoryStore` every process of the host shares it (named
+    ``name``, ``"spend"`` by default; the store's ttl must cover the budget's period:
+    ``ttl=86400`` for a daily budget); ``nexus_limits.redis.SpendLimiter`` shares it
+    through Redis.
     """
 
     def __init__(
@@ -140,6 +144,8 @@ class SpendLimiter:
         clock: Optional[ManualClock] = None,
         lease_ttl: float = 600.0,
         concurrency: Optional[int] = None,
+        store: Optional[SharedMemoryStore] = None,
+        name: Optional[str] = None,
         _engine: Any = None,
     ) -> None:
         self.budget = parse_budget(budget)
@@ -147,8 +153,11 @@ class SpendLimiter:
         if prices is not None and not isinstance(prices, PriceTable):
             raise TypeError(f"prices must be a PriceTable, got {type(prices).__name__}")
         self.prices = prices if prices is not None else default_prices()
+        if store is None and name is not None:
+            raise ValueError("name applies with store=: it names the budget's keys in the store")
+        shared: Dict[str, Any] = {} if store is None else {"store": store, "name": name or "spend"}
         self._engine = _engine or TokenLimiter(
-            tokens=self.budget, concurrency=concurrency, clock=clock, lease_ttl=lease_ttl
+            tokens=self.budget, concurrency=concurrency, clock=clock, lease_ttl=lease_ttl, **shared
         )
 
     def estimate(
@@ -172,7 +181,8 @@ class SpendLimiter:
 
     def set_budget(self, budget: str) -> None:
         """Changes the budget of every key at run time, keeping what each has spent
-        (in-process; on Redis build a new limiter with the same ``name``)."""
+        (in-process; on Redis build a new limiter with the same ``name``; in a
+        SharedMemoryStore build a new limiter in every process)."""
         rate = parse_budget(budget)
         if not callable(getattr(self._engine, "set_default_quota", None)):
             raise TypeError("set_budget works in-process; on Redis build a SpendLimiter with the same name")

@@ -192,6 +192,16 @@ class TokenLimiter(_core.TokenLimiter):
     ``"30000/minute"`` allows 30,000 tokens at once, refilled continuously, like the
     providers' own limits). ``reserve`` admits a call only if every limit admits it,
     charging all of them in one atomic step.
+
+    By default the limits live in this process. With ``store=`` a
+    :class:`~nexus_limits.SharedMemoryStore`, every process of the host that builds the
+    same limiter (same ``name`` and rates) on the same store shares each key's limits
+    exactly: a reservation, its settle or cancel, and a ``set_quota`` are each one
+    transaction of the store (concurrency leases included), and a process killed at any
+    point leaves each of them done in full or not at all; a lease held by a process that
+    died ends after ``lease_ttl``. The store's ttl must cover the longest limit
+    (``daily_tokens`` needs ``ttl=86400``) and ``lease_ttl``. ``set_default_quota`` and
+    ``top_keys`` work in this process only.
     """
 
     __slots__ = ()
@@ -226,4 +236,6 @@ class TokenLimiter(_core.TokenLimiter):
         ]
         if self.concurrency is not None:
             parts.append(f"concurrency={self.concurrency}")
+        if self.store_path is not None:
+            parts.append(f"store={self.store_path!r}")
         return f"TokenLimiter({', '.join(parts)}, lease_ttl={self.lease_ttl})"

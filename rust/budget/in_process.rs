@@ -1,14 +1,9 @@
-//! Token budgets for LLM calls: requests, tokens and daily tokens (token buckets whose
-//! burst is their rate's count) and an optional concurrency limit, reserved together in
-//! one step before a call and settled with the actual token count after it.
-//!
-//! A reservation charges one request and the estimated tokens to every limit and takes a
-//! concurrency lease, or does nothing. Settling charges the difference between the
-//! actual and the estimated tokens (a refund when the estimate was high; the key may go
-//! into debt when it was low) and ends the lease; cancelling refunds the request and the
-//! estimate. A reservation not settled within `lease_ttl` stands at its estimate: a late
-//! settle or cancel changes nothing.
+//! A token budget in this process: each rate limit is a [`Limiter`] of its own, decided
+//! together as a [`Group`] (its shards locked in one global order), and the concurrency
+//! limit a [`Concurrency`] whose lease is taken under the key's lock around the rate
+//! check, only if the rates admit.
 
+use super::{Limit, Rates, Reserved};
 use crate::clock::Clock;
 use crate::composite::Group;
 use crate::concurrency::Concurrency;
@@ -18,74 +13,11 @@ use crate::key::Fingerprint;
 use crate::limiter::Limiter;
 use crate::quota::{Kind, Quota};
 use crate::rate::Rate;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The rate limits of a budget.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Limit {
-    Requests = 0,
-    Tokens = 1,
-    DailyTokens = 2,
-}
-
-impl Limit {
-    pub const ALL: [Limit; 3] = [Limit::Requests, Limit::Tokens, Limit::DailyTokens];
-
-    /// `"requests"`, `"tokens"` or `"daily_tokens"`.
-    pub fn name(self) -> &'static str {
-        ["requests", "tokens", "daily_tokens"][self as usize]
-    }
-
-    pub fn parse(name: &str) -> Result<Limit> {
-        Limit::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
-            Error::InvalidArgument(format!("limit must be 'requests', 'tokens' or 'daily_tokens', got {name:?}"))
-        })
-    }
-
-    /// What one call costs on this limit.
-    fn cost(self, tokens: u64) -> u64 {
-        match self {
-            Limit::Requests => 1,
-            Limit::Tokens | Limit::DailyTokens => tokens,
-        }
-    }
-}
-
-/// A rate per limit (requests, tokens, daily tokens), any of them absent.
-pub type Rates = [Option<Rate>; 3];
-
-/// The answer to [`Budget::reserve`] (or [`Budget::peek`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Reserved {
-    /// Every limit admitted (or, in shadow mode, would not deny).
-    pub allowed: bool,
-    /// The limits' decisions combined (see [`combine`]).
-    pub decision: Decision,
-    /// Admitted although a limit in shadow mode would have denied.
-    pub shadow: bool,
-    /// Each rate limit's own decision, by [`Limit`] (None for a limit that is not set).
-    pub limits: [Option<Decision>; 3],
-    pub concurrency: Option<Decision>,
-    /// The concurrency lease taken, if any.
-    pub lease: Option<u64>,
-    /// When the reservation was charged (the budget's clock, ns): settling needs it.
-    pub charged_at: u64,
-}
-
-/// Tokens counted for reporting, by what became of them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tally {
-    /// Estimates of admitted reservations.
-    pub reserved: u64,
-    /// Actual counts of settled reservations.
-    pub settled: u64,
-    /// Estimates of cancelled reservations.
-    pub refunded: u64,
-}
-
-/// Request and token limits plus an optional concurrency limit, reserved together.
-pub struct Budget {
+/// Request and token limits plus an optional concurrency limit, reserved together, in
+/// this process.
+pub struct InProcessBudget {
     /// The rate limits that are set, decided together.
     group: Group,
     /// For each [`Limit`], its index in `group`, if it is set.
@@ -93,14 +25,13 @@ pub struct Budget {
     concurrency: Option<Arc<Concurrency>>,
     clock: Clock,
     lease_ttl_ns: u64,
-    tally: [AtomicU64; 3],
 }
 
 fn bucket(rate: Rate) -> Result<Quota> {
     Quota::new(Kind::TokenBucket, rate, None, 0)
 }
 
-impl Budget {
+impl InProcessBudget {
     /// `rates` and `concurrency` (at least one of them), every rate limit with `ttl_secs`
     /// and `max_keys` as a [`Limiter`]'s; a reservation stands (and its lease lives)
     /// `lease_ttl_secs`.
@@ -111,7 +42,7 @@ impl Budget {
         ttl_secs: f64,
         max_keys: Option<usize>,
         lease_ttl_secs: f64,
-    ) -> Result<Budget> {
+    ) -> Result<InProcessBudget> {
         let mut parts = Vec::new();
         let mut index = [None; 3];
         for limit in Limit::ALL {
@@ -122,23 +53,13 @@ impl Budget {
         }
         let concurrency =
             concurrency.map(|n| Concurrency::new(n, lease_ttl_secs, clock.clone()).map(Arc::new)).transpose()?;
-        if parts.is_empty() && concurrency.is_none() {
-            return Err(Error::InvalidArgument(
-                "TokenLimiter needs at least one of requests, tokens, daily_tokens or concurrency".into(),
-            ));
-        }
-        if !(lease_ttl_secs.is_finite() && lease_ttl_secs > 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "lease_ttl must be a finite number of seconds above 0, got {lease_ttl_secs}"
-            )));
-        }
-        Ok(Budget {
+        super::check_new(&rates, concurrency.as_ref().map(|c| c.max()), lease_ttl_secs)?;
+        Ok(InProcessBudget {
             group: Group::new(parts)?,
             index,
             concurrency,
             clock,
             lease_ttl_ns: crate::clock::secs_to_ns(lease_ttl_secs).max(1),
-            tally: Default::default(),
         })
     }
 
@@ -275,20 +196,6 @@ impl Budget {
         true
     }
 
-    /// Adds to the token counts reported.
-    pub fn count(&self, tally: Tally) {
-        for (i, n) in [tally.reserved, tally.settled, tally.refunded].into_iter().enumerate() {
-            if n > 0 {
-                self.tally[i].fetch_add(n, Ordering::Relaxed);
-            }
-        }
-    }
-
-    pub fn tally(&self) -> Tally {
-        let [reserved, settled, refunded] = [0, 1, 2].map(|i| self.tally[i].load(Ordering::Relaxed));
-        Tally { reserved, settled, refunded }
-    }
-
     /// Forgets the key everywhere, its leases included.
     pub fn reset(&self, fp: &Fingerprint) {
         for p in self.group.parts() {
@@ -320,15 +227,11 @@ impl Budget {
         Ok(out)
     }
 
-    fn none_given() -> Error {
-        Error::InvalidArgument("give at least one of requests, tokens, daily_tokens".into())
-    }
-
     /// Gives the key its own rate for each limit given, keeping what it has used.
     pub fn set_quota(&self, fp: &Fingerprint, rates: Rates) -> Result<()> {
         let changes = self.changes(rates)?;
         if changes.is_empty() {
-            return Err(Budget::none_given());
+            return Err(super::none_given());
         }
         changes.into_iter().try_for_each(|(limiter, quota)| limiter.set_quota(fp, quota))
     }
@@ -355,7 +258,7 @@ impl Budget {
         };
         let changes = self.changes(rates)?;
         if changes.is_empty() && max.is_none() {
-            return Err(Budget::none_given());
+            return Err(super::none_given());
         }
         if let Some((c, n)) = max {
             c.set_max(n)?;
@@ -389,11 +292,11 @@ mod tests {
         Some(Rate::parse(s).unwrap())
     }
 
-    fn budget(rates: Rates, concurrency: Option<u64>, clock: &ManualClock) -> Budget {
-        Budget::new(rates, concurrency, Clock::Manual(clock.clone()), 3600.0, None, 60.0).unwrap()
+    fn budget(rates: Rates, concurrency: Option<u64>, clock: &ManualClock) -> InProcessBudget {
+        InProcessBudget::new(rates, concurrency, Clock::Manual(clock.clone()), 3600.0, None, 60.0).unwrap()
     }
 
-    fn remaining(b: &Budget, limit: Limit, key: &str) -> u64 {
+    fn remaining(b: &InProcessBudget, limit: Limit, key: &str) -> u64 {
         b.limiter(limit).unwrap().peek(&fp(key), 0).remaining
     }
 
@@ -437,8 +340,6 @@ mod tests {
         assert!(!b.settle(&fp("other"), -10, -1, late.charged_at, late.lease), "past lease_ttl the estimate stands");
         // 10 used, 3.5 of them refilled in 61 s at 5000/day; a refund would have left 5000.
         assert_eq!(remaining(&b, Limit::DailyTokens, "other"), 4993);
-        b.count(Tally { reserved: 210, settled: 1500, refunded: 100 });
-        assert_eq!(b.tally(), Tally { reserved: 210, settled: 1500, refunded: 100 });
     }
 
     #[test]
@@ -465,9 +366,10 @@ mod tests {
         assert!(Limit::parse("dollars").is_err());
         b.reset(&fp("k"));
         assert_eq!(remaining(&b, Limit::Tokens, "k"), 2000);
-        let nothing = Budget::new([None; 3], None, Clock::Monotonic, 60.0, None, 1.0).err().unwrap();
+        let nothing = InProcessBudget::new([None; 3], None, Clock::Monotonic, 60.0, None, 1.0).err().unwrap();
         assert!(nothing.to_string().contains("needs at least one"));
-        let bad_ttl = Budget::new([rate("1/s"), None, None], None, Clock::Monotonic, 60.0, None, 0.0).err().unwrap();
+        let bad_ttl =
+            InProcessBudget::new([rate("1/s"), None, None], None, Clock::Monotonic, 60.0, None, 0.0).err().unwrap();
         assert!(bad_ttl.to_string().contains("lease_ttl must be"));
     }
 
