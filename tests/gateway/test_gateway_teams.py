@@ -459,3 +459,27 @@ def test_an_unknown_model_costs_no_level_anything(tmp_path, upstream):
         assert r.status_code == 400 and "no-such-model" in r.text
         key = app.team_tree.hierarchy.inspect(("acme", "a", "sk-a"))
     assert key["requests"]["used"] == 0, "the request reserved before pricing was refunded"
+
+
+def test_the_examples_commented_team_and_class_blocks_load(tmp_path):
+    import re
+    from pathlib import Path
+
+    from nexus_limits.gateway import config
+
+    text = (Path(config.__file__).parent / "example.toml").read_text()
+    for field in ("class_header", "default_class", "class", "org", "path"):
+        assert f"\n# {field} = " in text, field
+    block = text[text.index("# [orgs.acme]") : text.index("# Prices in dollars")]
+    lines = [line[2:] for line in block.splitlines() if re.match(r"^# (\[|[a-z_]+ = )", line)]
+    key = re.search(r'^# ("sk-demo-team" = .*?)\s+#', text, re.M).group(1)
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[upstream]\nurl = "http://127.0.0.1:1"\n[gateway]\nclass_header = "x-nexus-priority"\n'
+        '[tiers.pro]\nrequests = "1/s"\nclass = "interactive"\n' + "\n".join(lines) + f"\n[keys]\n{key}\n"
+    )
+    cfg = load_config(str(path))
+    assert cfg.key_teams == {"sk-demo-team": "search"} and cfg.teams["search"].org == "acme"
+    assert cfg.classes == {"interactive": 1.0, "batch": 0.7} and cfg.routes == [("/v1/batches", "batch")]
+    app = build_app(str(path))
+    assert app.team_tree is not None and app.spend_tree is not None
