@@ -6,30 +6,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import re
 import threading
-from pathlib import Path
 
 import pytest
+from support.surface import COLUMNS, COUNTERS, INSPECT_KEYS, surface_table
 
 import nexus_limits as nl
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-INSPECT_KEYS = {
-    "key",
-    "algorithm",
-    "rate",
-    "limit",
-    "own_quota",
-    "used",
-    "remaining",
-    "allowed",
-    "retry_after",
-    "reset_after",
-    "tracked",
-    "shadow",
-}
-COUNTERS = {"allowed", "denied", "near_limit", "shadow_denied"}
 
 
 def every_limiter(clock):
@@ -41,28 +23,6 @@ def every_limiter(clock):
         "Concurrency": nl.Concurrency(2, clock=clock),
         "Composite": nl.Composite([nl.TokenBucket("2/minute", clock=clock), nl.FixedWindow("5/minute", clock=clock)]),
     }
-
-
-def surface_table():
-    """The README's surface table: {method names: {column: cell}}."""
-    lines = README.read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| method or attribute | rate limiters |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = {}
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        names = tuple(re.findall(r"`(?:await )?(\w+)", cells[0]))
-        rows[names] = dict(zip(header[1:], cells[1:]))
-    return rows
-
-
-COLUMNS = {
-    "rate limiters": ["TokenBucket", "SlidingWindow", "FixedWindow", "LeakyBucket"],
-    "`Concurrency`": ["Concurrency"],
-    "`Composite`": ["Composite"],
-}
 
 
 def test_the_readme_table_says_exactly_what_each_limiter_has(clock):

@@ -1,6 +1,6 @@
 """One surface for every limiter, on Redis too: the README's method table holds for the
 Redis classes (sync and asyncio) but for what it names as in-process only, and the
-operational methods answer as in-process (see tests/test_surface.py)."""
+operational methods answer as in-process (see tests/package/test_surface.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import redis.cluster
-from test_surface import COLUMNS, COUNTERS, INSPECT_KEYS, surface_table
+from support.surface import COLUMNS, COUNTERS, INSPECT_KEYS, surface_table
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
