@@ -503,4 +503,38 @@ mod tests {
         assert_eq!(local.tally(), Tally { reserved: 210, settled: 1500, refunded: 100 });
         std::fs::remove_file(p).unwrap();
     }
+
+    /// Threads, each with its own budget on one store (as processes would have): the
+    /// key's tokens and leases are shared exactly.
+    #[test]
+    fn budgets_on_one_store_share_exactly() {
+        let (table, p) = store("threads");
+        let clock = ManualClock::new(NANOS);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (table, clock) = (Arc::clone(&table), clock.clone());
+                std::thread::spawn(move || {
+                    let rates = [None, rate("1000/hour"), None];
+                    let b = Budget::shared(rates, Some(5), table, "t", Clock::Manual(clock), 60.0).unwrap();
+                    let k = b.key(KeyKind::Int, &7u64.to_le_bytes());
+                    // Tokens: reserved and settled at once, so only the tokens limit binds.
+                    let mut tokens = 0;
+                    for _ in 0..100 {
+                        let r = b.reserve(&k, 10).unwrap();
+                        if r.allowed {
+                            tokens += 10;
+                            assert!(b.settle(&k, 0, 0, r.charged_at, r.lease).unwrap());
+                        }
+                    }
+                    // Leases: kept, so only the concurrency limit binds.
+                    let held: Vec<Reserved> = (0..5).map(|_| b.reserve(&k, 0).unwrap()).filter(|r| r.allowed).collect();
+                    (tokens, held.len())
+                })
+            })
+            .collect();
+        let results: Vec<(u64, usize)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(results.iter().map(|r| r.0).sum::<u64>(), 1000, "{results:?}");
+        assert_eq!(results.iter().map(|r| r.1).sum::<usize>(), 5, "{results:?}");
+        std::fs::remove_file(p).unwrap();
+    }
 }
