@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..adapters import normalize_target, parse_key_spec
 from ..adapters._common import problem
@@ -20,6 +20,7 @@ from ..tokens import OutputEstimate
 from ..tokens._encodings import warm_encodings
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
+from .lease import LeasedLimiter
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
 from .tree import REQUEST_CLASS, RedisPlace, TeamTree, TreeLimiter, TreeSpend, requota_tier, tier_limiter
 
@@ -90,6 +91,7 @@ _RESTART_FIELDS = (
     "redis_url",
     "redis_prefix",
     "on_error",
+    "lease",
     "lease_ttl",
     "reload",
     "metrics_path",
@@ -142,6 +144,8 @@ class Gateway:
         # requests being served).
         self.in_flight: Dict[Any, int] = {}
         self._watcher: Optional[asyncio.Task[None]] = None
+        # Leased limiters giving their blocks back after a reload replaced them.
+        self._closing: Set[Any] = set()
         self._warming: Optional[asyncio.Task[None]] = None
 
     def _output(self, cfg: GatewayConfig, tier: Tier) -> OutputEstimate:
@@ -175,10 +179,15 @@ class Gateway:
             if before is None or current is None or before.shape() != tier.shape() or reclassed:
                 if before is not None:
                     log.warning("tier %s: its set of limits or classes changed; its counters start again", name)
+                    if limiter is not None:
+                        self._retire(limiter)
                 limiter = self._tier_limiter(cfg, tier) if tier.has_limits() else None
             elif limiter is not None and before != tier:
                 self._requota(cfg, tier, limiter)
-                limiter = limiter if self.redis is None else _limiter(cfg, tier, self.redis)
+                if self.redis is not None and not isinstance(limiter, TreeLimiter):
+                    # Redis limiters are built anew with the new quotas, on the same keys.
+                    self._retire(limiter)
+                    limiter = self._tier_limiter(cfg, tier)
             if tier.spend is None:
                 spend = None
             elif before is None or before.spend is None or spend is None:
@@ -228,11 +237,31 @@ class Gateway:
         self._build_teams(cfg, tiers)
         self.tiers = tiers
 
+    def _retire(self, limiter: Any) -> None:
+        """A leased limiter being replaced gives its unspent units back."""
+        if not isinstance(limiter, LeasedLimiter):
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(limiter.close())
+        except RuntimeError:
+            return  # no loop (a reload outside the server): the blocks end by themselves
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _tier_limiter(self, cfg: GatewayConfig, tier: Tier) -> Any:
         """A tier's limiter: a TokenLimiter, or with [classes] a one-level hierarchy
         whose quotas the classes share."""
         if cfg.classes:
             return tier_limiter(cfg, tier, self.place)
+        if cfg.leases(tier) and self.redis is not None:
+            return LeasedLimiter(
+                self.redis,
+                str(tier.requests),
+                prefix=cfg.redis_prefix,
+                name=f"tier-{tier.name}-requests",
+                on_error=cfg.on_error,
+                lease=cfg.lease or {},
+            )
         return _limiter(cfg, tier, self.redis)
 
     def _build_teams(self, cfg: GatewayConfig, tiers: Dict[str, Any]) -> None:
@@ -410,6 +439,9 @@ class Gateway:
                 for task in (self._watcher, self._warming):
                     if task is not None:
                         task.cancel()
+                for middleware in self.tiers.values():
+                    if isinstance(middleware.limiter, LeasedLimiter):
+                        await middleware.limiter.close()  # unspent units back to Redis
                 await self.proxy.client.aclose()
                 if self.redis is not None:
                     await self.redis.aclose()

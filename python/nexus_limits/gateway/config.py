@@ -105,6 +105,8 @@ class GatewayConfig:
     redis_url: Optional[str] = None
     redis_prefix: str = "nlgw"
     on_error: str = "raise"
+    # [backend] lease: LeasePolicy options for the tiers that can lease (None: no leasing).
+    lease: Optional[Dict[str, Any]] = None
     lease_ttl: float = 600.0
     learn_output: bool = False
     prices: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -121,6 +123,12 @@ class GatewayConfig:
     default_class: Optional[str] = None
     class_header: Optional[str] = None
     routes: List[Tuple[str, str]] = field(default_factory=list)
+
+    def leases(self, tier: Tier) -> bool:
+        """Whether ``tier`` is served by a leased Redis TokenBucket: leasing is on and
+        its one limit is ``requests`` (no classes)."""
+        only_requests = tier.requests is not None and not (tier.tokens or tier.daily_tokens or tier.concurrency)
+        return self.lease is not None and self.backend == "redis" and not self.classes and only_requests
 
     def uses_tree(self) -> bool:
         """Whether limits go through hierarchies (teams or priority classes)."""
@@ -261,6 +269,25 @@ def _route_path(path: str) -> str:
     if any(segment in (".", "..") for segment in path.split("/")):
         raise FieldError(f"must not have . or .. segments, got {show(path)}")
     return path.rstrip("/")
+
+
+LEASE_FIELDS = ("window", "max_share", "hold", "idle", "max_keys")
+
+
+def _lease(value: Any) -> Optional[Dict[str, Any]]:
+    """``[backend] lease``: true (LeasePolicy's defaults), false, or a table of
+    LeasePolicy fields; the options the policy is built with (None: no leasing)."""
+    if isinstance(value, bool):
+        return {} if value else None
+    if not isinstance(value, dict):
+        raise FieldError(f"must be true, false or a table of {', '.join(LEASE_FIELDS)}, got {show(value)}")
+    for name in value:
+        if name not in LEASE_FIELDS:
+            raise FieldError(f"unknown field {show(name)} (expected one of: {', '.join(LEASE_FIELDS)})")
+    from ..redis import LeasePolicy
+
+    LeasePolicy(**value)  # its ValueError/TypeError names the field and the bound
+    return dict(value)
 
 
 # The longest a request may wait in a tier's queue: a client holds a connection meanwhile.
@@ -411,6 +438,7 @@ SCHEMA: Tuple[Table, ...] = (
             Field("url", "str", "a redis:// URL", attr="redis_url"),
             Field("prefix", "str", "a key prefix", attr="redis_prefix"),
             Field("on_error", "str", "'allow', 'deny' or 'raise'", choices=("allow", "deny", "raise")),
+            Field("lease", "any", parse=_lease),
         ),
     ),
     Table("tiers", TIER_FIELDS, named=True, required=True, nonempty="define at least one tier"),
@@ -532,3 +560,16 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
         for name, tier in cfg.tiers.items():
             if tier.queue is not None:
                 raise loc.error(("tiers", name, "queue"), "queue is not available with [classes]")
+
+    if cfg.lease is not None:
+        if cfg.backend != "redis":
+            raise loc.error(("backend", "lease"), "needs type = 'redis' (in-process checks need no leasing)")
+        if cfg.classes:
+            raise loc.error(("backend", "lease"), "is not available with [classes] (their quotas are hierarchies)")
+        if not any(cfg.leases(tier) for tier in cfg.tiers.values()):
+            raise loc.error(
+                ("backend", "lease"),
+                "no tier can lease: a block of quota is exact only for a tier whose one limit is requests (a "
+                "token bucket); tokens and daily_tokens are reserved per call and settled at the usage, and "
+                "concurrency is held per call, which a block spent in one process cannot do",
+            )
