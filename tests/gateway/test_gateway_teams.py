@@ -483,3 +483,58 @@ def test_the_examples_commented_team_and_class_blocks_load(tmp_path):
     assert cfg.classes == {"interactive": 1.0, "batch": 0.7} and cfg.routes == [("/v1/batches", "batch")]
     app = build_app(str(path))
     assert app.team_tree is not None and app.spend_tree is not None
+
+
+async def slow_llm(scope, receive, send):
+    """A fake upstream that takes 0.5 s to answer."""
+    import asyncio
+
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await asyncio.sleep(0.5)
+    body = b'{"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_team_concurrency_limit_holds_across_its_keys_and_frees_on_settle(tmp_path):
+    extra = '[teams.t]\nconcurrency = 2\n[keys]\n"sk-1" = { tier = "pro", team = "t" }\n"sk-2" = { tier = "pro", team = "t" }\n'
+    with ASGIServer(slow_llm) as up:
+        app = build_app(str(write(tmp_path, up.url, extra)))
+        with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(
+                    pool.map(
+                        lambda k: http.post("/v1/chat/completions", json=CHAT, headers=auth(k)), ["sk-1", "sk-2"] * 2
+                    )
+                )
+            assert sorted(r.status_code for r in answers) == [200, 200, 429, 429]
+            refused = [r for r in answers if r.status_code == 429]
+            assert all(r.headers["x-nexus-limit-policy"] == "team.concurrency" for r in refused)
+            # Both places were given back when the calls settled.
+            with ThreadPoolExecutor(2) as pool:
+                again = list(
+                    pool.map(lambda k: http.post("/v1/chat/completions", json=CHAT, headers=auth(k)), ["sk-1", "sk-2"])
+                )
+            assert [r.status_code for r in again] == [200, 200]
+        assert app.team_tree.hierarchy.inspect(("", "t"))["concurrency"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "batch"),
+    [
+        ("/v1/batches", True),
+        ("/v1/batches/b-1/cancel", True),
+        ("/v1/batchesx", False),
+        ("/v1/batches/", True),
+        ("/V1/batches", False),
+    ],
+)
+def test_a_route_class_matches_its_path_and_those_below(tmp_path, upstream, path, batch):
+    app = build_app(str(write(tmp_path, upstream.url, CLASSES, tier='class = "interactive"')))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        codes = [http.post(path, json={}, headers=auth("sk-1")).status_code for _ in range(10)]
+    assert codes.count(429) == (3 if batch else 0), codes

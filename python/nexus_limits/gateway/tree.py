@@ -428,8 +428,9 @@ class TeamTree:
         return self._signature(cfg) == self.signature
 
     def apply(self, cfg: GatewayConfig) -> None:
-        """Every node's quotas from ``cfg``, keeping usage; the keys' routes follow once
-        the quotas are in place."""
+        """Every node's quotas from ``cfg``, keeping usage. The keys' routes change at
+        once (the gateway routes a key by the new config as soon as it is in force); on
+        Redis the node quotas follow a moment later, written in a worker thread."""
         org_kinds, team_kinds, key_kinds = self.signature[0]
         nodes: Dict[Tuple[Key, ...], Dict[str, Any]] = {}
         for name, org in cfg.orgs.items():
@@ -457,9 +458,9 @@ class TeamTree:
 
         def then() -> None:
             self.nodes = set(nodes)
-            self.routes.clear()
-            self.routes.update(routes)
 
+        self.routes.clear()
+        self.routes.update(routes)
         if self.place is None:
             work()
             then()
