@@ -538,3 +538,33 @@ def test_a_route_class_matches_its_path_and_those_below(tmp_path, upstream, path
     with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
         codes = [http.post(path, json={}, headers=auth("sk-1")).status_code for _ in range(10)]
     assert codes.count(429) == (3 if batch else 0), codes
+
+
+def test_yaml_teams_classes_and_routes(tmp_path):
+    pytest.importorskip("yaml")
+    text = """upstream:
+  url: http://127.0.0.1:1
+classes:
+  interactive: 1.0
+  batch: 0.7
+routes:
+  - path: /v1/batches
+    class: batch
+  - path: /v1/files
+    class: bulk
+teams:
+  search:
+    requests: 10/minute
+tiers:
+  pro:
+    requests: 100/minute
+keys:
+  sk-1: {tier: pro, team: search}
+"""
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"gw\.yaml:10: routes\[1\]\.class: class 'bulk' is not defined"):
+        load_config(str(path))
+    path.write_text(text.replace("class: bulk", "class: batch"))
+    cfg = load_config(str(path))
+    assert cfg.routes == [("/v1/batches", "batch"), ("/v1/files", "batch")] and cfg.key_teams == {"sk-1": "search"}

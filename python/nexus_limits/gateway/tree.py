@@ -140,6 +140,16 @@ class TreeReservation:
         found = self.unit("concurrency")
         return found[1] if found else None
 
+    def describe(self, unit: str) -> Optional[str]:
+        """The limit that decided ``unit`` for this call, in words: ``"200000/minute of
+        team search"`` (None when no level of the path has that kind of quota)."""
+        found = self.unit(unit)
+        if found is None:
+            return None
+        policy = found[0]
+        rate = self.route.rates.get(policy, "")
+        return f"{rate} of {_describe(policy, self.route)}".strip()
+
     def headers(self) -> Dict[str, str]:
         """The hierarchy's headers without the quotas no node was given: every real
         quota of the path as ``"level.quota"`` in ``RateLimit-Policy``/``RateLimit``,
@@ -173,20 +183,18 @@ class TreeReservation:
 class TreeLimiter:
     """The TokenLimiter interface the LLM middleware uses, over a Hierarchy.
 
-    ``route_of(key)`` gives the key's :class:`Route` (None: the key is not in this
-    hierarchy, and is refused as if over a limit of 0). Each call uses the class in
-    :data:`REQUEST_CLASS`. ``describe(policy)`` words a quota's holder for refusals
-    (``"team search"``)."""
+    ``route_of(key)`` gives the key's :class:`Route` (the gateway sends a limiter only
+    the keys it routes; another is a KeyError). Each call uses the class in
+    :data:`REQUEST_CLASS`. A refusal's words name the limit that refused
+    (:meth:`TreeReservation.describe`)."""
 
     def __init__(
         self,
         hierarchy: Any,
         route_of: Callable[[Key], Optional[Route]],
-        describe: Callable[[str, Route], str],
     ) -> None:
         self.hierarchy = hierarchy
         self.route_of = route_of
-        self.describe = describe
         # The synchronous twin that changes a Redis hierarchy's quotas (None in-process).
         self.admin: Any = None
 
@@ -228,13 +236,7 @@ class TreeLimiter:
     # being answered in this request (the context variable is per request).
     def _words(self, unit: str) -> Optional[str]:
         refused = _REFUSED.get()
-        if refused is None:
-            return None
-        found = refused.unit(unit)
-        if found is None:
-            return None
-        policy = found[0]
-        return f"{refused.route.rates.get(policy, '')} of {self.describe(policy, refused.route)}".strip()
+        return None if refused is None else refused.describe(unit)
 
     @property
     def requests(self) -> Optional[str]:
@@ -400,7 +402,7 @@ class TeamTree:
         self.place = place
         self.routes: Dict[Key, Route] = {}
         self.nodes: Set[Tuple[Key, ...]] = set()
-        self.limiter = TreeLimiter(self.hierarchy, self.routes.get, _describe)
+        self.limiter = TreeLimiter(self.hierarchy, self.routes.get)
         self.apply(cfg)
 
     def _quotas(self, node: Any) -> Dict[str, Any]:
@@ -497,19 +499,15 @@ def tier_limiter(cfg: GatewayConfig, tier: Tier, place: Optional[RedisPlace] = N
     options: Dict[str, Any] = {"classes": cfg.classes, "default_class": cfg.default_class, "lease_ttl": cfg.lease_ttl}
     if place is None:
         hierarchy = nl.Hierarchy(levels=levels, shadow=tier.shadow, **options)
-        limiter = TreeLimiter(hierarchy, _TierRoute(tier), _this_key)
+        limiter = TreeLimiter(hierarchy, _TierRoute(tier))
     else:
         hierarchy, admin = place.build(levels, f"tier-{tier.name}-classes", **options)
-        limiter = TreeLimiter(hierarchy, _TierRoute(tier), _this_key)
+        limiter = TreeLimiter(hierarchy, _TierRoute(tier))
         limiter.admin = admin
         # Quotas a reload stored in Redis outlive the process: this config's win.
         quotas = tier.quotas()
         _change(lambda: admin.set_default_quota("key", **quotas), lambda: None)
     return limiter
-
-
-def _this_key(policy: str, route: Route) -> str:
-    return "this key"
 
 
 def requota_tier(limiter: TreeLimiter, tier: Tier) -> None:
