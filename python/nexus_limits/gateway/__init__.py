@@ -14,7 +14,8 @@ and the top keys of a tier.
 
 The rooms: ``schema`` (a declarative config schema and the one loader that walks it),
 ``config`` (the gateway's tables and the rules across them), ``app`` (routing, tiers,
-reload), ``tree`` (orgs, teams and priority classes over hierarchies), ``lease``
+reload), ``tree`` (the LLM middleware's view of a hierarchy), ``teams`` (the
+hierarchies of orgs, teams and priority classes built from the config), ``lease``
 (quota leasing on Redis), ``proxy`` (forwarding to the upstream), ``admin`` (the admin
 endpoints).
 """

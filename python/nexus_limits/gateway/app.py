@@ -22,7 +22,8 @@ from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .lease import LeasedLimiter
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
-from .tree import REQUEST_CLASS, RedisPlace, TeamTree, TreeLimiter, TreeSpend, requota_tier, tier_limiter
+from .teams import RedisPlace, TeamTree, requota_tier, tier_limiter
+from .tree import REQUEST_CLASS, TreeLimiter, TreeSpend
 
 __all__ = ["Gateway", "build_app"]
 

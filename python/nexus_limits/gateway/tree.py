@@ -1,63 +1,40 @@
-"""Orgs, teams and priority classes for the gateway: a key's call charged at org > team >
-key in one :class:`nexus_limits.Hierarchy` step, with the request's priority class.
+"""The LLM middleware's view of a hierarchy: a key's call charged at org > team > key
+in one :class:`nexus_limits.Hierarchy` step, with the request's priority class.
 
 The LLM middleware (:class:`nexus_limits.adapters.llm.LLMLimitMiddleware`) speaks to a
 TokenLimiter: ``reserve(key, tokens)`` and ``peek(key)``, whose answer has ``allowed``,
 ``decision``, the ``requests``/``tokens``/``daily_tokens``/``concurrency`` decisions,
-``headers()``, ``settle(tokens)`` and ``cancel()``. :class:`TreeLimiter` gives it that
-interface over a Hierarchy: it maps the key to its path, and takes the request's class
-from :data:`REQUEST_CLASS`, which the gateway sets for each request before calling the
+``headers()``, ``settle(tokens)`` and ``cancel()``; and to a SpendLimiter:
+``reserve(key, model, input_tokens, output_tokens)``, ``cost(model, usage)``.
+:class:`TreeLimiter` and :class:`TreeSpend` give it those interfaces over a Hierarchy:
+they map the key to its path (a :class:`Route`), and take the request's class from
+:data:`REQUEST_CLASS`, which the gateway sets for each request before calling the
 middleware (a context variable: each request's task sees its own).
 
-Levels every node of which must have a quota of each kind its level has: a node with
-no quota of a kind gets :data:`UNLIMITED` of it (never the one refusing), and those
-quotas are left out of the headers and of the refusal's words.
+A route lists the quotas of its path that were configured: the others (a node with
+no quota of a kind its level has, see :mod:`.teams`) are left out of the headers and
+of the refusal's words.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import logging
 import math
 from contextvars import ContextVar
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from ..base import Key
-from .config import Tier
 
 if TYPE_CHECKING:
-    from .config import GatewayConfig
+    from .teams import TeamTree
 
-__all__ = [
-    "REQUEST_CLASS",
-    "UNLIMITED",
-    "Route",
-    "TeamTree",
-    "TreeLimiter",
-    "TreeReservation",
-    "TreeSpend",
-    "tier_limiter",
-]
-
-log = logging.getLogger("nexus_limits.gateway")
+__all__ = ["REQUEST_CLASS", "Route", "TreeLimiter", "TreeReservation", "TreeSpend", "TreeSpendReservation"]
 
 # The priority class of the request being served (None: the hierarchy's default).
 REQUEST_CLASS: ContextVar[Optional[str]] = ContextVar("nexus_limits_gateway_class", default=None)
 # The answer of the last refusal in this request, for the words of the 429 (see TreeLimiter.requests).
 _REFUSED: ContextVar[Optional[TreeReservation]] = ContextVar("nexus_limits_gateway_refused", default=None)
-
-# A quota no call reaches: what a node has of a kind its level has and it does not.
-_NEVER = "1000000000000000/second"
-UNLIMITED: Dict[str, Any] = {
-    "requests": _NEVER,
-    "tokens": _NEVER,
-    "daily_tokens": _NEVER,
-    "concurrency": 1_000_000_000,
-    "spend": _NEVER,  # micro-dollars
-}
-_UNITS = ("requests", "tokens", "daily_tokens")
 
 
 class Route:
@@ -283,247 +260,12 @@ class TreeLimiter:
         return out
 
 
-# -- what the gateway builds from its config -----------------------------------------------
-
-LEVELS = ("org", "team", "key")
-# The org of a team that names none: no org's name is empty (the config refuses it).
-NO_ORG = ""
-_KINDS = ("requests", "tokens", "daily_tokens", "concurrency")
-
-
-def _full(kinds: Tuple[str, ...], quotas: Dict[str, Any]) -> Dict[str, Any]:
-    """Every kind of a level for one node: its own quota, else unlimited (a dollar
-    budget unlimited is already micro-dollars: no parsing)."""
-    out = {kind: quotas.get(kind, UNLIMITED[kind]) for kind in kinds}
-    if out.get("spend") == _NEVER:
-        import nexus_limits as nl
-
-        out["spend"] = nl.Rate.parse(_NEVER)
-    return out
-
-
-def _kinds(quotas: List[Dict[str, Any]], units: Tuple[str, ...]) -> Tuple[str, ...]:
-    """The kinds of quota a level has: those any of its nodes has (the first of
-    ``units``, unlimited, when none has any: a level must have one)."""
-    found = tuple(kind for kind in units if any(kind in q for q in quotas))
-    return found or units[:1]
-
-
-class RedisPlace:
-    """Where the gateway's hierarchies live with ``[backend] type = "redis"``: checks
-    go through the gateway's asyncio client (``nexus_limits.redis.asyncio.Hierarchy``);
-    quota changes through a twin on a synchronous client, at startup (before anything
-    is served) and, on a reload, in a worker thread (never blocking the event loop)."""
-
-    def __init__(self, cfg: GatewayConfig, client: Any) -> None:
-        self.cfg = cfg
-        self.client = client
-        self._sync: Any = None
-
-    def sync_client(self) -> Any:
-        if self._sync is None:
-            import redis
-
-            self._sync = redis.Redis.from_url(str(self.cfg.redis_url))
-        return self._sync
-
-    def build(self, levels: List[Tuple[str, Dict[str, Any]]], name: str, **options: Any) -> Tuple[Any, Any]:
-        """The hierarchy that checks (asyncio) and its twin that changes quotas (sync)."""
-        from ..redis import Hierarchy as SyncHierarchy
-        from ..redis.asyncio import Hierarchy as AsyncHierarchy
-
-        common = {"prefix": self.cfg.redis_prefix, "name": name, "on_error": self.cfg.on_error, **options}
-        return AsyncHierarchy(self.client, levels, **common), SyncHierarchy(self.sync_client(), levels, **common)
-
-    def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
-
-
-def _change(work: Callable[[], Any], then: Callable[[], None]) -> None:
-    """Runs a blocking quota change, then ``then``: at once without an event loop
-    (startup), else in a worker thread with ``then`` back on the loop."""
-    import asyncio
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        try:
-            work()
-        except Exception as error:  # the store is away: nothing can be served without the quotas
-            raise RuntimeError(f"the gateway's quotas could not be written to Redis: {error}") from error
-        then()
-        return
-
-    def done(future: Any) -> None:
-        error = future.exception()
-        if error is not None:
-            log.error("config reload: the new quotas could not be written to Redis: %s", error)
-            return
-        then()
-
-    loop.run_in_executor(None, work).add_done_callback(done)
-
-
-class TeamTree:
-    """The hierarchy of the config's orgs, teams and their keys: a key of a team is
-    charged at its org (if any), its team and itself (its tier's quotas), all at once.
-
-    ``apply(cfg)`` sets every node's quotas from a config (at build and on each
-    reload), keeping what each node has used; ``fits(cfg)`` says whether a new config
-    can be applied to this hierarchy (the same kinds of quota at each level and the
-    same classes) or needs a new one. On Redis (``place``) the quotas live in Redis,
-    shared by every gateway process."""
-
-    def __init__(self, cfg: GatewayConfig, place: Optional[RedisPlace] = None, spend: bool = False) -> None:
-        import nexus_limits as nl
-
-        # The limits (requests, tokens, daily_tokens, concurrency) or the dollar budgets:
-        # the LLM middleware charges the two apart (a spend estimate needs the model).
-        self.units = ("spend",) if spend else _KINDS
-        self.signature = self._signature(cfg)
-        shape, classes, default_class, lease_ttl = self.signature
-        levels = [(level, _full(kinds, {})) for level, kinds in zip(LEVELS, shape)]
-        options: Dict[str, Any] = {
-            "classes": dict(classes) or None,
-            "default_class": default_class,
-            "lease_ttl": lease_ttl,
-        }
-        if place is None:
-            self.hierarchy = nl.Hierarchy(levels=levels, **options)
-            self.admin = self.hierarchy
-        else:
-            # The keys are named after the shape: a config whose levels have other kinds of
-            # quota starts on keys of its own, as an in-process hierarchy starts anew.
-            digest = hashlib.sha1(repr(self.signature).encode()).hexdigest()[:12]
-            name = f"{'spend' if spend else 'teams'}-{digest}"
-            self.hierarchy, self.admin = place.build(levels, name, **options)
-        self.place = place
-        self.routes: Dict[Key, Route] = {}
-        self.nodes: Set[Tuple[Key, ...]] = set()
-        self.limiter = TreeLimiter(self.hierarchy, self.routes.get)
-        self.apply(cfg)
-
-    def _quotas(self, node: Any) -> Dict[str, Any]:
-        """A node's quotas of this tree's units (a key's are its tier's)."""
-        if node is None:
-            return {}
-        if isinstance(node, Tier):
-            quotas = {**node.quotas(), "spend": node.spend} if node.spend else node.quotas()
-        else:
-            quotas = node.quotas()
-        return {k: v for k, v in quotas.items() if k in self.units}
-
-    def _signature(self, cfg: GatewayConfig) -> Tuple[Any, ...]:
-        tiers = {cfg.keys[k] for k in cfg.key_teams}
-        shape = (
-            _kinds([self._quotas(g) for g in cfg.orgs.values()], self.units),
-            _kinds([self._quotas(g) for g in cfg.teams.values()], self.units),
-            _kinds([self._quotas(cfg.tiers[t]) for t in sorted(tiers)], self.units),
-        )
-        # Priority classes share the limits, not the dollar budgets.
-        classes = () if self.units == ("spend",) else tuple(cfg.classes.items())
-        return shape, classes, cfg.default_class if classes else None, cfg.lease_ttl
-
-    def fits(self, cfg: GatewayConfig) -> bool:
-        return self._signature(cfg) == self.signature
-
-    def apply(self, cfg: GatewayConfig) -> None:
-        """Every node's quotas from ``cfg``, keeping usage. The keys' routes change at
-        once (the gateway routes a key by the new config as soon as it is in force); on
-        Redis the node quotas follow a moment later, written in a worker thread."""
-        org_kinds, team_kinds, key_kinds = self.signature[0]
-        nodes: Dict[Tuple[Key, ...], Dict[str, Any]] = {}
-        for name, org in cfg.orgs.items():
-            nodes[(name,)] = _full(org_kinds, self._quotas(org))
-        for name, team in cfg.teams.items():
-            nodes[(team.org or NO_ORG, name)] = _full(team_kinds, self._quotas(team))
-        routes: Dict[Key, Route] = {}
-        for api_key, team_name in cfg.key_teams.items():
-            team = cfg.teams[team_name]
-            tier = cfg.tiers[cfg.keys[api_key]]
-            path = (team.org or NO_ORG, team_name, api_key)
-            nodes[path] = _full(key_kinds, self._quotas(tier))
-            rates: Dict[str, str] = {}
-            for level, node in (("org", cfg.orgs.get(team.org or "")), ("team", team), ("key", tier)):
-                rates.update({f"{level}.{kind}": str(value) for kind, value in self._quotas(node).items()})
-            routes[api_key] = Route(path, rates)
-        gone = self.nodes - set(nodes)
-        admin = self.admin
-
-        def work() -> None:
-            for node, quotas in nodes.items():
-                admin.set_quota(node, **quotas)
-            for node in gone:
-                admin.clear_quota(node)
-
-        def then() -> None:
-            self.nodes = set(nodes)
-
-        self.routes.clear()
-        self.routes.update(routes)
-        if self.place is None:
-            work()
-            then()
-        else:
-            _change(work, then)
-
-
 def _describe(policy: str, route: Route) -> str:
     level = policy.split(".", 1)[0]
     if level in ("org", "team"):
         name: str = str(route.path[0 if level == "org" else 1])
         return f"{level} {name}"
     return "this key"
-
-
-class _TierRoute:
-    """Every key of a tier is its own node: ``(key,)``."""
-
-    __slots__ = ("rates",)
-
-    def __init__(self, tier: Tier) -> None:
-        self.rates = {f"key.{kind}": str(value) for kind, value in tier.quotas().items()}
-
-    def __call__(self, key: Key) -> Route:
-        return Route((key,), self.rates)
-
-
-def tier_limiter(cfg: GatewayConfig, tier: Tier, place: Optional[RedisPlace] = None) -> TreeLimiter:
-    """A tier's limits as a one-level hierarchy, so that [classes] share them: each key
-    of the tier its own node, with the tier's quotas (on Redis with ``place``)."""
-    import nexus_limits as nl
-
-    levels = [("key", tier.quotas())]
-    options: Dict[str, Any] = {"classes": cfg.classes, "default_class": cfg.default_class, "lease_ttl": cfg.lease_ttl}
-    if place is None:
-        hierarchy = nl.Hierarchy(levels=levels, shadow=tier.shadow, **options)
-        limiter = TreeLimiter(hierarchy, _TierRoute(tier))
-    else:
-        hierarchy, admin = place.build(levels, f"tier-{tier.name}-classes", **options)
-        limiter = TreeLimiter(hierarchy, _TierRoute(tier))
-        limiter.admin = admin
-        # Quotas a reload stored in Redis outlive the process: this config's win.
-        quotas = tier.quotas()
-        _change(lambda: admin.set_default_quota("key", **quotas), lambda: None)
-    return limiter
-
-
-def requota_tier(limiter: TreeLimiter, tier: Tier) -> None:
-    """New quotas for a tier's one-level hierarchy (the same kinds), keeping usage."""
-    admin = limiter.admin
-    if admin is None:
-        limiter.hierarchy.set_default_quota("key", **tier.quotas())
-        limiter.hierarchy.shadow = tier.shadow
-        limiter.route_of = _TierRoute(tier)
-        return
-    route = _TierRoute(tier)
-
-    def then() -> None:
-        limiter.route_of = route
-
-    _change(lambda: admin.set_default_quota("key", **tier.quotas()), then)
 
 
 def _dollars(micros: int) -> str:
