@@ -192,6 +192,52 @@ class _Cut(Exception):
     stream, decoded to strip the usage chunk, that cannot be decoded)."""
 
 
+class _Resumed:
+    """Awaiting it goes on with a coroutine that was started by hand and suspended on
+    ``first`` (what it yielded): the rest of the coroutine, as ``await`` would have run it."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Any:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as error:
+                try:
+                    value = coro.throw(error)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Any, first: Any) -> Any:
+    return await _Resumed(coro, first)
+
+
+async def _protected(coro: Any) -> None:
+    """``await asyncio.shield(coro)``, without a task when ``coro`` ends without ever
+    waiting (an in-process limiter's settle): cancellation reaches a coroutine only
+    where it waits, so one that never does needs no shield. One that waits goes on in a
+    shielded task from where it stopped."""
+    try:
+        first = coro.send(None)
+    except StopIteration:
+        return
+    await asyncio.shield(asyncio.ensure_future(_resume(coro, first)))
+
+
 async def _read_body(receive: Receive, limit: int) -> Optional[bytes]:
     """The whole request body; None when the client went away first. Raises _TooLarge
     past ``limit`` bytes, without reading further."""
@@ -247,25 +293,53 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
+# How often the cancellation of an app whose client went away is repeated while the
+# app goes on (it swallowed the last one).
+_RECANCEL = 0.02
+
+# A scope extension a server may offer (the gateway's does): a callable that takes a
+# callback to run when the client's connection is lost, and returns a callable that
+# forgets it. With it, no task has to wait on receive() to see a client go away.
+ON_DISCONNECT = "nexus_limits.on_disconnect"
+
+
+def _nothing() -> None:
+    pass
+
+
 class _Client:
     """The app's view of the client: the body (``first``, a message already read, then
     the rest as it comes), then ``http.disconnect`` as soon as the client is seen to go
     away.
 
-    Once the body is complete, one task waits on the server's ``receive()``; when it
-    says the client disconnected, ``on_gone`` runs (it cancels the app)."""
+    Once the body is complete, the client is watched: through the server's
+    ``ON_DISCONNECT`` extension when it has one, else by a task waiting on the server's
+    ``receive()``. When the client is gone, ``on_gone`` runs (it cancels the app)."""
 
-    def __init__(self, receive: Receive, first: Optional[Message]) -> None:
+    def __init__(self, receive: Receive, first: Optional[Message], scope: Scope) -> None:
         self._receive = receive
         self._first = first
         self._watch: Optional[asyncio.Future[Any]] = None
-        self._on_gone: Callable[[], None] = lambda: None
-        self.gone = asyncio.Event()
+        self._forget: Optional[Callable[[], None]] = None
+        extensions = scope.get("extensions")
+        self._hook: Any = extensions.get(ON_DISCONNECT) if extensions else None
+        self._on_gone: Callable[[], None] = _nothing
+        self._gone: Optional[asyncio.Event] = None
         if first is not None and not first.get("more_body", False):
             self.watch()
 
+    @property
+    def gone(self) -> asyncio.Event:
+        if self._gone is None:
+            self._gone = asyncio.Event()
+        return self._gone
+
     def watch(self) -> None:
-        if self._watch is None and not self.gone.is_set():
+        if self._watch is not None or self._forget is not None or (self._gone is not None and self._gone.is_set()):
+            return
+        if self._hook is not None:
+            self._forget = self._hook(self._left)
+        else:
             self._watch = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -283,7 +357,7 @@ class _Client:
         if self._first is not None:
             first, self._first = self._first, None
             return first
-        if self._watch is None:
+        if self._watch is None and self._forget is None:
             message = await self._receive()
             if message.get("type") == "http.disconnect":
                 self._left()
@@ -294,6 +368,9 @@ class _Client:
         return {"type": "http.disconnect"}
 
     def stop(self) -> None:
+        if self._forget is not None:
+            forget, self._forget = self._forget, None
+            forget()
         if self._watch is not None and not self._watch.done():
             self._watch.cancel()
 
@@ -329,14 +406,69 @@ class _Run:
 
 
 async def _run_app(app: Any, scope: Scope, client: _Client, send: Send, run: _Run) -> None:
-    """Runs the app in a task of its own, cancelled when the client goes away; re-raises
-    what the app raised (unless the client had gone)."""
-    task = asyncio.ensure_future(app(scope, client.receive, send))
+    """Runs the app, cancelled when the client goes away; re-raises what the app raised
+    (unless the client had gone).
+
+    On Python 3.11+ the app runs in this task, which the client's going away cancels
+    (those cancellations are counted and taken back with Task.uncancel: they never
+    leave here); before 3.11, in a task of its own.
+
+    A cancellation the app swallows (asyncio.wait_for in Python < 3.12 does when what it
+    waits for completes at the same moment) is repeated every _RECANCEL seconds until
+    the app ends."""
+    current = asyncio.current_task()
+    if current is None or not hasattr(current, "uncancel"):
+        await _run_app_task(app, scope, client, send, run)
+        return
+    task: Any = current
+    loop = asyncio.get_running_loop()
+    ours = 0  # cancellations requested here
+    running = True
 
     def gone() -> None:
-        if not run.done:
+        nonlocal ours
+        if running and not run.done:
+            run.client_gone = True
+            ours += 1
+            # Delivered at this task's next step, which is inside the app: the task is
+            # waiting in it (this runs from another callback, never from this task).
+            task.cancel()
+            loop.call_later(_RECANCEL, gone)
+
+    client._on_gone = gone
+    try:
+        await app(scope, client.receive, send)
+    except asyncio.CancelledError:
+        if not ours:
+            run.client_gone = True  # cancelled from outside (the server)
+            raise
+    except Exception as error:
+        if run.client_gone or isinstance(error, _Cut):
+            return
+        run.app_failed = True
+        raise
+    finally:
+        running = False
+        client._on_gone = _nothing
+        client.stop()
+    if ours:
+        left = task.cancelling()
+        for _ in range(ours):
+            left = task.uncancel()
+        if left > 0:
+            raise asyncio.CancelledError()  # cancelled from outside as well
+
+
+async def _run_app_task(app: Any, scope: Scope, client: _Client, send: Send, run: _Run) -> None:
+    """_run_app with the app in a task of its own (Python < 3.11)."""
+    task = asyncio.ensure_future(app(scope, client.receive, send))
+    loop = asyncio.get_running_loop()
+
+    def gone() -> None:
+        if not run.done and not task.done():
             run.client_gone = True
             task.cancel()
+            loop.call_later(_RECANCEL, gone)
 
     client._on_gone = gone
     try:
@@ -586,7 +718,7 @@ class LLMLimitMiddleware:
                 await self._release(reservation, admitted, _Run())
                 return
         run = _Run()
-        client = _Client(receive, first)
+        client = _Client(receive, first, scope)
         extra = _raw(list(reservation.headers().items()))
 
         async def relay(message: Message) -> None:
@@ -595,13 +727,14 @@ class LLMLimitMiddleware:
                 run.started = True
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 run.done = True
-                await asyncio.shield(self._release(reservation, admitted, run))
+                await _protected(self._release(reservation, admitted, run))
             await send(message)
 
         try:
             await _run_app(self.app, scope, client, relay, run)
         finally:
-            await asyncio.shield(self._release(reservation, admitted, run))
+            if not run.settled:
+                await _protected(self._release(reservation, admitted, run))
 
     async def _release(self, reservation: Reservation, admitted: float, run: _Run) -> None:
         """Ends a metered request: its request stays charged, its lease ends."""
@@ -789,7 +922,7 @@ class LLMLimitMiddleware:
         ours = _raw(list(both.headers().items()))
         model = judged.body.get("model")
         response_provider = "openai-responses" if path == "/v1/responses" else provider
-        client = _Client(receive, {"type": "http.request", "body": judged.raw, "more_body": False})
+        client = _Client(receive, {"type": "http.request", "body": judged.raw, "more_body": False}, scope)
 
         async def relay(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -827,7 +960,7 @@ class LLMLimitMiddleware:
                         if reader.forward_decoded:
                             # What was forwarded so far was decoded: the rest cannot follow.
                             run.cut = True
-                            await asyncio.shield(self._finish(both, provider, path, judged, run, admitted))
+                            await _protected(self._finish(both, provider, path, judged, run, admitted))
                             await send({"type": "http.response.body", "body": b"", "more_body": False})
                             raise _Cut() from None
                     else:
@@ -838,13 +971,14 @@ class LLMLimitMiddleware:
                     run.done = True
                     # Settled before the client sees the end: its next call finds the
                     # budget and the concurrency place as this one left them.
-                    await asyncio.shield(self._finish(both, provider, path, judged, run, admitted))
+                    await _protected(self._finish(both, provider, path, judged, run, admitted))
             await send(message)
 
         try:
             await _run_app(self.app, scope, client, relay, run)
         finally:
-            await asyncio.shield(self._finish(both, provider, path, judged, run, admitted))
+            if not run.settled:
+                await _protected(self._finish(both, provider, path, judged, run, admitted))
 
     async def _finish(self, both: _Both, provider: str, path: str, judged: _Judged, run: _Run, admitted: float) -> None:
         """Settles (or cancels) a call once its response is over, once. Never raises."""

@@ -34,8 +34,9 @@ import asyncio
 import json
 import logging
 import os
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
+from ..adapters.llm import ON_DISCONNECT
 from .app import Gateway, build_app
 
 __all__ = ["protocol_class", "run", "uvicorn_config"]
@@ -125,6 +126,10 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
         _tail = b""
         # No byte of the coming head was seen yet.
         _fresh = True
+        # Callbacks to run when the connection is lost (the ON_DISCONNECT extension),
+        # and whether it was.
+        _watchers: Optional[List[Callable[[], None]]] = None
+        _lost = False
 
         def _arm(self) -> None:
             self._disarm()
@@ -150,7 +155,34 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
             self._disarm()
+            self._lost = True
+            watchers, self._watchers = self._watchers, None
             super().connection_lost(exc)
+            for callback in watchers or ():
+                try:
+                    callback()
+                except Exception:  # one request's watcher must not stop the others'
+                    log.exception("a disconnect callback failed")
+
+        def _on_disconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
+            """The ON_DISCONNECT extension: ``callback`` runs when the connection is
+            lost (at once, on the next turn, if it already was); returns what forgets
+            it. The LLM middleware watches its clients this way instead of with a task
+            waiting on ``receive()``."""
+            if self._lost:
+                return self.loop.call_soon(callback).cancel
+            # As receive() does while it waits: read on, so that a close is seen.
+            self.flow.resume_reading()
+            watchers = self._watchers
+            if watchers is None:
+                watchers = self._watchers = []
+            watchers.append(callback)
+
+            def forget() -> None:
+                if callback in watchers:
+                    watchers.remove(callback)
+
+            return forget
 
         def data_received(self, data: bytes) -> None:
             if self._fresh and data:
@@ -202,6 +234,8 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
             scope["query_string"] = query
             path = raw_path.decode("latin-1")
             scope["path"] = unquote(path) if "%" in path else path
+            extensions: Any = {ON_DISCONNECT: self._on_disconnect}
+            scope["extensions"] = extensions
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
