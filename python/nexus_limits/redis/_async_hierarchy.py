@@ -26,7 +26,7 @@ import nexus_limits as nl
 
 from .. import _wait
 from .._core import Decision, ManualClock, Quota
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, NexusLimitsError
 from ..hierarchy import AsyncHierarchyReservation, HierarchyDecision
 from ..hierarchy import Hierarchy as _InProcessHierarchy
 from ..limiters import Priority as _InProcessPriority
@@ -43,6 +43,7 @@ from ._common import (
     check_shadow,
     encode_key,
     is_full,
+    is_outage,
     new_lease_id,
     now_arg,
     to_decision,
@@ -59,6 +60,8 @@ _MAX_AMOUNT = 2**64 - 1
 _LEVEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 # The longest run of names below the org kept readable in a key (see Hierarchy._keys).
 _MAX_READABLE = 256
+# A script's error naming a key whose value the library did not write (hierarchy_lib.lua).
+_FOREIGN = re.compile(r"NLSTATE (\S+) (.*?)(?: script: [0-9a-f]+, on @user_script:\d+\.)?", re.S)
 
 
 def _quoted(name: str) -> str:
@@ -212,6 +215,7 @@ class Hierarchy:
         "_levels",
         "_lock",
         "_name",
+        "_offset",
         "_prefix",
         "_read_at",
         "_refresh",
@@ -262,6 +266,9 @@ class Hierarchy:
         self._args: List[str] = []
         self._set_args(self._spec_defaults())
         self._read_at = -math.inf
+        # The server's clock minus this host's, in microseconds, as last seen: a
+        # reservation's lease time is the server's.
+        self._offset = 0.0
         self._lock = threading.Lock()
         self._counts = _Counts()
         self._counts_of: Dict[str, _Counts] = {}
@@ -412,8 +419,9 @@ class Hierarchy:
     def _expired(self, charged_at: Optional[int]) -> bool:
         if charged_at is None:
             return True  # never charged: a refusal, a peek or a fallback answer
-        now = self._clock.now if self._clock is not None else time.time()
-        return bool(now * 1e6 > charged_at + int(self._ttl_us))
+        if self._clock is not None:
+            return bool(self._clock.now * 1e6 > charged_at + int(self._ttl_us))
+        return bool(time.time() * 1e6 + self._offset > charged_at + int(self._ttl_us))
 
     def _changes(self, level: int, values: Dict[str, Any]) -> Dict[str, str]:
         """The fields a change of ``level``'s quotas writes, each checked as the
@@ -448,12 +456,16 @@ class Hierarchy:
                 if value is None:
                     continue
                 try:
+                    # Checked as set_default_quota checks what it writes: a value edited
+                    # by hand that it would refuse (a concurrency of 10**30 lifts the
+                    # limit) is ignored, as the scripts ignore such own quotas.
                     if unit == "concurrency":
-                        level[unit] = max(1, int(value))
+                        _InProcessHierarchy([("level", {"concurrency": int(value)})])
+                        level[unit] = int(value)
                     else:
                         capacity, period = value.split()[1:3]
                         level[unit] = _script_quota(nl.Rate(int(capacity), float(period)))
-                except (ValueError, IndexError):
+                except (ValueError, IndexError, TypeError, OverflowError):
                     continue  # not written by set_default_quota: ignored, as the scripts ignore it
             levels.append(level)
         self._set_args(levels)
@@ -501,9 +513,31 @@ class Hierarchy:
             out["concurrency"] = {"limit": limit, "in_flight": min(held, limit), "own_quota": own}
         return out
 
-    def _admin_error(self, error: BaseException, what: str) -> BackendUnavailable:
+    def _admin_error(self, error: BaseException, what: str) -> NexusLimitsError:
+        if not is_outage(error):
+            return self._store_error(error, what)
         self._fallback.tally.add("errors")
         return BackendUnavailable(f"Hierarchy on Redis: {what} could not reach the store: {error}")
+
+    def _store_error(self, error: BaseException, what: str, key: Optional[str] = None) -> NexusLimitsError:
+        """The error for a store that answered but could not do the step: a key holding a
+        value this library did not write (another program under the same prefix, or an
+        edit by hand), named; never answered by on_error, which is for outages."""
+        text = str(error)
+        found = _FOREIGN.fullmatch(text)
+        if found is None and "WRONGTYPE" in text and key is not None:
+            found = _FOREIGN.fullmatch(f"NLSTATE {key} holds another type of value than this library writes there")
+        if found is None:
+            return NexusLimitsError(f"Hierarchy on Redis: {what} failed on the server: {text}")
+        key, detail = found.group(1), found.group(2)
+        if key == self._defaults_key:
+            fix = "delete it (set_default_quota writes it again)"
+        else:
+            fix = "reset the node (Hierarchy.reset) or delete the key"
+        return NexusLimitsError(
+            f"Hierarchy on Redis: {what}: the key {key} {detail}; nexus-limits did not write it (another "
+            f"program uses the prefix {self._prefix!r}, or it was edited by hand): {fix}"
+        )
 
     # -- the checks ---------------------------------------------------------------
 
@@ -515,7 +549,10 @@ class Hierarchy:
         self._read_at = time.monotonic()
         try:
             raw = await self._channel.call("HGETALL", self._defaults_key)
-        except BACKEND_ERRORS:
+        except BACKEND_ERRORS as error:
+            if not is_outage(error):
+                self._read_at = -math.inf
+                raise self._store_error(error, "reading the levels' quotas", self._defaults_key) from error
             return  # the check that follows meets the outage and answers it
         self._read_defaults(raw)
 
@@ -542,7 +579,11 @@ class Hierarchy:
         try:
             reply = await evalsha(self._channel, script, self._keys(nodes), argv)
         except BACKEND_ERRORS as error:
+            if not is_outage(error):
+                raise self._store_error(error, mode) from error
             return self._fallback_reply(error), []
+        if self._clock is None:
+            self._offset = int(reply[0]) - time.time() * 1e6
         t, quotas, each = self._outcome(reply, mode, lease)
         if mode != "peek":
             self._count(t, each, name)
@@ -591,13 +632,14 @@ class Hierarchy:
         nodes = self._nodes(path, whole=True)
         lease = next((x for x in leases if x), "") or ""
         await self._fresh()
+        # An amount past 2**64 units is a debt no one can wait out either way (the script
+        # holds every debt within 2**64 ns); bounded, it is a short argument.
+        deltas = [str(max(-_MAX_AMOUNT, min(int(x), _MAX_AMOUNT))) for x in (requests, tokens, spend)]
         argv = [
             now_arg(self._clock),
             str(charged_at),
             self._ttl_us,
-            str(requests),
-            str(tokens),
-            str(spend),
+            *deltas,
             lease,
             "",
             "",
@@ -608,6 +650,8 @@ class Hierarchy:
         try:
             return bool(await evalsha(self._channel, HIERARCHY_SETTLE, keys, argv))
         except BACKEND_ERRORS as error:
+            if not is_outage(error):
+                raise self._store_error(error, "settle") from error
             if lease and is_full(error):
                 # The buckets cannot be written, but ending the leases only frees memory.
                 for level, held in enumerate(leases):
@@ -692,6 +736,8 @@ class Hierarchy:
             )
             raw = await self._channel.call("HGETALL", self._defaults_key)
         except BACKEND_ERRORS as error:
+            if not is_outage(error):
+                raise self._store_error(error, "set_default_quota", self._defaults_key) from error
             raise self._admin_error(error, "set_default_quota") from error
         self._read_at = time.monotonic()
         self._read_defaults(raw)

@@ -35,8 +35,9 @@ for l = 1, depth do
         local micros, capacity = quota_of(own, u, at)
         if micros then
             local key = KEYS[kat + 2 + u]
-            local tat = tat_of(redis.call("GET", key) or nil, micros, now)
+            local tat = tat_of(key, state_at(key), micros, now)
             local new, ttl, d = step_floor(tat, now, micros, capacity, amounts[u], floor_of(capacity, share))
+            capped(d)
             if d[1] == 0 and not shadow then rates_ok = false end
             parts[#parts + 1] = {key, new, ttl, d, micros, capacity}
         end
@@ -61,7 +62,8 @@ if mode ~= "peek" and rates_ok and leases_ok then
             redis.call("ZREMRANGEBYSCORE", c[1], "-inf", now)
             redis.call("ZADD", c[1], now + lttl, ARGV[9])
             local last = redis.call("ZRANGE", c[1], -1, -1, "WITHSCORES")
-            redis.call("PEXPIRE", c[1], math.max(math.ceil((tonumber(last[2]) - now) / 1000), 1))
+            local ahead = math.min(tonumber(last[2]) - now, MAX_AHEAD)
+            redis.call("PEXPIRE", c[1], math.max(math.ceil(ahead / 1000), 1))
         end
     end
 end

@@ -14,8 +14,8 @@ local reply = {}
 for u = 1, 4 do
     local micros, capacity, mine = quota_of(own, u, 2)
     if micros then
-        local state = redis.call("GET", KEYS[2 + u]) or nil
-        local tat = tat_of(state, micros, now) or 0
+        local state = state_at(KEYS[2 + u])
+        local tat = tat_of(KEYS[2 + u], state, micros, now) or 0
         local _, _, free = gcra(tat, now, micros, capacity, 0, false)
         local _, _, d = gcra(tat, now, micros, capacity, 1, false)
         local tracked = 0
@@ -24,15 +24,15 @@ for u = 1, 4 do
         reply[#reply + 1] = capacity
         reply[#reply + 1] = mine
         reply[#reply + 1] = free[3]
-        reply[#reply + 1] = math.ceil(math.max(tat - now, 0) - EPS)
-        reply[#reply + 1] = math.ceil(math.max(d[5], 0) - EPS)
+        reply[#reply + 1] = math.ceil(math.min(math.max(tat - now, 0), MAX_AHEAD) - EPS)
+        reply[#reply + 1] = math.ceil(math.min(math.max(d[5], 0), MAX_AHEAD) - EPS)
         reply[#reply + 1] = tracked
         reply[#reply + 1] = own[u] or ""
     end
 end
 local limit, mine = lease_limit(own, 2)
 local held = 0
-if limit > 0 then held = redis.call("ZCOUNT", KEYS[2], string.format("(%.17g", now), "+inf") end
+if limit > 0 then held = call_on(KEYS[2], "ZCOUNT", KEYS[2], string.format("(%.17g", now), "+inf") end
 reply[#reply + 1] = limit
 reply[#reply + 1] = held
 reply[#reply + 1] = mine

@@ -20,6 +20,86 @@
 local UNITS = {"requests", "tokens", "daily_tokens", "spend"}
 local SCALE = 1000000
 
+-- How far ahead of now a state or an answer may reach: 2^64 ns in microseconds, where
+-- the in-process twin's times saturate. A debt beyond it (a settlement far above every
+-- quota) is held there: the node stays refused for as long as anyone can wait, and its
+-- key still gets an expiry Redis accepts.
+local MAX_AHEAD = 18446744073709551
+
+local function finite(x)
+    return x ~= nil and x == x and x > -math.huge and x < math.huge
+end
+
+-- A key whose value this library did not write (another program under the same
+-- prefix, or an edit by hand) stops the script before anything is written, with an
+-- error naming the key that the Python side reports as such: never a guess that could
+-- admit more than the quota.
+local function foreign(key, what)
+    error({err = "NLSTATE " .. key .. " " .. what})
+end
+
+local function shown(value)
+    return '"' .. string.gsub(string.sub(value, 1, 40), "[^%w%p ]", "?") .. '"'
+end
+
+-- redis.call on `key`, a key of another type being reported as foreign.
+local function call_on(key, ...)
+    local reply = redis.pcall(...)
+    if type(reply) == "table" and reply.err then
+        if string.find(reply.err, "WRONGTYPE", 1, true) then
+            foreign(key, "holds a " .. redis.call("TYPE", key).ok .. ", not what this library writes there")
+        end
+        error(reply)
+    end
+    return reply
+end
+
+-- A key that must hold a lease set (or nothing).
+local function check_zset(key)
+    local kind = redis.call("TYPE", key).ok
+    if kind ~= "zset" and kind ~= "none" then
+        foreign(key, "holds a " .. kind .. ", not a lease set")
+    end
+end
+
+-- A state's theoretical arrival time under `micros` (nil: a fresh node), read from
+-- `key`: at most MAX_AHEAD from now.
+local function tat_of(key, state, micros, now)
+    if not state then return nil end
+    local a, b = string.match(state, "^(%S+) (%S+)$")
+    local tat, written = tonumber(a or state), tonumber(b or "1")
+    if not (finite(tat) and finite(written) and written > 0) then
+        foreign(key, "holds " .. shown(state) .. ", not a token bucket's state")
+    end
+    if b and math.abs(written - micros) > EPS * micros then
+        local backlog = math.max(tat - now, 0)
+        tat = now + backlog * micros / written
+    end
+    return math.min(tat, now + MAX_AHEAD)
+end
+
+-- The state of `key` (GET, a key of another type being foreign).
+local function state_at(key)
+    return call_on(key, "GET", key) or nil
+end
+
+-- Writes a state "tat micros" that expires when the bucket is full again (never
+-- further than MAX_AHEAD).
+local function put_tat(key, tat, micros, now)
+    tat = math.min(tat, now + MAX_AHEAD)
+    local state = string.format("%.17g", tat) .. " " .. string.format("%.17g", micros)
+    redis.call("SET", key, state, "PX", math.max(math.ceil((tat - now) / 1000), 1))
+end
+
+-- A decision's times held within MAX_AHEAD (a quota whose period times its capacity
+-- is beyond it, or a saturated debt).
+local function capped(d)
+    for i = 4, 6 do
+        if d[i] > MAX_AHEAD then d[i] = MAX_AHEAD end
+    end
+    return d
+end
+
 -- The micros and capacity in force for unit u of a level: the node's own (from its
 -- quota hash, read once as `own`) or the level's default; nil when the level has none.
 local function quota_of(own, u, level_at)
@@ -39,7 +119,7 @@ end
 
 -- The node's own quotas: HMGET of the four units and concurrency.
 local function own_quotas(key)
-    return redis.call("HMGET", key, "requests", "tokens", "daily_tokens", "spend", "concurrency")
+    return call_on(key, "HMGET", key, "requests", "tokens", "daily_tokens", "spend", "concurrency")
 end
 
 -- The concurrency limit in force: the node's own (a whole number) or the level's.
@@ -49,19 +129,6 @@ local function lease_limit(own, level_at)
     local mine = tonumber(own[5] or "")
     if mine and mine >= 1 and mine < 2^53 and mine == math.floor(mine) then return mine, 1 end
     return limit, 0
-end
-
--- A state's theoretical arrival time under `micros` (nil: a fresh node).
-local function tat_of(state, micros, now)
-    if not state then return nil end
-    local tat, written = string.match(state, "^(%S+) (%S+)$")
-    tat, written = tonumber(tat), tonumber(written)
-    if not tat then return tonumber(state) end
-    if written and written > 0 and math.abs(written - micros) > EPS * micros then
-        local backlog = math.max(tat - now, 0)
-        return now + backlog * micros / written
-    end
-    return tat
 end
 
 -- The units of `capacity` a class of `share` millionths must leave free (Share::floor,
@@ -92,11 +159,11 @@ end
 -- times): held counts the live leases.
 local function lease_decision(key, limit, ttl, now)
     local live = string.format("(%.17g", now)
-    local held = redis.call("ZCOUNT", key, live, "+inf")
+    local held = call_on(key, "ZCOUNT", key, live, "+inf")
     if held < limit then
         return {1, limit, limit - held - 1, ttl, 0, 0}, held
     end
     local first = redis.call("ZRANGEBYSCORE", key, live, "+inf", "WITHSCORES", "LIMIT", 0, 1)
     local last = redis.call("ZRANGE", key, -1, -1, "WITHSCORES")
-    return {0, limit, 0, tonumber(last[2]) - now, tonumber(first[2]) - now, 0}, held
+    return capped({0, limit, 0, tonumber(last[2]) - now, tonumber(first[2]) - now, 0}), held
 end

@@ -23,19 +23,21 @@ if ARGV[2] == "set" then
         if after[u] == nil then after[u] = own[u] end
     end
 end
+-- Every state is read (and checked) before anything is written.
+local writes = {}
 for u = 1, 4 do
     local old = quota_of(own, u, 3)
     local new = quota_of(after, u, 3)
-    local state = redis.call("GET", KEYS[2 + u])
-    if old and new and state and math.abs(old - new) > EPS * new then
-        local backlog = math.max((tat_of(state, old, now) or now) - now, 0)
-        if backlog > 0 then
-            backlog = backlog * new / old
-            put(KEYS[2 + u], string.format("%.17g", now + backlog) .. " " .. string.format("%.17g", new), backlog)
-        else
-            redis.call("DEL", KEYS[2 + u])
+    if old and new and math.abs(old - new) > EPS * new then
+        local state = state_at(KEYS[2 + u])
+        if state then
+            local backlog = math.max((tat_of(KEYS[2 + u], state, old, now) or now) - now, 0)
+            writes[#writes + 1] = {KEYS[2 + u], now + backlog * new / old, new}
         end
     end
+end
+for _, w in ipairs(writes) do
+    if w[2] > now then put_tat(w[1], w[2], w[3], now) else redis.call("DEL", w[1]) end
 end
 redis.call("DEL", KEYS[1])
 if ARGV[2] == "set" then

@@ -14,6 +14,9 @@ if now > tonumber(ARGV[2]) + tonumber(ARGV[3]) then return 0 end
 local deltas = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[5]), tonumber(ARGV[6])}
 local depth = tonumber(ARGV[10])
 local LEVELS = 11
+-- Every key is read (and checked) before any is written: a settlement that meets a
+-- key it cannot read changes no level.
+local writes, leases = {}, {}
 for l = 1, depth do
     local kat, at = (l - 1) * 6, LEVELS + (l - 1) * 9
     local own = own_quotas(KEYS[kat + 1])
@@ -21,14 +24,17 @@ for l = 1, depth do
         local micros = quota_of(own, u, at)
         if micros and deltas[u] ~= 0 then
             local key = KEYS[kat + 2 + u]
-            local tat = gcra_adjust(tat_of(redis.call("GET", key) or nil, micros, now), now, micros, deltas[u])
-            if tat > now then
-                put(key, string.format("%.17g", tat) .. " " .. string.format("%.17g", micros), tat - now)
-            else
-                redis.call("DEL", key)
-            end
+            local tat = gcra_adjust(tat_of(key, state_at(key), micros, now), now, micros, deltas[u])
+            writes[#writes + 1] = {key, tat, micros}
         end
     end
-    if ARGV[7] ~= "" and tonumber(ARGV[at]) > 0 then redis.call("ZREM", KEYS[kat + 2], ARGV[7]) end
+    if ARGV[7] ~= "" and tonumber(ARGV[at]) > 0 then
+        check_zset(KEYS[kat + 2])
+        leases[#leases + 1] = KEYS[kat + 2]
+    end
 end
+for _, w in ipairs(writes) do
+    if w[2] > now then put_tat(w[1], w[2], w[3], now) else redis.call("DEL", w[1]) end
+end
+for _, key in ipairs(leases) do redis.call("ZREM", key, ARGV[7]) end
 return 1
