@@ -549,3 +549,53 @@ def test_hostile_names_never_cross_slots_on_a_cluster(redis_cluster):
             h.reset(path)
     finally:
         client.close()
+
+
+# -- Priority ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("garbage", ["nan", "inf", "-inf", "garbage", ""])
+def test_priority_on_a_corrupted_state_is_a_clear_error(client, garbage):
+    tb = nlr.TokenBucket(client, "10/minute", on_error="allow")
+    p = nlr.Priority(tb, {"hi": 1.0, "lo": 0.5})
+    key = tb._plan.keys("k")[0]
+    client.set(key, garbage)
+    for call in (lambda: p.hit("k", 1, "lo"), lambda: p.peek("k")):
+        with pytest.raises(NexusLimitsError) as info:
+            call()
+        assert key in str(info.value) and "@user_script" not in str(info.value)
+    assert client.get(key) == garbage.encode()
+
+
+def test_priority_on_a_huge_finite_state_refuses(client):
+    tb = nlr.TokenBucket(client, "10/minute")
+    p = nlr.Priority(tb, {"hi": 1.0, "lo": 0.5})
+    client.set(tb._plan.keys("k")[0], "1e300")
+    d = p.hit("k", 1, "hi")
+    assert not d.allowed and d.remaining == 0 and 1e9 < d.retry_after < 1e11
+
+
+@pytest.mark.parametrize("algorithm", ["TokenBucket", "FixedWindow", "SlidingWindow", "LeakyBucket"])
+def test_priority_on_a_wrong_type_key_is_a_clear_error(client, algorithm):
+    limiter = getattr(nlr, algorithm)(client, "10/minute", on_error="allow")
+    p = nlr.Priority(limiter, {"hi": 1.0, "lo": 0.5})
+    key = limiter._plan.keys("k")[0]
+    client.hset(key, "a", "b")
+    with pytest.raises(NexusLimitsError) as info:
+        p.hit("k")
+    assert key in str(info.value) and "@user_script" not in str(info.value)
+
+
+def test_priority_asyncio_on_a_wrong_type_key(async_redis_client):
+    async def main() -> None:
+        ac = async_redis_client()
+        try:
+            tb = nla.TokenBucket(ac, "10/minute")
+            p = nla.Priority(tb, {"hi": 1.0, "lo": 0.5})
+            await ac.hset(tb._plan.keys("k")[0], "a", "b")
+            with pytest.raises(NexusLimitsError, match="holds"):
+                await p.hit("k")
+        finally:
+            await ac.aclose()
+
+    run(main())

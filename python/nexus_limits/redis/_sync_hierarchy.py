@@ -58,6 +58,23 @@ _MAX_READABLE = 256
 _FOREIGN = re.compile(r"NLSTATE (\S+) (.*?)(?: script: [0-9a-f]+, on @user_script:\d+\.)?", re.S)
 
 
+def _store_error(error: BaseException, what: str, prefix: str, fix: str, key: Optional[str] = None) -> NexusLimitsError:
+    """The error for a store that answered but could not do a step: a key holding a
+    value this library did not write (another program under the same prefix, or an edit
+    by hand), named by the script (or ``key``, for a command on one key); never answered
+    by on_error, which is for outages."""
+    text = str(error)
+    found = _FOREIGN.fullmatch(text)
+    if found is None and "WRONGTYPE" in text and key is not None:
+        found = _FOREIGN.fullmatch(f"NLSTATE {key} holds another type of value than this library writes there")
+    if found is None:
+        return NexusLimitsError(f"{what} failed on the server: {text}")
+    return NexusLimitsError(
+        f"{what}: the key {found.group(1)} {found.group(2)}; nexus-limits did not write it (another "
+        f"program uses the prefix {prefix!r}, or it was edited by hand): {fix}"
+    )
+
+
 def _quoted(name: str) -> str:
     """A name quoted as the native classes quote it in their errors."""
     return json.dumps(name, ensure_ascii=False)
@@ -515,21 +532,11 @@ class Hierarchy:
         """The error for a store that answered but could not do the step: a key holding a
         value this library did not write (another program under the same prefix, or an
         edit by hand), named; never answered by on_error, which is for outages."""
-        text = str(error)
-        found = _FOREIGN.fullmatch(text)
-        if found is None and "WRONGTYPE" in text and key is not None:
-            found = _FOREIGN.fullmatch(f"NLSTATE {key} holds another type of value than this library writes there")
-        if found is None:
-            return NexusLimitsError(f"Hierarchy on Redis: {what} failed on the server: {text}")
-        key, detail = found.group(1), found.group(2)
         if key == self._defaults_key:
             fix = "delete it (set_default_quota writes it again)"
         else:
             fix = "reset the node (Hierarchy.reset) or delete the key"
-        return NexusLimitsError(
-            f"Hierarchy on Redis: {what}: the key {key} {detail}; nexus-limits did not write it (another "
-            f"program uses the prefix {self._prefix!r}, or it was edited by hand): {fix}"
-        )
+        return _store_error(error, f"Hierarchy on Redis: {what}", self._prefix, fix, key)
 
     # -- the checks ---------------------------------------------------------------
 
@@ -907,6 +914,9 @@ class Priority:
         try:
             reply = evalsha(limiter._channel, script, keys, argv)
         except BACKEND_ERRORS as error:
+            if not is_outage(error):
+                fix = "reset the key (limiter.reset) or delete it"
+                raise _store_error(error, f"Priority on Redis: {mode}", plan.prefix, fix) from error
             return limiter._fallback.decision(error, limiter.limit, key, cost, mode)
         d = to_decision(reply)
         if mode == "peek":

@@ -10,12 +10,55 @@
 -- header.lua), ARGV[7] cost, ARGV[8] the class's share in millionths.
 -- Returns the class's decision (six values).
 
+-- How far ahead of now a state or an answer may reach: 2^64 ns in microseconds, where
+-- the in-process twin's times saturate.
+local MAX_AHEAD = 18446744073709551
+
+-- A key whose value this library did not write (another program under the same
+-- prefix, or an edit by hand) stops the script with an error naming it, which the
+-- Python side reports as such: never a guess that could admit more than the limit.
+local function foreign(key, what)
+    error({err = "NLSTATE " .. key .. " " .. what})
+end
+
+local function finite(x)
+    return x ~= nil and x == x and x > -math.huge and x < math.huge
+end
+
+for i = 1, 2 do
+    local kind = redis.call("TYPE", KEYS[i]).ok
+    if kind ~= "string" and kind ~= "none" then
+        foreign(KEYS[i], "holds a " .. kind .. ", not what this library writes there")
+    end
+end
+
 local algo = ARGV[3]
 local micros, capacity = quota(KEYS[2], ARGV[4], ARGV[5])
 local align = tonumber(ARGV[6])
 local cost = tonumber(ARGV[7])
 local share = tonumber(ARGV[8])
 local state = redis.call("GET", KEYS[1]) or nil
+
+-- The state as its algorithm writes it: a time ("tat") for the buckets, "window:count"
+-- for a fixed window, "window:previous:current" for a sliding one, counts never negative.
+if state then
+    local ok
+    if algo == "gcra" or algo == "leaky" then
+        local tat = tonumber(state)
+        ok = finite(tat)
+        -- a debt beyond what anyone can wait is held there (the answers stay numbers)
+        if ok and tat > now + MAX_AHEAD then state = string.format("%.17g", now + MAX_AHEAD) end
+    else
+        local pattern = algo == "fixed" and "^([^:]+):([^:]+)$" or "^([^:]+):([^:]+):([^:]+)$"
+        local w, a, b = string.match(state, pattern)
+        w, a, b = tonumber(w), tonumber(a), tonumber(b or "0")
+        ok = finite(w) and finite(a) and finite(b) and a >= 0 and b >= 0
+    end
+    if not ok then
+        local shown = string.gsub(string.sub(state, 1, 40), "[^%w%p ]", "?")
+        foreign(KEYS[1], 'holds "' .. shown .. '", not a state of this limiter')
+    end
+end
 
 local function step(c)
     if algo == "gcra" then
@@ -53,4 +96,7 @@ else
     end
 end
 if charge and new then put(KEYS[1], new, ttl) end
+for i = 4, 6 do
+    if d[i] > MAX_AHEAD then d[i] = MAX_AHEAD end
+end
 return push({}, d)
