@@ -599,3 +599,92 @@ def test_priority_asyncio_on_a_wrong_type_key(async_redis_client):
             await ac.aclose()
 
     run(main())
+
+
+# -- asyncio cancellation ---------------------------------------------------------------------
+
+CANCEL_LEVELS = [("org", {"tokens": "1000/day"}), ("team", {"concurrency": 1})]
+BUSY = """
+local t = redis.call("TIME")
+local start = t[1] * 1000000 + t[2]
+while true do
+    t = redis.call("TIME")
+    if t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+def _busy_server(port: int, us: int) -> threading.Thread:
+    """Keeps the server busy for ``us`` microseconds (a script from another client), so
+    a command sent meanwhile is on its way when its task is cancelled."""
+    thread = threading.Thread(target=lambda: redis.Redis(port=port).eval(BUSY, 0, us))
+    thread.start()
+    return thread
+
+
+async def _cancelled_midway(port: int, job: Any) -> Any:
+    busy = _busy_server(port, 80_000)
+    await asyncio.sleep(0.02)
+    task = asyncio.ensure_future(job)
+    await asyncio.sleep(0.02)
+    task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return None
+    finally:
+        busy.join(10)
+
+
+async def _until_free(h: Any, node: Any) -> int:
+    for _ in range(200):
+        held = int((await h.inspect(node))["concurrency"]["in_flight"])
+        if held == 0:
+            break
+        await asyncio.sleep(0.01)
+    return held
+
+
+@pytest.mark.parametrize("refresh", [0.0, 3600.0], ids=["quotas-read-first", "script-on-the-way"])
+def test_a_cancelled_settle_still_ends_its_leases(redis_server, refresh):
+    """A task cancelled while its settlement is on the way (a client that went away)
+    left the lease held for lease_ttl and the estimate charged, the reservation being
+    done already (no second try): the settlement now runs to its end."""
+
+    async def main() -> None:
+        ac = redis.asyncio.Redis(port=redis_server.port)
+        await ac.flushall()
+        h = nla.Hierarchy(ac, CANCEL_LEVELS, clock=nl.ManualClock(1_700_000_000.0), refresh=refresh)
+        try:
+            for i in range(2):
+                res = await h.reserve(("a", "t"), tokens=10)
+                assert res.allowed, i
+                assert await _cancelled_midway(redis_server.port, res.settle(0)) is None
+                assert res.done
+                assert await _until_free(h, ("a", "t")) == 0, i
+                assert (await h.inspect(("a",)))["tokens"]["used"] == 0, i
+        finally:
+            await ac.aclose()
+
+    run(main())
+
+
+def test_a_cancelled_reserve_holds_nothing(redis_server):
+    """A task cancelled while its reservation is on the way never sees it: what the
+    script charged and leased is taken back (it held the team's one lease until
+    lease_ttl)."""
+
+    async def main() -> None:
+        ac = redis.asyncio.Redis(port=redis_server.port)
+        await ac.flushall()
+        h = nla.Hierarchy(ac, CANCEL_LEVELS, clock=nl.ManualClock(1_700_000_000.0), refresh=3600)
+        try:
+            await h.peek(("a", "t"))  # the levels' quotas read: the next call is one script
+            for i in range(2):
+                assert await _cancelled_midway(redis_server.port, h.reserve(("a", "t"), tokens=10)) is None
+                assert await _until_free(h, ("a", "t")) == 0, i
+                assert (await h.inspect(("a",)))["tokens"]["used"] == 0, i
+        finally:
+            await ac.aclose()
+
+    run(main())

@@ -20,7 +20,7 @@ import math
 import re
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import nexus_limits as nl
 
@@ -170,6 +170,40 @@ async def _threads(hit: Any, clock: Any, key: Any, cost: int, timeout: Any) -> A
 
     wait = _wait.acquire_async  # unasync: wait = _wait.acquire_async
     return await wait(go, clock, key, cost, timeout)  # unasync: return await wait(go, clock, key, cost, timeout)
+
+
+# Steps finishing on the server for a caller that was cancelled (the event loop keeps
+# only weak references to tasks).
+_FINISHING: Set[Any] = set()
+
+
+async def _finish(job: Any, undo: Any = None) -> Any:  # unasync: def _finish(job: Any, undo: Any = None) -> Any:
+    """The result of ``job`` (a coroutine doing one step on the server), which runs to its
+    end even when the task awaiting it is cancelled (a client that went away): stopped
+    half-way, a settlement would leave its leases held for ``lease_ttl`` and its estimate
+    charged, with no second chance (the reservation is already done), and a reservation
+    would hold leases no one can end. ``undo(result)``, a coroutine, then takes back
+    what the cancelled caller will never see. (The synchronous side cannot be cancelled
+    half-way: there ``job`` is the result.)"""
+    task = asyncio.ensure_future(job)  # unasync: task = job
+    _FINISHING.add(task)  # unasync: return task
+    task.add_done_callback(_FINISHING.discard)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda done: _then_undo(done, undo))
+        raise
+
+
+def _then_undo(done: Any, undo: Any) -> None:
+    """After a cancelled caller's step ended: its error is consumed (nobody awaits it),
+    and ``undo`` runs on its result."""
+    if done.cancelled() or done.exception() is not None or undo is None:
+        return
+    task = asyncio.ensure_future(undo(done.result()))
+    _FINISHING.add(task)
+    task.add_done_callback(_FINISHING.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _acquire_in_threads(
@@ -622,10 +656,33 @@ class Hierarchy:
         """Reserve one request, ``tokens`` and ``spend`` at every level of ``path``, with a
         lease at every level that has a concurrency limit, all or nothing; ``settle`` or
         ``cancel`` the reservation (see :class:`~nexus_limits.hierarchy.HierarchyReservation`)."""
-        t, quotas = await self._decide(path, "reserve", 1, tokens, spend, cls)
+        job = self._decide(path, "reserve", 1, tokens, spend, cls)
+        t, quotas = await _finish(job, self._refunder(path, tokens, spend))  # unasync: t, quotas = job
         return AsyncHierarchyReservation(_Answer(self, quotas), path, tokens, spend, t)
 
+    def _refunder(self, path: Any, tokens: int, spend: int) -> Any:
+        """What cancels a reservation made for a caller that was cancelled meanwhile."""
+
+        async def refund(result: Any) -> None:
+            t = result[0]
+            if t[0] and t[7] is not None:
+                await self._settle_now(path, -1, -tokens, -spend, t[7], t[6])
+
+        return refund
+
     async def _settle(
+        self,
+        path: Any,
+        requests: int,
+        tokens: int,
+        spend: int,
+        charged_at: Optional[int],
+        leases: List[Optional[str]],
+    ) -> bool:
+        job = self._settle_now(path, requests, tokens, spend, charged_at, leases)
+        return bool(await _finish(job))  # unasync: return job
+
+    async def _settle_now(
         self,
         path: Any,
         requests: int,
