@@ -484,6 +484,53 @@ def test_leases_never_pass_the_limit_while_settling_concurrently(redis_server):
         client.close()
 
 
+def test_set_quota_while_traffic_runs_never_admits_past_the_largest_quota(redis_server):
+    """Threads charge one team while another changes its own quota back and forth
+    (10, 20 a day, then the level's 20): usage is carried over at every change, so no
+    more than 20 are ever admitted, and the team's usage is exactly what was admitted."""
+    levels = [("org", "100000/day"), ("team", "20/day"), ("key", "100000/day")]
+    client = redis.Redis(port=redis_server.port)
+    client.flushall()
+    clock = nl.ManualClock(1_700_000_000.0)
+    h = nlr.Hierarchy(client, levels, clock=clock)
+    admitted: List[int] = []
+    lock = threading.Lock()
+
+    def traffic(n: int) -> None:
+        got = sum(h.try_acquire(("o", "t", f"k{(n + i) % 4}")) for i in range(30))
+        with lock:
+            admitted.append(got)
+
+    def admin() -> None:
+        for i in range(30):
+            if i % 3 == 0:
+                h.set_quota(("o", "t"), requests="10/day")
+            elif i % 3 == 1:
+                h.set_quota(("o", "t"), requests="20/day")
+            else:
+                h.clear_quota(("o", "t"))
+
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in range(3)] + [threading.Thread(target=admin)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert all(not t.is_alive() for t in threads)
+        assert 10 <= sum(admitted) <= 20, admitted
+        assert h.inspect(("o", "t"))["requests"]["used"] == sum(admitted)
+    finally:
+        client.close()
+
+
+def test_a_lease_time_of_centuries_still_expires(client):
+    h = nlr.Hierarchy(client, [("org", {"tokens": "1000/day"}), ("team", {"concurrency": 1})], lease_ttl=2.0**64)
+    res = h.reserve(("a", "t"), tokens=5)
+    assert res.allowed and not h.reserve(("a", "t")).allowed
+    assert all(client.pttl(k) > 0 for k in client.keys("*"))
+    assert res.settle(1) is True and h.reserve(("a", "t")).allowed
+
+
 # -- memory -------------------------------------------------------------------------------
 
 
