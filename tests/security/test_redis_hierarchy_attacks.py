@@ -124,6 +124,18 @@ def test_variants_are_charged_apart_exactly_as_in_process(client):
     assert h.inspect(("o", "t"))["requests"]["used"] == len(VARIANTS), "the refusals charged nothing"
 
 
+def test_a_lone_surrogate_is_refused_as_in_process(client):
+    """In-process a path with a lone surrogate is refused (it is no text); on Redis it
+    was a node of its own: the twins disagreed on which paths exist."""
+    levels = [("org", "10/day"), ("team", "10/day")]
+    h, mem = nlr.Hierarchy(client, levels), nl.Hierarchy(levels)
+    for path in (("\ud800", "t"), ("o", "a\udfffb")):
+        for o in (mem, h):
+            with pytest.raises(ValueError):
+                o.hit(path)
+    assert client.keys("*") == []
+
+
 # -- settlements with absurd amounts ---------------------------------------------------
 
 

@@ -374,6 +374,15 @@ class Hierarchy:
                     "int keys must fit in 128 bits: from -2**127 to 2**128 - 1 (any signed or unsigned 128-bit "
                     f"value), got an int of {item.bit_length()} bits; pass str(key) or bytes for larger numbers"
                 )
+            if isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    # As the in-process class refuses it: a lone surrogate is no text,
+                    # and the two must agree on which paths exist.
+                    raise ValueError(
+                        f"each element of a path must be valid Unicode text (no lone surrogates): {error}"
+                    ) from error
             out.append(encode_key(item))
         return out
 
