@@ -26,6 +26,7 @@ from redis.crc import key_slot
 import nexus_limits as nl
 import nexus_limits.redis as nlr
 import nexus_limits.redis.asyncio as nla
+from conftest import as_tuple
 from nexus_limits.errors import NexusLimitsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -162,6 +163,41 @@ def test_a_huge_settlement_is_debt_not_a_crash(client, actual):
         r = mem.reserve(PATH, tokens=10)
         assert r.settle(actual) is True
         assert mem.reserve(PATH, tokens=1).policy == after.policy
+
+
+def _answers(d: Any) -> Tuple[Any, ...]:
+    return (d.allowed, d.policy, *((q, *as_tuple(x)) for q, x in sorted(d.quotas.items())))
+
+
+def test_a_huge_debt_gets_the_in_process_answers(client):
+    """In-process a debt's times saturate at 2**64 ns, every quota in debt alike (so the
+    refusing quota is the same tie); Redis held the debt itself at that horizon, which
+    gave another refusing quota and other times."""
+    clock = nl.ManualClock(1_700_000_000.0)
+    mem, h = nl.Hierarchy(LEVELS, clock=clock), nlr.Hierarchy(client, LEVELS, clock=clock)
+    for o in (mem, h):
+        assert o.reserve(PATH, tokens=10).settle(10**13) is True
+    clock.advance(30)
+    assert _answers(h.hit(PATH)) == _answers(mem.hit(PATH))
+    assert _answers(h.peek(PATH, tokens=5)) == _answers(mem.peek(PATH, tokens=5))
+
+
+def test_a_quota_change_carries_a_debt_over_as_in_process(client):
+    """In-process a node's new quota takes over at most two bursts of its debt
+    (Gcra::convert); Redis carried the whole debt over: a node refused for days on
+    Redis was admitted in-process two minutes later."""
+    clock = nl.ManualClock(1_700_000_000.0)
+    mem, h = nl.Hierarchy(LEVELS, clock=clock), nlr.Hierarchy(client, LEVELS, clock=clock)
+    for o in (mem, h):
+        assert o.reserve(PATH, tokens=10).settle(10**6) is True
+        o.set_quota(PATH[:1], tokens="600/minute")
+    assert _answers(h.peek(PATH, tokens=5)) == _answers(mem.peek(PATH, tokens=5))
+    clock.advance(121)
+    assert _answers(h.peek(PATH, tokens=5)) == _answers(mem.peek(PATH, tokens=5))
+    assert h.inspect(PATH[:1])["tokens"]["remaining"] == mem.inspect(PATH[:1])["tokens"]["remaining"] == 600
+    for o in (mem, h):
+        o.clear_quota(PATH[:1])
+    assert _answers(h.peek(PATH, tokens=5)) == _answers(mem.peek(PATH, tokens=5))
 
 
 def test_a_huge_settlement_asyncio(async_redis_client):

@@ -35,7 +35,7 @@ for l = 1, depth do
         local micros, capacity = quota_of(own, u, at)
         if micros then
             local key = KEYS[kat + 2 + u]
-            local tat = tat_of(key, state_at(key), micros, now)
+            local tat = tat_of(key, state_at(key), micros, capacity, now)
             local new, ttl, d = step_floor(tat, now, micros, capacity, amounts[u], floor_of(capacity, share))
             capped(d)
             if d[1] == 0 and not shadow then rates_ok = false end

@@ -15,7 +15,7 @@ for u = 1, 4 do
     local micros, capacity, mine = quota_of(own, u, 2)
     if micros then
         local state = state_at(KEYS[2 + u])
-        local tat = tat_of(KEYS[2 + u], state, micros, now) or 0
+        local tat = tat_of(KEYS[2 + u], state, micros, capacity, now) or 0
         local _, _, free = gcra(tat, now, micros, capacity, 0, false)
         local _, _, d = gcra(tat, now, micros, capacity, 1, false)
         local tracked = 0

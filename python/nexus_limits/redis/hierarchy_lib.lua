@@ -20,11 +20,13 @@
 local UNITS = {"requests", "tokens", "daily_tokens", "spend"}
 local SCALE = 1000000
 
--- How far ahead of now a state or an answer may reach: 2^64 ns in microseconds, where
--- the in-process twin's times saturate. A debt beyond it (a settlement far above every
--- quota) is held there: the node stays refused for as long as anyone can wait, and its
--- key still gets an expiry Redis accepts.
+-- How far ahead of now an answer or an expiry may reach: 2^64 ns in microseconds,
+-- where the in-process twin's times saturate. A debt beyond it (a settlement far above
+-- every quota) is answered as that long, as in-process, and its key still gets an
+-- expiry Redis accepts. The state itself keeps the debt up to DEBT_AHEAD (far past any
+-- answer, short of a double's infinity), so a refund of part of it is exact.
 local MAX_AHEAD = 18446744073709551
+local DEBT_AHEAD = 1e30
 
 local function finite(x)
     return x ~= nil and x == x and x > -math.huge and x < math.huge
@@ -62,9 +64,16 @@ local function check_zset(key)
     end
 end
 
--- A state's theoretical arrival time under `micros` (nil: a fresh node), read from
--- `key`: at most MAX_AHEAD from now.
-local function tat_of(key, state, micros, now)
+-- A backlog of `backlog` microseconds at `from` micros per unit, carried over to `to`
+-- micros per unit for a quota of `capacity`: the same units (Gcra::convert), at most
+-- two bursts of the new quota, as in-process.
+local function converted(backlog, from, to, capacity)
+    return math.min(backlog * to / from, 2 * capacity * to)
+end
+
+-- A state's theoretical arrival time under a quota of `micros` and `capacity` (nil: a
+-- fresh node), read from `key`: at most DEBT_AHEAD from now.
+local function tat_of(key, state, micros, capacity, now)
     if not state then return nil end
     local a, b = string.match(state, "^(%S+) (%S+)$")
     local tat, written = tonumber(a or state), tonumber(b or "1")
@@ -72,10 +81,9 @@ local function tat_of(key, state, micros, now)
         foreign(key, "holds " .. shown(state) .. ", not a token bucket's state")
     end
     if b and math.abs(written - micros) > EPS * micros then
-        local backlog = math.max(tat - now, 0)
-        tat = now + backlog * micros / written
+        tat = now + converted(math.max(tat - now, 0), written, micros, capacity)
     end
-    return math.min(tat, now + MAX_AHEAD)
+    return math.min(tat, now + DEBT_AHEAD)
 end
 
 -- The state of `key` (GET, a key of another type being foreign).
@@ -86,9 +94,9 @@ end
 -- Writes a state "tat micros" that expires when the bucket is full again (never
 -- further than MAX_AHEAD).
 local function put_tat(key, tat, micros, now)
-    tat = math.min(tat, now + MAX_AHEAD)
+    tat = math.min(tat, now + DEBT_AHEAD)
     local state = string.format("%.17g", tat) .. " " .. string.format("%.17g", micros)
-    redis.call("SET", key, state, "PX", math.max(math.ceil((tat - now) / 1000), 1))
+    redis.call("SET", key, state, "PX", math.max(math.ceil(math.min(tat - now, MAX_AHEAD) / 1000), 1))
 end
 
 -- A decision's times held within MAX_AHEAD (a quota whose period times its capacity

@@ -26,13 +26,13 @@ end
 -- Every state is read (and checked) before anything is written.
 local writes = {}
 for u = 1, 4 do
-    local old = quota_of(own, u, 3)
-    local new = quota_of(after, u, 3)
+    local old, old_capacity = quota_of(own, u, 3)
+    local new, capacity = quota_of(after, u, 3)
     if old and new and math.abs(old - new) > EPS * new then
         local state = state_at(KEYS[2 + u])
         if state then
-            local backlog = math.max((tat_of(KEYS[2 + u], state, old, now) or now) - now, 0)
-            writes[#writes + 1] = {KEYS[2 + u], now + backlog * new / old, new}
+            local backlog = math.max((tat_of(KEYS[2 + u], state, old, old_capacity, now) or now) - now, 0)
+            writes[#writes + 1] = {KEYS[2 + u], now + converted(backlog, old, new, capacity), new}
         end
     end
 end

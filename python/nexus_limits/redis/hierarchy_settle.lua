@@ -21,10 +21,10 @@ for l = 1, depth do
     local kat, at = (l - 1) * 6, LEVELS + (l - 1) * 9
     local own = own_quotas(KEYS[kat + 1])
     for u = 1, 4 do
-        local micros = quota_of(own, u, at)
+        local micros, capacity = quota_of(own, u, at)
         if micros and deltas[u] ~= 0 then
             local key = KEYS[kat + 2 + u]
-            local tat = gcra_adjust(tat_of(key, state_at(key), micros, now), now, micros, deltas[u])
+            local tat = gcra_adjust(tat_of(key, state_at(key), micros, capacity, now), now, micros, deltas[u])
             writes[#writes + 1] = {key, tat, micros}
         end
     end
