@@ -307,18 +307,7 @@ class TokenLimiter:
         store: Optional[SharedMemoryStore] = None,
         name: Optional[str] = None,
     ) -> Self: ...
-    def _reserve(
-        self, key: _Key, tokens: int
-    ) -> Tuple[
-        bool,
-        Decision,
-        Optional[Decision],
-        Optional[Decision],
-        Optional[Decision],
-        Optional[Decision],
-        Optional[int],
-        int,
-    ]: ...
+    def _reserve(self, key: _Key, tokens: int, take: bool = True) -> _Reserved: ...
     def _peek(
         self, key: _Key, tokens: int
     ) -> Tuple[Decision, Optional[Decision], Optional[Decision], Optional[Decision], Optional[Decision]]: ...
@@ -370,6 +359,26 @@ class TokenLimiter:
     def clock(self) -> Optional[ManualClock]: ...
     @property
     def store_path(self) -> Optional[str]: ...
+
+# What TokenLimiter._reserve answers (its class is not importable from here).
+@final
+class _Reserved:
+    @property
+    def held(self) -> bool: ...
+    @property
+    def decision(self) -> Decision: ...
+    @property
+    def requests(self) -> Optional[Decision]: ...
+    @property
+    def tokens(self) -> Optional[Decision]: ...
+    @property
+    def daily_tokens(self) -> Optional[Decision]: ...
+    @property
+    def concurrency(self) -> Optional[Decision]: ...
+    @property
+    def lease(self) -> Optional[int]: ...
+    @property
+    def charged_at(self) -> Optional[int]: ...
 
 @final
 class SharedMemoryStore:

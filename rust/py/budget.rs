@@ -21,9 +21,25 @@ pub struct TokenLimiter {
     clock: Option<Py<ManualClock>>,
 }
 
-/// (allowed, combined, requests, tokens, daily_tokens, concurrency, lease id, time charged).
-type ReservedTuple =
-    (bool, Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>, Option<u64>, u64);
+/// A reservation's answer, by name: what `nexus_limits.budget.Reservation` is built from
+/// (the Redis backends give the same fields in a `nexus_limits.budget.Reserved`).
+#[pyclass(frozen, get_all, module = "nexus_limits._core", name = "Reserved")]
+pub struct Answer {
+    /// A charge was made that the reservation must finish (false when refused, and for
+    /// a peek).
+    held: bool,
+    /// Every limit's decision combined.
+    decision: Py<Decision>,
+    requests: Option<Py<Decision>>,
+    tokens: Option<Py<Decision>>,
+    daily_tokens: Option<Py<Decision>>,
+    concurrency: Option<Py<Decision>>,
+    /// The concurrency lease taken, if any.
+    lease: Option<u64>,
+    /// When the charge was made (the limiter's clock, ns); None for a peek.
+    charged_at: Option<u64>,
+}
+
 /// (combined, requests, tokens, daily_tokens, concurrency).
 type PeekedTuple = (Decision, Option<Decision>, Option<Decision>, Option<Decision>, Option<Decision>);
 
@@ -53,6 +69,20 @@ fn rates(
 }
 
 impl TokenLimiter {
+    fn answer(py: Python<'_>, r: &Reserved, take: bool) -> PyResult<Answer> {
+        let each = |limit: Limit| Self::decision(r, limit).map(|d| Py::new(py, d)).transpose();
+        Ok(Answer {
+            held: take && r.allowed,
+            decision: Py::new(py, Self::combined(r))?,
+            requests: each(Limit::Requests)?,
+            tokens: each(Limit::Tokens)?,
+            daily_tokens: each(Limit::DailyTokens)?,
+            concurrency: r.concurrency.map(|d| Py::new(py, Decision::from_core(d))).transpose()?,
+            lease: if take { r.lease } else { None },
+            charged_at: take.then_some(r.charged_at),
+        })
+    }
+
     /// The key as the budget takes it (in a store: named, not fingerprinted here).
     fn key(&self, key: &Bound<'_, PyAny>) -> PyResult<BudgetKey> {
         if !self.inner.is_shared() {
@@ -130,26 +160,20 @@ impl TokenLimiter {
         Ok(TokenLimiter { inner: Arc::new(inner), clock })
     }
 
-    /// Reserves one request and `tokens` tokens for `key` against every limit at once.
-    /// Returns (allowed, combined, requests, tokens, daily_tokens, concurrency, lease id,
-    /// time charged in ns).
-    fn _reserve(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<ReservedTuple> {
-        let key = self.key(key)?;
-        let r = self.inner.reserve(&key, args::tokens(tokens)?)?;
-        Ok((
-            r.allowed,
-            Self::combined(&r),
-            Self::decision(&r, Limit::Requests),
-            Self::decision(&r, Limit::Tokens),
-            Self::decision(&r, Limit::DailyTokens),
-            r.concurrency.map(Decision::from_core),
-            r.lease,
-            r.charged_at,
-        ))
+    /// Reserves one request and `tokens` tokens for `key` against every limit at once;
+    /// with `take=False`, says what a reservation would get, charging nothing and taking
+    /// no lease.
+    #[pyo3(signature = (key, tokens, take=true))]
+    fn _reserve(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>, take: bool) -> PyResult<Answer> {
+        let py = key.py();
+        let budget_key = self.key(key)?;
+        let tokens = args::tokens(tokens)?;
+        let r = if take { self.inner.reserve(&budget_key, tokens)? } else { self.inner.peek(&budget_key, tokens)? };
+        Self::answer(py, &r, take)
     }
 
     /// What `_reserve(key, tokens)` would decide now, charging nothing and taking no
-    /// lease: (combined, requests, tokens, daily_tokens, concurrency).
+    /// lease, as a tuple: (combined, requests, tokens, daily_tokens, concurrency).
     fn _peek(&self, key: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<PeekedTuple> {
         let key = self.key(key)?;
         let r = self.inner.peek(&key, args::tokens(tokens)?)?;

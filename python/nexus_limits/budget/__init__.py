@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import AsyncReservationBackend, ReservationBackend, Reserved
+from ._protocol import AsyncReservationBackend, ReservationBackend, Reserved, ReservedAnswer
 from ._tokens import AsyncReservation, Reservation, TokenLimiter, go_duration
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ __all__ = [
     "Reservation",
     "ReservationBackend",
     "Reserved",
+    "ReservedAnswer",
     "SpendLimiter",
     "SpendReservation",
     "TokenLimiter",

@@ -1,7 +1,8 @@
 """What a reservation is made of, and what its backend must do.
 
-A :class:`~nexus_limits.budget.Reservation` is built from a :class:`Reserved` (the
-named answer of a backend's reserve step) and finished through its backend: the
+A :class:`~nexus_limits.budget.Reservation` is built from a backend's named answer
+(:class:`ReservedAnswer`: the native limiter's own answer object, or a
+:class:`Reserved` from the Redis backends) and finished through its backend: the
 in-process native limiter, a shared-memory one, or a Redis one (synchronous or
 asyncio). Each backend satisfies :class:`ReservationBackend` (or
 :class:`AsyncReservationBackend`); mypy checks it where the reservation is made.
@@ -14,7 +15,28 @@ from typing import Any, Awaitable, NamedTuple, Optional, Protocol
 from .._core import Decision
 from ..base import Key
 
-__all__ = ["AsyncReservationBackend", "ReservationBackend", "Reserved"]
+__all__ = ["AsyncReservationBackend", "ReservationBackend", "Reserved", "ReservedAnswer"]
+
+
+class ReservedAnswer(Protocol):
+    """A backend's answer to a reservation (or a peek), by name; see :class:`Reserved`."""
+
+    @property
+    def held(self) -> bool: ...
+    @property
+    def decision(self) -> Decision: ...
+    @property
+    def requests(self) -> Optional[Decision]: ...
+    @property
+    def tokens(self) -> Optional[Decision]: ...
+    @property
+    def daily_tokens(self) -> Optional[Decision]: ...
+    @property
+    def concurrency(self) -> Optional[Decision]: ...
+    @property
+    def lease(self) -> Any: ...
+    @property
+    def charged_at(self) -> Any: ...
 
 
 class Reserved(NamedTuple):

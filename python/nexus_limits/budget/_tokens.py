@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 from .. import _core
 from .._core import Decision
 from ..base import Key
-from ._protocol import AsyncReservationBackend, ReservationBackend, Reserved
+from ._protocol import AsyncReservationBackend, ReservationBackend, ReservedAnswer
 
 __all__ = ["AsyncReservation", "Reservation", "TokenLimiter", "go_duration"]
 
@@ -54,36 +54,36 @@ class Reservation:
     Decision (None for a limit that is not set); ``decision`` combines them.
     """
 
-    __slots__ = (
-        "_backend",
-        "_charged_at",
-        "_done",
-        "_lease",
-        "_lock",
-        "concurrency",
-        "daily_tokens",
-        "decision",
-        "estimate",
-        "key",
-        "requests",
-        "tokens",
-    )
+    __slots__ = ("_backend", "_done", "_lock", "_result", "decision", "estimate", "key")
 
     _backend: ReservationBackend
 
-    def __init__(self, backend: ReservationBackend, key: Key, estimate: int, result: Reserved) -> None:
+    def __init__(self, backend: ReservationBackend, key: Key, estimate: int, result: ReservedAnswer) -> None:
         self._backend = backend
         self.key = key
         self.estimate = estimate
+        # Kept whole, each limit's decision read when asked (most callers read the
+        # combined one only).
+        self._result = result
         self.decision: Decision = result.decision
-        self.requests: Optional[Decision] = result.requests
-        self.tokens: Optional[Decision] = result.tokens
-        self.daily_tokens: Optional[Decision] = result.daily_tokens
-        self.concurrency: Optional[Decision] = result.concurrency
-        self._lease = result.lease
-        self._charged_at = result.charged_at
         self._done = not result.held
         self._lock = threading.Lock()
+
+    @property
+    def requests(self) -> Optional[Decision]:
+        return self._result.requests
+
+    @property
+    def tokens(self) -> Optional[Decision]:
+        return self._result.tokens
+
+    @property
+    def daily_tokens(self) -> Optional[Decision]:
+        return self._result.daily_tokens
+
+    @property
+    def concurrency(self) -> Optional[Decision]:
+        return self._result.concurrency
 
     @property
     def allowed(self) -> bool:
@@ -101,7 +101,7 @@ class Reservation:
     @property
     def done(self) -> bool:
         """Settled, cancelled, expired, or never admitted."""
-        return self._done or self._backend._expired(self._charged_at)
+        return self._done or self._backend._expired(self._result.charged_at)
 
     def _take(self) -> bool:
         with self._lock:
@@ -123,7 +123,8 @@ class Reservation:
         actual = self._check_actual(actual_tokens)
         if not self._take():
             return False
-        done = bool(self._backend._settle(self.key, actual - self.estimate, 0, self._charged_at, self._lease))
+        r = self._result
+        done = bool(self._backend._settle(self.key, actual - self.estimate, 0, r.charged_at, r.lease))
         if done:
             self._backend._tally(0, actual, 0)
         return done
@@ -132,7 +133,8 @@ class Reservation:
         """Refund the request and all its estimated tokens. True if applied."""
         if not self._take():
             return False
-        done = bool(self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+        r = self._result
+        done = bool(self._backend._settle(self.key, -self.estimate, -1, r.charged_at, r.lease))
         if done:
             self._backend._tally(0, 0, self.estimate)
         return done
@@ -162,14 +164,15 @@ class AsyncReservation(Reservation):
     __slots__ = ()
     _backend: AsyncReservationBackend  # type: ignore[assignment]
 
-    def __init__(self, backend: AsyncReservationBackend, key: Key, estimate: int, result: Reserved) -> None:
+    def __init__(self, backend: AsyncReservationBackend, key: Key, estimate: int, result: ReservedAnswer) -> None:
         super().__init__(backend, key, estimate, result)  # type: ignore[arg-type]
 
     async def settle(self, actual_tokens: int) -> bool:  # type: ignore[override]
         actual = self._check_actual(actual_tokens)
         if not self._take():
             return False
-        done = bool(await self._backend._settle(self.key, actual - self.estimate, 0, self._charged_at, self._lease))
+        r = self._result
+        done = bool(await self._backend._settle(self.key, actual - self.estimate, 0, r.charged_at, r.lease))
         if done:
             self._backend._tally(0, actual, 0)
         return done
@@ -177,7 +180,8 @@ class AsyncReservation(Reservation):
     async def cancel(self) -> bool:  # type: ignore[override]
         if not self._take():
             return False
-        done = bool(await self._backend._settle(self.key, -self.estimate, -1, self._charged_at, self._lease))
+        r = self._result
+        done = bool(await self._backend._settle(self.key, -self.estimate, -1, r.charged_at, r.lease))
         if done:
             self._backend._tally(0, 0, self.estimate)
         return done
@@ -208,8 +212,9 @@ class TokenLimiter(_core.TokenLimiter):
 
     def reserve(self, key: Key, tokens: int) -> Reservation:
         """Reserve one request and ``tokens`` tokens for ``key``; see :class:`Reservation`."""
-        reservation = Reservation(self, key, tokens, Reserved._make(self._reserve(key, tokens)))
-        if reservation.allowed:
+        answer = self._reserve(key, tokens)
+        reservation = Reservation(self, key, tokens, answer)
+        if answer.held:
             self._tally(tokens, 0, 0)
         return reservation
 
@@ -222,7 +227,7 @@ class TokenLimiter(_core.TokenLimiter):
         ``peek(key)`` (no tokens) tells whether the key could be admitted at all —
         request limit, concurrency, and a token limit in debt — before its request
         body is even read."""
-        return Reservation(self, key, tokens, Reserved(False, *self._peek(key, tokens)))
+        return Reservation(self, key, tokens, self._reserve(key, tokens, False))
 
     def __repr__(self) -> str:
         parts = [
