@@ -783,3 +783,21 @@ def test_a_cancelled_reserve_holds_nothing(redis_server):
             await ac.aclose()
 
     run(main())
+
+
+def test_priority_refuses_a_cost_past_64_bits_as_in_process(client):
+    """In-process a cost past 2**64 - 1 is a ValueError; the Redis Priority took it
+    (any int, however many digits, went to the script as text)."""
+    mem = nl.Priority(nl.TokenBucket("10/minute"), {"hi": 1.0, "lo": 0.5})
+    red = nlr.Priority(nlr.TokenBucket(client, "10/minute"), {"hi": 1.0, "lo": 0.5})
+    for p in (mem, red):
+        d = p.hit("k", 2**64 - 1, "hi")
+        assert not d.allowed and d.retry_after == float("inf")
+        for cost in (2**64, 10**30):
+            with pytest.raises(ValueError, match="non-negative integer"):
+                p.hit("k", cost, "lo")
+            with pytest.raises(ValueError, match="non-negative integer"):
+                p.peek("k", cost)
+    with pytest.raises(ValueError, match="an int of 16610 bits"):
+        red.hit("k", 10**5000)
+    assert client.keys("*") == []

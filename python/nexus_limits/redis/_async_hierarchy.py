@@ -36,7 +36,6 @@ from ._common import (
     BACKEND_ERRORS,
     Fallback,
     check_client,
-    check_cost,
     check_name,
     check_on_error,
     check_prefix,
@@ -92,7 +91,9 @@ def _amount(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__}")
     if value < 0 or value > _MAX_AMOUNT:
-        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+        # (an int of thousands of digits cannot even be shown: say its size)
+        shown = value if value.bit_length() <= 256 else f"an int of {value.bit_length()} bits"
+        raise ValueError(f"{name} must be a non-negative integer of at most 64 bits, got {shown}")
     return value
 
 
@@ -987,7 +988,7 @@ class Priority:
             mode,
             plan.algorithm,
             *plan.quota_args,
-            str(check_cost(cost)),
+            str(_amount("cost", cost)),  # at most 2**64 - 1, as in-process
             str(self._shares[name]),
         ]
         script = PRIORITY.reader if mode == "peek" and PRIORITY.reader is not None else PRIORITY
