@@ -63,7 +63,7 @@ _MAX_READABLE = 256
 _FOREIGN = re.compile(r"NLSTATE (\S+) (.*?)(?: script: [0-9a-f]+, on @user_script:\d+\.)?", re.S)
 
 
-def _store_error(error: BaseException, what: str, prefix: str, fix: str, key: Optional[str] = None) -> NexusLimitsError:
+def _store_error(error: BaseException, what: str, prefix: str, fix: Any, key: Optional[str] = None) -> NexusLimitsError:
     """The error for a store that answered but could not do a step: a key holding a
     value this library did not write (another program under the same prefix, or an edit
     by hand), named by the script (or ``key``, for a command on one key); never answered
@@ -76,7 +76,7 @@ def _store_error(error: BaseException, what: str, prefix: str, fix: str, key: Op
         return NexusLimitsError(f"{what} failed on the server: {text}")
     return NexusLimitsError(
         f"{what}: the key {found.group(1)} {found.group(2)}; nexus-limits did not write it (another "
-        f"program uses the prefix {prefix!r}, or it was edited by hand): {fix}"
+        f"program uses the prefix {prefix!r}, or it was edited by hand): {fix(found.group(1))}"
     )
 
 
@@ -584,10 +584,14 @@ class Hierarchy:
         """The error for a store that answered but could not do the step: a key holding a
         value this library did not write (another program under the same prefix, or an
         edit by hand), named; never answered by on_error, which is for outages."""
-        if key == self._defaults_key:
-            fix = "delete it (set_default_quota writes it again)"
-        else:
-            fix = "reset the node (Hierarchy.reset) or delete the key"
+
+        def fix(found: str) -> str:
+            if found == self._defaults_key:
+                return "delete it (set_default_quota writes it again)"
+            if found.endswith(":q"):
+                return "delete it (it holds the node's own quotas, which set_quota writes again)"
+            return "reset the node (Hierarchy.reset) or delete the key"
+
         return _store_error(error, f"Hierarchy on Redis: {what}", self._prefix, fix, key)
 
     # -- the checks ---------------------------------------------------------------
@@ -996,7 +1000,7 @@ class Priority:
             reply = await evalsha(limiter._channel, script, keys, argv)
         except BACKEND_ERRORS as error:
             if not is_outage(error):
-                fix = "reset the key (limiter.reset) or delete it"
+                fix = lambda _: "reset the key (limiter.reset) or delete it"  # noqa: E731
                 raise _store_error(error, f"Priority on Redis: {mode}", plan.prefix, fix) from error
             return limiter._fallback.decision(error, limiter.limit, key, cost, mode)
         d = to_decision(reply)
