@@ -1437,12 +1437,16 @@ impl Hierarchy {
     }
 
     pub fn stats(&self) -> HierarchyStats {
+        // The store's keys, counted once: a count reads every slot of the table.
+        let stored = match &self.parts {
+            Parts::SharedMemory { table, .. } => table.count(),
+            Parts::InProcess(_) => 0,
+        };
         let parts = match &self.parts {
             Parts::InProcess(group) => group.parts().iter().map(|p| p.stats()).collect(),
-            Parts::SharedMemory { table, parts } => parts
-                .iter()
-                .map(|p| Stats { counters: p.counters.get(), keys: table.count(), ..Stats::default() })
-                .collect(),
+            Parts::SharedMemory { parts, .. } => {
+                parts.iter().map(|p| Stats { counters: p.counters.get(), keys: stored, ..Stats::default() }).collect()
+            }
         };
         HierarchyStats {
             counters: self.counters.get(),
@@ -1454,9 +1458,7 @@ impl Hierarchy {
                 .map(|l| match (&l.concurrency, &l.shared_leases, &self.parts) {
                     (Some(c), _, _) => Some(c.stats()),
                     // Leases in the store are keys of the store, counted with the others.
-                    (None, Some(_), Parts::SharedMemory { table, .. }) => {
-                        Some(ConcurrencyStats { keys: table.count(), ..ConcurrencyStats::default() })
-                    }
+                    (None, Some(_), _) => Some(ConcurrencyStats { keys: stored, ..ConcurrencyStats::default() }),
                     _ => None,
                 })
                 .collect(),

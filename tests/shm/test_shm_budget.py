@@ -225,8 +225,10 @@ def test_spend_limiter_shared_between_processes(store_path, tmp_path):
     assert sum(r["admitted"] for r in results) == 40, results  # $1.00 / $0.025
     here = SpendLimiter("1.00/hour", store=nl.SharedMemoryStore(path=store_path), name="team")
     assert not here.reserve("k", "gpt-4o", 10_000, 0).allowed
-    with pytest.raises(ValueError, match="set_default_quota is not available with a SharedMemoryStore"):
+    with pytest.raises(ValueError, match="set_budget is not available with a SharedMemoryStore"):
         here.set_budget("2.00/hour")
+    with pytest.raises(ValueError, match="set_default_quota is not available with a SharedMemoryStore"):
+        nl.TokenLimiter(tokens="10/s", store=nl.SharedMemoryStore(path=store_path)).set_default_quota(tokens="5/s")
 
 
 def test_bad_options(tmp_path):

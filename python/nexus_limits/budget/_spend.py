@@ -186,6 +186,12 @@ class SpendLimiter:
         rate = parse_budget(budget)
         if not callable(getattr(self._engine, "set_default_quota", None)):
             raise TypeError("set_budget works in-process; on Redis build a SpendLimiter with the same name")
+        if getattr(self._engine, "store_path", None) is not None:
+            # The budget is part of its keys' identity in the store.
+            raise ValueError(
+                "set_budget is not available with a SharedMemoryStore: build a SpendLimiter with the new budget "
+                "in every process (its keys start again)"
+            )
         self._engine.set_default_quota(tokens=rate)
         self.budget, self.budget_text = rate, budget.strip()
 
