@@ -74,6 +74,18 @@ def _store_error(error: BaseException, what: str, prefix: str, fix: Any, key: Op
     )
 
 
+# What reading a reply that no script of this library gives can raise.
+_MALFORMED = (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError)
+
+
+def _malformed(what: str, reply: Any) -> NexusLimitsError:
+    """The error for a reply that is not what the script returns (a proxy or a server
+    that is not Redis answering): named, never guessed at."""
+    shown = repr(reply)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    return NexusLimitsError(f"{what}: the store's reply is not what this library's script returns: {shown}")
+
+
 def _quoted(name: str) -> str:
     """A name quoted as the native classes quote it in their errors."""
     return json.dumps(name, ensure_ascii=False)
@@ -629,9 +641,12 @@ class Hierarchy:
             if not is_outage(error):
                 raise self._store_error(error, mode) from error
             return self._fallback_reply(error), []
+        try:
+            t, quotas, each = self._outcome(reply, mode, lease)
+        except _MALFORMED as error:
+            raise _malformed(f"Hierarchy on Redis: {mode}", reply) from error
         if self._clock is None:
             self._offset = int(reply[0]) - time.time() * 1e6
-        t, quotas, each = self._outcome(reply, mode, lease)
         if mode != "peek":
             self._count(t, each, name)
         return t, quotas
@@ -839,7 +854,10 @@ class Hierarchy:
             reply = evalsha(self._channel, HIERARCHY_INSPECT, keys, [now_arg(self._clock), *self._level_args(level)])
         except BACKEND_ERRORS as error:
             raise self._admin_error(error, "inspect") from error
-        return self._inspection(node, level, reply)
+        try:
+            return self._inspection(node, level, reply)
+        except _MALFORMED as error:
+            raise _malformed("Hierarchy on Redis: inspect", reply) from error
 
     def stats(self) -> Dict[str, Any]:
         """This process's counters, as the in-process class reports them: allowed,
@@ -989,7 +1007,10 @@ class Priority:
                 fix = lambda _: "reset the key (limiter.reset) or delete it"  # noqa: E731
                 raise _store_error(error, f"Priority on Redis: {mode}", plan.prefix, fix) from error
             return limiter._fallback.decision(error, limiter.limit, key, cost, mode)
-        d = to_decision(reply)
+        try:
+            d = to_decision(reply)
+        except _MALFORMED as error:
+            raise _malformed(f"Priority on Redis: {mode}", reply) from error
         if mode == "peek":
             return d
         with self._lock:
