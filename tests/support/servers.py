@@ -79,12 +79,38 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if self.ping():
-                return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
+            # The server that answers must be ours: another test session may hold the
+            # port (ours then fails to bind), and its data must never be flushed by us.
+            pid = self._answering_pid()
+            if pid == self.proc.pid:
+                return self
+            if pid is not None:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise RuntimeError(f"port {self.port} is held by another redis-server (pid {pid})")
             time.sleep(0.02)
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING within 10 s")
+
+    def _answering_pid(self) -> Optional[int]:
+        """The process id of the redis-server answering on the port, or None."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"INFO server\r\n")
+                data = b""
+                while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                    if b"process_id:" in data and b"\r\n" in data.split(b"process_id:", 1)[1]:
+                        break
+        except OSError:
+            return None
+        if b"process_id:" not in data:
+            return None
+        return int(data.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0])
 
     def ping(self) -> bool:
         try:
