@@ -329,6 +329,11 @@ class Gateway:
             )
             limiter.shadow = tier.shadow
 
+    def _routed(self, key: str) -> bool:
+        """Whether a key of a team is routed in every hierarchy that charges it: a key
+        new to a reloaded config is not until its quotas are written to Redis."""
+        return all(tree is None or tree.routed(key) for tree in (self.team_tree, self.spend_tree))
+
     # The longest class name a class header may carry.
     MAX_CLASS_BYTES = 64
 
@@ -512,6 +517,8 @@ class Gateway:
             return
         middleware = self.tiers[tier]
         if key in cfg.key_teams:
+            if not self._routed(key):
+                return await _not_ready(send)
             middleware = self.team_tiers[tier]
         if cfg.classes:
             cls = self._class_of(scope, path, cfg, cfg.tiers[tier])
@@ -540,6 +547,11 @@ class Gateway:
                 in_flight[key] = left
             else:
                 del in_flight[key]
+
+
+async def _not_ready(send: Send) -> None:
+    detail = "this key's team quotas are being applied after a config reload; retry in a moment"
+    await reply(send, 503, problem(503, "Service Unavailable", detail), [("retry-after", "1")])
 
 
 async def _too_large(send: Send, limit: int) -> None:

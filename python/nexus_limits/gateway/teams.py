@@ -175,13 +175,21 @@ class TeamTree:
         classes = () if self.units == ("spend",) else tuple(cfg.classes.items())
         return shape, classes, cfg.default_class if classes else None, cfg.lease_ttl
 
+    def routed(self, key: Key) -> bool:
+        """Whether ``key`` has its route (False while a reload's quotas for it are still
+        being written to Redis)."""
+        return key in self.routes
+
     def fits(self, cfg: GatewayConfig) -> bool:
         return self._signature(cfg) == self.signature
 
     def apply(self, cfg: GatewayConfig) -> None:
-        """Every node's quotas from ``cfg``, keeping usage. The keys' routes change at
-        once (the gateway routes a key by the new config as soon as it is in force); on
-        Redis the node quotas follow a moment later, written in a worker thread."""
+        """Every node's quotas from ``cfg``, keeping usage, then the keys' routes. On
+        Redis the quotas are written in a worker thread and the routes change only once
+        they are all there: a node whose quota is not written yet has its level's
+        default, unlimited, so a key routed to it earlier would be charged nowhere. Until
+        then a key new to the config has no route (see :meth:`routed`), and the others
+        keep their old ones; if the writes fail, the old routes stay."""
         org_kinds, team_kinds, key_kinds = self.signature[0]
         nodes: Dict[Tuple[Key, ...], Dict[str, Any]] = {}
         for name, org in cfg.orgs.items():
@@ -209,9 +217,9 @@ class TeamTree:
 
         def then() -> None:
             self.nodes = set(nodes)
+            self.routes.clear()
+            self.routes.update(routes)
 
-        self.routes.clear()
-        self.routes.update(routes)
         if self.place is None:
             work()
             then()

@@ -1,0 +1,104 @@
+"""Attacks on the gateway's orgs, teams, priority classes and their config: each test is
+a bypass (or a crash) found by trying, through the gateway as users run it (real
+uvicorn, or ``nexus-limits gateway`` in its own process for SIGHUP), with the fake LLM
+upstream and a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from support import fake_llm
+from support.servers import ASGIServer, free_port
+
+
+def auth(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def upstream():
+    with ASGIServer(fake_llm.app) as server:
+        yield server
+
+
+def _wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+# -- a reload on Redis: the new quotas are written before any key is routed to them ----
+
+
+def _many_teams(url: str, port: int, redis_url: str, prefix: str, teams: int, new: bool) -> str:
+    text = (
+        f'[server]\nport = {port}\n\n[upstream]\nurl = "{url}"\n\n'
+        f'[backend]\ntype = "redis"\nurl = "{redis_url}"\nprefix = "{prefix}"\n\n'
+        '[tiers.pro]\nrequests = "1000/day"\n\n'
+    )
+    text += "".join(f'[teams.t{i}]\nrequests = "5/day"\n' for i in range(teams))
+    if new:
+        text += '[teams.new]\nrequests = "2/day"\n'
+    text += "\n[keys]\n" + "".join(f'"k{i}" = {{ tier = "pro", team = "t{i}" }}\n' for i in range(teams))
+    if new:
+        text += '"sk-new" = { tier = "pro", team = "new" }\n'
+    return text
+
+
+def test_a_team_added_by_sighup_on_redis_is_never_served_before_its_quota_is_written(tmp_path, upstream, redis_server):
+    """The bypass: a reload routed a new team's key at once, while the team's quota was
+    still being written to Redis in a worker thread; until then the team (and the key)
+    had the level's default, unlimited. With a config of 2,000 teams, a key of a new
+    team with 2 requests a day was served hundreds of times during the reload."""
+    port = free_port()
+    path = tmp_path / "gw.toml"
+    prefix = f"teams-race-{time.time_ns()}"
+    path.write_text(_many_teams(upstream.url, port, redis_server.url, prefix, 2000, new=False))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    codes: list = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            def up():
+                try:
+                    return http.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _wait_for(up)
+            stop = time.monotonic() + 5
+
+            def hammer():
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                    while time.monotonic() < stop:
+                        codes.append(client.get("/v1/models", headers=auth("sk-new")).status_code)
+
+            threads = [threading.Thread(target=hammer) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            path.write_text(_many_teams(upstream.url, port, redis_server.url, prefix, 2000, new=True))
+            os.kill(proc.pid, signal.SIGHUP)
+            for t in threads:
+                t.join(30)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    seen = Counter(codes)
+    assert seen[200] == 2, f"the new team's 2/day admitted {seen[200]} requests: {seen}"
+    assert set(seen) <= {200, 401, 429, 503}, seen
