@@ -196,19 +196,29 @@ default_output_tokens = 16
 
 
 class Gateway:
-    def __init__(self, upstream: int, workers: int, tmp: str, redis: Optional[int] = None) -> None:
+    def __init__(
+        self, upstream: int, workers: int, tmp: str, redis: Optional[int] = None, baseline: Optional[str] = None
+    ) -> None:
         self.port = free_port()
-        self.name = f"{'redis' if redis else 'memory'} w={workers}"
-        self.path = os.path.join(tmp, f"gateway-{workers}-{redis}.toml")
+        self.name = f"{'baseline' if baseline else 'redis' if redis else 'memory'} w={workers}"
+        tag = f"{workers}-{redis}-{'b' if baseline else 'c'}"
+        self.path = os.path.join(tmp, f"gateway-{tag}.toml")
         backend = f'\n[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis}/0"\n' if redis else ""
         with open(self.path, "w") as f:
             f.write(CONFIG.format(upstream=upstream, port=self.port, workers=workers, key=KEY, backend=backend))
         args = [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", self.path]
-        self.log = open(os.path.join(tmp, f"gateway-{workers}-{redis}.log"), "wb")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        env = dict(os.environ)
+        if baseline:
+            env["PYTHONPATH"] = os.pathsep.join([baseline, *filter(None, [env.get("PYTHONPATH")])])
+        self.log = open(os.path.join(tmp, f"gateway-{tag}.log"), "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         wait_listening(self.port, self.proc)
-        # Every worker up: a few requests answered.
-        for _ in range(20 * workers):
+        # Every worker up and its tokenizer encodings built (in a thread, about a second
+        # after the start; requests are judged in a thread until then): requests
+        # answered for a few seconds.
+        deadline = time.monotonic() + 3
+        sent = 0
+        while sent < 20 * workers or time.monotonic() < deadline:
             request = urllib.request.Request(
                 f"http://127.0.0.1:{self.port}/v1/chat/completions",
                 data=REQUEST.encode(),
@@ -216,6 +226,7 @@ class Gateway:
             )
             with urllib.request.urlopen(request, timeout=10) as r:
                 assert r.status == 200
+            sent += 1
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the gateway and its worker processes so far."""
@@ -305,6 +316,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="one round of 2 s runs")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures to FILE")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run, side by side, the gateway of the nexus_limits package in DIR (put first on"
+        " PYTHONPATH), e.g. the python/ directory of a git worktree of an earlier commit, its native"
+        " module built; one process, limits in memory",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds = 2.0, 1
@@ -328,6 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # asked for, the redis backend they share their limits through, at each count.
         if 1 in args.workers:
             gateways.append(Gateway(up_port, 1, tmp))
+            if args.baseline:
+                gateways.append(Gateway(up_port, 1, tmp, baseline=os.path.abspath(args.baseline)))
         if any(n > 1 for n in args.workers):
             redis = subprocess.Popen(
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

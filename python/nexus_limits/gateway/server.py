@@ -34,7 +34,7 @@ import asyncio
 import json
 import logging
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..adapters.llm import ON_DISCONNECT
 from .app import Gateway, build_app
@@ -51,19 +51,28 @@ _COALESCE_BYTES = 64 * 1024
 
 class _Coalesced:
     """A connection's transport whose writes within one event-loop turn are sent with
-    one system call.
+    one system call, followed by the access log lines of that turn.
 
     uvicorn writes a response's head, its body and the end of its chunked body with
     three calls; on loopback each send costs more than the rest of the turn (the
-    kernel delivers the bytes to the reader inline). Joined, they are one."""
+    kernel delivers the bytes to the reader inline). Joined, they are one. uvicorn
+    logs a response's line just before writing its head: held here, the line is
+    written once the response is on its way, not before."""
 
-    __slots__ = ("_loop", "_parts", "_size", "_transport")
+    __slots__ = ("_logs", "_loop", "_parts", "_scheduled", "_size", "_transport")
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._parts: Optional[List[bytes]] = None
         self._size = 0
+        self._scheduled = False
+        self._logs: Optional[List[Tuple[logging.Logger, str, Tuple[Any, ...]]]] = None
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -71,17 +80,38 @@ class _Coalesced:
         if self._parts is None:
             self._parts = [data]
             self._size = len(data)
-            self._loop.call_soon(self._flush)
         else:
             self._parts.append(data)
             self._size += len(data)
         if self._size >= _COALESCE_BYTES:
-            self._flush()
+            self._write()
+        else:
+            self._schedule()
 
-    def _flush(self) -> None:
+    def log(self, logger: logging.Logger, msg: str, args: Tuple[Any, ...]) -> None:
+        """An access log line, written after this turn's bytes."""
+        if self._logs is None:
+            self._logs = [(logger, msg, args)]
+        else:
+            self._logs.append((logger, msg, args))
+        self._schedule()
+
+    def _write(self) -> None:
         parts, self._parts = self._parts, None
         if parts and not self._transport.is_closing():
             self._transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        self._write()
+        logs, self._logs = self._logs, None
+        for logger, msg, args in logs or ():
+            try:
+                if logger.isEnabledFor(logging.INFO):
+                    # As logger.info() would, without looking for the caller's frame.
+                    logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, msg, args, None))
+            except Exception:  # a broken log handler must not break the connection
+                log.exception("could not write an access log line")
 
     def close(self) -> None:
         self._flush()
@@ -89,6 +119,20 @@ class _Coalesced:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+class _AccessLog:
+    """uvicorn's access logger as one connection's protocol sees it: ``info`` hands the
+    line to the connection's transport (see _Coalesced)."""
+
+    __slots__ = ("_logger", "_out")
+
+    def __init__(self, logger: logging.Logger, out: _Coalesced) -> None:
+        self._logger = logger
+        self._out = out
+
+    def info(self, msg: str, *args: Any) -> None:
+        self._out.log(self._logger, msg, args)
 
 
 def _problem(status: int, reason: str, detail: str) -> bytes:
@@ -150,7 +194,10 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.transport = _Coalesced(transport, self.loop)  # type: ignore[assignment]
+            out = _Coalesced(transport, self.loop)
+            self.transport = out  # type: ignore[assignment]
+            if self.access_log:
+                self.access_logger = _AccessLog(self.access_logger, out)  # type: ignore[assignment]
             self._arm()
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -326,6 +373,12 @@ class Supervisor:
 
         import uvicorn
 
+        from .app import create_shared_store
+        from .config import load_config
+
+        # Made before any worker starts (with the ttl the limits need); each worker opens
+        # it by name. Removed when the gateway stops, as in-process counters are.
+        store = create_shared_store(load_config(self.config_path))
         sock = uvicorn.Config("nexus_limits.gateway:Gateway", host=self.host, port=self.port).bind_socket()
         context = multiprocessing.get_context("spawn")
         procs: List[Any] = []
@@ -391,6 +444,8 @@ class Supervisor:
                     proc.kill()
                     proc.join(5)
             sock.close()
+            if store is not None:
+                store.unlink()
         if self.failed:
             raise SystemExit(1)
 
