@@ -582,7 +582,10 @@ REDIS = '[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n'
         ('[server]\nworkers = "2"\n', ":6: server.workers: must be a whole number"),
         ("[server]\nworkers = nan\n", ":6: server.workers: must be a whole number"),
         ("[server]\nworkers = 100000\n", ":6: server.workers: must be at least 1 and at most 1024"),
-        ("[server]\nworkers = 2\n", ":6: server.workers: 2 workers must share their limits: set [backend] type"),
+        (
+            "[classes]\ninteractive = 1.0\n[server]\nworkers = 2\n",
+            ":8: server.workers: 2 workers share orgs, teams and [classes] only through Redis",
+        ),
         ('[server]\naccess_log = "no"\n', ":6: server.access_log: must be true or false"),
         ("[server]\naccess_log = 0\n", ":6: server.access_log: must be true or false"),
     ],
@@ -621,13 +624,21 @@ def test_workers_default_and_with_redis(tmp_path):
     assert load_config(str(path)).workers == 1 and load_config(str(path)).access_log is True
     path.write_text(BASE + "[server]\nworkers = 4\n" + REDIS)
     assert load_config(str(path)).workers == 4
+    # The memory backend's workers share the tiers' limits through shared memory.
+    path.write_text(BASE + "[server]\nworkers = 4\n")
+    assert load_config(str(path)).workers == 4
 
 
 def test_yaml_workers(tmp_path):
     pytest.importorskip("yaml")
     path = tmp_path / "gw.yaml"
     path.write_text("upstream:\n  url: http://127.0.0.1:1\nserver:\n  workers: 3\ntiers:\n  t:\n    requests: 1/s\n")
-    with pytest.raises(ConfigError, match=":4: server.workers: 3 workers must share their limits"):
+    assert load_config(str(path)).workers == 3
+    path.write_text(
+        "upstream:\n  url: http://127.0.0.1:1\nserver:\n  workers: 3\nclasses:\n  a: 1.0\n"
+        "tiers:\n  t:\n    requests: 1/s\n"
+    )
+    with pytest.raises(ConfigError, match=":4: server.workers: 3 workers share orgs, teams and"):
         load_config(str(path))
 
 

@@ -30,6 +30,69 @@ __all__ = ["Gateway", "build_app"]
 log = logging.getLogger("nexus_limits.gateway")
 
 
+def shared_store_name(cfg: GatewayConfig) -> str:
+    """The SharedMemoryStore whose limits the workers of a memory-backend gateway share:
+    one per config file and port (/dev/shm/nexus-limits.<name>)."""
+    import hashlib
+
+    where = f"{os.path.realpath(cfg.path)}|{cfg.port}".encode()
+    return "gateway-" + hashlib.sha256(where).hexdigest()[:16]
+
+
+def shared_store_ttl(cfg: GatewayConfig) -> int:
+    """How long the store must remember an idle key: the longest period of any limit
+    (a day with daily_tokens), and the lease ttl."""
+    import math
+
+    from .._core import Rate
+    from ..spend import parse_budget
+
+    periods = [3600.0, float(cfg.lease_ttl)]
+    for tier in cfg.tiers.values():
+        for rate in (tier.requests, tier.tokens):
+            if rate is not None:
+                periods.append((Rate.parse(rate) if isinstance(rate, str) else rate).period)
+        if tier.daily_tokens is not None:
+            periods.append(86400.0)
+        if tier.spend is not None:
+            periods.append(parse_budget(tier.spend).period)
+    return math.ceil(max(periods))
+
+
+def create_shared_store(cfg: GatewayConfig) -> Any:
+    """Made by the supervisor before it starts the workers; None when nothing is shared
+    that way (one worker, or Redis). A store left by a run whose limits needed another
+    ttl is made anew (its counters start again)."""
+    if cfg.workers <= 1 or cfg.backend == "redis":
+        return None
+    from .._core import SharedMemoryStore
+
+    name, ttl = shared_store_name(cfg), shared_store_ttl(cfg)
+    try:
+        return SharedMemoryStore(name, ttl=ttl)
+    except ValueError as error:
+        if "exists with" not in str(error):
+            raise
+        log.warning("shared-memory store %s: %s; making it anew", name, error)
+        SharedMemoryStore(name).unlink()
+        return SharedMemoryStore(name, ttl=ttl)
+
+
+_STORES: Dict[str, Any] = {}
+
+
+def _shared_store(cfg: GatewayConfig) -> Any:
+    """This worker's handle on the store the supervisor made (None: limits in-process)."""
+    if cfg.workers <= 1 or cfg.backend == "redis":
+        return None
+    from .._core import SharedMemoryStore
+
+    name = shared_store_name(cfg)
+    if name not in _STORES:
+        _STORES[name] = SharedMemoryStore(name)
+    return _STORES[name]
+
+
 def _limiter(cfg: GatewayConfig, tier: Tier, redis_client: Any) -> Any:
     import nexus_limits as nl
 
@@ -41,6 +104,9 @@ def _limiter(cfg: GatewayConfig, tier: Tier, redis_client: Any) -> Any:
         "lease_ttl": cfg.lease_ttl,
     }
     if redis_client is None:
+        store = _shared_store(cfg)
+        if store is not None:
+            return nl.TokenLimiter(shadow=tier.shadow, store=store, name=f"tier-{tier.name}", **kwargs)
         return nl.TokenLimiter(shadow=tier.shadow, **kwargs)
     from ..redis.asyncio import TokenLimiter
 
@@ -77,6 +143,11 @@ def _spend(cfg: GatewayConfig, tier: Tier, redis_client: Any) -> Any:
         )
     from ..spend import SpendLimiter
 
+    store = _shared_store(cfg)
+    if store is not None:
+        return SpendLimiter(
+            tier.spend, prices=_prices(cfg), lease_ttl=cfg.lease_ttl, store=store, name=f"spend-{tier.name}"
+        )
     return SpendLimiter(tier.spend, prices=_prices(cfg), lease_ttl=cfg.lease_ttl)
 
 
@@ -185,7 +256,8 @@ class Gateway:
                 limiter = self._tier_limiter(cfg, tier) if tier.has_limits() else None
             elif limiter is not None and before != tier:
                 self._requota(cfg, tier, limiter)
-                if self.redis is not None and not isinstance(limiter, TreeLimiter):
+                shared = getattr(limiter, "store_path", None) is not None
+                if (self.redis is not None or shared) and not isinstance(limiter, TreeLimiter):
                     # Redis limiters are built anew with the new quotas, on the same keys.
                     self._retire(limiter)
                     limiter = self._tier_limiter(cfg, tier)
@@ -194,7 +266,7 @@ class Gateway:
             elif before is None or before.spend is None or spend is None:
                 spend = _spend(cfg, tier, self.redis)
             elif tier.spend != before.spend:
-                if cfg.backend == "redis":
+                if cfg.backend == "redis" or _shared_store(cfg) is not None:
                     spend = _spend(cfg, tier, self.redis)  # the same name: the same keys, the new budget
                 else:
                     spend.set_budget(tier.spend)
@@ -320,6 +392,8 @@ class Gateway:
         if isinstance(limiter, TreeLimiter):
             requota_tier(limiter, tier)
             return
+        if getattr(limiter, "store_path", None) is not None:
+            return  # in a SharedMemoryStore the quotas are the limiter's identity: built anew
         if callable(getattr(limiter, "set_default_quota", None)):
             limiter.set_default_quota(
                 requests=tier.requests,

@@ -500,14 +500,14 @@ def _cross_checks(cfg: GatewayConfig, doc: Mapping[str, Any], loc: Locator) -> N
             raise loc.error(("tiers", name, "queue"), "needs one of requests, tokens, daily_tokens to wait for")
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
         raise loc.error(("gateway", "default_tier"), f"{cfg.default_tier!r} is not a tier")
-    if cfg.workers > 1 and cfg.backend != "redis":
-        # Each worker would count on its own: every limit would be multiplied by N.
-        # TokenLimiter and SpendLimiter do not take a SharedMemoryStore, so the
-        # processes share their limits through Redis.
+    # workers > 1 with the memory backend: the workers share every tier's limits through
+    # a SharedMemoryStore the supervisor makes (see app.create_shared_store). The org,
+    # team and class hierarchies are shared across processes only on Redis.
+    if cfg.workers > 1 and cfg.backend != "redis" and cfg.uses_tree():
         raise loc.error(
             ("server", "workers"),
-            f"{cfg.workers} workers must share their limits: set [backend] type = 'redis' "
-            "(with the memory backend each worker would count alone, multiplying every limit)",
+            f"{cfg.workers} workers share orgs, teams and [classes] only through Redis: set [backend] "
+            "type = 'redis' (with the memory backend each worker would count them alone)",
         )
     from ..spend import PriceTable
 
@@ -519,6 +519,9 @@ def _cross_checks(cfg: GatewayConfig, doc: Mapping[str, Any], loc: Locator) -> N
     for api_key, tier_name in cfg.keys.items():
         if not isinstance(tier_name, str) or tier_name not in cfg.tiers:
             raise loc.error(("keys", api_key), f"tier {show(tier_name)} is not defined")
+
+
+_CLASS_NAME = re.compile(r"[\x21-\x7e]{1,64}")
 
 
 def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
@@ -542,6 +545,14 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
                     ("tiers", tier.name, option),
                     f"{option} is not available for keys in a team (key {show(api_key)} is in team {show(team_name)})",
                 )
+    for name in cfg.classes:
+        # A class travels in a header (compared as sent, at most 64 bytes) and in
+        # metrics labels: a name no header can carry could never be chosen by one.
+        if not _CLASS_NAME.fullmatch(name):
+            raise loc.error(
+                ("classes", name),
+                f"a class name must be 1 to 64 printable ASCII characters without spaces, got {show(name)}",
+            )
     if cfg.classes:
         if not any(share == 1.0 for share in cfg.classes.values()):
             raise loc.error(("classes",), "one class must have the whole quota (a share of 1.0)")
