@@ -18,6 +18,8 @@ import pytest
 from support import fake_llm
 from support.servers import ASGIServer, free_port
 
+from nexus_limits.gateway import ConfigError, build_app
+
 
 def auth(key: str) -> dict:
     return {"authorization": f"Bearer {key}"}
@@ -102,3 +104,35 @@ def test_a_team_added_by_sighup_on_redis_is_never_served_before_its_quota_is_wri
     seen = Counter(codes)
     assert seen[200] == 2, f"the new team's 2/day admitted {seen[200]} requests: {seen}"
     assert set(seen) <= {200, 401, 429, 503}, seen
+
+
+# -- hostile configs: a ConfigError naming file:line:field, never a traceback ---------
+
+_YAML_HEAD = 'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro:\n    requests: "100/minute"\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        # A lone surrogate (YAML's "\ud800" escape) passed every check and crashed the
+        # build with UnicodeEncodeError when the hierarchy was made.
+        ('teams:\n  "\\ud800": {requests: "1/second"}\nkeys:\n  k: {tier: pro, team: "\\ud800"}\n', ":9: keys.k.team"),
+        ('teams:\n  t: {requests: "1/second"}\nkeys:\n  "\\ud800": {tier: pro, team: t}\n', ":9: keys"),
+        ('orgs:\n  "\\ud800": {requests: "1/second"}\nteams:\n  t: {org: t}\n', ":7: orgs"),
+        ('classes:\n  a: 1.0\n  "\\ud800": 0.5\n', ":8: classes"),
+        ('backend:\n  prefix: "p\\ud800"\n', ":7: backend.prefix"),
+        # An empty class name was a ValueError from the hierarchy at build.
+        ('classes:\n  a: 1.0\n  "": 0.5\n', ":8: classes"),
+        # A class a header can never name (the header is refused past 64 bytes; a
+        # space or a non-ASCII letter never compares equal once sent).
+        ("classes:\n  a: 1.0\n  " + "b" * 65 + ": 0.5\n", ":8: classes"),
+        ('classes:\n  a: 1.0\n  "bulk jobs": 0.5\n', ":8: classes"),
+        ('classes:\n  a: 1.0\n  "\\0": 0.5\n', ":8: classes"),
+    ],
+)
+def test_hostile_names_in_a_config_are_located_errors_not_tracebacks(tmp_path, extra, where):
+    path = tmp_path / "gw.yaml"
+    path.write_text(_YAML_HEAD + extra, encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        build_app(str(path))
+    assert f"gw.yaml{where}" in str(error.value), str(error.value)

@@ -307,6 +307,19 @@ _KINDS: Dict[str, Callable[[Any], bool]] = {
 }
 
 
+def _not_text(value: str) -> bool:
+    """Whether a string holds a lone surrogate (YAML's ``"\\ud800"`` escape): no file,
+    header or Redis key can carry it, and encoding it anywhere later raises."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+_NOT_TEXT = "must be text (it holds a lone surrogate such as '\\ud800')"
+
+
 class Loader:
     """Checks a document's tables against their :class:`Table` specs."""
 
@@ -324,6 +337,8 @@ class Loader:
             return self.table(spec.table, value, parts)
         if not _KINDS[kind](value):
             raise self.loc.error(parts, f"must be {spec.what}, got {show(value)}")
+        if isinstance(value, str) and _not_text(value):
+            raise self.loc.error(parts, f"{_NOT_TEXT}, got {show(value)}")
         if spec.choices and value not in spec.choices:
             listed = ", ".join(repr(c) for c in spec.choices[:-1]) + f" or {spec.choices[-1]!r}"
             raise self.loc.error(parts, f"must be {listed}, got {show(value)}")
@@ -396,6 +411,10 @@ class Loader:
             where = (*parts, str(name))
             if not isinstance(name, str):
                 raise self.loc.error(where, f"names must be strings, got {show(name)}")
+            if _not_text(name):
+                # Located at the name, labelled by its table: the name itself cannot be printed.
+                line = self.loc.line(where)
+                raise ConfigError(f"{self.path}:{line}: {_where(parts)}: the name {show(name)} {_NOT_TEXT}")
             if spec.value is not None:
                 entries[name] = self.value(spec.value, entry, where)
                 continue
