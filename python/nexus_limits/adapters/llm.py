@@ -81,16 +81,21 @@ RETRY_RANGE = (1.0, 30.0)
 _HOLDS_KEPT = 64
 
 
-async def _maybe(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+# Whether a limiter type is a synchronous Redis one (its calls go to a worker thread).
+_REDIS_TYPES: Dict[type, bool] = {}
 
 
 async def _call(owner: Any, fn: Any, *args: Any) -> Any:
     """Calls a limiter or reservation method without blocking the loop: coroutines are
     awaited; a synchronous Redis backend runs in a worker thread; in-process is direct."""
-    if type(owner).__module__.startswith("nexus_limits.redis") and not inspect.iscoroutinefunction(fn):
+    kind = type(owner)
+    redis = _REDIS_TYPES.get(kind)
+    if redis is None:
+        redis = _REDIS_TYPES[kind] = kind.__module__.startswith("nexus_limits.redis")
+    if redis and not inspect.iscoroutinefunction(fn):
         return await asyncio.to_thread(fn, *args)
-    return await _maybe(fn(*args))
+    value = fn(*args)
+    return await value if inspect.isawaitable(value) else value
 
 
 class _Holds:
@@ -595,12 +600,12 @@ class LLMLimitMiddleware:
         if provider is not None:
             await self._llm(scope, receive, send, provider, path)
         elif self.meter_all:
-            await self._metered(scope, receive, send)
+            await self._metered(scope, receive, send, (method, path))
         else:
             await self.app(scope, receive, send)
 
-    def _key(self, scope: Scope) -> Any:
-        return self.key_func(request_of(scope, target_of(scope)))
+    def _key(self, scope: Scope, target: Tuple[str, str]) -> Any:
+        return self.key_func(request_of(scope, target))
 
     def _observe(self, route: str, started: float, decision: Any) -> None:
         if self.metrics is not None:
@@ -692,10 +697,10 @@ class LLMLimitMiddleware:
 
     # -- requests that are not LLM calls ----------------------------------------------
 
-    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _metered(self, scope: Scope, receive: Receive, send: Send, target: Tuple[str, str]) -> None:
         fmt = _Format.of(scope, None)
         try:
-            key = self._key(scope)
+            key = self._key(scope, target)
         except BadRequest as error:
             await _refuse(send, fmt, 400, str(error))
             return
@@ -803,7 +808,7 @@ class LLMLimitMiddleware:
     async def _llm(self, scope: Scope, receive: Receive, send: Send, provider: str, path: str) -> None:
         fmt = _Format.of(scope, provider)
         try:
-            key = self._key(scope)
+            key = self._key(scope, ("POST", path))
         except BadRequest as error:
             await _refuse(send, fmt, 400, str(error))
             return

@@ -261,11 +261,14 @@ class Proxy:
         try:
             out_headers = self.response_headers(response.status, response.headers)
             await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
-            while True:
-                chunk = await response.read()
-                if not chunk:
-                    break
+            chunk = await response.read()
+            while chunk:
+                if response.done:
+                    # The last piece ends the response (no empty message after it).
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await response.read()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             response.close()

@@ -244,6 +244,12 @@ class UpstreamResponse:
         assert self._conn is not None, "the response was closed"
         return await self._conn.read(self._pool.timeout)
 
+    @property
+    def done(self) -> bool:
+        """True once the whole body was read (the next :meth:`read` would return b"")."""
+        conn = self._conn
+        return conn is not None and conn.complete and not conn.body
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

@@ -1155,9 +1155,9 @@ class UsageReader:
         """The response headers to forward (names and values as given, str or bytes):
         without Content-Length when stripping, and without Content-Encoding when the
         decoded stream is forwarded."""
-        drop = set()
-        if self.strip_usage_chunk:
-            drop.add("content-length")
+        if not self.strip_usage_chunk:
+            return list(headers)  # forward_decoded implies strip_usage_chunk
+        drop = {"content-length"}
         if self.forward_decoded:
             drop.add("content-encoding")
         return [(k, v) for k, v in headers if _header_name(k) not in drop]
