@@ -136,3 +136,77 @@ def test_hostile_names_in_a_config_are_located_errors_not_tracebacks(tmp_path, e
     with pytest.raises(ConfigError) as error:
         build_app(str(path))
     assert f"gw.yaml{where}" in str(error.value), str(error.value)
+
+
+# -- a batch route served as interactive -------------------------------------------
+
+_ROUTED = """
+[upstream]
+url = "{url}"
+
+[tiers.pro]
+requests = "4/day"
+class = "interactive"
+
+[classes]
+interactive = 1.0
+batch = 0.5
+
+[[routes]]
+path = "{route}"
+class = "batch"
+
+[keys]
+"sk-1" = "pro"
+"""
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/v1/batches",
+        "/v1/batches/",
+        # An escape of an unreserved letter: the gateway decodes it in every request path,
+        # so this route never matched, and batch calls took the interactive reserve.
+        "/v1/%62atches",
+        "/v1/%62%61tches/",
+    ],
+)
+@pytest.mark.parametrize(
+    "target",
+    [b"/v1/batches", b"/v1//batches", b"/v1/./batches", b"/v1/%62atches", b"/v1/batches/", b"/v1/batches?x=1"],
+)
+def test_a_batch_route_holds_whatever_the_spelling_of_the_route_or_the_request(tmp_path, upstream, route, target):
+    from support.gateway_harness import GatewayServer, raw_request
+
+    path = tmp_path / "gw.toml"
+    path.write_text(_ROUTED.format(url=upstream.url, route=route))
+    head = b"POST %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-1\r\ncontent-length: 2" % target
+    with GatewayServer(str(path)) as gw:
+        codes = [raw_request(gw.port, head, b"{}")[0] for _ in range(4)]
+    assert codes == [200, 200, 429, 429], f"batch may use half of 4/day: {codes}"
+
+
+@pytest.mark.parametrize(
+    ("routes", "detail"),
+    [
+        # Two routes for one path (the second written with a slash): the first won silently.
+        (
+            '[[routes]]\npath = "/v1/batches"\nclass = "batch"\n[[routes]]\npath = "/v1/batches/"\nclass = "interactive"\n',
+            ":17: routes[1].path: the path '/v1/batches' is routed twice (routes[0])",
+        ),
+        (
+            '[[routes]]\npath = "/v1/%62atches"\nclass = "batch"\n[[routes]]\npath = "/v1/batches"\nclass = "interactive"\n',
+            ":17: routes[1].path: the path '/v1/batches' is routed twice (routes[0])",
+        ),
+        ('[[routes]]\npath = "/v1/a%2Fb"\nclass = "batch"\n', ":14: routes[0].path:"),
+        ('[[routes]]\npath = "/v1/a%zz"\nclass = "batch"\n', ":14: routes[0].path:"),
+    ],
+)
+def test_routes_that_cannot_be_matched_as_written_are_config_errors(tmp_path, routes, detail):
+    text = _ROUTED.format(url="http://127.0.0.1:9", route="/x").split("[[routes]]")[0] + routes
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        build_app(str(path))
+    assert detail in str(error.value), str(error.value)

@@ -268,7 +268,17 @@ def _route_path(path: str) -> str:
         raise FieldError(f"must be a path such as '/v1/batches', got {show(path)}")
     if any(segment in (".", "..") for segment in path.split("/")):
         raise FieldError(f"must not have . or .. segments, got {show(path)}")
-    return path.rstrip("/")
+    # Kept in the form every request path is matched in: escapes of unreserved
+    # characters decoded ("/v1/%62atches" is "/v1/batches"), the others in upper case;
+    # kept as written, such a route would never match and its calls would get another class.
+    from ..adapters import normalize_target
+    from ..errors import BadRequest
+
+    try:
+        _, normal = normalize_target("GET", path)
+    except BadRequest as error:
+        raise FieldError(f"must be a path a request can have ({error}), got {show(path)}") from None
+    return normal.rstrip("/") or "/"
 
 
 LEASE_FIELDS = ("window", "max_share", "hold", "idle", "max_keys")
@@ -558,6 +568,11 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
             raise loc.error(("classes",), "one class must have the whole quota (a share of 1.0)")
         if len(cfg.classes) > 16:
             raise loc.error(("classes",), f"at most 16 classes, got {len(cfg.classes)}")
+    routed: Dict[str, int] = {}
+    for i, (prefix, _) in enumerate(cfg.routes):
+        if prefix in routed:
+            raise loc.error(("routes", i, "path"), f"the path {prefix!r} is routed twice (routes[{routed[prefix]}])")
+        routed[prefix] = i
     uses: List[Tuple[Parts, Optional[str]]] = [(("gateway", "default_class"), cfg.default_class)]
     uses += [(("tiers", name, "class"), tier.cls) for name, tier in cfg.tiers.items()]
     uses += [(("routes", i, "class"), cls) for i, (_, cls) in enumerate(cfg.routes)]
