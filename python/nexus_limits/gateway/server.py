@@ -31,10 +31,12 @@ gets a problem+json 400.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http
 import json
 import logging
 import os
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..adapters.llm import ON_DISCONNECT
 from .app import Gateway, build_app
@@ -107,9 +109,7 @@ class _Coalesced:
         logs, self._logs = self._logs, None
         for logger, msg, args in logs or ():
             try:
-                if logger.isEnabledFor(logging.INFO):
-                    # As logger.info() would, without looking for the caller's frame.
-                    logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, msg, args, None))
+                _log_access(logger, msg, args)
             except Exception:  # a broken log handler must not break the connection
                 log.exception("could not write an access log line")
 
@@ -119,6 +119,58 @@ class _Coalesced:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+# uvicorn's default access line format (its LOGGING_CONFIG), which _log_access writes
+# itself when it is the one in force.
+_ACCESS_FORMAT = '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
+_STATUS_TEXT: Dict[int, str] = {}
+
+
+def _status_text(status: int) -> str:
+    text = _STATUS_TEXT.get(status)
+    if text is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        text = f"{status} {phrase}"
+        if len(_STATUS_TEXT) < 1000:
+            _STATUS_TEXT[status] = text
+    return text
+
+
+def _log_access(logger: logging.Logger, msg: str, args: Tuple[Any, ...]) -> None:
+    """Logs uvicorn's access line ``msg % args`` on ``logger``, as ``logger.info`` would.
+
+    With uvicorn's own setup in force (one stream handler, its AccessFormatter with the
+    default format and no colours, no filters), the line it would format is written to
+    that stream directly: the same bytes, for a fifth of the time (no record, no copy of
+    it, no formatter). Any other setup gets a record, without the look-up of the
+    caller's frame."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handlers = logger.handlers
+    if len(handlers) == 1 and not logger.propagate and not logger.filters and len(args) == 5:
+        handler = handlers[0]
+        formatter = handler.formatter
+        if (
+            type(handler) is logging.StreamHandler
+            and handler.level <= logging.INFO
+            and not handler.filters
+            and formatter is not None
+            and type(formatter).__name__ == "AccessFormatter"
+            and type(formatter).__module__ == "uvicorn.logging"
+            and getattr(formatter, "_fmt", None) == _ACCESS_FORMAT
+            and getattr(formatter, "use_colors", True) is False
+        ):
+            client, method, path, version, status = args
+            line = f'INFO:     {client} - "{method} {path} HTTP/{version}" {_status_text(int(status))}'
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(line + handler.terminator)
+                handler.flush()
+            return
+    logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, msg, args, None))
 
 
 class _AccessLog:
