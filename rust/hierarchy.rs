@@ -17,10 +17,10 @@
 //! - In a shared-memory store the check runs as one [`Transaction`] of the store (a
 //!   robust process-shared lock and a redo journal): every process of the host sees the
 //!   whole path change at once, and a process killed mid-check leaves it applied in full
-//!   or not at all. Concurrency leases can live there too ([`SharedLeases`]), taken in
-//!   the same transaction as the rate quotas; so far only a token budget
-//!   ([`crate::budget`], a one-level hierarchy) uses them: [`Hierarchy::new`] still
-//!   refuses a concurrency limit with a store.
+//!   or not at all. Concurrency leases live there too ([`SharedLeases`]): taken in the
+//!   same transaction as the rate quotas (a lease only if every level has one free and
+//!   every rate quota admits), ended by the transaction that settles, and a lease whose
+//!   holder died ends after `lease_ttl`.
 //!
 //! A node's quotas can be changed at run time, keeping what it has used: for one node
 //! (in this process, or kept in the shared-memory store for every process) or, in this
@@ -40,6 +40,8 @@ use crate::rate::Rate;
 use crate::report::{AtomicCounters, Counters, Inspection};
 use crate::store::shm::{Held, SharedLeases, ShmTable, Transaction, Write, MAX_WRITES};
 use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -202,6 +204,36 @@ struct Level {
     concurrency: Option<Arc<Concurrency>>,
     /// The level's concurrency limit when its leases live in a shared-memory store.
     shared_leases: Option<SharedLeases>,
+    /// The leases of `shared_leases` this process took and has not ended, by id: (node,
+    /// expiry). Only for [`Hierarchy::stats`] (the store has no count of a level's leases).
+    mine: Mutex<HashMap<u64, (Fingerprint, u64)>>,
+}
+
+impl Level {
+    /// Forgets this process's lease `id` of this level (ended, or given up).
+    fn forget(&self, id: u64) {
+        if self.shared_leases.is_some() {
+            self.mine.lock().remove(&id);
+        }
+    }
+
+    /// Notes a lease this process took. Leases never ended (their reservations
+    /// dropped) are forgotten once expired, every so often, so the map stays bounded.
+    fn remember(&self, id: u64, node: Fingerprint, now: u64, expiry: u64) {
+        let mut mine = self.mine.lock();
+        mine.insert(id, (node, expiry));
+        if mine.len() % 1024 == 0 {
+            mine.retain(|_, (_, expiry)| *expiry > now);
+        }
+    }
+
+    /// How many of this process's leases of this level are live at `now` (those that
+    /// have expired are forgotten).
+    fn held_here(&self, now: u64) -> u64 {
+        let mut mine = self.mine.lock();
+        mine.retain(|_, (_, expiry)| *expiry > now);
+        mine.len() as u64
+    }
 }
 
 /// The rate quotas of a call stepped inside a transaction, not yet written.
@@ -289,16 +321,6 @@ pub struct Hierarchy {
     default_class: usize,
 }
 
-/// What [`Hierarchy::build`] takes besides the levels and the store.
-pub(crate) struct Options<'a> {
-    /// Priority classes, as [`Hierarchy::with_classes`] takes them.
-    pub classes: Vec<(String, Share)>,
-    pub default_class: Option<&'a str>,
-    /// Concurrency limits keep their leases in the shared-memory store (see
-    /// [`SharedLeases`]) instead of being refused there.
-    pub shared_leases: bool,
-}
-
 /// One priority class of a hierarchy: its name, share and counters.
 struct HierarchyClass {
     name: String,
@@ -326,9 +348,10 @@ impl Hierarchy {
     /// `levels` from the top (1 to [`MAX_LEVELS`], names unique and not empty, each with
     /// at least one quota, at most [`MAX_PARTS`] rate quotas in all). In this process
     /// (`store` None) each rate quota keeps its nodes with `ttl_secs` and `max_keys` as a
-    /// [`Limiter`]'s; in a shared-memory store (rate quotas only) the nodes are set apart
-    /// from those of other hierarchies by `name`. A reservation stands (and its leases
-    /// live) `lease_ttl_secs`.
+    /// [`Limiter`]'s; in a shared-memory store the nodes (their rate quotas and their
+    /// leases) are set apart from those of other hierarchies by `name`, and a lease must
+    /// not outlive the store's ttl. A reservation stands (and its leases live)
+    /// `lease_ttl_secs`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         levels: Vec<LevelSpec>,
@@ -357,23 +380,6 @@ impl Hierarchy {
         classes: Vec<(String, Share)>,
         default_class: Option<&str>,
     ) -> Result<Hierarchy> {
-        let options = Options { classes, default_class, shared_leases: false };
-        Hierarchy::build(levels, store, name, clock, ttl_secs, max_keys, lease_ttl_secs, options)
-    }
-
-    /// [`with_classes`](Self::with_classes) with the options of [`Options`].
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn build(
-        levels: Vec<LevelSpec>,
-        store: Option<Arc<ShmTable>>,
-        name: &str,
-        clock: Clock,
-        ttl_secs: f64,
-        max_keys: Option<usize>,
-        lease_ttl_secs: f64,
-        options: Options<'_>,
-    ) -> Result<Hierarchy> {
-        let Options { classes, default_class, shared_leases } = options;
         if !classes.is_empty() {
             check_classes(&classes)?;
         }
@@ -412,13 +418,6 @@ impl Hierarchy {
                 return Err(Error::InvalidArgument(format!(
                     "level {:?} has no quota: give it at least one of requests, tokens, daily_tokens, spend, \
                      concurrency",
-                    spec.name
-                )));
-            }
-            if store.is_some() && spec.concurrency.is_some() && !shared_leases {
-                return Err(Error::InvalidArgument(format!(
-                    "level {:?}: a concurrency limit keeps its leases in this process; it is not available with a \
-                     SharedMemoryStore (use the Redis Hierarchy to share leases between processes)",
                     spec.name
                 )));
             }
@@ -490,7 +489,7 @@ impl Hierarchy {
                     }
                 }
                 let parts = (0..part_of.len()).filter(|&p| part_of[p].0 == i).collect();
-                Ok(Level { name: spec.name, parts, concurrency, shared_leases: leases })
+                Ok(Level { name: spec.name, parts, concurrency, shared_leases: leases, mine: Default::default() })
             })
             .collect::<Result<Vec<_>>>()?;
         let refused_by = (0..levels.len()).map(|_| AtomicU64::new(0)).collect();
@@ -571,9 +570,16 @@ impl Hierarchy {
         self.levels[level].parts.iter().copied().find(|&p| self.part_of[p].1 == unit)
     }
 
-    /// The level's concurrency limit, if it has one.
+    /// The level's concurrency limit in this process, if it has one (see
+    /// [`concurrency_max`](Self::concurrency_max) for any store).
     pub fn concurrency(&self, level: usize) -> Option<&Arc<Concurrency>> {
         self.levels[level].concurrency.as_ref()
+    }
+
+    /// The level's concurrency limit for nodes without one of their own, if it has one.
+    pub fn concurrency_max(&self, level: usize) -> Option<u64> {
+        let level = &self.levels[level];
+        level.concurrency.as_ref().map(|c| c.max()).or_else(|| level.shared_leases.as_ref().map(|s| s.max()))
     }
 
     pub fn clock(&self) -> &Clock {
@@ -925,6 +931,11 @@ impl Hierarchy {
                     concurrency[l] = Some(shared.full(held[l].as_ref().expect("read above")));
                 }
             }
+            for (l, id) in leases.iter().enumerate() {
+                if let Some(id) = id {
+                    self.levels[l].remember(*id, nodes[l], now, now.saturating_add(self.lease_ttl_ns));
+                }
+            }
         }
         drop(txn);
         let charged_at = if take { now } else { 0 };
@@ -1129,6 +1140,7 @@ impl Hierarchy {
             if let (Some(shared), Some(Some(id))) = (&level.shared_leases, leases.get(l)) {
                 let nodes = nodes.get_or_insert_with(|| Self::shared_nodes(table, path));
                 released += shared.release(txn, &nodes[l], *id, now, writes) as usize;
+                level.forget(*id);
             }
         }
         released
@@ -1141,6 +1153,12 @@ impl Hierarchy {
     pub fn settle(&self, path: &Path, deltas: Deltas, charged_at: u64, leases: &[Option<u64>]) -> Result<bool> {
         self.check_path(path)?;
         if self.expired(charged_at) {
+            // Its leases have ended with it.
+            for (level, id) in self.levels.iter().zip(leases) {
+                if let Some(id) = id {
+                    level.forget(*id);
+                }
+            }
             return Ok(false);
         }
         if let Parts::SharedMemory { table, parts } = &self.parts {
@@ -1202,7 +1220,9 @@ impl Hierarchy {
                 let mut removed: Vec<Fingerprint> = level_parts.iter().map(|&p| keys[p]).collect();
                 if let Some(shared) = &self.levels[level].shared_leases {
                     // Its lease slots, then the key that says how many there are.
-                    removed.extend(shared.keys(&txn, &Self::shared_nodes(table, node)[level]));
+                    let fp = Self::shared_nodes(table, node)[level];
+                    removed.extend(shared.keys(&txn, &fp));
+                    self.levels[level].mine.lock().retain(|_, (node, _)| *node != fp);
                 }
                 let now = self.clock.now();
                 for chunk in removed.chunks(MAX_WRITES) {
@@ -1275,7 +1295,9 @@ impl Hierarchy {
                 let mut writes = Vec::new();
                 for (p, quota) in changes {
                     let (old, _) = parts[p].quota_for(txn.read(&quota_keys[p]));
-                    if let Some(state) = txn.read(&keys[p]) {
+                    // An unchanged quota keeps the state as it is: converting it would cap
+                    // a debt (at two bursts), and a reload of the same config would forgive it.
+                    if let (true, Some(state)) = (old != quota, txn.read(&keys[p])) {
                         writes.push(Write::Set(keys[p], old.convert(&quota, state, now)));
                     }
                     writes.push(Write::Pin(quota_keys[p], encode_quota(&quota)));
@@ -1293,12 +1315,40 @@ impl Hierarchy {
             }
         };
         for (p, quota) in changes {
-            group.parts()[p].set_quota(&keys[p], quota)?;
+            if Self::unchanged(&group.parts()[p], &keys[p], Some(&quota)).is_none() {
+                group.parts()[p].set_quota(&keys[p], quota)?;
+            }
         }
         if let (Some(n), Some(c)) = (concurrency, &self.levels[level].concurrency) {
             c.set_quota(&Self::process_key(node, level), n)?;
         }
         Ok(())
+    }
+
+    /// In this process, when the node `fp` of `limiter` changes quota (`own`: to a quota
+    /// of its own; None: back to the level's) to the one already in force: makes the
+    /// change without touching the node's state, and returns whether the node had a
+    /// quota of its own. None, changing nothing, when the quota differs (the caller
+    /// converts the state). Converting a state to the same quota would cap a debt at two
+    /// bursts: a reload of an unchanged config would forgive debts.
+    fn unchanged(limiter: &Limiter, fp: &Fingerprint, own: Option<&Quota>) -> Option<bool> {
+        let store = limiter.in_process_store()?;
+        let mut g = store.lock(fp);
+        let q = g.extra_mut();
+        let had = q.overrides.contains_key(fp);
+        match own {
+            Some(quota) if q.for_key(fp) == quota => {
+                if !had {
+                    let kept = q.default.clone();
+                    q.overrides.insert(*fp, kept);
+                }
+            }
+            None if !had || q.overrides.get(fp) == Some(&q.default) => {
+                q.overrides.remove(fp);
+            }
+            _ => return None,
+        }
+        Some(had)
     }
 
     /// Puts a node back on its level's quotas; false if it had none of its own.
@@ -1317,7 +1367,8 @@ impl Hierarchy {
                     if !is_own {
                         continue;
                     }
-                    if let Some(state) = txn.read(&keys[p]) {
+                    // Back to the same quota: the state stays (see `unchanged`).
+                    if let (true, Some(state)) = (own != parts[p].quota, txn.read(&keys[p])) {
                         writes.push(Write::Set(keys[p], own.convert(&parts[p].quota, state, now)));
                     }
                     writes.push(Write::Remove(quota_keys[p]));
@@ -1332,7 +1383,10 @@ impl Hierarchy {
         };
         let mut any = false;
         for &p in &self.levels[level].parts {
-            any |= group.parts()[p].clear_quota(&keys[p])?;
+            any |= match Self::unchanged(&group.parts()[p], &keys[p], None) {
+                Some(had) => had,
+                None => group.parts()[p].clear_quota(&keys[p])?,
+            };
         }
         if let Some(c) = &self.levels[level].concurrency {
             any |= c.clear_quota(&Self::process_key(node, level));
@@ -1347,7 +1401,11 @@ impl Hierarchy {
         if let (Some(n), Some(c)) = (concurrency, &self.levels[level].concurrency) {
             c.set_max(n)?;
         }
-        changes.into_iter().try_for_each(|(p, quota)| group.parts()[p].set_default(quota))
+        // An unchanged quota keeps every node's state (see `unchanged`).
+        changes
+            .into_iter()
+            .filter(|(p, quota)| group.parts()[*p].quota() != *quota)
+            .try_for_each(|(p, quota)| group.parts()[p].set_default(quota))
     }
 
     /// The quota in force for part `p` at `node`'s level, and whether it is the node's own.
@@ -1429,6 +1487,10 @@ impl Hierarchy {
 
     /// Evicts idle nodes; returns how many.
     pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        for level in &self.levels {
+            level.held_here(now);
+        }
         let leases: usize = self.levels.iter().filter_map(|l| l.concurrency.as_ref()).map(|c| c.sweep()).sum();
         match &self.parts {
             Parts::InProcess(group) => group.parts().iter().map(|p| p.sweep()).sum::<usize>() + leases,
@@ -1437,6 +1499,7 @@ impl Hierarchy {
     }
 
     pub fn stats(&self) -> HierarchyStats {
+        let now = self.clock.now();
         // The store's keys, counted once: a count reads every slot of the table.
         let stored = match &self.parts {
             Parts::SharedMemory { table, .. } => table.count(),
@@ -1457,8 +1520,11 @@ impl Hierarchy {
                 .iter()
                 .map(|l| match (&l.concurrency, &l.shared_leases, &self.parts) {
                     (Some(c), _, _) => Some(c.stats()),
-                    // Leases in the store are keys of the store, counted with the others.
-                    (None, Some(_), _) => Some(ConcurrencyStats { keys: stored, ..ConcurrencyStats::default() }),
+                    // Leases in the store are keys of the store, counted with the others; the
+                    // store keeps no count of a level's leases, so `held` is this process's.
+                    (None, Some(_), _) => {
+                        Some(ConcurrencyStats { keys: stored, held: l.held_here(now), ..ConcurrencyStats::default() })
+                    }
                     _ => None,
                 })
                 .collect(),
@@ -1490,11 +1556,10 @@ mod tests {
     }
 
     fn three(clock: &ManualClock, store: Option<Arc<ShmTable>>) -> Hierarchy {
-        let conc = |n| if store.is_some() { None } else { Some(n) };
         let levels = vec![
             level("org", rate("10/minute"), rate("1000/minute"), None),
-            level("team", rate("6/minute"), None, conc(2)),
-            level("key", rate("4/minute"), None, conc(1)),
+            level("team", rate("6/minute"), None, Some(2)),
+            level("key", rate("4/minute"), None, Some(1)),
         ];
         Hierarchy::new(levels, store, "", Clock::Manual(clock.clone()), 3600.0, None, 60.0).unwrap()
     }
@@ -1543,42 +1608,136 @@ mod tests {
         }
     }
 
+    /// A node's (limit, leases held), whatever the store.
+    fn leases(h: &Hierarchy, node: &[&str]) -> (u64, u64) {
+        h.inspect(&path(node)).unwrap().1.unwrap()
+    }
+
     #[test]
     fn reservations_take_a_lease_at_every_level_and_settle_every_level() {
+        for store in [None, Some(shm("reserve"))] {
+            let clock = ManualClock::new(0);
+            let h = three(&clock, store.as_ref().map(|s| Arc::clone(&s.0)));
+            let k = path(&["acme", "search", "k1"]);
+            let tokens = |t| Amounts { requests: 1, tokens: t, ..Amounts::default() };
+            let r = h.reserve(&k, tokens(600)).unwrap();
+            assert!(r.allowed);
+            assert!(r.leases[0].is_none() && r.leases[1].is_some() && r.leases[2].is_some());
+            let busy = h.reserve(&k, tokens(1)).unwrap();
+            assert_eq!(busy.refused, Some(Refusal { level: 2, unit: None }), "the key's one lease is held");
+            assert!(busy.leases.iter().all(Option::is_none), "no lease is kept by a refused reservation");
+            assert_eq!(leases(&h, &["acme", "search"]), (2, 1));
+            assert_eq!(h.stats().concurrency[1].unwrap().held, 1);
+            // The org's tokens: 600 reserved of 1000; settled at 100, 500 come back.
+            let settled = h.settle(&k, Deltas { tokens: -500, ..Deltas::default() }, r.charged_at, &r.leases).unwrap();
+            assert!(settled);
+            let org_tokens = h.find_part(0, Unit::Tokens).unwrap();
+            assert_eq!(h.peek(&k, Amounts::default()).unwrap().parts[org_tokens].remaining, 900);
+            assert_eq!(leases(&h, &["acme", "search", "k1"]), (1, 0));
+            assert_eq!(h.stats().concurrency[2].unwrap().held, 0);
+            // Another key of the team takes the team's two leases; a third key waits for the team.
+            let (k2, k3) = (path(&["acme", "search", "k2"]), path(&["acme", "search", "k3"]));
+            let r1 = h.reserve(&k, tokens(1)).unwrap();
+            let r2 = h.reserve(&k2, tokens(1)).unwrap();
+            assert!(r1.allowed && r2.allowed);
+            let third = h.reserve(&k3, tokens(1)).unwrap();
+            assert_eq!(third.refused, Some(Refusal { level: 1, unit: None }));
+            assert!(third.concurrency[2].unwrap().allowed, "the key's lease is told, not taken");
+            assert_eq!(leases(&h, &["acme", "search", "k3"]), (1, 0));
+            let org_requests = h.find_part(0, Unit::Requests).unwrap();
+            assert_eq!(third.parts[org_requests].remaining, 6, "told, charging nothing: 3 of 10 used, 1 asked");
+            // Cancelled: the request and its tokens come back at every level.
+            assert!(h.settle(&k2, Deltas { requests: -1, tokens: -1, spend: 0 }, r2.charged_at, &r2.leases).unwrap());
+            assert_eq!(h.peek(&k, Amounts::default()).unwrap().parts[org_requests].remaining, 8);
+            assert_eq!(leases(&h, &["acme", "search"]), (2, 1));
+            // Past lease_ttl a reservation stands as charged, and its leases have ended.
+            clock.advance(61 * NANOS);
+            assert!(!h.settle(&k, Deltas { tokens: -1, ..Deltas::default() }, r1.charged_at, &r1.leases).unwrap());
+            assert_eq!(leases(&h, &["acme", "search"]), (2, 0));
+            assert_eq!(h.stats().concurrency[1].unwrap().held, 0);
+            if let Some((_, p)) = store {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn shared_leases_are_seen_by_every_process_and_end_with_lease_ttl() {
+        let (table, p) = shm("shared-leases");
         let clock = ManualClock::new(0);
-        let h = three(&clock, None);
-        let k = path(&["acme", "search", "k1"]);
-        let tokens = |t| Amounts { requests: 1, tokens: t, ..Amounts::default() };
-        let r = h.reserve(&k, tokens(600)).unwrap();
-        assert!(r.allowed);
-        assert!(r.leases[0].is_none() && r.leases[1].is_some() && r.leases[2].is_some());
-        let busy = h.reserve(&k, tokens(1)).unwrap();
-        assert_eq!(busy.refused, Some(Refusal { level: 2, unit: None }), "the key's one lease is held");
-        assert!(busy.leases.iter().all(Option::is_none), "no lease is kept by a refused reservation");
-        assert_eq!(h.concurrency(1).unwrap().held(&Hierarchy::process_key(&k, 1)), 1);
-        // The org's tokens: 600 reserved of 1000; settled at 100, 500 come back.
-        let settled = h.settle(&k, Deltas { tokens: -500, ..Deltas::default() }, r.charged_at, &r.leases).unwrap();
-        assert!(settled);
-        let org_tokens = h.find_part(0, Unit::Tokens).unwrap();
-        assert_eq!(h.peek(&k, Amounts::default()).unwrap().parts[org_tokens].remaining, 900);
-        assert_eq!(h.concurrency(2).unwrap().held(&Hierarchy::process_key(&k, 2)), 0);
-        // Another key of the team takes the team's two leases; a third key waits for the team.
-        let (k2, k3) = (path(&["acme", "search", "k2"]), path(&["acme", "search", "k3"]));
-        let r1 = h.reserve(&k, tokens(1)).unwrap();
-        let r2 = h.reserve(&k2, tokens(1)).unwrap();
-        assert!(r1.allowed && r2.allowed);
-        let third = h.reserve(&k3, tokens(1)).unwrap();
-        assert_eq!(third.refused, Some(Refusal { level: 1, unit: None }));
-        assert!(third.concurrency[2].unwrap().allowed, "the key's lease is told, not taken");
-        assert_eq!(h.concurrency(2).unwrap().held(&Hierarchy::process_key(&k3, 2)), 0);
-        let org_requests = h.find_part(0, Unit::Requests).unwrap();
-        assert_eq!(third.parts[org_requests].remaining, 6, "told, charging nothing: 3 of 10 used, 1 asked");
-        // Cancelled: the request and its tokens come back at every level.
-        assert!(h.settle(&k2, Deltas { requests: -1, tokens: -1, spend: 0 }, r2.charged_at, &r2.leases).unwrap());
-        assert_eq!(h.peek(&k, Amounts::default()).unwrap().parts[org_requests].remaining, 8);
-        // Past lease_ttl a reservation stands as charged.
-        clock.advance(61 * NANOS);
-        assert!(!h.settle(&k, Deltas { tokens: -1, ..Deltas::default() }, r1.charged_at, &r1.leases).unwrap());
+        // Two hierarchies on one store: two processes of a host.
+        let (a, b) = (three(&clock, Some(Arc::clone(&table))), three(&clock, Some(Arc::clone(&table))));
+        let (k1, k2, k3) = (path(&["o", "t", "k1"]), path(&["o", "t", "k2"]), path(&["o", "t", "k3"]));
+        let one = Amounts { requests: 1, ..Amounts::default() };
+        let held = a.reserve(&k1, one).unwrap();
+        assert!(held.allowed);
+        let same_key = b.reserve(&k1, one).unwrap();
+        assert_eq!(same_key.refused, Some(Refusal { level: 2, unit: None }), "a's lease is seen by b");
+        assert_eq!(same_key.decision.retry_after, Some(60 * NANOS), "it ends with its lease_ttl at the latest");
+        let other = b.reserve(&k2, one).unwrap();
+        assert!(other.allowed);
+        let team_full = b.reserve(&k3, one).unwrap();
+        assert_eq!(team_full.refused, Some(Refusal { level: 1, unit: None }));
+        let requests = |h: &Hierarchy, node: &[&str]| h.inspect(&path(node)).unwrap().0[0].1.used;
+        assert_eq!(requests(&a, &["o", "t"]), 2, "refused for leases: charged nowhere");
+        assert_eq!((a.stats().concurrency[1].unwrap().held, b.stats().concurrency[1].unwrap().held), (1, 1));
+        // a's process dies holding its lease: it ends after lease_ttl, for everyone.
+        drop(a);
+        clock.advance(30 * NANOS);
+        assert!(b.settle(&k2, Deltas::default(), other.charged_at, &other.leases).unwrap());
+        assert_eq!(leases(&b, &["o", "t"]), (2, 1));
+        assert!(!b.reserve(&k1, one).unwrap().allowed);
+        clock.advance(30 * NANOS + 1);
+        assert_eq!(leases(&b, &["o", "t"]), (2, 0));
+        let again = b.reserve(&k1, one).unwrap();
+        assert!(again.allowed, "the dead holder's lease ran out");
+        // A node's own limit is kept in the store; a reset ends the node's leases.
+        b.set_quota(&path(&["o", "t"]), [None; 4], Some(3)).unwrap();
+        assert_eq!(b.concurrency_of(&path(&["o", "t"])).unwrap(), Some((3, true)));
+        assert_eq!(b.concurrency_max(1), Some(2));
+        b.reset(&path(&["o", "t"])).unwrap();
+        assert_eq!((leases(&b, &["o", "t"]), b.stats().concurrency[1].unwrap().held), ((3, 0), 0));
+        assert!(b.release(&k1, &again.leases).unwrap() == 1, "the key's lease was not the team's");
+        assert!(b.clear_quota(&path(&["o", "t"])).unwrap());
+        assert_eq!(
+            b.stats().concurrency.iter().map(|c| c.map(|c| c.held)).collect::<Vec<_>>(),
+            [None, Some(0), Some(0)]
+        );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// A node in debt keeps it when given the quota it has (a reload of an unchanged
+    /// config): converting the state would cap the debt at two bursts.
+    #[test]
+    fn an_unchanged_quota_keeps_a_debt() {
+        for store in [None, Some(shm("unchanged"))] {
+            let clock = ManualClock::new(0);
+            let h = three(&clock, store.as_ref().map(|s| Arc::clone(&s.0)));
+            let k = path(&["acme", "search", "k1"]);
+            let r = h.reserve(&k, Amounts { requests: 1, tokens: 10, ..Amounts::default() }).unwrap();
+            // 100,000 tokens over the org's 1,000/minute: 100 minutes of debt.
+            assert!(h.settle(&k, Deltas { tokens: 99_990, ..Deltas::default() }, r.charged_at, &r.leases).unwrap());
+            let tokens = h.find_part(0, Unit::Tokens).unwrap();
+            let wait = |h: &Hierarchy| h.peek(&k, Amounts::default()).unwrap().parts[tokens].retry_after;
+            let debt = wait(&h);
+            assert_eq!(debt, Some(99 * 60 * NANOS), "paid back when under the burst again");
+            let org = path(&["acme"]);
+            h.set_quota(&org, [None, rate("1000/minute"), None, None], None).unwrap();
+            assert_eq!(wait(&h), debt, "set_quota to the same quota");
+            assert!(h.quota_of(&org, tokens).unwrap().1, "the node's own now");
+            assert!(h.clear_quota(&org).unwrap() && !h.quota_of(&org, tokens).unwrap().1);
+            assert_eq!(wait(&h), debt, "clear_quota back to the same quota");
+            if store.is_none() {
+                h.set_default(0, [None, rate("1000/minute"), None, None], None).unwrap();
+                assert_eq!(wait(&h), debt, "set_default to the same quota");
+            }
+            // Another quota converts the state (and caps the debt at two bursts).
+            h.set_quota(&org, [None, rate("2000/minute"), None, None], None).unwrap();
+            assert_eq!(wait(&h), Some(60 * NANOS), "4,000 tokens of debt at the most: 1 min to fall under 2,000");
+            if let Some((_, p)) = store {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
     }
 
     #[test]
@@ -1665,10 +1824,7 @@ mod tests {
     fn classes_keep_a_reserve_at_every_level() {
         for store in [None, Some(shm("classes"))] {
             let clock = ManualClock::new(0);
-            let levels = vec![
-                level("org", rate("10/hour"), None, None),
-                level("key", rate("100/hour"), None, if store.is_some() { None } else { Some(5) }),
-            ];
+            let levels = vec![level("org", rate("10/hour"), None, None), level("key", rate("100/hour"), None, Some(5))];
             let classes =
                 vec![("interactive".to_string(), Share::ALL), ("batch".to_string(), Share::new(0.7).unwrap())];
             let table = store.as_ref().map(|s| Arc::clone(&s.0));
@@ -1684,12 +1840,10 @@ mod tests {
             assert_eq!(refused.refused, Some(Refusal { level: 0, unit: Some(Unit::Requests) }), "the default is batch");
             assert_eq!(refused.parts[0].limit, 7, "the class's view of the org");
             assert_eq!((0..10).filter(|_| h.check(&k, call(top), true).unwrap().allowed).count(), 3);
-            if store.is_none() {
-                let r = h.reserve(&path(&["p", "k"]), call(batch)).unwrap();
-                assert!(r.allowed && r.leases[1].is_some());
-            }
+            let r = h.reserve(&path(&["p", "k"]), call(batch)).unwrap();
+            assert!(r.allowed && r.leases[1].is_some());
             let stats = h.stats().classes;
-            assert_eq!((stats[0].2.allowed, stats[1].2.allowed, stats[1].2.denied), (3, 7 + store.is_none() as u64, 4));
+            assert_eq!((stats[0].2.allowed, stats[1].2.allowed, stats[1].2.denied), (3, 8, 4));
             assert!(h.class("gold").unwrap_err().to_string().contains("\"interactive\", \"batch\""));
             if let Some((_, p)) = store {
                 std::fs::remove_file(p).unwrap();
@@ -1712,8 +1866,22 @@ mod tests {
         let deep: Vec<LevelSpec> = (0..17).map(|i| level(&format!("l{i}"), rate("1/s"), None, None)).collect();
         assert!(new(deep).is_err());
         let (table, p) = shm("validation");
-        let conc = Hierarchy::new(vec![level("a", None, None, Some(1))], Some(table), "", clock, 60.0, None, 60.0);
-        assert!(conc.err().unwrap().to_string().contains("not available with a SharedMemoryStore"));
+        let conc = |n, lease_ttl| {
+            let levels = vec![level("a", None, None, Some(n))];
+            Hierarchy::new(levels, Some(Arc::clone(&table)), "", clock.clone(), 60.0, None, lease_ttl)
+        };
+        assert!(conc(1, 3600.0).is_ok());
+        assert!(conc(1, 3601.0).err().unwrap().to_string().contains("above the store's ttl"));
+        assert!(conc(65_536, 60.0).err().unwrap().to_string().contains("from 1 to 65535"));
+        // 16 levels: 32 rate quotas and 16 leases are 64 writes, the most a transaction takes.
+        let many = |leased: usize| -> Vec<LevelSpec> {
+            (0..16).map(|i| level(&format!("l{i}"), rate("1/s"), rate("1/s"), (i < leased).then_some(1))).collect()
+        };
+        assert!(Hierarchy::new(many(16), Some(Arc::clone(&table)), "", clock.clone(), 60.0, None, 60.0).is_ok());
+        let mut many = many(16);
+        many[0].rates[Unit::Spend as usize] = rate("1/s");
+        let err = Hierarchy::new(many, Some(table), "", clock, 60.0, None, 60.0).err().unwrap().to_string();
+        assert!(err.contains("twice its concurrency limits"), "{err}");
         std::fs::remove_file(p).unwrap();
         assert_eq!(Unit::parse("daily_tokens").unwrap(), Unit::DailyTokens);
         assert!(Unit::parse("dollars").is_err());

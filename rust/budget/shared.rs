@@ -8,7 +8,7 @@
 use super::{check_new, no_limit_to_change, none_given, BudgetInspection, BudgetStats, Limit, Rates, Reserved};
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::hierarchy::{Amounts, Deltas, Hierarchy, LevelSpec, Options, Outcome, Path, Unit};
+use crate::hierarchy::{Amounts, Deltas, Hierarchy, LevelSpec, Outcome, Path, Unit};
 use crate::rate::Rate;
 use crate::store::shm::ShmTable;
 use std::sync::Arc;
@@ -41,10 +41,9 @@ impl SharedBudget {
     ) -> Result<SharedBudget> {
         check_new(&rates, concurrency, lease_ttl_secs)?;
         let level = LevelSpec { name: "key".into(), rates: [rates[0], rates[1], rates[2], None], concurrency };
-        let options = Options { classes: Vec::new(), default_class: None, shared_leases: true };
         // A budget's keys never meet a Hierarchy's: its name says what it is.
         let name = format!("token-limiter|{name}");
-        let hierarchy = Hierarchy::build(vec![level], Some(table), &name, clock, 0.0, None, lease_ttl_secs, options)?;
+        let hierarchy = Hierarchy::new(vec![level], Some(table), &name, clock, 0.0, None, lease_ttl_secs)?;
         let parts = Limit::ALL.map(|l| hierarchy.find_part(0, unit(l)));
         Ok(SharedBudget { hierarchy, parts, concurrency })
     }

@@ -164,6 +164,17 @@ fn amount(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
     value.extract().map_err(|_| bad_value(format!("{name} must be a non-negative integer, got {value}")))
 }
 
+/// A settlement's delta, any int, held within the 64 bits the core takes.
+fn delta(name: &str, value: &Bound<'_, PyAny>) -> PyResult<i64> {
+    if value.is_instance_of::<pyo3::types::PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(wrong_type(name, "an int", value));
+    }
+    if let Ok(v) = value.extract::<i64>() {
+        return Ok(v);
+    }
+    Ok(if value.gt(0)? { i64::MAX } else { i64::MIN })
+}
+
 impl Hierarchy {
     fn path(&self, value: &Bound<'_, PyAny>) -> PyResult<Path> {
         path(value, self.inner.depth())
@@ -345,17 +356,23 @@ impl Hierarchy {
 
     /// Ends a reservation made at `charged_at` (ns): charges (or refunds, when negative)
     /// the deltas at every level and ends its leases. False, doing nothing, once expired.
+    /// A delta past 64 bits is a debt (or a refund) no one can wait out either way: it
+    /// is held at the largest the core takes, as the Redis class holds it.
     fn _settle(
         &self,
         path: &Bound<'_, PyAny>,
-        requests: i64,
-        tokens: i64,
-        spend: i64,
+        requests: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        spend: &Bound<'_, PyAny>,
         charged_at: u64,
         leases: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
         let path = self.path(path)?;
-        let deltas = Deltas { requests, tokens, spend };
+        let deltas = Deltas {
+            requests: delta("requests", requests)?,
+            tokens: delta("tokens", tokens)?,
+            spend: delta("spend", spend)?,
+        };
         Ok(self.inner.settle(&path, deltas, charged_at, &Self::leases(leases)?)?)
     }
 
@@ -492,15 +509,16 @@ impl Hierarchy {
                 out.set_item(unit.name(), Rate(self.inner.default_quota(p).rate()))?;
             }
         }
-        if let Some(c) = self.inner.concurrency(l) {
-            out.set_item("concurrency", c.max())?;
+        if let Some(max) = self.inner.concurrency_max(l) {
+            out.set_item("concurrency", max)?;
         }
         Ok(out)
     }
 
     /// Counters: allowed, denied, near_limit, shadow_denied (of whole calls);
     /// "refused_by" {level: calls refused there}; "levels" {level: {"requests": stats,
-    /// ..., "concurrency": {"keys", "held"}}}.
+    /// ..., "concurrency": {"keys", "held"}}} ("held": leases held now; in a
+    /// shared-memory store, by this process, and "keys" the store's).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let out = counters_dict(py, &s.counters)?;
