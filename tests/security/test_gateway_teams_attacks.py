@@ -210,3 +210,67 @@ def test_routes_that_cannot_be_matched_as_written_are_config_errors(tmp_path, ro
     with pytest.raises(ConfigError) as error:
         build_app(str(path))
     assert detail in str(error.value), str(error.value)
+
+
+# -- hostile numbers and YAML aliases: bounded, located errors ------------------------
+
+_BIG = "1" + "0" * 5000
+
+
+def _alias_bomb(depth: int = 8) -> str:
+    """A few hundred bytes of YAML whose value, expanded, is 9**depth integers: the
+    parser shares the lists, printing the value expands them."""
+    text = "&b0 [1,1,1,1,1,1,1,1,1]"
+    for i in range(1, depth):
+        text = f"&b{i} [" + ",".join([text] + [f"*b{i - 1}"] * 8) + "]"
+    return "[" + ",".join([text] + [f"*b{depth - 1}"] * 8) + "]"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        # A 5,000-digit integer: Python's int() refuses it with a ValueError that
+        # escaped the loader (no file, no line) from the TOML and YAML parsers alike.
+        ("gw.toml", f'[upstream]\nurl = "http://127.0.0.1:9"\n[tiers.pro]\nconcurrency = {_BIG}\n', "gw.toml:4:"),
+        ("gw.yaml", f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro:\n    concurrency: {_BIG}\n', "gw.yaml:5:"),
+        (
+            "gw.yaml",
+            f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro:\n    concurrency: 0x{"f" * 5000}\n',
+            "gw.yaml:5: tiers.pro.concurrency: must be at least 1",
+        ),
+        (
+            "gw.yaml",
+            f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {{requests: "1/s"}}\n  ? 0x{"f" * 5000}\n  : {{}}\n',
+            "gw.yaml:3: tiers.<an integer of about 6021 digits>: names must be strings",
+        ),
+        # The error message printed the whole value: a 1 KB file took over a minute and
+        # gigabytes to report "must be a path".
+        (
+            "gw.yaml",
+            f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {{requests: "1/s"}}\ngateway:\n  metrics_path: {_alias_bomb()}\n',
+            "gw.yaml:6: gateway.metrics_path: must be a path",
+        ),
+        (
+            "gw.yaml",
+            f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {{requests: "1/s"}}\nkeys:\n  k: {{tier: {_alias_bomb()}}}\n',
+            "gw.yaml:6: keys.k: tier",
+        ),
+        (
+            "gw.yaml",
+            f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {{requests: "1/s"}}\ngateway:\n  key: {_alias_bomb()}\n',
+            "gw.yaml:6: gateway.key: must be",
+        ),
+    ],
+)
+def test_hostile_numbers_and_aliases_are_short_located_errors(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    # In a process of its own: a loader that expands the value is stopped, not waited for.
+    code = (
+        "import sys\nfrom nexus_limits.gateway import load_config, ConfigError\n"
+        "try:\n    load_config(sys.argv[1])\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert where in done.stdout, done.stdout
+    assert len(done.stdout) < 1000, "the message shows the value cut short"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -135,10 +136,46 @@ def _where(parts: Parts) -> str:
     return out
 
 
+class _Short(reprlib.Repr):
+    """A repr that never expands a value: a few items per level, a few levels (a YAML
+    alias shares one list many times; printed whole, 1 KB of YAML is gigabytes), and
+    an integer too long to print in decimal described by its size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 6
+        self.maxstring = self.maxother = limit
+
+    def repr_int(self, x: int, level: int) -> str:
+        return _integer(x)
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x[: self.maxstring + 1])
+
+
+def _integer(value: int) -> str:
+    if value.bit_length() <= 256:
+        return repr(value)
+    return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+
+
 def show(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut short: an error message never carries a whole huge value."""
-    text = repr(value)
+    """``repr(value)``, cut short: an error message never carries (nor builds) a whole
+    huge value."""
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = _integer(value)
+    else:
+        text = _Short(limit).repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _name(name: Any) -> str:
+    """A table or field name as text (a YAML name may be any scalar: a huge integer
+    has no decimal form)."""
+    return name if isinstance(name, str) else show(name)
 
 
 class Locator:
@@ -260,6 +297,8 @@ def _parse(path: str, text: str) -> Tuple[Any, Locator]:
             raise ConfigError(f"{path}:{line} invalid YAML: {getattr(error, 'problem', None) or error}") from None
         except RecursionError:
             raise ConfigError(f"{path}:1: invalid YAML: nested too deeply") from None
+        except ValueError as error:  # a number Python cannot read (past 4,300 digits)
+            raise _number_error(path, text, "YAML", error) from None
         if doc is None:
             doc = {}
         if not isinstance(doc, dict):
@@ -272,7 +311,16 @@ def _parse(path: str, text: str) -> Tuple[Any, Locator]:
         raise _toml_error(path, text, str(error)) from None
     except RecursionError:
         raise ConfigError(f"{path}:1: invalid TOML: nested too deeply") from None
+    except ValueError as error:  # a number Python cannot read (past 4,300 digits)
+        raise _number_error(path, text, "TOML", error) from None
     return doc, Locator(path, text)
+
+
+def _number_error(path: str, text: str, language: str, error: ValueError) -> ConfigError:
+    """The parser's int() refused a number: the line of the first very long one."""
+    found = re.search(r"[0-9a-fA-F_:]{1000,}", text)
+    line = text.count("\n", 0, found.start()) + 1 if found else 1
+    return ConfigError(f"{path}:{line}: invalid {language}: a number is too long to read ({error})")
 
 
 def _toml_error(path: str, text: str, message: str) -> ConfigError:
@@ -365,8 +413,8 @@ class Loader:
         """A table's fields checked: unknown names refused (with the closest known one),
         required ones asked for, each value checked; ``finish`` applied."""
         for name in doc:
-            if spec.field(str(name)) is None or not isinstance(name, str):
-                raise self.loc.error((*parts, str(name)), _unknown(name, spec.names, "field"))
+            if not isinstance(name, str) or spec.field(name) is None:
+                raise self.loc.error((*parts, _name(name)), _unknown(_name(name), spec.names, "field"))
         out: Dict[str, Any] = {}
         for f in spec.fields:
             if f.name in doc:
@@ -408,7 +456,7 @@ class Loader:
             raise self.loc.error(parts, spec.nonempty)
         entries: Dict[str, Any] = {}
         for name, entry in raw.items():
-            where = (*parts, str(name))
+            where = (*parts, _name(name))
             if not isinstance(name, str):
                 raise self.loc.error(where, f"names must be strings, got {show(name)}")
             if _not_text(name):
@@ -448,4 +496,4 @@ def sections(doc: Mapping[Any, Any], loc: Locator, schema: Sequence[Table]) -> N
     known = [t.name for t in schema]
     for name in doc:
         if name not in known:
-            raise loc.error((str(name),), _unknown(name, known, "section"))
+            raise loc.error((_name(name),), _unknown(_name(name), known, "section"))
