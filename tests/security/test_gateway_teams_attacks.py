@@ -18,7 +18,7 @@ import pytest
 from support import fake_llm
 from support.servers import ASGIServer, free_port
 
-from nexus_limits.gateway import ConfigError, build_app
+from nexus_limits.gateway import ConfigError, build_app, load_config
 
 
 def auth(key: str) -> dict:
@@ -274,3 +274,23 @@ def test_hostile_numbers_and_aliases_are_short_located_errors(tmp_path, name, te
     assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
     assert where in done.stdout, done.stdout
     assert len(done.stdout) < 1000, "the message shows the value cut short"
+
+
+@pytest.mark.parametrize(
+    ("gateway", "header"),
+    [
+        ('class_header = "authorization"', "authorization"),
+        ('class_header = "X-Tenant-Key"\nkey = ["bearer", "header:x-tenant-key"]', "x-tenant-key"),
+        ('class_header = "content-length"', "content-length"),
+        ('class_header = "x-api-key"', "x-api-key"),
+    ],
+)
+def test_a_class_header_that_carries_something_else_is_a_config_error(tmp_path, gateway, header):
+    """Accepted, a class header naming the key's header made every request of a key a
+    400 (its value is not a class); one naming a framing header, the same."""
+    text = _ROUTED.format(url="http://127.0.0.1:9", route="/v1/batches") + f"\n[gateway]\n{gateway}\n"
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert f"gateway.class_header: {header!r} carries something else" in str(error.value), str(error.value)

@@ -531,6 +531,14 @@ def _cross_checks(cfg: GatewayConfig, doc: Mapping[str, Any], loc: Locator) -> N
             raise loc.error(("keys", api_key), f"tier {show(tier_name)} is not defined")
 
 
+# Headers that say something else about a request: never its class.
+_NOT_CLASS_HEADERS = frozenset(
+    (
+        "host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
+        "keep-alive", "te", "trailer", "upgrade", "expect", "cookie", "proxy-authorization", "authorization",
+        "x-api-key",
+    )
+)  # fmt: skip
 _CLASS_NAME = re.compile(r"[\x21-\x7e]{1,64}")
 
 
@@ -582,6 +590,17 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
             raise loc.error(where, f"class {show(cls)} is not defined in [classes] (defined: {known})")
     if cfg.class_header is not None and not cfg.classes:
         raise loc.error(("gateway", "class_header"), "needs a [classes] table")
+    if cfg.class_header is not None:
+        # A header that carries something else would make every request a 400 (its
+        # value is not a class), or tie a request's class to its key or its framing.
+        specs = cfg.key if isinstance(cfg.key, list) else [cfg.key]
+        taken = {"authorization" if spec == "bearer" else spec.partition(":")[2].lower() for spec in specs}
+        if cfg.class_header in taken | _NOT_CLASS_HEADERS:
+            raise loc.error(
+                ("gateway", "class_header"),
+                f"{cfg.class_header!r} carries something else (the API key or the request's framing): "
+                "name a header of its own, such as 'x-nexus-priority'",
+            )
     if cfg.classes:
         for name, tier in cfg.tiers.items():
             if tier.queue is not None:
