@@ -206,7 +206,8 @@ class HierarchyReservation(HierarchyDecision):
 
     def settle(self, actual_tokens: int, actual_spend: Optional[int] = None) -> bool:
         """Charge the actual tokens (and spend, if given) instead of the estimates, at
-        every level. True if applied."""
+        every level. True if applied. An amount past 64 bits is a debt no one can wait
+        out: it is charged as the largest debt a node holds."""
         tokens = self._amount("actual_tokens", actual_tokens)
         spend = self.spend_estimate if actual_spend is None else self._amount("actual_spend", actual_spend)
         if not self._take():
@@ -277,9 +278,12 @@ class Hierarchy(_core.Hierarchy):
 
     Every check is one atomic step across the levels: in this process under the locks of
     every level's nodes taken in one global order (so concurrent calls neither deadlock
-    nor overspend); with ``store=`` a :class:`~nexus_limits.SharedMemoryStore` (rate
-    quotas only) as one transaction of the store, for every process of the host. The
-    answer says which level refused and when each level frees up.
+    nor overspend); with ``store=`` a :class:`~nexus_limits.SharedMemoryStore` as one
+    transaction of the store, for every process of the host. There the leases live in
+    the store too: taken in the same transaction as the rate quotas, ended by
+    ``settle``/``cancel``, and a lease whose process died ends after ``lease_ttl``
+    (which must not pass the store's ``ttl``). The answer says which level refused and
+    when each level frees up.
 
     ``classes={"interactive": 1.0, "batch": 0.7}`` shares every quota of every level
     between priority classes, as :class:`~nexus_limits.Priority` shares one limiter: a

@@ -1,14 +1,18 @@
 """Hierarchical quotas (nl.Hierarchy) in this process and in a shared-memory store:
 every level charged or none, refusals naming the level and when each level frees up,
 reservations settled at every level, quotas per node at run time, exactness under
-threads, processes (one of them killed mid-run) and asyncio, and hostile arguments.
+threads, processes (one of them killed mid-run) and asyncio, concurrency leases shared
+by processes (a killed holder's ending with lease_ttl), and hostile arguments.
 
-This file is also the worker of its process tests: ``python test_hierarchy.py worker ...``.
+This file is also the worker of its process tests: ``python test_hierarchy.py worker ...``
+(and ``lease-worker``, ``lease-holder``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
 import math
 import os
 import random
@@ -146,8 +150,10 @@ def test_headers_name_the_refusing_policy(clock):
     assert refused["x-ratelimit-limit-tokens"] == "1000"
 
 
-def test_reservations_settle_and_cancel_at_every_level(clock):
-    h = three(clock)
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "shared-memory"])
+def test_reservations_settle_and_cancel_at_every_level(clock, tmp_path, shared):
+    store = nl.SharedMemoryStore(path=str(tmp_path / "s"), capacity=256) if shared else None
+    h = three(clock, store=store)
     k1 = ("acme", "search", "k1")
     r = h.reserve(k1, tokens=600)
     assert r and r.estimate == 600 and not r.done
@@ -155,6 +161,8 @@ def test_reservations_settle_and_cancel_at_every_level(clock):
     busy = h.reserve(k1, tokens=10)
     assert busy.policy == "key.concurrency" and busy.done
     assert h.inspect(("acme", "search"))["concurrency"] == {"limit": 2, "in_flight": 1, "own_quota": False}
+    assert h.stats()["levels"]["team"]["concurrency"]["held"] == 1
+    assert h.quotas("team") == {"requests": nl.Rate(6, 60), "concurrency": 2}
     assert r.settle(100) and not r.settle(100) and r.done
     assert h.inspect(("acme",))["tokens"]["used"] == 100, "500 tokens came back to the org"
     assert h.inspect(k1)["concurrency"]["in_flight"] == 0
@@ -165,9 +173,12 @@ def test_reservations_settle_and_cancel_at_every_level(clock):
     assert used(h, ("acme", "search", "k3")) == 0 and used(h, ("acme",)) == 3
     assert r2.cancel()
     assert used(h, ("acme",)) == 2 and h.inspect(("acme",))["tokens"]["used"] == 101
-    # Past lease_ttl (600 s by default) a reservation stands as charged.
+    # Past lease_ttl (600 s by default) a reservation stands as charged; its leases end.
+    assert h.inspect(("acme", "search"))["concurrency"]["in_flight"] == 1
     clock.advance(601)
     assert r1.done and not r1.settle(0)
+    assert h.inspect(("acme", "search"))["concurrency"]["in_flight"] == 0
+    assert h.stats()["levels"]["team"]["concurrency"]["held"] == 0
     with pytest.raises(ValueError, match="non-negative"):
         h.reserve(k1, tokens=1).settle(-1)
     with pytest.raises(TypeError, match="actual_tokens must be an int"):
@@ -191,6 +202,61 @@ def test_spend_is_a_budget_at_every_level(clock):
     assert h.reserve(("o", "k4"), spend=500_000), "the org's own $2: $1 spent"
     h.set_default_quota("key", spend="0.10/day")
     assert h.reserve(("o", "k5"), spend=200_000).policy == "key.spend"
+
+
+@pytest.mark.parametrize("amount", [2**63 - 1, 2**63, 2**64, 2**70, 10**400])
+def test_a_settlement_past_64_bits_is_the_largest_debt_as_on_redis(clock, redis_client, amount):
+    """settle() takes any non-negative int: past what a node can owe, the debt is the
+    largest (its answers stop growing), in this process as on Redis."""
+    from nexus_limits.redis import Hierarchy as RedisHierarchy
+
+    levels = [
+        ("org", {"requests": "10/minute", "tokens": "1000/minute"}),
+        ("key", {"tokens": "100/minute", "spend": "1.00/day"}),
+    ]
+    answers = []
+    for h in (nl.Hierarchy(levels, clock=clock), RedisHierarchy(redis_client, levels, clock=clock)):
+        r = h.reserve(("o", "k"), tokens=10, spend=5)
+        assert r.settle(amount, actual_spend=amount)
+        refused = h.hit(("o", "k"))
+        answers.append((refused.policy, refused.retry_after, h.inspect(("o",)), h.inspect(("o", "k"))))
+    assert answers[0] == answers[1]
+    policy, retry_after, org, key = answers[0]
+    assert policy == "org.tokens" and org["tokens"]["used"] == 1000 and key["spend"]["remaining"] == 0
+    assert retry_after == org["tokens"]["retry_after"] > 1e10, "no one can wait that debt out"
+
+
+def test_an_unchanged_quota_keeps_a_debt_as_on_redis(clock, tmp_path, redis_client):
+    """set_quota/clear_quota with the quota a node already has (a gateway reload of an
+    unchanged config) keeps its debt: converting the state would cap it at two bursts."""
+    from nexus_limits.redis import Hierarchy as RedisHierarchy
+
+    levels = [("org", {"tokens": "1000/minute"}), ("key", {"requests": "100/minute"})]
+    store = nl.SharedMemoryStore(path=str(tmp_path / "s"), capacity=256)
+    hierarchies = {
+        "in-process": nl.Hierarchy(levels, clock=clock),
+        "shared-memory": nl.Hierarchy(levels, clock=clock, store=store),
+        "redis": RedisHierarchy(redis_client, levels, clock=clock),
+    }
+    waits = {}
+    for where, h in hierarchies.items():
+        r = h.reserve(("acme", "k"), tokens=10)
+        assert r.settle(100_000), where  # 100 minutes of the org's tokens
+        wait = [h.peek(("acme", "k"), 0).levels["org"].retry_after]
+        h.set_quota(("acme",), tokens="1000/minute")
+        assert h.inspect(("acme",))["tokens"]["own_quota"], where
+        wait.append(h.peek(("acme", "k"), 0).levels["org"].retry_after)
+        assert h.clear_quota(("acme",)), where
+        wait.append(h.peek(("acme", "k"), 0).levels["org"].retry_after)
+        if where != "shared-memory":
+            h.set_default_quota("org", tokens="1000/minute")
+            wait.append(h.peek(("acme", "k"), 0).levels["org"].retry_after)
+        assert wait == [99 * 60.0] * len(wait), (where, wait)
+        waits[where] = wait
+        # Another quota does convert: the debt is kept in tokens, at most two bursts.
+        h.set_quota(("acme",), tokens="2000/minute")
+        waits[where].append(h.peek(("acme", "k"), 0).levels["org"].retry_after)
+    assert waits["in-process"] == waits["redis"] and waits["shared-memory"] == waits["redis"][:3] + waits["redis"][4:]
 
 
 def test_quotas_per_node_at_run_time(clock):
@@ -428,8 +494,15 @@ def test_bad_options(tmp_path):
     store = nl.SharedMemoryStore(path=str(tmp_path / "s"), capacity=64)
     with pytest.raises(ValueError, match="max_keys does not apply with store="):
         nl.Hierarchy([("a", "1/s")], store=store, max_keys=5)
-    with pytest.raises(ValueError, match="not available with a SharedMemoryStore"):
-        nl.Hierarchy([("a", {"concurrency": 2})], store=store)
+    # Leases in a store: a lease must not outlive the store's ttl (it would forget it).
+    assert nl.Hierarchy([("a", {"concurrency": 2})], store=store, lease_ttl=3600).quotas("a") == {"concurrency": 2}
+    with pytest.raises(ValueError, match=r"lease_ttl \(3601 s\) is above the store's ttl \(3600 s\)"):
+        nl.Hierarchy([("a", {"concurrency": 2})], store=store, lease_ttl=3601)
+    with pytest.raises(ValueError, match="from 1 to 65535, got 65536"):
+        nl.Hierarchy([("a", {"concurrency": 65536})], store=store)
+    every = {"requests": "1/s", "tokens": "1/s", "concurrency": 1}
+    with pytest.raises(ValueError, match="at most 64 rate quotas and twice its concurrency limits"):
+        nl.Hierarchy([(f"l{i}", {**every, "spend": "1/s"} if i == 0 else every) for i in range(16)], store=store)
     with pytest.raises(ValueError, match="needs 86400s to forget a key but the store's ttl is 3600s"):
         nl.Hierarchy([("a", "1/day")], store=store)
     with pytest.raises(TypeError, match="name must be a str"):
@@ -641,6 +714,128 @@ def test_processes_killed_mid_check_leave_every_level_consistent(store_name, tmp
     assert daily(nl.SharedMemoryStore(store_name)).try_acquire(("o", "a", "a-0"))
 
 
+# --- concurrency leases shared by processes ---------------------------------------------
+
+TEAM_LEASES = 2
+
+
+def leased(store, lease_ttl=None):
+    """A team of TEAM_LEASES calls in flight, one per key, under rate quotas that refill
+    less than one unit in a test (100 years: the store needs as long a ttl)."""
+    levels = [
+        ("org", {"requests": "1000000/36500d", "tokens": "10000000/36500d"}),
+        ("team", {"requests": "1000000/36500d", "concurrency": TEAM_LEASES}),
+        ("key", {"concurrency": 1}),
+    ]
+    return nl.Hierarchy(levels, store=store, name="leased", lease_ttl=lease_ttl)
+
+
+def _bump(fd, delta):
+    """Adds delta to the calls in flight recorded in the file (locked), and keeps the
+    highest count seen: two 8-byte numbers."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        raw = os.pread(fd, 16, 0).ljust(16, b"\0")
+        now, peak = int.from_bytes(raw[:8], "little") + delta, int.from_bytes(raw[8:], "little")
+        os.pwrite(fd, now.to_bytes(8, "little") + max(peak, now).to_bytes(8, "little"), 0)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _lease_worker(store_name, counter, seed, rounds):
+    """Reserves on the team's keys, holding each admitted call a moment: the counter
+    goes up after the leases were taken and down before they end, so it never counts
+    more calls than leases are held."""
+    h = leased(nl.SharedMemoryStore(store_name))
+    rng = random.Random(seed)
+    fd = os.open(counter, os.O_RDWR)
+    settled = cancelled = refused = 0
+    deadline = time.monotonic() + 60
+    for _ in range(rounds):
+        if time.monotonic() > deadline:
+            break
+        r = h.reserve(("o", "t", f"k{rng.randrange(3)}"), tokens=10)
+        if not r:
+            assert r.quota == "concurrency", r.policy
+            refused += 1
+            time.sleep(0.0002)
+            continue
+        _bump(fd, +1)
+        time.sleep(rng.uniform(0, 0.002))
+        _bump(fd, -1)
+        if rng.random() < 0.5:
+            assert r.settle(5)
+            settled += 1
+        else:
+            assert r.cancel()
+            cancelled += 1
+    print(json.dumps({"settled": settled, "cancelled": cancelled, "refused": refused}))
+
+
+def test_processes_never_hold_more_leases_than_a_team_has(store_name, tmp_path):
+    """3 processes reserve on one team (2 calls in flight) and its keys (1 each): never
+    more than 2 of their calls are in flight at once, refusals name a concurrency limit
+    and are charged nowhere, and every lease ends with its settle or cancel."""
+    nl.SharedMemoryStore(store_name, capacity=4096, ttl=36525 * 86400)
+    counter = tmp_path / "in-flight"
+    counter.write_bytes(bytes(16))
+    args = [sys.executable, __file__, "lease-worker", store_name, str(counter)]
+    procs = [subprocess.Popen([*args, str(seed), "300"], stdout=subprocess.PIPE, text=True) for seed in range(3)]
+    _SPAWNED.extend(procs)
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results.append(json.loads(out))
+    raw = counter.read_bytes()
+    now, peak = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+    assert now == 0 and peak == TEAM_LEASES, f"at most {TEAM_LEASES} calls in flight, reached: {peak}"
+    assert all(r["settled"] + r["cancelled"] > 0 for r in results), results
+    assert sum(r["refused"] for r in results) > 0, "the processes contended for the team's leases"
+    h = leased(nl.SharedMemoryStore(store_name))
+    assert h.inspect(("o", "t"))["concurrency"] == {"limit": TEAM_LEASES, "in_flight": 0, "own_quota": False}
+    assert all(h.inspect(("o", "t", f"k{k}"))["concurrency"]["in_flight"] == 0 for k in range(3))
+    # Settled calls stand (one request, 5 tokens each), cancelled and refused ones charged nowhere.
+    settled = sum(r["settled"] for r in results)
+    assert used(h, ("o", "t")) == used(h, ("o",)) == settled
+    assert h.inspect(("o",))["tokens"]["used"] == 5 * settled
+
+
+def _lease_holder(store_name, ready, lease_ttl):
+    """Takes both of the team's leases, says so, and waits to be killed."""
+    h = leased(nl.SharedMemoryStore(store_name), lease_ttl=lease_ttl)
+    held = [h.reserve(("o", "t", k), tokens=1) for k in ("a", "b")]
+    assert all(held), [r.policy for r in held]
+    with open(ready, "w") as f:
+        f.write("held")
+    time.sleep(60)
+
+
+def test_a_killed_holders_leases_end_after_lease_ttl(store_name, tmp_path):
+    nl.SharedMemoryStore(store_name, capacity=4096, ttl=36525 * 86400)
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, __file__, "lease-holder", store_name, str(ready), "1.5"])
+    _SPAWNED.append(holder)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and holder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists(), "the holder took no lease"
+    holder.send_signal(signal.SIGKILL)
+    assert holder.wait(timeout=10) == -signal.SIGKILL
+    h = leased(nl.SharedMemoryStore(store_name), lease_ttl=1.5)
+    assert h.inspect(("o", "t"))["concurrency"]["in_flight"] == TEAM_LEASES, "the dead holder's leases count"
+    refused = h.reserve(("o", "t", "c"), tokens=1)
+    assert refused.policy == "team.concurrency" and 0 < refused.retry_after <= 1.5
+    assert refused.levels["team"].retry_after == refused.retry_after, "when the team frees up"
+    time.sleep(refused.retry_after + 0.05)
+    assert h.inspect(("o", "t"))["concurrency"]["in_flight"] == 0
+    again = h.reserve(("o", "t", "c"), tokens=1)
+    assert again, "the dead holder's leases ran out"
+    assert used(h, ("o", "t")) == 3, "its two requests stand"
+    assert h.stats()["levels"]["team"]["concurrency"]["held"] == 1, "this process's lease"
+    assert again.cancel() and h.stats()["levels"]["team"]["concurrency"]["held"] == 0
+
+
 def test_node_quotas_in_a_shared_memory_store(store_name):
     """set_quota on a shared-memory store: kept in the store for every process, the
     node's usage carried over."""
@@ -683,3 +878,9 @@ def test_hierarchies_in_one_store_are_apart(store_name, clock):
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     name, calls, record, seed = sys.argv[2:6]
     _worker(name, int(calls), record, int(seed), "--forever" in sys.argv)
+elif __name__ == "__main__" and sys.argv[1:2] == ["lease-worker"]:
+    name, counter, seed, rounds = sys.argv[2:6]
+    _lease_worker(name, counter, int(seed), int(rounds))
+elif __name__ == "__main__" and sys.argv[1:2] == ["lease-holder"]:
+    name, ready, lease_ttl = sys.argv[2:5]
+    _lease_holder(name, ready, float(lease_ttl))
