@@ -294,3 +294,57 @@ def test_a_class_header_that_carries_something_else_is_a_config_error(tmp_path, 
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     assert f"gateway.class_header: {header!r} carries something else" in str(error.value), str(error.value)
+
+
+def _two_configs(url: str, port: int, redis_url: str, prefix: str, big: str, teams: int) -> str:
+    text = (
+        f'[server]\nport = {port}\n\n[upstream]\nurl = "{url}"\n\n'
+        f'[backend]\ntype = "redis"\nurl = "{redis_url}"\nprefix = "{prefix}"\n\n'
+        '[tiers.pro]\nrequests = "1000/day"\n\n'
+    )
+    text += "".join(f'[teams.t{i}]\nrequests = "5/day"\n' for i in range(teams))
+    # Written last of the teams: the slow reload writes it after the quick one did.
+    text += f'[teams.big]\nrequests = "{big}"\n'
+    text += "\n[keys]\n" + "".join(f'"k{i}" = {{ tier = "pro", team = "t{i}" }}\n' for i in range(teams))
+    text += '"sk-x" = { tier = "pro", team = "big" }\n'
+    return text
+
+
+def test_two_quick_sighups_on_redis_leave_the_newest_quotas_in_force(tmp_path, upstream, redis_server):
+    """The bypass: two reloads in quick succession wrote their quotas in parallel worker
+    threads; the slow one (a large config) finished last and left its quotas in Redis,
+    and its routes, under the newer config: a team cut to 2/day kept its 1000/day."""
+    port = free_port()
+    path = tmp_path / "gw.toml"
+    prefix = f"teams-twice-{time.time_ns()}"
+    path.write_text(_two_configs(upstream.url, port, redis_server.url, prefix, "1000/day", 1))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            def reloads(n):
+                try:
+                    text = http.get("/metrics").text
+                except httpx.TransportError:
+                    return False
+                return n == 0 or f'nexus_limits_config_reloads_total{{result="ok"}} {n}.0' in text
+
+            _wait_for(lambda: reloads(0))
+            # The slow reload: 3,000 teams and keys to write, "big" keeps 1000/day.
+            path.write_text(_two_configs(upstream.url, port, redis_server.url, prefix, "1000/day", 3000))
+            os.kill(proc.pid, signal.SIGHUP)
+            _wait_for(lambda: reloads(1))
+            # The quick one, right after: the teams are gone and "big" has 2/day.
+            path.write_text(_two_configs(upstream.url, port, redis_server.url, prefix, "2/day", 0))
+            os.kill(proc.pid, signal.SIGHUP)
+            _wait_for(lambda: reloads(2))
+            time.sleep(3)  # both reloads' writes are done by now
+            codes = Counter(http.get("/v1/models", headers=auth("sk-x")).status_code for _ in range(6))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert codes[200] == 2, f"team big has 2/day in the running config: {codes}"

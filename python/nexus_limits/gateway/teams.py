@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..base import Key
@@ -150,7 +151,10 @@ class TeamTree:
             self.hierarchy, self.admin = place.build(levels, name, **options)
         self.place = place
         self.routes: Dict[Key, Route] = {}
+        # The nodes whose quotas are written, and the lock and count that order reloads.
         self.nodes: Set[Tuple[Key, ...]] = set()
+        self._writing = threading.Lock()
+        self._generation = 0
         self.limiter = TreeLimiter(self.hierarchy, self.routes.get)
         self.apply(cfg)
 
@@ -206,19 +210,39 @@ class TeamTree:
             for level, node in (("org", cfg.orgs.get(team.org or "")), ("team", team), ("key", tier)):
                 rates.update({f"{level}.{kind}": str(value) for kind, value in self._quotas(node).items()})
             routes[api_key] = Route(path, rates)
-        gone = self.nodes - set(nodes)
         admin = self.admin
+        # Reloads in quick succession: their writes run one at a time, and only the
+        # latest config's routes are put in force (an older one finishing last would
+        # bring its routes back over the newer quotas).
+        self._generation += 1
+        mine = self._generation
 
         def work() -> None:
-            for node, quotas in nodes.items():
-                admin.set_quota(node, **quotas)
-            for node in gone:
-                admin.clear_quota(node)
+            with self._writing:
+                if mine != self._generation:
+                    return  # a newer config writes every node itself
+                for node, quotas in nodes.items():
+                    admin.set_quota(node, **quotas)
+                self.nodes |= set(nodes)
+
+        def clear() -> None:
+            # Only once no route leads to them: a node without its quota is unlimited.
+            with self._writing:
+                if mine != self._generation:
+                    return
+                for node in self.nodes - set(nodes):
+                    admin.clear_quota(node)
+                self.nodes = set(nodes)
 
         def then() -> None:
-            self.nodes = set(nodes)
+            if mine != self._generation:
+                return
             self.routes.clear()
             self.routes.update(routes)
+            if self.place is None:
+                clear()
+            else:
+                _change(clear, lambda: None)
 
         if self.place is None:
             work()
