@@ -161,12 +161,19 @@ def check_unit_cost(cost: Any) -> None:
         raise ValueError(f"Concurrency counts leases one at a time; cost must be 1, got {cost}")
 
 
+# The largest cost the in-process limiters take (a u64).
+MAX_COST = 2**64 - 1
+
+
 def check_cost(cost: Any) -> int:
-    if type(cost) is int and cost >= 0:
+    """``cost`` as the in-process limiters take it: an int from 0 to 2**64 - 1."""
+    if type(cost) is int and 0 <= cost <= MAX_COST:
         return cost
     if isinstance(cost, bool) or not isinstance(cost, int):
         raise TypeError(f"cost must be a non-negative int, got {type(cost).__name__}")
-    raise ValueError(f"cost must be a non-negative integer, got {cost}")
+    # (an int of thousands of digits cannot even be shown: say its size)
+    shown = cost if cost.bit_length() <= 256 else f"an int of {cost.bit_length()} bits"
+    raise ValueError(f"cost must be a non-negative integer, got {shown}")
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.~\-]*")
