@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..base import Key
@@ -91,9 +92,23 @@ class RedisPlace:
             self._sync = None
 
 
+# The one thread that writes quota changes to Redis: changes land in the order the
+# reloads made them (in parallel threads, an older reload's quotas could land last and
+# stay in force under a newer config).
+_WRITER: Optional[ThreadPoolExecutor] = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-limits-quotas")
+    return _WRITER
+
+
 def _change(work: Callable[[], Any], then: Callable[[], None]) -> None:
     """Runs a blocking quota change, then ``then``: at once without an event loop
-    (startup), else in a worker thread with ``then`` back on the loop."""
+    (startup), else in the quota writer thread (changes in order) with ``then`` back on
+    the loop."""
     import asyncio
 
     try:
@@ -113,7 +128,7 @@ def _change(work: Callable[[], Any], then: Callable[[], None]) -> None:
             return
         then()
 
-    loop.run_in_executor(None, work).add_done_callback(done)
+    loop.run_in_executor(_writer(), work).add_done_callback(done)
 
 
 class TeamTree:
