@@ -26,6 +26,7 @@ from ._channel import channel_for
 from ._common import (
     BACKEND_ERRORS,
     LEASE_POLL,
+    MALFORMED,
     Fallback,
     RatePlan,
     check_client,
@@ -48,6 +49,7 @@ from ._common import (
     key_of,
     leaky_quota,
     local_twin,
+    malformed,
     new_lease_id,
     now_arg,
     scan_pattern,
@@ -168,9 +170,12 @@ class _RedisChecks(AsyncRateLimiter):
             reply = await evalsha(self._channel, self._script.for_mode(mode), keys, args, packed)
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit, key, cost, mode)
-        if mode == "peek":
-            return to_decision(reply)
-        return judge(self, reply, key)
+        try:
+            if mode == "peek":
+                return to_decision(reply)
+            return judge(self, reply, key)
+        except MALFORMED as error:
+            raise malformed(f"{self._fallback.what}: {mode}", reply) from error
 
     async def _leased(self, key: Key, cost: int) -> Decision:
         """A check with quota leasing on: answered from the key's block here when it can
@@ -191,7 +196,11 @@ class _RedisChecks(AsyncRateLimiter):
         except BACKEND_ERRORS as error:
             table.failed(key, got)
             return self._fallback.decision(error, self.limit, key, cost, "hit")
-        d = table.answered(key, got, reply)
+        try:
+            d = table.answered(key, got, reply)
+        except MALFORMED as error:
+            table.failed(key, got)
+            raise malformed(f"{self._fallback.what}: hit", reply) from error
         if table.claim_reaper():
             self._start_reaper()
         return self._fallback.tally.decision(d, plan.shadow, self, key)
@@ -223,9 +232,9 @@ class _RedisChecks(AsyncRateLimiter):
             argv = [now_arg(plan.clock), *plan.quota_args, "0", "0", "0", str(give.units), str(give.until)]
             try:
                 reply = await evalsha(self._channel, LEASE[plan.algorithm], plan.keys(give.key), argv)
-            except BACKEND_ERRORS:
+                table.returned(int(reply[7]))
+            except BACKEND_ERRORS + MALFORMED:
                 continue  # the units count as spent until the block's end: never more admitted
-            table.returned(int(reply[7]))
 
     async def close(self) -> None:
         """Gives back the unspent units of every block this limiter leased (quota leasing,
@@ -285,7 +294,10 @@ class _RedisChecks(AsyncRateLimiter):
         of this limiter's keys found with SCAN (one peek each, pipelined but on a cluster)."""
         found = await scan_keys(self._client, scan_pattern(self), scan)
         replies = await peek_each(self, self._script, found, self._plan.keys, self._plan.argv(0))
-        return top_rows([(k, int(r[1]) - int(r[2]), int(r[1])) for k, r in zip(found, replies)], n)
+        try:
+            return top_rows([(k, int(r[1]) - int(r[2]), int(r[1])) for k, r in zip(found, replies)], n)
+        except MALFORMED as error:
+            raise malformed(f"{self._fallback.what}: top_keys", replies) from error
 
     async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Wait until admitted (sleeping ``retry_after`` between tries); RateLimitExceeded at
@@ -627,7 +639,10 @@ class Composite(_RedisChecks):
         except BACKEND_ERRORS as error:
             d = self._fallback.decision(error, self.limit, key, cost, "hit")
             return d, [d for _ in self._parts]
-        return judge(self, reply, key), to_decisions(reply)[1:]
+        try:
+            return judge(self, reply, key), to_decisions(reply)[1:]
+        except MALFORMED as error:
+            raise malformed("Composite on Redis: hit", reply) from error
 
     @property
     def parts(self) -> Tuple[Any, ...]:
@@ -820,7 +835,11 @@ class Concurrency(AsyncRateLimiter):
                 return d
             held = Lease(self, key, lease_id, fallback=True, local=d.lease)
             return Decision(True, d.limit, d.remaining, d.reset_after, 0.0, lease=held, fallback=True)
-        d = self._fallback.tally.decision(to_decision(reply), self._shadow, self, key)
+        try:
+            mine = to_decision(reply)
+        except MALFORMED as error:
+            raise malformed("Concurrency on Redis: hit", reply) from error
+        d = self._fallback.tally.decision(mine, self._shadow, self, key)
         if d.shadow:
             lease = Lease(self, key, "", shadow=True)
         elif d.allowed:
@@ -836,9 +855,13 @@ class Concurrency(AsyncRateLimiter):
     async def peek(self, key: Key, cost: int = 1) -> Decision:
         check_unit_cost(cost)
         try:
-            return to_decision(await self._run(key, "peek"))
+            reply = await self._run(key, "peek")
         except BACKEND_ERRORS as error:
             return self._fallback.decision(error, self.limit, key, cost, "peek")
+        try:
+            return to_decision(reply)
+        except MALFORMED as error:
+            raise malformed("Concurrency on Redis: peek", reply) from error
 
     async def get_limit(self, key: Key) -> Tuple[bool, int]:
         d = await self.peek(key)
@@ -875,14 +898,20 @@ class Concurrency(AsyncRateLimiter):
         """``key``'s limit and leases now, for support: the rate limiters' fields, with
         ``used`` the leases held and ``rate`` None."""
         reply = await evalsha(self._channel, CONCURRENCY.for_mode("peek"), self._keys(key), self._argv("peek"))
-        return concurrency_inspection(key, reply, self._shadow)
+        try:
+            return concurrency_inspection(key, reply, self._shadow)
+        except MALFORMED as error:
+            raise malformed("Concurrency on Redis: inspect", reply) from error
 
     async def top_keys(self, n: int = 10, keys: Any = None, scan: int = 10_000) -> List[Dict[str, Any]]:
         """The ``n`` keys holding the largest share of their limit now, from up to ``scan``
         of this limiter's keys found with SCAN (one peek each, pipelined but on a cluster)."""
         found = await scan_keys(self._client, f"{self.prefix}:{{*}}{self._suffix}", scan)
         replies = await peek_each(self, CONCURRENCY, found, self._keys, self._argv("peek"))
-        return top_rows([(k, int(r[6]), int(r[1])) for k, r in zip(found, replies)], n)
+        try:
+            return top_rows([(k, int(r[6]), int(r[1])) for k, r in zip(found, replies)], n)
+        except MALFORMED as error:
+            raise malformed("Concurrency on Redis: top_keys", replies) from error
 
     async def acquire(self, key: Key, cost: int = 1, timeout: Optional[float] = None) -> Lease:
         """Wait until a lease is free (polling 1 ms, doubling to 50 ms) and return it."""

@@ -15,7 +15,7 @@ from urllib.parse import quote_from_bytes
 import nexus_limits as nl
 
 from .._core import Decision, ManualClock, Quota
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, NexusLimitsError
 from ._scripts import SINGLE
 
 ON_ERROR = ("allow", "deny", "raise")
@@ -221,6 +221,25 @@ def is_outage(error: BaseException) -> bool:
         return True
     text = str(error)
     return not (text.startswith("WRONGTYPE") or "user_script" in text)
+
+
+# What reading a reply that no script of this library gives can raise.
+MALFORMED: Tuple[Type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+)
+
+
+def malformed(what: str, reply: Any) -> NexusLimitsError:
+    """The error for a reply that is not what the script returns (a proxy or a server
+    that is not Redis answering): shown, never guessed at."""
+    shown = repr(reply)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    return NexusLimitsError(f"{what}: the store's reply is not what this library's script returns: {shown}")
 
 
 def is_noscript(error: BaseException) -> bool:
