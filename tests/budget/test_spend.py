@@ -21,7 +21,7 @@ from nexus_limits.spend import (
     parse_budget,
     price_source,
 )
-from nexus_limits.tokens import Usage
+from nexus_limits.tokens import Usage, extract_usage
 
 
 @pytest.mark.parametrize(
@@ -65,6 +65,21 @@ def test_cost_arithmetic_is_exact():
     assert prices.cost("gpt-4o-mini", Usage(1001, 3)) == 152
     # Anthropic, cache reads and writes: 700 x 3 + 200 x 0.3 + 100 x 3.75 + 10 x 15
     assert prices.get("claude-sonnet-4-5").micros(1000, 10, 200, 100) == 2685
+    # The same call as Anthropic reports it: cache writes come priced from its usage.
+    reported = extract_usage(
+        {
+            "type": "message",
+            "usage": {
+                "input_tokens": 700,
+                "cache_read_input_tokens": 200,
+                "cache_creation_input_tokens": 100,
+                "output_tokens": 10,
+            },
+        }
+    )
+    assert reported == Usage(1000, 10, 200, 0, True, 100)
+    assert prices.cost("claude-sonnet-4-5", reported) == 2685
+    assert prices.cost("claude-sonnet-4-5", reported, cache_write_tokens=0) == 2610, "written priced as input"
     assert prices.cost("openai/gpt-4o", Usage(1, 0)) == 3, "2.5 rounds up to 3"
     assert len(prices) > 100 and "gpt-4o" in prices
     assert set(price_source()) == {"source", "taken", "unit"}

@@ -382,7 +382,7 @@ def test_extract_usage():
     assert u == nt.Usage(100, 20, 64, 8, True) and u.total_tokens == 120
     assert nt.extract_usage(json.dumps(RESPONSES_JSON)) == nt.Usage(50, 7, 10, 3)
     a = nt.extract_usage(json.dumps(ANTHROPIC_JSON).encode())
-    assert a == nt.Usage(135, 9, 100) and a.total_tokens == 144
+    assert a == nt.Usage(135, 9, 100, 0, True, 5) and a.total_tokens == 144 and a.cache_write_tokens == 5
     assert nt.extract_usage({"usage": {"input_tokens": 1, "output_tokens": 2}}, provider="anthropic").input_tokens == 1
     assert nt.extract_usage({"usage": {"prompt_tokens": 1}}, provider="openai-chat").input_tokens == 1
 
@@ -459,7 +459,7 @@ ANTHROPIC_STREAM = sse(
 STREAMS = [
     ("openai", OPENAI_STREAM, nt.Usage(100, 20, 64, 8)),
     ("openai-responses", RESPONSES_STREAM, nt.Usage(50, 7, 10, 3)),
-    ("anthropic", ANTHROPIC_STREAM, nt.Usage(135, 9, 100)),
+    ("anthropic", ANTHROPIC_STREAM, nt.Usage(135, 9, 100, cache_write_tokens=5)),
 ]
 
 

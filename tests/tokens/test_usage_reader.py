@@ -91,9 +91,9 @@ JSON_CASES = [
     ("openai", EMBEDDINGS_JSON, nt.Usage(9, 0)),
     ("openai", RESPONSES_JSON, nt.Usage(50, 7, 10, 3)),
     ("openai-responses", RESPONSES_JSON, nt.Usage(50, 7, 10, 3)),
-    ("anthropic", ANTHROPIC_JSON, nt.Usage(135, 9, 100)),
+    ("anthropic", ANTHROPIC_JSON, nt.Usage(135, 9, 100, cache_write_tokens=5)),
     (None, CHAT_JSON, nt.Usage(100, 20, 64, 8)),
-    (None, ANTHROPIC_JSON, nt.Usage(135, 9, 100)),
+    (None, ANTHROPIC_JSON, nt.Usage(135, 9, 100, cache_write_tokens=5)),
 ]
 
 
@@ -159,9 +159,9 @@ STREAM_CASES = [
     ("openai", sse(RESPONSES_EVENTS, named=True), nt.Usage(50, 7, 10, 3)),
     ("openai-responses", sse(RESPONSES_EVENTS, named=True, eol="\r\n"), nt.Usage(50, 7, 10, 3)),
     # message_delta counts are cumulative: the latest (9) wins, nothing is summed.
-    ("anthropic", sse(ANTHROPIC_EVENTS, named=True), nt.Usage(135, 9, 100)),
-    ("anthropic", sse(ANTHROPIC_EVENTS, named=True, eol="\r"), nt.Usage(135, 9, 100)),
-    (None, sse(ANTHROPIC_EVENTS, named=True, eol="\r\n"), nt.Usage(135, 9, 100)),
+    ("anthropic", sse(ANTHROPIC_EVENTS, named=True), nt.Usage(135, 9, 100, cache_write_tokens=5)),
+    ("anthropic", sse(ANTHROPIC_EVENTS, named=True, eol="\r"), nt.Usage(135, 9, 100, cache_write_tokens=5)),
+    (None, sse(ANTHROPIC_EVENTS, named=True, eol="\r\n"), nt.Usage(135, 9, 100, cache_write_tokens=5)),
 ]
 
 
@@ -365,7 +365,7 @@ def test_anthropic_message_delta_may_carry_input_counts():
         {"type": "message_stop"},
     ]
     # Counts the delta gives replace message_start's; those it leaves null keep theirs.
-    assert read("anthropic", [sse(events)], "text/event-stream")[0] == nt.Usage(136, 12, 100, 4)
+    assert read("anthropic", [sse(events)], "text/event-stream")[0] == nt.Usage(136, 12, 100, 4, cache_write_tokens=5)
 
 
 def test_big_events_are_scanned_not_buffered():
@@ -411,7 +411,9 @@ def test_cut_anthropic_stream_keeps_message_start_input():
     # Cut after a message_delta: its cumulative count stands.
     full = sse(ANTHROPIC_EVENTS)
     cut = full[: full.index(b"message_stop")]
-    assert read("anthropic", [cut], "text/event-stream", complete=False)[0] == nt.Usage(135, 9, 100)
+    assert read("anthropic", [cut], "text/event-stream", complete=False)[0] == nt.Usage(
+        135, 9, 100, cache_write_tokens=5
+    )
 
 
 def test_cut_responses_stream_counts_only_deltas():
@@ -539,7 +541,7 @@ def test_extract_usage_and_usage_stream_share_the_validation():
         nt.extract_usage(b"[" * 100_000)
     stream = nt.UsageStream("anthropic")
     stream.feed(sse(ANTHROPIC_EVENTS, named=True))
-    assert stream.finish() == nt.Usage(135, 9, 100) and stream.done
+    assert stream.finish() == nt.Usage(135, 9, 100, cache_write_tokens=5) and stream.done
 
 
 def test_constructor_checks_its_arguments():
@@ -740,6 +742,6 @@ def test_anthropic_sdk_decodes_the_compressed_bytes_forwarded(upstream):
         assert message.content[0].text == "Bonjour 🇫🇷"
         assert "gzip" in upstream.seen[-1]["headers"]["accept-encoding"]  # so the upstream compressed
         usage, strip, decoded = settled(results, 1)
-        assert usage == nt.Usage(135, 9, 100) and not strip and not decoded
+        assert usage == nt.Usage(135, 9, 100, cache_write_tokens=5) and not strip and not decoded
         assert message.usage.output_tokens == usage.output_tokens == 9
         client.close()

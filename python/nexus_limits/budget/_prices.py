@@ -128,12 +128,12 @@ class PriceTable:
             return self.default
         raise UnknownModel(f"no price for model {model!r}; add it (PriceTable.set) or give a default price")
 
-    def cost(self, model: Optional[str], usage: Usage, cache_write_tokens: int = 0) -> int:
-        """The micro-dollar cost of a call's :class:`~nexus_limits.tokens.Usage` (cached
-        input priced as cached)."""
-        return self.get(model).micros(
-            usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, cache_write_tokens
-        )
+    def cost(self, model: Optional[str], usage: Usage, cache_write_tokens: Optional[int] = None) -> int:
+        """The micro-dollar cost of a call's :class:`~nexus_limits.tokens.Usage`: cached
+        input priced as cached, input written to the cache (``usage.cache_write_tokens``
+        unless ``cache_write_tokens`` is given) as a cache write."""
+        written = usage.cache_write_tokens if cache_write_tokens is None else cache_write_tokens
+        return self.get(model).micros(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, written)
 
     def __contains__(self, model: object) -> bool:
         return isinstance(model, str) and model.lower() in self._prices

@@ -27,14 +27,17 @@ class UsageError(ValueError):
 
 class Usage(NamedTuple):
     """Tokens a call really used. ``input_tokens`` includes cached input
-    (``cached_input_tokens`` says how much of it was read from cache); ``exact`` is
-    False when the numbers were estimated (a stream that ended without usage)."""
+    (``cached_input_tokens`` says how much of it was read from cache) and input written
+    to the cache (``cache_write_tokens``: Anthropic's ``cache_creation_input_tokens``,
+    priced above plain input); ``exact`` is False when the numbers were estimated (a
+    stream that ended without usage)."""
 
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
     reasoning_tokens: int = 0
     exact: bool = True
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -90,6 +93,7 @@ def _usage_of(usage: Any, provider: str, require_output: bool = True) -> Usage:
     ``"openai-responses"`` or ``"anthropic"``. Raises UsageError, nothing else."""
     if not isinstance(usage, dict):
         raise UsageError(f"usage must be an object, got {type(usage).__name__}")
+    written = 0  # OpenAI reports no cache writes (its cache is written for free)
     if provider == "openai":
         input_tokens = _count(usage.get("prompt_tokens"), "usage.prompt_tokens", required=True)
         output_tokens = _output(usage, "completion_tokens", "prompt_tokens", input_tokens, require_output)
@@ -127,7 +131,7 @@ def _usage_of(usage: Any, provider: str, require_output: bool = True) -> Usage:
         raise UsageError(f"reasoning tokens ({reasoning}) exceed the output tokens ({output_tokens})")
     if input_tokens + output_tokens > MAX_REPORTED_TOKENS:
         raise UsageError("the reported tokens add up to more than 2**53")
-    return Usage(input_tokens, output_tokens, cached, reasoning)
+    return Usage(input_tokens, output_tokens, cached, reasoning, True, written)
 
 
 def detect_provider(body: Dict[str, Any]) -> str:
