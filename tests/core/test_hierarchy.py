@@ -500,6 +500,13 @@ def test_bad_options(tmp_path):
         nl.Hierarchy([("a", {"concurrency": 2})], store=store, lease_ttl=3601)
     with pytest.raises(ValueError, match="from 1 to 65535, got 65536"):
         nl.Hierarchy([("a", {"concurrency": 65536})], store=store)
+    h = nl.Hierarchy([("a", {"concurrency": 2}), ("b", "1/s")], store=store)
+    for bad, error in ((0, ValueError), (65536, ValueError), (2**64, ValueError), (1.5, TypeError), ("2", TypeError)):
+        with pytest.raises(error):
+            h.set_quota(("x",), concurrency=bad)
+    with pytest.raises(ValueError, match='level "b" has no concurrency limit'):
+        h.set_quota(("x", "y"), concurrency=1)
+    assert h.inspect(("x",))["concurrency"] == {"limit": 2, "in_flight": 0, "own_quota": False}
     every = {"requests": "1/s", "tokens": "1/s", "concurrency": 1}
     with pytest.raises(ValueError, match="at most 64 rate quotas and twice its concurrency limits"):
         nl.Hierarchy([(f"l{i}", {**every, "spend": "1/s"} if i == 0 else every) for i in range(16)], store=store)
