@@ -348,3 +348,147 @@ def test_two_quick_sighups_on_redis_leave_the_newest_quotas_in_force(tmp_path, u
         proc.terminate()
         proc.wait(20)
     assert codes[200] == 2, f"team big has 2/day in the running config: {codes}"
+
+
+# -- every level charged alike, on every route, whatever the upstream does ------------
+
+_LEVELS = """
+[upstream]
+url = "{url}"
+
+[gateway]
+admin_token_env = "NL_TEAMS_ATTACK_ADMIN"
+key = ["bearer", "header:x-api-key"]
+
+[tiers.pro]
+requests = "1000/day"
+tokens = "1000000/day"
+concurrency = 8
+
+[orgs.acme]
+requests = "1000/day"
+tokens = "1000000/day"
+concurrency = 8
+
+[teams.search]
+org = "acme"
+requests = "1000/day"
+tokens = "1000000/day"
+concurrency = 8
+
+[keys]
+"sk-team" = {{ tier = "pro", team = "search" }}
+"""
+
+_CALLS = [
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}),
+    (
+        "/v1/chat/completions",
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True},
+    ),
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "max_output_tokens": 20}),
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "max_output_tokens": 20, "stream": True}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 20}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+    (
+        "/v1/messages",
+        {"model": "claude-3-5-sonnet-latest", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    (
+        "/v1/messages",
+        {
+            "model": "claude-3-5-sonnet-latest",
+            "max_tokens": 20,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ),
+    ("/v1/models", None),
+]
+
+
+@pytest.mark.parametrize("behaviour", ["", "usage=omit", "usage=huge", "usage=negative", "status=500", "cut"])
+def test_every_level_is_charged_alike_on_every_route_whatever_the_upstream_does(tmp_path, monkeypatch, behaviour):
+    """A key of a team is charged the same at its org, its team and itself, on every
+    route (LLM or not, streamed or not), when the upstream omits the usage, reports a
+    hostile one, fails or cuts the connection; and every concurrency place is back."""
+    from support.fake_provider import FakeProvider, serve
+    from support.gateway_harness import GatewayServer
+
+    monkeypatch.setenv("NL_TEAMS_ATTACK_ADMIN", "adm")
+    provider = FakeProvider()
+    with serve(provider) as upstream:
+        path = tmp_path / "gw.toml"
+        path.write_text(_LEVELS.format(url=upstream.url))
+        with GatewayServer(str(path)) as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+
+            def levels():
+                doc = http.get("/_nexus/keys/sk-team", headers={"authorization": "Bearer adm"}).json()["limits"]
+                return {
+                    level: (state["requests"]["used"], state["tokens"]["used"], state["concurrency"]["in_flight"])
+                    for level, state in doc.items()
+                }
+
+            for route, body in _CALLS:
+                headers = {"authorization": "Bearer sk-team", "x-fake": behaviour}
+                try:
+                    if body is None:
+                        http.get(route, headers=headers)
+                    else:
+                        http.post(route, json=body, headers=headers).read()
+                except httpx.HTTPError:
+                    pass  # a cut connection reaches the client as one
+
+                def alike():
+                    seen = levels()
+                    return len(set(seen.values())) == 1 and next(iter(seen.values()))[2] == 0
+
+                try:
+                    _wait_for(alike, 5)
+                except AssertionError:
+                    raise AssertionError(f"{route} with {behaviour!r}: {levels()}") from None
+            if behaviour == "":
+                assert levels()["team"][0] == len(_CALLS), "each call counted once at every level"
+
+
+def test_a_client_leaving_mid_stream_frees_every_level(tmp_path, monkeypatch):
+    """The official SDKs read one event of a stream and close it while the upstream
+    pauses: every level settles alike and gives its concurrency place back."""
+    import anthropic
+    import openai
+    from support.fake_provider import FakeProvider, serve
+    from support.gateway_harness import GatewayServer
+
+    monkeypatch.setenv("NL_TEAMS_ATTACK_ADMIN", "adm")
+    provider = FakeProvider()
+    with serve(provider) as upstream:
+        path = tmp_path / "gw.toml"
+        path.write_text(_LEVELS.format(url=upstream.url))
+        with GatewayServer(str(path)) as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+
+            def levels():
+                doc = http.get("/_nexus/keys/sk-team", headers={"authorization": "Bearer adm"}).json()["limits"]
+                return {
+                    level: (state["requests"]["used"], state["tokens"]["used"], state["concurrency"]["in_flight"])
+                    for level, state in doc.items()
+                }
+
+            pause = {"x-fake": "pause_mid=5"}
+            oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-team", max_retries=0, default_headers=pause)
+            stream = oa.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=20, stream=True
+            )
+            next(iter(stream))
+            assert {state[2] for state in levels().values()} == {1}, "a place held at every level meanwhile"
+            stream.close()
+            _wait_for(lambda: {state[2] for state in levels().values()} == {0}, 5)
+            an = anthropic.Anthropic(base_url=gw.url, api_key="sk-team", max_retries=0, default_headers=pause)
+            with an.messages.stream(
+                model="claude-3-5-sonnet-latest", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+            ) as events:
+                next(iter(events))
+                assert {state[2] for state in levels().values()} == {1}
+            _wait_for(lambda: {state[2] for state in levels().values()} == {0}, 5)
+            seen = levels()
+            assert len(set(seen.values())) == 1 and seen["team"][0] == 2, seen
+            assert provider.received[-1].disconnected is not None, "the upstream call was cut"
