@@ -3,6 +3,7 @@
     python benches/bench_gateway.py                   # the full run (about 4 minutes)
     python benches/bench_gateway.py --quick           # one round, shorter runs
     python benches/bench_gateway.py --seconds 3 --rounds 3 --connections 1 16 64 --workers 1 2
+    python benches/bench_gateway.py --baseline /tmp/base/python  # and an earlier checkout's
 
 What runs, all on loopback, each in its own process:
 
@@ -26,6 +27,11 @@ rounds. Every run is bounded by ``--seconds`` (wrk's ``-d``, plus a hard timeout
 Printed per connection count: requests/s, p50 and p99 (wrk's, from every request),
 the p50 the gateway adds to the direct run, and how many upstream connections the
 gateway opened per 1,000 requests (counted by the upstream).
+
+``--baseline DIR`` adds a gateway whose ``nexus_limits`` package comes from DIR (put
+first on ``PYTHONPATH``), interleaved with the others: before and after a change, in
+the same run (``git worktree add /tmp/base <commit>``, build its native module, pass
+``/tmp/base/python``).
 """
 
 from __future__ import annotations

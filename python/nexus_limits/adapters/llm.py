@@ -935,12 +935,13 @@ class LLMLimitMiddleware:
                 run.started = True
                 if run.status < 400:
                     try:
+                        content_type, content_encoding = _content_headers(message)
                         run.reader = UsageReader(
                             response_provider,
                             model,
                             judged.counted.tokens,
-                            content_type=_header(message, b"content-type"),
-                            content_encoding=_header(message, b"content-encoding"),
+                            content_type=content_type,
+                            content_encoding=content_encoding,
                             strip_usage_chunk=judged.strip,
                         )
                         message = {**message, "headers": run.reader.forwarded_headers(message.get("headers") or [])}
@@ -1053,11 +1054,18 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
-def _header(message: Message, name: bytes) -> Optional[str]:
+def _content_headers(message: Message) -> Tuple[Optional[str], Optional[str]]:
+    """The first Content-Type and the first Content-Encoding of a response start."""
+    content_type: Optional[str] = None
+    content_encoding: Optional[str] = None
     for key, value in message.get("headers") or ():
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+        name = bytes(key).lower()
+        if name == b"content-type":
+            if content_type is None:
+                content_type = bytes(value).decode("latin-1")
+        elif name == b"content-encoding" and content_encoding is None:
+            content_encoding = bytes(value).decode("latin-1")
+    return content_type, content_encoding
 
 
 def _replace_headers(message: Message, ours: List[Tuple[bytes, bytes]]) -> Message:

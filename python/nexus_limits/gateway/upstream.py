@@ -186,7 +186,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def send(self, data: bytes, head_only: bool) -> asyncio.Future[Tuple[int, Headers]]:
-        self._reset()
+        # The state is fresh: a new connection, or one reset when it went back idle.
         self.head_only = head_only
         self.parser = self.pool.parser_class(self)
         self.head = self.loop.create_future()
@@ -328,7 +328,7 @@ class Upstream:
 
     async def _exchange(self, conn: _Connection, data: bytes, head_only: bool) -> Tuple[int, Headers]:
         head = conn.send(data, head_only)
-        timer = self.loop.call_later(self.timeout, _expire, head)
+        timer = conn.loop.call_later(self.timeout, _expire, head)
         try:
             return await head
         finally:
@@ -397,7 +397,7 @@ class Upstream:
     def _release(self, conn: _Connection, reusable: bool) -> None:
         if reusable and not self._closing:
             conn._reset()
-            conn.idle_since = self.loop.time()
+            conn.idle_since = conn.loop.time()
             self._idle.append(conn)
             self._wake_one()
         else:
