@@ -492,3 +492,34 @@ def test_a_client_leaving_mid_stream_frees_every_level(tmp_path, monkeypatch):
             seen = levels()
             assert len(set(seen.values())) == 1 and seen["team"][0] == 2, seen
             assert provider.received[-1].disconnected is not None, "the upstream call was cut"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="adapters/llm.py (not this file's owner) cancels a reservation, the request count "
+    "included, on any upstream status >= 400: see the report",
+)
+@pytest.mark.parametrize("key", ["sk-team", "sk-solo"])
+def test_calls_the_upstream_refuses_still_count_as_requests(tmp_path, key):
+    """The bypass: every call the upstream answered with an error was refunded in full,
+    its request count included, at every level. A key past its team's 3 requests a
+    day sent calls built to fail (a 400 from the provider) without end: each reached
+    the upstream, on the operator's account, and none was counted."""
+    from support.fake_provider import FakeProvider, serve
+    from support.gateway_harness import GatewayServer
+
+    provider = FakeProvider()
+    text = _LEVELS.replace(
+        '[teams.search]\norg = "acme"\nrequests = "1000/day"', '[teams.search]\norg = "acme"\nrequests = "3/day"'
+    )
+    text = text.replace('[tiers.pro]\nrequests = "1000/day"', '[tiers.pro]\nrequests = "3/day"')
+    text += '"sk-solo" = "pro"\n'
+    with serve(provider) as upstream:
+        path = tmp_path / "gw.toml"
+        path.write_text(text.format(url=upstream.url).replace('admin_token_env = "NL_TEAMS_ATTACK_ADMIN"\n', ""))
+        with GatewayServer(str(path)) as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+            body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+            headers = {"authorization": f"Bearer {key}", "x-fake": "status=400"}
+            codes = [http.post("/v1/chat/completions", json=body, headers=headers).status_code for _ in range(6)]
+    assert len(provider.for_key(key)) == 3, f"3 requests a day reached the upstream {len(provider.for_key(key))} times"
+    assert codes == [400, 400, 400, 429, 429, 429], codes
