@@ -48,6 +48,158 @@ def _no_script_text(text: str) -> None:
     assert "@user_script" not in text and "script:" not in text, text
 
 
+# -- 1. state this library did not write --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", RATE_KINDS)
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_a_corrupted_state_is_a_clear_error_and_admits_nothing(client, kind, garbage):
+    """nan/inf crashed checks with OverflowError/ValueError; "garbage", "-inf", "" (and,
+    for windows, a state that did not parse) were read as a fresh key: a full quota
+    admitted. Now every check stops before writing, whatever on_error says, naming the
+    key and the fix; the fix works."""
+    lim = _limiter(client, kind, on_error="allow")
+    key = lim.redis_key("k")
+    client.set(key, garbage)
+    before = _snapshot(client)
+    calls: List[Callable[[], Any]] = [
+        lambda: lim.hit("k"),
+        lambda: lim.hit("k", 3),
+        lambda: lim.peek("k"),
+        lambda: lim.try_acquire("k"),
+        lambda: lim.get_limit("k"),
+        lambda: lim.inspect("k"),
+        lambda: lim.set_quota("k", "5/minute"),
+        lambda: nlr.Composite([lim, nlr.TokenBucket(client, "100/minute")]).hit("k"),
+    ]
+    for call in calls:
+        with pytest.raises(NexusLimitsError) as info:
+            call()
+        text = str(info.value)
+        assert key in text and "reset" in text and "did not write" in text, text
+        _no_script_text(text)
+    assert _snapshot(client) == before, "nothing was written"
+    assert lim.stats()["fail_open"] == 0 and lim.stats()["errors"] == 0, "not an outage"
+    lim.reset("k")  # what the error says to do
+    assert lim.hit("k").allowed
+
+
+@pytest.mark.parametrize("kind", ["TokenBucket", "FixedWindow", "SlidingWindow"])
+def test_a_corrupted_state_met_by_a_leased_check(client, kind):
+    lim = _limiter(client, kind, on_error="allow", lease=True)
+    client.set(lim.redis_key("k"), "garbage")
+    for _ in range(3):  # a plain check first, then a block once the key is busy
+        with pytest.raises(NexusLimitsError, match="did not write"):
+            lim.hit("k")
+    assert client.get(lim.redis_key("k")) == b"garbage"
+
+
+def test_a_foreign_window_state_never_counts_as_fresh(client):
+    """A window state with a negative count would have admitted past the limit."""
+    for kind, state in (("FixedWindow", "{w}:-1000"), ("SlidingWindow", "{w}:-1000:-1000")):
+        lim = _limiter(client, kind, "5/minute", clock=nl.ManualClock(EPOCH))
+        window = int(EPOCH * 1e6 // 60e6)
+        client.set(lim.redis_key("k"), state.format(w=window))
+        with pytest.raises(NexusLimitsError, match="not a state of this limiter"):
+            lim.hit("k", 5)
+
+
+@pytest.mark.parametrize("kind", RATE_KINDS)
+def test_an_enormous_finite_state_is_a_refusal_with_numeric_answers(client, kind):
+    """A huge but finite state is a debt (or a full window): refused, with times held
+    within 2**64 ns as in-process, and no raw error from a reply or an expiry."""
+    lim = _limiter(client, kind, clock=nl.ManualClock(EPOCH))
+    window = int(EPOCH * 1e6 // 60e6)
+    state = {"FixedWindow": f"{window}:1e300", "SlidingWindow": f"{window}:1e300:1e300"}.get(kind, "1e300")
+    client.set(lim.redis_key("k"), state)
+    for d in (lim.hit("k"), lim.peek("k", 5)):
+        assert not d.allowed and d.remaining == 0, d
+        assert 0 < d.retry_after <= 2**64 / 1e9 and 0 < d.reset_after <= 2**64 / 1e9, d
+    if kind in ("TokenBucket", "LeakyBucket"):
+        assert d.retry_after > 1e9
+
+
+@pytest.mark.parametrize("kind", [*RATE_KINDS, "Composite"])
+@pytest.mark.parametrize("which", ["state", "quota"])
+def test_a_key_of_the_wrong_type_is_a_clear_error(client, kind, which):
+    """A raw Lua WRONGTYPE error leaked, even with on_error='allow'."""
+    if kind == "Composite":
+        part = nlr.FixedWindow(client, "10/minute")
+        lim = nlr.Composite([nlr.TokenBucket(client, "10/minute"), part], on_error="allow")
+    else:
+        lim = part = _limiter(client, kind, on_error="allow")
+    key = part.redis_key("k") + (":q" if which == "quota" else "")
+    client.hset(key, "a", "b")
+    for call in (lambda: lim.hit("k"), lambda: lim.peek("k", 2), lambda: lim.inspect("k")):
+        with pytest.raises(NexusLimitsError) as info:
+            call()
+        text = str(info.value)
+        assert key in text and "holds a hash" in text, text
+        assert ("set_quota writes it again" in text) == (which == "quota"), "the fix that works"
+        _no_script_text(text)
+    if kind != "Composite":
+        with pytest.raises(NexusLimitsError, match="holds a hash"):
+            lim.set_quota("k", "5/minute")
+    assert client.type(key) == b"hash" and client.hgetall(key) == {b"a": b"b"}
+
+
+def test_concurrency_on_keys_of_the_wrong_type(client):
+    cc = nlr.Concurrency(client, 2, on_error="allow")
+    lease = cc.acquire("k")
+    key = cc.redis_key("k")
+    client.delete(key)
+    client.set(key, "x")
+    for call in (lambda: cc.hit("k"), lambda: cc.peek("k"), lambda: cc.inspect("k"), lease.release):
+        with pytest.raises(NexusLimitsError) as info:
+            call()
+        text = str(info.value)
+        assert key in text and "holds a string" in text, text
+        _no_script_text(text)
+    cc.reset("k")
+    client.hset(key + ":q", "a", "b")
+    with pytest.raises(NexusLimitsError, match="set_quota writes it again"):
+        cc.hit("k")
+    assert client.get(key) is None
+
+
+def test_concurrency_with_a_hand_written_endless_lease(client):
+    """An expiry of +inf (or far past 2**64 ns) made PEXPIRE fail and the times overflow."""
+    cc = nlr.Concurrency(client, 2)
+    key = cc.redis_key("k")
+    client.zadd(key, {"forever": float("inf"), "long": 1e30})
+    d = cc.hit("k")
+    assert not d.allowed and 1e9 < d.retry_after <= 2**64 / 1e9
+    cc.set_quota("k", 3)
+    lease = cc.acquire("k")
+    assert lease.release() and 0 < client.pttl(key) <= 2**64 // 10**6 + 1
+
+
+def test_asyncio_limiters_name_foreign_state(async_redis_client):
+    async def main() -> None:
+        ac = async_redis_client()
+        try:
+            tb = nla.TokenBucket(ac, "10/minute", on_error="allow")
+            await ac.set(tb.redis_key("k"), "nan")
+            with pytest.raises(NexusLimitsError, match="did not write"):
+                await tb.hit("k")
+            cc = nla.Concurrency(ac, 2, on_error="allow")
+            await ac.set(cc.redis_key("k"), "x")
+            with pytest.raises(NexusLimitsError, match="holds a string"):
+                await cc.hit("k")
+        finally:
+            await ac.aclose()
+
+    asyncio.run(main())
+
+
+def test_top_keys_over_a_foreign_key_names_it(client):
+    tb = nlr.TokenBucket(client, "10/minute")
+    tb.hit("a")
+    client.set(tb.redis_key("b"), "garbage")
+    with pytest.raises(NexusLimitsError, match="did not write"):
+        tb.top_keys()
+
+
 # -- 2. costs past 64 bits -----------------------------------------------------------------
 
 

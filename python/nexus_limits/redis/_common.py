@@ -223,6 +223,32 @@ def is_outage(error: BaseException) -> bool:
     return not (text.startswith("WRONGTYPE") or "user_script" in text)
 
 
+# A script's error naming a key whose value this library did not write (lib.lua's foreign).
+_FOREIGN = re.compile(r"NLSTATE (\S+) (.*?)(?: script: [0-9a-f]+, on @user_script:\d+\.)?$", re.S)
+
+
+def store_error(error: BaseException, what: str, key: Optional[str] = None) -> NexusLimitsError:
+    """The error for a store that answered but could not do a step (never answered by
+    on_error, which is for outages): a key holding a value this library did not write
+    (another program under the same prefix, or an edit by hand), named by the script
+    (or ``key``, for a command on that one key), with what to do about it."""
+    text = str(error)
+    found = _FOREIGN.search(text)
+    if found is None and "WRONGTYPE" in text and key is not None:
+        found = _FOREIGN.search(f"NLSTATE {key} holds another type of value than this library writes there")
+    if found is None:
+        return NexusLimitsError(f"{what}: the store failed the step: {text}")
+    name, detail = found.group(1), found.group(2)
+    if name.endswith(":q"):
+        fix = "delete it (it holds the key's own quota: set_quota writes it again)"
+    else:
+        fix = "reset the key (limiter.reset) or delete it"
+    return NexusLimitsError(
+        f"{what}: the key {name} {detail}; nexus-limits did not write it (another program writes "
+        f"under the same prefix, or it was edited by hand): {fix}"
+    )
+
+
 # What reading a reply that no script of this library gives can raise.
 MALFORMED: Tuple[Type[BaseException], ...] = (
     ValueError,
@@ -334,7 +360,7 @@ class Fallback:
         ``cost``) is given by checks, which on_error="local" answers in-process; other
         calls (reset, release, settle) answer as "allow" does in that mode."""
         if not is_outage(error):
-            raise error
+            raise store_error(error, self.what) from error
         self.tally.add("errors")
         if self.on_error == "local" and mode:
             self.tally.add("fail_local")

@@ -76,7 +76,7 @@ SINGLE: Dict[str, Script] = {
 }
 _ALL_STEPS = _SPLIT + _piece("gcra.lua") + _piece("fixed.lua") + _piece("sliding.lua")
 COMPOSITE = Script(_HEADER + "\n" + _ALL_STEPS + "\n" + _piece("composite.lua"), reader=True)
-CONCURRENCY = Script(_piece("concurrency.lua"), reader=True)
+CONCURRENCY = Script(_BASE + "\n" + _piece("concurrency.lua"), reader=True)
 RELEASE = Script(_piece("release.lua"), "allow-oom")
 REQUOTA = Script(_HEADER + "\n" + _SPLIT + "\n" + _piece("requota.lua"))
 RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"), reader=True)
@@ -88,7 +88,8 @@ def _lease(algo: str) -> str:
         middle = _piece("lease_gcra.lua")
     else:
         middle = _piece("lease_window.lua").replace("STEP", algo).replace("SLIDING", str(algo == "sliding").lower())
-    return "\n".join((_BASE, _STEPS[algo], _piece("lease.lua"), middle, _piece("lease_end.lua")))
+    start = _piece("lease.lua").replace("STEP", algo)
+    return "\n".join((_BASE, _STEPS[algo], start, middle, _piece("lease_end.lua")))
 
 
 # Quota leasing (lease.lua), for the algorithms it is sound for.

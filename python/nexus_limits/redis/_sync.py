@@ -41,6 +41,7 @@ from ._common import (
     inspect_dict,
     is_cluster,
     is_noscript,
+    is_outage,
     judge,
     key_of,
     leaky_quota,
@@ -50,6 +51,7 @@ from ._common import (
     now_arg,
     scan_pattern,
     script_arguments,
+    store_error,
     to_decision,
     to_decisions,
     top_rows,
@@ -107,14 +109,19 @@ def peek_each(limiter: Any, script: Script, found: Sequence[Key], keys_of: Any, 
     ``keys_of``), pipelined but on a cluster (its client refuses EVALSHA in a pipeline)."""
     reader = script.for_mode("peek")
     client = limiter._client
-    if is_cluster(client):
-        return [evalsha(limiter._channel, reader, keys_of(k), argv) for k in found]
-    client.script_load(reader.source)
-    pipe = client.pipeline(transaction=False)
-    for k in found:
-        keys = keys_of(k)
-        pipe.evalsha(reader.sha, len(keys), *keys, *argv)
-    replies: List[Any] = pipe.execute()
+    try:
+        if is_cluster(client):
+            return [evalsha(limiter._channel, reader, keys_of(k), argv) for k in found]
+        client.script_load(reader.source)
+        pipe = client.pipeline(transaction=False)
+        for k in found:
+            keys = keys_of(k)
+            pipe.evalsha(reader.sha, len(keys), *keys, *argv)
+        replies: List[Any] = pipe.execute()
+    except BACKEND_ERRORS as error:
+        if is_outage(error):
+            raise
+        raise store_error(error, f"{limiter._fallback.what}: top_keys") from error
     return replies
 
 
@@ -813,7 +820,8 @@ class Concurrency(RateLimiter):
             args = [now_arg(self.clock), lease_id]
             return bool(evalsha(self._channel, RELEASE, [self.redis_key(key)], args))
         except BACKEND_ERRORS as error:
-            if self._fallback.on_error == "raise":
+            # (a key this library did not write raises, whatever on_error says)
+            if self._fallback.on_error == "raise" or not is_outage(error):
                 self._fallback.decision(error, self.limit)
             return False
 
@@ -891,7 +899,12 @@ class Concurrency(RateLimiter):
     def inspect(self, key: Key) -> Dict[str, Any]:
         """``key``'s limit and leases now, for support: the rate limiters' fields, with
         ``used`` the leases held and ``rate`` None."""
-        reply = evalsha(self._channel, CONCURRENCY.for_mode("peek"), self._keys(key), self._argv("peek"))
+        try:
+            reply = evalsha(self._channel, CONCURRENCY.for_mode("peek"), self._keys(key), self._argv("peek"))
+        except BACKEND_ERRORS as error:
+            if is_outage(error):
+                raise
+            raise store_error(error, "Concurrency on Redis: inspect") from error
         try:
             return concurrency_inspection(key, reply, self._shadow)
         except MALFORMED as error:

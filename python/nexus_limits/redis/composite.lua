@@ -8,7 +8,9 @@ local function step(i)
     local micros, capacity = quota(KEYS[N + i], ARGV[at + 2], ARGV[at + 3])
     local align = tonumber(ARGV[at + 4])
     local cost = tonumber(ARGV[at + 6])
-    local state = redis.call("GET", KEYS[i]) or nil
+    local kind = algo
+    if algo == "leaky" then kind = "gcra" end
+    local state = state_at(KEYS[i], kind, now)
     if algo == "gcra" then
         return gcra(state, now, micros, capacity, cost, false)
     elseif algo == "leaky" then

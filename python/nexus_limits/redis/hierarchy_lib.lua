@@ -20,24 +20,14 @@
 local UNITS = {"requests", "tokens", "daily_tokens", "spend"}
 local SCALE = 1000000
 
--- How far ahead of now an answer or an expiry may reach: 2^64 ns in microseconds,
--- where the in-process twin's times saturate. A debt beyond it (a settlement far above
--- every quota) is answered as that long, as in-process, and its key still gets an
--- expiry Redis accepts. The state itself keeps the debt up to DEBT_AHEAD (far past any
--- answer, short of a double's infinity), so a refund of part of it is exact.
-local MAX_AHEAD = 18446744073709551
+-- A debt beyond MAX_AHEAD (lib.lua: a settlement far above every quota) is answered as
+-- that long, as in-process, and its key still gets an expiry Redis accepts. The state
+-- itself keeps the debt up to DEBT_AHEAD (far past any answer, short of a double's
+-- infinity), so a refund of part of it is exact. (foreign: lib.lua.)
 local DEBT_AHEAD = 1e30
 
 local function finite(x)
     return x ~= nil and x == x and x > -math.huge and x < math.huge
-end
-
--- A key whose value this library did not write (another program under the same
--- prefix, or an edit by hand) stops the script before anything is written, with an
--- error naming the key that the Python side reports as such: never a guess that could
--- admit more than the quota.
-local function foreign(key, what)
-    error({err = "NLSTATE " .. key .. " " .. what})
 end
 
 local function shown(value)

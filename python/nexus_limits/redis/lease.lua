@@ -35,6 +35,6 @@ local align = tonumber(ARGV[4])
 local want, need = tonumber(ARGV[5]), tonumber(ARGV[6])
 local hold = tonumber(ARGV[7])
 local give, give_until = tonumber(ARGV[8]), tonumber(ARGV[9])
-local state = redis.call("GET", KEYS[1]) or nil
+local state = state_at(KEYS[1], "STEP", now)
 local returned = 0
 local refund = give > 0 and now < give_until and state ~= nil

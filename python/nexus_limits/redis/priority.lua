@@ -10,16 +10,7 @@
 -- header.lua), ARGV[7] cost, ARGV[8] the class's share in millionths.
 -- Returns the class's decision (six values).
 
--- How far ahead of now a state or an answer may reach: 2^64 ns in microseconds, where
--- the in-process twin's times saturate.
-local MAX_AHEAD = 18446744073709551
-
--- A key whose value this library did not write (another program under the same
--- prefix, or an edit by hand) stops the script with an error naming it, which the
--- Python side reports as such: never a guess that could admit more than the limit.
-local function foreign(key, what)
-    error({err = "NLSTATE " .. key .. " " .. what})
-end
+-- (MAX_AHEAD and foreign: lib.lua.)
 
 local function finite(x)
     return x ~= nil and x == x and x > -math.huge and x < math.huge

@@ -5,7 +5,8 @@
 --
 -- Returns 1 if the lease was live and is now ended, else 0. It only removes members,
 -- which frees memory, so it runs even on a server over its maxmemory (allow-oom): a
--- lease released while the server is full does not linger until its ttl.
+-- lease released while the server is full does not linger until its ttl. A key of
+-- another type is an error naming it (NLSTATE, as lib.lua's foreign).
 
 local now
 if ARGV[1] == "" then
@@ -14,7 +15,10 @@ if ARGV[1] == "" then
 else
     now = tonumber(ARGV[1])
 end
-local expiry = redis.call("ZSCORE", KEYS[1], ARGV[2])
+local expiry = redis.pcall("ZSCORE", KEYS[1], ARGV[2])
+if type(expiry) == "table" then
+    error({err = "NLSTATE " .. KEYS[1] .. " holds a " .. redis.call("TYPE", KEYS[1]).ok .. ", not a lease set"})
+end
 if not expiry then return 0 end
 redis.call("ZREM", KEYS[1], ARGV[2])
 redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now)

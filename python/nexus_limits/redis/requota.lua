@@ -16,11 +16,13 @@ local algo = ARGV[3]
 local micros = tonumber(ARGV[7])
 -- Windows are numbered from their alignment (0 for buckets).
 local at = now - tonumber(ARGV[6])
-local state = redis.call("GET", KEYS[1])
+local kind = algo
+if algo == "leaky" then kind = "gcra" end
+local state = state_at(KEYS[1], kind, now)
 if state then
     local new, ttl
     if algo == "gcra" or algo == "leaky" then
-        local backlog = math.max((tonumber(state) or 0) - now, 0)
+        local backlog = math.max(tonumber(state) - now, 0)
         if backlog > 0 then
             backlog = backlog * micros / old_micros
             new, ttl = string.format("%.17g", now + backlog), backlog

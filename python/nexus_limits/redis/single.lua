@@ -4,7 +4,7 @@
 -- ARGV[1] now ("" for the server's TIME), ARGV[2] micros, ARGV[3] capacity, ARGV[4]
 -- align_us (see header.lua), ARGV[5] cost.
 local now = clock(ARGV[1])
-local state = redis.call("GET", KEYS[1]) or nil
+local state = state_at(KEYS[1], "STEP", now)
 local micros, capacity = quota(KEYS[2], ARGV[2], ARGV[3])
 -- Windows are counted from their alignment (always 0 for buckets).
 local new, ttl, out = STEP(state, now - tonumber(ARGV[4]), micros, capacity, tonumber(ARGV[5]), SHAPING)
