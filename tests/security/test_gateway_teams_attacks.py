@@ -523,3 +523,71 @@ def test_calls_the_upstream_refuses_still_count_as_requests(tmp_path, key):
             codes = [http.post("/v1/chat/completions", json=body, headers=headers).status_code for _ in range(6)]
     assert len(provider.for_key(key)) == 3, f"3 requests a day reached the upstream {len(provider.for_key(key))} times"
     assert codes == [400, 400, 400, 429, 429, 429], codes
+
+
+# -- reloads under traffic -------------------------------------------------------------
+
+
+def _hup_config(url: str, port: int, backend: str, variant: int) -> str:
+    # Each variant changes something around the team (a tier's output estimate, a new
+    # team, the org's quota), never the team's own 20 a day.
+    return (
+        f'[server]\nport = {port}\n\n[upstream]\nurl = "{url}"\n\n{backend}\n'
+        f'[tiers.pro]\nrequests = "1000/day"\ndefault_output_tokens = {100 + variant}\n\n'
+        f'[orgs.acme]\nrequests = "{1000 + variant}/day"\n\n'
+        '[teams.search]\norg = "acme"\nrequests = "20/day"\n\n'
+        f'[teams.extra{variant}]\nrequests = "5/day"\n\n'
+        '[keys]\n"sk-1" = { tier = "pro", team = "search" }\n"sk-2" = { tier = "pro", team = "search" }\n'
+        f'"sk-extra" = {{ tier = "pro", team = "extra{variant}" }}\n'
+    )
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_sighups_under_traffic_neither_lose_nor_skip_a_team_quota(tmp_path, upstream, redis_server, store):
+    """Two keys of a team hammer it while the config is reloaded again and again (its
+    team's quota unchanged): the team admits exactly its 20, no more and no fewer."""
+    port = free_port()
+    backend = (
+        f'[backend]\ntype = "redis"\nurl = "{redis_server.url}"\nprefix = "hup-{time.time_ns()}"\n'
+        if store == "redis"
+        else ""
+    )
+    path = tmp_path / "gw.toml"
+    path.write_text(_hup_config(upstream.url, port, backend, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    codes: list = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            def up():
+                try:
+                    return http.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _wait_for(up)
+            stop = time.monotonic() + 4
+
+            def hammer(key):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                    while time.monotonic() < stop:
+                        codes.append(client.get("/v1/models", headers=auth(key)).status_code)
+
+            threads = [threading.Thread(target=hammer, args=(k,)) for k in ("sk-1", "sk-2", "sk-1", "sk-2")]
+            for t in threads:
+                t.start()
+            for variant in range(1, 8):
+                time.sleep(0.4)
+                path.write_text(_hup_config(upstream.url, port, backend, variant))
+                os.kill(proc.pid, signal.SIGHUP)
+            for t in threads:
+                t.join(30)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    seen = Counter(codes)
+    assert seen[200] == 20 and set(seen) <= {200, 429}, seen
