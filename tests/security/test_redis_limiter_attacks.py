@@ -228,6 +228,34 @@ def test_a_cost_past_64_bits_is_refused_as_in_process(client, kind):
     assert client.keys("*") == []
 
 
+# -- 3. expiries that must stay integers ---------------------------------------------------
+
+
+def test_a_huge_carried_debt_still_expires(client):
+    """set_quota carried a backlog over at the new rate without bound: a million units
+    at one unit per century made SET PX get "3.2e+18" (a raw 'not an integer' error);
+    in-process keeps at most two bursts of the new quota."""
+    clock = nl.ManualClock(EPOCH)
+    mem = nl.TokenBucket("1000000/second", clock=clock)
+    tb = nlr.TokenBucket(client, "1000000/second", clock=clock)
+    for lim in (mem, tb):
+        assert lim.hit("k", 1_000_000).allowed
+        lim.set_quota("k", "1/36500 days")
+    a, b = mem.peek("k"), tb.peek("k")
+    assert (a.allowed, a.remaining) == (b.allowed, b.remaining) == (False, 0)
+    assert abs(a.retry_after - b.retry_after) < 1e-3, (a, b)
+    assert 0 < client.pttl(tb.redis_key("k")) <= 2**64 // 10**6 + 1
+
+
+def test_a_state_far_in_the_future_never_breaks_an_expiry(client):
+    for kind in ("TokenBucket", "LeakyBucket"):
+        lim = _limiter(client, kind, "1000000/second")
+        client.set(lim.redis_key("k"), "1e17")
+        lim.set_quota("k", "1/36500 days")
+        assert not lim.hit("k").allowed
+        assert 0 < client.pttl(lim.redis_key("k")) <= 2**64 // 10**6 + 1
+
+
 # -- 5. a store that answers what no script returns -----------------------------------------
 
 

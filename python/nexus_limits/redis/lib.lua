@@ -74,9 +74,10 @@ local function quota(qkey, micros, capacity)
 end
 
 -- Stores a state that expires when it would be fresh again (ttl in microseconds; at
--- least 1 ms, since PX 0 is an error).
+-- least 1 ms, since PX 0 is an error; at most MAX_AHEAD: a number reaches Redis as
+-- text of 14 significant digits, so 10^14 ms or more would be "1e+14", which it refuses).
 local function put(key, state, ttl)
-    redis.call("SET", key, state, "PX", math.max(math.ceil(ttl / 1000), 1))
+    redis.call("SET", key, state, "PX", math.max(math.ceil(math.min(ttl, MAX_AHEAD) / 1000), 1))
 end
 
 -- Appends a decision's six values to reply (times rounded up to whole microseconds;

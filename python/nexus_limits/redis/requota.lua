@@ -24,7 +24,9 @@ if state then
     if algo == "gcra" or algo == "leaky" then
         local backlog = math.max(tonumber(state) - now, 0)
         if backlog > 0 then
-            backlog = backlog * micros / old_micros
+            -- the same units at the new rate, at most two bursts of the new quota (as
+            -- Gcra::convert): a debt does not outlast what in-process keeps of it
+            backlog = math.min(backlog * micros / old_micros, 2 * tonumber(ARGV[8]) * micros)
             new, ttl = string.format("%.17g", now + backlog), backlog
         end
     elseif old_micros == micros then
