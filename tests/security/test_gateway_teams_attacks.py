@@ -591,3 +591,87 @@ def test_sighups_under_traffic_neither_lose_nor_skip_a_team_quota(tmp_path, upst
         proc.wait(20)
     seen = Counter(codes)
     assert seen[200] == 20 and set(seen) <= {200, 429}, seen
+
+
+# -- a request's class: what a client can and cannot choose ----------------------------
+
+_CLASSED = """
+[upstream]
+url = "{url}"
+
+[gateway]
+{gateway}
+
+[tiers.bulk]
+requests = "{tier}"
+class = "batch"
+
+[classes]
+interactive = 1.0
+batch = 0.5
+
+[teams.search]
+requests = "{team}"
+
+[keys]
+"sk-1" = {{ tier = "bulk", team = "search" }}
+"""
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-nexus-priority", "interactive")],
+        [("X-Nexus-Priority", "interactive")],
+        [("x-priority", "interactive")],
+        [("x-nexus-class", "interactive")],
+    ],
+)
+def test_a_client_cannot_raise_its_class_without_a_trusted_header(tmp_path, upstream, headers):
+    """Without class_header, no header a client sends changes its class: a batch tier's
+    key may use half of its team's 4."""
+    path = tmp_path / "gw.toml"
+    path.write_text(_CLASSED.format(url=upstream.url, gateway="", tier="100/day", team="4/day"))
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        codes = [http.get("/v1/models", headers=[*auth("sk-1").items(), *headers]).status_code for _ in range(4)]
+    assert codes == [200, 200, 429, 429], codes
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"interactive, interactive",
+        b"Interactive",
+        b"interactive\xa0x",
+        b"\xc3\xafnteractive",
+        b"i" * 65,
+    ],
+)
+def test_odd_class_header_values_are_400s_and_charge_nothing(tmp_path, upstream, value):
+    from support.gateway_harness import GatewayServer, raw_request
+
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        _CLASSED.format(url=upstream.url, gateway='class_header = "x-nexus-priority"', tier="100/day", team="4/day")
+    )
+    head = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-1\r\nx-nexus-priority: " + value
+    with GatewayServer(str(path)) as gw:
+        status, _, body = raw_request(gw.port, head)
+        assert status == 400 and b"x-nexus-priority" in body, (status, body)
+        # Nothing was charged: batch still has its 2, and interactive the rest.
+        codes = [raw_request(gw.port, head.rsplit(b"\r\n", 1)[0])[0] for _ in range(3)]
+        trusted = head.rsplit(b"\r\n", 1)[0] + b"\r\nx-nexus-priority: interactive"
+        codes += [raw_request(gw.port, trusted)[0] for _ in range(3)]
+    assert codes == [200, 200, 429, 200, 200, 429], codes
+
+
+@pytest.mark.parametrize(("tier", "team", "served"), [("2/day", "10/day", 2), ("10/day", "3/day", 3)])
+def test_a_team_key_gets_the_tighter_of_its_tier_and_its_team(tmp_path, upstream, tier, team, served):
+    path = tmp_path / "gw.toml"
+    text = _CLASSED.format(url=upstream.url, gateway="", tier=tier, team=team)
+    path.write_text(text.replace('class = "batch"\n', "").replace("[classes]\ninteractive = 1.0\nbatch = 0.5\n", ""))
+    app = build_app(str(path))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        codes = [http.get("/v1/models", headers=auth("sk-1")).status_code for _ in range(served + 2)]
+    assert codes == [200] * served + [429, 429], codes
