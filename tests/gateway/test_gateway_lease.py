@@ -83,10 +83,10 @@ def test_a_lease_policy_table_and_its_mistakes(tmp_path, redis_server):
     assert build_app(str(path)).tiers["hot"].limiter.bucket.lease_policy.max_share == 0.2
     for lease, where in [
         ("lease = 1", "backend.lease: must be true, false or a table"),
-        ("[backend.lease]\nwindow = -1\n", "backend.lease: LeasePolicy window must be above 0"),
-        ("[backend.lease]\nwindow = nan\n", "backend.lease: LeasePolicy window must be above 0"),
-        ("[backend.lease]\nwindw = 1\n", "backend.lease: unknown field 'windw'"),
-        ('[backend.lease]\nmax_keys = "10"\n', "backend.lease: "),
+        ("[backend.lease]\nwindow = -1\n", "backend.lease.window: LeasePolicy window must be above 0"),
+        ("[backend.lease]\nwindow = nan\n", "backend.lease.window: LeasePolicy window must be above 0"),
+        ("[backend.lease]\nwindw = 1\n", "backend.lease.windw: unknown field"),
+        ('[backend.lease]\nmax_keys = "10"\n', "backend.lease.max_keys: "),
     ]:
         path = write(tmp_path, "http://127.0.0.1:1", redis_server.port, lease, "gwlease2")
         with pytest.raises(ConfigError, match=r"gw\.toml:\d+: " + where.replace(".", r"\.")):

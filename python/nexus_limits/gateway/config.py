@@ -291,12 +291,16 @@ def _lease(value: Any) -> Optional[Dict[str, Any]]:
         return {} if value else None
     if not isinstance(value, dict):
         raise FieldError(f"must be true, false or a table of {', '.join(LEASE_FIELDS)}, got {show(value)}")
-    for name in value:
-        if name not in LEASE_FIELDS:
-            raise FieldError(f"unknown field {show(name)} (expected one of: {', '.join(LEASE_FIELDS)})")
     from ..redis import LeasePolicy
 
-    LeasePolicy(**value)  # its ValueError/TypeError names the field and the bound
+    for name, field_value in value.items():
+        if name not in LEASE_FIELDS:
+            raise FieldError(str(name), f"unknown field (expected one of: {', '.join(LEASE_FIELDS)})")
+        try:
+            LeasePolicy(**{name: field_value})  # names the bound the field breaks
+        except (ValueError, TypeError, OverflowError) as error:
+            raise FieldError(name, str(error)) from None
+    LeasePolicy(**value)  # the fields together
     return dict(value)
 
 

@@ -405,6 +405,12 @@ class Loader:
         if spec.parse is not None:
             try:
                 return spec.parse(value)
+            except FieldError as error:
+                # FieldError(field, message): a field inside the value (a table given to
+                # an "any" field) is named.
+                if len(error.args) == 2:
+                    raise self.loc.error((*parts, str(error.args[0])), str(error.args[1])) from None
+                raise self.loc.error(parts, str(error)) from None
             except (ValueError, TypeError, OverflowError) as error:
                 raise self.loc.error(parts, str(error)) from None
         return float(value) if kind == "number" else value
