@@ -707,3 +707,46 @@ def test_a_hostile_lease_policy_is_named_by_its_field(tmp_path, lease, where):
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     assert f"gw.toml{where}" in str(error.value), str(error.value)
+
+
+def test_a_refusal_by_either_hierarchy_leaves_the_other_uncharged(tmp_path, monkeypatch):
+    """The limits and the dollar budgets are two hierarchies charged one after the
+    other: a refusal by the second gives the first's reservation back, and a refusal by
+    the first never reaches the second."""
+    from support.fake_provider import FakeProvider, serve
+    from support.gateway_harness import GatewayServer
+
+    monkeypatch.setenv("NL_TEAMS_ATTACK_ADMIN", "adm")
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}
+    with serve(FakeProvider()) as upstream:
+        path = tmp_path / "gw.toml"
+        text = _LEVELS.format(url=upstream.url)
+        # The org's dollars cannot pay for a 2,000-token answer; the team has 1 request.
+        text = text.replace(
+            '[orgs.acme]\nrequests = "1000/day"', '[orgs.acme]\nspend = "0.01/day"\nrequests = "1000/day"'
+        )
+        text = text.replace(
+            '[teams.search]\norg = "acme"\nrequests = "1000/day"', '[teams.search]\norg = "acme"\nrequests = "1/day"'
+        )
+        path.write_text(text)
+        with GatewayServer(str(path)) as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+
+            def requests_used():
+                doc = http.get("/_nexus/keys/sk-team", headers={"authorization": "Bearer adm"}).json()["limits"]
+                return [doc[level]["requests"]["used"] for level in ("org", "team", "key")]
+
+            def dollars_used():
+                return gw.app.spend_tree.hierarchy.inspect(("acme",))["spend"]["used"]
+
+            r = http.post("/v1/chat/completions", json=body, headers=auth("sk-team"))
+            assert r.status_code == 429 and "spend budget" in r.json()["error"]["message"], r.text
+            assert requests_used() == [0, 0, 0], "the limits' reservation was given back"
+            small = {**body, "max_tokens": 5}
+            assert http.post("/v1/chat/completions", json=small, headers=auth("sk-team")).status_code == 200
+            _wait_for(lambda: requests_used() == [1, 1, 1], 5)
+            spent = dollars_used()
+            assert spent > 0
+            r = http.post("/v1/chat/completions", json=small, headers=auth("sk-team"))
+            assert r.status_code == 429 and r.headers["x-nexus-limit-policy"] == "team.requests", r.text
+            # (The budget refills a micro-dollar every few seconds meanwhile.)
+            assert spent - 1 <= dollars_used() <= spent, "the limits refused: no dollar was reserved"
