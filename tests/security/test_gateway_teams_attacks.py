@@ -750,3 +750,40 @@ def test_a_refusal_by_either_hierarchy_leaves_the_other_uncharged(tmp_path, monk
             assert r.status_code == 429 and r.headers["x-nexus-limit-policy"] == "team.requests", r.text
             # (The budget refills a micro-dollar every few seconds meanwhile.)
             assert spent - 1 <= dollars_used() <= spent, "the limits refused: no dollar was reserved"
+
+
+# -- YAML: a key given twice through a merge ---------------------------------------------
+
+_MERGED = 'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {requests: "1/s"}\n  free: {requests: "1/minute"}\nteams:\n  a: {requests: "100/s"}\n  b: {requests: "1/minute"}\n'
+
+
+@pytest.mark.parametrize(
+    ("keys", "where"),
+    [
+        # The key in team a through the merge, in team b written below: YAML kept b
+        # silently, and a reader of the file saw the key in a.
+        (
+            "keys:\n  <<: {sk-1: {tier: pro, team: a}}\n  sk-1: {tier: free, team: b}\n",
+            "gw.yaml:11: keys.sk-1: given twice",
+        ),
+        (
+            "keys:\n  <<: [{sk-1: {tier: pro, team: a}}, {sk-1: {tier: free, team: b}}]\n",
+            "gw.yaml:10: keys.sk-1: given twice",
+        ),
+        ("keys:\n  sk-1: {tier: pro, team: a}\n  sk-1: {tier: free, team: b}\n", "gw.yaml:11: keys.sk-1: given twice"),
+        ("keys:\n  sk-1: {tier: pro, team: a, team: b}\n", "gw.yaml:10: keys.sk-1.team: given twice"),
+    ],
+)
+def test_a_yaml_key_given_twice_through_a_merge_is_an_error(tmp_path, keys, where):
+    path = tmp_path / "gw.yaml"
+    path.write_text(_MERGED + keys)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value).endswith(f"{where} (keep one)"), str(error.value)
+
+
+def test_a_yaml_merge_without_repeats_is_read(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(_MERGED + "keys:\n  <<: {sk-1: {tier: pro, team: a}}\n  sk-2: {tier: free, team: b}\n")
+    cfg = load_config(str(path))
+    assert cfg.key_teams == {"sk-1": "a", "sk-2": "b"}

@@ -14,7 +14,7 @@ import math
 import re
 import reprlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -231,6 +231,25 @@ def _unquote(name: str) -> str:
     return ".".join(p.strip().strip("\"'") for p in re.split(r"\.(?=(?:[^\"']*[\"'][^\"']*[\"'])*[^\"']*$)", name))
 
 
+_YAML_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _merged_keys(node: Any, seen: Set[int]) -> List[Any]:
+    """The key nodes a YAML merge (``<<``) brings into a mapping: those of the merged
+    mapping (or mappings), and of their own merges; each mapping once."""
+    import yaml
+
+    sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    out: List[Any] = []
+    for source in sources:
+        if not isinstance(source, yaml.MappingNode) or id(source) in seen:
+            continue
+        seen.add(id(source))
+        for k, v in source.value:
+            out.extend(_merged_keys(v, seen) if k.tag == _YAML_MERGE else [k])
+    return out
+
+
 class _YamlLocator(Locator):
     """Finds the line of a field in a YAML document, from the parser's marks; refuses a
     key given twice in one mapping (YAML would keep the last silently)."""
@@ -250,6 +269,16 @@ class _YamlLocator(Locator):
                 names = set()
                 for k, v in node.value:
                     name = (*prefix, str(k.value))
+                    if k.tag == _YAML_MERGE:
+                        # "<<: *defaults": its names are this mapping's too; one given
+                        # again here would silently replace the merged one.
+                        for merged_key in _merged_keys(v, set()):
+                            twice = (*prefix, str(merged_key.value))
+                            if merged_key.value in names:
+                                line = merged_key.start_mark.line + 1
+                                raise ConfigError(f"{path}:{line}: {_where(twice)}: given twice (keep one)")
+                            names.add(merged_key.value)
+                        continue
                     if k.value in names:
                         raise ConfigError(f"{path}:{k.start_mark.line + 1}: {_where(name)}: given twice (keep one)")
                     names.add(k.value)
@@ -297,6 +326,8 @@ def _parse(path: str, text: str) -> Tuple[Any, Locator]:
             raise ConfigError(f"{path}:{line} invalid YAML: {getattr(error, 'problem', None) or error}") from None
         except RecursionError:
             raise ConfigError(f"{path}:1: invalid YAML: nested too deeply") from None
+        except ConfigError:
+            raise
         except ValueError as error:  # a number Python cannot read (past 4,300 digits)
             raise _number_error(path, text, "YAML", error) from None
         if doc is None:
