@@ -205,7 +205,8 @@ class TokenLimiter(_core.TokenLimiter):
     point leaves each of them done in full or not at all; a lease held by a process that
     died ends after ``lease_ttl``. The store's ttl must cover the longest limit
     (``daily_tokens`` needs ``ttl=86400``) and ``lease_ttl``. ``set_default_quota`` and
-    ``top_keys`` work in this process only.
+    ``top_keys`` raise ``ValueError`` with a store (the rates are part of the limiter's
+    identity there): build the limiter with the new rates in every process.
     """
 
     __slots__ = ()

@@ -1,5 +1,6 @@
-"""Writes ``_sync.py`` and ``_sync_budget.py`` from ``_async.py`` and
-``_async_budget.py``, the one source of the Redis limiters' I/O.
+"""Writes the synchronous twins (``_sync.py``, ``_sync_budget.py``,
+``_sync_hierarchy.py``) from their asyncio sources (``_async.py``, ``_async_budget.py``,
+``_async_hierarchy.py``: see FILES), the one source of the Redis classes' I/O.
 
     python python/nexus_limits/redis/_generate.py           # rewrite the _sync files
     python python/nexus_limits/redis/_generate.py --check   # exit 1 if one is stale
