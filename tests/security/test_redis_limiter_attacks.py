@@ -8,6 +8,7 @@ answers at rates whose unit interval is not a whole number of microseconds."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 from typing import Any, Callable, Dict, List
@@ -254,6 +255,102 @@ def test_a_state_far_in_the_future_never_breaks_an_expiry(client):
         lim.set_quota("k", "1/36500 days")
         assert not lim.hit("k").allowed
         assert 0 < client.pttl(lim.redis_key("k")) <= 2**64 // 10**6 + 1
+
+
+# -- 4. token bucket answers at rates of no whole microsecond --------------------------------
+
+
+def _same(a: nl.Decision, b: nl.Decision) -> bool:
+    """The same decision; times to the microsecond (the scripts count in whole us, the
+    core in ns)."""
+    near = lambda x, y: x == y or abs(x - y) <= 1.5e-6  # noqa: E731
+    return (a.allowed, a.limit, a.remaining) == (b.allowed, b.limit, b.remaining) and all(
+        near(x, y) for x, y in ((a.reset_after, b.reset_after), (a.retry_after, b.retry_after), (a.delay, b.delay))
+    )
+
+
+ODD_RATES = [
+    "7/second",
+    "3/second",
+    "11/3s",
+    "13/minute",
+    "7/minute",
+    "1000/hour",
+    "997/hour",
+    "7/day",
+    "3/7s",
+    "19/minute",
+    "1/second",
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_token_bucket_gets_the_in_process_answers_at_odd_rates(client, seed):
+    """Random odd rates and bursts, random costs, random whole-microsecond sleeps at an
+    epoch-scale clock (the server's TIME is as large): every answer is the in-process
+    one. Before, the state lost the fraction of a unit at 1.7e15 us (a quarter of a
+    microsecond is all a double keeps there): remaining was often one lower, and a
+    call in-process admits was refused."""
+    rng = random.Random(seed)
+    for round_ in range(6):
+        rate = rng.choice(ODD_RATES)
+        burst = rng.choice([1, 2, 3, 7, 10, 64, 1000])
+        kind = rng.choice(["TokenBucket", "LeakyBucket"])
+        clock = nl.ManualClock(EPOCH)  # (whole us: EPOCH + a fraction would not be)
+        clock.advance(rng.randrange(10**6) / 1e6)
+        kw = {"burst": burst} if kind == "TokenBucket" else {"capacity": burst}
+        mem = getattr(nl, kind)(rate, clock=clock, **kw)
+        red = getattr(nlr, kind)(client, rate, clock=clock, prefix=f"odd{seed}x{round_}", **kw)
+        interval = mem.rate.period / mem.rate.count
+        key = red.redis_key("k")
+
+        def kept(d: nl.Decision, key: str = key) -> nl.Decision:
+            # Redis expires keys on its own (real) clock, not the manual one the test
+            # steps: the state is kept for as long as the test's time says.
+            client.persist(key)
+            return d
+
+        for step in range(60):
+            what = (rate, burst, kind, step)
+            r = rng.random()
+            if r < 0.45:
+                # (no hit of 0: it writes the state back with what is left of its expiry,
+                # which runs out on Redis's own clock between the script and persist)
+                cost = rng.choice([1, 1, 1, 2, burst, burst + 1, rng.randint(1, burst)])
+                a, b = mem.hit("k", cost), kept(red.hit("k", cost))
+                assert _same(a, b), (what, cost, a, b)
+            elif r < 0.65:
+                cost = rng.randint(0, burst)
+                a, b = mem.peek("k", cost), red.peek("k", cost)
+                assert _same(a, b), (what, cost, a, b)
+            else:
+                # sleeps around a unit's interval (and its multiples), in whole us
+                units = rng.choice([0.0, 0.5, 1.0, 1.0, 2.0, rng.random() * 3])
+                us = max(int(units * interval * 1e6) + rng.randint(-2, 2), 0)
+                clock.advance(us / 1e6)
+
+
+@pytest.mark.parametrize("rate", ["7/second", "3/second", "13/minute", "7/day"])
+def test_a_drained_bucket_refills_on_time_at_odd_rates(client, rate):
+    """Drain the bucket, then wait exactly what the in-process limiter says to retry
+    after, in whole microseconds: both admit then, and neither a microsecond earlier."""
+    clock = nl.ManualClock(EPOCH)
+    mem = nl.TokenBucket(rate, clock=clock)
+    red = nlr.TokenBucket(client, rate, clock=clock)
+    burst = mem.limit
+    for lim in (mem, red):
+        assert lim.hit("k", burst).allowed
+    for _ in range(20):
+        client.persist(red.redis_key("k"))  # expiry runs on Redis's clock, not the test's
+        a, b = mem.peek("k"), red.peek("k")
+        assert _same(a, b), (a, b)
+        wait_us = -(-round(a.retry_after * 1e9) // 1000)  # ceil to a whole us
+        clock.advance((wait_us - 1) / 1e6)
+        a, b = mem.hit("k"), red.hit("k")
+        assert _same(a, b) and not a.allowed, (a, b)
+        clock.advance(1 / 1e6)
+        a, b = mem.hit("k"), red.hit("k")
+        assert _same(a, b) and a.allowed, (a, b)
 
 
 # -- 5. a store that answers what no script returns -----------------------------------------

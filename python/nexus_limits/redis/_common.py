@@ -204,8 +204,19 @@ def encode_key(key: Any) -> str:
 
 
 def now_arg(clock: Optional[ManualClock]) -> str:
-    """The script's `now`: empty for the server's TIME, else the manual clock in us."""
-    return "" if clock is None else repr(clock.now * 1e6)
+    """The script's `now`: empty for the server's TIME, else the manual clock in us.
+
+    At today's epoch a reading in seconds (a double) is only good to a quarter of a
+    microsecond: ``now * 1e6`` was off by that for one reading in four, and a script
+    deciding on a unit's boundary then disagreed with in-process. Such a reading is
+    sent as whole microseconds, as the server's TIME gives them; a clock near its own
+    zero keeps its fractions."""
+    if clock is None:
+        return ""
+    now = clock.now
+    if math.ulp(now) > 1e-7:
+        return str(round(now * 1e6))
+    return repr(now * 1e6)
 
 
 def is_full(error: BaseException) -> bool:

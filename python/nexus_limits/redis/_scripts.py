@@ -48,6 +48,8 @@ class Script:
 
 # The clock, quotas and the helpers every limiter script shares (put, push).
 _BASE = _piece("base.lua") + "\n" + _piece("lib.lua")
+# (gcra_adjust.lua, a settlement's step, is apart from gcra.lua: every function a script
+# defines is made on each run, and the single check's script has no use for it.)
 # The arguments of the scripts that decide several parts (see header.lua).
 _HEADER = _BASE + "\n" + _piece("header.lua") + "\n" + _piece("combine.lua")
 _SPLIT = _piece("split.lua")
@@ -80,7 +82,7 @@ CONCURRENCY = Script(_BASE + "\n" + _piece("concurrency.lua"), reader=True)
 RELEASE = Script(_piece("release.lua"), "allow-oom")
 REQUOTA = Script(_HEADER + "\n" + _SPLIT + "\n" + _piece("requota.lua"))
 RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"), reader=True)
-SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("settle.lua"))
+SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + _piece("gcra_adjust.lua") + "\n" + _piece("settle.lua"))
 
 
 def _lease(algo: str) -> str:
@@ -97,7 +99,7 @@ LEASE: Dict[str, Script] = {algo: Script(_lease(algo)) for algo in ("gcra", "fix
 
 # Hierarchy (hierarchy*.lua): a path decided and charged as one script, its settlement,
 # one node's own quotas, and the read-only inspection of one node.
-_HIERARCHY = "\n".join((_BASE, _piece("gcra.lua"), _piece("hierarchy_lib.lua")))
+_HIERARCHY = "\n".join((_BASE, _piece("gcra.lua"), _piece("gcra_adjust.lua"), _piece("hierarchy_lib.lua")))
 HIERARCHY = Script(_HIERARCHY + "\n" + _piece("hierarchy.lua"), reader=True)
 HIERARCHY_SETTLE = Script(_HIERARCHY + "\n" + _piece("hierarchy_settle.lua"))
 HIERARCHY_REQUOTA = Script(_HIERARCHY + "\n" + _piece("hierarchy_requota.lua"))

@@ -31,6 +31,7 @@
 -- States (strings, written with "%.17g" so no digit is lost; windows are numbered
 -- from the alignment):
 --   gcra/leaky  "tat"               the theoretical arrival time: when the bucket is full again
+--                                   (whole us, then their fraction to 1e-12 us: see gcra.lua)
 --   fixed       "window:count"
 --   sliding     "window:prev:cur"
 -- Each key expires when its state would be fresh again, so idle keys vanish by themselves.
