@@ -787,3 +787,38 @@ def test_a_yaml_merge_without_repeats_is_read(tmp_path):
     path.write_text(_MERGED + "keys:\n  <<: {sk-1: {tier: pro, team: a}}\n  sk-2: {tier: free, team: b}\n")
     cfg = load_config(str(path))
     assert cfg.key_teams == {"sk-1": "a", "sk-2": "b"}
+
+
+# -- the admin endpoint for a key of a team ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "token", "status", "shows"),
+    [
+        (b"/_nexus/keys/sk-team", "adm", 200, b'"team": "search"'),
+        (b"/_nexus/keys/sk%2Dteam", "adm", 200, b'"team": "search"'),
+        (b"//_nexus/./keys/sk-team", "adm", 200, b'"org": "acme"'),
+        (b"/_nexus/keys/sk-team", "ad", 403, b"admin token"),
+        (b"/_nexus/keys/sk-team", "", 403, b"admin token"),
+        (b"/_nexus/keys/%ED%A0%80", "adm", 400, b"not UTF-8"),
+        (b"/_nexus/keys/%00", "adm", 400, b"control character"),
+        (b"/_nexus/keys/" + b"k" * 5000, "adm", 400, b"1 to 4096"),
+        (b"/_nexus/keys/%E2%80%8B", "adm", 400, b"printable"),
+        (b"/_nexus/keys?key=sk-team&key=sk-2", "adm", 400, b"give the key once"),
+        (b"/_nexus/keys?key=%FF", "adm", 400, b"give the key once"),
+    ],
+)
+def test_the_admin_view_of_a_team_key_under_hostile_requests(tmp_path, monkeypatch, target, token, status, shows):
+    from support.fake_provider import FakeProvider, serve
+    from support.gateway_harness import GatewayServer, raw_request
+
+    monkeypatch.setenv("NL_TEAMS_ATTACK_ADMIN", "adm")
+    provider = FakeProvider()
+    with serve(provider) as upstream:
+        path = tmp_path / "gw.toml"
+        path.write_text(_LEVELS.format(url=upstream.url))
+        with GatewayServer(str(path)) as gw:
+            auth_header = b"authorization: Bearer " + token.encode()
+            got, _, body = raw_request(gw.port, b"GET " + target + b" HTTP/1.1\r\nhost: x\r\n" + auth_header)
+    assert (got, shows in body) == (status, True), body[:300]
+    assert provider.received == [], "nothing under /_nexus reaches the upstream"
