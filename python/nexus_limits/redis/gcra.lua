@@ -30,17 +30,20 @@ local function gcra(state, now, t, burst, cost, shaping)
                 if whole and math.abs(whole - x) < 2 then w, f = whole, tonumber(string.sub(state, dot)) end
             end
         end
-        backlog = math.max((w - now_w) + ((f or x - w) - now_f), 0)
+        backlog = (w - now_w) + ((f or x - w) - now_f)
+        if backlog < 0 then backlog = 0 end
     end
     local tau = burst * t
     local tol = GCRA_TOL + burst * 1e-15
-    local free = math.floor((tau - math.min(backlog, tau)) / t + tol)
+    local free = 0
+    if backlog < tau then free = math.floor((tau - backlog) / t + tol) end
     if cost > burst then
         return nil, 0, {0, burst, free, backlog, -1, 0}
     end
     local after = backlog + cost * t
     if after <= tau + tol * t then
-        local remaining = math.max(math.floor((tau - after) / t + tol), 0)
+        local remaining = math.floor((tau - after) / t + tol)
+        if remaining < 0 then remaining = 0 end
         local delay = 0
         if shaping then delay = backlog end
         -- the new state, now + after: its fraction rounded up to 1e-12 us (never earlier

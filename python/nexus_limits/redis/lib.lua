@@ -77,18 +77,27 @@ end
 -- least 1 ms, since PX 0 is an error; at most MAX_AHEAD: a number reaches Redis as
 -- text of 14 significant digits, so 10^14 ms or more would be "1e+14", which it refuses).
 local function put(key, state, ttl)
-    redis.call("SET", key, state, "PX", math.max(math.ceil(math.min(ttl, MAX_AHEAD) / 1000), 1))
+    if ttl > MAX_AHEAD then ttl = MAX_AHEAD end
+    local ms = math.ceil(ttl / 1000)
+    if ms < 1 then ms = 1 end
+    redis.call("SET", key, state, "PX", ms)
 end
 
 -- Appends a decision's six values to reply (times rounded up to whole microseconds;
 -- EPS absorbs the rounding of the arithmetic in doubles; at most MAX_AHEAD, as
 -- in-process) and returns reply.
 local function push(reply, d)
-    reply[#reply + 1] = d[1]
-    reply[#reply + 1] = d[2]
-    reply[#reply + 1] = d[3]
-    reply[#reply + 1] = math.ceil(math.min(d[4], MAX_AHEAD) - EPS)
-    if d[5] < 0 then reply[#reply + 1] = -1 else reply[#reply + 1] = math.ceil(math.min(d[5], MAX_AHEAD) - EPS) end
-    reply[#reply + 1] = math.ceil(math.min(d[6], MAX_AHEAD) - EPS)
+    -- (comparisons, not math.min: this runs on every check)
+    local reset, retry, delay = d[4], d[5], d[6]
+    if reset > MAX_AHEAD then reset = MAX_AHEAD end
+    if retry > MAX_AHEAD then retry = MAX_AHEAD end
+    if delay > MAX_AHEAD then delay = MAX_AHEAD end
+    local n = #reply
+    reply[n + 1] = d[1]
+    reply[n + 2] = d[2]
+    reply[n + 3] = d[3]
+    reply[n + 4] = math.ceil(reset - EPS)
+    if retry < 0 then reply[n + 5] = -1 else reply[n + 5] = math.ceil(retry - EPS) end
+    reply[n + 6] = math.ceil(delay - EPS)
     return reply
 end
