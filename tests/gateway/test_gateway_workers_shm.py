@@ -1,12 +1,8 @@
 """``[server] workers = N`` with the memory backend: the workers share every tier's
 limits exactly through one SharedMemoryStore of the host (issue 15), concurrency leases
-included.
-
-WAITING FOR THE GATEWAY CHANGE: today the config refuses ``workers > 1`` without Redis,
-and these tests skip themselves while it does (they run as soon as the config accepts
-such a gateway). The change: the supervisor creates a SharedMemoryStore named after the
-gateway before it starts the workers, each worker opens it by name, and every tier's
-TokenLimiter and SpendLimiter is built with ``store=`` it and ``name=`` the tier's.
+included. The supervisor makes the store (named after the config file and port) before
+it starts the workers; each worker opens it by name, and every tier's TokenLimiter and
+SpendLimiter is built with ``store=`` it and ``name=`` the tier's.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from support.gateway_harness import Upstream, connect, read_response
 from support.servers import ASGIServer, free_port
 from test_gateway_workers import owner
 
-from nexus_limits.gateway.config import ConfigError, load_config
+from nexus_limits.gateway.config import load_config
 
 CONFIG = """
 [upstream]
@@ -53,24 +49,6 @@ concurrency = {concurrency}
 "sk-one" = "t"
 "sk-two" = "t"
 """
-
-
-def _workers_accepted_without_redis(tmp_path_factory) -> bool:
-    path = tmp_path_factory.mktemp("probe") / "gateway.toml"
-    path.write_text(CONFIG.format(url="http://127.0.0.1:9", port=8080, workers=2, requests="1/s", concurrency=1))
-    try:
-        load_config(str(path))
-    except ConfigError as error:
-        if "workers" in str(error):
-            return False
-        raise
-    return True
-
-
-@pytest.fixture(autouse=True)
-def _needs_the_gateway_change(tmp_path_factory):
-    if not _workers_accepted_without_redis(tmp_path_factory):
-        pytest.skip("the gateway does not yet share memory-backend limits between workers (see the module docstring)")
 
 
 @pytest.fixture
@@ -216,3 +194,51 @@ def test_memory_workers_share_concurrency_leases(tmp_path, upstream):
             for s in held:
                 s.close()
         assert gw.stop() == 0, gw.output()
+
+
+ADMIN_ENV = "NL_TEST_SHM_ADMIN"
+
+
+def _in_process_gateway(tmp_path, upstream, monkeypatch):
+    """The gateway app of a 2-worker memory-backend config, run here (one of its
+    workers), on the store the supervisor would have made."""
+    from nexus_limits.gateway import build_app
+    from nexus_limits.gateway.app import create_shared_store
+
+    path = tmp_path / "gateway.toml"
+    text = CONFIG.format(url=upstream.url, port=free_port(), workers=2, requests="100/hour", concurrency=5)
+    text = text.replace('reload = "off"', f'reload = "off"\nadmin_token_env = "{ADMIN_ENV}"')
+    path.write_text(text)
+    monkeypatch.setenv(ADMIN_ENV, "s3cret")
+    store = create_shared_store(load_config(str(path)))
+    return path, store, build_app(str(path))
+
+
+def test_top_keys_in_shared_memory_is_a_501_that_says_why(tmp_path, upstream, monkeypatch):
+    _, store, app = _in_process_gateway(tmp_path, upstream, monkeypatch)
+    try:
+        with ASGIServer(app, lifespan="on") as server:
+            auth = {"authorization": "Bearer sk-one"}
+            assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=10).status_code == 200
+            r = httpx.get(f"{server.url}/_nexus/top?tier=t", headers={"authorization": "Bearer s3cret"}, timeout=10)
+            assert r.status_code == 501, r.text
+            assert "not kept in shared memory" in r.json()["detail"]
+    finally:
+        store.unlink()
+
+
+def test_a_reload_needing_a_longer_store_ttl_keeps_the_running_config(tmp_path, upstream, monkeypatch):
+    # The store was made for an hour; a reload adding a daily limit cannot be kept in it.
+    path, store, app = _in_process_gateway(tmp_path, upstream, monkeypatch)
+    try:
+        with ASGIServer(app, lifespan="on") as server:
+            auth = {"authorization": "Bearer sk-one"}
+            assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=10).status_code == 200
+            path.write_text(path.read_text().replace("[tiers.t]\n", "[tiers.t]\ndaily_tokens = 1000000\n"))
+            assert app.reload() is False
+            assert app.cfg.tiers["t"].daily_tokens is None, "the running config stays"
+            assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=10).status_code == 200
+            left = app.tiers["t"].limiter.inspect("sk-one")["requests"]["remaining"]
+            assert left == 98, "both calls were charged to the running limiter"
+    finally:
+        store.unlink()

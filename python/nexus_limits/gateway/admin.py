@@ -96,8 +96,9 @@ async def admin(gateway: Any, scope: Scope, send: Send) -> None:
             await reply(send, 400, problem(400, "Bad Request", "tier must be a tier and n from 1 to 1000"))
             return
         limiter = middleware.limiter
-        if limiter is None or not callable(getattr(limiter, "top_keys", None)):
-            await reply(send, 501, problem(501, "Not Implemented", "top keys need the memory backend"))
+        why = _no_top_keys(gateway, limiter)
+        if why is not None:
+            await reply(send, 501, problem(501, "Not Implemented", why))
             return
         which = "tokens" if limiter.tokens is not None else "requests" if limiter.requests is not None else None
         if which is None:
@@ -116,3 +117,18 @@ async def json_reply(send: Send, status: int, doc: Any) -> None:
     body = json.dumps(doc, default=str).encode()
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _no_top_keys(gateway: Any, limiter: Any) -> Optional[str]:
+    """Why ``/_nexus/top`` cannot answer for a tier's limiter, or None when it can."""
+    if limiter is None:
+        return "the tier has no request or token limit to rank keys by"
+    if getattr(limiter, "store_path", None) is not None:
+        # A SharedMemoryStore keeps no per-key ranking: each worker would rank only the
+        # calls it served.
+        return "top keys are not kept in shared memory (workers > 1): run one worker, or read /metrics"
+    if gateway.redis is not None:
+        return "top keys need the memory backend"
+    if not callable(getattr(limiter, "top_keys", None)):
+        return "top keys are not ranked for tiers whose keys are in teams or [classes]"
+    return None
