@@ -330,6 +330,37 @@ def test_the_token_bucket_gets_the_in_process_answers_at_odd_rates(client, seed)
                 clock.advance(us / 1e6)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_composites_and_quota_changes_get_the_in_process_answers_at_odd_rates(client, seed):
+    """The same at odd rates through a Composite of two buckets, with the first part's
+    quota changed now and then (its usage carried over, as in-process)."""
+    rng = random.Random(seed)
+    rates = ["7/second", "13/minute", "3/7s", "11/3s", "997/hour"]
+    clock = nl.ManualClock(EPOCH)
+    clock.advance(rng.randrange(10**6) / 1e6)
+    first, burst = rng.choice(rates), rng.choice([1, 3, 7, 10])
+    mem_parts = [nl.TokenBucket(first, burst=burst, clock=clock), nl.LeakyBucket("11/3s", capacity=5, clock=clock)]
+    red_parts = [
+        nlr.TokenBucket(client, first, burst=burst, clock=clock, prefix=f"c{seed}"),
+        nlr.LeakyBucket(client, "11/3s", capacity=5, clock=clock, prefix=f"c{seed}"),
+    ]
+    mem, red = nl.Composite(mem_parts), nlr.Composite(red_parts)
+    for step in range(60):
+        if rng.random() < 0.15:
+            rate, size = rng.choice(rates), rng.choice([1, 3, 7, 10])
+            mem_parts[0].set_quota("k", rate, size)
+            red_parts[0].set_quota("k", rate, size)
+        else:
+            cost = rng.randint(1, 4)
+            a, b = mem.hit("k", cost), red.hit("k", cost)
+            assert _same(a, b), (step, cost, a, b)
+        for part in red_parts:  # expiry runs on Redis's clock, not the test's
+            client.persist(part.redis_key("k"))
+        a, b = mem.peek("k"), red.peek("k")
+        assert _same(a, b), (step, a, b)
+        clock.advance(rng.randrange(0, 600_000) / 1e6)
+
+
 @pytest.mark.parametrize("rate", ["7/second", "3/second", "13/minute", "7/day"])
 def test_a_drained_bucket_refills_on_time_at_odd_rates(client, rate):
     """Drain the bucket, then wait exactly what the in-process limiter says to retry

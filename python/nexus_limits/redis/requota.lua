@@ -22,12 +22,17 @@ local state = state_at(KEYS[1], kind, now)
 if state then
     local new, ttl
     if algo == "gcra" or algo == "leaky" then
-        local backlog = math.max(tonumber(state) - now, 0)
+        -- gcra.lua reads and writes the state to its fraction of a microsecond (at
+        -- 1.7e15 us a double would round it, and the new rate can multiply that): a
+        -- check of 0 units answers the backlog (its reset_after), and a check of one
+        -- unit of `backlog` microseconds on a fresh bucket of one writes now + backlog.
+        local _, _, d = gcra(state, now, 1, 2^52, 0, false)
+        local backlog = d[4]
         if backlog > 0 then
             -- the same units at the new rate, at most two bursts of the new quota (as
             -- Gcra::convert): a debt does not outlast what in-process keeps of it
             backlog = math.min(backlog * micros / old_micros, 2 * tonumber(ARGV[8]) * micros)
-            new, ttl = string.format("%.17g", now + backlog), backlog
+            new, ttl = gcra(nil, now, backlog, 1, 1, false)
         end
     elseif old_micros == micros then
         new = state
