@@ -95,6 +95,29 @@ def test_a_corrupted_state_met_by_a_leased_check(client, kind):
     assert client.get(lim.redis_key("k")) == b"garbage"
 
 
+@pytest.mark.parametrize("garbage", ["nan", "inf", "-inf", "garbage", ""])
+def test_a_corrupted_token_budget_state_is_a_clear_error_and_admits_nothing(client, garbage):
+    """A TokenLimiter bucket holding garbage was "bad argument #1 to 'floor'" (before
+    that: a full quota admitted); nan/inf a ValueError building the Decision."""
+    lim = nlr.TokenLimiter(client, requests="10/minute", tokens="1000/minute", on_error="allow")
+    key = lim.redis_keys("k")[0]
+    client.set(key, garbage)
+    before = _snapshot(client)
+    for call in (lambda: lim.reserve("k", 10), lambda: lim.peek("k", 10)):
+        with pytest.raises(NexusLimitsError) as info:
+            call()
+        assert key in str(info.value) and "did not write" in str(info.value), str(info.value)
+        _no_script_text(str(info.value))
+    assert _snapshot(client) == before, "nothing was written"
+    client.delete(key)
+    res = lim.reserve("k", 10)
+    assert res.allowed
+    tokens_key = lim.redis_keys("k")[1]  # what a settle of 5 tokens (of 10) adjusts
+    client.set(tokens_key, garbage)
+    with pytest.raises(NexusLimitsError, match="did not write"):
+        res.settle(5)
+
+
 def test_a_foreign_window_state_never_counts_as_fresh(client):
     """A window state with a negative count would have admitted past the limit."""
     for kind, state in (("FixedWindow", "{w}:-1000"), ("SlidingWindow", "{w}:-1000:-1000")):

@@ -17,7 +17,7 @@ from ..budget._spend import SpendLimiter as _InProcessSpend
 from ._async import ASYNC, evalsha
 from ._budget import BudgetPlan
 from ._channel import channel_for
-from ._common import BACKEND_ERRORS, check_client, is_full, now_arg
+from ._common import BACKEND_ERRORS, check_client, is_full, is_outage, now_arg
 from ._scripts import RELEASE, RESERVE, SETTLE
 
 
@@ -103,8 +103,8 @@ class TokenLimiter:
                     await evalsha(self._channel, RELEASE, keys[-1:], [now_arg(plan.clock), lease])
                 except BACKEND_ERRORS:
                     pass
-            if plan.fallback.on_error == "raise":
-                plan.fallback.decision(error, 0)
+            if plan.fallback.on_error == "raise" or not is_outage(error):
+                plan.fallback.decision(error, 0)  # raises: the policy, or state not ours
             return False
 
     def _expired(self, charged_at: Any) -> bool:

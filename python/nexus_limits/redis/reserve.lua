@@ -17,7 +17,7 @@ for i = 1, n do
     local at = 7 + (i - 1) * 3
     local cost = tokens
     if ARGV[at + 1] == "requests" then cost = 1 end
-    local new, ttl, d = gcra(redis.call("GET", KEYS[i]) or nil, now, tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), cost, false)
+    local new, ttl, d = gcra(state_at(KEYS[i], "gcra", now), now, tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), cost, false)
     decisions[i] = d
     writes[i] = {new, ttl}
     out = combine(out, d)
