@@ -11,12 +11,16 @@ pub enum Error {
     InvalidArgument(String),
     /// An operation this limiter does not have (e.g. a quota of a Composite's own).
     Unsupported(String),
+    /// A shared resource stayed busy past its bound (a store's lock held by a stopped process).
+    Timeout(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidRate(msg) | Error::InvalidArgument(msg) | Error::Unsupported(msg) => f.write_str(msg),
+            Error::InvalidRate(msg) | Error::InvalidArgument(msg) | Error::Unsupported(msg) | Error::Timeout(msg) => {
+                f.write_str(msg)
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The one place where core errors cross into Python.
 
 use crate::error::Error;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTimeoutError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 impl From<Error> for PyErr {
@@ -9,6 +9,7 @@ impl From<Error> for PyErr {
         match err {
             Error::InvalidRate(msg) | Error::InvalidArgument(msg) => PyValueError::new_err(msg),
             Error::Unsupported(msg) => PyTypeError::new_err(msg),
+            Error::Timeout(msg) => PyTimeoutError::new_err(msg),
         }
     }
 }

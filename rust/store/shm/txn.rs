@@ -34,6 +34,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const AREA: usize = 1024;
 /// Says the area was set up (the mutex initialised) by a build that knows it.
 const MARKER: u64 = u64::from_le_bytes(*b"NXTXN001");
+/// The longest a transaction waits for the store's lock. Holders keep it for
+/// microseconds; one that died hands it over at once (EOWNERDEAD).
+pub const LOCK_WAIT_S: i64 = 5;
+
+/// `seconds` from now on CLOCK_REALTIME, the clock `pthread_mutex_timedlock` measures.
+fn deadline(seconds: i64) -> libc::timespec {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_REALTIME always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    libc::timespec { tv_sec: now.tv_sec.saturating_add(seconds), tv_nsec: now.tv_nsec }
+}
 const MUTEX_AT: usize = AREA + 64;
 const COUNT_AT: usize = AREA + 128;
 const ENTRIES_AT: usize = AREA + 144;
@@ -176,7 +187,12 @@ impl ShmTable {
     pub fn transaction(&self) -> Result<Transaction<'_>> {
         // SAFETY: the mutex was initialised by `prepare_transactions` when the store was
         // opened, and stays mapped as long as `self`.
-        let rc = unsafe { libc::pthread_mutex_lock(self.mutex()) };
+        // Uncontended, trylock takes it without reading the clock the bounded wait needs.
+        let rc = match unsafe { libc::pthread_mutex_trylock(self.mutex()) } {
+            // SAFETY: as above.
+            libc::EBUSY => unsafe { libc::pthread_mutex_timedlock(self.mutex(), &deadline(LOCK_WAIT_S)) },
+            rc => rc,
+        };
         match rc {
             0 => {
                 // A holder that panicked between its journal and its last write unlocked
@@ -189,6 +205,16 @@ impl ShmTable {
                 self.replay();
                 // SAFETY: this thread holds the mutex (EOWNERDEAD hands it over).
                 unsafe { libc::pthread_mutex_consistent(self.mutex()) };
+            }
+            libc::ETIMEDOUT => {
+                // A live holder never keeps the lock for more than microseconds: this one
+                // was stopped (SIGSTOP, a debugger) while holding it. Waiting on would
+                // hang every process of the host; a dead holder is handled above.
+                return Err(Error::Timeout(format!(
+                    "cannot lock the shared-memory store {}: another process has held its lock for {LOCK_WAIT_S} s \
+                     (stopped while holding it?); the lock frees when that process resumes or dies",
+                    self.path
+                )));
             }
             _ => {
                 return Err(Error::InvalidArgument(format!(
@@ -352,6 +378,25 @@ mod tests {
 
     fn fp(i: u64) -> Fingerprint {
         fingerprint(KeyKind::Int, &i.to_le_bytes())
+    }
+
+    #[test]
+    fn a_lock_held_past_its_bound_is_an_error_not_a_hang() {
+        // The holder here is this thread (as a stopped process would be: alive, never
+        // releasing); another thread asking for the lock gets a Timeout after
+        // LOCK_WAIT_S, then the lock once it is released.
+        let p = path("held");
+        let table = ShmTable::open(Location::Path(&p), Some(32), Some(3600)).unwrap();
+        let held = table.transaction().unwrap();
+        let started = std::time::Instant::now();
+        let waited = std::thread::scope(|s| s.spawn(|| table.transaction().map(|_| ())).join().unwrap());
+        let err = waited.unwrap_err();
+        assert!(matches!(err, Error::Timeout(_)), "{err}");
+        assert!(err.to_string().contains("held its lock"), "{err}");
+        assert!(started.elapsed().as_secs_f64() >= LOCK_WAIT_S as f64 - 0.1);
+        drop(held);
+        assert!(table.transaction().is_ok());
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
