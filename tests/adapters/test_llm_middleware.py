@@ -120,8 +120,12 @@ def test_client_disconnect_mid_stream_releases_the_reservation_and_lease():
             with http.stream(
                 "POST", "/v1/chat/completions", json={**CHAT, "model": "slow", "stream": True}, headers=AUTH
             ) as r:
-                next(r.iter_raw())
+                # Kept alive: a dropped iter_raw() generator closes the connection at once
+                # (the client would be gone before the check below).
+                chunks = r.iter_raw()
+                next(chunks)
                 assert not tl.reserve("key-1", 0).allowed, "the lease is held while streaming"
+                chunks.close()
             # the client closed the connection mid-stream
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

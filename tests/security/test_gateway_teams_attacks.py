@@ -494,11 +494,6 @@ def test_a_client_leaving_mid_stream_frees_every_level(tmp_path, monkeypatch):
             assert provider.received[-1].disconnected is not None, "the upstream call was cut"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/llm.py (not this file's owner) cancels a reservation, the request count "
-    "included, on any upstream status >= 400: see the report",
-)
 @pytest.mark.parametrize("key", ["sk-team", "sk-solo"])
 def test_calls_the_upstream_refuses_still_count_as_requests(tmp_path, key):
     """The bypass: every call the upstream answered with an error was refunded in full,

@@ -26,8 +26,9 @@ on the normalised target (:func:`~nexus_limits.adapters.normalize_target`):
 5. the response passes through as it comes (streams are never buffered), with the
    gateway's ``x-ratelimit-*`` headers replacing the app's; its usage is read from the
    JSON body or the SSE events as they pass;
-6. at the end the reservation settles at the real usage; an upstream error (status
-   >= 400) cancels it (full refund). A client that goes away — before the upstream
+6. at the end the reservation settles at the real usage; an upstream that refuses
+   the call (4xx) has it settled at no tokens (it still counts as a request), an
+   upstream failure (5xx) cancels it (full refund). A client that goes away — before the upstream
    answered, mid-stream, during a long non-streamed call — has the app cancelled at
    once and the reservation settled at what was delivered; so does a stream the
    upstream cut. Usage the upstream reports that cannot be trusted settles at the
@@ -999,9 +1000,16 @@ class LLMLimitMiddleware:
             self.holds.add(time.monotonic() - admitted)
 
     async def _settle(self, both: _Both, provider: str, path: str, judged: _Judged, run: _Run) -> None:
-        if not run.started or run.status >= 400:
+        if run.started and 400 <= run.status < 500:
+            # The upstream refused the call (a bad request, its own rate limit): no tokens
+            # were generated, but the call was made; it counts as a request (else a key
+            # past its quota could send calls built to fail without end), its tokens and
+            # dollars are refunded and its lease ends.
+            await both.settle_at(Usage(0, 0, exact=False), judged.estimate)
+            return
+        if not run.started or run.status >= 500:
             # Nothing was delivered (the app failed or the client left before any answer,
-            # or the upstream refused): a full refund. A client gone before the answer
+            # or the upstream failed): a full refund. A client gone before the answer
             # still sent its prompt upstream: it pays its input.
             if run.client_gone and not run.started:
                 await both.settle_at(Usage(judged.counted.tokens, 0, exact=False), judged.estimate)
