@@ -514,6 +514,10 @@ def test_a_team_concurrency_limit_holds_across_its_keys_and_frees_on_settle(tmp_
             assert sorted(r.status_code for r in answers) == [200, 200, 429, 429]
             refused = [r for r in answers if r.status_code == 429]
             assert all(r.headers["x-nexus-limit-policy"] == "team.concurrency" for r in refused)
+            for r in refused:  # the body names the team whose places are taken, not "this key"
+                message = r.json()["error"]["message"]
+                assert "2 requests of team t are in flight" in message, message
+                assert r.json()["error"]["policy"] == "team.concurrency", r.json()
             # Both places were given back when the calls settled.
             with ThreadPoolExecutor(2) as pool:
                 again = list(

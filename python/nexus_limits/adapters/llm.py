@@ -655,11 +655,16 @@ class LLMLimitMiddleware:
         c = reservation.concurrency
         if c is not None and not c.allowed:
             wait = self.holds.wait()
+            # A reservation over several levels (the gateway's teams) names the level
+            # whose places are taken; a plain one is this key's.
+            describe = getattr(reservation, "describe", None)
+            words = describe("concurrency") if callable(describe) else None
+            held = f"{c.limit} requests of {words.split(' of ', 1)[-1]}" if words else f"{c.limit} requests of this key"
             out.append(
                 (
                     "concurrency",
                     wait,
-                    f"concurrency limit {c.limit}: {c.limit} requests of this key are in flight;"
+                    f"concurrency limit {c.limit}: {held} are in flight;"
                     f" a place usually frees up within {_duration(wait)}",
                 )
             )
@@ -686,6 +691,9 @@ class LLMLimitMiddleware:
         extra: Dict[str, Any] = {"budget": budget, "retry_after": None if math.isinf(wait) else round(wait, 3)}
         if reservation.estimate:
             extra["estimate"] = reservation.estimate
+        policy = getattr(reservation, "policy", None)
+        if isinstance(policy, str):  # a hierarchy's refusing quota, "team.requests"
+            extra["policy"] = policy
         await _refuse(
             send,
             fmt,
