@@ -407,6 +407,7 @@ def test_cut_anthropic_stream_keeps_message_start_input():
     events = [ANTHROPIC_START, {"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}}]
     usage, _ = read("anthropic", [sse(events)], "text/event-stream", complete=False)
     assert usage.input_tokens == 135 and usage.cached_input_tokens == 100 and not usage.exact
+    assert usage.cache_write_tokens == 5, "cache writes priced as writes on a cut stream too"
     assert 500 < usage.output_tokens < 700  # the text delivered, not message_start's 1
     # Cut after a message_delta: its cumulative count stands.
     full = sse(ANTHROPIC_EVENTS)

@@ -916,9 +916,7 @@ class _SseCore:
         if self._anthropic is not None and self.usage is not None:
             # Input counted by message_start; output at least what was streamed.
             started = self.usage
-            return Usage(
-                started.input_tokens, max(started.output_tokens, output), started.cached_input_tokens, exact=False
-            )
+            return started._replace(output_tokens=max(started.output_tokens, output), reasoning_tokens=0, exact=False)
         return Usage(self.input_estimate, output, exact=False)
 
 
