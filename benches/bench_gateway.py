@@ -349,11 +349,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         wait_listening(up_port, upstream)
         # The default (one process, limits in memory); then, when more workers are
-        # asked for, the redis backend they share their limits through, at each count.
+        # asked for, the memory backend (the workers share their limits through a
+        # SharedMemoryStore) and the redis backend, at each count.
         if 1 in args.workers:
             gateways.append(Gateway(up_port, 1, tmp))
             if args.baseline:
                 gateways.append(Gateway(up_port, 1, tmp, baseline=os.path.abspath(args.baseline)))
+        gateways += [Gateway(up_port, n, tmp) for n in args.workers if n > 1]
         if any(n > 1 for n in args.workers):
             redis = subprocess.Popen(
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
