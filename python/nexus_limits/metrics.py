@@ -22,8 +22,12 @@ Two kinds of numbers, both with low-cardinality labels only (never a raw API key
   quota leasing on, ``nexus_limits_quota_lease_total{limiter,kind}`` (``taken``: blocks of
   quota leased; ``units``: units in them; ``returned``: units given back unspent;
   ``saved``: round trips saved by checks answered from a block). ``limit`` names a
-  TokenLimiter's part (``requests``, ``tokens``, ``daily_tokens``) and is empty for
-  other limiters.
+  TokenLimiter's part (``requests``, ``tokens``, ``daily_tokens``), a Hierarchy's quota
+  as ``level.quota`` (``team.tokens``), and is empty for other limiters. A limiter with
+  priority classes (``Priority``, a Hierarchy with ``classes=``) also reports
+  ``nexus_limits_class_checks_total{limiter,class,decision}``, and a Hierarchy
+  ``nexus_limits_refused_by_level_total{limiter,level}`` (calls refused, by the level
+  that refused).
 
 - **Per fair queue** (:class:`nexus_limits.fair.FairQueue`, watched with
   ``metrics.watch_queue(queue, name)``), read from ``queue.stats()`` at each scrape:
@@ -274,10 +278,24 @@ class Metrics:
             "Quota leasing: blocks taken, units in them, returned, round trips saved",
             labels=("limiter", "kind"),
         )
+        classes = CounterMetricFamily(
+            f"{ns}_class_checks",
+            "Checks of a limiter shared by priority classes, by class",
+            labels=("limiter", "class", "decision"),
+        )
+        refused_by = CounterMetricFamily(
+            f"{ns}_refused_by_level", "Calls a hierarchy refused, by the refusing level", labels=("limiter", "level")
+        )
         with self._lock:
             watched = list(self._watched.items())
         for name, limiter in watched:
             stats = limiter.stats()
+            for cls, numbers in (stats.get("classes") or {}).items():
+                for decision in ("allowed", "denied", "shadow_denied"):
+                    if decision in numbers:
+                        classes.add_metric((name, cls, decision), numbers[decision])
+            for level, n in (stats.get("refused_by") or {}).items():
+                refused_by.add_metric((name, level), n)
             for part, numbers in _parts(stats):
                 if "allowed" in numbers:
                     for decision in ("allowed", "denied", "shadow_denied"):
@@ -306,6 +324,7 @@ class Metrics:
                 if stat in stats:
                     leases.add_metric((name, kind), stats[stat])
         yield from (checks, near, keys, evicted, own, tokens, errors, fallback, breaker_open, breaker_trips, leases)
+        yield from (classes, refused_by)
         yield from self._collect_queues()
 
     def _collect_queues(self) -> Iterator[Any]:
@@ -364,10 +383,24 @@ def _bound(bound: float) -> str:
 
 def _parts(stats: Dict[str, Any]) -> Iterable[Tuple[str, Dict[str, Any]]]:
     """("", stats) for a limiter; (part, its stats) for each part of a TokenLimiter."""
-    nested = [(k, v) for k, v in stats.items() if isinstance(v, dict)]
+    # "classes" and "refused_by" are reported on their own; a hierarchy's "levels" holds
+    # one more layer (level -> quota -> numbers): each quota becomes "level.quota".
+    nested: List[Tuple[str, Dict[str, Any]]] = []
+    for k, v in stats.items():
+        if not isinstance(v, dict) or k in ("classes", "refused_by"):
+            continue
+        if k == "levels":
+            nested += [
+                (f"{level}.{quota}", numbers)
+                for level, quotas in v.items()
+                for quota, numbers in quotas.items()
+                if isinstance(numbers, dict)
+            ]
+        else:
+            nested.append((k, v))
     if not nested:
         return [("", stats)]
-    out: List[Tuple[str, Dict[str, Any]]] = [(k, v) for k, v in nested]
+    out: List[Tuple[str, Dict[str, Any]]] = list(nested)
     flat = {k: v for k, v in stats.items() if not isinstance(v, dict)}
     if "allowed" in flat:
         out.append(("", flat))

@@ -152,3 +152,35 @@ def test_bad_arguments():
         Metrics(registry=CollectorRegistry(), namespace="")
     with pytest.raises(ValueError, match="namespace"):
         Metrics(registry=CollectorRegistry(), namespace=None)
+
+
+def test_priority_classes_and_hierarchy_levels_are_scraped(clock):
+    metrics = Metrics(registry=CollectorRegistry())
+    p = metrics.watch(nl.Priority(nl.TokenBucket("10/minute", clock=clock), {"interactive": 1.0, "batch": 0.7}), "p")
+    for _ in range(8):
+        p.hit("upstream", cls="batch")
+    p.hit("upstream", cls="interactive")
+    h = metrics.watch(
+        nl.Hierarchy(levels=[("team", "3/minute"), ("key", {"requests": "10/minute"})], classes={"a": 1.0, "b": 0.5}),
+        "h",
+    )
+    for _ in range(4):
+        h.hit(("search", "sk-1"), cls="a")
+    got = scrape(metrics)
+
+    def sample(name: str, **labels: str) -> float:
+        return got[(name, tuple(sorted(labels.items())))]
+
+    assert sample("nexus_limits_class_checks_total", limiter="p", **{"class": "batch", "decision": "allowed"}) == 7
+    assert sample("nexus_limits_class_checks_total", limiter="p", **{"class": "batch", "decision": "denied"}) == 1
+    assert (
+        sample("nexus_limits_class_checks_total", limiter="p", **{"class": "interactive", "decision": "allowed"}) == 1
+    )
+    assert sample("nexus_limits_class_checks_total", limiter="h", **{"class": "a", "decision": "denied"}) == 1
+    assert sample("nexus_limits_refused_by_level_total", limiter="h", level="team") == 1
+    assert sample("nexus_limits_refused_by_level_total", limiter="h", level="key") == 0
+    # Each quota of each level under limit="level.quota".
+    assert sample("nexus_limits_checks_total", limiter="h", limit="team.requests", decision="allowed") == 3
+    # (each quota counts its own answer: the key's admitted the 4th call the team refused)
+    assert sample("nexus_limits_checks_total", limiter="h", limit="key.requests", decision="allowed") == 4
+    assert sample("nexus_limits_checks_total", limiter="p", limit="", decision="allowed") == 8
