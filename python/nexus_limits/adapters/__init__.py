@@ -4,12 +4,13 @@ Frameworks are imported lazily: ``nexus_limits.adapters.asgi`` needs no framewor
 all, ``nexus_limits.adapters.django`` imports Django only when used.
 """
 
-from ._common import Request, client_ip, parse_key_spec
+from ._common import PROBLEM_TYPE, Request, client_ip, parse_key_spec, problem
 from ._target import normalize_target
 from .decorators import limit
 from .headers import HeaderOptions, Policy, policy_of, rate_limit_headers
 
 __all__ = [
+    "PROBLEM_TYPE",
     "HeaderOptions",
     "Policy",
     "Request",
@@ -18,5 +19,6 @@ __all__ = [
     "normalize_target",
     "parse_key_spec",
     "policy_of",
+    "problem",
     "rate_limit_headers",
 ]

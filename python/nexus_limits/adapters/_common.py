@@ -174,6 +174,8 @@ class Check(NamedTuple):
 
 
 def problem(status: int, title: str, detail: str, extra: Optional[Dict[str, Any]] = None) -> bytes:
+    """An RFC 9457 ``application/problem+json`` body (send it with :data:`PROBLEM_TYPE`);
+    ``extra`` adds members (``retry_after``, ``budget``...)."""
     doc: Dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     doc.update(extra or {})
     return json.dumps(doc).encode()

@@ -9,7 +9,7 @@ from inspect import isawaitable
 from typing import Any, Dict, Optional
 from urllib.parse import parse_qs, unquote
 
-from ..adapters._common import problem
+from ..adapters import problem
 from ..adapters.asgi import Scope, Send, request_of
 from .proxy import reply
 

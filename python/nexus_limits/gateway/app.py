@@ -10,14 +10,12 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from ..adapters import normalize_target, parse_key_spec
-from ..adapters._common import problem
+from ..adapters import normalize_target, parse_key_spec, problem
 from ..adapters.asgi import Message, Receive, Scope, Send, request_of
 from ..adapters.llm import LLMLimitMiddleware
 from ..errors import BadRequest
 from ..fair import FairQueue
-from ..tokens import OutputEstimate
-from ..tokens._encodings import warm_encodings
+from ..tokens import OutputEstimate, warm_encodings
 from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .lease import LeasedLimiter

@@ -18,7 +18,7 @@ import re
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from ..adapters._common import PROBLEM_TYPE, problem
+from ..adapters import PROBLEM_TYPE, problem
 from ..adapters.asgi import Receive, Scope, Send, _raw
 from .config import GatewayConfig
 from .upstream import Upstream

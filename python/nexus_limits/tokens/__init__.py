@@ -20,7 +20,7 @@ from ._count import (
     count_request_tokens,
     count_tokens,
 )
-from ._encodings import EncodingFileError, encoding_for_model, get_encoding
+from ._encodings import EncodingFileError, encoding_for_model, get_encoding, warm_encodings
 from ._headers import UpstreamLimit, UpstreamLimits, parse_go_duration, parse_rate_limit_headers
 from ._response import UsageReader
 from ._usage import Usage, UsageError, UsageStream, detect_provider, extract_usage
@@ -48,4 +48,5 @@ __all__ = [
     "get_encoding",
     "parse_go_duration",
     "parse_rate_limit_headers",
+    "warm_encodings",
 ]
