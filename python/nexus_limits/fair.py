@@ -121,6 +121,8 @@ class QueueRefused(RateLimitExceeded):
     - ``"never"``: the cost is above the limit's capacity;
     - ``"full"``: the queue held ``max_waiting`` requests, and this key had the most
       queued (it was refused, or its latest request was pushed out for another key's).
+
+    ``detail`` says the same without the key, for an answer to the client.
     """
 
     def __init__(self, key: Any, decision: Decision, timeout: Optional[float], reason: str, waited: float) -> None:
@@ -134,6 +136,9 @@ class QueueRefused(RateLimitExceeded):
             why = f"the queue is full and this key has the most waiting (admission was {need:.6g} s away)"
         else:
             why = f"admission needs {need:.6g} s more, past its timeout of {timeout!r} s"
+        # The refusal without the key: what an answer to the client may say (its key is a
+        # credential; logs and the exception's message name it).
+        self.detail = f"fair queue refused the request after waiting {waited:.6g} s: {why}"
         self.args = (f"fair queue refused key {_show(key)} after waiting {waited:.6g} s: {why}",)
 
 

@@ -286,6 +286,7 @@ def test_queue_refuses_what_cannot_make_its_deadline(tmp_path, upstream):
         assert 55 <= int(r.headers["retry-after"]) <= 60
         body = r.json()
         assert "fair queue refused" in body["error"]["message"]
+        assert "sk-q" not in r.text, "the client's key (a credential) is not echoed in the answer"
         text = app.metrics.render().decode()
     assert 'nexus_limits_queue_refused_total{queue="tier-q",reason="at_once"} 1.0' in text
 

@@ -874,7 +874,7 @@ class LLMLimitMiddleware:
                         send,
                         fmt,
                         429,
-                        str(error),
+                        error.detail,
                         code="rate_limit_exceeded",
                         headers=self._retry_headers(wait),
                         extra={
