@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import openai
 import pytest
@@ -71,22 +71,24 @@ def test_a_models_keys_share_one_slot_and_models_spread(redis_cluster):
             namespace=namespace,
             limits={"*": {"requests": "100/minute", "tokens": "100000/minute"}},
         )
+        # A bucket's key lives only while the bucket is not full (a request of 100/minute
+        # for 0.6 s): each model's keys are looked for right after its call.
+        seen: Dict[str, Dict[str, int]] = {}
         try:
             for model in models:
                 r = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
                 assert r.usage.completion_tokens == 5
+                seen[model] = cluster_keys(redis_cluster, f"nl:{namespace}:{{{model}}}:*")
         finally:
             sdk.close()
-    found = cluster_keys(redis_cluster, f"nl:{namespace}:*")
-    by_model: Dict[str, List[str]] = {}
-    for key in found:
-        by_model.setdefault(key.split("{")[1].split("}")[0], []).append(key)
-    assert sorted(by_model) == sorted(models)
-    for model, keys in by_model.items():
-        assert {k.rsplit(":", 1)[1] for k in keys} == {"requests", "tokens"}
-        assert len({client.keyslot(k) for k in keys}) == 1, f"{model}'s keys span slots"
-        assert len({found[k] for k in keys}) == 1
-    assert len(set(found.values())) == 3, "twelve models spread over the three nodes"
+    nodes = set()
+    for model in models:
+        names = {f"nl:{namespace}:{{{model}}}:{dim}" for dim in ("requests", "tokens", "pause")}
+        assert seen[model] and set(seen[model]) <= names, (model, seen[model])
+        assert len({client.keyslot(k) for k in names}) == 1, f"{model}'s keys span slots"
+        assert len(set(seen[model].values())) == 1
+        nodes.add(client.get_node_from_key(f"nl:{namespace}:{{{model}}}:requests").port)
+    assert len(nodes) == 3, "twelve models spread over the three nodes"
     stats = outbound.limiter_of(sdk).stats()
     assert stats["store"] == "redis" and stats["redis"]["breaker_open"] == 0 and stats["redis"]["errors"] == 0
     client.close()
