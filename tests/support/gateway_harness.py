@@ -188,11 +188,17 @@ def connect(port: int, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
-def read_response(sock: socket.socket, timeout: float = 5.0) -> Tuple[int, Dict[str, List[str]], bytes]:
+def read_response(
+    sock: socket.socket, timeout: float = 5.0, pending: Optional[bytearray] = None
+) -> Tuple[int, Dict[str, List[str]], bytes]:
     """One HTTP/1.1 response from the socket: status, headers (lower-case names, every
-    value), body (by content-length, chunked, or to the close)."""
+    value), body (by content-length, chunked, or to the close). ``pending`` carries the
+    bytes read past a response to the next call (pipelined responses may arrive in one
+    read); without it they are dropped."""
     sock.settimeout(timeout)
-    data = b""
+    data = bytes(pending or b"")
+    if pending is not None:
+        pending.clear()
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
@@ -212,6 +218,8 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> Tuple[int, Dict[
             if not chunk:
                 break
             rest += chunk
+        if pending is not None:
+            pending += rest[n:]
         return status, headers, rest[:n]
     if headers.get("transfer-encoding") == ["chunked"]:
         body = b""
@@ -224,7 +232,9 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> Tuple[int, Dict[
                 rest += sock.recv(65536)
             body += rest[:size]
             rest = rest[size + 2 :]
-            if size == 0:
+            if size == 0:  # (no trailers: rest starts with the next response)
+                if pending is not None:
+                    pending += rest
                 return status, headers, body
     while True:
         chunk = sock.recv(65536)
