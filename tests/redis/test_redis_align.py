@@ -1,6 +1,6 @@
 """Windows moved by `align=` start at the same moments on every store: in-process, in a
 SharedMemoryStore and on Redis (checks, composites, quotas set at run time, quota
-leasing and the on_error="local" twin). See tests/test_window_alignment.py for the
+leasing and the on_error="local" twin). See tests/core/test_window_alignment.py for the
 boundaries without align."""
 
 from __future__ import annotations

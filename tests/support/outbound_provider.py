@@ -539,7 +539,7 @@ def _text(tokens: int) -> str:
 
 
 def serve(app: Any) -> Any:
-    """An ASGIServer (tests/servers.py) running ``app`` under uvicorn on loopback."""
+    """An ASGIServer (tests/support/servers.py) running ``app`` under uvicorn on loopback."""
     from support.servers import ASGIServer
 
     return ASGIServer(app)

@@ -6,7 +6,6 @@ import base64
 import datetime as dt
 import gzip
 import json
-import math
 import struct
 
 import pytest
@@ -492,7 +491,7 @@ def test_anthropic_deltas_are_cumulative_not_summed():
     assert s.usage.output_tokens == 9
 
 
-def test_stream_without_usage_falls_back_to_counting():
+def test_stream_without_usage_falls_back_to_counting(monkeypatch):
     stream = sse([{"object": "chat.completion.chunk", "choices": [{"delta": {"content": "hello world"}}]}])
     s = nt.UsageStream("openai", model="gpt-4o", input_estimate=42)
     s.feed(stream[:-1])  # cut before the final newline: finish() reads what is left
@@ -500,11 +499,10 @@ def test_stream_without_usage_falls_back_to_counting():
     assert usage == nt.Usage(42, 2, exact=False)
     a = nt.UsageStream("anthropic")
     a.feed(sse([{"type": "content_block_delta", "delta": {"text": "x" * 35}}]))
-    # 35 characters at 3.5 per token, times the estimator's factor (1 until calibrated;
-    # other tests in this process may have calibrated it: the factor is process-wide).
-    est = nt.anthropic_estimator
-    assert a.finish() == nt.Usage(0, math.ceil(35 / est.CHARS_PER_TOKEN * est.factor(None)), exact=False)
-    assert math.ceil(35 / est.CHARS_PER_TOKEN) == 10
+    # 35 characters at 3.5 per token, with an estimator no call has calibrated (the
+    # process-wide one may have been, by other tests).
+    monkeypatch.setattr("nexus_limits.tokens._count.anthropic_estimator", nt.AnthropicEstimator())
+    assert a.finish() == nt.Usage(0, 10, exact=False)
 
 
 def test_malformed_streams_are_counted_not_raised():

@@ -565,7 +565,7 @@ def _tree_checks(cfg: GatewayConfig, loc: Locator) -> None:
             if value is not None:
                 raise loc.error(
                     ("tiers", tier.name, option),
-                    f"{option} is not available for keys in a team (key {show(api_key)} is in team {show(team_name)})",
+                    f"{option} is not available for keys in a team (a key of this tier is in team {show(team_name)})",
                 )
     for name in cfg.classes:
         # A class travels in a header (compared as sent, at most 64 bytes) and in

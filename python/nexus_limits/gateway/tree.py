@@ -178,7 +178,8 @@ class TreeLimiter:
     def _route(self, key: Key) -> Route:
         route = self.route_of(key)
         if route is None:
-            raise KeyError(f"the key is not in the hierarchy: {key!r}")
+            # (the key itself is a credential: never in a message that may be logged)
+            raise KeyError("the key is not in the hierarchy (a reload removed it?)")
         return route
 
     def _answer(self, outcome: Any, route: Route, estimate: int) -> TreeReservation:
@@ -370,7 +371,7 @@ class TreeSpend:
         micros = self.estimate(model, input_tokens, output_tokens)
         route = self.tree.routes.get(key)
         if route is None:
-            raise LookupError(f"the key is not in a team: {key!r}")
+            raise LookupError("the key is not in a team (a reload removed it?)")
         outcome = self.tree.hierarchy.reserve(route.path, 0, spend=micros)
         if inspect.isawaitable(outcome):
 

@@ -1,5 +1,5 @@
 -- Hierarchy.hit / reserve / peek: a call decided on every node of its path as one step,
--- the twin of Hierarchy::check, ::reserve and ::peek in rust/hierarchy.rs.
+-- the twin of Hierarchy::check, ::reserve and ::peek in rust/hierarchy/mod.rs.
 --
 -- KEYS: six per level (see hierarchy_lib.lua).
 -- ARGV[1] now ("" for the server's TIME), ARGV[2] "hit" (rate quotas, charged, no

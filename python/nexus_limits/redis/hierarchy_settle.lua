@@ -1,6 +1,6 @@
 -- Hierarchy settle / cancel: charge (or refund, when negative) the deltas on every node
 -- of the path and end the reservation's leases, unless its lease time has passed (then
--- it stands as charged): the twin of Hierarchy::settle in rust/hierarchy.rs.
+-- it stands as charged): the twin of Hierarchy::settle in rust/hierarchy/mod.rs.
 --
 -- KEYS: six per level (see hierarchy_lib.lua).
 -- ARGV[1] now ("" for the server's TIME), ARGV[2] charged at (us, the reservation's
