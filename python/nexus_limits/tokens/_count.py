@@ -142,11 +142,40 @@ def _encoded_length(encoding: Any, text: str, piece: Optional[int] = None) -> Tu
     return tokens, exact
 
 
+# Model name -> (encoding, known model), for the few names real traffic uses. A client
+# chooses the name, so the table is bounded: past _ENCODINGS_MAX names (or for a long
+# name), the answer is worked out again each time.
+_ENCODINGS: Dict[str, Tuple[Any, bool]] = {}
+_ENCODINGS_MAX = 256
+_ENCODINGS_LOCK = threading.Lock()
+
+
 def _encoding(model: Optional[str]) -> Tuple[Any, bool]:
-    """(tiktoken encoding, known model) for an OpenAI model name. Nothing is cached per
-    model name (a client chooses those): the encodings themselves are built once each."""
+    """(tiktoken encoding, known model) for an OpenAI model name. The encodings
+    themselves are built once each."""
+    found = _ENCODINGS.get(model) if type(model) is str else None
+    if found is not None:
+        return found
     name = encoding_for_model(model)
-    return get_encoding(name or FALLBACK_ENCODING), name is not None
+    found = (get_encoding(name or FALLBACK_ENCODING), name is not None)
+    if type(model) is str and len(model) <= 256 and len(_ENCODINGS) < _ENCODINGS_MAX:
+        with _ENCODINGS_LOCK:
+            if len(_ENCODINGS) < _ENCODINGS_MAX:
+                _ENCODINGS[model] = found
+    return found
+
+
+# The roles messages have, whose tokens are counted once per encoding (a message's role
+# is one of these in nearly every request).
+_ROLES = ("system", "user", "assistant", "developer", "tool", "function")
+_ROLE_TOKENS: Dict[str, Dict[str, int]] = {}
+
+
+def _role_tokens(encoding: Any) -> Dict[str, int]:
+    roles = _ROLE_TOKENS.get(encoding.name)
+    if roles is None:
+        roles = _ROLE_TOKENS[encoding.name] = {role: len(encoding.encode_ordinary(role)) for role in _ROLES}
+    return roles
 
 
 def count_tokens(text: str, model: Optional[str] = "gpt-4o") -> int:
@@ -181,6 +210,14 @@ class _Counter:
 
     def text(self, value: str) -> None:
         if not value:
+            return
+        n = len(value)
+        if n <= self.budget and n <= PIECE_CHARS:  # within budget, in one piece: exact
+            tokens = len(self.encoding.encode_ordinary(value))
+            self.tokens += tokens
+            self.budget -= n
+            self.seen_chars += n
+            self.seen_tokens += tokens
             return
         head = value if len(value) <= self.budget else value[: self.budget]
         if head:
@@ -258,6 +295,27 @@ class _Counter:
             self.text(_optional_str(fn.get("name"), f"{field}[{i}].function.name"))
             self.text(_optional_str(fn.get("arguments"), f"{field}[{i}].function.arguments"))
         self.exact = False
+
+    def plain_message(self, message: Dict[str, Any], roles: Dict[str, int]) -> bool:
+        """Counts a message that is only a known ``role`` and a string ``content`` that
+        fits the budget in one piece (most messages), as :meth:`message` would; False
+        (nothing counted) for any other message."""
+        if len(message) != 2:
+            return False
+        role = message.get("role")
+        content = message.get("content")
+        if type(role) is not str or type(content) is not str:
+            return False
+        role_tokens = roles.get(role)
+        n = len(content)
+        if role_tokens is None or n > PIECE_CHARS or n + len(role) > self.budget:
+            return False
+        tokens = role_tokens + (len(self.encoding.encode_ordinary(content)) if n else 0)
+        self.tokens += TOKENS_PER_MESSAGE + tokens
+        self.budget -= n + len(role)
+        self.seen_chars += n + len(role)
+        self.seen_tokens += tokens
+        return True
 
     def message(self, message: Any, field: str) -> None:
         if not isinstance(message, dict):
@@ -362,8 +420,10 @@ def _openai(body: Dict[str, Any], model: Optional[str]) -> TokenCount:
         messages = body["messages"]
         if not isinstance(messages, list):
             raise _wrong("messages", "a list", messages)
+        roles = _role_tokens(encoding)
         for i, message in enumerate(messages):
-            c.message(message, f"messages[{i}]")
+            if type(message) is not dict or not c.plain_message(message, roles):
+                c.message(message, f"messages[{i}]")
         c.tokens += REPLY_PRIMING
         functions = body.get("functions")
         if functions is not None and not isinstance(functions, list):
@@ -410,7 +470,11 @@ def _openai(body: Dict[str, Any], model: Optional[str]) -> TokenCount:
         _prompt(c, body[field], field)
     else:
         raise RequestBodyError("body", "an OpenAI request body needs 'messages', 'input' or 'prompt'")
-    return TokenCount(c.tokens, c.exact, "openai", model)
+    return _new_count(TokenCount, (c.tokens, c.exact, "openai", model))  # type: ignore[no-any-return]
+
+
+# Builds a TokenCount without the Python-level __new__ of a NamedTuple (the same object).
+_new_count: Any = tuple.__new__
 
 
 _FAMILY = re.compile(r"(-\d{8}|-latest|@\d{8})$")

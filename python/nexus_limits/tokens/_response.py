@@ -931,6 +931,35 @@ def _media_type(value: Union[str, bytes, None]) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
+def _mode_from_media(media: str) -> Optional[str]:
+    if media == "text/event-stream":
+        return "sse"
+    if media in ("application/json", "text/json") or media.endswith("+json"):
+        return "json"
+    return None
+
+
+# Content-Type value -> how the body is read, for the few values upstreams send. The
+# values come from the upstream, so the table stops growing at _MODES_MAX entries.
+_MODES: Dict[Union[str, bytes], Optional[str]] = {}
+_MODES_MAX = 64
+
+
+def _mode_of(content_type: Union[str, bytes, None]) -> Optional[str]:
+    """How a body with this Content-Type is read: "sse", "json" or None (sniffed)."""
+    kind = type(content_type)
+    if kind is not str and kind is not bytes:
+        return _mode_from_media(_media_type(content_type))
+    try:
+        return _MODES[content_type]  # type: ignore[index]
+    except KeyError:
+        pass
+    mode = _mode_from_media(_media_type(content_type))
+    if len(content_type) <= 200 and len(_MODES) < _MODES_MAX:  # type: ignore[arg-type]
+        _MODES[content_type] = mode  # type: ignore[index]
+    return mode
+
+
 def _header_name(name: Union[str, bytes]) -> str:
     return (name.decode("latin-1") if isinstance(name, (bytes, bytearray)) else str(name)).lower()
 
@@ -1022,13 +1051,23 @@ class UsageReader:
         self.model: Optional[str] = model if isinstance(model, str) else None
         self.input_estimate = input_estimate
         self.max_decoded_bytes = max_decoded_bytes
-        media = _media_type(content_type)
-        self._mode: Optional[str] = None
-        if media == "text/event-stream":
-            self._mode = "sse"
-        elif media in ("application/json", "text/json") or media.endswith("+json"):
-            self._mode = "json"
-        self._failed: Optional[str] = None
+        mode = _mode_of(content_type)
+        self._mode = mode
+        if content_encoding is None:
+            # No content coding, what nearly every response has: nothing to decode.
+            self.strip_usage_chunk = bool(strip_usage_chunk) and mode == "sse"
+            if mode == "json":
+                # A JSON body that arrives uncompressed is held (up to _CAPTURE bytes)
+                # and read with one json.loads at the end: ~10x cheaper than scanning
+                # it, and a small body is what most calls get. Past _CAPTURE, or when
+                # json.loads does not accept it, the scanner reads it, as it reads
+                # every other body.
+                self._small = []
+            else:
+                # The event-stream reader, made only for a body that may be a stream.
+                self._sse = _SseCore(checked, self.model, input_estimate, strip=self.strip_usage_chunk)
+            self._entry = self._consume
+            return
         stages: List[_Stage] = []
         codings = _codings(content_encoding)
         if len(codings) > MAX_CONTENT_CODINGS:
@@ -1041,31 +1080,36 @@ class UsageReader:
                     stages = []
                     break
                 stages.append(stage)
-        self.strip_usage_chunk = bool(strip_usage_chunk) and self._mode == "sse" and self._failed is None
+        self.strip_usage_chunk = bool(strip_usage_chunk) and mode == "sse" and self._failed is None
         self.forward_decoded = self.strip_usage_chunk and bool(stages)
-        # The event-stream reader, made only for a body that may be a stream.
-        self._sse: Optional[_SseCore] = None
-        if self._mode != "json":
+        if mode != "json":
             self._sse = _SseCore(checked, self.model, input_estimate, strip=self.strip_usage_chunk)
-        self._json: Optional[_JsonScan] = None  # made with the first JSON bytes scanned
-        # A JSON body that arrives uncompressed is held (up to _CAPTURE bytes) and read
-        # with one json.loads at the end: ~10x cheaper than scanning it, and a small
-        # body is what most calls get. Past _CAPTURE, or when json.loads does not
-        # accept it, the scanner reads it, as it reads every other body.
-        self._small: Optional[List[bytes]] = None
-        if self._mode == "json" and not stages and self._failed is None:
+        if mode == "json" and not stages and self._failed is None:
             self._small = []
-        self._small_size = 0
-        self._encoded = 0
-        self._decoded = [0] * len(stages)
+        if stages:
+            self._decoded = [0] * len(stages)
         entry: _Sink = self._consume
         for index in reversed(range(len(stages))):
             entry = self._link(index, stages[index], entry)
         self._entry = entry
         self._plain = not stages
-        self._sniffed = False
-        self._finished = False
-        self._result: Union[Usage, UsageError, None] = None
+
+    # The state of a reader just made, as class defaults: each reader sets only what
+    # differs (one is made per response).
+    _failed: Optional[str] = None
+    forward_decoded = False
+    _sse: Optional[_SseCore] = None
+    _json: Optional[_JsonScan] = None  # made with the first JSON bytes scanned
+    _small: Optional[List[bytes]] = None
+    _small_size = 0
+    _encoded = 0
+    _decoded: List[int]  # bytes decoded per coding stage (set when there are stages)
+    _entry: _Sink
+    _plain = True
+    _sniffed = False
+    _finished = False
+    _result: Union[Usage, UsageError, None] = None
+    _mode: Optional[str]
 
     def _link(self, index: int, stage: _Stage, after: _Sink) -> _Sink:
         def sink(out: bytes) -> None:
@@ -1112,9 +1156,12 @@ class UsageReader:
 
     def feed(self, chunk: bytes) -> bytes:
         """Reads the next body chunk; returns the bytes to forward for it."""
-        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+        if type(chunk) is bytes:
+            data = chunk
+        elif isinstance(chunk, (bytes, bytearray, memoryview)):
+            data = bytes(chunk)
+        else:
             raise TypeError(f"chunk must be bytes, got {type(chunk).__name__}")
-        data = bytes(chunk)
         if self._finished:
             return data
         if self._failed is not None:
@@ -1125,8 +1172,8 @@ class UsageReader:
             small = self._small
             if small is not None:
                 small.append(data)
-                self._small_size += len(data)
-                if self._small_size > _CAPTURE:
+                size = self._small_size = self._small_size + len(data)
+                if size > _CAPTURE:
                     self._scan_held()
             elif self._plain:
                 self._consume(data)
@@ -1162,23 +1209,33 @@ class UsageReader:
 
     def finish(self, complete: bool = True) -> Usage:
         """The usage of the response (of what was delivered, when ``complete`` is False)."""
-        if self._result is None:
+        result = self._result
+        if result is None:
             try:
-                self._result = self._finish(complete)
+                result = self._finish(complete)
             except UsageError as error:
-                self._result = error
+                result = error
+            self._result = result
             self._finished = True
-        if isinstance(self._result, UsageError):
-            raise self._result
-        return self._result
+        if type(result) is not Usage:
+            raise result  # type: ignore[misc]
+        return result
 
     def _finish(self, complete: bool) -> Usage:
-        if self._small is not None:
-            held = b"".join(self._small)
-            doc = _small_document(held)
+        small = self._small
+        if small is not None:
+            doc = _small_document(small[0] if len(small) == 1 else b"".join(small))
             if doc is not None:
                 self._small = None
-                return self._usage_in(doc.get("usage", _MISSING), doc, any(k in doc for k in _GENERATION_NAMES))
+                usage = doc.get("usage", _MISSING)
+                if type(usage) is dict and (self.provider == "openai" or self.provider == "openai-responses"):
+                    # The common answer: an OpenAI provider, and the usage an object.
+                    return _usage_of(
+                        usage,
+                        _openai_format(usage),
+                        require_output="choices" in doc or "output" in doc or "content" in doc,
+                    )
+                return self._usage_in(usage, doc, any(k in doc for k in _GENERATION_NAMES))
             try:
                 self._scan_held()
             except _GiveUp as error:
@@ -1236,7 +1293,18 @@ def _small_document(body: bytes) -> Optional[Dict[str, Any]]:
     if body.count(b"{") + body.count(b"[") >= _MAX_DEPTH:
         return None
     try:
-        doc = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError too
+        text = body.decode("utf-8")
+        # What json.loads does, without its Python steps, for a body that starts with
+        # "{" (no whitespace nor byte-order mark first) and ends where the object does.
+        if text[:1] == "{":
+            doc, end = _scan_json(text, 0)
+            if end == len(text):
+                return doc if type(doc) is dict else None
+        doc = json.loads(text)
+    except (ValueError, RecursionError, StopIteration):  # UnicodeDecodeError and JSONDecodeError too
         return None
     return doc if type(doc) is dict else None
+
+
+# json.loads' own scanner (the C one when there is one), called directly.
+_scan_json: Callable[[str, int], Tuple[Any, int]] = cast(Any, json.decoder.JSONDecoder()).scan_once

@@ -87,10 +87,71 @@ def _output(usage: Dict[str, Any], name: str, input_name: str, input_tokens: int
     return 0
 
 
+# Builds a Usage without the Python-level __new__ of a NamedTuple (the same object).
+_new_usage: Any = tuple.__new__
+# The names a fast read looks for, per provider: input, output, input details and its
+# cached count, output details and its reasoning count.
+_FAST_NAMES = {
+    "openai": (
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "cached_tokens",
+        "completion_tokens_details",
+        "reasoning_tokens",
+    ),
+    "openai-responses": (
+        "input_tokens",
+        "output_tokens",
+        "input_tokens_details",
+        "cached_tokens",
+        "output_tokens_details",
+        "reasoning_tokens",
+    ),
+}
+
+
+def _fast_detail(details: Any, name: str) -> int:
+    """A count in a details object, or -1 when it is not a plain valid one (the general
+    reading then decides, raising what it raises)."""
+    if details is None:
+        return 0
+    if type(details) is not dict:
+        return -1
+    value = details.get(name)
+    if value is None:
+        return 0
+    if type(value) is not int or value > MAX_REPORTED_TOKENS:
+        return -1
+    return value  # a negative one is -1 or below: not plain either
+
+
 def _usage_of(usage: Any, provider: str, require_output: bool = True) -> Usage:
     """Validated :class:`Usage` from a provider's ``usage`` object. ``provider`` is
     ``"openai"`` (Chat Completions, legacy completions, embeddings),
     ``"openai-responses"`` or ``"anthropic"``. Raises UsageError, nothing else."""
+    # Every request reads one usage: the common shape (plain counts, in range, details
+    # plain or absent) is read here in a few steps; anything else (errors included)
+    # by the general reading below.
+    names = _FAST_NAMES.get(provider)
+    if names is not None and type(usage) is dict:
+        get = usage.get
+        input_tokens = get(names[0])
+        output_tokens = get(names[1])
+        if (
+            type(input_tokens) is int
+            and type(output_tokens) is int
+            and 0 <= input_tokens <= MAX_REPORTED_TOKENS
+            and 0 <= output_tokens <= MAX_REPORTED_TOKENS - input_tokens
+        ):
+            cached = _fast_detail(get(names[2]), names[3])
+            reasoning = _fast_detail(get(names[4]), names[5])
+            if 0 <= cached <= input_tokens and 0 <= reasoning <= output_tokens:
+                return _new_usage(Usage, (input_tokens, output_tokens, cached, reasoning, True, 0))  # type: ignore[no-any-return]
+    return _usage_of_any(usage, provider, require_output)
+
+
+def _usage_of_any(usage: Any, provider: str, require_output: bool) -> Usage:
     if not isinstance(usage, dict):
         raise UsageError(f"usage must be an object, got {type(usage).__name__}")
     written = 0  # OpenAI reports no cache writes (its cache is written for free)
@@ -131,7 +192,7 @@ def _usage_of(usage: Any, provider: str, require_output: bool = True) -> Usage:
         raise UsageError(f"reasoning tokens ({reasoning}) exceed the output tokens ({output_tokens})")
     if input_tokens + output_tokens > MAX_REPORTED_TOKENS:
         raise UsageError("the reported tokens add up to more than 2**53")
-    return Usage(input_tokens, output_tokens, cached, reasoning, True, written)
+    return _new_usage(Usage, (input_tokens, output_tokens, cached, reasoning, True, written))  # type: ignore[no-any-return]
 
 
 def detect_provider(body: Dict[str, Any]) -> str:
