@@ -7,19 +7,15 @@ SpendLimiter is built with ``store=`` it and ``name=`` the tier's.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Dict, List
 
 import httpx
 import pytest
-from support.gateway_harness import Upstream, connect, read_response
 from support.servers import ASGIServer, free_port
-from test_gateway_workers import owner
+from support.workers import WorkersGateway, close_all, upstream_server
+from support.workers import get as get_on
 
 from nexus_limits.gateway.config import load_config
 
@@ -53,88 +49,21 @@ concurrency = {concurrency}
 
 @pytest.fixture
 def upstream():
-    app = Upstream()
-    with ASGIServer(app) as server:
-        server.app = app
+    with upstream_server() as server:
         yield server
 
 
-class Gateway:
+class Gateway(WorkersGateway):
     """``python -m nexus_limits.cli gateway --config <file>`` with N workers, memory backend."""
 
     def __init__(self, tmp_path, upstream, workers: int, requests: str, concurrency: int) -> None:
-        self.port = free_port()
-        self.path = tmp_path / "gateway.toml"
-        self.path.write_text(
-            CONFIG.format(url=upstream.url, port=self.port, workers=workers, requests=requests, concurrency=concurrency)
-        )
-        self.log = open(tmp_path / "gateway.log", "wb")
-        args = [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", str(self.path)]
-        self.proc = subprocess.Popen(
-            args, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def workers(self) -> List[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                children = [int(p) for p in f.read().split()]
-        except OSError:
-            return []
-        return [pid for pid in children if _listening(pid, self.port)]
-
-    def wait_ready(self, workers: int, seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            if len(self.workers()) == workers:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"the gateway's {workers} workers did not start: {self.output()}")
-
-    def held_connections(self, each: int, seconds: float = 20) -> Dict[int, list]:
-        """Kept-alive connections until every worker holds ``each`` of them."""
-        pids = self.workers()
-        socks: Dict[int, list] = {pid: [] for pid in pids}
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not all(len(held) >= each for held in socks.values()):
-            sock = connect(self.port)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(sock)[0] == 200
-            socks[owner(pids, self.port, sock)].append(sock)
-        assert all(len(held) >= each for held in socks.values()), {pid: len(h) for pid, h in socks.items()}
-        return socks
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        with open(self.log.name, "rb") as f:
-            return f.read().decode(errors="replace")[-3000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-        return self.proc.returncode
-
-
-def _listening(pid: int, port: int) -> bool:
-    from test_gateway_workers import _listens
-
-    return _listens(pid, port)
+        port = free_port()
+        text = CONFIG.format(url=upstream.url, port=port, workers=workers, requests=requests, concurrency=concurrency)
+        super().__init__(tmp_path, port, text)
 
 
 def get(sock, path: str, key: str = "sk-one") -> int:
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
-    return read_response(sock, timeout=30)[0]
+    return get_on(sock, path, key, timeout=30)
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -164,9 +93,7 @@ def test_memory_workers_enforce_one_exact_limit(tmp_path, upstream, workers):
         assert codes.count(200) == 15, f"{codes.count(200)} admitted by {workers} workers for a quota of 15"
         assert codes.count(429) == len(codes) - 15
     finally:
-        for held in socks.values():
-            for s in held:
-                s.close()
+        close_all(socks)
         assert gw.stop() == 0, gw.output()
 
 
@@ -190,9 +117,7 @@ def test_memory_workers_share_concurrency_leases(tmp_path, upstream):
         slow.join(30)
         assert get(b, "/v1/models") == 200
     finally:
-        for held in socks.values():
-            for s in held:
-                s.close()
+        close_all(socks)
         assert gw.stop() == 0, gw.output()
 
 

@@ -47,6 +47,10 @@ class Tier:
         return {k: v for k, v in _quotas(self).items() if k != "spend"}
 
 
+# The highest concurrency limit a node may have in a SharedMemoryStore (several workers
+# on the memory backend): a lease names its slot in 16 bits.
+SHARED_MAX_CONCURRENCY = 65_535
+
 QUOTA_NAMES = ("requests", "tokens", "daily_tokens", "spend", "concurrency")
 
 
@@ -514,15 +518,18 @@ def _cross_checks(cfg: GatewayConfig, doc: Mapping[str, Any], loc: Locator) -> N
             raise loc.error(("tiers", name, "queue"), "needs one of requests, tokens, daily_tokens to wait for")
     if cfg.default_tier is not None and cfg.default_tier not in cfg.tiers:
         raise loc.error(("gateway", "default_tier"), f"{cfg.default_tier!r} is not a tier")
-    # workers > 1 with the memory backend: the workers share every tier's limits through
-    # a SharedMemoryStore the supervisor makes (see app.create_shared_store). The org,
-    # team and class hierarchies are shared across processes only on Redis.
-    if cfg.workers > 1 and cfg.backend != "redis" and cfg.uses_tree():
-        raise loc.error(
-            ("server", "workers"),
-            f"{cfg.workers} workers share orgs, teams and [classes] only through Redis: set [backend] "
-            "type = 'redis' (with the memory backend each worker would count them alone)",
-        )
+    # workers > 1 with the memory backend: the workers share every limit (tiers, orgs,
+    # teams, classes) through a SharedMemoryStore the supervisor makes (see
+    # app.create_shared_store), whose leases name their slot in 16 bits.
+    if cfg.workers > 1 and cfg.backend != "redis":
+        for table, groups in (("tiers", cfg.tiers), ("orgs", cfg.orgs), ("teams", cfg.teams)):
+            for name, group in groups.items():
+                if (group.concurrency or 0) > SHARED_MAX_CONCURRENCY:
+                    raise loc.error(
+                        (table, name, "concurrency"),
+                        f"must be at most {SHARED_MAX_CONCURRENCY:,} with {cfg.workers} workers on the memory "
+                        f"backend (their leases live in shared memory), got {group.concurrency:,}",
+                    )
     from ..spend import PriceTable
 
     for model, price in cfg.prices.items():

@@ -174,6 +174,8 @@ class TreeLimiter:
         self.route_of = route_of
         # The synchronous twin that changes a Redis hierarchy's quotas (None in-process).
         self.admin: Any = None
+        # The workers' SharedMemoryStore the hierarchy lives in (None: this process or Redis).
+        self.store: Any = None
 
     def _route(self, key: Key) -> Route:
         route = self.route_of(key)
