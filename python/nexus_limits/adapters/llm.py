@@ -86,6 +86,14 @@ _HOLDS_KEPT = 64
 _REDIS_TYPES: Dict[type, bool] = {}
 
 
+def _in_process(owner: Any) -> bool:
+    """True for the in-process TokenLimiter and SpendLimiter (exactly those types): their
+    methods return at once and never an awaitable, so they are called directly."""
+    from ..budget import SpendLimiter, TokenLimiter
+
+    return type(owner) in (TokenLimiter, SpendLimiter)
+
+
 async def _call(owner: Any, fn: Any, *args: Any) -> Any:
     """Calls a limiter or reservation method without blocking the loop: coroutines are
     awaited; a synchronous Redis backend runs in a worker thread; in-process is direct."""
@@ -116,19 +124,32 @@ class _Holds:
         return min(max(typical, self.low), self.high)
 
 
-class _Format(NamedTuple):
-    """How refusals are written: ``"openai"``, ``"anthropic"`` or ``"problem"``."""
+class _Format:
+    """How refusals are written: ``"openai"``, ``"anthropic"`` or ``"problem"``; worked
+    out from the request's ``Accept`` only when a refusal is written (most requests
+    never need it)."""
 
-    kind: str
+    __slots__ = ("_kind", "_provider", "_scope")
+
+    def __init__(self, kind: Optional[str], scope: Optional[Scope] = None, provider: Optional[str] = None) -> None:
+        self._kind = kind
+        self._scope = scope
+        self._provider = provider
 
     @staticmethod
     def of(scope: Scope, provider: Optional[str]) -> _Format:
-        for name, value in scope.get("headers") or ():
-            if name.lower() == b"accept":
-                for item in value.split(b","):
-                    if item.split(b";")[0].strip().lower() == b"application/problem+json":
-                        return _Format("problem")
-        return _Format(provider or "problem")
+        return _Format(None, scope, provider)
+
+    @property
+    def kind(self) -> str:
+        if self._kind is None:
+            self._kind = self._provider or "problem"
+            for name, value in (self._scope or {}).get("headers") or ():
+                if name.lower() == b"accept":
+                    for item in value.split(b","):
+                        if item.split(b";")[0].strip().lower() == b"application/problem+json":
+                            self._kind = "problem"
+        return self._kind
 
 
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large", 429: "Too Many Requests"}
@@ -266,6 +287,16 @@ def _refuse_constant(name: str) -> Any:
     raise RequestBodyError("body", f"{name} is not a JSON number")
 
 
+# json.loads(raw, parse_constant=...) builds a decoder per call; this one is built once.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads(raw, parse_constant=_refuse_constant)``: the encoding detected as
+    json.loads detects it (UTF-8, -16 or -32, a UTF-8 BOM dropped)."""
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
 def _rewritten(scope: Scope, size: int) -> Scope:
     """``scope`` for a body the middleware rewrote (``size`` bytes) to ask for the usage
     chunk: its content-length, and ``accept-encoding: identity`` so that the stream the
@@ -307,6 +338,12 @@ _RECANCEL = 0.02
 # callback to run when the client's connection is lost, and returns a callable that
 # forgets it. With it, no task has to wait on receive() to see a client go away.
 ON_DISCONNECT = "nexus_limits.on_disconnect"
+
+# A scope entry an outer layer that has already judged the request (the gateway) may
+# set: ``((method, path), key)``, the normalised target and the client's key as this
+# middleware's own ``key`` would find them, so that neither is worked out twice. Only
+# code that builds the scope can set it (a client cannot).
+GIVEN = "nexus_limits.given"
 
 
 def _nothing() -> None:
@@ -587,16 +624,23 @@ class LLMLimitMiddleware:
         self.max_body = max_body
         self.max_retry_after = float(max_retry_after)
         self.holds = _Holds(float(low), float(high))
+        # In-process backends are called directly, not through _call.
+        self._direct = limiter is not None and _in_process(limiter)
+        self._direct_spend = spend is not None and _in_process(spend)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        try:
-            method, path = target_of(scope)
-        except BadRequest as error:
-            await _refuse(send, _Format("problem"), 400, str(error))
-            return
+        given = scope.get(GIVEN)
+        if given is not None:
+            method, path = given[0]
+        else:
+            try:
+                method, path = target_of(scope)
+            except BadRequest as error:
+                await _refuse(send, _Format("problem"), 400, str(error))
+                return
         provider = self.paths.get(path) if method == "POST" else None
         if provider is not None:
             await self._llm(scope, receive, send, provider, path)
@@ -606,6 +650,9 @@ class LLMLimitMiddleware:
             await self.app(scope, receive, send)
 
     def _key(self, scope: Scope, target: Tuple[str, str]) -> Any:
+        given = scope.get(GIVEN)
+        if given is not None:
+            return given[1]
         return self.key_func(request_of(scope, target))
 
     def _observe(self, route: str, started: float, decision: Any) -> None:
@@ -774,7 +821,7 @@ class LLMLimitMiddleware:
         if not raw.strip():
             raise RequestBodyError("body", "the body is empty; it must be a JSON object")
         try:
-            body = json.loads(raw, parse_constant=_refuse_constant)
+            body = _loads(raw)
         except RecursionError:
             raise RequestBodyError("body", "the body is nested too deeply to read") from None
         except RequestBodyError:
@@ -828,7 +875,7 @@ class LLMLimitMiddleware:
         if callable(peek) and self.queue is None:  # a queued request may wait instead
             # Decided by the request limit, the concurrency limit or a token debt: the
             # body cannot change the answer, so it is not read.
-            early = await _call(self.limiter, peek, key)
+            early = peek(key) if self._direct else await _call(self.limiter, peek, key)
             if not early.allowed:
                 self._observe(path, time.perf_counter(), early.decision)
                 await self._refuse_reservation(send, fmt, early)
@@ -884,6 +931,8 @@ class LLMLimitMiddleware:
                         },
                     )
                     return
+            elif self._direct:
+                reservation = self.limiter.reserve(key, judged.estimate)
             else:
                 reservation = await _call(self.limiter, self.limiter.reserve, key, judged.estimate)
             self._observe(path, started, reservation.decision)
@@ -1131,7 +1180,13 @@ class _Both:
         """Settles at ``usage`` (None: at the estimate); ends the lease either way."""
         if self.tokens is not None:
             tokens = estimate if usage is None else usage.total_tokens
-            await _guarded(_call(self.owner.limiter, self.tokens.settle, tokens))
+            if self.owner._direct:
+                try:
+                    self.tokens.settle(tokens)
+                except Exception as error:
+                    log.warning("could not settle a reservation: %s", error)
+            else:
+                await _guarded(_call(self.owner.limiter, self.tokens.settle, tokens))
         if self.spend is not None:
             spend = self.spend
             if usage is not None:

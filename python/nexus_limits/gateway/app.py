@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..adapters import normalize_target, parse_key_spec, problem
 from ..adapters.asgi import Message, Receive, Scope, Send, request_of
-from ..adapters.llm import LLMLimitMiddleware
+from ..adapters.llm import GIVEN, LLMLimitMiddleware, _Resumed
 from ..errors import BadRequest
 from ..fair import FairQueue
 from ..tokens import OutputEstimate, warm_encodings
@@ -608,6 +608,7 @@ class Gateway:
             await reply(send, 429, problem(429, "Too Many Requests", detail), [("retry-after", "1")])
             return
         in_flight[key] = held + 1
+        scope[GIVEN] = ((method, path), key)
         try:
             await middleware(scope, _Deadline(receive, cfg.body_timeout), send)
         except _BodyTimeout:
@@ -636,14 +637,17 @@ class _BodyTimeout(Exception):
 
 if sys.version_info >= (3, 11):
 
-    async def _within(receive: Receive, deadline: float) -> Message:
+    async def _within(rest: Any, deadline: float) -> Message:
         async with asyncio.timeout_at(deadline):
-            return await receive()
+            return await rest  # type: ignore[no-any-return]
 
 else:  # pragma: no cover - Python < 3.11
 
-    async def _within(receive: Receive, deadline: float) -> Message:
-        return await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+    async def _within(rest: Any, deadline: float) -> Message:
+        async def wait() -> Message:
+            return await rest  # type: ignore[no-any-return]
+
+        return await asyncio.wait_for(wait(), deadline - asyncio.get_running_loop().time())
 
 
 class _Deadline:
@@ -662,10 +666,20 @@ class _Deadline:
     async def __call__(self) -> Message:
         if self.done:
             return await self.receive()
+        # A body already received is handed over without waiting: the server's
+        # receive() is started by hand, and only one that has to wait goes on under
+        # the deadline (a timeout per message costs more than the rest of this).
+        pending = self.receive().__await__()
+        message: Message
         try:
-            message = await _within(self.receive, self.deadline)
-        except asyncio.TimeoutError:
-            raise _BodyTimeout from None
+            first = pending.send(None)
+        except StopIteration as stop:
+            message = stop.value
+        else:
+            try:
+                message = await _within(_Resumed(pending, first), self.deadline)
+            except asyncio.TimeoutError:
+                raise _BodyTimeout from None
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.done = True
         return message
