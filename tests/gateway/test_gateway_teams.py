@@ -572,3 +572,94 @@ keys:
     path.write_text(text.replace("class: bulk", "class: batch"))
     cfg = load_config(str(path))
     assert cfg.routes == [("/v1/batches", "batch"), ("/v1/files", "batch")] and cfg.key_teams == {"sk-1": "search"}
+
+
+METERED = """
+[tiers.metered]
+requests = "100/hour"
+tokens = "100000/day"
+
+[orgs.acme]
+tokens = "1000000/day"
+
+[teams.search]
+org = "acme"
+[teams.ads]
+
+[keys]
+"sk-1" = { tier = "metered", team = "search" }
+"sk-2" = { tier = "metered", team = "ads" }
+"sk-3" = { tier = "metered", team = "search" }
+"sk-solo" = "metered"
+"sk-pro" = "pro"
+"""
+
+
+def _spend_tokens(http, calls):
+    """Chat calls (50 tokens each, as the fake upstream reports) for each key."""
+    for key, n in calls.items():
+        for _ in range(n):
+            assert http.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
+
+
+def _top_rows(http, query="tier=metered", expect=None):
+    """/_nexus/top's rows once the keys' settled usage is there: (key, team, org, used)."""
+    seen = {}
+
+    def ready():
+        r = http.get(f"/_nexus/top?{query}", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        seen["doc"] = r.json()
+        rows = [(row["key"], row.get("team"), row.get("org")) for row in seen["doc"]["top"]]
+        return expect is None or rows == expect
+
+    wait_for(ready)
+    return seen["doc"]
+
+
+def test_top_ranks_a_team_tiers_keys_by_what_they_use_in_the_hierarchy(tmp_path, upstream):
+    """A key of a team is charged at its node of org > team > key, never in its tier's
+    own limiter: /_nexus/top reads that node (it listed the tier's own counters, where
+    those keys never appear)."""
+    app = build_app(str(write(tmp_path, upstream.url, METERED)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        _spend_tokens(http, {"sk-1": 3, "sk-2": 1, "sk-solo": 2, "sk-pro": 4})
+        expect = [("sk-1", "search", "acme"), ("sk-solo", None, None), ("sk-2", "ads", None)]
+        doc = _top_rows(http, expect=expect)
+        assert doc["tier"] == "metered" and doc["limit"] == "tokens" and "detail" not in doc
+        sk1, solo, sk2 = doc["top"]
+        # 50 tokens a call, refilling at 100,000 a day (about 1.2 a second).
+        assert 140 <= sk1["used"] <= 150 and 40 <= sk2["used"] <= 50 and 90 <= solo["used"] <= 100, doc
+        assert sk1["limit"] == sk2["limit"] == solo["limit"] == 100_000
+        assert sk1["id"] is None and solo["id"], "a plain key keeps its limiter's id"
+        state = http.get("/_nexus/keys/sk-1", headers=ADMIN).json()["limits"]["key"]["tokens"]
+        assert abs(state["used"] - sk1["used"]) <= 2, "the row is the key's node, as /_nexus/keys shows it"
+        # The key that never called, and the keys of other tiers, are not listed.
+        assert http.get("/_nexus/top?tier=metered&n=1", headers=ADMIN).json()["top"][0]["key"] == "sk-1"
+        assert [r["key"] for r in http.get("/_nexus/top?tier=pro", headers=ADMIN).json()["top"]] == ["sk-pro"]
+
+
+def test_top_ranks_team_keys_on_redis(tmp_path, upstream, redis_server):
+    backend = (
+        f'[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\nprefix = "gwtop{free_port()}"\n'
+    )
+    app = build_app(str(write(tmp_path, upstream.url, METERED + backend)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        _spend_tokens(http, {"sk-1": 1, "sk-2": 3, "sk-solo": 2})
+        doc = _top_rows(http, expect=[("sk-2", "ads", None), ("sk-1", "search", "acme")])
+        assert doc["limit"] == "tokens" and 140 <= doc["top"][0]["used"] <= 150, doc
+        # The tier's keys outside teams are counted by its own limiter, which is not
+        # ranked on Redis: said, not silently left out.
+        assert doc["detail"] == "the keys of this tier outside teams are not ranked: top keys need the memory backend"
+        # A tier without team keys is still a 501 on Redis.
+        r = http.get("/_nexus/top?tier=pro", headers=ADMIN)
+        assert r.status_code == 501 and "memory backend" in r.json()["detail"]
+
+
+def test_top_ranks_the_keys_of_a_tier_whose_limits_classes_share(tmp_path, upstream):
+    extra = METERED.replace("[keys]", "[classes]\ninteractive = 1.0\nbatch = 0.5\n\n[keys]")
+    app = build_app(str(write(tmp_path, upstream.url, extra)))
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        _spend_tokens(http, {"sk-1": 1, "sk-solo": 2})
+        doc = _top_rows(http, expect=[("sk-solo", None, None), ("sk-1", "search", "acme")])
+        assert 90 <= doc["top"][0]["used"] <= 100 and doc["top"][0]["id"] is None, doc

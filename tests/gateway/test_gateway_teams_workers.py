@@ -319,3 +319,48 @@ def test_a_reload_whose_team_quota_outlives_the_store_keeps_the_running_config(t
             assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=10).status_code == 200
     finally:
         store.unlink()
+
+
+def post_chat(sock, key: str) -> int:
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}'
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return read_response(sock, timeout=30)[0]
+
+
+def test_top_reads_the_team_keys_nodes_in_the_workers_store(tmp_path, upstream):
+    """/_nexus/top for a tier of teams: every worker reads the same nodes in the shared
+    store, so each answers with the calls every worker served."""
+    gw = Gateway(tmp_path, upstream, 2)
+    # 15 tokens a call (the upstream's usage), refilling at 3,000 an hour (< 1 a second).
+    gw.path.write_text(gw.path.read_text().replace('tokens = "100000/hour"', 'tokens = "3000/hour"'))
+    socks: Dict[int, list] = {}
+    try:
+        gw.wait_ready(2)
+        socks = gw.held_connections(1)
+        (a, *_), (b, *_) = socks.values()
+        assert [post_chat(s, k) for s, k in ((a, "sk-one"), (b, "sk-one"), (a, "sk-two"))] == [200, 200, 200]
+
+        def top(sock) -> Dict:
+            return admin_get(sock, "/_nexus/top?tier=t")
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and [r["key"] for r in top(a)["top"]] != ["sk-one", "sk-two"]:
+            time.sleep(0.05)
+        for sock in (a, b):
+            doc = top(sock)
+            assert [(r["key"], r["team"], r["org"]) for r in doc["top"]] == [
+                ("sk-one", "search", "acme"),
+                ("sk-two", "search", "acme"),
+            ], doc
+            one, two = doc["top"]
+            assert 28 <= one["used"] <= 30 and 13 <= two["used"] <= 15 and one["limit"] == 3000, doc
+            # sk-solo is counted by the tier's own TokenLimiter, which keeps no ranking in
+            # shared memory: said, not silently left out.
+            assert doc["detail"].startswith("the keys of this tier outside teams are not ranked: top keys are not kept")
+    finally:
+        close_all(socks)
+        assert gw.stop() == 0, gw.output()

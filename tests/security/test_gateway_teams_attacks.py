@@ -817,3 +817,72 @@ def test_the_admin_view_of_a_team_key_under_hostile_requests(tmp_path, monkeypat
             got, _, body = raw_request(gw.port, b"GET " + target + b" HTTP/1.1\r\nhost: x\r\n" + auth_header)
     assert (got, shows in body) == (status, True), body[:300]
     assert provider.received == [], "nothing under /_nexus reaches the upstream"
+
+
+# -- /_nexus/top for a tier of teams ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "shows"),
+    [
+        (b"tier=pro", 200, b'"team": "search"'),
+        (b"tier=pro&n=1", 200, b'"key": "sk-team"'),
+        (b"tier=pro&tier=pro", 400, b"at most once"),
+        (b"tier=pro&n=2&n=3", 400, b"at most once"),
+        (b"tier=pro&n=0", 400, b"n from 1 to 1000"),
+        (b"tier=pro&n=1001", 400, b"n from 1 to 1000"),
+        (b"tier=pro&n=-1", 400, b"n from 1 to 1000"),
+        (b"tier=pro&n=nan", 400, b"n from 1 to 1000"),
+        (b"tier=pro&n=1e3", 400, b"n from 1 to 1000"),
+        (b"tier=pro&n=1_0", 400, b"n from 1 to 1000"),
+        (b"tier=pro&n=%D9%A5", 400, b"n from 1 to 1000"),  # an Arabic-Indic 5
+        (b"tier=pro&n=" + b"9" * 5000, 400, b"n from 1 to 1000"),
+        (b"tier=%FF", 400, b"tier must be a tier"),
+        (b"tier=" + b"p" * 5000, 400, b"tier must be a tier"),
+        (b"tier=pro%00", 400, b"tier must be a tier"),
+    ],
+)
+def test_top_of_a_team_tier_under_hostile_queries(tmp_path, monkeypatch, query, status, shows):
+    from support.fake_provider import FakeProvider, serve
+    from support.gateway_harness import GatewayServer, raw_request
+
+    monkeypatch.setenv("NL_TEAMS_ATTACK_ADMIN", "adm")
+    provider = FakeProvider()
+    with serve(provider) as upstream:
+        path = tmp_path / "gw.toml"
+        path.write_text(_LEVELS.format(url=upstream.url))
+        with GatewayServer(str(path)) as gw:
+            with httpx.Client(base_url=f"http://127.0.0.1:{gw.port}", timeout=10) as http:
+                call = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+                assert http.post("/v1/chat/completions", json=call, headers=auth("sk-team")).status_code == 200
+            admin = b" HTTP/1.1\r\nhost: x\r\nauthorization: Bearer adm"
+            # (the call's usage is settled after its answer)
+            _wait_for(lambda: b'"top": []' not in raw_request(gw.port, b"GET /_nexus/top?tier=pro" + admin)[2])
+            head = b"GET /_nexus/top?" + query + admin
+            got, _, body = raw_request(gw.port, head)
+    assert (got, shows in body) == (status, True), body[:300]
+    if status != 200:
+        assert b"sk-team" not in body, "a refusal does not list keys"
+
+
+def test_top_of_a_team_tier_with_redis_away_is_a_503_naming_no_key(tmp_path, upstream, monkeypatch):
+    from support.servers import RedisServer
+
+    server = RedisServer().start()
+    try:
+        backend = f'[backend]\ntype = "redis"\nurl = "{server.url}"\nprefix = "top-away"\non_error = "deny"\n'
+        text = _LEVELS.format(url=upstream.url).replace("[tiers.pro]", backend + "\n[tiers.pro]")
+        (tmp_path / "gw.toml").write_text(text)
+        monkeypatch.setenv("NL_TEAMS_ATTACK_ADMIN", "adm")
+        app = build_app(str(tmp_path / "gw.toml"))
+        admin = {"authorization": "Bearer adm"}
+        with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+            call = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+            assert http.post("/v1/chat/completions", json=call, headers=auth("sk-team")).status_code == 200
+            _wait_for(lambda: http.get("/_nexus/top?tier=pro", headers=admin).json()["top"] != [])
+            server.stop()
+            r = http.get("/_nexus/top?tier=pro", headers=admin)
+            assert r.status_code == 503 and "could not be read" in r.json()["detail"], r.text
+            assert "sk-team" not in r.text and "search" not in r.text
+    finally:
+        server.close()

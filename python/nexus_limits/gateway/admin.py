@@ -3,25 +3,31 @@ top keys."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 from inspect import isawaitable
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
 from ..adapters import problem
 from ..adapters.asgi import Scope, Send, request_of
 from .proxy import reply
+from .tree import TreeLimiter
 
 __all__ = ["admin", "json_reply"]
+
+log = logging.getLogger("nexus_limits.gateway")
 
 
 async def admin(gateway: Any, scope: Scope, send: Send) -> None:
     """``GET /_nexus/keys/<key>`` (or ``/_nexus/keys?key=<key>``): one key's tier and
     limits (for a key of a team, also its team and org, and the state of each level);
     ``GET /_nexus/top?tier=<t>&n=<n>``: the keys using the largest share of the tier's
-    token limit; ``GET /_nexus/upstream``: the upstream's adaptive limit now
-    (``adaptive``: null without ``[upstream.adaptive]``). Every path under ``/_nexus``
+    token limit (a key of a team: of its node's in the team hierarchy);
+    ``GET /_nexus/upstream``: the upstream's adaptive limit now (``adaptive``: null
+    without ``[upstream.adaptive]``). Every path under ``/_nexus``
     needs the bearer admin token (and is a 404 when none is configured); none is ever
     forwarded upstream."""
     req = request_of(scope)
@@ -86,26 +92,18 @@ async def admin(gateway: Any, scope: Scope, send: Send) -> None:
         return
     if path == "/_nexus/top":
         query = parse_qs(req.query)
+        if len(query.get("tier", ())) > 1 or len(query.get("n", ())) > 1:
+            await reply(send, 400, problem(400, "Bad Request", "give tier and n at most once each"))
+            return
         tier = (query.get("tier") or [gateway.cfg.default_tier or next(iter(gateway.cfg.tiers))])[0]
-        try:
-            n = int((query.get("n") or ["10"])[0])
-        except ValueError:
-            n = -1
+        text = (query.get("n") or ["10"])[0]
+        # Decimal ASCII digits only: int() would also take "1_000", " 5" or other scripts' digits.
+        n = int(text) if text.isascii() and text.isdigit() and len(text) <= 4 else -1
         middleware = gateway.tiers.get(tier)
         if middleware is None or not 1 <= n <= 1000:
             await reply(send, 400, problem(400, "Bad Request", "tier must be a tier and n from 1 to 1000"))
             return
-        limiter = middleware.limiter
-        why = _no_top_keys(gateway, limiter)
-        if why is not None:
-            await reply(send, 501, problem(501, "Not Implemented", why))
-            return
-        which = "tokens" if limiter.tokens is not None else "requests" if limiter.requests is not None else None
-        if which is None:
-            await json_reply(send, 200, {"tier": tier, "top": []})
-            return
-        names = [k for k, t in gateway.cfg.keys.items() if t == tier]
-        await json_reply(send, 200, {"tier": tier, "limit": which, "top": limiter.top_keys(n, names, limit=which)})
+        await _top(gateway, send, tier, n, middleware.limiter)
         return
     if path == "/_nexus/upstream":
         await json_reply(send, 200, {"upstream": gateway.proxy.name, "adaptive": gateway.proxy.adaptive_stats()})
@@ -120,9 +118,12 @@ async def json_reply(send: Send, status: int, doc: Any) -> None:
 
 
 def _no_top_keys(gateway: Any, limiter: Any) -> Optional[str]:
-    """Why ``/_nexus/top`` cannot answer for a tier's limiter, or None when it can."""
+    """Why ``/_nexus/top`` cannot rank a tier's keys in its own limiter, or None when it
+    can (a hierarchy's keys are ranked apart: see _tree_rows)."""
     if limiter is None:
         return "the tier has no request or token limit to rank keys by"
+    if isinstance(limiter, TreeLimiter):
+        return None
     if getattr(limiter, "store_path", None) is not None:
         # A SharedMemoryStore keeps no per-key ranking: each worker would rank only the
         # calls it served.
@@ -130,5 +131,85 @@ def _no_top_keys(gateway: Any, limiter: Any) -> Optional[str]:
     if gateway.redis is not None:
         return "top keys need the memory backend"
     if not callable(getattr(limiter, "top_keys", None)):
-        return "top keys are not ranked for tiers whose keys are in teams or [classes]"
+        return "top keys are not ranked for this tier's limiter"
     return None
+
+
+async def _top(gateway: Any, send: Send, tier: str, n: int, limiter: Any) -> None:
+    """``/_nexus/top`` for one tier: its keys by the share of the tier's token limit
+    (else its request limit) they use now. A key of a team is charged in the org > team
+    > key hierarchy, never in the tier's own limiter: its row is its node's state there
+    (with its team and org), read from wherever the hierarchy lives (this process, the
+    workers' shared memory, Redis); so is a key of a tier whose limits [classes] share.
+    Rows: ``{"key", "id", "used", "limit"}`` as for a plain tier (``id`` None for a
+    key read from a hierarchy), ``"team"`` and ``"org"`` for a key of a team; keys that
+    used nothing are left out."""
+    cfg = gateway.cfg
+    tree = gateway.team_tree
+    in_teams = [k for k, t in cfg.keys.items() if t == tier and k in cfg.key_teams] if tree is not None else []
+    plain = [k for k, t in cfg.keys.items() if t == tier and k not in cfg.key_teams]
+    why = _no_top_keys(gateway, limiter)
+    if why is not None and not in_teams:
+        await reply(send, 501, problem(501, "Not Implemented", why))
+        return
+    own = cfg.tiers[tier]
+    which = "tokens" if own.tokens is not None else "requests" if own.requests is not None else None
+    if which is None:
+        await json_reply(send, 200, {"tier": tier, "top": []})
+        return
+    doc: Dict[str, Any] = {"tier": tier, "limit": which}
+    try:
+        found = await _tree_rows(tree.limiter, in_teams, which) if in_teams else []
+        if why is not None:
+            if plain or tier == cfg.default_tier:
+                doc["detail"] = f"the keys of this tier outside teams are not ranked: {why}"
+        elif isinstance(limiter, TreeLimiter):
+            found += await _tree_rows(limiter, plain, which)
+        else:
+            # Every key the tier's own limiter counts is outside teams: the configured ones
+            # named, others (of the default tier) by id only.
+            found += [(r["key"], r["id"], r["used"], r["limit"]) for r in limiter.top_keys(n, plain, limit=which)]
+    except Exception as error:  # the store could not be read (Redis away...)
+        # Its words may name a node, whose path holds an API key: not in the answer.
+        log.warning("/_nexus/top: the limits of tier %s could not be read (%s)", tier, type(error).__name__)
+        await reply(send, 503, problem(503, "Service Unavailable", "the tier's limits could not be read now"))
+        return
+    found.sort(key=lambda r: (-r[2] / max(r[3], 1), -r[2]))
+    rows = []
+    for key, fp, used, limit in found[:n]:
+        row: Dict[str, Any] = {"key": key, "id": fp, "used": used, "limit": limit}
+        team = cfg.key_teams.get(key) if key in in_teams else None
+        if team is not None:
+            row["team"] = team
+            row["org"] = cfg.teams[team].org
+        rows.append(row)
+    doc["top"] = rows
+    await json_reply(send, 200, doc)
+
+
+# How many nodes of a hierarchy on Redis are read at once (one script each).
+_READS = 32
+
+
+async def _tree_rows(limiter: TreeLimiter, keys: List[str], which: str) -> List[Tuple[Any, Any, int, int]]:
+    """(key, None, used, limit) of each of ``keys`` that used some of its own ``which``
+    quota, read from the key's node (the last of its path) in the limiter's hierarchy."""
+
+    async def read(key: str) -> Optional[Tuple[Any, Any, int, int]]:
+        route = limiter.route_of(key)
+        if route is None or f"key.{which}" not in route.names:
+            return None  # not routed yet (a reload's quotas being written), or no such quota
+        state = limiter.hierarchy.inspect(route.path)
+        if isawaitable(state):
+            state = await state
+        quota = state.get(which)
+        if not quota or int(quota["used"]) <= 0:
+            return None
+        return (key, None, int(quota["used"]), int(quota["limit"]))
+
+    out: List[Tuple[Any, Any, int, int]] = []
+    for start in range(0, len(keys), _READS):
+        for row in await asyncio.gather(*(read(k) for k in keys[start : start + _READS])):
+            if row is not None:
+                out.append(row)
+    return out
