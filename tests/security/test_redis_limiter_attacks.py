@@ -21,6 +21,8 @@ import nexus_limits as nl
 import nexus_limits.redis as nlr
 import nexus_limits.redis.asyncio as nla
 from nexus_limits.errors import NexusLimitsError
+from nexus_limits.redis._common import now_arg, to_decision
+from nexus_limits.redis._scripts import LEASE
 
 EPOCH = 1_700_000_000.0  # a realistic clock, like the server's TIME
 RATE_KINDS = ["TokenBucket", "LeakyBucket", "FixedWindow", "SlidingWindow"]
@@ -405,6 +407,47 @@ def test_a_drained_bucket_refills_on_time_at_odd_rates(client, rate):
         clock.advance(1 / 1e6)
         a, b = mem.hit("k"), red.hit("k")
         assert _same(a, b) and a.allowed, (a, b)
+
+
+def _leased_check(client: Any, red: Any, clock: nl.ManualClock, cost: int) -> nl.Decision:
+    """A check of ``cost`` by the lease script (what a leased TokenBucket runs), asking
+    for no unit beyond the check's (no block spent later): the same step as a plain
+    check of ``cost``, reading and writing the state the same key holds."""
+    plan = red._plan
+    argv = [now_arg(clock), *plan.quota_args, cost, cost, 10**6, 0, 0]
+    granted, limit, remaining, reset, retry = (
+        int(x) for x in client.eval(LEASE["gcra"].source, 2, *plan.keys("k"), *argv)[:5]
+    )
+    return to_decision([int(granted > 0), limit, remaining, reset, retry, 0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_leased_and_a_plain_bucket_read_each_others_state_at_odd_rates(client, seed):
+    """A leased and a plain TokenBucket on one key at odd rates: each reads what the
+    other wrote to its fraction of a microsecond, and every answer is the in-process
+    one. Before, the lease script read the state as one double (a quarter of a
+    microsecond at the epoch) and wrote it with 17 digits (a tenth of one): after a
+    leased check, remaining was sometimes one lower than in-process."""
+    rng = random.Random(seed)
+    for round_ in range(4):
+        rate, burst = rng.choice(ODD_RATES), rng.choice([1, 3, 7, 10, 64])
+        clock = nl.ManualClock(EPOCH)
+        clock.advance(rng.randrange(10**6) / 1e6)
+        mem = nl.TokenBucket(rate, burst=burst, clock=clock)
+        red = nlr.TokenBucket(client, rate, burst=burst, clock=clock, prefix=f"lease{seed}x{round_}")
+        interval = mem.rate.period / mem.rate.count
+        for step in range(60):
+            r = rng.random()
+            if r < 0.65:
+                cost = rng.choice([1, 1, 2, burst, burst + 1, rng.randint(1, burst)])
+                leased = r < 0.35
+                b = _leased_check(client, red, clock, cost) if leased else red.hit("k", cost)
+                a = mem.hit("k", cost)
+                assert _same(a, b), (rate, burst, step, "leased" if leased else "plain", cost, a, b)
+                client.persist(red.redis_key("k"))  # expiry runs on Redis's clock, not the test's
+            else:
+                units = rng.choice([0.5, 1.0, 1.0, 2.0, rng.random() * 3])
+                clock.advance(max(int(units * interval * 1e6) + rng.randint(-2, 2), 0) / 1e6)
 
 
 # -- 5. a store that answers what no script returns -----------------------------------------

@@ -48,8 +48,9 @@ class Script:
 
 # The clock, quotas and the helpers every limiter script shares (put, push).
 _BASE = _piece("base.lua") + "\n" + _piece("lib.lua")
-# (gcra_adjust.lua, a settlement's step, is apart from gcra.lua: every function a script
-# defines is made on each run, and the single check's script has no use for it.)
+# (gcra_adjust.lua, what settlements, leases and quota changes need beside gcra.lua, is
+# apart from it: every function a script defines is made on each run, and the single
+# check's script has no use for them.)
 # The arguments of the scripts that decide several parts (see header.lua).
 _HEADER = _BASE + "\n" + _piece("header.lua") + "\n" + _piece("combine.lua")
 _SPLIT = _piece("split.lua")
@@ -87,7 +88,7 @@ SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + _piece("gcra_adjust.lua") 
 
 def _lease(algo: str) -> str:
     if algo == "gcra":
-        middle = _piece("lease_gcra.lua")
+        middle = _piece("gcra_adjust.lua") + "\n" + _piece("lease_gcra.lua")
     else:
         middle = _piece("lease_window.lua").replace("STEP", algo).replace("SLIDING", str(algo == "sliding").lower())
     start = _piece("lease.lua").replace("STEP", algo)

@@ -35,8 +35,8 @@ for l = 1, depth do
         local micros, capacity = quota_of(own, u, at)
         if micros then
             local key = KEYS[kat + 2 + u]
-            local tat = tat_of(key, state_at(key), micros, capacity, now)
-            local new, ttl, d = step_floor(tat, now, micros, capacity, amounts[u], floor_of(capacity, share))
+            local bucket = bucket_of(key, state_at(key), micros, capacity, now)
+            local new, ttl, d = step_floor(bucket, now, micros, capacity, amounts[u], floor_of(capacity, share))
             capped(d)
             if d[1] == 0 and not shadow then rates_ok = false end
             parts[#parts + 1] = {key, new, ttl, d, micros, capacity}

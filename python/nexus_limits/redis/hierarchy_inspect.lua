@@ -15,16 +15,17 @@ for u = 1, 4 do
     local micros, capacity, mine = quota_of(own, u, 2)
     if micros then
         local state = state_at(KEYS[2 + u])
-        local tat = tat_of(KEYS[2 + u], state, micros, capacity, now) or 0
-        local _, _, free = gcra(tat, now, micros, capacity, 0, false)
-        local _, _, d = gcra(tat, now, micros, capacity, 1, false)
+        local bucket = bucket_of(KEYS[2 + u], state, micros, capacity, now)
+        local _, _, free = gcra(bucket, now, micros, capacity, 0, false)
+        local _, _, d = gcra(bucket, now, micros, capacity, 1, false)
         local tracked = 0
         if state then tracked = 1 end
         reply[#reply + 1] = string.format("%.17g", micros)
         reply[#reply + 1] = capacity
         reply[#reply + 1] = mine
         reply[#reply + 1] = free[3]
-        reply[#reply + 1] = math.ceil(math.min(math.max(tat - now, 0), MAX_AHEAD) - EPS)
+        -- (a check of nothing answers the backlog: when the bucket is full again)
+        reply[#reply + 1] = math.ceil(math.min(free[4], MAX_AHEAD) - EPS)
         reply[#reply + 1] = math.ceil(math.min(math.max(d[5], 0), MAX_AHEAD) - EPS)
         reply[#reply + 1] = tracked
         reply[#reply + 1] = own[u] or ""

@@ -1,4 +1,4 @@
--- nexus-limits: what the Hierarchy scripts share (after base.lua, lib.lua and gcra.lua).
+-- nexus-limits: what the Hierarchy scripts share (after base.lua, lib.lua, gcra.lua and gcra_adjust.lua).
 --
 -- A path's nodes, from the top: level l has, in KEYS from (l - 1) * 6 + 1,
 --   its own-quota hash (fields "requests", "tokens", "daily_tokens", "spend": "micros
@@ -12,7 +12,8 @@
 -- ("" "": the level has no such quota).
 --
 -- A state is "tat micros": the theoretical arrival time of a token bucket whose burst
--- is its capacity (as gcra.lua steps it) and the micros per unit it was written under.
+-- is its capacity (as gcra.lua steps it and writes it: whole microseconds and their
+-- fraction) and the micros per unit it was written under.
 -- When the quota in force has other micros (a node's own quota, or the level's, has
 -- changed since), the backlog of units is carried over at the new rate, as
 -- Algorithm::convert does: what the node has used is kept.
@@ -61,19 +62,23 @@ local function converted(backlog, from, to, capacity)
     return math.min(backlog * to / from, 2 * capacity * to)
 end
 
--- A state's theoretical arrival time under a quota of `micros` and `capacity` (nil: a
--- fresh node), read from `key`: at most DEBT_AHEAD from now.
-local function tat_of(key, state, micros, capacity, now)
+-- A node's bucket under a quota of `micros` and `capacity`, read from `key`'s `state`:
+-- the state as gcra.lua takes it (its text as written, to its fraction of a
+-- microsecond), carried over to `micros` when written under others, at most DEBT_AHEAD
+-- from now; nil for a fresh node.
+local function bucket_of(key, state, micros, capacity, now)
     if not state then return nil end
     local a, b = string.match(state, "^(%S+) (%S+)$")
-    local tat, written = tonumber(a or state), tonumber(b or "1")
+    a = a or state
+    local tat, written = tonumber(a), tonumber(b or "1")
     if not (finite(tat) and finite(written) and written > 0) then
         foreign(key, "holds " .. shown(state) .. ", not a token bucket's state")
     end
     if b and math.abs(written - micros) > EPS * micros then
-        tat = now + converted(math.max(tat - now, 0), written, micros, capacity)
+        return gcra_state(now, math.min(converted(gcra_backlog(a, now), written, micros, capacity), DEBT_AHEAD))
     end
-    return math.min(tat, now + DEBT_AHEAD)
+    if tat > now + DEBT_AHEAD then return gcra_state(now, DEBT_AHEAD) end
+    return a
 end
 
 -- The state of `key` (GET, a key of another type being foreign).
@@ -81,12 +86,12 @@ local function state_at(key)
     return call_on(key, "GET", key) or nil
 end
 
--- Writes a state "tat micros" that expires when the bucket is full again (never
--- further than MAX_AHEAD).
-local function put_tat(key, tat, micros, now)
-    tat = math.min(tat, now + DEBT_AHEAD)
-    local state = string.format("%.17g", tat) .. " " .. string.format("%.17g", micros)
-    redis.call("SET", key, state, "PX", math.max(math.ceil(math.min(tat - now, MAX_AHEAD) / 1000), 1))
+-- Writes the state of a bucket `backlog` microseconds ahead of now (> 0) as "tat
+-- micros", expiring when the bucket is full again (never further than MAX_AHEAD).
+local function put_backlog(key, backlog, micros, now)
+    if backlog > DEBT_AHEAD then backlog = DEBT_AHEAD end
+    local state = gcra_state(now, backlog) .. " " .. string.format("%.17g", micros)
+    redis.call("SET", key, state, "PX", math.max(math.ceil(math.min(backlog, MAX_AHEAD) / 1000), 1))
 end
 
 -- A decision's times held within MAX_AHEAD (a quota whose period times its capacity

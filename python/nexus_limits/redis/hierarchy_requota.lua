@@ -31,13 +31,13 @@ for u = 1, 4 do
     if old and new and math.abs(old - new) > EPS * new then
         local state = state_at(KEYS[2 + u])
         if state then
-            local backlog = math.max((tat_of(KEYS[2 + u], state, old, old_capacity, now) or now) - now, 0)
-            writes[#writes + 1] = {KEYS[2 + u], now + converted(backlog, old, new, capacity), new}
+            local backlog = gcra_backlog(bucket_of(KEYS[2 + u], state, old, old_capacity, now), now)
+            writes[#writes + 1] = {KEYS[2 + u], converted(backlog, old, new, capacity), new}
         end
     end
 end
 for _, w in ipairs(writes) do
-    if w[2] > now then put_tat(w[1], w[2], w[3], now) else redis.call("DEL", w[1]) end
+    if w[2] > 0 then put_backlog(w[1], w[2], w[3], now) else redis.call("DEL", w[1]) end
 end
 redis.call("DEL", KEYS[1])
 if ARGV[2] == "set" then

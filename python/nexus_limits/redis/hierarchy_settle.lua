@@ -24,8 +24,8 @@ for l = 1, depth do
         local micros, capacity = quota_of(own, u, at)
         if micros and deltas[u] ~= 0 then
             local key = KEYS[kat + 2 + u]
-            local tat = gcra_adjust(tat_of(key, state_at(key), micros, capacity, now), now, micros, deltas[u])
-            writes[#writes + 1] = {key, tat, micros}
+            local backlog = gcra_adjust(bucket_of(key, state_at(key), micros, capacity, now), now, micros, deltas[u])
+            writes[#writes + 1] = {key, backlog, micros}
         end
     end
     if ARGV[7] ~= "" and tonumber(ARGV[at]) > 0 then
@@ -34,7 +34,7 @@ for l = 1, depth do
     end
 end
 for _, w in ipairs(writes) do
-    if w[2] > now then put_tat(w[1], w[2], w[3], now) else redis.call("DEL", w[1]) end
+    if w[2] > 0 then put_backlog(w[1], w[2], w[3], now) else redis.call("DEL", w[1]) end
 end
 for _, key in ipairs(leases) do redis.call("ZREM", key, ARGV[7]) end
 return 1

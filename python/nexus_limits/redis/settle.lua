@@ -11,9 +11,9 @@ for i = 1, n do
     local delta = tonumber(ARGV[3])
     if ARGV[at + 1] == "requests" then delta = tonumber(ARGV[4]) end
     if delta ~= 0 then
-        local tat = gcra_adjust(state_at(KEYS[i], "gcra", now), now, tonumber(ARGV[at + 2]), delta)
-        if tat > now then
-            put(KEYS[i], string.format("%.17g", tat), tat - now)
+        local backlog = gcra_adjust(state_at(KEYS[i], "gcra", now), now, tonumber(ARGV[at + 2]), delta)
+        if backlog > 0 then
+            put(KEYS[i], gcra_state(now, backlog), backlog)
         else
             redis.call("DEL", KEYS[i])
         end
