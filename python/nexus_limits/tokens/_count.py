@@ -434,7 +434,8 @@ def _openai(body: Dict[str, Any], model: Optional[str]) -> TokenCount:
                 if not isinstance(fn, dict):
                     raise _wrong(f"functions[{i}]", "an object", fn)
             tools = [{"function": f} for f in functions]
-        c.tools(tools, "tools")
+        if tools is not None:
+            c.tools(tools, "tools")
     elif "input" in body and not (model or "").startswith("text-embedding"):  # Responses API
         c.exact = False  # the framing of Responses items is not documented; chat's is used
         instructions = _optional_str(body.get("instructions"), "instructions")

@@ -1290,7 +1290,8 @@ def _small_document(body: bytes) -> Optional[Dict[str, Any]]:
     scanner would: UTF-8, an object, fewer than _MAX_DEPTH brackets in all (so never
     deeper than the scanner allows; a body of at most _CAPTURE bytes never needs more
     than _MAX_STEPS steps either). None: the scanner decides."""
-    if body.count(b"{") + body.count(b"[") >= _MAX_DEPTH:
+    # (A body shorter than _MAX_DEPTH bytes cannot hold that many brackets.)
+    if len(body) >= _MAX_DEPTH and body.count(b"{") + body.count(b"[") >= _MAX_DEPTH:
         return None
     try:
         text = body.decode("utf-8")
