@@ -19,8 +19,11 @@ import typing
 import anthropic
 import httpx
 import pytest
-from support import Harness, bounded, harness, sse_documents, wait_for, within
+from support import bounded, harness, sse_documents, wait_for, within
 from support.fake_provider import ANTHROPIC_OUTPUT, ANTHROPIC_USAGE, COOKIE, ORG_HEADERS, FakeProvider, charged, serve
+from support.sdk import anthropic_aclient as aclient
+from support.sdk import anthropic_client as client
+from support.sdk import module_gateway, trouble_cases
 
 try:  # the HTTP client of the installed SDK: httpx2 in current releases, httpx before
     from httpx2 import TransportError
@@ -36,25 +39,7 @@ ASK = {"model": MODEL, "max_tokens": 256, "messages": [{"role": "user", "content
 TIER = {"requests": "1000/minute", "tokens": "1000000/minute", "concurrency": 1}
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    with harness(tmp_path_factory.mktemp("gw"), TIER, n_keys=200) as one:
-        yield one
-
-
-@pytest.fixture
-def h(shared):
-    """The module's gateway; after each test, its requests are all settled."""
-    yield shared
-    shared.quiesce()
-
-
-def client(h: Harness, key: str, **options) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=h.url, api_key=key, **options)
-
-
-def aclient(h: Harness, key: str, **options) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=h.url, api_key=key, **options)
+shared, h = module_gateway(TIER)
 
 
 def check_usage(usage) -> None:
@@ -340,14 +325,8 @@ def test_upstream_errors_pass_through_uncharged_and_hold_no_lease(h, status, err
 
 # The SDK's side of a troubled upstream (every hostile usage, on every route, is in
 # test_gateway_clients.py): a stream cut mid-way, and answers without or with absurd usage.
-TROUBLE = ["cut", "usage=omit", "usage=huge"]
 # (A cut JSON answer is retried by the SDK with back-off; the openai tests have it.)
-CASES = [
-    pytest.param(fake, stream, id=f"{fake}-{'sse' if stream else 'json'}")
-    for fake in TROUBLE
-    for stream in (False, True)
-    if stream or fake != "cut"
-]
+CASES = trouble_cases(cut_json=False)
 
 
 @pytest.mark.parametrize("fake, stream", CASES)

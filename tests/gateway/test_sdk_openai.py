@@ -17,33 +17,18 @@ import typing
 import httpx
 import openai
 import pytest
-from support import Harness, bounded, harness, sse_documents, wait_for
+from support import bounded, harness, sse_documents, wait_for
 from support.fake_provider import COOKIE, ORG_HEADERS, FakeProvider, charged, serve
+from support.sdk import module_gateway, trouble_cases
+from support.sdk import openai_aclient as aclient
+from support.sdk import openai_client as client
 
 CHAT_PATH = "/v1/chat/completions"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 TIER = {"requests": "1000/minute", "tokens": "1000000/minute", "daily_tokens": 10_000_000, "concurrency": 1}
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    with harness(tmp_path_factory.mktemp("gw"), TIER, n_keys=200) as one:
-        yield one
-
-
-@pytest.fixture
-def h(shared):
-    """The module's gateway; after each test, its requests are all settled."""
-    yield shared
-    shared.quiesce()
-
-
-def client(h: Harness, key: str, **options) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{h.url}/v1", api_key=key, **options)
-
-
-def aclient(h: Harness, key: str, **options) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{h.url}/v1", api_key=key, **options)
+shared, h = module_gateway(TIER)
 
 
 # --- the fake speaks the real formats ----------------------------------------------------
@@ -471,12 +456,7 @@ def test_upstream_failing_once_then_answering(h):
 
 # The SDK's side of a troubled upstream (every hostile usage, on every route, is in
 # test_gateway_clients.py): a cut answer, and answers without or with absurd usage.
-TROUBLE = ["cut", "usage=omit", "usage=huge"]
-CASES = [
-    pytest.param(fake, stream, id=f"{fake}-{'sse' if stream else 'json'}")
-    for fake in TROUBLE
-    for stream in (False, True)
-]
+CASES = trouble_cases()
 
 
 @pytest.mark.parametrize("fake, stream", CASES)
