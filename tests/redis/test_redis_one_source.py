@@ -44,6 +44,68 @@ def test_the_generator_rules():
     assert "    return 42\n" in out and "GENERATED from ``_async.py``" in out
 
 
+def test_async_only_blocks_are_left_out():
+    source = (
+        '"""doc\n\nmore"""\n'
+        "async def f(job):  # unasync: def f(job):\n"
+        "    # unasync: return job\n"
+        "    # unasync: begin async-only\n"
+        "    task = asyncio.ensure_future(job)  # unasync: kept = True\n"
+        "    return await task\n"
+        "    # unasync: end async-only\n"
+        "\n"
+        "\n"
+        "# unasync: begin async-only\n"
+        "_TASKS = set()\n"
+        "# unasync: end async-only\n"
+        "X = 1\n"
+    )
+    out = _generate.translate(source, "_async.py")
+    assert "def f(job):\n    return job\n" in out and "X = 1\n" in out
+    for gone in ("task", "kept", "_TASKS", "async-only"):
+        assert gone not in out, gone
+    # a block that does not end, ends twice, or shares its line with code is an error
+    for bad in (
+        "# unasync: begin async-only\nX = 1\n",
+        "X = 1\n# unasync: end async-only\n",
+        "X = 1  # unasync: begin async-only\n# unasync: end async-only\n",
+        "# unasync: begin async-only\n# unasync: begin async-only\n# unasync: end async-only\n",
+    ):
+        with pytest.raises(ValueError, match="async-only"):
+            _generate.translate(bad, "_async.py")
+
+
+def test_no_dead_code_in_the_generated_files():
+    """No statement after a return or raise in a block, and no private name a generated
+    file defines that nothing in nexus_limits uses (what an async-only helper left in the
+    twin would be)."""
+    used = set()
+    for path in PACKAGE.parent.rglob("*.py"):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Name):
+                used.add(n.id)
+            elif isinstance(n, ast.Attribute):
+                used.add(n.attr)
+    for target in _generate.FILES.values():
+        tree = ast.parse((PACKAGE / target).read_text())
+        for node in ast.walk(tree):
+            for field in ("body", "orelse", "finalbody"):
+                block = getattr(node, field, None)
+                if isinstance(block, list):
+                    for stmt in block[:-1]:
+                        assert not isinstance(stmt, (ast.Return, ast.Raise)), (target, stmt.lineno)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if name.startswith("_") and not name.startswith("__"):
+                    assert name in used, (target, name, node.lineno)
+
+
 @pytest.mark.parametrize("name", nlr.__all__)
 def test_same_classes_and_methods_on_both_sides(name):
     sync, aio = getattr(nlr, name), getattr(nla, name)

@@ -185,21 +185,24 @@ async def _threads(hit: Any, clock: Any, key: Any, cost: int, timeout: Any) -> A
     return await wait(go, clock, key, cost, timeout)  # unasync: return await wait(go, clock, key, cost, timeout)
 
 
+# unasync: begin async-only
+# (A synchronous call cannot be cancelled half-way: the synchronous side uses the step's
+# result as it is, and has no use for what follows.)
+
 # Steps finishing on the server for a caller that was cancelled (the event loop keeps
 # only weak references to tasks).
 _FINISHING: Set[Any] = set()
 
 
-async def _finish(job: Any, undo: Any = None) -> Any:  # unasync: def _finish(job: Any, undo: Any = None) -> Any:
+async def _finish(job: Any, undo: Any = None) -> Any:
     """The result of ``job`` (a coroutine doing one step on the server), which runs to its
     end even when the task awaiting it is cancelled (a client that went away): stopped
     half-way, a settlement would leave its leases held for ``lease_ttl`` and its estimate
     charged, with no second chance (the reservation is already done), and a reservation
     would hold leases no one can end. ``undo(result)``, a coroutine, then takes back
-    what the cancelled caller will never see. (The synchronous side cannot be cancelled
-    half-way: there ``job`` is the result.)"""
-    task = asyncio.ensure_future(job)  # unasync: task = job
-    _FINISHING.add(task)  # unasync: return task
+    what the cancelled caller will never see."""
+    task = asyncio.ensure_future(job)
+    _FINISHING.add(task)
     task.add_done_callback(_FINISHING.discard)
     try:
         return await asyncio.shield(task)
@@ -217,6 +220,9 @@ def _then_undo(done: Any, undo: Any) -> None:
     _FINISHING.add(task)
     task.add_done_callback(_FINISHING.discard)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+# unasync: end async-only
 
 
 async def _acquire_in_threads(
@@ -689,6 +695,7 @@ class Hierarchy:
         t, quotas = await _finish(job, self._refunder(path, tokens, spend))  # unasync: t, quotas = job
         return AsyncHierarchyReservation(_Answer(self, quotas), path, tokens, spend, t)
 
+    # unasync: begin async-only
     def _refunder(self, path: Any, tokens: int, spend: int) -> Any:
         """What cancels a reservation made for a caller that was cancelled meanwhile."""
 
@@ -698,6 +705,8 @@ class Hierarchy:
                 await self._settle_now(path, -1, -tokens, -spend, t[7], t[6])
 
         return refund
+
+    # unasync: end async-only
 
     async def _settle(
         self,

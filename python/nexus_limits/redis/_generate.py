@@ -13,6 +13,10 @@ The rules, applied to Python tokens (never to strings or comments):
 - the names in RENAMES become their synchronous twins;
 - a line ending in ``# unasync: CODE`` becomes ``CODE`` (indentation kept): the few
   places where the two sides differ on purpose say so where they are;
+- the lines from ``# unasync: begin async-only`` to ``# unasync: end async-only`` (both
+  comments on lines of their own) are left out: code only the asyncio side uses
+  (a synchronous call cannot be cancelled half-way), which the twin would otherwise
+  carry unused;
 - the module docstring is replaced by one saying where the file comes from.
 
 The result is sorted and formatted with ruff (a development tool, used only here), so
@@ -50,6 +54,7 @@ RENAMES: Dict[str, str] = {
     "sleep_async": "sleep",  # Deadline.sleep_async -> Deadline.sleep
 }
 DIRECTIVE = "# unasync:"
+BEGIN_ASYNC_ONLY, END_ASYNC_ONLY = "begin async-only", "end async-only"
 DOCSTRING = '''"""{title}
 
 GENERATED from ``{source}`` by ``_generate.py`` beside it: do not edit; change
@@ -58,21 +63,32 @@ fails when this file is stale).
 """'''
 
 
-def _directives(lines: List[str]) -> Dict[int, str]:
-    """Line number (1-based) -> the code that replaces that line."""
+def _directives(lines: List[str], name: str) -> Dict[int, str]:
+    """Line number (1-based) -> the code that replaces that line ("" for a line left
+    out)."""
     out = {}
+    block = None  # the line the async-only block being read began on
     for number, line in enumerate(lines, 1):
-        if DIRECTIVE in line:
-            code = line.split(DIRECTIVE, 1)[1].strip()
+        code = line.split(DIRECTIVE, 1)[1].strip() if DIRECTIVE in line else None
+        if code in (BEGIN_ASYNC_ONLY, END_ASYNC_ONLY):
+            if not line.lstrip().startswith(DIRECTIVE) or (code == BEGIN_ASYNC_ONLY) != (block is None):
+                raise ValueError(f"{name}:{number}: {code!r} must be a line of its own, after the block's other end")
+            block = number if code == BEGIN_ASYNC_ONLY else None
+            out[number] = ""
+        elif block is not None:
+            out[number] = ""
+        elif code is not None:
             indent = line[: len(line) - len(line.lstrip())]
             out[number] = indent + code + "\n"
+    if block is not None:
+        raise ValueError(f"{name}:{block}: {BEGIN_ASYNC_ONLY!r} without {END_ASYNC_ONLY!r}")
     return out
 
 
 def translate(source: str, name: str) -> str:
     """``source`` (the text of the file ``name``) with the rules applied, before formatting."""
     lines = source.splitlines(keepends=True)
-    replaced = _directives(lines)
+    replaced = _directives(lines, name)
     edits: List[Tuple[int, int, int, str]] = []  # (line, start col, end col, text)
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     docstring_done = False

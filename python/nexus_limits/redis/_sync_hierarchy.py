@@ -14,7 +14,7 @@ import math
 import re
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nexus_limits as nl
 
@@ -175,40 +175,6 @@ async def _threads(hit: Any, clock: Any, key: Any, cost: int, timeout: Any) -> A
 
     wait = _wait.acquire_async
     return await wait(go, clock, key, cost, timeout)
-
-
-# Steps finishing on the server for a caller that was cancelled (the event loop keeps
-# only weak references to tasks).
-_FINISHING: Set[Any] = set()
-
-
-def _finish(job: Any, undo: Any = None) -> Any:
-    """The result of ``job`` (a coroutine doing one step on the server), which runs to its
-    end even when the task awaiting it is cancelled (a client that went away): stopped
-    half-way, a settlement would leave its leases held for ``lease_ttl`` and its estimate
-    charged, with no second chance (the reservation is already done), and a reservation
-    would hold leases no one can end. ``undo(result)``, a coroutine, then takes back
-    what the cancelled caller will never see. (The synchronous side cannot be cancelled
-    half-way: there ``job`` is the result.)"""
-    task = job
-    return task
-    task.add_done_callback(_FINISHING.discard)
-    try:
-        return asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(lambda done: _then_undo(done, undo))
-        raise
-
-
-def _then_undo(done: Any, undo: Any) -> None:
-    """After a cancelled caller's step ended: its error is consumed (nobody awaits it),
-    and ``undo`` runs on its result."""
-    if done.cancelled() or done.exception() is not None or undo is None:
-        return
-    task = asyncio.ensure_future(undo(done.result()))
-    _FINISHING.add(task)
-    task.add_done_callback(_FINISHING.discard)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _acquire_in_threads(
@@ -678,16 +644,6 @@ class Hierarchy:
         job = self._decide(path, "reserve", 1, tokens, spend, cls)
         t, quotas = job
         return HierarchyReservation(_Answer(self, quotas), path, tokens, spend, t)
-
-    def _refunder(self, path: Any, tokens: int, spend: int) -> Any:
-        """What cancels a reservation made for a caller that was cancelled meanwhile."""
-
-        def refund(result: Any) -> None:
-            t = result[0]
-            if t[0] and t[7] is not None:
-                self._settle_now(path, -1, -tokens, -spend, t[7], t[6])
-
-        return refund
 
     def _settle(
         self,
