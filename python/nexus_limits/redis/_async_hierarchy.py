@@ -34,6 +34,7 @@ from ._async import ASYNC, _RedisRateLimiter, evalsha
 from ._channel import channel_for
 from ._common import (
     BACKEND_ERRORS,
+    MALFORMED,
     Fallback,
     check_client,
     check_name,
@@ -43,8 +44,10 @@ from ._common import (
     encode_key,
     is_full,
     is_outage,
+    malformed,
     new_lease_id,
     now_arg,
+    store_error,
     to_decision,
 )
 from ._scripts import HIERARCHY, HIERARCHY_INSPECT, HIERARCHY_REQUOTA, HIERARCHY_SETTLE, PRIORITY, RELEASE
@@ -59,37 +62,6 @@ _MAX_AMOUNT = 2**64 - 1
 _LEVEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 # The longest run of names below the org kept readable in a key (see Hierarchy._keys).
 _MAX_READABLE = 256
-# A script's error naming a key whose value the library did not write (hierarchy_lib.lua).
-_FOREIGN = re.compile(r"NLSTATE (\S+) (.*?)(?: script: [0-9a-f]+, on @user_script:\d+\.)?", re.S)
-
-
-def _store_error(error: BaseException, what: str, prefix: str, fix: Any, key: Optional[str] = None) -> NexusLimitsError:
-    """The error for a store that answered but could not do a step: a key holding a
-    value this library did not write (another program under the same prefix, or an edit
-    by hand), named by the script (or ``key``, for a command on one key); never answered
-    by on_error, which is for outages."""
-    text = str(error)
-    found = _FOREIGN.fullmatch(text)
-    if found is None and "WRONGTYPE" in text and key is not None:
-        found = _FOREIGN.fullmatch(f"NLSTATE {key} holds another type of value than this library writes there")
-    if found is None:
-        return NexusLimitsError(f"{what} failed on the server: {text}")
-    return NexusLimitsError(
-        f"{what}: the key {found.group(1)} {found.group(2)}; nexus-limits did not write it (another "
-        f"program uses the prefix {prefix!r}, or it was edited by hand): {fix(found.group(1))}"
-    )
-
-
-# What reading a reply that no script of this library gives can raise.
-_MALFORMED = (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError)
-
-
-def _malformed(what: str, reply: Any) -> NexusLimitsError:
-    """The error for a reply that is not what the script returns (a proxy or a server
-    that is not Redis answering): named, never guessed at."""
-    shown = repr(reply)
-    shown = shown if len(shown) <= 200 else shown[:200] + "..."
-    return NexusLimitsError(f"{what}: the store's reply is not what this library's script returns: {shown}")
 
 
 def _quoted(name: str) -> str:
@@ -610,7 +582,7 @@ class Hierarchy:
                 return "delete it (it holds the node's own quotas, which set_quota writes again)"
             return "reset the node (Hierarchy.reset) or delete the key"
 
-        return _store_error(error, f"Hierarchy on Redis: {what}", self._prefix, fix, key)
+        return store_error(error, f"Hierarchy on Redis: {what}", key, fix)
 
     # -- the checks ---------------------------------------------------------------
 
@@ -657,8 +629,8 @@ class Hierarchy:
             return self._fallback_reply(error), []
         try:
             t, quotas, each = self._outcome(reply, mode, lease)
-        except _MALFORMED as error:
-            raise _malformed(f"Hierarchy on Redis: {mode}", reply) from error
+        except MALFORMED as error:
+            raise malformed(f"Hierarchy on Redis: {mode}", reply) from error
         if self._clock is None:
             self._offset = int(reply[0]) - time.time() * 1e6
         if mode != "peek":
@@ -879,8 +851,8 @@ class Hierarchy:
             raise self._admin_error(error, "inspect") from error
         try:
             return self._inspection(node, level, reply)
-        except _MALFORMED as error:
-            raise _malformed("Hierarchy on Redis: inspect", reply) from error
+        except MALFORMED as error:
+            raise malformed("Hierarchy on Redis: inspect", reply) from error
 
     def stats(self) -> Dict[str, Any]:
         """This process's counters, as the in-process class reports them: allowed,
@@ -1027,13 +999,12 @@ class Priority:
             reply = await evalsha(limiter._channel, script, keys, argv)
         except BACKEND_ERRORS as error:
             if not is_outage(error):
-                fix = lambda _: "reset the key (limiter.reset) or delete it"  # noqa: E731
-                raise _store_error(error, f"Priority on Redis: {mode}", plan.prefix, fix) from error
+                raise store_error(error, f"Priority on Redis: {mode}") from error
             return limiter._fallback.decision(error, limiter.limit, key, cost, mode)
         try:
             d = to_decision(reply)
-        except _MALFORMED as error:
-            raise _malformed(f"Priority on Redis: {mode}", reply) from error
+        except MALFORMED as error:
+            raise malformed(f"Priority on Redis: {mode}", reply) from error
         if mode == "peek":
             return d
         with self._lock:

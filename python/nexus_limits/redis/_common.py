@@ -9,7 +9,7 @@ import math
 import re
 import threading
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 from urllib.parse import quote_from_bytes
 
 import nexus_limits as nl
@@ -238,11 +238,20 @@ def is_outage(error: BaseException) -> bool:
 _FOREIGN = re.compile(r"NLSTATE (\S+) (.*?)(?: script: [0-9a-f]+, on @user_script:\d+\.)?$", re.S)
 
 
-def store_error(error: BaseException, what: str, key: Optional[str] = None) -> NexusLimitsError:
+def _limiter_fix(name: str) -> str:
+    if name.endswith(":q"):
+        return "delete it (it holds the key's own quota: set_quota writes it again)"
+    return "reset the key (limiter.reset) or delete it"
+
+
+def store_error(
+    error: BaseException, what: str, key: Optional[str] = None, fix: Callable[[str], str] = _limiter_fix
+) -> NexusLimitsError:
     """The error for a store that answered but could not do a step (never answered by
     on_error, which is for outages): a key holding a value this library did not write
     (another program under the same prefix, or an edit by hand), named by the script
-    (or ``key``, for a command on that one key), with what to do about it."""
+    (or ``key``, for a command on that one key), with what to do about it: ``fix(the
+    key's name)`` (by default, for a limiter's state and quota keys)."""
     text = str(error)
     found = _FOREIGN.search(text)
     if found is None and "WRONGTYPE" in text and key is not None:
@@ -250,13 +259,9 @@ def store_error(error: BaseException, what: str, key: Optional[str] = None) -> N
     if found is None:
         return NexusLimitsError(f"{what}: the store failed the step: {text}")
     name, detail = found.group(1), found.group(2)
-    if name.endswith(":q"):
-        fix = "delete it (it holds the key's own quota: set_quota writes it again)"
-    else:
-        fix = "reset the key (limiter.reset) or delete it"
     return NexusLimitsError(
         f"{what}: the key {name} {detail}; nexus-limits did not write it (another program writes "
-        f"under the same prefix, or it was edited by hand): {fix}"
+        f"under the same prefix, or it was edited by hand): {fix(name)}"
     )
 
 
