@@ -74,6 +74,15 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BUCKETS = (1e-6, 5e-6, 2e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 1.0)
 
 
+def _mutex_value() -> Any:
+    """prometheus-client's in-process value class (None if it has another shape)."""
+    try:
+        from prometheus_client.values import MutexValue
+    except ImportError:  # pragma: no cover - the extra is installed for the tests
+        return None
+    return MutexValue
+
+
 def _prometheus() -> Any:
     try:
         import prometheus_client
@@ -234,41 +243,64 @@ class Metrics:
         series = self._children.get(labels)
         if series is None:
             series = self._series(labels)
-        if decision.allowed:
-            series[2 if decision.shadow else 0](1)
-        else:
-            series[1](1)
-        if len(series) == 4:
+        if len(series) == 4:  # prometheus-client's own calls
+            if decision.allowed:
+                series[2 if decision.shadow else 0](1)
+            else:
+                series[1](1)
             series[3](seconds)
             return
-        # What Histogram.observe does, in fewer steps: the sum, then the first bucket
-        # whose bound is at least the value (none for NaN).
-        series[3](seconds)
-        if seconds == seconds:
-            series[4][_bisect(series[5], seconds)](1)
+        # What Counter.inc and Histogram.observe do, under the one lock the series'
+        # values share: the decision's count, the sum, then the first bucket whose
+        # bound is at least the value (none for NaN).
+        lock, counts, total, buckets, bounds = series
+        count = counts[(2 if decision.shadow else 0) if decision.allowed else 1]
+        bucket = buckets[_bisect(bounds, seconds)] if seconds == seconds else None
+        with lock:
+            count._value += 1
+            total._value += seconds
+            if bucket is not None:
+                bucket._value += 1
 
     def _series(self, labels: Tuple[str, str, str]) -> Tuple[Any, ...]:
-        """The increments of one (limiter, tier, route): the counter's three decisions,
-        then either the histogram's observe, or the increments of its sum and buckets
-        with the buckets' bounds (read from prometheus-client's series when they have
-        the shape they have had since 0.4, so each request skips its checks for
-        exemplars and labels)."""
-        allowed = self.requests.labels(*labels, "allowed")
-        denied = self.requests.labels(*labels, "denied")
-        shadow = self.requests.labels(*labels, "shadow_denied")
-        latency = self.latency.labels(*labels)
-        series: Tuple[Any, ...] = (allowed.inc, denied.inc, shadow.inc, latency.observe)
-        try:
-            bounds = tuple(float(bound) for bound in latency._upper_bounds)
-            buckets = tuple(bucket.inc for bucket in latency._buckets)
-            if len(bounds) == len(buckets) and bounds and bounds[-1] == math.inf and list(bounds) == sorted(bounds):
-                series = (allowed._value.inc, denied._value.inc, shadow._value.inc, latency._sum.inc, buckets, bounds)
-        except (AttributeError, TypeError, ValueError):
-            pass
+        """How ``observe`` updates one (limiter, tier, route): prometheus-client's
+        ``inc`` and ``observe`` of its series; or, when the series hold their numbers
+        in this process (prometheus-client's ``MutexValue``, the shape it has had since
+        0.4; not its multiprocess mode), one lock shared by the series' values (each
+        of prometheus-client's own reads and writes still takes it) with the values
+        themselves, so that a request takes one lock instead of three."""
         with self._lock:
-            # Two threads may make the series of new labels at once: one wins, and
-            # prometheus-client gives both the same children anyway.
-            return self._children.setdefault(labels, series)
+            found = self._children.get(labels)
+            if found is not None:  # another thread made it meanwhile
+                return found
+            allowed = self.requests.labels(*labels, "allowed")
+            denied = self.requests.labels(*labels, "denied")
+            shadow = self.requests.labels(*labels, "shadow_denied")
+            latency = self.latency.labels(*labels)
+            series: Tuple[Any, ...] = (allowed.inc, denied.inc, shadow.inc, latency.observe)
+            try:
+                counts = (allowed._value, denied._value, shadow._value)
+                total = latency._sum
+                buckets = tuple(latency._buckets)
+                bounds = tuple(float(bound) for bound in latency._upper_bounds)
+                values = (*counts, total, *buckets)
+                mutex = _mutex_value()
+                if (
+                    mutex is not None
+                    and all(type(v) is mutex and type(v._value) is float for v in values)
+                    and len(bounds) == len(buckets)
+                    and bounds[-1] == math.inf
+                    and list(bounds) == sorted(bounds)
+                ):
+                    lock = threading.Lock()
+                    for v in values:
+                        with v._lock:  # a write under the old lock ends first
+                            v._lock = lock
+                    series = (lock, counts, total, buckets, bounds)
+            except (AttributeError, TypeError, ValueError, IndexError):
+                pass
+            self._children[labels] = series
+            return series
 
     # prometheus_client's custom collector protocol.
     def describe(self) -> List[Any]:

@@ -10,9 +10,11 @@ import threading
 from types import SimpleNamespace
 from typing import List, Tuple
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 import nexus_limits as nl
+import nexus_limits.metrics as metrics_module
 from nexus_limits.metrics import _BUCKETS, Metrics
 
 ALLOWED = SimpleNamespace(allowed=True, shadow=False)
@@ -136,3 +138,45 @@ def test_many_label_sets_each_get_their_series() -> None:
         labels = ("api", f"tier-{i % 7}", f"/r{i % 11}")
         _observe(requests, latency, labels, i / 1000, "denied" if i % 5 == 0 else "allowed")
     assert _text(registry) == _text(ref_registry)
+
+
+def test_without_in_process_values_prometheus_clients_own_calls_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # prometheus-client's multiprocess mode (or a shape this code does not know) keeps
+    # its values elsewhere: observe then calls Counter.inc and Histogram.observe.
+    monkeypatch.setattr(metrics_module, "_mutex_value", lambda: None)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    ref_registry, requests, latency = _reference()
+    for i, seconds in enumerate(SECONDS):
+        decision, name = ((ALLOWED, "allowed"), (DENIED, "denied"), (SHADOW, "shadow_denied"))[i % 3]
+        metrics.observe("api", "t", "/r", seconds, decision)
+        _observe(requests, latency, ("api", "t", "/r"), seconds, name)
+    assert len(metrics._children[("api", "t", "/r")]) == 4
+    assert _text(registry) == _text(ref_registry)
+
+
+def test_the_series_stay_readable_and_writable_through_prometheus_client() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    metrics.observe("api", "t", "/r", 0.002, ALLOWED)
+    assert len(metrics._children[("api", "t", "/r")]) == 5  # the shared-lock road
+    # Their own calls still work on the series observe writes (and see its writes).
+    metrics.requests.labels("api", "t", "/r", "allowed").inc(2)
+    metrics.latency.labels("api", "t", "/r").observe(0.002)
+    metrics.observe("api", "t", "/r", 0.002, ALLOWED)
+    totals = {
+        sample.labels["decision"]: sample.value
+        for family in metrics.requests.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert totals == {"allowed": 4.0, "denied": 0.0, "shadow_denied": 0.0}
+    assert (
+        registry.get_sample_value(
+            "nexus_limits_check_seconds_bucket", {"limiter": "api", "tier": "t", "route": "/r", "le": "0.0025"}
+        )
+        == 3.0
+    )
+    assert registry.get_sample_value(
+        "nexus_limits_check_seconds_sum", {"limiter": "api", "tier": "t", "route": "/r"}
+    ) == pytest.approx(0.006)
