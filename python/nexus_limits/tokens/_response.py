@@ -1066,8 +1066,7 @@ class UsageReader:
             else:
                 # The event-stream reader, made only for a body that may be a stream.
                 self._sse = _SseCore(checked, self.model, input_estimate, strip=self.strip_usage_chunk)
-            self._entry = self._consume
-            return
+            return  # _plain: feed hands the bytes to _consume, _entry is not needed
         stages: List[_Stage] = []
         codings = _codings(content_encoding)
         if len(codings) > MAX_CONTENT_CODINGS:
@@ -1104,7 +1103,7 @@ class UsageReader:
     _small_size = 0
     _encoded = 0
     _decoded: List[int]  # bytes decoded per coding stage (set when there are stages)
-    _entry: _Sink
+    _entry: _Sink  # the first coding stage (set when there are stages)
     _plain = True
     _sniffed = False
     _finished = False
