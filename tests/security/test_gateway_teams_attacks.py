@@ -537,10 +537,12 @@ def _hup_config(url: str, port: int, backend: str, variant: int) -> str:
     )
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", "redis", "memory-workers"])
 def test_sighups_under_traffic_neither_lose_nor_skip_a_team_quota(tmp_path, upstream, redis_server, store):
     """Two keys of a team hammer it while the config is reloaded again and again (its
-    team's quota unchanged): the team admits exactly its 20, no more and no fewer."""
+    team's quota unchanged): the team admits exactly its 20, no more and no fewer (with
+    2 workers on the memory backend, each reloading on its own, the team lives in their
+    shared memory)."""
     port = free_port()
     backend = (
         f'[backend]\ntype = "redis"\nurl = "{redis_server.url}"\nprefix = "hup-{time.time_ns()}"\n'
@@ -548,7 +550,12 @@ def test_sighups_under_traffic_neither_lose_nor_skip_a_team_quota(tmp_path, upst
         else ""
     )
     path = tmp_path / "gw.toml"
-    path.write_text(_hup_config(upstream.url, port, backend, 0))
+
+    def hup_config(variant: int) -> str:
+        text = _hup_config(upstream.url, port, backend, variant)
+        return text.replace("[server]\n", "[server]\nworkers = 2\n") if store == "memory-workers" else text
+
+    path.write_text(hup_config(0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", str(path)],
         stdout=subprocess.DEVNULL,
@@ -577,7 +584,7 @@ def test_sighups_under_traffic_neither_lose_nor_skip_a_team_quota(tmp_path, upst
                 t.start()
             for variant in range(1, 8):
                 time.sleep(0.4)
-                path.write_text(_hup_config(upstream.url, port, backend, variant))
+                path.write_text(hup_config(variant))
                 os.kill(proc.pid, signal.SIGHUP)
             for t in threads:
                 t.join(30)
