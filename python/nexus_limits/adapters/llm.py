@@ -982,7 +982,7 @@ class LLMLimitMiddleware:
     ) -> None:
         run = _Run()
         admitted = time.monotonic()
-        ours = _raw(list(both.headers().items()))
+        ours = _encoded(both.headers())
         model = judged.body.get("model")
         response_provider = "openai-responses" if path == "/v1/responses" else provider
         client = _Client(receive, {"type": "http.request", "body": judged.raw, "more_body": False}, scope)
@@ -991,9 +991,9 @@ class LLMLimitMiddleware:
             if message["type"] == "http.response.start":
                 run.status = int(message.get("status", 200))
                 run.started = True
+                content_type, content_encoding, headers = _start_headers(message, ours)
                 if run.status < 400:
                     try:
-                        content_type, content_encoding = _content_headers(message)
                         run.reader = UsageReader(
                             response_provider,
                             model,
@@ -1002,11 +1002,12 @@ class LLMLimitMiddleware:
                             content_encoding=content_encoding,
                             strip_usage_chunk=judged.strip,
                         )
-                        message = {**message, "headers": run.reader.forwarded_headers(message.get("headers") or [])}
+                        if judged.strip:  # else forwarded as they are
+                            headers = run.reader.forwarded_headers(headers)
                     except Exception as error:  # reading usage must never break a response
                         log.warning("cannot read the usage of a %s response: %s", path, error)
                         run.reader_failed = True
-                message = _replace_headers(message, ours)
+                message = {**message, "headers": [*headers, *ours]}
             elif message["type"] == "http.response.body":
                 if run.cut:
                     raise _Cut()
@@ -1119,18 +1120,45 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
-def _content_headers(message: Message) -> Tuple[Optional[str], Optional[str]]:
-    """The first Content-Type and the first Content-Encoding of a response start."""
+def _start_headers(
+    message: Message, ours: List[Tuple[bytes, bytes]]
+) -> Tuple[Optional[str], Optional[str], List[Tuple[Any, Any]]]:
+    """In one pass over a response start's headers: the first Content-Type, the first
+    Content-Encoding, and the headers without those ``ours`` replaces (one value per
+    name: the gateway's limits, not the upstream's)."""
     content_type: Optional[str] = None
     content_encoding: Optional[str] = None
+    names = {k for k, _ in ours}
+    kept: List[Tuple[Any, Any]] = []
     for key, value in message.get("headers") or ():
         name = bytes(key).lower()
+        if name in names:
+            continue
+        kept.append((key, value))
         if name == b"content-type":
             if content_type is None:
                 content_type = bytes(value).decode("latin-1")
         elif name == b"content-encoding" and content_encoding is None:
             content_encoding = bytes(value).decode("latin-1")
-    return content_type, content_encoding
+    return content_type, content_encoding, kept
+
+
+# Our header names as bytes (they come from the limiters' configuration: a few names).
+_NAMES: Dict[str, bytes] = {}
+
+
+def _encoded(headers: Dict[str, str]) -> List[Tuple[bytes, bytes]]:
+    """``_raw(list(headers.items()))`` with each name encoded once per process."""
+    out: List[Tuple[bytes, bytes]] = []
+    names = _NAMES
+    for name, value in headers.items():
+        raw = names.get(name)
+        if raw is None:
+            raw = name.lower().encode("latin-1")
+            if len(names) < 256:
+                names[name] = raw
+        out.append((raw, value.encode("latin-1")))
+    return out
 
 
 def _replace_headers(message: Message, ours: List[Tuple[bytes, bytes]]) -> Message:
