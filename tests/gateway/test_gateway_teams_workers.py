@@ -425,3 +425,36 @@ def test_day_long_team_quotas_and_org_budgets_live_in_the_workers_store(tmp_path
         assert tokens["limit"] == 50000 and tokens["used"] == 15, tokens
     finally:
         store.unlink()
+
+
+def test_a_team_a_reload_removes_keeps_its_quota_for_the_workers_not_yet_reloaded(tmp_path, upstream, monkeypatch):
+    """Two workers' apps on one store: the first reloads a config without the team (its
+    keys in another), the second has not yet. The team keeps its quota in the store for the second meanwhile
+    (cleared at once, the second would charge its keys to an unlimited team), and loses
+    it once every worker had time to reload."""
+    import asyncio
+
+    path, store, first = _in_process(tmp_path, upstream, monkeypatch, team_requests="3/hour")
+    path.write_text(path.read_text().replace('reload = "sighup"', 'reload = "sighup"\nreload_interval = 0.2'))
+    try:
+        first, second = build_app(str(path)), build_app(str(path))
+        team = second.team_tree.hierarchy
+        with ASGIServer(second, lifespan="on") as server, httpx.Client(base_url=server.url, timeout=10) as http:
+            auth = {"authorization": "Bearer sk-one"}
+            assert http.get("/v1/models", headers=auth).status_code == 200
+            # The team search becomes the team other (the same kinds of quota).
+            path.write_text(path.read_text().replace("[teams.search]", "[teams.other]").replace('"search"', '"other"'))
+
+            async def reload_first() -> list:
+                # The first worker reloads on its event loop, as on SIGHUP.
+                assert first.reload()
+                assert first.team_tree.limiter.route_of("sk-one").path == ("acme", "other", "sk-one")
+                codes = [http.get("/v1/models", headers=auth).status_code for _ in range(4)]
+                await asyncio.sleep(1.5)  # reload_interval + 1 s
+                return codes
+
+            codes = asyncio.run(reload_first())
+            assert codes == [200, 200, 429, 429], "the second worker still routes sk-one to the team: 3/hour holds"
+            assert team.inspect(("acme", "search"))["requests"]["own_quota"] is False, "then the team's quota is gone"
+    finally:
+        store.unlink()

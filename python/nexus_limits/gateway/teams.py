@@ -206,6 +206,19 @@ def _change(work: Callable[[], Any], then: Callable[[], None]) -> None:
 _FIND: Any = object()
 
 
+def _later(work: Callable[[], None], delay: float) -> None:
+    """Runs ``work`` on the running event loop ``delay`` seconds from now; at once
+    without a loop (startup, or a reload outside the server)."""
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        work()
+        return
+    loop.call_later(delay, work)
+
+
 class TeamTree:
     """The hierarchy of the config's orgs, teams and their keys: a key of a team is
     charged at its org (if any), its team and itself (its tier's quotas), all at once.
@@ -294,7 +307,10 @@ class TeamTree:
         they are all there: a node whose quota is not written yet has its level's
         default, unlimited, so a key routed to it earlier would be charged nowhere. Until
         then a key new to the config has no route (see :meth:`routed`), and the others
-        keep their old ones; if the writes fail, the old routes stay."""
+        keep their old ones; if the writes fail, the old routes stay. In the workers'
+        SharedMemoryStore the quotas are written at once, for every worker; the nodes
+        the config removed keep theirs ``reload_interval`` + 1 s longer, for the workers
+        that have not reloaded yet."""
         org_kinds, team_kinds, key_kinds = self.signature[0]
         shared = self.store is not None
         if shared:
@@ -348,10 +364,15 @@ class TeamTree:
                 return
             self.routes.clear()
             self.routes.update(routes)
-            if self.place is None:
-                clear()
-            else:
+            if self.place is not None:
                 _change(clear, lambda: None)
+            elif self.store is not None:
+                # The other workers reload on their own (on the same SIGHUP, or when they
+                # next poll the file): until then they still route keys to the nodes this
+                # config removed, which must keep their quotas in the store meanwhile.
+                _later(clear, float(cfg.reload_interval) + 1.0)
+            else:
+                clear()
 
         if self.place is None:
             work()
