@@ -92,6 +92,14 @@ _QUERY = re.compile(b"[" + re.escape(bytes(c for c in range(0x21, 0x7F) if c not
 _MAX_TARGET = 65536
 
 
+# What response_headers does with a header name (lower case): keep it, drop it, or keep
+# it on an error answer only, once (the retry headers).
+_KEEP, _DROP, _RETRY_ONLY = 0, 1, 2
+# Names remembered with their decision, per proxy: the upstream could send any number
+# of distinct names, the ones past this are decided each time.
+_DECIDED = 1024
+
+
 def _connection_tokens(headers: Iterable[Tuple[bytes, bytes]]) -> FrozenSet[bytes]:
     """The header names a ``Connection`` header lists: hop-by-hop for this message."""
     out: List[bytes] = []
@@ -131,6 +139,10 @@ class Proxy:
             drop.add(b"cookie")
             self.response_drop.add(b"set-cookie")
         self.request_drop = frozenset(drop)
+        self.request_extra = b""
+        if self.api_key is not None:
+            self.request_extra = b"authorization: Bearer %s\r\nx-api-key: %s\r\n" % (self.api_key, self.api_key)
+        self._decided: Dict[bytes, int] = {}
         # One connection per request the server admits: a key's slow requests are
         # capped per key, so the pool can never be what makes another key wait.
         self.client = Upstream(
@@ -180,29 +192,57 @@ class Proxy:
             raise BadTarget("the request target has characters that must be percent-encoded")
         return target
 
-    def request_headers(self, headers: Iterable[Tuple[bytes, bytes]]) -> Headers:
+    def request_lines(self, headers: Iterable[Tuple[bytes, bytes]]) -> bytes:
+        """The request's headers that go upstream (the scope's: names in lower case),
+        as header lines, the upstream key's own added."""
         drop = self.request_drop
-        named = _connection_tokens(headers)
-        out = [(k, v) for k, v in headers if k not in drop and k not in named]
-        if self.api_key is not None:
-            out.append((b"authorization", b"Bearer " + self.api_key))
-            out.append((b"x-api-key", self.api_key))
-        return out
+        kept: List[Tuple[bytes, bytes]] = []
+        connection = False
+        for k, v in headers:
+            if k in drop:
+                connection = connection or k == b"connection"
+            else:
+                kept.append((k, v))
+        if connection:
+            named = _connection_tokens(headers)
+            kept = [(k, v) for k, v in kept if k not in named]
+        return b"".join([b"%s: %s\r\n" % (k, v) for k, v in kept]) + self.request_extra
+
+    def _decide(self, name: bytes) -> int:
+        """What becomes of a response header (``name`` in lower case), remembered."""
+        if name in self.response_drop or name.endswith(_RESPONSE_DROP_SUFFIXES) or name.startswith(_RATE_PREFIXES):
+            decision = _DROP
+        elif name in _RETRY:
+            decision = _RETRY_ONLY
+        else:
+            decision = _KEEP
+        if len(self._decided) < _DECIDED:
+            self._decided[name] = decision
+        return decision
 
     def response_headers(self, status: int, headers: Iterable[Tuple[bytes, bytes]]) -> Headers:
-        drop = self.response_drop
-        named = _connection_tokens(headers)
+        """The upstream's headers that go to the client, names in lower case."""
+        decided = self._decided
         out: Headers = []
         retry_seen: Tuple[bytes, ...] = ()
+        connection = False
         for name, value in headers:
-            k = name.lower()
-            if k in drop or k in named or k.endswith(_RESPONSE_DROP_SUFFIXES) or k.startswith(_RATE_PREFIXES):
-                continue
-            if k in _RETRY:
-                if status < 300 or k in retry_seen:
-                    continue
-                retry_seen += (k,)
-            out.append((k, value))
+            decision = decided.get(name)
+            if decision is None:
+                name = name.lower()  # the upstream client's are already
+                decision = decided.get(name)
+                if decision is None:
+                    decision = self._decide(name)
+            if decision == _KEEP:
+                out.append((name, value))
+            elif decision == _DROP:
+                connection = connection or name == b"connection"
+            elif status >= 300 and name not in retry_seen:
+                retry_seen += (name,)
+                out.append((name, value))
+        if connection:
+            named = _connection_tokens(headers)
+            out = [(k, v) for k, v in out if k not in named]
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -224,7 +264,7 @@ class Proxy:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(parts)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         method = scope["method"]
         target = scope.get(UPSTREAM_URL)
         if target is None:
@@ -233,7 +273,7 @@ class Proxy:
             except BadTarget as error:
                 await reply(send, 400, problem(400, "Bad Request", str(error)))
                 return
-        headers = self.request_headers(scope.get("headers") or ())
+        headers = self.request_lines(scope.get("headers") or ())
         if self.gate is not None:
             from ..errors import RateLimitExceeded
 

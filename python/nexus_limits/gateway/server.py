@@ -36,6 +36,7 @@ import http
 import json
 import logging
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..adapters.llm import ON_DISCONNECT
@@ -59,7 +60,8 @@ class _Coalesced:
     three calls; on loopback each send costs more than the rest of the turn (the
     kernel delivers the bytes to the reader inline). Joined, they are one. uvicorn
     logs a response's line just before writing its head: held here, the line is
-    written once the response is on its way, not before."""
+    written once the response is on its way, not before. A response that ends is sent
+    at once (:meth:`flush`), not at the end of the turn."""
 
     __slots__ = ("_logs", "_loop", "_parts", "_scheduled", "_size", "_transport")
 
@@ -105,6 +107,9 @@ class _Coalesced:
 
     def _flush(self) -> None:
         self._scheduled = False
+        self._drain()
+
+    def _drain(self) -> None:
         self._write()
         logs, self._logs = self._logs, None
         for logger, msg, args in logs or ():
@@ -113,9 +118,17 @@ class _Coalesced:
             except Exception:  # a broken log handler must not break the connection
                 log.exception("could not write an access log line")
 
+    def flush(self) -> None:
+        """Sends what this turn wrote so far (a response that ended), and its log lines."""
+        if self._parts is not None or self._logs is not None:
+            self._drain()
+
     def close(self) -> None:
         self._flush()
         self._transport.close()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -199,21 +212,193 @@ def _problem(status: int, reason: str, detail: str) -> bytes:
     return head + body
 
 
+# What urllib.parse.quote leaves as it is (its always-safe characters and "/"): a path
+# made of these only is logged as it is, without the call.
+_QUOTE_SAFE = re.compile(r"[A-Za-z0-9_.\-~/]*")
+# A response's header lines as uvicorn accepts them, names lower-cased, checked with one
+# match over all of them: a name without the characters uvicorn's HEADER_RE refuses
+# (controls, separators, space; not empty), a value without a control character other
+# than a tab. A value holding CR LF and what looks like another line would match too:
+# the number of LFs must also be the number of headers (so no header can be split or
+# injected).
+_HEADER_LINES = re.compile(rb'(?:[^\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*')
+_HEADER_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
+_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The response headers the writer acts on (framing, and a close asked for).
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+# The server's default headers (its date, refreshed every second, and any configured)
+# as header lines: one list at a time, shared by every connection.
+_defaults: List[Any] = [None, b""]
+
+
+def _default_lines(headers: List[Tuple[bytes, bytes]]) -> bytes:
+    if headers is not _defaults[0]:
+        lines = b"".join([b"%s: %s\r\n" % (name.lower(), value) for name, value in headers])
+        if lines.count(b"\n") != len(headers) or _HEADER_LINES.fullmatch(lines) is None:
+            raise _bad_header(headers)
+        _defaults[1] = lines
+        _defaults[0] = headers
+    return _defaults[1]  # type: ignore[no-any-return]
+
+
+def _bad_header(headers: Any) -> RuntimeError:
+    """uvicorn's error for the first invalid header of ``headers``."""
+    for name, value in headers:
+        if not name or _HEADER_NAME.search(name):
+            return RuntimeError("Invalid HTTP header name.")
+        if _HEADER_VALUE.search(value):
+            return RuntimeError("Invalid HTTP header value.")
+    return RuntimeError("Invalid HTTP header value.")  # pragma: no cover - a default header
+
+
 def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
     """uvicorn's httptools protocol (llhttp, in C) with what it lacks for a server that
     faces any client: a bound on the request head, a deadline for each head (and for a
     body still arriving after its request was answered), the request target exactly as
-    sent, refusals as problem+json, and the response's writes joined."""
-    from urllib.parse import unquote
+    sent, refusals as problem+json, and the response's writes joined.
 
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    The request's cycle (:class:`RequestResponseCycle`) keeps uvicorn's behaviour with
+    less work per request: a response head is checked with one match over all its
+    lines (the same characters refused as uvicorn's per-header checks, with the same
+    errors), the access line's fields are made without ``urllib``'s quoting when the
+    path needs none, and the connection's deadlines (the head's, the keep-alive's) are
+    one timer that is moved forward, not a timer made and cancelled per request."""
+    from urllib.parse import quote, unquote
+
+    import httptools
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
     timed_out = _problem(408, "Request Timeout", f"the request head did not arrive within {header_timeout:g} s")
     invalid = _problem(400, "Bad Request", "the request is not valid HTTP/1.1 (its line, a header or its framing)")
     too_large = _problem(400, "Bad Request", f"the request line and headers are larger than {max_header_bytes} bytes")
+    access_msg = '%s - "%s %s HTTP/%s" %d'
+
+    class Cycle(RequestResponseCycle):
+        """uvicorn's request/response cycle with a leaner ``send`` (the same messages,
+        bytes, checks and errors)."""
+
+        def __init__(self, protocol: Any, keep_alive: bool, expect_100_continue: bool) -> None:
+            self.protocol = protocol
+            self.scope = protocol.scope
+            self.transport = protocol.transport
+            self.out: _Coalesced = protocol.transport
+            self.flow = protocol.flow
+            self.logger = protocol.logger
+            self.access_logger = protocol.access_logger
+            self.access_log = protocol.access_log
+            self.default_headers = protocol.server_state.default_headers
+            self.message_event = asyncio.Event()
+            self.on_response = protocol.on_response_complete
+            self.disconnected = False
+            self.keep_alive = keep_alive
+            self.waiting_for_100_continue = expect_100_continue
+            self.body = bytearray()
+            self.more_body = True
+            self.response_started = False
+            self.response_complete = False
+            self.chunked_encoding: Optional[bool] = None
+            self.expected_content_length = 0
+
+        def _log(self, status: int) -> None:
+            scope = self.scope
+            client = scope.get("client")
+            if client is self.protocol.client and client:
+                addr = self.protocol.client_text
+            else:
+                addr = "%s:%d" % client if client else ""  # noqa: UP031 - as uvicorn writes it
+            path = scope["path"]
+            if not _QUOTE_SAFE.fullmatch(path):
+                path = quote(path)
+            query = scope["query_string"]
+            if query:
+                path = "{}?{}".format(path, query.decode("ascii"))
+            self.access_logger.info(access_msg, addr, scope["method"], path, scope["http_version"], status)
+
+        async def send(self, message: Any) -> None:
+            if self.flow.write_paused and not self.disconnected:
+                await self.flow.drain()
+            if self.disconnected:
+                return
+            if not self.response_started:
+                if message["type"] != "http.response.start":
+                    raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
+                self.response_started = True
+                self.waiting_for_100_continue = False
+                status = message["status"]
+                headers = message.get("headers", ())
+                if self.access_log:
+                    self._log(status)
+                content = [STATUS_LINE[status], _default_lines(self.default_headers)]
+                has_connection_close = False
+                for name, value in headers:
+                    name = name.lower()
+                    if name in _FRAMING:
+                        if name == b"content-length":
+                            if self.chunked_encoding is None:
+                                self.expected_content_length = int(value.decode())
+                                self.chunked_encoding = False
+                        elif name == b"transfer-encoding":
+                            if value.lower() == b"chunked":
+                                self.expected_content_length = 0
+                                self.chunked_encoding = True
+                        elif b"close" in [token.lower().strip() for token in value.split(b",")]:
+                            self.keep_alive = False
+                            has_connection_close = True
+                    content += (name, b": ", value, b"\r\n")
+                lines = b"".join(content[2:])
+                if lines.count(b"\n") != (len(content) - 2) >> 2 or _HEADER_LINES.fullmatch(lines) is None:
+                    raise _bad_header(headers)
+                del content[2:]
+                content.append(lines)
+                if not self.keep_alive and not has_connection_close:
+                    content.append(b"connection: close\r\n")
+                if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+                    self.chunked_encoding = True
+                    content.append(b"transfer-encoding: chunked\r\n")
+                content.append(b"\r\n")
+                self.transport.write(b"".join(content))
+            elif not self.response_complete:
+                if message["type"] != "http.response.body":
+                    raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
+                body = message.get("body", b"")
+                more_body = message.get("more_body", False)
+                if self.scope["method"] == "HEAD":
+                    self.expected_content_length = 0
+                elif self.chunked_encoding:
+                    if body:
+                        self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+                    if not more_body:
+                        self.transport.write(b"0\r\n\r\n")
+                else:
+                    num_bytes = len(body)
+                    if num_bytes > self.expected_content_length:
+                        raise RuntimeError("Response content longer than Content-Length")
+                    self.expected_content_length -= num_bytes
+                    self.transport.write(body)
+                if not more_body:
+                    if self.expected_content_length != 0:
+                        raise RuntimeError("Response content shorter than Content-Length")
+                    self.response_complete = True
+                    self.message_event.set()
+                    if not self.keep_alive:
+                        self.transport.close()
+                    else:
+                        # The whole response goes now, not at the end of the turn.
+                        self.out.flush()
+                    self.on_response()
+            else:
+                kind = message["type"]
+                raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
 
     class Protocol(HttpToolsProtocol):
-        _deadline: Optional[asyncio.TimerHandle] = None
+        # The connection's one timer and when it fires; the head's deadline (the next
+        # request's head, or the rest of an early-answered body), and the keep-alive's
+        # (no byte since the last response ended): None when not running.
+        _timer: Optional[asyncio.TimerHandle] = None
+        _timer_at = 0.0
+        _head_due: Optional[float] = None
+        _idle_due: Optional[float] = None
         # Between requests and within a head (True), or within a request's body.
         _in_head = True
         # Bytes of the head that is arriving, and the last 3 bytes seen (the end of the
@@ -226,34 +411,52 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
         # and whether it was.
         _watchers: Optional[List[Callable[[], None]]] = None
         _lost = False
+        client_text = ""
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(header_timeout, self._expired)
+        def _schedule(self, due: float) -> None:
+            # A timer already set to fire by then stays: when it fires it looks again.
+            timer = self._timer
+            if timer is not None:
+                if self._timer_at <= due:
+                    return
+                timer.cancel()
+            self._timer_at = due
+            self._timer = self.loop.call_at(due, self._tick)
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expired(self) -> None:
-            self._deadline = None
+        def _tick(self) -> None:
+            self._timer = None
             if self.transport.is_closing():
                 return
-            if self._in_head and self._head_bytes:
-                self.transport.write(timed_out)  # part of a request head came: say why
-            self.transport.close()
+            # A millisecond early counts: the loop's timers are in milliseconds.
+            now = self.loop.time() + 0.001
+            head, idle = self._head_due, self._idle_due
+            if head is not None and now >= head:
+                self._head_due = self._idle_due = None
+                if self._in_head and self._head_bytes:
+                    self.transport.write(timed_out)  # part of a request head came: say why
+                self.transport.close()
+            elif idle is not None and now >= idle:
+                self._head_due = self._idle_due = None
+                self.transport.close()
+            elif head is not None or idle is not None:
+                self._schedule(min(d for d in (head, idle) if d is not None))
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             out = _Coalesced(transport, self.loop)
             self.transport = out  # type: ignore[assignment]
+            if self.client:
+                self.client_text = "%s:%d" % self.client  # noqa: UP031 - as uvicorn writes it
             if self.access_log:
                 self.access_logger = _AccessLog(self.access_logger, out)  # type: ignore[assignment]
-            self._arm()
+            due = self._head_due = self.loop.time() + header_timeout
+            self._schedule(due)
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._disarm()
+            self._head_due = self._idle_due = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._lost = True
             watchers, self._watchers = self._watchers, None
             super().connection_lost(exc)
@@ -284,6 +487,7 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
             return forget
 
         def data_received(self, data: bytes) -> None:
+            self._idle_due = None  # a byte came: the keep-alive wait is over
             if self._fresh and data:
                 self._fresh = False
                 # llhttp knows methods in upper case only; the app upper-cases a method
@@ -291,19 +495,27 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
                 space = data.find(b" ", 0, 24)
                 if space > 0 and not data[:space].isupper():
                     data = data[:space].upper() + data[space:]
-            if self._in_head:
+            if self._in_head and data.find(b"\r\n\r\n") < 0 and (self._tail + data[:3]).find(b"\r\n\r\n") < 0:
                 # httptools keeps a head it has not finished in memory without bound:
                 # a head still incomplete past the limit is refused here. (One that
                 # arrives whole is measured by the app: a 431.)
-                if (self._tail + data).find(b"\r\n\r\n") < 0:
-                    self._head_bytes += len(data)
-                    self._tail = data[-3:]
-                    if self._head_bytes > max_header_bytes:
-                        self._unset_keepalive_if_required()
-                        self.transport.write(too_large)
-                        self.transport.close()
-                        return
-            super().data_received(data)
+                self._head_bytes += len(data)
+                self._tail = (self._tail + data)[-3:]
+                if self._head_bytes > max_header_bytes:
+                    self._unset_keepalive_if_required()
+                    self.transport.write(too_large)
+                    self.transport.close()
+                    return
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():  # pragma: no cover - no websockets here
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
 
         def send_400_response(self, msg: str) -> None:
             # llhttp refused the request (a malformed line or header, a framing
@@ -312,41 +524,87 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
             self.transport.close()
 
         def on_headers_complete(self) -> None:
-            if self.parser.get_http_version() not in ("1.0", "1.1"):
+            parser = self.parser
+            version = parser.get_http_version()
+            if version not in ("1.0", "1.1"):
                 # HTTP/0.9 (a request line without a version): stops the parse, and
                 # uvicorn answers it through send_400_response.
                 raise ValueError("not an HTTP/1.x request")
-            self._disarm()  # the app's own deadlines take over
+            self._head_due = None  # the app's own deadlines take over
             self._in_head = False
             self._head_bytes = 0
             self._tail = b""
+            scope = self.scope
+            scope["method"] = parser.get_method().decode("ascii")
+            if version != "1.1":
+                scope["http_version"] = version
+            if self._upgrading():  # pragma: no cover - no websockets here
+                return
             # The target exactly as sent (as uvicorn's h11 protocol gives it): the app
             # decides on it, and refuses what is not an origin-form path. httptools'
             # URL parser would keep only the path of an absolute URL and drop a
             # fragment, so it is not used.
-            target = self.url
-            self.url = b"/"
-            super().on_headers_complete()
-            raw_path, _, query = target.partition(b"?")
-            scope = self.scope
+            raw_path, _, query = self.url.partition(b"?")
             scope["raw_path"] = raw_path
             scope["query_string"] = query
             path = raw_path.decode("latin-1")
             scope["path"] = unquote(path) if "%" in path else path
             extensions: Any = {ON_DISCONNECT: self._on_disconnect}
             scope["extensions"] = extensions
+            limit = self.limit_concurrency
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+                app = service_unavailable
+                self.logger.warning("Exceeded concurrency limit.")
+            else:
+                app = self.app
+            existing = self.cycle
+            self.cycle = Cycle(self, version != "1.0" and parser.should_keep_alive(), self.expect_100_continue)
+            if existing is None or existing.response_complete:
+                self._start_asgi_task(self.cycle, app)
+            else:
+                # A pipelined request waits for the one before it to be answered.
+                self.flow.pause_reading()
+                self.pipeline.appendleft((self.cycle, app))
+
+        def _upgrading(self) -> bool:
+            # uvicorn's test, its costly part only with a websocket protocol configured.
+            return self.ws_protocol_class is not None and self.parser.should_upgrade() and self._should_upgrade()
+
+        def on_body(self, body: bytes) -> None:
+            cycle = self.cycle
+            if cycle.response_complete or self._upgrading():
+                return
+            cycle.body += body
+            if len(cycle.body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.message_event.set()
 
         def on_message_complete(self) -> None:
-            super().on_message_complete()
+            cycle = self.cycle
+            if not cycle.response_complete and not self._upgrading():
+                cycle.more_body = False
+                cycle.message_event.set()
             self._in_head = self._fresh = True
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
-                return  # closed, or a pipelined request has already started
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+                return
             # Either the next request's head or the rest of an early-answered body is
-            # awaited; both within the deadline.
-            self._arm()
+            # awaited (both within the head's deadline), and the connection is idle
+            # until a byte comes (the keep-alive's).
+            now = self.loop.time()
+            self._idle_due = now + self.timeout_keep_alive
+            if self.cycle is None or self.cycle.response_complete:
+                self._head_due = now + header_timeout
+                self._schedule(min(self._head_due, self._idle_due))
+            else:  # pragma: no cover - a pipelined request has already started
+                self._schedule(self._idle_due)
 
     return Protocol
 

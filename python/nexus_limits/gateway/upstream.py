@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, Deque, List, Optional, Set, Tuple
+from typing import Any, Deque, List, Optional, Set, Tuple, Union
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
 
@@ -41,6 +41,8 @@ Headers = List[Tuple[bytes, bytes]]
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# The headers that say where a response's body ends (without them: at the close).
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class UpstreamError(Exception):
@@ -61,6 +63,11 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
+        # The deadline of the wait in progress (the answer's head, or more of its
+        # body), None between waits; one timer per connection, moved on lazily (see
+        # _tick) instead of one made and cancelled per wait.
+        self.due: Optional[float] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -70,6 +77,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.keep_alive = False
         self.until_close = False
+        self.framed = False
         self.got_bytes = False
         self.body: Deque[bytes] = collections.deque()
         self.buffered = 0
@@ -103,6 +111,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
+        self._stop_timer()
         self._ended()
 
     def pause_writing(self) -> None:  # bodies are bounded by max_body_bytes: buffered
@@ -114,6 +123,10 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp has checked both: a name is a token, a value has no CR, LF or NUL.
+        name = name.lower()
+        if name in _FRAMING:
+            self.framed = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -122,11 +135,11 @@ class _Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self.headers = []  # an interim answer (100 Continue, 103): the real one follows
+            self.framed = False
             return
         self.status = status
         self.keep_alive = bool(self.parser.should_keep_alive())
-        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
-        self.until_close = not framed and status not in (204, 304) and not self.head_only
+        self.until_close = not self.framed and status not in (204, 304) and not self.head_only
         if self.head_only:
             self.complete = True
             self.parser = None  # the answer to HEAD has no body, whatever its headers say
@@ -182,8 +195,45 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
+
+    # -- the deadline ----------------------------------------------------------------------
+
+    def _start_wait(self, timeout: float) -> None:
+        loop = self.loop
+        due = self.due = loop.time() + timeout
+        # A timer still set (for an earlier wait, so earlier than this deadline) is kept:
+        # when it fires it finds the new deadline and is set again for it.
+        if self.timer is None:
+            self.timer = loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        due = self.due
+        if due is None:
+            return  # no wait in progress: the timer stops until the next one
+        if self.loop.time() + 0.001 < due:  # the loop's timers are in milliseconds
+            self.timer = self.loop.call_at(due, self._tick)
+            return
+        self.due = None
+        head = self.head
+        if head is not None and not head.done():
+            _expire(head)
+        else:
+            waiter = self.waiter
+            if waiter is not None and not waiter.done():
+                self._fail(UpstreamError("the upstream sent nothing for the whole timeout"))
+                self._close()
+
+    def _stop_timer(self) -> None:
+        self.due = None
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+
+    # -- the exchange ----------------------------------------------------------------------
 
     def send(self, data: bytes, head_only: bool) -> asyncio.Future[Tuple[int, Headers]]:
         # The state is fresh: a new connection, or one reset when it went back idle.
@@ -201,23 +251,22 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             self.waiter = self.loop.create_future()
-            timer = self.loop.call_later(timeout, self._timed_out, self.waiter)
+            self._start_wait(timeout)
             try:
                 await self.waiter
             finally:
-                timer.cancel()
+                self.due = None
                 self.waiter = None
-        chunk = body.popleft()
+        return self.take()
+
+    def take(self) -> bytes:
+        """The first piece of the body that arrived (there is one)."""
+        chunk = self.body.popleft()
         self.buffered -= len(chunk)
         if self.paused and self.buffered < _LOW_WATER:
             self.paused = False
             self.transport.resume_reading()
         return chunk
-
-    def _timed_out(self, waiter: asyncio.Future[Any]) -> None:
-        if not waiter.done():
-            self._fail(UpstreamError("the upstream sent nothing for the whole timeout"))
-            self._close()
 
     @property
     def reusable(self) -> bool:
@@ -225,8 +274,8 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """An upstream answer: ``status``, ``headers`` (as received: names as sent, every
-    value), and the body through :meth:`read`. :meth:`close` must follow (the
+    """An upstream answer: ``status``, ``headers`` (as received, names in lower case:
+    every value, in order), and the body through :meth:`read`. :meth:`close` must follow (the
     connection goes back to the pool only when the answer was read whole)."""
 
     __slots__ = ("_conn", "_pool", "headers", "status")
@@ -241,8 +290,11 @@ class UpstreamResponse:
         """The next piece of the body as it arrives (de-chunked, not decoded); b"" at its
         end. Raises UpstreamError when the upstream cuts it or falls silent for the
         whole timeout."""
-        assert self._conn is not None, "the response was closed"
-        return await self._conn.read(self._pool.timeout)
+        conn = self._conn
+        assert conn is not None, "the response was closed"
+        if conn.body:  # already here: no wait
+            return conn.take()
+        return await conn.read(self._pool.timeout)
 
     @property
     def done(self) -> bool:
@@ -297,24 +349,33 @@ class Upstream:
         """Connections open or opening (idle ones included)."""
         return self._open
 
-    async def request(self, method: str, target: bytes, headers: Headers, body: bytes) -> UpstreamResponse:
+    async def request(
+        self, method: str, target: bytes, headers: Union[Headers, bytes], body: bytes
+    ) -> UpstreamResponse:
         """Sends one request (``target``: the path and query, as they go on the wire) and
-        returns once the answer's head arrived. ``headers`` must not hold ``host``,
-        ``content-length`` or ``transfer-encoding``: they are written here."""
-        lines = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", self.host_header, b"\r\n"]
-        for name, value in headers:
-            lines += (name, b": ", value, b"\r\n")
+        returns once the answer's head arrived. ``headers``: (name, value) pairs, or
+        their lines already written (``b"name: value\\r\\n"`` each); they must not hold
+        ``host``, ``content-length`` or ``transfer-encoding``: those are written here."""
+        if isinstance(headers, bytes):
+            lines = headers
+        else:
+            lines = b"".join([b"%s: %s\r\n" % (name, value) for name, value in headers])
         if body or method in ("POST", "PUT", "PATCH"):  # a body, or one expected (empty)
-            lines += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n")
-        lines.append(b"\r\n")
-        if body:
-            lines.append(body)
-        data = b"".join(lines)
+            length = b"content-length: %d\r\n\r\n" % len(body)
+        else:
+            length = b"\r\n"
+        data = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s%s" % (
+            method.encode("ascii"), target, self.host_header, lines, length, body
+        )  # fmt: skip
         head_only = method == "HEAD"
         for _ in range(2):
-            conn = await self._acquire()
+            conn = self._take_idle()
+            if conn is None:
+                conn = await self._acquire()
             try:
-                status, got = await self._exchange(conn, data, head_only)
+                head = conn.send(data, head_only)
+                conn._start_wait(self.timeout)
+                status, got = await head
             except _Stale:
                 self._release(conn, False)
                 if method in _IDEMPOTENT:
@@ -323,25 +384,27 @@ class Upstream:
             except BaseException:
                 self._release(conn, False)
                 raise
+            finally:
+                conn.due = None
             return UpstreamResponse(self, conn, status, got)
         raise UpstreamError("the upstream closed two connections under the request")  # pragma: no cover
 
-    async def _exchange(self, conn: _Connection, data: bytes, head_only: bool) -> Tuple[int, Headers]:
-        head = conn.send(data, head_only)
-        timer = conn.loop.call_later(self.timeout, _expire, head)
-        try:
-            return await head
-        finally:
-            timer.cancel()
-
-    async def _acquire(self) -> _Connection:
-        if self._closing:
-            raise UpstreamError("the gateway is shutting down")
+    def _take_idle(self) -> Optional[_Connection]:
+        """The most recently used idle connection still fit for use, if any."""
         idle = self._idle
-        now = self.loop.time()
+        if self._closing:
+            return None
         while idle:
-            conn = idle.pop()  # the most recently used
-            if conn.closed or now - conn.idle_since > self.idle_timeout or conn.loop is not self.loop:
+            conn = idle.pop()
+            # A connection made in a loop that no longer runs (the pool outlived it) is
+            # dropped. (Asked of the connection's loop: asyncio.get_running_loop costs a
+            # system call, getpid, on Python 3.11.)
+            loop = conn.loop
+            if conn.closed or not loop.is_running():
+                self._drop(conn)
+                continue
+            now = loop.time()
+            if now - conn.idle_since > self.idle_timeout:
                 self._drop(conn)
                 continue
             conn.reused = True
@@ -350,6 +413,15 @@ class Upstream:
             if idle and now - idle[0].idle_since > self.idle_timeout:
                 self._drop(idle.popleft())
             return conn
+        return None
+
+    async def _acquire(self) -> _Connection:
+        if self._closing:
+            raise UpstreamError("the gateway is shutting down")
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
+        idle = self._idle
         while self._open >= self.max_connections:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
