@@ -585,8 +585,8 @@ REDIS = '[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n'
         ("[server]\nworkers = nan\n", ":6: server.workers: must be a whole number"),
         ("[server]\nworkers = 100000\n", ":6: server.workers: must be at least 1 and at most 1024"),
         (
-            "[classes]\ninteractive = 1.0\n[server]\nworkers = 2\n",
-            ":8: server.workers: 2 workers share orgs, teams and [classes] only through Redis",
+            "[classes]\ninteractive = 1.0\n[tiers.c]\nconcurrency = 70000\n[server]\nworkers = 2\n",
+            ":8: tiers.c.concurrency: must be at most 65,535 with 2 workers on the memory backend",
         ),
         ('[server]\naccess_log = "no"\n', ":6: server.access_log: must be true or false"),
         ("[server]\naccess_log = 0\n", ":6: server.access_log: must be true or false"),
@@ -636,11 +636,18 @@ def test_yaml_workers(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text("upstream:\n  url: http://127.0.0.1:1\nserver:\n  workers: 3\ntiers:\n  t:\n    requests: 1/s\n")
     assert load_config(str(path)).workers == 3
+    # Orgs, teams and classes are shared through the workers' shared memory too, whose
+    # concurrency limits stop at 65,535.
     path.write_text(
         "upstream:\n  url: http://127.0.0.1:1\nserver:\n  workers: 3\nclasses:\n  a: 1.0\n"
         "tiers:\n  t:\n    requests: 1/s\n"
     )
-    with pytest.raises(ConfigError, match=":4: server.workers: 3 workers share orgs, teams and"):
+    assert load_config(str(path)).classes == {"a": 1.0}
+    path.write_text(
+        "upstream:\n  url: http://127.0.0.1:1\nserver:\n  workers: 3\nteams:\n  s:\n    concurrency: 65536\n"
+        "tiers:\n  t:\n    requests: 1/s\n"
+    )
+    with pytest.raises(ConfigError, match=r":7: teams\.s\.concurrency: must be at most 65,535 with 3 workers"):
         load_config(str(path))
 
 

@@ -20,7 +20,7 @@ from .admin import admin
 from .config import ConfigError, GatewayConfig, Tier, load_config
 from .lease import LeasedLimiter
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
-from .teams import RedisPlace, TeamTree, requota_tier, tier_limiter
+from .teams import RedisPlace, TeamTree, requota_tier, tier_limiter, tree_store_ttl
 from .tree import REQUEST_CLASS, TreeLimiter, TreeSpend
 
 __all__ = ["Gateway", "build_app"]
@@ -39,13 +39,13 @@ def shared_store_name(cfg: GatewayConfig) -> str:
 
 def shared_store_ttl(cfg: GatewayConfig) -> int:
     """How long the store must remember an idle key: the longest period of any limit
-    (a day with daily_tokens), and the lease ttl."""
+    (a day with daily_tokens) of a tier, an org or a team, and the lease ttl."""
     import math
 
     from .._core import Rate
     from ..spend import parse_budget
 
-    periods = [3600.0, float(cfg.lease_ttl)]
+    periods = [3600.0, float(cfg.lease_ttl), float(tree_store_ttl(cfg))]
     for tier in cfg.tiers.values():
         for rate in (tier.requests, tier.tokens):
             if rate is not None:
