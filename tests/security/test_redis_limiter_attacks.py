@@ -11,11 +11,12 @@ import asyncio
 import random
 import socket
 import threading
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, List
 
 import pytest
 import redis
 import redis.asyncio
+from support.redis_state import assert_no_script_text, put_foreign, snapshot
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
@@ -39,18 +40,6 @@ def _limiter(client: Any, kind: str, rate: str = "10/minute", **kw: Any) -> Any:
     return getattr(nlr, kind)(client, rate, **kw)
 
 
-def _snapshot(client: Any) -> Dict[bytes, Any]:
-    out: Dict[bytes, Any] = {}
-    for k in client.keys("*"):
-        kind = client.type(k)
-        out[k] = (kind, client.get(k) if kind == b"string" else client.dump(k))
-    return out
-
-
-def _no_script_text(text: str) -> None:
-    assert "@user_script" not in text and "script:" not in text, text
-
-
 # -- 1. state this library did not write --------------------------------------------------
 
 
@@ -64,7 +53,7 @@ def test_a_corrupted_state_is_a_clear_error_and_admits_nothing(client, kind, gar
     lim = _limiter(client, kind, on_error="allow")
     key = lim.redis_key("k")
     client.set(key, garbage)
-    before = _snapshot(client)
+    before = snapshot(client)
     calls: List[Callable[[], Any]] = [
         lambda: lim.hit("k"),
         lambda: lim.hit("k", 3),
@@ -80,8 +69,8 @@ def test_a_corrupted_state_is_a_clear_error_and_admits_nothing(client, kind, gar
             call()
         text = str(info.value)
         assert key in text and "reset" in text and "did not write" in text, text
-        _no_script_text(text)
-    assert _snapshot(client) == before, "nothing was written"
+        assert_no_script_text(text)
+    assert snapshot(client) == before, "nothing was written"
     assert lim.stats()["fail_open"] == 0 and lim.stats()["errors"] == 0, "not an outage"
     lim.reset("k")  # what the error says to do
     assert lim.hit("k").allowed
@@ -104,13 +93,13 @@ def test_a_corrupted_token_budget_state_is_a_clear_error_and_admits_nothing(clie
     lim = nlr.TokenLimiter(client, requests="10/minute", tokens="1000/minute", on_error="allow")
     key = lim.redis_keys("k")[0]
     client.set(key, garbage)
-    before = _snapshot(client)
+    before = snapshot(client)
     for call in (lambda: lim.reserve("k", 10), lambda: lim.peek("k", 10)):
         with pytest.raises(NexusLimitsError) as info:
             call()
         assert key in str(info.value) and "did not write" in str(info.value), str(info.value)
-        _no_script_text(str(info.value))
-    assert _snapshot(client) == before, "nothing was written"
+        assert_no_script_text(str(info.value))
+    assert snapshot(client) == before, "nothing was written"
     client.delete(key)
     res = lim.reserve("k", 10)
     assert res.allowed
@@ -155,14 +144,14 @@ def test_a_key_of_the_wrong_type_is_a_clear_error(client, kind, which):
     else:
         lim = part = _limiter(client, kind, on_error="allow")
     key = part.redis_key("k") + (":q" if which == "quota" else "")
-    client.hset(key, "a", "b")
+    put_foreign(client, key, "hash")
     for call in (lambda: lim.hit("k"), lambda: lim.peek("k", 2), lambda: lim.inspect("k")):
         with pytest.raises(NexusLimitsError) as info:
             call()
         text = str(info.value)
         assert key in text and "holds a hash" in text, text
         assert ("set_quota writes it again" in text) == (which == "quota"), "the fix that works"
-        _no_script_text(text)
+        assert_no_script_text(text)
     if kind != "Composite":
         with pytest.raises(NexusLimitsError, match="holds a hash"):
             lim.set_quota("k", "5/minute")
@@ -173,16 +162,15 @@ def test_concurrency_on_keys_of_the_wrong_type(client):
     cc = nlr.Concurrency(client, 2, on_error="allow")
     lease = cc.acquire("k")
     key = cc.redis_key("k")
-    client.delete(key)
-    client.set(key, "x")
+    put_foreign(client, key, "string")
     for call in (lambda: cc.hit("k"), lambda: cc.peek("k"), lambda: cc.inspect("k"), lease.release):
         with pytest.raises(NexusLimitsError) as info:
             call()
         text = str(info.value)
         assert key in text and "holds a string" in text, text
-        _no_script_text(text)
+        assert_no_script_text(text)
     cc.reset("k")
-    client.hset(key + ":q", "a", "b")
+    put_foreign(client, key + ":q", "hash")
     with pytest.raises(NexusLimitsError, match="set_quota writes it again"):
         cc.hit("k")
     assert client.get(key) is None
