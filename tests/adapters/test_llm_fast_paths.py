@@ -169,3 +169,24 @@ def test_subclassed_and_in_process_limiters_decide_alike():
         left.cancel()
         assert tl.peek("k").tokens.remaining == 10000 - 2 * 10, "both settled at the usage (10 tokens)"
     assert _Counting.calls == 3
+
+
+class _BrokenSpend:
+    """A spend backend that fails when asked to reserve (a store gone away)."""
+
+    def estimate(self, *args: Any) -> int:
+        return 1
+
+    def reserve(self, *args: Any) -> Any:
+        raise RuntimeError("spend store unreachable")
+
+
+def test_a_failing_spend_backend_does_not_leave_the_token_lease_held():
+    tl = nl.TokenLimiter(requests="10/hour", concurrency=1)
+    app = LLMLimitMiddleware(_upstream, limiter=tl, spend=_BrokenSpend())
+    for _ in range(2):  # the second would be refused for concurrency if the lease stayed
+        with pytest.raises(RuntimeError, match="spend store unreachable"):
+            asyncio.run(_call(app, [(b"authorization", b"Bearer k")], None))
+    probe = tl.peek("k")  # as the next call would find it
+    assert probe.concurrency.allowed, "no lease held"
+    assert probe.requests.remaining == 9, "both calls refunded: the next one is the first"

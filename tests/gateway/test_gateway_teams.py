@@ -663,3 +663,36 @@ def test_top_ranks_the_keys_of_a_tier_whose_limits_classes_share(tmp_path, upstr
         _spend_tokens(http, {"sk-1": 1, "sk-solo": 2})
         doc = _top_rows(http, expect=[("sk-solo", None, None), ("sk-1", "search", "acme")])
         assert 90 <= doc["top"][0]["used"] <= 100 and doc["top"][0]["id"] is None, doc
+
+
+def test_a_key_removed_while_its_body_arrives_gets_a_401_and_holds_nothing(tmp_path, upstream):
+    """The request was routed to its team when its head arrived; a reload removes the key
+    before its body is complete: a 401 (what its next request gets), not a 500, and the
+    team's lease and quota are as if it never came."""
+    import json as _json
+
+    from support.gateway_harness import connect, read_response
+
+    extra = TEAM.replace('requests = "10/minute"', 'requests = "10/minute"\nconcurrency = 1')
+    path = write(tmp_path, upstream.url, extra)
+    app = build_app(str(path))
+    body = _json.dumps(CHAT).encode()
+    with ASGIServer(app, lifespan="on") as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with connect(port) as sock:
+            head = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-1\r\n"
+                b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+            )
+            sock.sendall(head + body[:10])
+            time.sleep(0.2)  # the head is judged and routed; the body waits
+            path.write_text(path.read_text().replace('"sk-1" = { tier = "pro", team = "search" }', ""))
+            assert app.reload()
+            sock.sendall(body[10:])
+            status, _, answer = read_response(sock)
+        assert status == 401, answer
+        assert b"unknown or missing API key" in answer and b"sk-1" not in answer
+        # The team's one concurrent place is free, and its quota untouched: sk-2 gets all 10.
+        got = [http.post("/v1/chat/completions", json=CHAT, headers=auth("sk-2")).status_code for _ in range(11)]
+        assert got == [200] * 10 + [429], got
+        assert http.post("/v1/chat/completions", json=CHAT, headers=auth("sk-1")).status_code == 401

@@ -950,6 +950,10 @@ class LLMLimitMiddleware:
                     await _call(self.limiter, reservation.cancel)
                 await _refuse(send, fmt, 400, str(error), code="model_not_found", param="model")
                 return
+            except BaseException:  # the spend backend failed: the tokens' lease must not stay held
+                if reservation is not None:
+                    await _guarded(_call(self.limiter, reservation.cancel))
+                raise
             if not spent.allowed:
                 if reservation is not None:
                     await _call(self.limiter, reservation.cancel)

@@ -21,7 +21,7 @@ from .config import ConfigError, GatewayConfig, Tier, load_config
 from .lease import LeasedLimiter
 from .proxy import UPSTREAM_URL, BadTarget, Proxy, reply
 from .teams import RedisPlace, TeamTree, requota_tier, tier_limiter, tree_store_ttl
-from .tree import REQUEST_CLASS, TreeLimiter, TreeSpend
+from .tree import REQUEST_CLASS, KeyRemoved, TreeLimiter, TreeSpend
 
 __all__ = ["Gateway", "build_app"]
 
@@ -614,6 +614,10 @@ class Gateway:
         except _BodyTimeout:
             detail = f"the request body did not arrive within {cfg.body_timeout:g} s"
             await reply(send, 408, problem(408, "Request Timeout", detail), [("connection", "close")])
+        except KeyRemoved:
+            # A reload removed the key while its body arrived: raised where the call is
+            # reserved, before any answer; answered as the key's next request would be.
+            await reply(send, 401, problem(401, "Unauthorized", "unknown or missing API key"))
         finally:
             left = in_flight[key] - 1
             if left:

@@ -37,6 +37,13 @@ REQUEST_CLASS: ContextVar[Optional[str]] = ContextVar("nexus_limits_gateway_clas
 _REFUSED: ContextVar[Optional[TreeReservation]] = ContextVar("nexus_limits_gateway_refused", default=None)
 
 
+class KeyRemoved(LookupError):
+    """A key a reload removed while one of its requests was under way (its body still
+    arriving): it is looked up when the call is reserved, before any answer, and the
+    gateway answers 401 as it would the key's next request. (Not a KeyError: the LLM
+    middleware reads a KeyError from a spend reservation as an unknown model.)"""
+
+
 class Route:
     """Where one key's calls are charged: its path in the hierarchy, the quotas of that
     path that are real (``"team.tokens"``...) and their rates as configured, for words."""
@@ -181,7 +188,7 @@ class TreeLimiter:
         route = self.route_of(key)
         if route is None:
             # (the key itself is a credential: never in a message that may be logged)
-            raise KeyError("the key is not in the hierarchy (a reload removed it?)")
+            raise KeyRemoved("the key is not in the hierarchy (a reload removed it?)")
         return route
 
     def _answer(self, outcome: Any, route: Route, estimate: int) -> TreeReservation:
@@ -373,7 +380,7 @@ class TreeSpend:
         micros = self.estimate(model, input_tokens, output_tokens)
         route = self.tree.routes.get(key)
         if route is None:
-            raise LookupError("the key is not in a team (a reload removed it?)")
+            raise KeyRemoved("the key is not in a team (a reload removed it?)")
         outcome = self.tree.hierarchy.reserve(route.path, 0, spend=micros)
         if inspect.isawaitable(outcome):
 
