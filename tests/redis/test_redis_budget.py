@@ -45,6 +45,46 @@ def test_matches_in_process(redis_client):
         clock.advance(1.5)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_in_process_at_odd_rates(redis_client, seed):
+    """Reservations settled and cancelled at random, at rates of no whole microsecond
+    per unit (7 per 3 s: 428571.43 us) on an epoch-scale clock stepped in whole
+    microseconds around those intervals: the same answers as in-process. (A settlement
+    wrote its bucket as one double, a quarter of a microsecond at the epoch: the next
+    answer was sometimes a unit short.)"""
+    import random
+
+    rng = random.Random(seed)
+    clock = nl.ManualClock(1_700_000_000.0)
+    clock.advance(rng.randrange(10**6) / 1e6)  # (a whole microsecond: see now_arg)
+    args = {"requests": "7/3s", "tokens": "997/7s", "daily_tokens": 20011, "clock": clock}
+    local, shared = nl.TokenLimiter(**args), nlr.TokenLimiter(redis_client, **args, prefix=f"odd{seed}")
+    intervals = [3 / 7, 7 / 997, 86400 / 20011]
+    held = []
+    for step in range(150):
+        r = rng.random()
+        if r < 0.45:
+            estimate = rng.randint(1, 400)
+            a, b = local.reserve("k", estimate), shared.reserve("k", estimate)
+            for part in ("decision", "requests", "tokens", "daily_tokens"):
+                assert same(getattr(a, part), getattr(b, part)), (step, part, getattr(a, part), getattr(b, part))
+            if a.allowed:
+                held.append((a, b))
+        elif r < 0.7 and held:
+            a, b = held.pop(rng.randrange(len(held)))
+            if rng.random() < 0.3:
+                assert a.cancel() == b.cancel(), step
+            else:
+                actual = rng.randint(1, 500)
+                assert a.settle(actual) == b.settle(actual), step
+        else:
+            units = rng.choice([0.5, 1.0, 1.0, 2.0, rng.random() * 3])
+            us = max(int(units * rng.choice(intervals) * 1e6) + rng.randint(-2, 2), 0)
+            clock.advance(us / 1e6)
+        for key in shared.redis_keys("k"):  # expiry runs on Redis's clock, not the test's
+            redis_client.persist(key)
+
+
 def test_reserve_settle_cancel_expiry(redis_client):
     clock, _, tl = both(redis_client, requests="2/minute", concurrency=1, lease_ttl=30)
     res = tl.reserve("k", 800)
