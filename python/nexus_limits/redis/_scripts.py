@@ -81,7 +81,9 @@ _ALL_STEPS = _SPLIT + _piece("gcra.lua") + _piece("fixed.lua") + _piece("sliding
 COMPOSITE = Script(_HEADER + "\n" + _ALL_STEPS + "\n" + _piece("composite.lua"), reader=True)
 CONCURRENCY = Script(_BASE + "\n" + _piece("concurrency.lua"), reader=True)
 RELEASE = Script(_piece("release.lua"), "allow-oom")
-REQUOTA = Script(_HEADER + "\n" + _SPLIT + _piece("gcra.lua") + "\n" + _piece("requota.lua"))
+REQUOTA = Script(
+    _HEADER + "\n" + _SPLIT + _piece("gcra.lua") + _piece("gcra_adjust.lua") + "\n" + _piece("requota.lua")
+)
 RESERVE = Script(_HEADER + "\n" + _piece("gcra.lua") + "\n" + _piece("reserve.lua"), reader=True)
 SETTLE = Script(_HEADER + "\n" + _piece("gcra.lua") + _piece("gcra_adjust.lua") + "\n" + _piece("settle.lua"))
 

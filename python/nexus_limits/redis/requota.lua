@@ -22,17 +22,14 @@ local state = state_at(KEYS[1], kind, now)
 if state then
     local new, ttl
     if algo == "gcra" or algo == "leaky" then
-        -- gcra.lua reads and writes the state to its fraction of a microsecond (at
-        -- 1.7e15 us a double would round it, and the new rate can multiply that): a
-        -- check of 0 units answers the backlog (its reset_after), and a check of one
-        -- unit of `backlog` microseconds on a fresh bucket of one writes now + backlog.
-        local _, _, d = gcra(state, now, 1, 2^52, 0, false)
-        local backlog = d[4]
+        -- (through the backlog, to its fraction of a microsecond: at 1.7e15 us a
+        -- double would round the state, and the new rate can multiply that)
+        local backlog = gcra_backlog(state, now)
         if backlog > 0 then
             -- the same units at the new rate, at most two bursts of the new quota (as
             -- Gcra::convert): a debt does not outlast what in-process keeps of it
             backlog = math.min(backlog * micros / old_micros, 2 * tonumber(ARGV[8]) * micros)
-            new, ttl = gcra(nil, now, backlog, 1, 1, false)
+            new, ttl = gcra_state(now, backlog), backlog
         end
     elseif old_micros == micros then
         new = state
