@@ -464,7 +464,6 @@ async def _run_app(app: Any, scope: Scope, client: _Client, send: Send, run: _Ru
         await _run_app_task(app, scope, client, send, run)
         return
     task: Any = current
-    loop = asyncio.get_running_loop()
     ours = 0  # cancellations requested here
     running = True
 
@@ -476,7 +475,7 @@ async def _run_app(app: Any, scope: Scope, client: _Client, send: Send, run: _Ru
             # Delivered at this task's next step, which is inside the app: the task is
             # waiting in it (this runs from another callback, never from this task).
             task.cancel()
-            loop.call_later(_RECANCEL, gone)
+            asyncio.get_running_loop().call_later(_RECANCEL, gone)
 
     client._on_gone = gone
     try:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..adapters import normalize_target, parse_key_spec, problem
@@ -641,17 +642,17 @@ class _BodyTimeout(Exception):
 
 if sys.version_info >= (3, 11):
 
-    async def _within(rest: Any, deadline: float) -> Message:
-        async with asyncio.timeout_at(deadline):
+    async def _within(rest: Any, seconds: float) -> Message:
+        async with asyncio.timeout(seconds):
             return await rest  # type: ignore[no-any-return]
 
 else:  # pragma: no cover - Python < 3.11
 
-    async def _within(rest: Any, deadline: float) -> Message:
+    async def _within(rest: Any, seconds: float) -> Message:
         async def wait() -> Message:
             return await rest  # type: ignore[no-any-return]
 
-        return await asyncio.wait_for(wait(), deadline - asyncio.get_running_loop().time())
+        return await asyncio.wait_for(wait(), seconds)
 
 
 class _Deadline:
@@ -664,7 +665,9 @@ class _Deadline:
 
     def __init__(self, receive: Receive, timeout: float) -> None:
         self.receive = receive
-        self.deadline = asyncio.get_running_loop().time() + timeout
+        # time.monotonic(), not the loop's clock: asyncio.get_running_loop() costs a
+        # getpid() system call on Python 3.11, and most bodies never wait.
+        self.deadline = time.monotonic() + timeout
         self.done = False
 
     async def __call__(self) -> Message:
@@ -681,7 +684,7 @@ class _Deadline:
             message = stop.value
         else:
             try:
-                message = await _within(_Resumed(pending, first), self.deadline)
+                message = await _within(_Resumed(pending, first), self.deadline - time.monotonic())
             except asyncio.TimeoutError:
                 raise _BodyTimeout from None
         if message["type"] != "http.request" or not message.get("more_body", False):
