@@ -292,9 +292,9 @@ def test_reload_moves_a_key_between_teams(tmp_path, upstream):
     ("extra", "where"),
     [
         ('[teams.t]\norg = "nope"\n', ":17: teams.t.org: org 'nope' is not defined in [orgs]"),
-        ('[keys]\nk = { tier = "pro", team = "nope" }\n', ":17: keys.k.team: team 'nope' is not defined"),
-        ('[keys]\nk = { team = "t" }\n[teams.t]\n', ":17: keys.k: needs a tier"),
-        ('[keys]\nk = { tier = "pro", teem = "t" }\n', ":17: keys.k.teem: unknown field; did you mean 'team'?"),
+        ('[keys]\nk = { tier = "pro", team = "nope" }\n', ":17: keys[…].team: team 'nope' is not defined"),
+        ('[keys]\nk = { team = "t" }\n[teams.t]\n', ":17: keys[…]: needs a tier"),
+        ('[keys]\nk = { tier = "pro", teem = "t" }\n', ":17: keys[…].teem: unknown field; did you mean 'team'?"),
         ('[teams.t]\nrequests = "lots"\n', ":17: teams.t.requests: invalid rate"),
         ("[teams.t]\nconcurrency = 0\n", ":17: teams.t.concurrency: must be at least 1"),
         ('[orgs.o]\nrequest = "1/s"\n', ":17: orgs.o.request: unknown field; did you mean 'requests'?"),

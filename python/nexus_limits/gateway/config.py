@@ -461,7 +461,8 @@ SCHEMA: Tuple[Table, ...] = (
     ),
     Table("tiers", TIER_FIELDS, named=True, required=True, nonempty="define at least one tier"),
     Table("prices", PRICE.fields, named=True),
-    Table("keys", KEY_FIELDS, named=True, shorthand="tier"),
+    # Its names are API keys: every message shows them masked (keys["sk-l…23"]).
+    Table("keys", KEY_FIELDS, named=True, shorthand="tier", secret=True),
     Table("orgs", QUOTA_FIELDS, named=True),
     Table("teams", (Field("org", "str", "an org name from [orgs]"), *QUOTA_FIELDS), named=True),
     Table("classes", named=True, value=Field(
@@ -473,11 +474,13 @@ SCHEMA: Tuple[Table, ...] = (
     ), array=True),
 )  # fmt: skip
 _SECTIONS = tuple(t.name for t in SCHEMA)
+_SECRET = tuple(t.name for t in SCHEMA if t.secret)
 
 
 def load_config(path: str) -> GatewayConfig:
-    """Reads and checks a gateway config; every mistake names the file, line and field."""
-    doc, loc = read(path)
+    """Reads and checks a gateway config; every mistake names the file, line and field
+    (an API key masked: ``keys["sk-l…23"].team``, see :func:`.schema.mask`)."""
+    doc, loc = read(path, _SECRET)
     sections(doc, loc, SCHEMA)
     loader = Loader(path, loc)
     values = {spec.name: loader.section(spec, doc) for spec in SCHEMA}

@@ -5,7 +5,13 @@ bounds or choices, a parser, whether required, where the value goes). :class:`Lo
 checks a parsed TOML or YAML document against them and reports every mistake as
 ``<file>:<line>: <table>.<field>: <message>``, an unknown name with the closest known
 one. :func:`read` reads a file into a document and its line finder, refusing what no
-config is (not UTF-8, too large, nested past the parser's depth, a key given twice)."""
+config is (not UTF-8, too large, nested past the parser's depth, a key given twice).
+
+The names of a ``secret`` table's entries are credentials (the API keys of ``[keys]``):
+no message prints one. Such an entry is named ``keys["sk-l…23"]`` (its first four and
+last two characters, for a name of at least 16 printable ASCII characters) or
+``keys[…]`` (nothing of a shorter name), see :func:`mask`; its file and line say which
+it is."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import math
 import re
 import reprlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -25,6 +31,7 @@ __all__ = [
     "Locator",
     "Parts",
     "Table",
+    "mask",
     "read",
     "sections",
     "show",
@@ -91,7 +98,9 @@ class Table:
     ``{ tier = "pro" }``). ``nonempty``: the message when a named table has no entry.
     ``required``: the table must be there. ``finish`` turns the checked values of a
     table (or of one entry) into what is kept; it raises :class:`FieldError` with
-    ``(field, message)`` arguments to report a rule across the fields."""
+    ``(field, message)`` arguments to report a rule across the fields. ``secret``: the
+    names of a named table's entries are credentials, shown masked in every message
+    (:func:`mask`); pass the names of such tables to :func:`read` too."""
 
     name: str
     fields: Tuple[Field, ...] = ()
@@ -103,6 +112,7 @@ class Table:
     nonempty: Optional[str] = None
     required: bool = False
     finish: Optional[Callable[[Dict[str, Any]], Any]] = None
+    secret: bool = False
 
     def field(self, name: str) -> Optional[Field]:
         for f in self.fields:
@@ -124,13 +134,37 @@ MAX_CONFIG_BYTES = 64 * MIB
 Parts = Tuple[Union[str, int], ...]
 
 
-def _where(parts: Parts) -> str:
+class Hidden(str):
+    """A name a message shows masked (:func:`mask`): an unknown name inside an entry of a
+    secret table, which may well be another credential put at the wrong place. Equal to
+    the name itself, so the line finders still find it."""
+
+
+# The characters mask() may show: printable ASCII but the quote and the backslash (a
+# shown part must not close the quotes nor read as an escape).
+_SHOWABLE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}
+
+
+def mask(name: str) -> str:
+    """How a secret name (an API key) is shown in messages: its first four and last two
+    characters around an ellipsis, quoted (``"sk-l…23"``), for a name of at least 16
+    characters whose shown ones are printable ASCII (at least ten stay hidden); ``…``
+    (nothing of it) for any other. The same name is always shown the same way."""
+    if len(name) >= 16 and all(c in _SHOWABLE for c in name[:4] + name[-2:]):
+        return f'"{name[:4]}\u2026{name[-2:]}"'
+    return "\u2026"
+
+
+def _where(parts: Parts, secret: Collection[str] = ()) -> str:
     """``("tiers", "a", "queue")`` as ``tiers.a.queue``; an index of an array of tables
-    as ``routes[0]``."""
+    as ``routes[0]``; the name of an entry of a ``secret`` table, and a :class:`Hidden`
+    name, masked: ``keys["sk-l…23"].team``."""
     out = ""
-    for part in parts:
+    for i, part in enumerate(parts):
         if isinstance(part, int):
             out += f"[{part}]"
+        elif isinstance(part, Hidden) or (i == 1 and parts[0] in secret):
+            out += f"[{mask(part)}]"
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -180,15 +214,20 @@ def _name(name: Any) -> str:
 
 class Locator:
     """Finds the line of a field in the TOML text, for error messages: the line of the
-    key under its table's header, else the header of the table, else its parent's."""
+    key under its table's header, else the header of the table, else its parent's.
+    ``secret``: the tables whose entries' names are credentials (see :func:`mask`)."""
 
     _HEADER = re.compile(r"^\[(\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
 
-    def __init__(self, path: str, text: str) -> None:
+    def __init__(self, path: str, text: str, secret: Collection[str] = ()) -> None:
         self.path = path
+        self.secret = frozenset(secret)
         # (line, header or None, key or None, occurrence of the header)
         self.entries: List[Tuple[int, str, Optional[str], int]] = []
+        # The names a line declares, header's and key's: ("keys", "sk-1", "team").
+        self.names: Dict[int, Parts] = {}
         current = ""
+        current_names: Parts = ()
         seen: Dict[str, int] = {}
         occurrence = 0
         for number, raw in enumerate(text.splitlines(), 1):
@@ -196,11 +235,15 @@ class Locator:
             header = self._HEADER.match(line)
             if header:
                 current = _unquote(header.group(2))
+                current_names = _split(header.group(2))
                 occurrence = seen.get(current, -1) + 1
                 seen[current] = occurrence
                 self.entries.append((number, current, None, occurrence))
+                self.names[number] = current_names
             elif "=" in line and not line.startswith("#"):
-                self.entries.append((number, current, _unquote(line.split("=", 1)[0]), occurrence))
+                key = line.split("=", 1)[0]
+                self.entries.append((number, current, _unquote(key), occurrence))
+                self.names[number] = (*current_names, *_split(key))
 
     def line(self, parts: Parts) -> int:
         names = [p for p in parts if isinstance(p, str)]
@@ -222,13 +265,22 @@ class Locator:
                         return number
         return 1
 
+    def where(self, parts: Parts) -> str:
+        """``parts`` as a message names them, an entry of a secret table masked."""
+        return _where(parts, self.secret)
+
     def error(self, parts: Parts, message: str) -> ConfigError:
-        where = _where(parts)
+        where = self.where(parts)
         return ConfigError(f"{self.path}:{self.line(parts)}: {where + ': ' if where else ''}{message}")
 
 
+def _split(name: str) -> Tuple[str, ...]:
+    """A dotted TOML name's parts, unquoted: ``keys."sk.1"`` is ``("keys", "sk.1")``."""
+    return tuple(p.strip().strip("\"'") for p in re.split(r"\.(?=(?:[^\"']*[\"'][^\"']*[\"'])*[^\"']*$)", name))
+
+
 def _unquote(name: str) -> str:
-    return ".".join(p.strip().strip("\"'") for p in re.split(r"\.(?=(?:[^\"']*[\"'][^\"']*[\"'])*[^\"']*$)", name))
+    return ".".join(_split(name))
 
 
 _YAML_MERGE = "tag:yaml.org,2002:merge"
@@ -254,10 +306,11 @@ class _YamlLocator(Locator):
     """Finds the line of a field in a YAML document, from the parser's marks; refuses a
     key given twice in one mapping (YAML would keep the last silently)."""
 
-    def __init__(self, path: str, text: str) -> None:
+    def __init__(self, path: str, text: str, secret: Collection[str] = ()) -> None:
         import yaml
 
         self.path = path
+        self.secret = frozenset(secret)
         self.marks: Dict[Parts, int] = {}
         walked = set()
 
@@ -276,11 +329,11 @@ class _YamlLocator(Locator):
                             twice = (*prefix, str(merged_key.value))
                             if merged_key.value in names:
                                 line = merged_key.start_mark.line + 1
-                                raise ConfigError(f"{path}:{line}: {_where(twice)}: given twice (keep one)")
+                                raise ConfigError(f"{path}:{line}: {self.where(twice)}: given twice (keep one)")
                             names.add(merged_key.value)
                         continue
                     if k.value in names:
-                        raise ConfigError(f"{path}:{k.start_mark.line + 1}: {_where(name)}: given twice (keep one)")
+                        raise ConfigError(f"{path}:{k.start_mark.line + 1}: {self.where(name)}: given twice (keep one)")
                     names.add(k.value)
                     self.marks.setdefault(name, k.start_mark.line + 1)
                     walk(v, name)
@@ -310,7 +363,7 @@ def _toml() -> Any:
         return tomli
 
 
-def _parse(path: str, text: str) -> Tuple[Any, Locator]:
+def _parse(path: str, text: str, secret: Collection[str]) -> Tuple[Any, Locator]:
     """The document and its line finder, for TOML or (by the file's suffix) YAML."""
     if path.endswith((".yaml", ".yml")):
         try:
@@ -319,7 +372,7 @@ def _parse(path: str, text: str) -> Tuple[Any, Locator]:
             raise ConfigError(f"{path}: YAML configs need PyYAML: pip install 'nexus-limits[yaml]'") from None
         try:
             doc = yaml.safe_load(text)
-            loc: Locator = _YamlLocator(path, text)
+            loc: Locator = _YamlLocator(path, text, secret)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f"{mark.line + 1}:" if mark is not None else ""
@@ -339,12 +392,12 @@ def _parse(path: str, text: str) -> Tuple[Any, Locator]:
     try:
         doc = toml.loads(text)
     except toml.TOMLDecodeError as error:
-        raise _toml_error(path, text, str(error)) from None
+        raise _toml_error(path, text, str(error), secret) from None
     except RecursionError:
         raise ConfigError(f"{path}:1: invalid TOML: nested too deeply") from None
     except ValueError as error:  # a number Python cannot read (past 4,300 digits)
         raise _number_error(path, text, "TOML", error) from None
-    return doc, Locator(path, text)
+    return doc, Locator(path, text, secret)
 
 
 def _number_error(path: str, text: str, language: str, error: ValueError) -> ConfigError:
@@ -354,26 +407,53 @@ def _number_error(path: str, text: str, language: str, error: ValueError) -> Con
     return ConfigError(f"{path}:{line}: invalid {language}: a number is too long to read ({error})")
 
 
-def _toml_error(path: str, text: str, message: str) -> ConfigError:
-    """A TOML syntax error at its line; a key given twice is named."""
+# The parser's errors that quote a name: ('keys', 'sk-1') or 'sk-1'.
+_QUOTES_NAMES = ("Cannot declare", "Cannot mutate", "Cannot redefine", "Duplicate inline table key")
+
+
+def _toml_error(path: str, text: str, message: str, secret: Collection[str] = ()) -> ConfigError:
+    """A TOML syntax error at its line; a key given twice is named. The parser's words
+    may quote names (``Cannot declare ('keys', 'sk-1') twice``): on a line that names a
+    secret table, they are left out and its entry is named masked."""
     found = re.search(r"\(at line (\d+), column \d+\)", message)
     if found is None:
         return ConfigError(f"{path}: invalid TOML: {message}")
     line = int(found.group(1))
-    if message.startswith("Cannot overwrite a value") or "twice" in message:
-        for number, header, key, _ in Locator(path, text).entries:
-            if number == line:
-                where = ".".join(p for p in (header, key) if p)
-                return ConfigError(f"{path}:{line}: {where}: given twice (keep one)")
+    loc = Locator(path, text, secret)
+    names = loc.names.get(line, ())
+    if names and (message.startswith("Cannot overwrite a value") or "twice" in message):
+        return ConfigError(f"{path}:{line}: {loc.where(names)}: given twice (keep one)")
+    if message.startswith(_QUOTES_NAMES) and loc.secret.intersection(names):
+        # (keys = { "sk-1" = "a", "sk-1" = "b" } under another table names it too.)
+        where = f"{loc.where(names)}: " if names else ""
+        words = re.split(r"\s+[(\'\"]", message, maxsplit=1)[0]
+        return ConfigError(f"{path}:{line}: {where}invalid TOML: {words}")
     return ConfigError(f"{path}:{line}: invalid TOML: {message}")
 
 
 # -- the loader ---------------------------------------------------------------------------
 
 
-def _unknown(name: Any, known: Sequence[str], what: str) -> str:
+def _close(name: Any, known: Sequence[str]) -> Optional[str]:
+    """The known name closest to ``name``, if one is close."""
     close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
+
+
+def _unknown_name(name: Any, known: Sequence[str], secret: bool = False) -> str:
+    """An unknown name as a message shows it: :class:`Hidden` (masked) when it is like
+    no known name and may be an API key put at the wrong place: any such name inside
+    a secret table's entry (a key indented one level too deep), else one that holds a
+    digit (no field's name does: a key under the wrong table header, its own forgotten)."""
+    text = _name(name)
+    if _close(text, known) is None and (secret or any(c.isdigit() for c in text)):
+        return Hidden(text)
+    return text
+
+
+def _unknown(name: Any, known: Sequence[str], what: str) -> str:
+    close = _close(name, known)
+    hint = f"; did you mean {close!r}?" if close else ""
     return f"unknown {what}{hint} (expected one of: {', '.join(known)})"
 
 
@@ -397,6 +477,12 @@ def _not_text(value: str) -> bool:
 
 
 _NOT_TEXT = "must be text (it holds a lone surrogate such as '\\ud800')"
+
+
+def _a(value: Any) -> str:
+    """What a value is, without a character of it: "an integer", "a list"."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+    return next((what for kind, what in kinds.items() if isinstance(value, kind)), f"a {type(value).__name__}")
 
 
 class Loader:
@@ -451,7 +537,8 @@ class Loader:
         required ones asked for, each value checked; ``finish`` applied."""
         for name in doc:
             if not isinstance(name, str) or spec.field(name) is None:
-                raise self.loc.error((*parts, _name(name)), _unknown(_name(name), spec.names, "field"))
+                shown = _unknown_name(name, spec.names, bool(parts) and parts[0] in self.loc.secret)
+                raise self.loc.error((*parts, shown), _unknown(shown, spec.names, "field"))
         out: Dict[str, Any] = {}
         for f in spec.fields:
             if f.name in doc:
@@ -495,8 +582,12 @@ class Loader:
         for name, entry in raw.items():
             where = (*parts, _name(name))
             if not isinstance(name, str):
+                if spec.secret:
+                    raise self.loc.error(where, f"names must be strings (quote it), got {_a(name)}")
                 raise self.loc.error(where, f"names must be strings, got {show(name)}")
             if _not_text(name):
+                if spec.secret:
+                    raise self.loc.error(where, f"the name {_NOT_TEXT}")
                 # Located at the name, labelled by its table: the name itself cannot be printed.
                 line = self.loc.line(where)
                 raise ConfigError(f"{self.path}:{line}: {_where(parts)}: the name {show(name)} {_NOT_TEXT}")
@@ -511,8 +602,10 @@ class Loader:
         return entries
 
 
-def read(path: str) -> Tuple[Dict[str, Any], Locator]:
-    """A config file's document and its line finder (TOML, or YAML by the suffix)."""
+def read(path: str, secret: Collection[str] = ()) -> Tuple[Dict[str, Any], Locator]:
+    """A config file's document and its line finder (TOML, or YAML by the suffix).
+    ``secret``: the tables whose entries' names are credentials, masked in every
+    message (:func:`mask`)."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -525,7 +618,7 @@ def read(path: str) -> Tuple[Dict[str, Any], Locator]:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: the config must be UTF-8 text") from None
-    return _parse(path, text)
+    return _parse(path, text, secret)
 
 
 def sections(doc: Mapping[Any, Any], loc: Locator, schema: Sequence[Table]) -> None:
@@ -533,4 +626,5 @@ def sections(doc: Mapping[Any, Any], loc: Locator, schema: Sequence[Table]) -> N
     known = [t.name for t in schema]
     for name in doc:
         if name not in known:
-            raise loc.error((_name(name),), _unknown(_name(name), known, "section"))
+            shown = _unknown_name(name, known)
+            raise loc.error((shown,), _unknown(shown, known, "section"))
