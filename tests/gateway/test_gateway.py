@@ -140,7 +140,7 @@ def test_upstream_down_is_a_502(tmp_path):
         ("[upstream]\nurl = 'http://x'\n[tiers]\n", ":3: tiers: define at least one tier"),
         (
             "[upstream]\nurl = 'http://x'\n[tiers.a]\ntokens = '1/s'\n[keys]\nk = 'gold'\n",
-            ":6: keys.k: tier 'gold' is not defined",
+            ":6: keys[…]: tier 'gold' is not defined",
         ),
         (
             "[upstream]\nurl = 'http://x'\n[gateway]\ndefault_tier = 'b'\n[tiers.a]\ntokens = '1/s'\n",

@@ -116,7 +116,7 @@ _YAML_HEAD = 'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro:\n    reques
     [
         # A lone surrogate (YAML's "\ud800" escape) passed every check and crashed the
         # build with UnicodeEncodeError when the hierarchy was made.
-        ('teams:\n  "\\ud800": {requests: "1/second"}\nkeys:\n  k: {tier: pro, team: "\\ud800"}\n', ":9: keys.k.team"),
+        ('teams:\n  "\\ud800": {requests: "1/second"}\nkeys:\n  k: {tier: pro, team: "\\ud800"}\n', ":9: keys[…].team"),
         ('teams:\n  t: {requests: "1/second"}\nkeys:\n  "\\ud800": {tier: pro, team: t}\n', ":9: keys"),
         ('orgs:\n  "\\ud800": {requests: "1/second"}\nteams:\n  t: {org: t}\n', ":7: orgs"),
         ('classes:\n  a: 1.0\n  "\\ud800": 0.5\n', ":8: classes"),
@@ -253,7 +253,7 @@ def _alias_bomb(depth: int = 8) -> str:
         (
             "gw.yaml",
             f'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {{requests: "1/s"}}\nkeys:\n  k: {{tier: {_alias_bomb()}}}\n',
-            "gw.yaml:6: keys.k: tier",
+            "gw.yaml:6: keys[…]: tier",
         ),
         (
             "gw.yaml",
@@ -766,14 +766,14 @@ _MERGED = 'upstream:\n  url: "http://127.0.0.1:9"\ntiers:\n  pro: {requests: "1/
         # silently, and a reader of the file saw the key in a.
         (
             "keys:\n  <<: {sk-1: {tier: pro, team: a}}\n  sk-1: {tier: free, team: b}\n",
-            "gw.yaml:11: keys.sk-1: given twice",
+            "gw.yaml:11: keys[…]: given twice",
         ),
         (
             "keys:\n  <<: [{sk-1: {tier: pro, team: a}}, {sk-1: {tier: free, team: b}}]\n",
-            "gw.yaml:10: keys.sk-1: given twice",
+            "gw.yaml:10: keys[…]: given twice",
         ),
-        ("keys:\n  sk-1: {tier: pro, team: a}\n  sk-1: {tier: free, team: b}\n", "gw.yaml:11: keys.sk-1: given twice"),
-        ("keys:\n  sk-1: {tier: pro, team: a, team: b}\n", "gw.yaml:10: keys.sk-1.team: given twice"),
+        ("keys:\n  sk-1: {tier: pro, team: a}\n  sk-1: {tier: free, team: b}\n", "gw.yaml:11: keys[…]: given twice"),
+        ("keys:\n  sk-1: {tier: pro, team: a, team: b}\n", "gw.yaml:10: keys[…].team: given twice"),
     ],
 )
 def test_a_yaml_key_given_twice_through_a_merge_is_an_error(tmp_path, keys, where):
