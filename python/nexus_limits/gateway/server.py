@@ -63,20 +63,19 @@ class _Coalesced:
     written once the response is on its way, not before. A response that ends is sent
     at once (:meth:`flush`), not at the end of the turn."""
 
-    __slots__ = ("_logs", "_loop", "_parts", "_scheduled", "_size", "_transport")
+    __slots__ = ("_handle", "_logs", "_loop", "_parts", "_size", "_transport")
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._parts: Optional[List[bytes]] = None
         self._size = 0
-        self._scheduled = False
+        self._handle: Optional[asyncio.Handle] = None
         self._logs: Optional[List[Tuple[logging.Logger, str, Tuple[Any, ...]]]] = None
 
     def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._handle is None:
+            self._handle = self._loop.call_soon(self._flush)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -106,7 +105,7 @@ class _Coalesced:
             self._transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _flush(self) -> None:
-        self._scheduled = False
+        self._handle = None
         self._drain()
 
     def _drain(self) -> None:
@@ -120,11 +119,14 @@ class _Coalesced:
 
     def flush(self) -> None:
         """Sends what this turn wrote so far (a response that ended), and its log lines."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()  # nothing left for it (and the loop need not turn for it)
         if self._parts is not None or self._logs is not None:
             self._drain()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def is_closing(self) -> bool:
