@@ -92,11 +92,30 @@ def test_leasing_on_a_cluster_asyncio(redis_cluster):
     asyncio.run(main())
 
 
+def every_node_ready(cluster: RedisCluster) -> None:
+    """Waits (at most 20 s) until every node says cluster_state:ok. RedisCluster.start
+    asks the first node only; on a loaded machine the others may not have taken the
+    slot map yet, and answer CLUSTERDOWN: a check there is its on_error answer at once
+    (no breaker trip), which the tests below would read as the fault they cause."""
+    deadline = time.monotonic() + 20
+    for node in cluster.nodes:
+        c = redis.Redis(port=node.port)
+        try:
+            while c.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, f"node {node.port} never reached cluster_state:ok"
+                time.sleep(0.05)
+        finally:
+            c.close()
+
+
 @pytest.fixture
 def cluster():
     c = RedisCluster().start()
-    yield c
-    c.close()
+    try:
+        every_node_ready(c)
+        yield c
+    finally:
+        c.close()
 
 
 def hang(port: int, seconds: float) -> threading.Thread:
@@ -115,14 +134,20 @@ def test_a_hung_node_costs_one_socket_timeout_and_trips_its_keys_only(cluster):
     client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.port, **TIMEOUTS)  # 10 retries
     try:
         tb = nlr.TokenBucket(client, "100/s", on_error="deny", prefix="h")
-        leased = nlr.FixedWindow(client, "100000/hour", lease=nlr.LeasePolicy(hold=10, idle=10), prefix="h")
+        # A block that outlives the hang, of the share cap (1,000 units) on any machine:
+        # sized by the rate seen over the default 50 ms, it is a few units on a loaded
+        # machine, which the last checks may have spent (no block to spend below).
+        policy = nlr.LeasePolicy(window=60, max_share=0.01, hold=10, idle=10)
+        leased = nlr.FixedWindow(client, "100000/hour", lease=policy, prefix="h")
         keys = keys_by_node(client, tb)
         for key in keys.values():
             assert not tb.hit(key).fallback
             for _ in range(300):
                 assert leased.hit(key).allowed
         victim, victim_key = next(iter(keys.items()))
-        held = leased._leases.held[victim_key].units
+        slot = leased._leases.held.get(victim_key)
+        held = 0 if slot is None else slot.units
+        assert held > 0, "a block is held"
         sleeper = hang(victim, 3)
         t = time.monotonic()
         d = tb.hit(victim_key)
