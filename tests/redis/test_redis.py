@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support.redis_state import every_node_ready
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
@@ -266,6 +267,7 @@ def test_unreachable_server_is_a_clear_error():
 
 
 def test_cluster(redis_cluster):
+    every_node_ready(redis_cluster)
     from redis.cluster import RedisCluster
 
     client = RedisCluster(host="127.0.0.1", port=redis_cluster.port)

@@ -18,6 +18,7 @@ import pytest
 import redis
 import redis.asyncio.cluster
 import redis.cluster
+from support.redis_state import every_node_ready
 from support.servers import RedisCluster
 
 import nexus_limits as nl
@@ -48,6 +49,7 @@ def evalsha_calls(cluster) -> int:
 
 
 def test_leasing_on_a_cluster_sync(redis_cluster):
+    every_node_ready(redis_cluster)
     client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
     clock = nl.ManualClock(T0)
     try:
@@ -73,6 +75,8 @@ def test_leasing_on_a_cluster_sync(redis_cluster):
 
 
 def test_leasing_on_a_cluster_asyncio(redis_cluster):
+    every_node_ready(redis_cluster)
+
     async def main() -> None:
         client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
         clock = nl.ManualClock(T0)
@@ -90,22 +94,6 @@ def test_leasing_on_a_cluster_asyncio(redis_cluster):
             await client.aclose()
 
     asyncio.run(main())
-
-
-def every_node_ready(cluster: RedisCluster) -> None:
-    """Waits (at most 20 s) until every node says cluster_state:ok. RedisCluster.start
-    asks the first node only; on a loaded machine the others may not have taken the
-    slot map yet, and answer CLUSTERDOWN: a check there is its on_error answer at once
-    (no breaker trip), which the tests below would read as the fault they cause."""
-    deadline = time.monotonic() + 20
-    for node in cluster.nodes:
-        c = redis.Redis(port=node.port)
-        try:
-            while c.cluster("info").get("cluster_state") != "ok":
-                assert time.monotonic() < deadline, f"node {node.port} never reached cluster_state:ok"
-                time.sleep(0.05)
-        finally:
-            c.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio.cluster
 import redis.cluster
+from support.redis_state import every_node_ready
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
@@ -75,6 +76,7 @@ async def every_script(m: Any, client: Any, prefix: str) -> None:
 
 
 def test_every_script_on_a_cluster_sync(redis_cluster):
+    every_node_ready(redis_cluster)
     client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
     try:
         asyncio.run(every_script(nlr, client, "sync"))
@@ -88,6 +90,8 @@ def test_every_script_on_a_cluster_sync(redis_cluster):
 
 
 def test_every_script_on_a_cluster_asyncio(redis_cluster):
+    every_node_ready(redis_cluster)
+
     async def main() -> None:
         client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
         try:

@@ -23,6 +23,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from support.redis_state import every_node_ready
 from support.servers import RedisServer
 
 import nexus_limits as nl
@@ -451,6 +452,7 @@ def test_leases_are_shared_by_processes_and_a_killed_holders_lease_expires(redis
 
 
 def test_a_path_is_one_slot_on_a_cluster_sync_and_asyncio(redis_cluster):
+    every_node_ready(redis_cluster)
     from redis.crc import key_slot
 
     clock = nl.ManualClock(1_700_000_000.0)

@@ -19,6 +19,7 @@ import pytest
 import redis
 import redis.asyncio
 import redis.cluster
+from support.redis_state import every_node_ready
 from support.servers import RedisServer
 
 import nexus_limits as nl
@@ -286,6 +287,7 @@ def test_a_stopped_server_is_answered_by_the_limiters_on_error():
 
 
 def test_on_a_cluster(redis_cluster):
+    every_node_ready(redis_cluster)
     client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
     try:
         for algorithm in ALGORITHMS:

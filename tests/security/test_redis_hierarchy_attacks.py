@@ -22,7 +22,7 @@ import redis
 import redis.asyncio
 import redis.cluster
 from redis.crc import key_slot
-from support.redis_state import assert_no_script_text, put_foreign, snapshot
+from support.redis_state import assert_no_script_text, every_node_ready, put_foreign, snapshot
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
@@ -629,6 +629,7 @@ def test_a_lease_set_stays_bounded_by_its_limit(client):
 
 
 def test_hostile_names_never_cross_slots_on_a_cluster(redis_cluster):
+    every_node_ready(redis_cluster)
     client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
     try:
         h = nlr.Hierarchy(client, MIX_LEVELS, prefix="atk")

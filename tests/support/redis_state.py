@@ -1,11 +1,14 @@
-"""What the Redis attack tests do to a server's keys directly, behind the limiters' backs:
-a snapshot of every key (to show that a refused step wrote nothing), a value of a type
-the library never writes put where it keeps its state, and the check that an error
-shows the user no Lua internals."""
+"""What the Redis tests do to servers directly, behind the limiters' backs: a snapshot of
+every key (to show that a refused step wrote nothing), a value of a type the library
+never writes put where it keeps its state, the check that an error shows the user no
+Lua internals, and the wait for every node of a cluster to serve its slots."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Tuple
+
+import redis
 
 # How to leave a value of each type at a key (its content does not matter).
 _WRITERS = {
@@ -38,3 +41,20 @@ def assert_no_script_text(text: str) -> None:
     """An error message names the problem, not the script's internals (its SHA, a Lua
     line number)."""
     assert "@user_script" not in text and "script:" not in text, text
+
+
+def every_node_ready(cluster: Any, timeout: float = 20.0) -> None:
+    """Waits (at most ``timeout`` seconds) until every node of ``cluster`` (a
+    support.servers.RedisCluster) says cluster_state:ok. RedisCluster.start asks the
+    first node only; on a loaded machine another may not have taken the slot map yet
+    and answer CLUSTERDOWN, which a limiter answers as an outage (its on_error answer,
+    at once, without a breaker trip)."""
+    deadline = time.monotonic() + timeout
+    for node in cluster.nodes:
+        client = redis.Redis(port=node.port)
+        try:
+            while client.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, f"node {node.port} never reached cluster_state:ok"
+                time.sleep(0.05)
+        finally:
+            client.close()
