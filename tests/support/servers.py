@@ -161,15 +161,21 @@ class RedisCluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        # Every node, not only the first: on a loaded machine another may not have taken
+        # the slot map yet and answer CLUSTERDOWN to the first test's commands.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        waiting = list(self.nodes)
+        while waiting and time.monotonic() < deadline:
             out = subprocess.run(
-                [cli, "-p", str(self.nodes[0].port), "cluster", "info"], capture_output=True, text=True
+                [cli, "-p", str(waiting[0].port), "cluster", "info"], capture_output=True, text=True
             ).stdout
             if "cluster_state:ok" in out:
-                return self
-            time.sleep(0.1)
-        raise RuntimeError("the Redis cluster did not reach cluster_state:ok within 20 s")
+                waiting.pop(0)
+            else:
+                time.sleep(0.1)
+        if not waiting:
+            return self
+        raise RuntimeError(f"node {waiting[0].port} did not reach cluster_state:ok within 20 s")
 
     @property
     def port(self) -> int:
