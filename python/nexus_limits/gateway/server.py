@@ -182,8 +182,10 @@ def _log_access(logger: logging.Logger, msg: str, args: Tuple[Any, ...]) -> None
             client, method, path, version, status = args
             line = f'INFO:     {client} - "{method} {path} HTTP/{version}" {_status_text(int(status))}'
             with handler.lock or contextlib.nullcontext():
-                handler.stream.write(line + handler.terminator)
-                handler.flush()
+                stream = handler.stream
+                stream.write(line + handler.terminator)
+                if stream and hasattr(stream, "flush"):  # StreamHandler.flush, in the lock held
+                    stream.flush()
             return
     logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, msg, args, None))
 
@@ -331,7 +333,9 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
                 headers = message.get("headers", ())
                 if self.access_log:
                     self._log(status)
-                content = [STATUS_LINE[status], _default_lines(self.default_headers)]
+                status_line = STATUS_LINE[status]
+                defaults = _default_lines(self.default_headers)
+                parts: List[bytes] = []
                 has_connection_close = False
                 for name, value in headers:
                     name = name.lower()
@@ -347,19 +351,17 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
                         elif b"close" in [token.lower().strip() for token in value.split(b",")]:
                             self.keep_alive = False
                             has_connection_close = True
-                    content += (name, b": ", value, b"\r\n")
-                lines = b"".join(content[2:])
-                if lines.count(b"\n") != (len(content) - 2) >> 2 or _HEADER_LINES.fullmatch(lines) is None:
+                    parts += (name, b": ", value, b"\r\n")
+                lines = b"".join(parts)
+                if lines.count(b"\n") != len(parts) >> 2 or _HEADER_LINES.fullmatch(lines) is None:
                     raise _bad_header(headers)
-                del content[2:]
-                content.append(lines)
+                extra = b""
                 if not self.keep_alive and not has_connection_close:
-                    content.append(b"connection: close\r\n")
+                    extra = b"connection: close\r\n"
                 if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
                     self.chunked_encoding = True
-                    content.append(b"transfer-encoding: chunked\r\n")
-                content.append(b"\r\n")
-                self.transport.write(b"".join(content))
+                    extra += b"transfer-encoding: chunked\r\n"
+                self.transport.write(b"%s%s%s%s\r\n" % (status_line, defaults, lines, extra))
             elif not self.response_complete:
                 if message["type"] != "http.response.body":
                     raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
