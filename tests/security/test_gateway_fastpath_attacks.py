@@ -1,0 +1,667 @@
+"""Hostile variants of requests and answers against the gateway's fast paths.
+
+The gateway judges a request's target and key once (the ``nexus_limits.given`` scope
+entry), parses bodies with a shared decoder, arms the body deadline only when
+``receive()`` waits, reads a response start's headers in one pass and reads usage
+through shortcuts for the common shapes. Each shortcut must judge every variant of a
+request or answer as the general code does: the same charge (read back from the
+limiter), a clear 4xx for bad input, and no hang or held lease. Everything runs
+against the real gateway on loopback: its own server (``uvicorn_config``), a real
+uvicorn upstream, raw sockets where httpx would normalise the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import textwrap
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import httpx
+import pytest
+from support.gateway_harness import GatewayServer, closed_within, connect, read_response
+from support.servers import ASGIServer, free_port
+
+CAPACITY = 1_000_000  # tokens a key may spend per day: refills ~12 tokens a second
+DRIFT = 40  # what the refill can give back while a test measures (a few seconds)
+USAGE = {"prompt_tokens": 3000, "completion_tokens": 2000, "total_tokens": 5000}
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there, how are you?"}], "max_tokens": 50}
+
+Answer = Tuple[int, List[Tuple[bytes, bytes]], List[bytes]]
+
+
+class Scripted:
+    """An upstream whose answer a test chooses: ``answer(body) -> (status, headers,
+    body chunks)``; ``/stream`` (any path ending so) sends events until the client goes
+    (at most 20 s). Records the bodies it received and whether a stream saw its client go."""
+
+    def __init__(self) -> None:
+        self.answer: Callable[[bytes], Answer] = lambda body: _json_answer({"choices": [], "usage": USAGE})
+        self.bodies: List[bytes] = []
+        self.stream = False
+        self.stream_gone = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        if self.stream:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
+            deadline = time.monotonic() + 20
+            chunk = b'data: {"choices":[{"delta":{"content":"word "}}]}\n\n'
+            # Stock uvicorn drops what is sent after the client went: its receive() says so.
+            gone = asyncio.ensure_future(receive())
+            while time.monotonic() < deadline and not gone.done():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await asyncio.sleep(0.01)
+            if gone.done():
+                self.stream_gone.set()
+            else:
+                gone.cancel()
+            return
+        status, headers, chunks = self.answer(body)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, part in enumerate(chunks):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(chunks) - 1})
+        if not chunks:
+            await send({"type": "http.response.body", "body": b""})
+
+
+def _json_answer(doc: Any, headers: Optional[List[Tuple[bytes, bytes]]] = None) -> Answer:
+    return 200, headers or [(b"content-type", b"application/json")], [json.dumps(doc).encode()]
+
+
+CONFIG = """
+[upstream]
+url = "{url}"
+timeout = 30
+
+[server]
+body_timeout = {body_timeout}
+
+[gateway]
+key = "bearer"
+reload = "off"
+
+[tiers.t]
+requests = "100000/minute"
+tokens = "{capacity}/day"
+
+[tiers.one]
+requests = "100000/minute"
+tokens = "{capacity}/day"
+concurrency = 1
+
+[keys]
+{keys}
+"""
+
+KEYS = [f"sk-test-{i:03d}" for i in range(40)]
+ONE_KEYS = [f"sk-one-{i:03d}" for i in range(10)]
+
+
+def _config(tmp_path: Any, url: str, body_timeout: float = 2) -> str:
+    keys = "\n".join([f'"{k}" = "t"' for k in KEYS] + [f'"{k}" = "one"' for k in ONE_KEYS])
+    path = tmp_path / "gateway.toml"
+    path.write_text(textwrap.dedent(CONFIG.format(url=url, body_timeout=body_timeout, capacity=CAPACITY, keys=keys)))
+    return str(path)
+
+
+@pytest.fixture
+def upstream() -> Iterator[Tuple[Scripted, ASGIServer]]:
+    app = Scripted()
+    with ASGIServer(app) as server:
+        yield app, server
+
+
+@pytest.fixture
+def gateway(tmp_path: Any, upstream: Tuple[Scripted, ASGIServer]) -> Iterator[GatewayServer]:
+    _keys[0] = iter(KEYS)
+    with GatewayServer(_config(tmp_path, upstream[1].url)) as gw:
+        yield gw
+
+
+_keys: List[Iterator[str]] = [iter(KEYS)]
+
+
+def fresh_key() -> str:
+    """A key no request has used yet on this test's gateway (each test has its own)."""
+    return next(_keys[0])
+
+
+def spent(gw: GatewayServer, key: str, tier: str = "t") -> int:
+    """Tokens the key has been charged (its bucket started full)."""
+    probe = gw.app.tiers[tier].limiter.peek(key)
+    return CAPACITY - int(probe.tokens.remaining)
+
+
+def settled(gw: GatewayServer, key: str, tier: str = "t") -> int:
+    """The key's charge once its request has ended (the lease is settled just after
+    the client has the last byte)."""
+    deadline = time.monotonic() + 3
+    last = spent(gw, key, tier)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = spent(gw, key, tier)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def post(gw: GatewayServer, key: str, body: bytes, headers: Optional[Dict[str, str]] = None) -> httpx.Response:
+    h = {"authorization": f"Bearer {key}", "content-type": "application/json", **(headers or {})}
+    return httpx.post(f"{gw.url}/v1/chat/completions", content=body, headers=h, timeout=15)
+
+
+def raw(port: int, key: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer "
+        + key.encode()
+        + b"\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n"
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+# --- request bodies: encodings, numbers ------------------------------------------------
+
+
+def test_body_encodings_are_charged_as_the_utf8_body(gateway: GatewayServer, upstream: Any) -> None:
+    """The shared decoder (_loads) detects UTF-16/32 and drops a UTF-8 BOM as json.loads
+    does: every encoding of one request reserves what its UTF-8 form reserves (the
+    upstream answers without usage, so the charge is the reservation)."""
+    app, _ = upstream
+    app.answer = lambda body: _json_answer({"choices": [{"message": {"content": "x"}}]})
+    text = json.dumps(CHAT, ensure_ascii=False)
+    variants = {
+        "utf-8": text.encode("utf-8"),
+        "utf-8 BOM": text.encode("utf-8-sig"),
+        "utf-16": text.encode("utf-16"),
+        "utf-16-le": text.encode("utf-16-le"),
+        "utf-16-be": text.encode("utf-16-be"),
+        "utf-32": text.encode("utf-32"),
+        "utf-32-be": text.encode("utf-32-be"),
+        "whitespace": b" \r\n\t" + text.encode() + b"\n ",
+    }
+    charges = {}
+    for name, body in variants.items():
+        key = fresh_key()
+        r = post(gateway, key, body)
+        assert r.status_code == 200, (name, r.status_code, r.text)
+        charges[name] = settled(gateway, key)
+    expected = charges["utf-8"]
+    assert expected >= 50  # the reservation holds max_tokens at least
+    for name, got in charges.items():
+        assert abs(got - expected) <= DRIFT, (name, got, expected)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff\xfe",  # a UTF-16 BOM and nothing
+        b"\xef\xbb\xbf",  # a UTF-8 BOM and nothing
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800"}]}',  # a lone surrogate
+        '{"model": "gpt-4o", "messages": [{"role": "user", "content": "\ud800x"}]}'.encode("utf-16", "surrogatepass"),
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xc3"}]}',  # broken UTF-8
+        b'\xef\xbb\xbf\xef\xbb\xbf{"model": "gpt-4o", "messages": []}',  # two BOMs
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": NaN}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 40 + b"}",
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": true}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5.5}',
+        b'{"model": "gpt-4o", "messages": [{"role": 7, "content": "hi"}]}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": 7}]}',
+        b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "gpt-4o", "messages": {"role": "user", "content": "hi"}}',
+        b"[" * 100_000,
+    ],
+)
+def test_bad_bodies_get_a_clear_4xx_or_a_fair_charge(gateway: GatewayServer, upstream: Any, body: bytes) -> None:
+    """Odd encodings, surrogates, NaN/huge/negative numbers, wrong types: a 4xx with a
+    body naming the problem, or (when the body is a valid request) a charge at least
+    the prompt's; never a 5xx."""
+    key = fresh_key()
+    r = post(gateway, key, body)
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code >= 400:
+        assert 400 <= r.status_code < 500
+        assert r.text and ("body" in r.text or "max_tokens" in r.text or "messages" in r.text or "model" in r.text), (
+            r.text
+        )
+        assert settled(gateway, key) <= DRIFT  # a refused body is not charged
+    else:
+        assert settled(gateway, key) >= 5000 - DRIFT  # the usage the upstream reported
+
+
+def test_a_role_outside_the_table_is_counted_as_the_general_path_counts_it(
+    gateway: GatewayServer, upstream: Any
+) -> None:
+    """plain_message counts known roles from a table; any other role, a third member or
+    content that is not a string goes the general way: the reservation of each shape
+    equals count_request's estimate for it plus max_tokens, as before the shortcut."""
+    from nexus_limits.tokens._count import count_request_tokens
+
+    app, _ = upstream
+    app.answer = lambda body: _json_answer({"choices": [{"message": {"content": "x"}}]})
+    long_role = "r" * 5000
+    shapes = [
+        [{"role": "user", "content": "hello " * 50}],
+        [{"role": long_role, "content": "hello " * 50}],
+        [{"role": "User", "content": "hello " * 50}],
+        [{"role": "user", "content": "hello " * 50, "name": "bob"}],
+        [{"content": "hello " * 50, "role": "user"}],
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": [{"type": "text", "text": "hello " * 50}]}],
+    ]
+    for messages in shapes:
+        body = {"model": "gpt-4o", "messages": messages, "max_tokens": 50}
+        key = fresh_key()
+        r = post(gateway, key, json.dumps(body).encode())
+        assert r.status_code == 200, r.text
+        got = settled(gateway, key)
+        want = count_request_tokens(body, "openai").tokens
+        assert got >= want, (messages[0].get("role", "")[:10], got, want)
+
+
+# --- the key and target, judged once ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [b"authorization: Bearer {a}", b"authorization: Bearer {b}"],
+        [b"Authorization: Bearer {a}", b"AUTHORIZATION: Bearer {b}"],
+        [b"authorization: Bearer {a}", b"x-api-key: {b}"],
+        [b"x-api-key: {a}", b"authorization: Bearer {b}"],
+        [b"authorization:    Bearer {a}   "],
+        [b"authorization: bearer {a}"],
+    ],
+)
+def test_repeated_and_varied_key_headers_charge_exactly_one_key(
+    gateway: GatewayServer, upstream: Any, headers: List[bytes]
+) -> None:
+    """The key the gateway judges (tier, in-flight count) is the key charged: a request
+    is refused, or exactly one of the keys it names pays the upstream's usage."""
+    a, b = fresh_key(), fresh_key()
+    body = json.dumps(CHAT).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+    for line in headers:
+        head += line.replace(b"{a}", a.encode()).replace(b"{b}", b.encode()) + b"\r\n"
+    head += b"content-length: %d\r\n\r\n" % len(body)
+    with connect(gateway.port) as sock:
+        sock.sendall(head + body)
+        status, _, text = read_response(sock, 15)
+    charges = (settled(gateway, a), settled(gateway, b))
+    if status >= 400:
+        assert status < 500, text
+        assert max(charges) <= DRIFT, charges
+    else:
+        assert status == 200
+        assert sorted(c > 5000 - DRIFT for c in charges) == [False, True], charges
+        assert max(charges) <= 5000 + DRIFT, charges
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v1/chat/completions?x=1",
+        b"/v1//chat/completions",
+        b"/v1/./chat/completions",
+        b"/v1/chat/../chat/completions",
+        b"/v1/chat/completions/",
+        b"/v1/%63hat/completions",
+        b"/V1/chat/completions",
+        b"//v1/chat/completions",
+    ],
+)
+def test_target_variants_are_limited_or_refused(gateway: GatewayServer, upstream: Any, target: bytes) -> None:
+    """A variant of the LLM path is either refused (4xx, nothing forwarded) or charged
+    like the path itself: never forwarded to the upstream's chat endpoint uncharged."""
+    app, _ = upstream
+    key = fresh_key()
+    body = json.dumps(CHAT).encode()
+    before = len(app.bodies)
+    head = (
+        b"POST "
+        + target
+        + b" HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer "
+        + key.encode()
+        + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    with connect(gateway.port) as sock:
+        sock.sendall(head + body)
+        status, _, text = read_response(sock, 15)
+    assert status < 500, text
+    forwarded = len(app.bodies) > before
+    if forwarded and status == 200:
+        # Forwarded: the upstream's usage was charged (or the path is not an LLM path
+        # the upstream serves, which this upstream cannot tell: it answers every path).
+        charge = settled(gateway, key)
+        assert charge >= 5000 - DRIFT or not _is_llm_path_variant(target), (target, charge)
+
+
+def _is_llm_path_variant(target: bytes) -> bool:
+    from nexus_limits.adapters import normalize_target
+
+    try:
+        _, path = normalize_target("POST", target.split(b"?")[0].decode(), target.split(b"?")[0])
+    except Exception:
+        return False
+    return path == "/v1/chat/completions"
+
+
+# --- usage in answers: the fast readers vs the general one ----------------------------
+
+
+def _answers() -> Dict[str, Answer]:
+    doc = {"id": "x", "object": "chat.completion", "choices": [{"message": {"content": "hi"}}], "usage": USAGE}
+    plain = json.dumps(doc).encode()
+    dup = (
+        b'{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1},'
+        b'"usage":{"prompt_tokens":3000,"completion_tokens":2000}}'
+    )
+    dup_inner = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2000,"prompt_tokens":3000}}'
+    big = json.dumps({**doc, "pad": "a" * 70_000}).encode()
+    ct = (b"content-type", b"application/json")
+    return {
+        "plain": (200, [ct], [plain]),
+        "leading whitespace": (200, [ct], [b" \n" + plain]),
+        "byte by byte": (200, [ct], [plain[i : i + 1] for i in range(len(plain))]),
+        "gzip": (200, [ct, (b"content-encoding", b"gzip")], [gzip.compress(plain)]),
+        "larger than the capture": (200, [ct], [big]),
+        "duplicate usage, last wins": (200, [ct], [dup]),
+        "duplicate usage, gzip": (200, [ct, (b"content-encoding", b"gzip")], [gzip.compress(dup)]),
+        "duplicate count in usage": (200, [ct], [dup_inner]),
+        "charset and case": (200, [(b"Content-Type", b"Application/JSON; charset=utf-8")], [plain]),
+        "no content type": (200, [], [plain]),
+        "two content types": (200, [ct, (b"content-type", b"text/plain")], [plain]),
+        "upper-case coding": (200, [ct, (b"Content-Encoding", b"GZIP")], [gzip.compress(plain)]),
+        "identity coding": (200, [ct, (b"content-encoding", b"identity")], [plain]),
+        "sse": (
+            200,
+            [(b"content-type", b"text/event-stream")],
+            [
+                b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+                b'data: {"choices":[],"usage":' + json.dumps(USAGE).encode() + b"}\n\n",
+                b"data: [DONE]\n\n",
+            ],
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_answers()))
+def test_usage_in_every_shape_charges_the_same(gateway: GatewayServer, upstream: Any, name: str) -> None:
+    """The same usage (3000 + 2000) in any framing, coding or shape the readers accept
+    is charged 5000: the small-body shortcut, the scanner, the stream reader agree
+    (duplicate members: the last one, as json.loads reads them)."""
+    app, _ = upstream
+    answer = _answers()[name]
+    app.answer = lambda body: answer
+    key = fresh_key()
+    r = post(gateway, key, json.dumps(CHAT).encode())
+    assert r.status_code == 200, r.text
+    assert abs(settled(gateway, key) - 5000) <= DRIFT, name
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 3000, "completion_tokens": 2000.0},
+        {"prompt_tokens": 3000, "completion_tokens": True},
+        {"prompt_tokens": 3000, "completion_tokens": -1},
+        {"prompt_tokens": 3000, "completion_tokens": 2**60},
+        {"prompt_tokens": 3000, "completion_tokens": "2000"},
+        {"prompt_tokens": 3000, "completion_tokens": 2000, "prompt_tokens_details": {"cached_tokens": 9000}},
+        {"prompt_tokens": 3000, "completion_tokens": 2000, "completion_tokens_details": {"reasoning_tokens": -5}},
+        {"prompt_tokens": 3000, "completion_tokens": 2000, "prompt_tokens_details": []},
+        {"prompt_tokens": 3000},
+        [3000, 2000],
+        None,
+    ],
+)
+def test_untrustworthy_usage_is_never_charged_below_the_reservation(
+    gateway: GatewayServer, upstream: Any, usage: Any
+) -> None:
+    """Usage the readers refuse leaves the reservation's charge (never less, never a
+    crash): the answer the client gets is the upstream's."""
+    app, _ = upstream
+    app.answer = lambda body: _json_answer({"object": "chat.completion", "choices": [], "usage": usage})
+    reference = fresh_key()
+    app_answer = app.answer
+    app.answer = lambda body: _json_answer({"choices": [{"message": {"content": "x"}}]})
+    assert post(gateway, reference, json.dumps(CHAT).encode()).status_code == 200
+    app.answer = app_answer
+    key = fresh_key()
+    r = post(gateway, key, json.dumps(CHAT).encode())
+    assert r.status_code == 200, r.text
+    assert settled(gateway, key) >= settled(gateway, reference) - DRIFT
+
+
+def test_upstream_limit_headers_never_reach_the_client_beside_ours(gateway: GatewayServer, upstream: Any) -> None:
+    """_start_headers drops every upstream header a gateway header replaces, whatever
+    its case and however often it is repeated: the client sees one value, the gateway's."""
+    app, _ = upstream
+    theirs = [
+        (b"X-RateLimit-Remaining-Tokens", b"999999999"),
+        (b"x-ratelimit-remaining-tokens", b"888888888"),
+        (b"X-RATELIMIT-LIMIT-TOKENS", b"777777777"),
+        (b"x-ratelimit-reset-tokens", b"1s"),
+        (b"x-ratelimit-remaining-requests", b"5"),
+    ]
+    app.answer = lambda body: _json_answer(
+        {"choices": [], "usage": USAGE}, [(b"content-type", b"application/json"), *theirs]
+    )
+    key = fresh_key()
+    body = json.dumps(CHAT).encode()
+    with connect(gateway.port) as sock:
+        sock.sendall(raw(gateway.port, key, body))
+        status, headers, _ = read_response(sock, 15)
+    assert status == 200
+    for name in ("x-ratelimit-remaining-tokens", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests"):
+        assert len(headers.get(name, [])) == 1, (name, headers.get(name))
+    assert headers["x-ratelimit-limit-tokens"] == [str(CAPACITY)]
+    assert int(headers["x-ratelimit-remaining-tokens"][0]) <= CAPACITY
+
+
+# --- bodies that arrive slowly, stall, or come pipelined -------------------------------
+
+
+def test_a_body_byte_by_byte_is_read_whole_and_charged_as_one_write(gateway: GatewayServer, upstream: Any) -> None:
+    app, _ = upstream
+    app.answer = lambda body: _json_answer({"choices": [{"message": {"content": "x"}}]})
+    body = json.dumps(CHAT).encode()
+    whole = fresh_key()
+    assert post(gateway, whole, body).status_code == 200
+    key = fresh_key()
+    data = raw(gateway.port, key, body)
+    with connect(gateway.port) as sock:
+        head_end = data.index(b"\r\n\r\n") + 4
+        sock.sendall(data[:head_end])
+        for i in range(head_end, len(data)):  # ~1 s in all, under the 2 s deadline
+            sock.sendall(data[i : i + 1])
+            time.sleep(0.005)
+        status, _, text = read_response(sock, 15)
+    assert status == 200, text
+    assert app.bodies[-1] == body
+    assert abs(settled(gateway, key) - settled(gateway, whole)) <= DRIFT
+
+
+@pytest.mark.parametrize("how", ["stall", "drip past the deadline"])
+def test_a_body_that_stalls_or_drips_past_the_deadline_is_a_408_and_frees_its_lease(
+    gateway: GatewayServer, upstream: Any, how: str
+) -> None:
+    """The deadline is armed only when receive() waits: a body that keeps a byte coming
+    every 0.2 s still meets the whole-body deadline (2 s), and the key's one
+    concurrency place is free at once after."""
+    key = ONE_KEYS[0 if how == "stall" else 1]
+    body = json.dumps(CHAT).encode()
+    data = raw(gateway.port, key, body)
+    head_end = data.index(b"\r\n\r\n") + 4
+    started = time.monotonic()
+    with connect(gateway.port, 10) as sock:
+        sock.sendall(data[: head_end + 5])
+        answer = None
+        if how == "stall":
+            answer = closed_within(sock, 6)
+        else:
+            sock.settimeout(0.2)
+            got = b""
+            for i in range(head_end + 5, min(len(data), head_end + 40)):
+                try:
+                    sock.sendall(data[i : i + 1])
+                except OSError:
+                    break
+                try:
+                    chunk = sock.recv(65536)
+                    got += chunk
+                    if not chunk or b"\r\n\r\n" in got:
+                        break
+                except socket.timeout:
+                    pass
+            answer = got + (closed_within(sock, 3) or b"")
+        took = time.monotonic() - started
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+    assert took < 4.5, took  # the 2 s deadline, not 35 * 0.2 s
+    assert b"did not arrive within" in answer
+    r = post(gateway, key, body)
+    assert r.status_code == 200, r.text  # the concurrency place was given back
+    assert gateway.app.in_flight == {}
+
+
+def test_pipelined_requests_are_each_answered_and_charged(gateway: GatewayServer, upstream: Any) -> None:
+    key = fresh_key()
+    body = json.dumps(CHAT).encode()
+    one = raw(gateway.port, key, body)
+    with connect(gateway.port) as sock:
+        sock.sendall(one * 3)
+        pending = bytearray()
+        statuses = [read_response(sock, 15, pending)[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert abs(settled(gateway, key) - 3 * 5000) <= DRIFT
+
+
+# --- never-ending streams and clients that leave --------------------------------------
+
+
+def test_a_client_leaving_a_never_ending_stream_frees_its_lease(gateway: GatewayServer, upstream: Any) -> None:
+    app, _ = upstream
+    app.stream = True
+    key = ONE_KEYS[2]
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    with connect(gateway.port) as sock:
+        sock.sendall(raw(gateway.port, key, body))
+        sock.settimeout(5)
+        got = b""
+        while got.count(b"data:") < 5:
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200")
+    assert app.stream_gone.wait(5), "the upstream stream went on after the client left"
+    app.stream = False
+    # The one concurrency place is free again, and the partial stream was charged.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not gateway.app.tiers["one"].limiter.peek(key).allowed:
+        time.sleep(0.05)
+    r = post(gateway, key, json.dumps(CHAT).encode())
+    assert r.status_code == 200, r.text
+    assert gateway.app.in_flight == {}
+
+
+# --- hostile upstream framing ---------------------------------------------------------
+
+
+class RawUpstream:
+    """A socket server answering every request with the same bytes, then closing."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(self.answer)
+                    time.sleep(0.2)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> RawUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+USAGE_BODY = b'{"choices":[],"usage":{"prompt_tokens":3000,"completion_tokens":2000}}'
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\ncontent-length: 3\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: %d\r\nx-evil: a\x01b\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\nx-evil: a\x7fb\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: +%d\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\ncontent-length : 5\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: %d\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nTransfer-Encoding: identity\r\ncontent-length: %d\r\n",
+    ],
+)
+def test_conflicting_upstream_framing_is_a_clear_answer_never_a_hang(tmp_path: Any, head: bytes) -> None:
+    """Duplicate or conflicting framing, control bytes: the client gets a 502 or the
+    answer with its usage charged; the next request on a fresh upstream works."""
+    answer = (head % len(USAGE_BODY)) + b"\r\n" + USAGE_BODY
+    _keys[0] = iter(KEYS)
+    with RawUpstream(answer) as up, GatewayServer(_config(tmp_path, up.url)) as gw:
+        key = fresh_key()
+        started = time.monotonic()
+        r = post(gw, key, json.dumps(CHAT).encode())
+        assert time.monotonic() - started < 10
+        assert r.status_code in (200, 502), (r.status_code, r.text)
+        charge = settled(gw, key)
+        if r.status_code == 200:
+            assert abs(charge - 5000) <= DRIFT or charge >= 5000, charge
+        else:
+            assert "upstream" in r.text.lower(), r.text
+        assert gw.app.in_flight == {}
