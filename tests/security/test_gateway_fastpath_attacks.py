@@ -44,6 +44,8 @@ class Scripted:
         self.bodies: List[bytes] = []
         self.stream = False
         self.stream_gone = threading.Event()
+        self.head_pause = 0.0  # seconds before the answer's head
+        self.pauses: List[float] = []  # seconds before each body chunk
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -72,8 +74,12 @@ class Scripted:
                 gone.cancel()
             return
         status, headers, chunks = self.answer(body)
+        if self.head_pause:
+            await asyncio.sleep(self.head_pause)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         for i, part in enumerate(chunks):
+            if i < len(self.pauses) and self.pauses[i]:
+                await asyncio.sleep(self.pauses[i])
             await send({"type": "http.response.body", "body": part, "more_body": i < len(chunks) - 1})
         if not chunks:
             await send({"type": "http.response.body", "body": b""})
@@ -86,7 +92,7 @@ def _json_answer(doc: Any, headers: Optional[List[Tuple[bytes, bytes]]] = None) 
 CONFIG = """
 [upstream]
 url = "{url}"
-timeout = 30
+timeout = {upstream_timeout}
 
 [server]
 body_timeout = {body_timeout}
@@ -112,10 +118,16 @@ KEYS = [f"sk-test-{i:03d}" for i in range(40)]
 ONE_KEYS = [f"sk-one-{i:03d}" for i in range(10)]
 
 
-def _config(tmp_path: Any, url: str, body_timeout: float = 2) -> str:
+def _config(tmp_path: Any, url: str, body_timeout: float = 2, upstream_timeout: float = 30) -> str:
     keys = "\n".join([f'"{k}" = "t"' for k in KEYS] + [f'"{k}" = "one"' for k in ONE_KEYS])
     path = tmp_path / "gateway.toml"
-    path.write_text(textwrap.dedent(CONFIG.format(url=url, body_timeout=body_timeout, capacity=CAPACITY, keys=keys)))
+    path.write_text(
+        textwrap.dedent(
+            CONFIG.format(
+                url=url, body_timeout=body_timeout, upstream_timeout=upstream_timeout, capacity=CAPACITY, keys=keys
+            )
+        )
+    )
     return str(path)
 
 
@@ -232,6 +244,8 @@ def test_body_encodings_are_charged_as_the_utf8_body(gateway: GatewayServer, ups
         b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}',
         b'{"model": "gpt-4o", "messages": {"role": "user", "content": "hi"}}',
         b"[" * 100_000,
+        gzip.compress(json.dumps(CHAT).encode()),  # a compressed body (no coding is read)
+        b"\x00" * 64,
     ],
 )
 def test_bad_bodies_get_a_clear_4xx_or_a_fair_charge(gateway: GatewayServer, upstream: Any, body: bytes) -> None:
@@ -547,15 +561,38 @@ def test_a_body_that_stalls_or_drips_past_the_deadline_is_a_408_and_frees_its_le
 
 
 def test_pipelined_requests_are_each_answered_and_charged(gateway: GatewayServer, upstream: Any) -> None:
+    """Requests in one write, one of them refused before its body is read (an unknown
+    key): each is answered in order and each admitted one is charged."""
     key = fresh_key()
     body = json.dumps(CHAT).encode()
     one = raw(gateway.port, key, body)
+    stranger = raw(gateway.port, "sk-unknown", body)
     with connect(gateway.port) as sock:
-        sock.sendall(one * 3)
+        sock.sendall(one + stranger + one + one)
         pending = bytearray()
-        statuses = [read_response(sock, 15, pending)[0] for _ in range(3)]
-    assert statuses == [200, 200, 200]
+        statuses = [read_response(sock, 15, pending)[0] for _ in range(4)]
+    assert statuses == [200, 401, 200, 200]
     assert abs(settled(gateway, key) - 3 * 5000) <= DRIFT
+
+
+def test_a_client_leaving_while_the_upstream_thinks_frees_its_lease(gateway: GatewayServer, upstream: Any) -> None:
+    app, _ = upstream
+    app.head_pause = 3
+    key = ONE_KEYS[6]
+    with connect(gateway.port) as sock:
+        sock.sendall(raw(gateway.port, key, json.dumps(CHAT).encode()))
+        time.sleep(0.3)
+    started = time.monotonic()
+    assert wait_allowed(gateway, key, seconds=2), "the key's one place stayed held after its client left"
+    assert time.monotonic() - started < 2
+    assert wait_until_empty(gateway.app.in_flight)
+
+
+def wait_until_empty(table: Dict[Any, Any], seconds: float = 2) -> bool:
+    deadline = time.monotonic() + seconds
+    while table and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not table
 
 
 # --- never-ending streams and clients that leave --------------------------------------
@@ -665,3 +702,157 @@ def test_conflicting_upstream_framing_is_a_clear_answer_never_a_hang(tmp_path: A
         else:
             assert "upstream" in r.text.lower(), r.text
         assert gw.app.in_flight == {}
+
+
+# --- the upstream client's moving deadline ---------------------------------------------
+
+
+@pytest.fixture
+def impatient(tmp_path: Any, upstream: Tuple[Scripted, ASGIServer]) -> Iterator[GatewayServer]:
+    """A gateway whose upstream timeout is 1 s."""
+    _keys[0] = iter(KEYS)
+    with GatewayServer(_config(tmp_path, upstream[1].url, upstream_timeout=1)) as gw:
+        yield gw
+
+
+def test_the_upstream_deadline_is_per_wait_not_per_answer(impatient: GatewayServer, upstream: Any) -> None:
+    """Four body pieces 0.6 s apart (2.4 s in all) under a 1 s timeout: each wait is
+    under it, so the answer arrives whole and its usage is charged."""
+    app, _ = upstream
+    doc = json.dumps({"object": "chat.completion", "choices": [], "usage": USAGE}).encode()
+    pieces = [doc[:10], doc[10:20], doc[20:30], doc[30:]]
+    app.answer = lambda body: (200, [(b"content-type", b"application/json")], pieces)
+    app.pauses = [0.0, 0.6, 0.6, 0.6]
+    key = fresh_key()
+    r = post(impatient, key, json.dumps(CHAT).encode())
+    assert r.status_code == 200 and r.content == doc
+    assert abs(settled(impatient, key) - 5000) <= DRIFT
+
+
+def test_an_upstream_silent_before_its_head_is_a_502_within_the_timeout(
+    impatient: GatewayServer, upstream: Any
+) -> None:
+    app, _ = upstream
+    app.head_pause = 8
+    key = ONE_KEYS[4]
+    started = time.monotonic()
+    r = post(impatient, key, json.dumps(CHAT).encode())
+    assert r.status_code == 502, r.text  # the gateway's answer to an upstream timeout
+    assert "within the timeout" in r.json()["detail"]
+    assert time.monotonic() - started < 4
+    assert impatient.app.in_flight == {}
+    assert impatient.app.tiers["one"].limiter.peek(key).allowed  # the concurrency place is back
+
+
+def test_an_upstream_silent_mid_body_ends_the_answer_and_charges_the_reservation(
+    impatient: GatewayServer, upstream: Any
+) -> None:
+    """The answer stalls after its first piece: within the 1 s timeout (and a margin)
+    the client's answer ends, the key's place is free and what was reserved is
+    charged (the usage never came; the upstream did the work)."""
+    app, _ = upstream
+    doc = json.dumps({"object": "chat.completion", "choices": [], "usage": USAGE}).encode()
+    app.answer = lambda body: (200, [(b"content-type", b"application/json")], [doc[:10], doc[10:]])
+    app.pauses = [0.0, 8.0]
+    key = ONE_KEYS[5]
+    started = time.monotonic()
+    with connect(impatient.port, 10) as sock:
+        sock.sendall(raw(impatient.port, key, json.dumps(CHAT).encode()))
+        got = closed_within(sock, 6)
+    assert got is not None, "the answer never ended"
+    assert time.monotonic() - started < 4
+    assert got.startswith(b"HTTP/1.1 200")
+    assert impatient.app.in_flight == {}
+    assert wait_allowed(impatient, key)
+    assert settled(impatient, key, "one") >= 50  # at least max_tokens: the reservation
+
+
+def wait_allowed(gw: GatewayServer, key: str, tier: str = "one", seconds: float = 3) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if gw.app.tiers[tier].limiter.peek(key).allowed:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# --- the LLM middleware alone: its header pass and its direct limiter calls -------------
+
+
+def _middleware_server(limiter: Any, app: Scripted) -> ASGIServer:
+    from nexus_limits.adapters.llm import LLMLimitMiddleware
+
+    return ASGIServer(LLMLimitMiddleware(app, limiter=limiter))
+
+
+def test_an_apps_limit_headers_are_replaced_by_the_middlewares_whatever_their_case() -> None:
+    """_start_headers drops every header of the app's answer that one of the
+    middleware's replaces (the gateway's proxy drops them before, so the middleware is
+    served alone here): one value per name, the middleware's."""
+    import nexus_limits as nl
+
+    app = Scripted()
+    theirs = [
+        (b"X-RateLimit-Remaining-Tokens", b"999999999"),
+        (b"x-ratelimit-remaining-tokens", b"888888888"),
+        (b"X-RATELIMIT-LIMIT-TOKENS", b"777777777"),
+        (b"x-ratelimit-reset-tokens", b"1s"),
+        (b"X-Ratelimit-Remaining-Requests", b"5"),
+    ]
+    app.answer = lambda body: _json_answer(
+        {"choices": [], "usage": USAGE}, [(b"content-type", b"application/json"), *theirs]
+    )
+    limiter = nl.TokenLimiter(requests="100/minute", tokens="100000/day")
+    with _middleware_server(limiter, app) as server, connect(server.port) as sock:
+        sock.sendall(raw(server.port, "k", json.dumps(CHAT).encode()))
+        status, headers, _ = read_response(sock, 15)
+    assert status == 200
+    for name in ("x-ratelimit-remaining-tokens", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests"):
+        assert len(headers.get(name, [])) == 1, (name, headers.get(name))
+    assert headers["x-ratelimit-limit-tokens"] == ["100000"]
+    assert headers["x-ratelimit-remaining-requests"] == ["99"]
+
+
+def test_direct_limiter_calls_charge_as_the_general_path() -> None:
+    """The same requests (admitted, refused by the token limit, usage read, usage
+    refused) through an in-process TokenLimiter (called directly) and through a
+    subclass of it (called through the general path) leave the same state."""
+    import nexus_limits as nl
+
+    class Sub(nl.TokenLimiter):
+        __slots__ = ()
+
+    bodies = [
+        json.dumps(CHAT).encode(),
+        json.dumps({**CHAT, "max_tokens": 9000}).encode(),  # over what is left: a 429
+        json.dumps({**CHAT, "max_tokens": 10}).encode(),
+        b'{"model": "gpt-4o", "messages": []',  # a 400
+    ]
+    answers = [
+        _json_answer({"choices": [], "usage": {"prompt_tokens": 4000, "completion_tokens": 2000}}),
+        _json_answer({"choices": [], "usage": USAGE}),
+        _json_answer({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": "x"}}),  # unreadable
+        _json_answer({"choices": [], "usage": USAGE}),
+    ]
+    outcomes = []
+    for kind in (nl.TokenLimiter, Sub):
+        limiter = kind(requests="100/minute", tokens="10000/day")
+        app = Scripted()
+        got = []
+        with _middleware_server(limiter, app) as server:
+            for body, answer in zip(bodies, answers):
+                app.answer = lambda _b, answer=answer: answer
+                r = httpx.post(
+                    f"{server.url}/v1/chat/completions",
+                    content=body,
+                    headers={"authorization": "Bearer k", "content-type": "application/json"},
+                    timeout=15,
+                )
+                time.sleep(0.1)  # settled just after the client has the last byte
+                got.append((r.status_code, 10000 - int(limiter.peek("k").tokens.remaining)))
+        outcomes.append(got)
+    direct, general = outcomes
+    assert [s for s, _ in direct] == [200, 429, 200, 400]
+    assert [s for s, _ in direct] == [s for s, _ in general]
+    for (_, a), (_, b) in zip(direct, general):
+        assert abs(a - b) <= 2, (direct, general)
