@@ -96,6 +96,7 @@ timeout = {upstream_timeout}
 
 [server]
 body_timeout = {body_timeout}
+{server}
 
 [gateway]
 key = "bearer"
@@ -118,13 +119,18 @@ KEYS = [f"sk-test-{i:03d}" for i in range(40)]
 ONE_KEYS = [f"sk-one-{i:03d}" for i in range(10)]
 
 
-def _config(tmp_path: Any, url: str, body_timeout: float = 2, upstream_timeout: float = 30) -> str:
+def _config(tmp_path: Any, url: str, body_timeout: float = 2, upstream_timeout: float = 30, server: str = "") -> str:
     keys = "\n".join([f'"{k}" = "t"' for k in KEYS] + [f'"{k}" = "one"' for k in ONE_KEYS])
     path = tmp_path / "gateway.toml"
     path.write_text(
         textwrap.dedent(
             CONFIG.format(
-                url=url, body_timeout=body_timeout, upstream_timeout=upstream_timeout, capacity=CAPACITY, keys=keys
+                url=url,
+                body_timeout=body_timeout,
+                upstream_timeout=upstream_timeout,
+                server=server,
+                capacity=CAPACITY,
+                keys=keys,
             )
         )
     )
@@ -635,6 +641,7 @@ def test_a_client_leaving_a_never_ending_stream_frees_its_lease(gateway: Gateway
     r = post(gateway, key, json.dumps(CHAT).encode())
     assert r.status_code == 200, r.text
     assert gateway.app.in_flight == {}
+    assert settled(gateway, key, "one") > 5000  # the partial stream (its input at least) and the next call
 
 
 # --- hostile upstream framing ---------------------------------------------------------
@@ -872,3 +879,96 @@ def test_direct_limiter_calls_charge_as_the_general_path() -> None:
     assert [s for s, _ in direct] == [s for s, _ in general]
     for (_, a), (_, b) in zip(direct, general):
         assert abs(a - b) <= 2, (direct, general)
+
+
+# --- the server's one moving timer per connection --------------------------------------
+
+
+@pytest.fixture
+def hasty(tmp_path: Any, upstream: Tuple[Scripted, ASGIServer]) -> Iterator[GatewayServer]:
+    """A gateway whose request heads must arrive within 1 s, idle connections kept 1 s."""
+    _keys[0] = iter(KEYS)
+    server = "header_timeout = 1\nkeep_alive_timeout = 1"
+    with GatewayServer(_config(tmp_path, upstream[1].url, server=server)) as gw:
+        yield gw
+
+
+def _answered(sock: socket.socket, port: int, key: str) -> None:
+    sock.sendall(raw(port, key, json.dumps(CHAT).encode()))
+    status, _, _ = read_response(sock, 10)
+    assert status == 200
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(hasty: GatewayServer) -> None:
+    with connect(hasty.port, 10) as sock:
+        _answered(sock, hasty.port, fresh_key())
+        started = time.monotonic()
+        assert closed_within(sock, 4) == b""
+        assert 0.8 < time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("how", ["one byte then silence", "a byte every 0.15 s"])
+def test_a_next_head_that_stalls_or_drips_is_cut_at_the_head_deadline(hasty: GatewayServer, how: str) -> None:
+    """After an answer, the next head must be whole within header_timeout (1 s) of it:
+    a byte that arrives ends the keep-alive wait but not the head's deadline."""
+    key = fresh_key()
+    with connect(hasty.port, 10) as sock:
+        _answered(sock, hasty.port, key)
+        started = time.monotonic()
+        head = raw(hasty.port, key, json.dumps(CHAT).encode())
+        if how == "one byte then silence":
+            sock.sendall(head[:1])
+            got = closed_within(sock, 4)
+        else:
+            got = _drip(sock, head, 0.15)
+        took = time.monotonic() - started
+    assert got is not None and got.startswith(b"HTTP/1.1 408"), got
+    assert took < 2.5, took
+
+
+def _drip(sock: socket.socket, data: bytes, every: float, most: int = 40) -> Optional[bytes]:
+    """Sends ``data`` a byte every ``every`` seconds (at most ``most`` bytes); what the
+    server sent before it closed the connection, or None if it never did."""
+    got = b""
+    sock.settimeout(every)
+    for i in range(min(most, len(data))):
+        try:
+            sock.sendall(data[i : i + 1])
+        except OSError:
+            return got
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    rest = closed_within(sock, 3)
+    return None if rest is None else got + rest
+
+
+def test_a_head_dripping_on_a_new_connection_is_cut_at_the_head_deadline(hasty: GatewayServer) -> None:
+    head = raw(hasty.port, fresh_key(), json.dumps(CHAT).encode())
+    started = time.monotonic()
+    with connect(hasty.port, 10) as sock:
+        got = _drip(sock, head, 0.15)
+    assert got is not None and got.startswith(b"HTTP/1.1 408"), got
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_slow_answer_is_not_cut_by_the_connections_timers(hasty: GatewayServer, upstream: Any) -> None:
+    """The head and keep-alive deadlines stop while a request is served: an answer
+    that takes 2.5 s (longer than both) arrives whole, and the connection serves the
+    next request."""
+    app, _ = upstream
+    doc = json.dumps({"choices": [], "usage": USAGE}).encode()
+    app.answer = lambda body: (200, [(b"content-type", b"application/json")], [doc[:5], doc[5:]])
+    app.pauses = [1.2, 1.3]
+    key = fresh_key()
+    with connect(hasty.port, 10) as sock:
+        _answered(sock, hasty.port, key)
+        app.pauses = []
+        _answered(sock, hasty.port, key)
+    assert abs(settled(hasty, key) - 10000) <= DRIFT
