@@ -972,3 +972,59 @@ def test_a_slow_answer_is_not_cut_by_the_connections_timers(hasty: GatewayServer
         app.pauses = []
         _answered(sock, hasty.port, key)
     assert abs(settled(hasty, key) - 10000) <= DRIFT
+
+
+# --- streams: the usage chunk the gateway asked for, in any framing --------------------
+
+
+def _stream(eol: bytes, data: bytes = b"data: ") -> bytes:
+    usage = json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}).encode()
+    events = [
+        b'{"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]}',
+        usage,
+        b"[DONE]",
+    ]
+    return b"".join(b"id: 1" + eol + data + e + eol + eol for e in events)
+
+
+_STREAMS = {
+    "lf": (_stream(b"\n"), 0),
+    "crlf": (_stream(b"\r\n"), 0),
+    "cr": (_stream(b"\r"), 0),
+    "no space after data:": (_stream(b"\n", b"data:"), 0),
+    "byte by byte": (_stream(b"\n"), 1),
+    "seven bytes at a time": (_stream(b"\r\n"), 7),
+    "gzip": (gzip.compress(_stream(b"\n")), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(_STREAMS))
+@pytest.mark.parametrize("asked", [False, True])
+def test_a_streams_usage_is_charged_and_stripped_only_when_the_client_did_not_ask(
+    gateway: GatewayServer, upstream: Any, name: str, asked: bool
+) -> None:
+    """The gateway asks for the usage chunk of every stream: it is charged (5000) in
+    any line ending, split or coding, and the client sees it only if it asked."""
+    app, _ = upstream
+    data, step = _STREAMS[name]
+    headers = [(b"content-type", b"text/event-stream")]
+    if name == "gzip":
+        headers.append((b"content-encoding", b"gzip"))
+    pieces = [data[i : i + step] for i in range(0, len(data), step)] if step else [data]
+    app.answer = lambda body: (200, headers, pieces)
+    request: Dict[str, Any] = {**CHAT, "stream": True}
+    if asked:
+        request["stream_options"] = {"include_usage": True}
+    key = fresh_key()
+    with httpx.Client(timeout=15) as http:
+        r = http.post(
+            f"{gateway.url}/v1/chat/completions",
+            content=json.dumps(request).encode(),
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+    assert r.status_code == 200
+    sent = json.loads(app.bodies[-1])
+    assert sent["stream_options"]["include_usage"] is True
+    assert (b'"usage"' in r.content) is asked, r.content
+    assert b"[DONE]" in r.content
+    assert abs(settled(gateway, key) - 5000) <= DRIFT
