@@ -190,3 +190,55 @@ def test_a_failing_spend_backend_does_not_leave_the_token_lease_held():
     probe = tl.peek("k")  # as the next call would find it
     assert probe.concurrency.allowed, "no lease held"
     assert probe.requests.remaining == 9, "both calls refunded: the next one is the first"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"model": "gpt-4o-mini", "model": "gpt-4o", "messages": []}', "model"),
+        (b'{"model": "gpt-4o", "mod\\u0065l": "gpt-4o-mini", "messages": []}', "model"),
+        (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "a", "content": "b"}]}', "content"),
+        (b'{"model": "gpt-4o", "messages": [], "max_tokens": 1, "max_tokens": 100000}', "max_tokens"),
+        (b'{"model": "gpt-4o", "messages": [], "stream": false, "stream": true}', "stream"),
+    ],
+)
+def test_a_member_named_twice_is_refused_not_judged_on_one_and_sent_with_both(raw, field):
+    """An upstream may act on the first of two members where json.loads keeps the last:
+    a cheap model judged and priced, an expensive one run. Refused, nothing charged."""
+    tl = nl.TokenLimiter(requests="10/hour", tokens="100000/hour")
+    seen: List[bytes] = []
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((await receive()).get("body", b""))
+        await _upstream(scope, receive, send)
+
+    app = LLMLimitMiddleware(upstream, limiter=tl)
+
+    async def call() -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "headers": [(b"authorization", b"Bearer k")],
+        }
+        messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+        async def receive() -> Dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: Dict[str, Any]) -> None:
+            out.setdefault("status", message.get("status"))
+            out["body"] = out.get("body", b"") + message.get("body", b"")
+
+        await app(scope, receive, send)
+        return out
+
+    got = asyncio.run(call())
+    assert got["status"] == 400
+    error = json.loads(got["body"])["error"]
+    assert error["param"] == field and "appears twice" in error["message"]
+    assert seen == [], "nothing forwarded"
+    assert tl.peek("k").requests.remaining == 9, "nothing charged"

@@ -46,7 +46,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from ..budget import Reservation
 from ..errors import BadRequest
@@ -287,13 +287,30 @@ def _refuse_constant(name: str) -> Any:
     raise RequestBodyError("body", f"{name} is not a JSON number")
 
 
+def _unique(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """An object whose members' names are all different. Two members of one name are
+    refused: this middleware would judge the last (``"model"``, a cap, ``"stream"``...)
+    where an upstream may act on the first, and charge (or price) a call other than the
+    one made."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: Set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                field = name if len(name) <= 64 else name[:64] + "..."
+                raise RequestBodyError(field, f"the member {field!r} appears twice in one object")
+            seen.add(name)
+    return out
+
+
 # json.loads(raw, parse_constant=...) builds a decoder per call; this one is built once.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique)
 
 
 def _loads(raw: bytes) -> Any:
-    """``json.loads(raw, parse_constant=_refuse_constant)``: the encoding detected as
-    json.loads detects it (UTF-8, -16 or -32, a UTF-8 BOM dropped)."""
+    """``json.loads(raw, parse_constant=_refuse_constant)``, the encoding detected as
+    json.loads detects it (UTF-8, -16 or -32, a UTF-8 BOM dropped), with a member named
+    twice in one object refused (RequestBodyError)."""
     return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
@@ -941,9 +958,11 @@ class LLMLimitMiddleware:
         spent = None
         if self.spend is not None:
             try:
-                spent = await _call(
-                    self.spend, self.spend.reserve, key, body.get("model"), judged.counted.tokens, judged.output
-                )
+                args = (key, body.get("model"), judged.counted.tokens, judged.output)
+                if self._direct_spend:
+                    spent = self.spend.reserve(*args)
+                else:
+                    spent = await _call(self.spend, self.spend.reserve, *args)
             except KeyError as error:  # UnknownModel: no price and no default
                 if reservation is not None:
                     await _call(self.limiter, reservation.cancel)
