@@ -243,7 +243,9 @@ def test_the_key_is_the_peer_or_a_hop_the_chain_vouches_for(peer, hops, header):
     right = hop_ips[i + 1 :]
     assert all(h is not None and any(h in n for n in nets) for h in right), "only trusted hops were passed"
     if any(got_ip in n for n in nets):
-        assert i == 0, "a trusted hop is the client only when every hop is trusted: the left-most"
+        # (the same address may be several hops: the right-most of them is not the point)
+        assert got_ip == hop_ips[0], "a trusted hop is the client only when every hop is trusted: the left-most"
+        assert all(h is not None and any(h in n for n in nets) for h in hop_ips), "every hop is trusted"
     key = parse_key_spec("ip", trusted, forwarded_header=header)(request)
     assert key == (got if got_ip.version == 4 else str(ipaddress.ip_network(f"{got_ip}/64", strict=False)))
 
