@@ -304,11 +304,15 @@ class Proxy:
             chunk = await response.read()
             while chunk:
                 if response.done:
-                    # The last piece ends the response (no empty message after it).
+                    # The last piece ends the response (no empty message after it). The
+                    # upstream connection goes back to the pool first: the response is
+                    # written to the client at once, whose next request must find it.
+                    response.close()
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 chunk = await response.read()
+            response.close()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             response.close()
