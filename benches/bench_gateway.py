@@ -14,7 +14,8 @@ What runs, all on loopback, each in its own process:
   the gateway waits for;
 - the gateway: ``nexus-limits gateway --config <file>`` exactly as a user starts it,
   one tier whose limits are never reached (every request is still checked, reserved
-  and settled), with ``[server] workers = N``;
+  and settled), with ``[server] workers = N``; and, beside the default one, the same
+  gateway with busy polling off (``busy_poll_us = 0``: "no poll");
 - the load: Debian's ``wrk`` (C, epoll; ``apt-get install -y wrk``), one thread,
   ``-c`` connections kept alive, each request a ``POST /v1/chat/completions`` with a
   bearer key and a small JSON body.
@@ -185,6 +186,7 @@ timeout = 30
 port = {port}
 workers = {workers}
 max_connections = 1024
+{server}
 
 [gateway]
 key = "bearer"
@@ -203,15 +205,25 @@ default_output_tokens = 16
 
 class Gateway:
     def __init__(
-        self, upstream: int, workers: int, tmp: str, redis: Optional[int] = None, baseline: Optional[str] = None
+        self,
+        upstream: int,
+        workers: int,
+        tmp: str,
+        redis: Optional[int] = None,
+        baseline: Optional[str] = None,
+        poll: bool = True,
     ) -> None:
         self.port = free_port()
-        self.name = f"{'baseline' if baseline else 'redis' if redis else 'memory'} w={workers}"
-        tag = f"{workers}-{redis}-{'b' if baseline else 'c'}"
+        kind = "baseline" if baseline else "redis" if redis else "memory" if poll else "no poll"
+        self.name = f"{kind} w={workers}"
+        tag = f"{workers}-{redis}-{'b' if baseline else 'c'}-{poll}"
         self.path = os.path.join(tmp, f"gateway-{tag}.toml")
         backend = f'\n[backend]\ntype = "redis"\nurl = "redis://127.0.0.1:{redis}/0"\n' if redis else ""
         with open(self.path, "w") as f:
-            f.write(CONFIG.format(upstream=upstream, port=self.port, workers=workers, key=KEY, backend=backend))
+            # busy_poll_us left at its default, or off (0) for the "no poll" gateway.
+            server = "" if poll or baseline else "busy_poll_us = 0"
+            fields = {"upstream": upstream, "port": self.port, "workers": workers, "key": KEY}
+            f.write(CONFIG.format(**fields, backend=backend, server=server))
         args = [sys.executable, "-m", "nexus_limits.cli", "gateway", "--config", self.path]
         env = dict(os.environ)
         if baseline:
@@ -353,6 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # SharedMemoryStore) and the redis backend, at each count.
         if 1 in args.workers:
             gateways.append(Gateway(up_port, 1, tmp))
+            gateways.append(Gateway(up_port, 1, tmp, poll=False))
             if args.baseline:
                 gateways.append(Gateway(up_port, 1, tmp, baseline=os.path.abspath(args.baseline)))
         gateways += [Gateway(up_port, n, tmp) for n in args.workers if n > 1]

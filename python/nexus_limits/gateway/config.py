@@ -100,6 +100,9 @@ class GatewayConfig:
     workers: int = 1
     # uvicorn's line per request on stdout.
     access_log: bool = True
+    # Microseconds the event loop polls for I/O before it sleeps, after a request
+    # arrives and after its response ends (0: off); see gateway/poll.py.
+    busy_poll_us: int = 300
     key: Union[str, List[str]] = "bearer"
     max_in_flight_per_key: int = 32
     default_tier: Optional[str] = None
@@ -430,6 +433,7 @@ SCHEMA: Tuple[Table, ...] = (
             Field("max_header_bytes", "int", "a whole number", low=1024, high=16 * MIB),
             Field("workers", "int", "a whole number", low=1, high=1024),
             Field("access_log", "bool", "true or false"),
+            Field("busy_poll_us", "int", "a whole number of microseconds", low=0, high=10_000),
         ),
     ),
     Table(

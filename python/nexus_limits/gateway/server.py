@@ -40,6 +40,7 @@ import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..adapters.llm import ON_DISCONNECT
+from . import poll
 from .app import Gateway, build_app
 
 __all__ = ["protocol_class", "run", "uvicorn_config"]
@@ -255,7 +256,7 @@ def _bad_header(headers: Any) -> RuntimeError:
     return RuntimeError("Invalid HTTP header value.")  # pragma: no cover - a default header
 
 
-def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
+def protocol_class(header_timeout: float, max_header_bytes: int, busy_poll: float = 0.0) -> Any:
     """uvicorn's httptools protocol (llhttp, in C) with what it lacks for a server that
     faces any client: a bound on the request head, a deadline for each head (and for a
     body still arriving after its request was answered), the request target exactly as
@@ -266,7 +267,11 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
     lines (the same characters refused as uvicorn's per-header checks, with the same
     errors), the access line's fields are made without ``urllib``'s quoting when the
     path needs none, and the connection's deadlines (the head's, the keep-alive's) are
-    one timer that is moved forward, not a timer made and cancelled per request."""
+    one timer that is moved forward, not a timer made and cancelled per request.
+
+    ``busy_poll`` (seconds, 0: off): after a request's bytes arrive and after its
+    response ends, the loop polls for that long before it sleeps (see
+    :mod:`nexus_limits.gateway.poll`)."""
     from urllib.parse import quote, unquote
 
     import httptools
@@ -416,6 +421,7 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
         _watchers: Optional[List[Callable[[], None]]] = None
         _lost = False
         client_text = ""
+        poller: Optional[poll.BusyPoll] = None
 
         def _schedule(self, due: float) -> None:
             # A timer already set to fire by then stays: when it fires it looks again.
@@ -447,6 +453,7 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self.poller = poll.install(self.loop, busy_poll)
             out = _Coalesced(transport, self.loop)
             self.transport = out  # type: ignore[assignment]
             if self.client:
@@ -492,6 +499,8 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
 
         def data_received(self, data: bytes) -> None:
             self._idle_due = None  # a byte came: the keep-alive wait is over
+            if self.poller is not None:
+                self.poller.touch()  # the upstream's answer is next
             if self._fresh and data:
                 self._fresh = False
                 # llhttp knows methods in upper case only; the app upper-cases a method
@@ -594,6 +603,8 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> Any:
             self.server_state.total_requests += 1
             if self.transport.is_closing():
                 return
+            if self.poller is not None:
+                self.poller.touch()  # the client's next request is next
             self.flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
@@ -621,7 +632,7 @@ def uvicorn_config(app: Gateway, host: Optional[str] = None, port: Optional[int]
     options: Any = {
         "host": host or cfg.host,
         "port": cfg.port if port is None else port,
-        "http": protocol_class(cfg.header_timeout, cfg.max_header_bytes),
+        "http": protocol_class(cfg.header_timeout, cfg.max_header_bytes, cfg.busy_poll_us / 1e6),
         "ws": "none",
         "lifespan": "on",
         "proxy_headers": False,

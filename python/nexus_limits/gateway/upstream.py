@@ -32,6 +32,8 @@ import collections
 import ssl
 from typing import Any, Deque, List, Optional, Set, Tuple, Union
 
+from .poll import touch
+
 __all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
 
 Headers = List[Tuple[bytes, bytes]]
@@ -241,6 +243,7 @@ class _Connection(asyncio.Protocol):
         self.parser = self.pool.parser_class(self)
         self.head = self.loop.create_future()
         self.transport.write(data)
+        touch(self.loop)  # busy polling, when on: the answer is awaited
         return self.head
 
     async def read(self, timeout: float) -> bytes:
