@@ -9,13 +9,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Dict, List
+from typing import Dict
 
 import httpx
 import pytest
 from support.gateway_harness import read_response
 from support.servers import ASGIServer, free_port
-from support.workers import WorkersGateway, close_all, get, upstream_server
+from support.workers import WorkersGateway, close_all, get, hammer_every_worker, upstream_server
 
 from nexus_limits.gateway import build_app, load_config
 from nexus_limits.gateway.app import create_shared_store
@@ -93,27 +93,6 @@ def admin_get(sock, path: str) -> Dict:
     return json.loads(body)
 
 
-def hammer_every_worker(socks: Dict[int, list], keys: List[str], calls: int, path: str = "/v1/models") -> List[int]:
-    """``calls`` requests on two connections of every worker at once (a thread each),
-    cycling through ``keys``: every status."""
-    codes: List[int] = []
-    lock = threading.Lock()
-
-    def run(sock) -> None:
-        for i in range(calls):
-            code = get(sock, path, keys[i % len(keys)], timeout=30)
-            with lock:
-                codes.append(code)
-
-    threads = [threading.Thread(target=run, args=(s,)) for held in socks.values() for s in held[:2]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(codes) == calls * len(threads)
-    return codes
-
-
 def test_workers_on_the_memory_backend_are_no_longer_refused_with_teams_or_classes(tmp_path):
     path = tmp_path / "gw.toml"
     text = config("http://127.0.0.1:1", free_port(), 4, extra="[classes]\ninteractive = 1.0\nbatch = 0.5\n")
@@ -142,7 +121,8 @@ def test_a_team_quota_is_exact_across_workers(tmp_path, upstream, workers):
     try:
         gw.wait_ready(workers)
         socks = gw.held_connections(2)
-        codes = hammer_every_worker(socks, ["sk-one", "sk-two"], 10)
+        keys = ["sk-one", "sk-two"]
+        codes = hammer_every_worker(socks, 10, lambda s, i: get(s, "/v1/models", keys[i % 2], timeout=30))
         assert codes.count(200) == 15, f"{codes.count(200)} admitted by {workers} workers for a team quota of 15"
         assert codes.count(429) == len(codes) - 15
         # Every worker reads the same team node: used up, whichever worker is asked.
@@ -228,20 +208,7 @@ def test_classes_share_a_tier_quota_exactly_across_workers(tmp_path, upstream):
             sock.sendall(head.encode())
             return read_response(sock, timeout=30)[0]
 
-        codes: List[int] = []
-        lock = threading.Lock()
-
-        def run(sock) -> None:
-            for _ in range(4):
-                code = call(sock, "batch")
-                with lock:
-                    codes.append(code)
-
-        threads = [threading.Thread(target=run, args=(s,)) for held in socks.values() for s in held[:2]]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        codes = hammer_every_worker(socks, 4, lambda s, i: call(s, "batch"))
         assert codes.count(200) == 5 and codes.count(429) == 11, codes
         (a, *_), (b, *_) = socks.values()
         top = [call(s, "interactive") for s in (a, b) * 3]

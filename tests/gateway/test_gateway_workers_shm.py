@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List
+from typing import Dict
 
 import httpx
 import pytest
 from support.servers import ASGIServer, free_port
-from support.workers import WorkersGateway, close_all, upstream_server
+from support.workers import WorkersGateway, close_all, hammer_every_worker, upstream_server
 from support.workers import get as get_on
 
 from nexus_limits.gateway.config import load_config
@@ -75,21 +75,7 @@ def test_memory_workers_enforce_one_exact_limit(tmp_path, upstream, workers):
     try:
         gw.wait_ready(workers)
         socks = gw.held_connections(2)
-        codes: List[int] = []
-        lock = threading.Lock()
-
-        def hammer(sock) -> None:
-            for _ in range(10):
-                code = get(sock, "/v1/models")
-                with lock:
-                    codes.append(code)
-
-        threads = [threading.Thread(target=hammer, args=(s,)) for held in socks.values() for s in held[:2]]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert len(codes) == 10 * len(threads)
+        codes = hammer_every_worker(socks, 10, lambda s, i: get(s, "/v1/models"))
         assert codes.count(200) == 15, f"{codes.count(200)} admitted by {workers} workers for a quota of 15"
         assert codes.count(429) == len(codes) - 15
     finally:

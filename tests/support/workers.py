@@ -9,9 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import httpx
 
@@ -149,3 +150,24 @@ def get(sock: Any, path: str, key: str, timeout: float = 5.0) -> int:
     """``GET path`` with ``key`` as the bearer token on a kept-alive connection: the status."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
     return read_response(sock, timeout=timeout)[0]
+
+
+def hammer_every_worker(socks: Dict[int, list], calls: int, call: Callable[[Any, int], int]) -> List[int]:
+    """``calls`` requests, ``call(sock, i)`` each, on two connections of every worker at
+    once (a thread per connection): every status, once all were answered."""
+    codes: List[int] = []
+    lock = threading.Lock()
+
+    def run(sock: Any) -> None:
+        for i in range(calls):
+            code = call(sock, i)
+            with lock:
+                codes.append(code)
+
+    threads = [threading.Thread(target=run, args=(s,)) for held in socks.values() for s in held[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(codes) == calls * len(threads), "every call was answered"
+    return codes
