@@ -503,3 +503,59 @@ def test_the_gateway_answers_502_to_an_upstream_header_with_a_line_break(tmp_pat
                 r = http.get("/v1/models", headers={"authorization": "Bearer sk-pro"})
     assert r.status_code == 502 and "set-cookie" not in r.headers
     assert "invalid HTTP response" in r.json()["detail"]
+
+
+def test_a_pool_shared_by_two_running_loops_never_hands_one_loops_connection_to_the_other():
+    """Each loop in its own thread; a connection made and released by one must not be
+    taken by the other (its transport belongs to the first loop)."""
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    with ScriptedUpstream(lambda n: [(0.0, answer)]) as server:
+        pool = Upstream("http", "127.0.0.1", server.port, max_connections=4, timeout=5)
+        first_done = threading.Event()
+        second_done = threading.Event()
+        results: List[Any] = []
+
+        async def one() -> None:
+            response = await pool.request("GET", b"/x", [], b"")
+            try:
+                while await response.read():
+                    pass
+            finally:
+                response.close()
+
+        async def close_ours() -> None:
+            # Each loop closes the connections it made, in its own thread.
+            for conn in [c for c in pool._idle if c.thread == threading.get_ident()]:
+                pool._idle.remove(conn)
+                pool._drop(conn)
+            await asyncio.sleep(0.05)
+
+        def loop_a() -> None:
+            async def main() -> None:
+                await one()  # released to the pool, idle, while this loop runs on
+                first_done.set()
+                while not second_done.is_set():
+                    await asyncio.sleep(0.01)
+                await close_ours()
+
+            asyncio.run(main())
+
+        def loop_b() -> None:
+            first_done.wait(10)
+
+            async def main() -> None:
+                await one()
+                results.append(pool.opened)
+                await close_ours()
+
+            try:
+                asyncio.run(main())
+            finally:
+                second_done.set()
+
+        threads = [threading.Thread(target=loop_a), threading.Thread(target=loop_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert results == [2], "the second loop opened its own connection"

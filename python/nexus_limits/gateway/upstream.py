@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import threading
 from typing import Any, Deque, List, Optional, Set, Tuple, Union
 
 from .poll import touch
@@ -61,6 +62,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: Upstream) -> None:
         self.pool = pool
         self.loop = asyncio.get_running_loop()
+        # The loop's thread: a loop runs in one thread, so a connection taken in another
+        # thread belongs to another loop (a pool shared by two running loops).
+        self.thread = threading.get_ident()
         self.transport: Any = None
         self.closed = False
         self.idle_since = 0.0
@@ -399,11 +403,12 @@ class Upstream:
             return None
         while idle:
             conn = idle.pop()
-            # A connection made in a loop that no longer runs (the pool outlived it) is
-            # dropped. (Asked of the connection's loop: asyncio.get_running_loop costs a
-            # system call, getpid, on Python 3.11.)
+            # A connection made in a loop that no longer runs (the pool outlived it), or
+            # that runs in another thread (another loop), is dropped. (Asked of the
+            # connection's loop and the thread: asyncio.get_running_loop costs a system
+            # call, getpid, on Python 3.11.)
             loop = conn.loop
-            if conn.closed or not loop.is_running():
+            if conn.closed or conn.thread != threading.get_ident() or not loop.is_running():
                 self._drop(conn)
                 continue
             now = loop.time()
