@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import sys
 import threading
 from typing import Any, Deque, List, Optional, Set, Tuple, Union
 
@@ -467,7 +468,14 @@ class Upstream:
                 ssl=self.ssl,
                 server_hostname=self.host if self.ssl is not None else None,
             )
-            _, conn = await asyncio.wait_for(connect, self.timeout)
+            if sys.version_info >= (3, 11):
+                # Not wait_for: a cancellation that meets the connection's completion
+                # makes wait_for raise and drop the connection it made, open (its socket
+                # then closes only when collected).
+                async with asyncio.timeout(self.timeout):
+                    _, conn = await connect
+            else:  # pragma: no cover - Python < 3.11
+                _, conn = await asyncio.wait_for(connect, self.timeout)
         except asyncio.TimeoutError:
             raise UpstreamError("connecting to the upstream timed out") from None
         except OSError as error:
