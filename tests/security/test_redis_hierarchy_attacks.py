@@ -22,7 +22,7 @@ import redis
 import redis.asyncio
 import redis.cluster
 from redis.crc import key_slot
-from support.redis_state import assert_no_script_text, every_node_ready, put_foreign, snapshot
+from support.redis_state import FakeStore, assert_no_script_text, every_node_ready, put_foreign, snapshot
 
 import nexus_limits as nl
 import nexus_limits.redis as nlr
@@ -809,69 +809,6 @@ def test_priority_refuses_a_cost_past_64_bits_as_in_process(client):
 # -- a store that answers what no script returns --------------------------------------------------
 
 
-class FakeStore:
-    """A loopback server speaking enough RESP for redis-py (HELLO, CLIENT, SCRIPT LOAD,
-    HGETALL) that answers every other command with ``reply``: a proxy or a server that
-    is not Redis, as a client built with defaults meets it."""
-
-    def __init__(self, reply: bytes) -> None:
-        import socket
-
-        self.reply = reply
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _answer(self, args: List[bytes]) -> bytes:
-        cmd = args[0].upper()
-        if cmd == b"HELLO":
-            return b"%1\r\n$5\r\nproto\r\n:" + (args[1] if len(args) > 1 else b"2") + b"\r\n"
-        if cmd == b"CLIENT":
-            return b"+OK\r\n"
-        if cmd == b"SCRIPT":
-            return b"$40\r\n" + b"0" * 40 + b"\r\n"
-        if cmd == b"HGETALL":
-            return b"*0\r\n"
-        return self.reply
-
-    def _serve(self, conn: Any) -> None:
-        buf = b""
-        with conn:
-            for _ in range(10_000):
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-                while buf.startswith(b"*") and b"\r\n" in buf:
-                    try:
-                        n, at = int(buf[1 : buf.index(b"\r\n")]), buf.index(b"\r\n") + 2
-                        args = []
-                        for _ in range(n):
-                            end = buf.index(b"\r\n", at)
-                            size, at = int(buf[at + 1 : end]), end + 2
-                            if len(buf) < at + size + 2:
-                                raise ValueError("incomplete")
-                            args.append(buf[at : at + size])
-                            at += size + 2
-                    except ValueError:
-                        break  # the rest of the command is still on its way
-                    buf = buf[at:]
-                    conn.sendall(self._answer(args))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.parametrize(
     "reply",
     [b"*2\r\n:1\r\n:2\r\n", b"$3\r\nabc\r\n", b":5\r\n", b"*20\r\n" + b"$3\r\nxyz\r\n" * 20, b"*0\r\n", b"_\r\n"],
@@ -880,7 +817,7 @@ class FakeStore:
 def test_a_reply_no_script_returns_is_a_clear_error(reply):
     """IndexError, ValueError, TypeError from the depths of reply parsing became a clear
     error naming the reply."""
-    store = FakeStore(reply)
+    store = FakeStore(reply, {b"HGETALL": b"*0\r\n"})
     client = redis.Redis(port=store.port)
     try:
         h = nlr.Hierarchy(client, LEVELS)

@@ -5,8 +5,10 @@ Lua internals, and the wait for every node of a cluster to serve its slots."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import redis
 
@@ -58,3 +60,63 @@ def every_node_ready(cluster: Any, timeout: float = 20.0) -> None:
                 time.sleep(0.05)
         finally:
             client.close()
+
+
+class FakeStore:
+    """A loopback server speaking enough RESP for redis-py (HELLO, CLIENT, SCRIPT LOAD,
+    and the commands in ``answers``) that answers every other command with ``reply``: a
+    proxy or a server that is not Redis, as a client built with defaults meets it."""
+
+    def __init__(self, reply: bytes, answers: Optional[Dict[bytes, bytes]] = None) -> None:
+        self.reply = reply
+        self.answers = answers or {}
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _answer(self, args: List[bytes]) -> bytes:
+        cmd = args[0].upper()
+        if cmd == b"HELLO":
+            return b"%1\r\n$5\r\nproto\r\n:" + (args[1] if len(args) > 1 else b"2") + b"\r\n"
+        if cmd == b"CLIENT":
+            return b"+OK\r\n"
+        if cmd == b"SCRIPT":
+            return b"$40\r\n" + b"0" * 40 + b"\r\n"
+        return self.answers.get(cmd, self.reply)
+
+    def _serve(self, conn: Any) -> None:
+        buf = b""
+        with conn:
+            for _ in range(10_000):
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while buf.startswith(b"*") and b"\r\n" in buf:
+                    try:
+                        n, at = int(buf[1 : buf.index(b"\r\n")]), buf.index(b"\r\n") + 2
+                        args = []
+                        for _ in range(n):
+                            end = buf.index(b"\r\n", at)
+                            size, at = int(buf[at + 1 : end]), end + 2
+                            if len(buf) < at + size + 2:
+                                raise ValueError("incomplete")
+                            args.append(buf[at : at + size])
+                            at += size + 2
+                    except ValueError:
+                        break  # the rest of the command is still on its way
+                    buf = buf[at:]
+                    conn.sendall(self._answer(args))
+
+    def close(self) -> None:
+        self.sock.close()
